@@ -1,0 +1,162 @@
+"""From labeled text to token batches: the prompt template, label verbalizations, and
+length-bucketed batches with a loss mask on the label tokens only.
+
+A training sequence is `[prompt(x); verbalize(y)]` read after the prefix; the loss covers the
+tokens of `verbalize(y)`. Scoring reads the same prompt and compares every label's tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_TEMPLATE = "Text: {text}\nCategory ({labels}):"
+
+
+class TemplateError(ValueError):
+    """A prompt template that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """A prompt with `{text}` (required) and `{labels}` (optional, the label names)."""
+
+    template: str = DEFAULT_TEMPLATE
+
+    def __post_init__(self) -> None:
+        if self.template.count("{text}") != 1:
+            raise TemplateError(
+                f"the template must contain {{text}} exactly once, got {self.template!r}"
+            )
+        rest = self.template.replace("{text}", "").replace("{labels}", "")
+        if "{" in rest or "}" in rest:
+            raise TemplateError(
+                f"the template may use only {{text}} and {{labels}}, got {self.template!r}"
+            )
+
+    def parts(self, labels: Sequence[str]) -> tuple[str, str]:
+        """The text before and after `{text}`, labels filled in."""
+        head, tail = self.template.split("{text}")
+        names = ", ".join(labels)
+        return head.replace("{labels}", names), tail.replace("{labels}", names)
+
+
+class Encoder:
+    """Turns texts and labels into token ids for one tokenizer, template and label set.
+
+    Head, text and tail are tokenized separately so that cutting a long text never cuts the
+    template, and every label's tokens are the same in training and scoring.
+    """
+
+    def __init__(self, tokenizer, template: Template, labels: Sequence[str], max_length: int):
+        self.tokenizer = tokenizer
+        self.labels = list(labels)
+        head, tail = template.parts(self.labels)
+        self.head_ids = self._ids(head)
+        self.tail_ids = self._ids(tail)
+        self.label_ids = [self._ids(" " + label) for label in self.labels]
+        if any(not ids for ids in self.label_ids):
+            raise TemplateError("a label has no tokens")
+        longest_label = max(len(ids) for ids in self.label_ids)
+        self.text_budget = max_length - len(self.head_ids) - len(self.tail_ids) - longest_label
+        if self.text_budget < 8:
+            raise TemplateError(
+                f"max_length {max_length} leaves {self.text_budget} tokens for the text after the "
+                f"template ({len(self.head_ids) + len(self.tail_ids)} tokens) and the longest label "
+                f"({longest_label}); raise max_length or shorten the template"
+            )
+        self.max_length = max_length
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def prompt(self, text: str) -> tuple[list[int], bool]:
+        """Prompt token ids for one text, and whether the text had to be cut."""
+        ids = self._ids(text)
+        cut = len(ids) > self.text_budget
+        return self.head_ids + ids[: self.text_budget] + self.tail_ids, cut
+
+    def prompts(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.prompt(t)[0] for t in texts]
+
+    def examples(self, texts: Sequence[str], labels: Sequence[str]) -> list[Example]:
+        index = {name: i for i, name in enumerate(self.labels)}
+        out = []
+        for text, label in zip(texts, labels, strict=True):
+            prompt = self.prompt(text)[0]
+            out.append(Example(prompt, self.label_ids[index[label]], index[label]))
+        return out
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: list[int]
+    target: list[int]  # the label's tokens
+    label: int
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.target)
+
+
+def bucketed_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[list[int]]:
+    """Index batches of similar length, so little compute goes to padding.
+
+    Shuffles, sorts by length inside windows of 50 batches, cuts into batches, then shuffles
+    the batch order: random across epochs, yet nearly pad-free. Deterministic for (seed, epoch).
+    """
+    order = list(range(len(lengths)))
+    if not shuffle:
+        order.sort(key=lambda i: lengths[i])
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng = random.Random(seed * 100_003 + epoch)
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass
+class Batch:
+    """A right-padded batch of prompt + target sequences."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    loss_mask: torch.Tensor  # (B, T) bool: positions whose next-token logit scores a target
+    targets: torch.Tensor  # (n_target_tokens,) in row-major order of loss_mask
+    labels: torch.Tensor  # (B,) label index per row
+    real_tokens: int  # non-padding tokens, for throughput figures
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
+            self.targets.to(device), self.labels.to(device), self.real_tokens,
+        )
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+    T = max(len(e) for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    loss_mask = torch.zeros(B, T, dtype=torch.bool)
+    targets = []
+    for row, e in enumerate(examples):
+        seq = e.prompt + e.target
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention_mask[row, : len(seq)] = 1
+        start = len(e.prompt)
+        loss_mask[row, start - 1 : start - 1 + len(e.target)] = True  # logit j-1 scores token j
+        targets += e.target
+    return Batch(
+        input_ids, attention_mask, loss_mask, torch.tensor(targets, dtype=torch.long),
+        torch.tensor([e.label for e in examples]), int(attention_mask.sum()),
+    )

