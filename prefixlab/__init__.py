@@ -1,1 +1,1 @@
-"""PrefixLab: prefix tuning of a frozen causal language model, from the command line or the browser."""
+"""PrefixLab: prefix tuning of a frozen causal language model, from the CLI or the browser."""

@@ -64,8 +64,9 @@ class Encoder:
         self.text_budget = max_length - len(self.head_ids) - len(self.tail_ids) - longest_label
         if self.text_budget < 8:
             raise TemplateError(
-                f"max_length {max_length} leaves {self.text_budget} tokens for the text after the "
-                f"template ({len(self.head_ids) + len(self.tail_ids)} tokens) and the longest label "
+                f"max_length {max_length} leaves {self.text_budget} tokens for the text after "
+                f"the template ({len(self.head_ids) + len(self.tail_ids)} tokens) and the "
+                f"longest label "
                 f"({longest_label}); raise max_length or shorten the template"
             )
         self.max_length = max_length

@@ -41,7 +41,7 @@ def label_log_likelihoods(
     label_ids: Sequence[Sequence[int]],
     pad_id: int,
 ) -> torch.Tensor:
-    """log p(label tokens | prefix, prompt) for one batch: (B, K), summed over each label's tokens."""
+    """log p(label tokens | prefix, prompt) for one batch: (B, K), summed over label tokens."""
     device = _device(model)
     B, K = len(prompts), len(label_ids)
     ids, mask = _pad_right(prompts, pad_id)

@@ -43,7 +43,10 @@ def make_tokenizer():
 
 def tiny_model(kind: str, vocab_size: int = 300):
     from transformers import (
-        GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
     )
 
     torch.manual_seed(0)

@@ -8,7 +8,13 @@ import torch
 from prefixlab.encode import Encoder, Template
 from prefixlab.predict import generate, score_labels
 from prefixlab.prefix import (
-    Prefix, PrefixConfig, PrefixFileError, forward, init_prefix, load_prefix, save_prefix,
+    Prefix,
+    PrefixConfig,
+    PrefixFileError,
+    forward,
+    init_prefix,
+    load_prefix,
+    save_prefix,
     text_key_values,
 )
 

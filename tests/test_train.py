@@ -67,9 +67,14 @@ def test_resume_from_checkpoint_matches_uninterrupted(loaded):
 
         prefix.load_state_dict(init)
         saved: list[Checkpoint] = []
-        calls = iter(range(100))
+        asked: list[int] = []
+
+        def stop_after_five(asked=asked) -> bool:
+            asked.append(0)
+            return len(asked) > 5
+
         result = train(loaded.model, prefix, examples, cfg, 0,
-                       should_stop=lambda: next(calls) >= 5, on_checkpoint=saved.append)
+                       should_stop=stop_after_five, on_checkpoint=saved.append)
         assert result.stopped and result.steps == 5 and saved[-1].step == 5
         fresh = Prefix(loaded.shape, prefix.config)
         result = train(loaded.model, fresh, examples, cfg, 0, resume=saved[-1])

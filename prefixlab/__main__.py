@@ -1,0 +1,344 @@
+"""The command line: `python -m prefixlab <command>`, on the same functions the app calls.
+
+Exit codes: 0 success; 2 a user error (bad file, bad setting), with one line on stderr;
+1 an unexpected failure. No traceback for user errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from prefixlab import data as datamod
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from prefixlab.config import ConfigError
+    from prefixlab.encode import TemplateError
+    from prefixlab.experiment import RunError
+    from prefixlab.models import ModelLoadError
+    from prefixlab.peft_interop import PeftFormatError
+    from prefixlab.prefix import PrefixFileError
+
+    return (datamod.DataError, ConfigError, TemplateError, RunError, ModelLoadError,
+            PrefixFileError, PeftFormatError, FileExistsError, FileNotFoundError,
+            PermissionError)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+
+    def on_step(s) -> None:
+        bar.total = s.total_steps
+        bar.update(s.step - bar.n)
+        bar.set_postfix(loss=f"{s.loss:.3f}", ex_s=f"{s.examples_per_s:.1f}")
+        if not sys.stderr.isatty() and (s.step % 10 == 0 or s.step == s.total_steps):
+            _say(f"step {s.step}/{s.total_steps} loss {s.loss:.4f} "
+                 f"{s.examples_per_s:.1f} ex/s eta {s.eta_s:.0f}s")
+
+    return bar, on_step
+
+
+def _metrics_line(name: str, m: dict | None) -> str:
+    if not m:
+        return f"  {name:<10} (not available)"
+    return f"  {name:<10} accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}"
+
+
+def cmd_validate(args) -> int:
+    data = datamod.load_labeled_csv(args.csv, args.text_column, args.label_column)
+    print(f"{args.csv}: {len(data)} usable rows, text column {data.text_column!r}, "
+          f"label column {data.label_column!r}")
+    for label, count in sorted(data.label_counts().items(), key=lambda kv: -kv[1]):
+        print(f"  {label}: {count}")
+    for w in data.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
+def _run_config(args):
+    from prefixlab.config import RunConfig
+    from prefixlab.prefix import PrefixConfig
+    from prefixlab.train import TrainConfig
+
+    prefix = PrefixConfig(
+        prefix_length=args.prefix_length,
+        init="text" if args.init_text else args.init,
+        init_text=args.init_text,
+        reparameterize=args.reparameterize,
+    )
+    training = TrainConfig(
+        learning_rate=args.learning_rate, epochs=args.epochs, batch_size=args.batch_size,
+        max_steps=args.max_steps, seed=args.seed, eval_every=args.eval_every,
+    )
+    extra = {}
+    if args.template:
+        extra["template"] = args.template
+    return RunConfig(
+        train_csv=str(args.csv), text_column=args.text_column, label_column=args.label_column,
+        validation_csv=args.validation_csv, validation_share=args.validation_share,
+        max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples,
+        model=args.model, max_length=args.max_length, task=args.task, device=args.device,
+        trust_remote_code=args.trust_remote_code, prefix=prefix, training=training, **extra,
+    )
+
+
+def cmd_train(args) -> int:
+    from prefixlab.experiment import create_run, prepare_data
+    from prefixlab.models import load_model
+
+    cfg = _run_config(args)
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} already exists and is not empty; choose another --output")
+    prepared = prepare_data(cfg)  # refuses bad data before anything is written
+    for w in prepared.warnings:
+        _say(f"warning: {w}")
+    loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
+                        progress=_say)
+    folder = create_run(cfg, output, prepared, loaded)
+    info = folder.read_config()
+    p = info["prefix"]
+    _say(f"training a {cfg.prefix.prefix_length}-token prefix on {loaded.name} ({loaded.device}): "
+         f"{p['trainable_parameters']:,} trainable parameters = {p['share_of_model']:.4%} of "
+         f"the model's {info['model']['parameters']:,}; {len(prepared.train)} train / "
+         f"{len(prepared.validation)} validation rows")
+    return _execute(folder, loaded, prepared, resume=False)
+
+
+def _execute(folder, loaded, prepared, resume: bool) -> int:
+    from prefixlab.experiment import execute_run
+
+    bar, on_step = _progress_bar(0)
+    try:
+        report = execute_run(folder, loaded, prepared=prepared, on_step=on_step, resume=resume)
+    except BaseException as e:
+        folder.set_status("failed" if not isinstance(e, KeyboardInterrupt) else "cancelled",
+                          error=str(e))
+        raise
+    finally:
+        bar.close()
+    if report is None:
+        _say(f"stopped; last checkpoint kept in {folder.path}")
+        return 1
+    print(f"run saved to {folder.path}")
+    print(f"held-out results on {report['n']} rows:")
+    print(_metrics_line("prefix", report))
+    print(_metrics_line("zero-shot", report["baselines"]["zero_shot"]))
+    print(_metrics_line("tf-idf", report["baselines"]["tfidf"]))
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from prefixlab.experiment import RunFolder
+    from prefixlab.models import load_model
+
+    folder = RunFolder(args.run)
+    cfg = folder.run_config()
+    loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
+                        progress=_say)
+    return _execute(folder, loaded, None, resume=True)
+
+
+def cmd_evaluate(args) -> int:
+    from prefixlab.experiment import full_report, open_run, prepare_data
+
+    run = open_run(args.run)
+    data = datamod.load_labeled_csv(args.csv, args.text_column or run.config.text_column,
+                                    args.label_column or run.config.label_column)
+    unknown = sorted(set(data.label_names) - set(run.labels))
+    if unknown:
+        raise datamod.DataError(
+            f"{args.csv} has labels the run was not trained on: {', '.join(unknown)} "
+            f"(run labels: {', '.join(run.labels)})"
+        )
+    try:
+        train_data = prepare_data(run.config).train
+    except (datamod.DataError, OSError):
+        train_data = None  # the training file moved: no TF-IDF baseline
+    report = full_report(run.loaded, run.kv, run.encoder, train_data, data,
+                         run.config.training.seed)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{len(data)} rows")
+        print(_metrics_line("prefix", report))
+        print(_metrics_line("zero-shot", report["baselines"]["zero_shot"]))
+        print(_metrics_line("tf-idf", report["baselines"]["tfidf"]))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import pandas as pd
+
+    from prefixlab.experiment import open_run
+    from prefixlab.predict import generate
+
+    if not args.text and not args.csv:
+        raise datamod.DataError("give --text TEXT (repeatable) or --csv IN --output OUT")
+    run = open_run(args.run)
+    if args.generate:
+        for text, out in zip(args.text, generate(run.loaded.model, run.loaded.tokenizer, run.kv,
+                                                 args.text, args.max_new_tokens), strict=True):
+            print(json.dumps({"text": text, "generated": out}))
+        return 0
+    if args.text:
+        probs = run.score(args.text)
+        for text, row in zip(args.text, probs, strict=True):
+            ranked = dict(sorted(zip(run.labels, map(float, row), strict=True),
+                                 key=lambda kv: -kv[1]))
+            print(json.dumps({"text": text, "label": next(iter(ranked)),
+                              "probabilities": ranked}))
+    if args.csv:
+        if not args.output:
+            raise datamod.DataError("--csv needs --output OUT.csv")
+        table = datamod.read_table(args.csv)
+        column = args.text_column or run.config.text_column or datamod.guess_columns(
+            list(table.frame.columns), table.frame)[0]
+        if column not in table.frame.columns:
+            raise datamod.DataError(
+                f"{args.csv} has no column {column!r}; columns: {', '.join(table.frame.columns)}"
+            )
+        texts = table.frame[column].fillna("").astype(str).tolist()
+        probs = run.score(texts)
+        frame: pd.DataFrame = table.frame.copy()
+        frame["predicted_label"] = [run.labels[i] for i in probs.argmax(1)]
+        for j, label in enumerate(run.labels):
+            frame[f"p_{label}"] = probs[:, j].round(6)
+        datamod.write_csv(frame, args.output)
+        _say(f"wrote {len(frame)} predictions to {args.output}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from prefixlab.experiment import RunFolder
+    from prefixlab.models import PrefixShape
+    from prefixlab.peft_interop import export_peft
+    from prefixlab.prefix import load_prefix
+
+    folder = RunFolder(args.run)
+    info = folder.read_config()
+    m = info["model"]
+    shape = PrefixShape(m["num_layers"], m["num_kv_heads"], m["head_dim"])
+    kv = load_prefix(folder.prefix_path, shape).kv
+    if args.format == "peft":
+        from prefixlab.models import load_model
+
+        config = load_model(info["run"]["model"], "cpu").model.config
+        source = _model_source(info["run"]["model"])
+        export_peft(kv, config, args.output, source)
+    else:
+        import shutil
+
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(folder.prefix_path, Path(args.output) / "prefix.safetensors")
+        shutil.copy2(folder.config_path, Path(args.output) / "config.json")
+    print(f"exported {args.format} prefix to {args.output}")
+    return 0
+
+
+def _model_source(name: str) -> str:
+    """The folder or hub id a PEFT user passes to from_pretrained for this base model."""
+    from prefixlab.models import DEFAULT_MODEL, embedded_model_dir
+
+    return str(embedded_model_dir()) if name == DEFAULT_MODEL else name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prefixlab.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="python -m prefixlab",
+                                     description="Prefix tuning of a frozen causal LM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def columns(p):
+        p.add_argument("--text-column", help="column holding the text (guessed when omitted)")
+        p.add_argument("--label-column", help="column holding the label (guessed when omitted)")
+
+    p = sub.add_parser("validate", help="check a labeled CSV and report every problem")
+    p.add_argument("csv")
+    columns(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("train", help="train a prefix on a labeled CSV into a run folder")
+    p.add_argument("csv")
+    columns(p)
+    p.add_argument("--output", required=True, help="run folder to create")
+    p.add_argument("--validation-csv")
+    p.add_argument("--validation-share", type=float, default=0.2)
+    p.add_argument("--max-train-examples", type=int)
+    p.add_argument("--max-eval-examples", type=int, default=500)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="local folder or hub id; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    p.add_argument("--template", help="prompt with {text} and optionally {labels}")
+    p.add_argument("--task", help="short task description used for the init text")
+    p.add_argument("--prefix-length", type=int, default=10)
+    p.add_argument("--init", choices=["text", "random", "zero"], default="text")
+    p.add_argument("--init-text", help="initialize the prefix from this text's key/values")
+    p.add_argument("--reparameterize", action="store_true", help="embedding + MLP (the paper's)")
+    p.add_argument("--learning-rate", type=float, default=5e-3)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-steps", type=int, help="stop after N steps; 0 saves the initial prefix")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("evaluate", help="metrics of a run's prefix and baselines on a CSV")
+    p.add_argument("run")
+    p.add_argument("csv")
+    columns(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label probabilities (or generation) with a run's prefix")
+    p.add_argument("run")
+    p.add_argument("--text", action="append", default=[], help="a text (repeatable)")
+    p.add_argument("--csv", help="batch prediction: input CSV")
+    p.add_argument("--output", help="batch prediction: output CSV")
+    p.add_argument("--text-column")
+    p.add_argument("--generate", action="store_true", help="free generation after the prefix")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a run's prefix")
+    p.add_argument("run")
+    p.add_argument("--format", choices=["peft", "safetensors"], default="peft")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        _say(f"error: {message}")
+        return 2
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

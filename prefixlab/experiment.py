@@ -1,0 +1,379 @@
+"""A run folder and the steps that fill it: prepare data, train, evaluate, predict, export.
+
+Layout of a run folder (safetensors for tensors, JSON for everything else, never pickle):
+    config.json              RunConfig + labels, template, base model, data summary
+    status.json              state (created/running/completed/failed/cancelled/interrupted)
+    prefix.safetensors       folded key/values (L, 2, H_kv, P, D) for inference and export
+    prefix_params.safetensors the full parameterization (MLP included), for resume/inspection
+    checkpoint.safetensors   prefix parameters + AdamW moments; checkpoint.json has the step
+    metrics.jsonl            append-only: one JSON object per step / evaluation / event
+    snapshots/step_N.safetensors  the prefix during training (a few hundred KB each)
+    report.json              the final evaluation with baselines
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from prefixlab import data as datamod
+from prefixlab.config import ConfigError, RunConfig
+from prefixlab.encode import Encoder, Template
+from prefixlab.evaluate import classification_report, predictions_from_probs, tfidf_baseline
+from prefixlab.files import atomic_save_tensors, atomic_write_json, read_json
+from prefixlab.models import LoadedModel, autocast, load_model
+from prefixlab.predict import score_labels
+from prefixlab.prefix import (
+    Prefix,
+    default_init_text,
+    init_prefix,
+    load_prefix,
+    save_prefix,
+)
+from prefixlab.train import Checkpoint, StepInfo, batch_loss, train
+
+STATES = ("created", "queued", "running", "completed", "failed", "cancelled", "interrupted")
+
+
+class RunError(RuntimeError):
+    """A run folder that cannot be used as asked."""
+
+
+class RunFolder:
+    """Reads and writes the files of one run; every write is atomic."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.json")
+    status_path = property(lambda self: self.path / "status.json")
+    prefix_path = property(lambda self: self.path / "prefix.safetensors")
+    params_path = property(lambda self: self.path / "prefix_params.safetensors")
+    checkpoint_path = property(lambda self: self.path / "checkpoint.safetensors")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    report_path = property(lambda self: self.path / "report.json")
+    snapshots_dir = property(lambda self: self.path / "snapshots")
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def read_config(self) -> dict:
+        if not self.exists():
+            raise RunError(f"{self.path} is not a PrefixLab run folder (no config.json)")
+        return read_json(self.config_path)
+
+    def run_config(self) -> RunConfig:
+        return RunConfig.from_dict(self.read_config()["run"])
+
+    def write_config(self, info: dict) -> None:
+        atomic_write_json(self.config_path, info)
+
+    def status(self) -> dict:
+        if not self.status_path.is_file():
+            return {"state": "created"}
+        try:
+            return read_json(self.status_path)
+        except ValueError:
+            return {"state": "interrupted", "error": "status.json was unreadable"}
+
+    def set_status(self, state: str, **extra) -> None:
+        assert state in STATES, state
+        atomic_write_json(self.status_path,
+                          {"state": state, "updated": time.time(), "pid": os.getpid(), **extra})
+
+    def append_metrics(self, record: dict) -> None:
+        """One JSON line per event; a reader may see a partial last line and skip it."""
+        line = json.dumps(record, default=float) + "\n"
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+
+    def read_metrics(self, offset: int = 0) -> tuple[list[dict], int]:
+        """Records appended since byte `offset`, and the offset to read from next time."""
+        if not self.metrics_path.is_file():
+            return [], offset
+        with open(self.metrics_path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
+        records = []
+        for line in chunk[:end].splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records, offset + end
+
+    def save_checkpoint(self, ckpt: Checkpoint) -> None:
+        atomic_save_tensors(self.checkpoint_path, ckpt.tensors(), {"step": str(ckpt.step)})
+        atomic_save_tensors(self.params_path, ckpt.prefix_state)
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        if not self.checkpoint_path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(self.checkpoint_path), framework="pt") as f:
+                step = int((f.metadata() or {})["step"])
+            tensors = load_file(str(self.checkpoint_path))
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise RunError(f"checkpoint in {self.path} is unreadable: {e}") from e
+        return Checkpoint.from_tensors(step, tensors)
+
+    def save_snapshot(self, step: int, kv: torch.Tensor) -> None:
+        atomic_save_tensors(self.snapshots_dir / f"step_{step:06d}.safetensors",
+                            {"key_values": kv})
+
+    def snapshots(self) -> list[tuple[int, Path]]:
+        if not self.snapshots_dir.is_dir():
+            return []
+        found = []
+        for p in self.snapshots_dir.glob("step_*.safetensors"):
+            try:
+                found.append((int(p.stem[5:]), p))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def write_report(self, report: dict) -> None:
+        atomic_write_json(self.report_path, report)
+
+    def read_report(self) -> dict | None:
+        return read_json(self.report_path) if self.report_path.is_file() else None
+
+
+@dataclass
+class PreparedData:
+    train: datamod.LabeledData
+    validation: datamod.LabeledData
+    labels: list[str]
+    warnings: list[str]
+
+
+def _sample(data: datamod.LabeledData, n: int | None, seed: int) -> datamod.LabeledData:
+    if n is None or len(data) <= n:
+        return data
+    keep, _ = datamod.stratified_split(data, 1 - n / len(data), seed)
+    return keep
+
+
+def prepare_data(cfg: RunConfig) -> PreparedData:
+    """Load, validate and split the data; raises DataError before anything is written."""
+    full = datamod.load_labeled_csv(cfg.train_csv, cfg.text_column, cfg.label_column)
+    warnings = list(full.warnings)
+    seed = cfg.training.seed
+    if cfg.validation_csv:
+        val = datamod.load_labeled_csv(cfg.validation_csv, full.text_column, full.label_column)
+        warnings += [f"validation file: {w}" for w in val.warnings]
+        unknown = sorted(set(val.label_names) - set(full.label_names))
+        if unknown:
+            raise datamod.DataError(
+                f"the validation file has labels that training never sees: {', '.join(unknown)}"
+            )
+        train_part = full
+    else:
+        train_part, val = datamod.stratified_split(full, cfg.validation_share, seed)
+        warnings += train_part.warnings[len(full.warnings):]
+    train_part = _sample(train_part, cfg.max_train_examples, seed)
+    val = _sample(val, cfg.max_eval_examples, seed)
+    if len(val) == 0:
+        raise datamod.DataError("no rows are left for validation; add rows or a validation file")
+    return PreparedData(train_part, val, list(full.label_names), warnings)
+
+
+@dataclass
+class Run:
+    """A run folder opened for use: its settings, labels, model and folded prefix."""
+
+    folder: RunFolder
+    config: RunConfig
+    labels: list[str]
+    loaded: LoadedModel
+    kv: torch.Tensor  # (L, 2, H_kv, P, D)
+    encoder: Encoder
+
+    def score(self, texts: list[str], with_prefix: bool = True) -> np.ndarray:
+        return score_labels(self.loaded.model, self.kv if with_prefix else None, self.encoder,
+                            texts)
+
+
+def open_run(path: str | Path, loaded: LoadedModel | None = None) -> Run:
+    """Open a finished (or checkpointed) run; the base model is loaded unless given."""
+    folder = RunFolder(path)
+    info = folder.read_config()
+    try:
+        cfg = RunConfig.from_dict(info["run"])
+        labels = list(info["labels"])
+    except (KeyError, ConfigError) as e:
+        raise RunError(f"{folder.config_path} is not a valid run config: {e}") from e
+    if loaded is None:
+        loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
+    elif loaded.name != cfg.model:
+        raise RunError(f"run {folder.path.name} was trained on {cfg.model!r}, "
+                       f"not on the loaded {loaded.name!r}")
+    prefix = load_prefix(folder.prefix_path, loaded.shape)
+    encoder = Encoder(loaded.tokenizer, Template(cfg.template), labels, cfg.max_length)
+    return Run(folder, cfg, labels, loaded, prefix.kv, encoder)
+
+
+def _validation_loss(loaded: LoadedModel, kv: torch.Tensor, encoder: Encoder,
+                     data: datamod.LabeledData, batch_size: int) -> float:
+    from prefixlab.encode import bucketed_batches, collate
+
+    examples = encoder.examples(data.texts, data.labels)
+    total, count = 0.0, 0
+    with torch.no_grad(), autocast(loaded.device):
+        for idx in bucketed_batches([len(e) for e in examples], batch_size, 0, 0, shuffle=False):
+            batch = collate([examples[i] for i in idx], loaded.tokenizer.pad_token_id)
+            batch = batch.to(loaded.device)
+            n = int(batch.targets.numel())
+            total += float(batch_loss(loaded.model, kv.to(loaded.device), batch)) * n
+            count += n
+    return total / max(count, 1)
+
+
+def evaluate_prefix(
+    loaded: LoadedModel, kv: torch.Tensor | None, encoder: Encoder, data: datamod.LabeledData
+) -> tuple[dict, np.ndarray]:
+    probs = score_labels(loaded.model, kv, encoder, data.texts)
+    preds = predictions_from_probs(probs, encoder.labels)
+    return classification_report(data.labels, preds, encoder.labels), probs
+
+
+def full_report(
+    loaded: LoadedModel, kv: torch.Tensor, encoder: Encoder, train_data: datamod.LabeledData | None,
+    data: datamod.LabeledData, seed: int,
+) -> dict:
+    """The prefix's metrics at the top level, the two baselines beside them."""
+    report, _ = evaluate_prefix(loaded, kv, encoder, data)
+    zero, _ = evaluate_prefix(loaded, None, encoder, data)
+    baselines: dict = {"zero_shot": zero}
+    if train_data is not None:
+        preds = tfidf_baseline(train_data.texts, train_data.labels, data.texts, seed)
+        baselines["tfidf"] = classification_report(data.labels, preds, encoder.labels)
+    else:
+        baselines["tfidf"] = None
+    report["baselines"] = baselines
+    return report
+
+
+def create_run(cfg: RunConfig, path: str | Path, prepared: PreparedData, loaded: LoadedModel,
+               *, name: str | None = None) -> RunFolder:
+    """Write config.json for a new run (data already validated)."""
+    folder = RunFolder(path)
+    if folder.path.exists() and any(folder.path.iterdir()):
+        raise RunError(f"{folder.path} already exists and is not empty; choose another --output")
+    folder.path.mkdir(parents=True, exist_ok=True)
+    P = cfg.prefix.prefix_length
+    shape = loaded.shape
+    trainable = Prefix(shape, cfg.prefix).trainable_parameters()
+    folder.write_config({
+        "format": "prefixlab-run/1",
+        "name": name or folder.path.name,
+        "created": time.time(),
+        "run": cfg.to_dict(),
+        "labels": prepared.labels,
+        "data": {
+            "train_rows": len(prepared.train), "validation_rows": len(prepared.validation),
+            "text_column": prepared.train.text_column,
+            "label_column": prepared.train.label_column,
+            "label_counts": prepared.train.label_counts(),
+            "warnings": prepared.warnings,
+        },
+        "model": {
+            "name": loaded.name, "parameters": loaded.num_parameters,
+            "num_layers": shape.num_layers, "num_kv_heads": shape.num_kv_heads,
+            "head_dim": shape.head_dim,
+        },
+        "prefix": {
+            "trainable_parameters": trainable,
+            "inference_parameters": shape.params(P),
+            "share_of_model": trainable / loaded.num_parameters,
+        },
+    })
+    folder.set_status("created")
+    return folder
+
+
+def execute_run(
+    folder: RunFolder,
+    loaded: LoadedModel,
+    *,
+    prepared: PreparedData | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume: bool = False,
+) -> dict | None:
+    """Train (or resume) the run in `folder` and write its prefix and report.
+
+    Returns the report, or None when stopped early (the last checkpoint is kept).
+    """
+    info = folder.read_config()
+    cfg = RunConfig.from_dict(info["run"])
+    if prepared is None:
+        prepared = prepare_data(cfg)
+    labels = info["labels"]
+    torch.manual_seed(cfg.training.seed)
+    encoder = Encoder(loaded.tokenizer, Template(cfg.template), labels, cfg.max_length)
+    examples = encoder.examples(prepared.train.texts, prepared.train.labels)
+    prefix = Prefix(loaded.shape, cfg.prefix).to(loaded.device)
+    checkpoint = folder.load_checkpoint() if resume else None
+    if resume and checkpoint is None:
+        folder.append_metrics({"type": "event", "message": "no checkpoint: starting over"})
+    if checkpoint is None:
+        init_text = cfg.prefix.init_text or default_init_text(labels, cfg.task)
+        init_prefix(prefix, loaded.model, loaded.tokenizer, init_text, cfg.training.seed)
+        folder.save_snapshot(0, prefix.folded())
+    folder.set_status("running")
+    folder.append_metrics({"type": "event", "message": "resumed" if checkpoint else "started",
+                           "step": checkpoint.step if checkpoint else 0, "time": time.time()})
+
+    def log_step(s: StepInfo) -> None:
+        folder.append_metrics({"type": "step", **s.as_dict()})
+        if on_step:
+            on_step(s)
+
+    def evaluate(step: int) -> None:
+        kv = prefix.folded()
+        report, _ = evaluate_prefix(loaded, kv, encoder, prepared.validation)
+        vloss = _validation_loss(loaded, kv, encoder, prepared.validation,
+                                 cfg.training.batch_size)
+        folder.append_metrics({"type": "eval", "step": step, "val_loss": vloss,
+                               "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
+
+    def save(ckpt: Checkpoint) -> None:
+        folder.save_checkpoint(ckpt)
+        kv = prefix.folded()
+        save_prefix(folder.prefix_path, kv, loaded.name, step=str(ckpt.step))
+        folder.save_snapshot(ckpt.step, kv)
+
+    result = train(
+        loaded.model, prefix, examples, cfg.training, loaded.tokenizer.pad_token_id,
+        on_step=log_step, should_stop=should_stop, evaluate=evaluate, on_checkpoint=save,
+        resume=checkpoint,
+    )
+    if result.stopped:
+        folder.set_status("cancelled", step=result.steps)
+        folder.append_metrics({"type": "event", "message": "cancelled", "step": result.steps})
+        return None
+    kv = prefix.folded()
+    save_prefix(folder.prefix_path, kv, loaded.name, step=str(result.steps))
+    folder.append_metrics({"type": "event", "message": "evaluating", "step": result.steps})
+    report = full_report(loaded, kv, encoder, prepared.train, prepared.validation,
+                         cfg.training.seed)
+    report["steps"] = result.steps
+    folder.write_report(report)
+    folder.set_status("completed", step=result.steps)
+    folder.append_metrics({"type": "event", "message": "completed", "step": result.steps,
+                           "time": time.time()})
+    return report
