@@ -1,0 +1,124 @@
+"""The command line, end to end on a tiny model saved as a local folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prefixlab.__main__ import main
+from tests.conftest import make_tokenizer, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def csv_file(tmp_path) -> Path:
+    rows = ["text,label"]
+    for i in range(30):
+        label = ["positive", "negative", "neither"][i % 3]
+        rows.append(f"\"the movie was {'great' if i % 3 == 0 else 'bad'} {i}\",{label}")
+    rows.append(",negative")  # an empty text: dropped with a warning, not fatal
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _train(csv_file, model_dir, out, *extra) -> int:
+    return main(["train", str(csv_file), "--text-column", "text", "--label-column", "label",
+                 "--output", str(out), "--model", str(model_dir), "--max-steps", "3",
+                 "--batch-size", "4", "--prefix-length", "4", "--max-length", "48", *extra])
+
+
+def test_train_evaluate_predict_export(tmp_path, csv_file, model_dir, capsys):
+    run = tmp_path / "run"
+    assert _train(csv_file, model_dir, run, "--init-text", "the movie") == 0
+    err = capsys.readouterr().err
+    assert "row 31" in err and "trainable parameters" in err
+    for name in ("config.json", "prefix.safetensors", "metrics.jsonl", "report.json",
+                 "checkpoint.safetensors", "status.json"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["run"]["prefix"]["init_text"] == "the movie"
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if s["type"] == "step"] == [1, 2, 3]
+
+    assert main(["evaluate", str(run), str(csv_file), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "n"):
+        assert key in report
+    assert report["n"] == 30
+    assert set(report["per_class"]["positive"]) == {"precision", "recall", "f1", "support"}
+    assert report["confusion_matrix"]["labels"] == ["negative", "neither", "positive"]
+    assert {"zero_shot", "tfidf"} <= set(report["baselines"])
+
+    assert main(["predict", str(run), "--text", "the movie was great"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["label"] in {"positive", "negative", "neither"}
+    assert sum(line["probabilities"].values()) == pytest.approx(1.0)
+
+    src = tmp_path / "in.csv"
+    src.write_text("text\n=cmd|' /C calc'!A0\nthe movie was great\n")
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(run), "--csv", str(src), "--output", str(out)]) == 0
+    written = out.read_text()
+    assert "'=cmd" in written and "predicted_label" in written and "p_positive" in written
+
+    assert main(["export", str(run), "--format", "peft", "--output",
+                 str(tmp_path / "adapter")]) == 0
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_max_steps_zero_saves_the_initialized_prefix(tmp_path, csv_file, model_dir):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    assert _train(csv_file, model_dir, run, "--max-steps", "0") == 0
+    kv = load_file(run / "prefix.safetensors")["key_values"]
+    init = load_file(run / "snapshots" / "step_000000.safetensors")["key_values"]
+    assert kv.shape[3] == 4 and (kv == init).all()
+
+
+def test_bad_csv_is_refused_before_a_run_exists(tmp_path, model_dir, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,category\nhello,a\nworld,b\n")
+    run = tmp_path / "run"
+    code = main(["train", str(bad), "--text-column", "text", "--label-column", "label",
+                 "--output", str(run), "--model", str(model_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and not run.exists()
+    assert "sentence" in err and "category" in err  # it lists the columns that exist
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_existing_output_is_not_overwritten(tmp_path, csv_file, model_dir, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("mine")
+    assert _train(csv_file, model_dir, run) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run / "keep.txt").read_text() == "mine"
+
+
+def test_user_errors_exit_nonzero_without_traceback(tmp_path):
+    missing = tmp_path / "nope.csv"
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefixlab", "validate", str(missing)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
