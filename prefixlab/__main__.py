@@ -254,6 +254,12 @@ def _model_source(name: str) -> str:
     return str(embedded_model_dir()) if name == DEFAULT_MODEL else name
 
 
+def cmd_worker(args) -> int:
+    from prefixlab.runs import run_worker
+
+    return run_worker(args.run, resume=args.resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from prefixlab.models import DEFAULT_MODEL
 
@@ -300,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a run from its last checkpoint")
     p.add_argument("run")
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("worker", help="train a registered run (started by the app)")
+    p.add_argument("run")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("evaluate", help="metrics of a run's prefix and baselines on a CSV")
     p.add_argument("run")

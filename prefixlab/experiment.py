@@ -48,6 +48,12 @@ class RunError(RuntimeError):
     """A run folder that cannot be used as asked."""
 
 
+def _process_started() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 class RunFolder:
     """Reads and writes the files of one run; every write is atomic."""
 
@@ -86,9 +92,14 @@ class RunFolder:
             return {"state": "interrupted", "error": "status.json was unreadable"}
 
     def set_status(self, state: str, **extra) -> None:
-        assert state in STATES, state
-        atomic_write_json(self.status_path,
-                          {"state": state, "updated": time.time(), "pid": os.getpid(), **extra})
+        """Record the run's state with this process's pid and start time (to tell a dead
+        worker from a live one whose pid was reused)."""
+        if state not in STATES:
+            raise ValueError(f"unknown run state {state!r}")
+        atomic_write_json(self.status_path, {
+            "state": state, "updated": time.time(), "pid": os.getpid(),
+            "pid_started": _process_started(), **extra,
+        })
 
     def append_metrics(self, record: dict) -> None:
         """One JSON line per event; a reader may see a partial last line and skip it."""
@@ -271,8 +282,8 @@ def create_run(cfg: RunConfig, path: str | Path, prepared: PreparedData, loaded:
                *, name: str | None = None) -> RunFolder:
     """Write config.json for a new run (data already validated)."""
     folder = RunFolder(path)
-    if folder.path.exists() and any(folder.path.iterdir()):
-        raise RunError(f"{folder.path} already exists and is not empty; choose another --output")
+    if folder.exists():
+        raise RunError(f"{folder.path} already holds a run; choose another output folder")
     folder.path.mkdir(parents=True, exist_ok=True)
     P = cfg.prefix.prefix_length
     shape = loaded.shape

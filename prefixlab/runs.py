@@ -1,0 +1,367 @@
+"""The run registry (SQLite, WAL) and the worker processes that train runs.
+
+A data directory holds `registry.sqlite3` and `runs/<run id>/` folders (see experiment.py).
+Each run trains in its own child process (`python -m prefixlab worker RUN_DIR`, no shell),
+started in a new session so closing the app or the browser does not stop it. Workers queue
+on a per-device lock file: one run trains at a time per device. A worker reports through its
+run folder (status.json, metrics.jsonl); `RunStore.refresh` folds that into the registry
+and marks runs whose worker died as interrupted, so nothing shows "running" forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import traceback
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from prefixlab.config import RunConfig
+from prefixlab.experiment import RunError, RunFolder, create_run, execute_run, prepare_data
+from prefixlab.models import LoadedModel
+
+ACTIVE = ("queued", "running")
+FINISHED = ("completed", "failed", "cancelled", "interrupted")
+_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[a-z0-9-]{1,40}$")
+CANCEL_FILE = "cancel.request"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    data_name TEXT NOT NULL,
+    model TEXT NOT NULL,
+    pid INTEGER,
+    pid_started REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    accuracy REAL,
+    macro_f1 REAL,
+    error TEXT
+)
+"""
+
+
+def slugify(name: str) -> str:
+    """A safe folder-name part: lowercase ASCII letters, digits and dashes, at most 40."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")
+    return slug[:40].strip("-") or "run"
+
+
+@dataclass
+class RunRow:
+    id: str
+    name: str
+    state: str
+    created: float
+    updated: float
+    data_name: str
+    model: str
+    pid: int | None
+    pid_started: float | None
+    step: int
+    total_steps: int
+    accuracy: float | None
+    macro_f1: float | None
+    error: str | None
+
+
+class RunStore:
+    """Runs of one data directory: registry rows plus run folders."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.runs_dir = self.data_dir / "runs"
+        try:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            (self.data_dir / "locks").mkdir(exist_ok=True)
+        except OSError as e:
+            raise RunError(f"the data directory {self.data_dir} is not writable: {e}") from e
+        self.db_path = self.data_dir / "registry.sqlite3"
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.db_path, timeout=10)
+        db.row_factory = sqlite3.Row
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    # --- lookup ------------------------------------------------------------------------------
+
+    def folder(self, run_id: str) -> RunFolder:
+        """The folder of a run id; ids are ours, so anything else is refused (no traversal)."""
+        if not _ID.match(run_id or ""):
+            raise RunError(f"not a run id: {run_id!r}")
+        return RunFolder(self.runs_dir / run_id)
+
+    def get(self, run_id: str) -> RunRow:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise RunError(f"no run {run_id!r} in {self.data_dir}")
+        return RunRow(**dict(row))
+
+    def list(self) -> list[RunRow]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM runs ORDER BY created DESC").fetchall()
+        return [RunRow(**dict(r)) for r in rows]
+
+    def active(self) -> list[RunRow]:
+        return [r for r in self.list() if r.state in ACTIVE]
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def create(
+        self, cfg: RunConfig, loaded: LoadedModel, name: str | None = None,
+        data_name: str | None = None,
+    ) -> str:
+        """Validate the data, copy it into a new run folder and register the run.
+
+        Raises DataError (nothing is written) when the data cannot be used.
+        """
+        prepared = prepare_data(cfg)
+        label = name or Path(cfg.train_csv).stem
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_id = f"{stamp}-{slugify(label)}"
+        n = 1
+        while (self.runs_dir / run_id).exists():
+            n += 1
+            run_id = f"{stamp}-{slugify(label)[:36]}-{n}"
+        folder = RunFolder(self.runs_dir / run_id)
+        data_dir = folder.path / "data"
+        try:
+            data_dir.mkdir(parents=True)
+            # The run keeps its own copy: uploads live in temp folders that get cleaned up.
+            train_copy = data_dir / "train.csv"
+            shutil.copyfile(cfg.train_csv, train_copy)
+            cfg.train_csv = str(train_copy)
+            if cfg.validation_csv:
+                val_copy = data_dir / "validation.csv"
+                shutil.copyfile(cfg.validation_csv, val_copy)
+                cfg.validation_csv = str(val_copy)
+            create_run(cfg, folder.path, prepared, loaded, name=label)
+        except OSError as e:
+            shutil.rmtree(folder.path, ignore_errors=True)
+            raise RunError(f"could not write the run folder in {self.data_dir}: {e}") from e
+        now = time.time()
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO runs (id, name, state, created, updated, data_name, model) "
+                "VALUES (?, ?, 'created', ?, ?, ?, ?)",
+                (run_id, label, now, now, data_name or Path(cfg.train_csv).name, loaded.name),
+            )
+        return run_id
+
+    def start(self, run_id: str, resume: bool = False) -> None:
+        """Start the run's worker process; it queues until the device is free."""
+        row = self.get(run_id)
+        if row.state in ACTIVE and _alive(row.pid, row.pid_started):
+            raise RunError(f"run {row.name!r} is already {row.state}")
+        folder = self.folder(run_id)
+        (folder.path / CANCEL_FILE).unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "prefixlab", "worker", str(folder.path)]
+        if resume:
+            cmd.append("--resume")
+        log = open(folder.path / "worker.log", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=str(self.data_dir),
+                env=_worker_env(self.data_dir),
+            )
+        finally:
+            log.close()
+        started = psutil.Process(proc.pid).create_time()
+        # Written for the child until it writes its own (it takes a second to import torch).
+        folder.set_status("queued", pid=proc.pid, pid_started=started)
+        with self._db() as db:
+            db.execute(
+                "UPDATE runs SET state='queued', pid=?, pid_started=?, updated=?, error=NULL "
+                "WHERE id=?", (proc.pid, started, time.time(), run_id),
+            )
+
+    def cancel(self, run_id: str) -> None:
+        """Ask the worker to stop after its current step; it keeps its last checkpoint."""
+        row = self.get(run_id)
+        if row.state not in ACTIVE:
+            raise RunError(f"run {row.name!r} is {row.state}, not running")
+        (self.folder(run_id).path / CANCEL_FILE).write_text("cancel\n")
+
+    def delete(self, run_id: str) -> None:
+        row = self.get(run_id)
+        if row.state in ACTIVE and _alive(row.pid, row.pid_started):
+            raise RunError(f"run {row.name!r} is {row.state}; cancel it before deleting")
+        shutil.rmtree(self.folder(run_id).path, ignore_errors=True)
+        with self._db() as db:
+            db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+
+    def kill(self, run_id: str) -> None:
+        """Stop a worker at once (SIGKILL); the run becomes interrupted on the next refresh."""
+        row = self.get(run_id)
+        if row.pid and _alive(row.pid, row.pid_started):
+            os.kill(row.pid, signal.SIGKILL)
+
+    def refresh(self) -> list[RunRow]:
+        """Fold run folders' status into the registry; mark dead workers' runs interrupted.
+
+        Also registers run folders the registry does not know (e.g. after a lost database).
+        """
+        rows = {r.id: r for r in self.list()}
+        for path in sorted(self.runs_dir.iterdir()) if self.runs_dir.is_dir() else []:
+            if path.name not in rows and _ID.match(path.name) and RunFolder(path).exists():
+                self._adopt(RunFolder(path))
+        for row in self.list():
+            if row.state in FINISHED and row.state != "interrupted":
+                continue
+            self._sync(row)
+        return self.list()
+
+    def _adopt(self, folder: RunFolder) -> None:
+        try:
+            info = folder.read_config()
+        except (RunError, ValueError):
+            return
+        now = time.time()
+        with self._db() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO runs (id, name, state, created, updated, data_name, model) "
+                "VALUES (?, ?, 'created', ?, ?, ?, ?)",
+                (folder.path.name, info.get("name", folder.path.name), info.get("created", now),
+                 now, Path(info["run"]["train_csv"]).name, info["run"]["model"]),
+            )
+
+    def _sync(self, row: RunRow) -> None:
+        folder = self.folder(row.id)
+        status = folder.status()
+        state = status.get("state", "created")
+        error = status.get("error")
+        pid = status.get("pid", row.pid)
+        pid_started = status.get("pid_started", row.pid_started)
+        if state in ACTIVE and not _alive(pid, pid_started):
+            state = "interrupted"
+            error = error or "the worker process ended without finishing (killed or crashed)"
+            if tail := _log_tail(folder):
+                error += f"; its log ends with: {tail}"
+            folder.set_status("interrupted", error=error, step=_last_step(folder))
+        step, total = _progress(folder)
+        report = folder.read_report() if state == "completed" else None
+        with self._db() as db:
+            db.execute(
+                "UPDATE runs SET state=?, updated=?, step=?, total_steps=?, accuracy=?, "
+                "macro_f1=?, error=? WHERE id=?",
+                (state, time.time(), step, total,
+                 report and report["accuracy"], report and report["macro_f1"], error, row.id),
+            )
+
+
+def _worker_env(data_dir: Path) -> dict[str, str]:
+    """The app's environment, with this package importable from the worker's folder."""
+    package_root = str(Path(__file__).resolve().parent.parent)
+    paths = [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths),
+            "PREFIXLAB_DATA_DIR": str(data_dir)}
+
+
+def _log_tail(folder: RunFolder) -> str:
+    """The worker log's last line, which says why a worker died before reporting."""
+    log = folder.path / "worker.log"
+    if not log.is_file():
+        return ""
+    lines = [x for x in log.read_text(errors="replace").splitlines()[-20:] if x.strip()]
+    return lines[-1].strip()[:300] if lines else ""
+
+
+def _alive(pid: int | None, started: float | None) -> bool:
+    """Is this exact process still running (and not a new one that reused its pid)?"""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if started is not None and abs(proc.create_time() - started) > 1.0:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _progress(folder: RunFolder) -> tuple[int, int]:
+    """The last step and total steps written to the metrics log (reads only its tail)."""
+    path = folder.metrics_path
+    if not path.is_file():
+        return 0, 0
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 8192))
+        tail = f.read().splitlines()
+    for line in reversed(tail):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("type") == "step":
+            return int(record["step"]), int(record["total_steps"])
+    return 0, 0
+
+
+def _last_step(folder: RunFolder) -> int:
+    return _progress(folder)[0]
+
+
+# --- the worker ----------------------------------------------------------------------------
+
+
+def run_worker(run_dir: str | Path, resume: bool = False) -> int:
+    """Body of a worker process: wait for the device, train, record the outcome."""
+    from prefixlab.models import load_model, pick_device
+
+    folder = RunFolder(run_dir)
+    try:
+        cfg = folder.run_config()
+        device = pick_device(cfg.device)
+        locks = Path(os.environ.get("PREFIXLAB_DATA_DIR", folder.path.parent.parent)) / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        folder.set_status("queued")
+        with open(locks / f"{device.type}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS even if we are killed
+            cancel = folder.path / CANCEL_FILE
+            if cancel.exists():
+                folder.set_status("cancelled")
+                return 0
+            folder.set_status("running")
+            loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
+            report = execute_run(folder, loaded, resume=resume, should_stop=cancel.exists)
+            if report is None:
+                folder.set_status("cancelled", step=_last_step(folder))
+        return 0
+    except MemoryError:
+        folder.set_status("failed", error="out of memory: try a smaller batch size or max "
+                          "length")
+        return 1
+    except Exception as e:  # the worker's last word: record why, keep the traceback in its log
+        traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__
+        with contextlib.suppress(OSError):
+            folder.set_status("failed", error=f"{type(e).__name__}: {message}")
+        return 1

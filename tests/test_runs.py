@@ -1,0 +1,155 @@
+"""The run registry and real worker processes: queueing, cancel, kill, resume, restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prefixlab.config import RunConfig
+from prefixlab.experiment import RunError
+from prefixlab.models import prepare_model
+from prefixlab.prefix import PrefixConfig
+from prefixlab.runs import RunStore, slugify
+from prefixlab.train import TrainConfig
+from tests.conftest import make_tokenizer, tiny_model
+
+pytestmark = pytest.mark.slow  # real subprocess workers
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_model("gpt2").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return prepare_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                         AutoTokenizer.from_pretrained(model_dir), str(model_dir),
+                         torch.device("cpu"))
+
+
+@pytest.fixture
+def csv_file(tmp_path) -> Path:
+    rows = ["text,label"] + [f"the movie was {'great' if i % 2 else 'bad'} {i},"
+                             f"{'positive' if i % 2 else 'negative'}" for i in range(40)]
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _config(csv_file, model_dir, epochs=1, batch_size=4) -> RunConfig:
+    return RunConfig(
+        train_csv=str(csv_file), text_column="text", label_column="label", model=str(model_dir),
+        max_length=48, device="cpu", prefix=PrefixConfig(prefix_length=4),
+        training=TrainConfig(epochs=epochs, batch_size=batch_size, checkpoint_every=10,
+                             learning_rate=1e-2),
+    )
+
+
+def _wait(store: RunStore, run_id: str, states, timeout=120.0, step=0):
+    end = time.time() + timeout
+    while time.time() < end:
+        store.refresh()
+        row = store.get(run_id)
+        if row.state in states and row.step >= step:
+            return row
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} stayed {store.get(run_id).state} (step {row.step})")
+
+
+def test_worker_trains_a_run_to_completion(tmp_path, csv_file, model_dir, loaded):
+    store = RunStore(tmp_path / "data")
+    run_id = store.create(_config(csv_file, model_dir), loaded, name="../../etc/passwd")
+    assert run_id.endswith("etc-passwd") and (store.runs_dir / run_id).is_dir()
+    store.start(run_id)
+    row = _wait(store, run_id, {"completed", "failed"})
+    assert row.state == "completed", row.error
+    assert row.step == row.total_steps == 8 and row.macro_f1 is not None
+    assert (store.folder(run_id).path / "data" / "train.csv").is_file()
+
+
+def test_bad_data_creates_no_run(tmp_path, model_dir, loaded):
+    from prefixlab.data import DataError
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nonly,one\n")
+    store = RunStore(tmp_path / "data")
+    with pytest.raises(DataError):
+        store.create(_config(bad, model_dir), loaded)
+    assert store.list() == [] and list(store.runs_dir.iterdir()) == []
+
+
+def test_runs_queue_one_per_device_and_cancel_keeps_a_checkpoint(
+    tmp_path, csv_file, model_dir, loaded
+):
+    store = RunStore(tmp_path / "data")
+    first = store.create(_config(csv_file, model_dir, epochs=400, batch_size=1), loaded)
+    second = store.create(_config(csv_file, model_dir), loaded, name="second")
+    store.start(first)
+    _wait(store, first, {"running"}, step=15)
+    store.start(second)
+    time.sleep(3)
+    store.refresh()
+    assert store.get(second).state == "queued"  # waits for the device
+    store.cancel(first)
+    row = _wait(store, first, {"cancelled"})
+    assert 0 < row.step < row.total_steps
+    assert (store.folder(first).checkpoint_path).is_file()
+    assert _wait(store, second, {"completed"}).state == "completed"
+
+
+def test_sigkill_mid_run_is_interrupted_and_resume_matches_uninterrupted(
+    tmp_path, csv_file, model_dir, loaded
+):
+    store = RunStore(tmp_path / "data")
+    cfg = _config(csv_file, model_dir, epochs=60, batch_size=2)
+    killed = store.create(cfg, loaded, name="killed")
+    whole = store.create(_config(csv_file, model_dir, epochs=60, batch_size=2), loaded,
+                         name="whole")
+    store.start(killed)
+    _wait(store, killed, {"running"}, step=25)
+    os.kill(store.get(killed).pid, signal.SIGKILL)
+    row = _wait(store, killed, {"interrupted"})
+    assert "ended without finishing" in row.error
+    status = json.loads((store.folder(killed).status_path).read_text())
+    assert status["state"] == "interrupted"
+    store.start(killed, resume=True)
+    store.start(whole)
+    assert _wait(store, killed, {"completed"}, timeout=300).state == "completed"
+    assert _wait(store, whole, {"completed"}, timeout=300).state == "completed"
+    a = load_file(store.folder(killed).prefix_path)["key_values"]
+    b = load_file(store.folder(whole).prefix_path)["key_values"]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    events = [json.loads(x) for x in store.folder(killed).metrics_path.read_text().splitlines()]
+    assert any(e.get("message") == "resumed" for e in events)
+
+
+def test_restart_lists_every_run_and_adopts_folders(tmp_path, csv_file, model_dir, loaded):
+    store = RunStore(tmp_path / "data")
+    run_id = store.create(_config(csv_file, model_dir), loaded)
+    (tmp_path / "data" / "registry.sqlite3").unlink()  # a lost registry
+    for suffix in ("-wal", "-shm"):
+        Path(str(tmp_path / "data" / "registry.sqlite3") + suffix).unlink(missing_ok=True)
+    again = RunStore(tmp_path / "data")
+    assert [r.id for r in again.refresh()] == [run_id]
+
+
+def test_ids_are_checked_and_names_sanitized(tmp_path):
+    store = RunStore(tmp_path / "data")
+    for bad in ("../x", "/etc", "20260101-000000-a/../../b", ""):
+        with pytest.raises(RunError):
+            store.folder(bad)
+    assert slugify("Ünïcode ../../ name") == "unicode-name"
+    assert slugify("\u202e\u0000") == "run"
