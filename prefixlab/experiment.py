@@ -30,7 +30,7 @@ from prefixlab.config import ConfigError, RunConfig
 from prefixlab.encode import Encoder, Template
 from prefixlab.evaluate import classification_report, predictions_from_probs, tfidf_baseline
 from prefixlab.files import atomic_save_tensors, atomic_write_json, read_json
-from prefixlab.models import LoadedModel, autocast, load_model
+from prefixlab.models import LoadedModel, ModelInfo, autocast, load_model
 from prefixlab.predict import score_labels
 from prefixlab.prefix import (
     Prefix,
@@ -278,9 +278,9 @@ def full_report(
     return report
 
 
-def create_run(cfg: RunConfig, path: str | Path, prepared: PreparedData, loaded: LoadedModel,
-               *, name: str | None = None) -> RunFolder:
-    """Write config.json for a new run (data already validated)."""
+def create_run(cfg: RunConfig, path: str | Path, prepared: PreparedData,
+               loaded: LoadedModel | ModelInfo, *, name: str | None = None) -> RunFolder:
+    """Write config.json for a new run (data already validated); no weights are needed."""
     folder = RunFolder(path)
     if folder.exists():
         raise RunError(f"{folder.path} already holds a run; choose another output folder")

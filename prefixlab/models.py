@@ -155,6 +155,32 @@ def embedded_model_dir(progress: Callable[[str], None] | None = None) -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run needs to know of its base model, read from the config alone (no weights)."""
+
+    name: str
+    shape: PrefixShape
+    num_parameters: int
+
+
+def describe_model(name: str | None = None, *, trust_remote_code: bool = False,
+                   progress: Callable[[str], None] | None = None) -> ModelInfo:
+    """Shape and parameter count of a model without loading its weights (meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = name or DEFAULT_MODEL
+    source = embedded_model_dir(progress) if name == DEFAULT_MODEL else name
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not read model {name!r}: {first}") from e
+    return ModelInfo(name, PrefixShape.of(config), sum(p.numel() for p in model.parameters()))
+
+
 @dataclass
 class LoadedModel:
     """A frozen causal LM with its tokenizer, on one device."""

@@ -31,7 +31,7 @@ import psutil
 
 from prefixlab.config import RunConfig
 from prefixlab.experiment import RunError, RunFolder, create_run, execute_run, prepare_data
-from prefixlab.models import LoadedModel
+from prefixlab.models import LoadedModel, ModelInfo
 
 ACTIVE = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled", "interrupted")
@@ -135,7 +135,7 @@ class RunStore:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def create(
-        self, cfg: RunConfig, loaded: LoadedModel, name: str | None = None,
+        self, cfg: RunConfig, loaded: LoadedModel | ModelInfo, name: str | None = None,
         data_name: str | None = None,
     ) -> str:
         """Validate the data, copy it into a new run folder and register the run.

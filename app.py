@@ -1,0 +1,71 @@
+"""PrefixLab in the browser: `python app.py` serves http://127.0.0.1:7860.
+
+Binds 127.0.0.1 unless told otherwise. Listening on another interface or sharing needs
+explicit flags and then a user/password (--auth user:password or PREFIXLAB_AUTH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from prefixlab.models import DEFAULT_MODEL
+from prefixlab.ui import CSS, build_ui
+from prefixlab.workbench import Workbench
+
+MAX_UPLOAD = "50mb"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ
+    p = argparse.ArgumentParser(description="PrefixLab: prefix tuning in the browser")
+    p.add_argument("--host", default=env.get("PREFIXLAB_HOST", "127.0.0.1"),
+                   help="interface to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=int(env.get("PREFIXLAB_PORT", "7860")))
+    p.add_argument("--data-dir", default=env.get("PREFIXLAB_DATA_DIR", "prefixlab-data"),
+                   help="where runs and the registry live")
+    p.add_argument("--model", default=env.get("PREFIXLAB_MODEL", DEFAULT_MODEL),
+                   help="base model: the embedded default, a local folder or a hub id")
+    p.add_argument("--share", action="store_true",
+                   help="open a public Gradio share link (needs --auth)")
+    p.add_argument("--auth", default=env.get("PREFIXLAB_AUTH"),
+                   help="user:password, required when listening beyond this machine")
+    return p.parse_args(argv)
+
+
+def access(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The credentials to demand, or None for a local-only app; refuses an open exposure."""
+    exposed = args.share or args.host not in LOCAL_HOSTS
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit("error: --auth must look like user:password")
+        return user, password
+    if exposed:
+        where = "a public share link" if args.share else f"{args.host}"
+        raise SystemExit(f"error: listening on {where} exposes your runs and data to others; "
+                         "give --auth user:password (or PREFIXLAB_AUTH) to require a login")
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    auth = access(args)
+    workbench = Workbench(Path(args.data_dir), model=args.model)
+    demo = build_ui(workbench)
+    workbench.warm_up()  # the page is served while the model loads (or converts, once)
+    if auth:
+        print(f"PrefixLab: login required (user {auth[0]!r}); listening on {args.host}",
+              file=sys.stderr)
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+        max_file_size=MAX_UPLOAD, css=CSS, show_error=True,
+        allowed_paths=[str(workbench.exports_dir)],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Playground: label probabilities for typed texts under several prefixes side by side with
+the bare model, free generation with or without a prefix, and batch prediction of a CSV.
+Switching prefixes never reloads the base model: a prefix is only a tensor."""
+
+from __future__ import annotations
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from prefixlab.ui.common import LoadHook, guard, run_choices
+from prefixlab.workbench import Workbench
+
+NO_PREFIX = "(no prefix: the bare model)"
+
+
+def probability_figure(frame) -> go.Figure | None:
+    """For the first text: each source's probability per label."""
+    if frame is None or frame.empty:
+        return None
+    first = frame[frame["text"] == frame["text"].iloc[0]]
+    fig = go.Figure()
+    labels = [c for c in frame.columns if c.startswith("p(")]
+    for _, row in first.iterrows():
+        fig.add_trace(go.Bar(name=row["source"], x=[c[2:-1] for c in labels],
+                             y=[float(row[c]) if row[c] == row[c] else 0.0 for c in labels]))
+    fig.update_layout(barmode="group", yaxis={"range": [0, 1]}, height=320,
+                      title="Probabilities for the first text", template="plotly_white",
+                      margin={"l": 40, "r": 10, "t": 40, "b": 40})
+    return fig
+
+
+def build(workbench: Workbench) -> list[LoadHook]:
+    gr.Markdown("### Classify")
+    with gr.Row():
+        texts = gr.Textbox(label="Texts, one per line", lines=4, elem_id="play-text", scale=3)
+        with gr.Column(scale=2):
+            prefixes = gr.Dropdown(label="Prefixes (trained runs)", choices=[],
+                                   multiselect=True, elem_id="play-prefixes")
+            bare = gr.Checkbox(value=True, label="Also show the bare model (zero-shot)")
+            score = gr.Button("Score", variant="primary", elem_id="play-score")
+    results = gr.Dataframe(label="Predictions", interactive=False, wrap=True,
+                           elem_id="play-results")
+    chart = gr.Plot(elem_id="play-chart")
+
+    gr.Markdown("### Generate")
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="gen-prompt", scale=3)
+        with gr.Column(scale=2):
+            gen_prefix = gr.Dropdown(label="Prefix", choices=[NO_PREFIX], value=NO_PREFIX,
+                                     elem_id="gen-prefix")
+            max_new = gr.Slider(1, 200, step=1, value=40, label="New tokens")
+            sample = gr.Checkbox(value=False, label="Sample (otherwise greedy)")
+            temperature = gr.Slider(0.1, 2.0, step=0.1, value=0.8, label="Temperature")
+            gen = gr.Button("Generate", elem_id="gen-run")
+    output = gr.Textbox(label="Generated", lines=4, interactive=False, elem_id="gen-output")
+
+    gr.Markdown("### Batch prediction")
+    with gr.Row():
+        batch_file = gr.File(label="CSV to label", file_types=[".csv", ".tsv", ".txt"],
+                             elem_id="batch-csv")
+        batch_prefix = gr.Dropdown(label="Prefix", choices=[], elem_id="batch-prefix")
+        batch_go = gr.Button("Predict", elem_id="batch-run")
+        batch_out = gr.File(label="Predictions (CSV)", interactive=False, elem_id="batch-out")
+
+    @guard
+    def refresh_choices():
+        choices = run_choices(workbench.finished_runs())
+        return (gr.update(choices=choices), gr.update(choices=[NO_PREFIX, *choices]),
+                gr.update(choices=choices))
+
+    @guard
+    def on_score(text, ids, with_bare):
+        lines = [t.strip() for t in (text or "").splitlines() if t.strip()]
+        if not lines:
+            raise gr.Error("Type at least one text.")
+        if not ids:
+            raise gr.Error("Pick at least one trained prefix (train one in the Train tab).")
+        frame = workbench.compare(lines, list(ids), bare=with_bare)
+        return frame, probability_figure(frame)
+
+    score.click(on_score, inputs=[texts, prefixes, bare], outputs=[results, chart])
+    texts.submit(on_score, inputs=[texts, prefixes, bare], outputs=[results, chart])
+
+    @guard
+    def on_generate(text, rid, n, do_sample, temp):
+        if not (text or "").strip():
+            raise gr.Error("Type a prompt.")
+        run = None if rid in (None, "", NO_PREFIX) else rid
+        return workbench.generate(text, run, int(n), do_sample, float(temp))
+
+    gen.click(on_generate, inputs=[prompt, gen_prefix, max_new, sample, temperature],
+              outputs=output)
+
+    @guard
+    def on_batch(path, rid):
+        if not path:
+            raise gr.Error("Upload a CSV with a text column.")
+        if not rid:
+            raise gr.Error("Pick a prefix.")
+        return str(workbench.predict_csv(rid, path))
+
+    batch_go.click(on_batch, inputs=[batch_file, batch_prefix], outputs=batch_out)
+    for dd in (prefixes, gen_prefix, batch_prefix):
+        dd.focus(refresh_choices, outputs=[prefixes, gen_prefix, batch_prefix])
+    return [LoadHook(refresh_choices, [], [prefixes, gen_prefix, batch_prefix])]

@@ -1,0 +1,193 @@
+"""Train tab: presets and settings, the prefix's size, Start/Cancel, live curves and the
+final report. Training runs in a worker process; this tab polls the run folder's metrics log
+with a gr.Timer that is switched off when nothing is running."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from prefixlab import charts
+from prefixlab.experiment import RunError
+from prefixlab.runs import ACTIVE
+from prefixlab.ui.common import LoadHook, escape, guard
+from prefixlab.workbench import PRESETS, SETTING_NAMES, Workbench, run_config
+
+POLL_SECONDS = 1.5
+
+
+def progress_html(records: list[dict], state: str) -> str:
+    steps = [r for r in records if r.get("type") == "step"]
+    if not steps:
+        return f"<div>{escape(state)}…</div>"
+    s = steps[-1]
+    share = s["step"] / max(1, s["total_steps"])
+    eta = f"{s['eta_s']:.0f} s left" if state == "running" and s["eta_s"] else ""
+    return (
+        f"<div class='bar'><div class='fill' style='width:{100 * share:.1f}%'></div></div>"
+        f"<div>step {s['step']}/{s['total_steps']} · epoch {s['epoch']:.2f} · "
+        f"{s['examples_per_s']:.1f} examples/s · loss {s['loss']:.3f} · {eta}</div>"
+    )
+
+
+def report_outputs(report: dict | None):
+    """Markdown summary, per-class table, confusion heatmap and baseline bars."""
+    if not report:
+        return "", None, None, None
+    zero = report["baselines"]["zero_shot"]
+    tfidf = report["baselines"].get("tfidf")
+    lines = [
+        f"### Held-out results on {report['n']} rows",
+        "| | macro-F1 | accuracy |", "|---|---|---|",
+        f"| **prefix** | **{report['macro_f1']:.3f}** | **{report['accuracy']:.3f}** |",
+        f"| zero-shot (same model, no prefix) | {zero['macro_f1']:.3f} | {zero['accuracy']:.3f} |",
+    ]
+    if tfidf:
+        lines.append(f"| TF-IDF + logistic regression | {tfidf['macro_f1']:.3f} | "
+                     f"{tfidf['accuracy']:.3f} |")
+    per_class = pd.DataFrame([
+        {"label": k, "precision": round(v["precision"], 3), "recall": round(v["recall"], 3),
+         "f1": round(v["f1"], 3), "support": v["support"]}
+        for k, v in report["per_class"].items()
+    ])
+    return ("\n".join(lines), per_class, charts.confusion_heatmap(report),
+            charts.baseline_bars(report))
+
+
+def build(workbench: Workbench, dataset: gr.State) -> list[LoadHook]:
+    quick = PRESETS["Quick look"]
+    with gr.Row():
+        preset = gr.Radio(list(PRESETS), value="Quick look", label="Preset", elem_id="preset",
+                          info="Quick look: a few minutes on a laptop CPU. Paper-like: the "
+                               "MLP reparameterization, 5 epochs, all rows.")
+        name = gr.Textbox(label="Run name (optional)", elem_id="run-name", max_lines=1)
+    with gr.Accordion("Settings", open=False):
+        with gr.Row():
+            prefix_length = gr.Slider(1, 64, step=1, value=quick["prefix_length"],
+                                      label="Prefix length (virtual tokens)")
+            init = gr.Radio(["text", "random", "zero"], value=quick["init"],
+                            label="Initialization",
+                            info="text: key/values of a task description with the labels")
+            reparameterize = gr.Checkbox(value=quick["reparameterize"],
+                                         label="Reparameterize (embedding → MLP)")
+        with gr.Row():
+            learning_rate = gr.Number(value=quick["learning_rate"], label="Learning rate",
+                                      minimum=1e-6, maximum=1.0)
+            epochs = gr.Slider(1, 20, step=1, value=quick["epochs"], label="Epochs")
+            batch_size = gr.Slider(1, 64, step=1, value=quick["batch_size"], label="Batch size")
+            max_length = gr.Slider(32, 512, step=8, value=quick["max_length"],
+                                   label="Max tokens per example")
+        with gr.Row():
+            validation_share = gr.Slider(0.05, 0.5, step=0.05, value=quick["validation_share"],
+                                         label="Validation share")
+            seed = gr.Number(value=quick["seed"], label="Seed", precision=0)
+            max_train = gr.Number(value=quick["max_train_examples"], precision=0, minimum=0,
+                                  label="Training rows (0 = all)")
+            max_eval = gr.Number(value=quick["max_eval_examples"], precision=0, minimum=0,
+                                 label="Validation rows scored (0 = all)")
+        task = gr.Textbox(label="Task description (optional, starts the prefix)", max_lines=1,
+                          placeholder="e.g. Is this tweet hateful, offensive or neither")
+    settings = [prefix_length, init, reparameterize, learning_rate, epochs, batch_size,
+                max_length, validation_share, seed, max_train, max_eval]
+    size = gr.Markdown(elem_id="prefix-size")
+    with gr.Row():
+        start = gr.Button("Start training", variant="primary", elem_id="start")
+        cancel = gr.Button("Cancel", elem_id="cancel")
+    status = gr.Markdown(elem_id="train-status")
+    progress = gr.HTML(elem_id="progress")
+    with gr.Row():
+        loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
+        eval_plot = gr.Plot(label="Validation", elem_id="eval-plot")
+    report_md = gr.Markdown(elem_id="report")
+    with gr.Row():
+        per_class = gr.Dataframe(label="Per class", interactive=False, elem_id="per-class")
+        confusion = gr.Plot(label="Confusion matrix", elem_id="confusion")
+        baselines = gr.Plot(label="Prefix vs baselines", elem_id="baselines")
+
+    run_id = gr.State(None)
+    offset = gr.State(0)
+    records = gr.State([])
+    timer = gr.Timer(POLL_SECONDS, active=False)
+
+    def as_settings(*values) -> dict:
+        return dict(zip(SETTING_NAMES, values, strict=True))
+
+    def apply_preset(choice: str):
+        p = PRESETS[choice]
+        return [p[k] for k in SETTING_NAMES]
+
+    preset.change(apply_preset, inputs=preset, outputs=settings)
+
+    @guard
+    def show_size(*values):
+        try:
+            s = workbench.prefix_size(as_settings(*values))
+        except (RunError, ValueError, OSError) as e:
+            return f"Prefix size unavailable: {escape(e)}"
+        return (f"**{s['trainable']:,} trainable parameters** = {s['share']:.4%} of the "
+                f"model's {s['model_parameters']:,}; the saved prefix is "
+                f"{s['file_bytes'] / 1024:,.0f} KB.")
+
+    for comp in (prefix_length, reparameterize):
+        comp.change(show_size, inputs=settings, outputs=size)
+
+    poll_outputs = [run_id, offset, records, status, progress, loss_plot, eval_plot, report_md,
+                    per_class, confusion, baselines, timer]
+
+    def render(rid, off, recs):
+        """Read what is new in the run's log; switch the timer off once the run is over."""
+        if not rid:
+            return [None, 0, [], "", "", None, None, "", None, None, None,
+                    gr.Timer(active=False)]
+        new, off = workbench.metrics(rid, off)
+        recs = recs + new
+        row = workbench.store.get(rid)
+        state = row.state
+        text = f"**{escape(row.name)}**: {state}"
+        if row.error:
+            text += f" — {escape(row.error)}"
+        if state == "queued":
+            text += " (waiting for the device: another run is training)"
+        done = state not in ACTIVE
+        report = workbench.report(rid) if state == "completed" else None
+        return [rid, off, recs, text, progress_html(recs, state),
+                charts.loss_curves(recs), charts.eval_curves(recs),
+                *report_outputs(report), gr.Timer(active=not done)]
+
+    @guard
+    def on_start(state, run_name, task_text, *values):
+        if not state:
+            raise gr.Error("Choose a CSV in the Data tab first (or the bundled example).")
+        cfg = run_config(state["path"], state.get("text"), state.get("label"),
+                         as_settings(*values), model=workbench.default_model, task=task_text)
+        rid = workbench.start_run(cfg, name=run_name or None, data_name=state["name"])
+        workbench.store.refresh()
+        return render(rid, 0, [])
+
+    start.click(on_start, inputs=[dataset, name, task, *settings], outputs=poll_outputs)
+
+    @guard
+    def on_tick(rid, off, recs):
+        workbench.store.refresh()
+        return render(rid, off, recs)
+
+    timer.tick(on_tick, inputs=[run_id, offset, records], outputs=poll_outputs)
+
+    @guard
+    def on_cancel(rid):
+        if not rid:
+            raise gr.Error("No run is open.")
+        workbench.store.cancel(rid)
+        return "Cancelling after the current step; the last checkpoint is kept."
+
+    cancel.click(on_cancel, inputs=run_id, outputs=status)
+
+    def reattach():
+        """A reopened page follows the run still training (or the newest one)."""
+        rows = workbench.runs()
+        active = [r for r in rows if r.state in ACTIVE]
+        if not active:
+            return render(None, 0, [])
+        return render(active[0].id, 0, [])
+
+    return [LoadHook(guard(reattach), [], poll_outputs), LoadHook(show_size, settings, [size])]

@@ -1,0 +1,310 @@
+"""What the app does, without the app: data preview, presets, starting and following runs,
+scoring with several prefixes, generation, batch prediction and downloads.
+
+One `Workbench` per app process. It holds the run store and a cache of loaded base models:
+switching prefixes never reloads a model, because a prefix is only a tensor. Per-browser
+state (which run is open, how much of its log was read) stays in the UI's session state.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from prefixlab import data as datamod
+from prefixlab.config import RunConfig
+from prefixlab.experiment import Run, RunError, RunFolder, open_run
+from prefixlab.models import DEFAULT_MODEL, LoadedModel, ModelInfo, describe_model, load_model
+from prefixlab.prefix import Prefix, PrefixConfig
+from prefixlab.runs import RunRow, RunStore
+from prefixlab.train import TrainConfig
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EXAMPLE_CSV = ASSETS / "example_feedback.csv"
+
+# Presets fill every training setting; "Quick look" finishes in a few minutes on a laptop CPU.
+PRESETS: dict[str, dict] = {
+    "Quick look": {
+        "prefix_length": 8, "init": "text", "reparameterize": False, "learning_rate": 5e-3,
+        "epochs": 1, "batch_size": 8, "max_length": 96, "validation_share": 0.2, "seed": 0,
+        "max_train_examples": 200, "max_eval_examples": 100,
+    },
+    "Balanced": {
+        "prefix_length": 10, "init": "text", "reparameterize": False, "learning_rate": 5e-3,
+        "epochs": 2, "batch_size": 8, "max_length": 128, "validation_share": 0.2, "seed": 0,
+        "max_train_examples": 1000, "max_eval_examples": 300,
+    },
+    "Paper-like": {
+        "prefix_length": 10, "init": "text", "reparameterize": True, "learning_rate": 1e-3,
+        "epochs": 5, "batch_size": 8, "max_length": 128, "validation_share": 0.2, "seed": 0,
+        "max_train_examples": 0, "max_eval_examples": 500,
+    },
+}
+SETTING_NAMES = tuple(PRESETS["Quick look"])
+
+
+@dataclass
+class CsvPreview:
+    frame: pd.DataFrame  # the first rows, as text
+    columns: list[str]
+    text_column: str | None
+    label_column: str | None
+    rows: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def run_config(csv_path: str, text_column: str | None, label_column: str | None,
+               settings: dict, model: str = DEFAULT_MODEL, task: str | None = None) -> RunConfig:
+    """A RunConfig from the app's flat settings (a preset, possibly edited)."""
+    s = {**PRESETS["Quick look"], **settings}
+    return RunConfig(
+        train_csv=csv_path, text_column=text_column or None, label_column=label_column or None,
+        validation_share=float(s["validation_share"]),
+        max_train_examples=int(s["max_train_examples"]) or None,
+        max_eval_examples=int(s["max_eval_examples"]) or None,
+        model=model or DEFAULT_MODEL, max_length=int(s["max_length"]), task=task or None,
+        prefix=PrefixConfig(prefix_length=int(s["prefix_length"]), init=s["init"],
+                            reparameterize=bool(s["reparameterize"])),
+        training=TrainConfig(learning_rate=float(s["learning_rate"]), epochs=int(s["epochs"]),
+                             batch_size=int(s["batch_size"]), seed=int(s["seed"])),
+    )
+
+
+class Workbench:
+    """The app's services over one data directory."""
+
+    def __init__(self, data_dir: str | Path, model: str = DEFAULT_MODEL) -> None:
+        self.store = RunStore(data_dir)
+        self.default_model = model
+        self.exports_dir = self.store.data_dir / "exports"
+        self._models: dict[str, LoadedModel] = {}
+        self._infos: dict[str, ModelInfo] = {}
+        self._runs: dict[str, tuple[float, Run]] = {}
+        self._lock = threading.RLock()
+        self.model_status = "not loaded"
+
+    # --- models ------------------------------------------------------------------------------
+
+    def model(self, name: str | None = None) -> LoadedModel:
+        """A loaded base model, once per process (a lock keeps two tabs from loading twice)."""
+        name = name or self.default_model
+        with self._lock:
+            if name not in self._models:
+                self.model_status = f"loading {name}"
+                self._models[name] = load_model(name, progress=self._progress)
+                self.model_status = f"{name} ready on {self._models[name].device}"
+            return self._models[name]
+
+    def _progress(self, message: str) -> None:
+        self.model_status = message
+
+    def warm_up(self) -> threading.Thread:
+        """Load the default model in the background so the page is served at once."""
+        thread = threading.Thread(target=self._warm, daemon=True, name="model-warm-up")
+        thread.start()
+        return thread
+
+    def _warm(self) -> None:
+        try:
+            self.model()
+        except Exception as e:  # shown in the app's status line; the app keeps serving
+            self.model_status = f"could not load {self.default_model}: {e}"
+
+    def model_info(self, name: str | None = None) -> ModelInfo:
+        name = name or self.default_model
+        with self._lock:
+            if name in self._models:
+                m = self._models[name]
+                return ModelInfo(m.name, m.shape, m.num_parameters)
+            if name not in self._infos:
+                self._infos[name] = describe_model(name, progress=self._progress)
+            return self._infos[name]
+
+    def prefix_size(self, settings: dict, model: str | None = None) -> dict:
+        """Trainable parameters, their share of the model, and the prefix file size."""
+        s = {**PRESETS["Quick look"], **settings}
+        info = self.model_info(model)
+        cfg = PrefixConfig(prefix_length=int(s["prefix_length"]),
+                           reparameterize=bool(s["reparameterize"]))
+        with torch.device("meta"):
+            trainable = Prefix(info.shape, cfg).trainable_parameters()
+        folded = info.shape.params(cfg.prefix_length)
+        return {"trainable": trainable, "share": trainable / info.num_parameters,
+                "model_parameters": info.num_parameters, "file_bytes": folded * 4}
+
+    # --- data --------------------------------------------------------------------------------
+
+    def preview_csv(self, path: str | Path, rows: int = 20) -> CsvPreview:
+        table = datamod.read_table(path)
+        frame = table.frame
+        text, label = datamod.guess_columns(list(frame.columns), frame)
+        return CsvPreview(frame.head(rows).fillna(""), list(frame.columns), text, label,
+                          len(frame), list(table.warnings))
+
+    def check_columns(self, path: str | Path, text: str | None,
+                      label: str | None) -> datamod.LabeledData:
+        return datamod.load_labeled_csv(path, text, label)
+
+    # --- runs --------------------------------------------------------------------------------
+
+    def start_run(self, cfg: RunConfig, name: str | None = None,
+                  data_name: str | None = None) -> str:
+        """Validate, register and start a run; returns at once with the run id."""
+        info = self.model_info(cfg.model)
+        run_id = self.store.create(cfg, info, name=name, data_name=data_name)
+        self.store.start(run_id)
+        return run_id
+
+    def runs(self) -> list[RunRow]:
+        return self.store.refresh()
+
+    def runs_table(self) -> pd.DataFrame:
+        rows = []
+        for r in self.runs():
+            folder = self.store.folder(r.id)
+            prefix_kb = folder.prefix_path.stat().st_size / 1024 if folder.prefix_path.is_file() \
+                else None
+            try:
+                model_params = folder.read_config()["model"]["parameters"]
+            except (RunError, ValueError, KeyError):
+                model_params = None
+            rows.append({
+                "name": r.name, "status": r.state,
+                "progress": f"{r.step}/{r.total_steps}" if r.total_steps else "",
+                "data": r.data_name, "base model": r.model,
+                "macro-F1": None if r.macro_f1 is None else round(r.macro_f1, 3),
+                "accuracy": None if r.accuracy is None else round(r.accuracy, 3),
+                "prefix size": "" if prefix_kb is None else f"{prefix_kb:,.0f} KB",
+                "model size": "" if model_params is None else f"{model_params * 4 / 2**20:,.0f} MB",
+                "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)),
+                "id": r.id,
+            })
+        columns = ["name", "status", "progress", "data", "base model", "macro-F1", "accuracy",
+                   "prefix size", "model size", "created", "id"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def finished_runs(self) -> list[RunRow]:
+        return [r for r in self.runs() if self.store.folder(r.id).prefix_path.is_file()]
+
+    def metrics(self, run_id: str, offset: int = 0) -> tuple[list[dict], int]:
+        return self.store.folder(run_id).read_metrics(offset)
+
+    def report(self, run_id: str) -> dict | None:
+        return self.store.folder(run_id).read_report()
+
+    def open(self, run_id: str) -> Run:
+        """A run ready to score; cached until its prefix file changes."""
+        folder = self.store.folder(run_id)
+        mtime = folder.prefix_path.stat().st_mtime if folder.prefix_path.is_file() else 0.0
+        with self._lock:
+            cached = self._runs.get(run_id)
+            if cached and cached[0] == mtime:
+                return cached[1]
+            cfg = folder.run_config()
+            run = open_run(folder.path, self.model(cfg.model))
+            self._runs[run_id] = (mtime, run)
+            return run
+
+    # --- playground --------------------------------------------------------------------------
+
+    def compare(self, texts: list[str], run_ids: list[str], bare: bool = True) -> pd.DataFrame:
+        """One row per text and source (each prefix, and the bare model on each run's prompt):
+        the predicted label and every label's probability."""
+        rows = []
+        for run_id in run_ids:
+            run = self.open(run_id)
+            name = self.store.get(run_id).name
+            sources = [(f"prefix: {name}", True)]
+            if bare:
+                sources.append((f"bare model, {name}'s prompt", False))
+            for source, with_prefix in sources:
+                probs = run.score(texts, with_prefix=with_prefix)
+                for text, p in zip(texts, probs, strict=True):
+                    rows.append({"text": text, "source": source,
+                                 "predicted": run.labels[int(np.argmax(p))],
+                                 **{f"p({lab})": round(float(v), 4)
+                                    for lab, v in zip(run.labels, p, strict=True)}})
+        return pd.DataFrame(rows)
+
+    def generate(self, prompt: str, run_id: str | None, max_new_tokens: int = 40,
+                 do_sample: bool = False, temperature: float = 1.0) -> str:
+        from prefixlab.predict import generate
+
+        if run_id:
+            run = self.open(run_id)
+            loaded, kv = run.loaded, run.kv
+        else:
+            loaded, kv = self.model(), None
+        return generate(loaded.model, loaded.tokenizer, kv, [prompt], max_new_tokens,
+                        do_sample=do_sample, temperature=temperature)[0]
+
+    def predict_csv(self, run_id: str, path: str | Path, text_column: str | None = None) -> Path:
+        """Score a CSV and write it back with predictions; every cell neutralized."""
+        run = self.open(run_id)
+        table = datamod.read_table(path)
+        frame = table.frame
+        column = text_column or run.config.text_column
+        if column not in frame.columns:
+            column = datamod.guess_columns(list(frame.columns), frame)[0]
+        if column is None or column not in frame.columns:
+            raise datamod.DataError(
+                f"no text column found; columns: {', '.join(map(str, frame.columns))}"
+            )
+        texts = frame[column].fillna("").astype(str).tolist()
+        probs = run.score(texts)
+        out = frame.copy()
+        out["predicted_label"] = [run.labels[i] for i in probs.argmax(1)]
+        for j, label in enumerate(run.labels):
+            out[f"p_{label}"] = probs[:, j].round(6)
+        target = self.exports_dir / f"{run_id}-predictions-{int(time.time())}.csv"
+        datamod.write_csv(out, target)
+        return target
+
+    def download(self, run_id: str, kind: str) -> Path:
+        """A zip of the run's prefix + config ("prefix") or its PEFT adapter ("peft")."""
+        from prefixlab.peft_interop import export_peft
+        from prefixlab.prefix import load_prefix
+
+        folder = self.store.folder(run_id)
+        info = folder.read_config()
+        self.exports_dir.mkdir(parents=True, exist_ok=True)
+        target = self.exports_dir / f"{run_id}-{kind}.zip"
+        staging = self.exports_dir / f".{run_id}-{kind}"
+        shutil.rmtree(staging, ignore_errors=True)
+        if kind == "peft":
+            loaded = self.model(info["run"]["model"])
+            kv = load_prefix(folder.prefix_path, loaded.shape).kv
+            export_peft(kv, loaded.model.config, staging, _model_source(loaded.name))
+        elif kind == "prefix":
+            staging.mkdir(parents=True)
+            for name in ("prefix.safetensors", "prefix_params.safetensors", "config.json",
+                         "report.json", "metrics.jsonl"):
+                if (folder.path / name).is_file():
+                    shutil.copy2(folder.path / name, staging / name)
+        else:
+            raise ValueError(f"unknown download kind {kind!r}")
+        tmp = target.with_suffix(".zip.tmp")
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in sorted(staging.rglob("*")):
+                if f.is_file():
+                    z.write(f, f.relative_to(staging))
+        tmp.replace(target)
+        shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def folder(self, run_id: str) -> RunFolder:
+        return self.store.folder(run_id)
+
+
+def _model_source(name: str) -> str:
+    from prefixlab.models import embedded_model_dir
+
+    return str(embedded_model_dir()) if name == DEFAULT_MODEL else name
