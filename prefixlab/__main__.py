@@ -179,9 +179,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import pandas as pd
-
-    from prefixlab.experiment import open_run
+    from prefixlab.experiment import open_run, predict_table
     from prefixlab.predict import generate
 
     if not args.text and not args.csv:
@@ -202,19 +200,7 @@ def cmd_predict(args) -> int:
     if args.csv:
         if not args.output:
             raise datamod.DataError("--csv needs --output OUT.csv")
-        table = datamod.read_table(args.csv)
-        column = args.text_column or run.config.text_column or datamod.guess_columns(
-            list(table.frame.columns), table.frame)[0]
-        if column not in table.frame.columns:
-            raise datamod.DataError(
-                f"{args.csv} has no column {column!r}; columns: {', '.join(table.frame.columns)}"
-            )
-        texts = table.frame[column].fillna("").astype(str).tolist()
-        probs = run.score(texts)
-        frame: pd.DataFrame = table.frame.copy()
-        frame["predicted_label"] = [run.labels[i] for i in probs.argmax(1)]
-        for j, label in enumerate(run.labels):
-            frame[f"p_{label}"] = probs[:, j].round(6)
+        frame = predict_table(run, args.csv, args.text_column)
         datamod.write_csv(frame, args.output)
         _say(f"wrote {len(frame)} predictions to {args.output}")
     return 0
@@ -222,7 +208,7 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from prefixlab.experiment import RunFolder
-    from prefixlab.models import PrefixShape
+    from prefixlab.models import PrefixShape, model_source
     from prefixlab.peft_interop import export_peft
     from prefixlab.prefix import load_prefix
 
@@ -235,8 +221,7 @@ def cmd_export(args) -> int:
         from prefixlab.models import load_model
 
         config = load_model(info["run"]["model"], "cpu").model.config
-        source = _model_source(info["run"]["model"])
-        export_peft(kv, config, args.output, source)
+        export_peft(kv, config, args.output, model_source(info["run"]["model"]))
     else:
         import shutil
 
@@ -245,13 +230,6 @@ def cmd_export(args) -> int:
         shutil.copy2(folder.config_path, Path(args.output) / "config.json")
     print(f"exported {args.format} prefix to {args.output}")
     return 0
-
-
-def _model_source(name: str) -> str:
-    """The folder or hub id a PEFT user passes to from_pretrained for this base model."""
-    from prefixlab.models import DEFAULT_MODEL, embedded_model_dir
-
-    return str(embedded_model_dir()) if name == DEFAULT_MODEL else name
 
 
 def cmd_worker(args) -> int:

@@ -218,6 +218,26 @@ class Run:
                             texts)
 
 
+def predict_table(run: Run, path: str | Path, text_column: str | None = None):
+    """A CSV's rows with the predicted label and every label's probability appended."""
+    table = datamod.read_table(path)
+    frame = table.frame
+    column = text_column or run.config.text_column
+    if column not in frame.columns:
+        column = text_column or datamod.guess_columns(list(frame.columns), frame)[0]
+    if column is None or column not in frame.columns:
+        raise datamod.DataError(
+            f"{Path(path).name} has no text column {column or ''!r}; "
+            f"columns: {', '.join(map(str, frame.columns))}"
+        )
+    probs = run.score(frame[column].fillna("").astype(str).tolist())
+    out = frame.copy()
+    out["predicted_label"] = [run.labels[i] for i in probs.argmax(1)]
+    for j, label in enumerate(run.labels):
+        out[f"p_{label}"] = probs[:, j].round(6)
+    return out
+
+
 def open_run(path: str | Path, loaded: LoadedModel | None = None) -> Run:
     """Open a finished (or checkpointed) run; the base model is loaded unless given."""
     folder = RunFolder(path)

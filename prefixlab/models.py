@@ -155,6 +155,11 @@ def embedded_model_dir(progress: Callable[[str], None] | None = None) -> Path:
     return target
 
 
+def model_source(name: str) -> str:
+    """The folder or hub id to hand to from_pretrained (e.g. in a PEFT adapter's config)."""
+    return str(embedded_model_dir()) if name == DEFAULT_MODEL else name
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a run needs to know of its base model, read from the config alone (no weights)."""

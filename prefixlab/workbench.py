@@ -21,8 +21,15 @@ import torch
 
 from prefixlab import data as datamod
 from prefixlab.config import RunConfig
-from prefixlab.experiment import Run, RunError, RunFolder, open_run
-from prefixlab.models import DEFAULT_MODEL, LoadedModel, ModelInfo, describe_model, load_model
+from prefixlab.experiment import Run, RunError, RunFolder, open_run, predict_table
+from prefixlab.models import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    ModelInfo,
+    describe_model,
+    load_model,
+    model_source,
+)
 from prefixlab.prefix import Prefix, PrefixConfig
 from prefixlab.runs import RunRow, RunStore
 from prefixlab.train import TrainConfig
@@ -248,22 +255,7 @@ class Workbench:
 
     def predict_csv(self, run_id: str, path: str | Path, text_column: str | None = None) -> Path:
         """Score a CSV and write it back with predictions; every cell neutralized."""
-        run = self.open(run_id)
-        table = datamod.read_table(path)
-        frame = table.frame
-        column = text_column or run.config.text_column
-        if column not in frame.columns:
-            column = datamod.guess_columns(list(frame.columns), frame)[0]
-        if column is None or column not in frame.columns:
-            raise datamod.DataError(
-                f"no text column found; columns: {', '.join(map(str, frame.columns))}"
-            )
-        texts = frame[column].fillna("").astype(str).tolist()
-        probs = run.score(texts)
-        out = frame.copy()
-        out["predicted_label"] = [run.labels[i] for i in probs.argmax(1)]
-        for j, label in enumerate(run.labels):
-            out[f"p_{label}"] = probs[:, j].round(6)
+        out = predict_table(self.open(run_id), path, text_column)
         target = self.exports_dir / f"{run_id}-predictions-{int(time.time())}.csv"
         datamod.write_csv(out, target)
         return target
@@ -282,7 +274,7 @@ class Workbench:
         if kind == "peft":
             loaded = self.model(info["run"]["model"])
             kv = load_prefix(folder.prefix_path, loaded.shape).kv
-            export_peft(kv, loaded.model.config, staging, _model_source(loaded.name))
+            export_peft(kv, loaded.model.config, staging, model_source(loaded.name))
         elif kind == "prefix":
             staging.mkdir(parents=True)
             for name in ("prefix.safetensors", "prefix_params.safetensors", "config.json",
@@ -302,9 +294,3 @@ class Workbench:
 
     def folder(self, run_id: str) -> RunFolder:
         return self.store.folder(run_id)
-
-
-def _model_source(name: str) -> str:
-    from prefixlab.models import embedded_model_dir
-
-    return str(embedded_model_dir()) if name == DEFAULT_MODEL else name
