@@ -226,7 +226,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # transformers raises many types (OSError, SafetensorError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
             f"could not load model {name!r}: {first}. Name a local model folder, a hub id "
