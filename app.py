@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from prefixlab.experiment import RunError
 from prefixlab.models import DEFAULT_MODEL
 from prefixlab.ui import CSS, build_ui
 from prefixlab.workbench import Workbench
@@ -54,7 +55,10 @@ def access(args: argparse.Namespace) -> tuple[str, str] | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     auth = access(args)
-    workbench = Workbench(Path(args.data_dir), model=args.model)
+    try:
+        workbench = Workbench(Path(args.data_dir), model=args.model)
+    except RunError as e:
+        raise SystemExit(f"error: {e}") from None
     demo = build_ui(workbench)
     workbench.warm_up()  # the page is served while the model loads (or converts, once)
     if auth:
