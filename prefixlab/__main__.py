@@ -232,6 +232,44 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_import_peft(args) -> int:
+    """A run folder from a PEFT prefix-tuning adapter, ready for predict and evaluate."""
+    import time
+
+    from prefixlab.config import RunConfig
+    from prefixlab.encode import DEFAULT_TEMPLATE
+    from prefixlab.experiment import RunFolder
+    from prefixlab.models import load_model
+    from prefixlab.peft_interop import import_peft
+    from prefixlab.prefix import PrefixConfig, save_prefix
+
+    labels = sorted({x.strip() for x in args.labels.split(",") if x.strip()})
+    if len(labels) < 2:
+        raise datamod.DataError("--labels needs at least two comma-separated labels")
+    folder = RunFolder(args.output)
+    if folder.path.exists() and any(folder.path.iterdir()):
+        raise FileExistsError(f"{folder.path} already exists and is not empty")
+    loaded = load_model(args.model, "cpu", progress=_say)
+    kv = import_peft(args.adapter, loaded.model.config)
+    cfg = RunConfig(train_csv="", model=args.model, template=args.template or DEFAULT_TEMPLATE,
+                    prefix=PrefixConfig(prefix_length=kv.shape[3]))
+    folder.path.mkdir(parents=True, exist_ok=True)
+    shape = loaded.shape
+    folder.write_config({
+        "format": "prefixlab-run/1", "name": folder.path.name, "created": time.time(),
+        "run": cfg.to_dict(), "labels": labels, "imported_from": str(args.adapter),
+        "data": {}, "model": {"name": loaded.name, "parameters": loaded.num_parameters,
+                              "num_layers": shape.num_layers,
+                              "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim},
+        "prefix": {"trainable_parameters": kv.numel(), "inference_parameters": kv.numel(),
+                   "share_of_model": kv.numel() / loaded.num_parameters},
+    })
+    save_prefix(folder.prefix_path, kv, loaded.name, imported_from=str(args.adapter))
+    folder.set_status("completed")
+    print(f"imported a {kv.shape[3]}-token PEFT prefix into {folder.path}")
+    return 0
+
+
 def cmd_worker(args) -> int:
     from prefixlab.runs import run_worker
 
@@ -284,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a run from its last checkpoint")
     p.add_argument("run")
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("import-peft", help="make a run folder from a PEFT prefix adapter")
+    p.add_argument("adapter", help="folder with adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--output", required=True, help="run folder to create")
+    p.add_argument("--labels", required=True, help="comma-separated label names to score")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the adapter's base model")
+    p.add_argument("--template", help="prompt with {text} and optionally {labels}")
+    p.set_defaults(func=cmd_import_peft)
 
     p = sub.add_parser("worker", help="train a registered run (started by the app)")
     p.add_argument("run")

@@ -81,6 +81,15 @@ def test_train_evaluate_predict_export(tmp_path, csv_file, model_dir, capsys):
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
+    # ... and back: the imported prefix predicts exactly what the run's own prefix does.
+    assert main(["import-peft", str(tmp_path / "adapter"), "--output", str(tmp_path / "imp"),
+                 "--labels", "positive,negative,neither", "--model", str(model_dir)]) == 0
+    capsys.readouterr()
+    for folder in (run, tmp_path / "imp"):
+        assert main(["predict", str(folder), "--text", "the movie was great"]) == 0
+    own, imported = (json.loads(x) for x in capsys.readouterr().out.splitlines())
+    assert own["probabilities"] == pytest.approx(imported["probabilities"], abs=1e-5)
+
 
 def test_max_steps_zero_saves_the_initialized_prefix(tmp_path, csv_file, model_dir):
     from safetensors.torch import load_file
