@@ -19,12 +19,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from prefixlab.config import ConfigError
     from prefixlab.encode import TemplateError
     from prefixlab.experiment import RunError
+    from prefixlab.interpret import InterpretError
     from prefixlab.models import ModelLoadError
     from prefixlab.peft_interop import PeftFormatError
     from prefixlab.prefix import PrefixFileError
 
     return (datamod.DataError, ConfigError, TemplateError, RunError, ModelLoadError,
-            PrefixFileError, PeftFormatError, FileExistsError, FileNotFoundError,
+            PrefixFileError, PeftFormatError, InterpretError, FileExistsError, FileNotFoundError,
             PermissionError)
 
 
@@ -270,6 +271,20 @@ def cmd_import_peft(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from prefixlab.experiment import RunFolder
+    from prefixlab.interpret import inspect_run
+    from prefixlab.models import load_model
+
+    cfg = RunFolder(args.run).run_config()
+    loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
+                        progress=_say)
+    out = inspect_run(args.run, args.output, loaded, args.top_k, texts=args.text or None,
+                      bank_size=args.bank_size, progress=_say)
+    print(f"wrote nearest_tokens.json, pca.json and inspection.html to {out}")
+    return 0
+
+
 def cmd_worker(args) -> int:
     from prefixlab.runs import run_worker
 
@@ -330,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="the adapter's base model")
     p.add_argument("--template", help="prompt with {text} and optionally {labels}")
     p.set_defaults(func=cmd_import_peft)
+
+    p = sub.add_parser("inspect", help="nearest tokens, PCA maps and an HTML page of a prefix")
+    p.add_argument("run")
+    p.add_argument("--output", required=True, help="folder for the JSON files and HTML page")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--bank-size", type=int, default=2000,
+                   help="reference tokens per layer (frequent tokens + label words)")
+    p.add_argument("--text", action="append", default=[],
+                   help="an input for the attention view (repeatable)")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("worker", help="train a registered run (started by the app)")
     p.add_argument("run")

@@ -56,6 +56,7 @@ PRESETS: dict[str, dict] = {
     },
 }
 SETTING_NAMES = tuple(PRESETS["Quick look"])
+REFRESH_INTERVAL_S = 0.5  # how stale a polled run list may be (the Train tab polls every 1.5 s)
 
 
 @dataclass
@@ -66,6 +67,18 @@ class CsvPreview:
     label_column: str | None
     rows: int
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Inspection:
+    """What the Inspect tab shows for one run (interpret.py's results)."""
+
+    run: Run
+    bank: object  # interpret.ReferenceBank
+    nearest: object  # interpret.NearestTokens
+    readout: object  # interpret.ValueReadout
+    movement: object | None  # interpret.Movement, when snapshots exist
+    initial_kv: torch.Tensor | None  # the first snapshot: the prefix before training
 
 
 def run_config(csv_path: str, text_column: str | None, label_column: str | None,
@@ -95,7 +108,11 @@ class Workbench:
         self._models: dict[str, LoadedModel] = {}
         self._infos: dict[str, ModelInfo] = {}
         self._runs: dict[str, tuple[float, Run]] = {}
+        self._inspections: dict[tuple[str, float], Inspection] = {}
+        self._banks: dict[str, object] = {}
         self._lock = threading.RLock()
+        self._refresh_lock = threading.Lock()  # not _lock: a poll never waits for a model load
+        self._refreshed = -REFRESH_INTERVAL_S
         self.model_status = "not loaded"
 
     # --- models ------------------------------------------------------------------------------
@@ -171,7 +188,17 @@ class Workbench:
         return run_id
 
     def runs(self) -> list[RunRow]:
-        return self.store.refresh()
+        """Every run, newest first, with the workers' progress folded in.
+
+        A refresh commits to the registry (an fsync: ~20 ms on a busy disk), so concurrent
+        pollers share one refresh per REFRESH_INTERVAL_S instead of queueing on SQLite's
+        write lock; they read the registry in between.
+        """
+        with self._refresh_lock:
+            if time.monotonic() - self._refreshed >= REFRESH_INTERVAL_S:
+                self._refreshed = time.monotonic()
+                return self.store.refresh()
+        return self.store.list()
 
     def runs_table(self) -> pd.DataFrame:
         rows = []
@@ -291,6 +318,38 @@ class Workbench:
         tmp.replace(target)
         shutil.rmtree(staging, ignore_errors=True)
         return target
+
+    # --- inspection --------------------------------------------------------------------------
+
+    def inspection(self, run_id: str, top_k: int = 10) -> Inspection:
+        """Nearest tokens, value readout and movement of a run's prefix; cached per prefix
+        file. The reference bank is computed once per base model and kept on disk."""
+        from prefixlab import interpret
+
+        run = self.open(run_id)
+        mtime = run.folder.prefix_path.stat().st_mtime
+        key = (run_id, mtime)
+        with self._lock:
+            if key in self._inspections:
+                return self._inspections[key]
+            bank = self.bank(run)
+            nearest = interpret.nearest_tokens(run.loaded, run.kv, bank, top_k)
+            readout = interpret.value_readout(run.loaded, run.kv, top_k)
+            snapshots = interpret.load_snapshots(run.folder.path)
+            movement = interpret.prefix_movement(snapshots) if len(snapshots) > 1 else None
+            result = Inspection(run, bank, nearest, readout, movement,
+                                snapshots[0][1] if snapshots else None)
+            self._inspections[key] = result
+            return result
+
+    def bank(self, run: Run):
+        from prefixlab import interpret
+
+        name = run.loaded.name
+        if name not in self._banks:
+            label_ids = interpret.label_token_ids(run.loaded.tokenizer, run.labels)
+            self._banks[name] = interpret.reference_bank(run.loaded, extra_ids=label_ids)
+        return self._banks[name]
 
     def folder(self, run_id: str) -> RunFolder:
         return self.store.folder(run_id)

@@ -81,6 +81,11 @@ def test_train_evaluate_predict_export(tmp_path, csv_file, model_dir, capsys):
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
+    assert main(["inspect", str(run), "--output", str(tmp_path / "insp"), "--bank-size",
+                 "100", "--text", "the movie"]) == 0
+    for name in ("nearest_tokens.json", "pca.json", "inspection.html"):
+        assert (tmp_path / "insp" / name).is_file(), name
+
     # ... and back: the imported prefix predicts exactly what the run's own prefix does.
     assert main(["import-peft", str(tmp_path / "adapter"), "--output", str(tmp_path / "imp"),
                  "--labels", "positive,negative,neither", "--model", str(model_dir)]) == 0

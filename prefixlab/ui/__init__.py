@@ -14,7 +14,7 @@ CSS = """
 
 
 def build_ui(workbench: Workbench) -> gr.Blocks:
-    from prefixlab.ui import data_tab, playground_tab, runs_tab, train_tab
+    from prefixlab.ui import data_tab, inspect_tab, playground_tab, runs_tab, train_tab
 
     hooks = []
     with gr.Blocks(title="PrefixLab") as demo:
@@ -31,6 +31,8 @@ def build_ui(workbench: Workbench) -> gr.Blocks:
                 hooks += runs_tab.build(workbench)
             with gr.Tab("Playground", id="playground"):
                 hooks += playground_tab.build(workbench)
+            with gr.Tab("Inspect", id="inspect"):
+                hooks += inspect_tab.build(workbench)
         demo.load(lambda: f"Model: {workbench.model_status}", outputs=model_status)
         for hook in hooks:
             demo.load(hook.fn, inputs=hook.inputs, outputs=hook.outputs)

@@ -14,13 +14,14 @@ from prefixlab.config import ConfigError
 from prefixlab.data import DataError
 from prefixlab.encode import TemplateError
 from prefixlab.experiment import RunError
+from prefixlab.interpret import InterpretError
 from prefixlab.models import ModelLoadError
 from prefixlab.peft_interop import PeftFormatError
 from prefixlab.prefix import PrefixFileError
 
 USER_ERRORS = (DataError, ConfigError, TemplateError, RunError, ModelLoadError,
                PrefixFileError, PeftFormatError, FileNotFoundError, PermissionError,
-               FileExistsError)
+               FileExistsError, InterpretError)
 log = logging.getLogger("prefixlab.ui")
 
 

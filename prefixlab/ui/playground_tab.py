@@ -82,6 +82,21 @@ def build(workbench: Workbench) -> list[LoadHook]:
     texts.submit(on_score, inputs=[texts, prefixes, bare], outputs=[results, chart])
 
     @guard
+    def score_texts(texts: list[str], run_ids: list[str], bare: bool = False) -> list[dict]:
+        """API (`/score`): each text's label probabilities under each run's prefix.
+
+        Takes plain run ids: a client cannot pass the dropdown's choices, which belong to
+        the browser session that loaded them."""
+        lines = [t.strip() for t in texts if t and t.strip()]
+        if not lines:
+            raise gr.Error("Give at least one text.")
+        if not run_ids:
+            raise gr.Error("Give at least one run id (see the /runs endpoint).")
+        return workbench.compare(lines, list(run_ids), bare=bare).to_dict("records")
+
+    gr.api(score_texts, api_name="score")
+
+    @guard
     def on_generate(text, rid, n, do_sample, temp):
         if not (text or "").strip():
             raise gr.Error("Type a prompt.")

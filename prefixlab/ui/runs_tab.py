@@ -54,6 +54,20 @@ def build(workbench: Workbench) -> list[LoadHook]:
     refresh.click(list_runs, inputs=pick, outputs=[table, pick, compare])
 
     @guard
+    def run_status(run_id: str = "") -> list[dict]:
+        """API (`/runs`): every run, or the one with this id, as plain values."""
+        rows = workbench.runs()
+        if run_id:
+            rows = [workbench.store.get(run_id)]  # RunError for an unknown id
+        return [{"id": r.id, "name": r.name, "state": r.state, "step": r.step,
+                 "total_steps": r.total_steps, "macro_f1": r.macro_f1, "accuracy": r.accuracy,
+                 "error": r.error} for r in rows]
+
+    # Clients poll this; a registry refresh takes milliseconds, so it does not wait for a
+    # concurrency slot behind slower events such as scoring.
+    gr.api(run_status, api_name="runs", concurrency_limit=None)
+
+    @guard
     def open_run(rid):
         if not rid:
             raise gr.Error("Pick a run first.")

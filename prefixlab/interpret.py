@@ -1,0 +1,980 @@
+"""Look inside a prefix: nearest real tokens, value readout, PCA maps, movement, attention.
+
+Arrays and dataclasses only; figures are in plots.py. Every readout here compares the prefix
+with *reference* key/values: what the frozen model itself caches when it reads real tokens.
+
+The frame (what "the reference of a token" means)
+-------------------------------------------------
+A prefix position p at layer l is compared with the **slot reference** of a token v: the key
+and value the model caches at position p, layer l, when it reads v right after the prefix's own
+positions 0..p-1 (exactly as if v sat in the prefix's slot p). This is exact for a prefix taken
+from real text: its position p *is* the cache of its token read after positions 0..p-1, so
+every position projects back to its own token at rank 1 at every layer, for keys and values,
+for RoPE models (keys cached after rotation at p, and so is the reference) and for learned
+absolute positions. It also stays honest for a trained prefix: the reading answers "which real
+token, read in this slot after the same preceding virtual tokens, would the model cache closest
+to this vector?" -- not "what the prefix means".
+
+Cost and the shortlist. Layer 0's keys/values do not depend on context, so layer 0 is ranked
+against the whole reference bank (N tokens) in one cheap pass. Deeper layers need a forward
+pass of every candidate in every slot (N x P token reads, minutes for N=2000, P=10 on a 2-core
+CPU with SmolLM2-135M), so by default they rank a shortlist per position: the position's
+top layer-0 matches for keys and values, the extra ids (label words) and a fixed spread of
+anchor tokens. `shortlist=None` ranks every bank token at every layer (fast on a GPU). Each
+result says how many tokens it was ranked among.
+
+Scores are centered cosines: both vectors minus the mean of the anchor tokens' references in
+that slot. Raw cosines of keys are ~0.8 between *any* two tokens (keys share a large common
+direction), which would make every match look strong. The random baseline runs the same
+readout on random vectors of the same norm, so a score means something only well above it.
+
+The reference bank (per base model, cached on disk) holds each bank token read in a neutral
+slot: right after a newline token, at position 1. It feeds the PCA maps and the token list;
+keys are stored in the *key frame* (RoPE rotation undone, i.e. as at position 0) so that keys
+from different positions can share one map. The neutral slot is needed
+because a token read alone at position 0 becomes an attention sink: in SmolLM2-135M such
+states are nearly identical for every token past layer 5 (mean pairwise cosine 0.9999).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import unicodedata
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from prefixlab.files import atomic_save_tensors, atomic_write_json, atomic_write_text
+from prefixlab.models import LoadedModel, architecture, cache_root, get_module
+from prefixlab.prefix import build_cache, cache_keyword, prefix_inputs
+
+CAVEAT = (
+    "These readouts describe where the prefix sits among real tokens' keys and values; they do "
+    "not explain what it does. A continuous prompt can be near the vectors of unrelated, even "
+    "misleading, tokens and still solve its task (Khashabi et al. 2022, \"Prompt Waywardness\"), "
+    "so a nearest token is a hint, not an explanation. That is why every match shows its score "
+    "and the score random vectors of the same norm get: a match close to the random baseline "
+    "means nothing. The value readout assumes every head attends only to that position and "
+    "reads the result as if it were the whole residual stream (a logit-lens view)."
+)
+
+METHOD = (
+    "Slot references: position p of layer l is compared with the key/value the model caches at "
+    "position p when it reads a real token right after the prefix's positions 0..p-1. A prefix "
+    "copied from real text projects back to its own tokens at rank 1. Layer 0 is ranked against "
+    "the whole reference bank; deeper layers against a shortlist per position (the layer-0 "
+    "matches, label words and fixed anchor tokens) unless the full bank was asked for. Scores "
+    "are cosines after subtracting the anchor tokens' mean in that slot."
+)
+
+KINDS = ("key", "value")
+BANK_FORMAT = "prefixlab-bank/1"
+DEFAULT_BANK_SIZE = 2000
+_CHUNK_TOKENS = 4096  # token reads per forward pass: bounds memory on large vocab banks
+
+
+class InterpretError(ValueError):
+    """A prefix, run or request that cannot be inspected as asked."""
+
+
+# --- key frame: undoing RoPE ----------------------------------------------------------------
+
+
+def _rotary(model: torch.nn.Module) -> torch.nn.Module:
+    """The rotary embedding module next to the decoder blocks (model.rotary_emb in Llama)."""
+    arch = architecture(model.config)
+    parent_path = arch.layers.rsplit(".", 1)[0]
+    rotary = getattr(get_module(model, parent_path), "rotary_emb", None)
+    if rotary is None:
+        raise InterpretError(
+            f"{type(model).__name__} is marked as RoPE but has no {parent_path}.rotary_emb; "
+            f"keys cannot be put in a common frame"
+        )
+    return rotary
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@torch.no_grad()
+def unrotate_keys(loaded: LoadedModel, keys: torch.Tensor, positions: torch.Tensor | Sequence[int],
+                inverse: bool = False) -> torch.Tensor:
+    """Undo RoPE on keys (..., T, D) cached at positions[t]: the key frame, as at position 0.
+
+    inverse=True applies the rotation instead (frame -> the key cached at that position).
+    The identity for models without RoPE. Uses the model's own rotary module, so RoPE
+    scaling variants are undone exactly as they were applied.
+    """
+    model = loaded.model
+    if not architecture(model.config).rope:
+        return keys.clone()
+    positions = torch.as_tensor(positions, dtype=torch.long).view(1, -1)  # (1, T)
+    probe = torch.zeros(1, dtype=torch.float32, device=loaded.device)
+    cos, sin = _rotary(model)(probe, positions.to(loaded.device))  # (1, T, D)
+    zero_cos, _ = _rotary(model)(probe, torch.zeros_like(positions[:, :1]).to(loaded.device))
+    scale = zero_cos[0, 0]  # (D,): rope's attention_scaling, 1.0 for plain RoPE
+    cos = (cos[0] / scale).to(keys.device, keys.dtype)  # (T, D)
+    sin = (sin[0] / scale).to(keys.device, keys.dtype)
+    if inverse:
+        return keys * cos + _rotate_half(keys) * sin
+    return keys * cos - _rotate_half(keys) * sin
+
+
+def key_frame(loaded: LoadedModel, kv: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """kv (L, 2, H_kv, P, D) with keys moved to the key frame (inverse: out of it); values kept."""
+    out = kv.clone()
+    positions = torch.arange(kv.shape[3])
+    out[:, 0] = unrotate_keys(loaded, kv[:, 0], positions, inverse)
+    return out
+
+
+# --- slot references --------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by a hook once layer 0 has filled its cache: nothing deeper is needed."""
+
+
+def _cache_keys_values(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    entry = cache.layers[layer]
+    return entry.keys, entry.values  # (B, H, T, D) each
+
+
+@torch.no_grad()
+def slot_references(loaded: LoadedModel, context: torch.Tensor | None,
+                    token_ids: Sequence[int],
+                    positions: Sequence[int] | None = None) -> torch.Tensor:
+    """What the model caches for each token read in a slot after `context`: (L, 2, n, H_kv, D).
+
+    `context` is a key/value cache (L, 2, H_kv, C, D) (e.g. a prefix) or None. Token i is read
+    alone at position positions[i] (default C) seeing only context[..., :positions[i], :]: the
+    later context slots are masked out, so one batched pass serves every slot of a prefix.
+    All layers, float32 on CPU.
+    """
+    from transformers import DynamicCache
+
+    model = loaded.model
+    base = model.base_model  # no LM head: only the cache is wanted
+    C = 0 if context is None else context.shape[3]
+    slots = [C] * len(token_ids) if positions is None else [int(p) for p in positions]
+    if len(slots) != len(token_ids) or any(not 0 <= p <= C for p in slots):
+        raise InterpretError(f"positions must be one per token, each in 0..{C}")
+    if context is not None:
+        context = context.to(loaded.device, torch.float32)
+    chunk = max(1, _CHUNK_TOKENS // (C + 1))
+    parts = []
+    for start in range(0, len(token_ids), chunk):
+        ids = torch.tensor(list(token_ids[start:start + chunk]), device=loaded.device)
+        pos = torch.tensor(slots[start:start + chunk], device=loaded.device)  # (b,)
+        b = ids.shape[0]
+        cache = (build_cache(context, b, model) if context is not None
+                 else DynamicCache(config=model.config))
+        seen = torch.arange(C, device=loaded.device) < pos[:, None]  # (b, C)
+        mask = torch.cat([seen, torch.ones(b, 1, dtype=torch.bool, device=loaded.device)], 1)
+        base(input_ids=ids.view(b, 1), attention_mask=mask.long(),  # (b, C+1)
+             position_ids=pos.view(b, 1), use_cache=True, **{cache_keyword(base): cache})
+        layers = [_cache_keys_values(cache, i) for i in range(len(cache.layers))]
+        keys = torch.stack([k[:, :, -1] for k, _ in layers])  # (L, b, H, D)
+        values = torch.stack([v[:, :, -1] for _, v in layers])
+        parts.append(torch.stack([keys, values], dim=1).float().cpu())  # (L, 2, b, H, D)
+    return torch.cat(parts, dim=2)  # (L, 2, n, H, D)
+
+
+@torch.no_grad()
+def first_layer_references(loaded: LoadedModel, token_ids: Sequence[int],
+                           length: int) -> torch.Tensor:
+    """Layer-0 key/values of each token at positions 0..length-1: (2, n, length, H_kv, D).
+
+    Layer 0 reads no context, so these are the slot references of layer 0 for *any* prefix.
+    RoPE models read each token once at position 0 and rotate; models with learned positions
+    read each token at every position (the model stops after layer 0's attention).
+    """
+    from transformers import DynamicCache
+
+    model = loaded.model
+    base = model.base_model
+    arch = architecture(model.config)
+    reads = 1 if arch.rope else length
+    attention = getattr(get_module(model, arch.layers)[0], arch.attention)
+
+    def stop(*_):
+        raise _StopForward
+
+    hook = attention.register_forward_hook(stop)
+    parts = []
+    try:
+        chunk = max(1, _CHUNK_TOKENS // reads)
+        for start in range(0, len(token_ids), chunk):
+            ids = torch.tensor(list(token_ids[start:start + chunk]), device=loaded.device)
+            b = ids.shape[0]
+            cache = DynamicCache(config=model.config)
+            with suppress(_StopForward):  # raised once layer 0 has cached its keys/values
+                base(input_ids=ids.view(b, 1).expand(b, reads),  # (b, reads): v v v ...
+                     attention_mask=torch.ones(b, reads, dtype=torch.long, device=loaded.device),
+                     position_ids=torch.arange(reads, device=loaded.device).expand(b, reads),
+                     use_cache=True, **{cache_keyword(base): cache})
+            keys, values = _cache_keys_values(cache, 0)  # (b, H, reads, D)
+            parts.append(torch.stack([keys, values]).float().cpu())  # (2, b, H, reads, D)
+    finally:
+        hook.remove()
+    refs = torch.cat(parts, dim=1)  # (2, n, H, reads, D)
+    if arch.rope:
+        refs = refs.expand(-1, -1, -1, length, -1).clone()  # (2, n, H, length, D)
+        refs[0] = unrotate_keys(loaded, refs[0], torch.arange(length), inverse=True)
+    return refs.permute(0, 1, 3, 2, 4).contiguous()  # (2, n, length, H, D)
+
+
+# --- the reference bank -----------------------------------------------------------------------
+
+
+def _is_junk(text: str) -> bool:
+    """Whitespace, partial UTF-8 bytes or control characters: not a readable token."""
+    if not text.strip() or "\ufffd" in text:
+        return True
+    return any(unicodedata.category(c).startswith("C") for c in text)
+
+
+def frequent_token_ids(tokenizer, count: int, vocab_size: int | None = None) -> list[int]:
+    """The first `count` ordinary tokens by id: the offline stand-in for a frequency table.
+
+    Byte-level BPE vocabularies (GPT-2, Llama 3, SmolLM2) number merges in the order they were
+    learned, i.e. most frequent pairs first, so the lowest ids after the special tokens and
+    the 256 single bytes are roughly the most frequent words and word pieces. Special tokens,
+    whitespace-only pieces and partial UTF-8 bytes are skipped; single characters are kept.
+    """
+    limit = min(len(tokenizer), vocab_size or len(tokenizer))
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                if getattr(t, "special", True)}
+    found = []
+    for i in range(limit):
+        if len(found) >= count:
+            break
+        if i in special or _is_junk(tokenizer.decode([i])):
+            continue
+        found.append(i)
+    return found
+
+
+@dataclass
+class ReferenceBank:
+    """Real tokens' keys and values per layer, read in a neutral slot (see the module doc)."""
+
+    model_name: str
+    token_ids: list[int]  # the frequent tokens, then the extra ids
+    tokens: list[str]  # decoded text of each token
+    extra_ids: list[int]  # ids asked for beyond the frequent ones (e.g. label words)
+    keys: torch.Tensor  # (L, N, H_kv*D) in the key frame (RoPE undone)
+    values: torch.Tensor  # (L, N, H_kv*D)
+    context_id: int  # the token read before each bank token
+    path: Path | None = None  # the cache file, when there is one
+    loaded_from_disk: bool = False
+
+    def vectors(self, kind: str) -> torch.Tensor:
+        return self.keys if _kind_index(kind) == 0 else self.values
+
+
+def _sanitize(name: str) -> str:
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return clean[-60:] or "model"
+
+
+def _fingerprint(model: torch.nn.Module) -> bytes:
+    """A cheap hash input that changes when any weight changes much: 64 samples per tensor."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
+        digest.update(name.encode())
+        digest.update(sample.tobytes())
+    return digest.digest()
+
+
+def bank_path(loaded: LoadedModel, token_ids: Sequence[int], context_id: int) -> Path:
+    """cache_root()/banks/<model>-<hash>.safetensors for this model, token list and context."""
+    digest = hashlib.sha256()
+    digest.update(BANK_FORMAT.encode())
+    digest.update(loaded.name.encode())
+    digest.update(loaded.model.config.to_json_string(use_diff=False).encode())
+    digest.update(_fingerprint(loaded.model))
+    digest.update(np.asarray(list(token_ids) + [context_id], dtype=np.int64).tobytes())
+    name = f"{_sanitize(loaded.name)}-{digest.hexdigest()[:16]}.safetensors"
+    return cache_root() / "banks" / name
+
+
+def _read_bank(path: Path, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            ok = (f.metadata() or {}).get("format") == BANK_FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if not ok or tensors.get("token_ids") is None or tensors["token_ids"].tolist() != token_ids:
+        return None
+    return tensors["keys"].float(), tensors["values"].float()
+
+
+def reference_bank(
+    loaded: LoadedModel,
+    count: int = DEFAULT_BANK_SIZE,
+    extra_ids: Sequence[int] = (),
+    *,
+    context: str = "\n",
+    use_cache: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> ReferenceBank:
+    """Keys and values of `count` frequent tokens plus `extra_ids`, at every layer.
+
+    Each token is read at position 1, after the first token of `context` (a newline: plain
+    text every tokenizer has; special tokens such as SmolLM2-Instruct's BOS <|im_start|> are
+    chat markers, not neutral).
+
+    Computed once per base model, token list and weights, and cached as safetensors (float16,
+    ~46 MB for SmolLM2-135M at N=2000) under cache_root()/banks/; a later call loads it.
+    """
+    tok, model = loaded.tokenizer, loaded.model
+    vocab = min(len(tok), model.config.vocab_size)
+    bad = [i for i in extra_ids if not 0 <= int(i) < vocab]
+    if bad:
+        raise InterpretError(f"extra token ids {bad} are outside the vocabulary (0..{vocab - 1})")
+    if count < 1:
+        raise InterpretError(f"the reference bank needs at least 1 token, got {count}")
+    frequent = frequent_token_ids(tok, count, vocab)
+    extras = [int(i) for i in dict.fromkeys(extra_ids) if int(i) not in set(frequent)]
+    token_ids = frequent + extras
+    context_ids = tok(context, add_special_tokens=False)["input_ids"] if context else []
+    if not context_ids:
+        if tok.eos_token_id is None:
+            raise InterpretError(f"the bank context {context!r} has no tokens and there is no EOS")
+        context_ids = [tok.eos_token_id]
+    context_id = context_ids[0]
+    path = bank_path(loaded, token_ids, context_id)
+    tokens = [tok.decode([i]) for i in token_ids]
+    common = dict(model_name=loaded.name, token_ids=token_ids, tokens=tokens,
+                  extra_ids=[int(i) for i in dict.fromkeys(extra_ids)], context_id=context_id,
+                  path=path)
+    if use_cache and path.is_file():
+        found = _read_bank(path, token_ids)
+        if found is not None:
+            return ReferenceBank(keys=found[0], values=found[1], loaded_from_disk=True, **common)
+    if progress:
+        progress(f"reading {len(token_ids)} reference tokens through {loaded.name} (once)")
+    start = time.perf_counter()
+    context = slot_references(loaded, None, [context_id])  # (L, 2, 1, H, D)
+    context = context.permute(0, 1, 3, 2, 4)  # (L, 2, H, 1, D): a one-token cache
+    refs = slot_references(loaded, context, token_ids)  # (L, 2, N, H, D), read at position 1
+    keys = unrotate_keys(loaded, refs[:, 0].transpose(1, 2), [1])  # (L, H, N, D) in the frame
+    keys = keys.transpose(1, 2).flatten(2)  # (L, N, H*D)
+    values = refs[:, 1].flatten(2)  # (L, N, H*D)
+    keys, values = keys.half(), values.half()  # what the cache holds; returned the same way
+    if use_cache:
+        atomic_save_tensors(path, {"token_ids": torch.tensor(token_ids), "keys": keys,
+                                   "values": values},
+                            metadata={"format": BANK_FORMAT, "model": loaded.name,
+                                      "context_id": str(context_id),
+                                      "seconds": f"{time.perf_counter() - start:.1f}"})
+    return ReferenceBank(keys=keys.float(), values=values.float(), **common)
+
+
+# --- nearest tokens ---------------------------------------------------------------------------
+
+
+def _kind_index(kind: str) -> int:
+    if kind not in KINDS:
+        raise InterpretError(f"kind must be 'key' or 'value', got {kind!r}")
+    return KINDS.index(kind)
+
+
+def _check_kv(loaded: LoadedModel, kv: torch.Tensor) -> None:
+    shape = loaded.shape
+    expected = (shape.num_layers, 2, shape.num_kv_heads, shape.head_dim)
+    if kv.dim() != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != expected:
+        raise InterpretError(
+            f"prefix of shape {tuple(kv.shape)} does not fit {loaded.name}: expected "
+            f"(L={expected[0]}, 2, H_kv={expected[2]}, P, D={expected[3]})"
+        )
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _rank(x: torch.Tensor, refs: torch.Tensor, center: torch.Tensor, k: int,
+          noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centered-cosine top-k of x (F,) among refs (n, F), and random vectors' top-1 scores.
+
+    noise (R, F): unit random directions, scaled to |x| before centering, so that the
+    baseline runs exactly the readout a random vector of the prefix's norm would get.
+    """
+    refs_c = _unit(refs - center)  # (n, F)
+    scores = refs_c @ _unit(x - center)  # (n,)
+    top = scores.topk(k)
+    randoms = noise * x.norm()  # (R, F)
+    random_top1 = (_unit(randoms - center) @ refs_c.T).max(dim=1).values  # (R,)
+    return top.indices, top.values, random_top1
+
+
+@dataclass
+class NearestTokens:
+    """Per layer, kind and prefix position: the top-k real tokens by centered cosine."""
+
+    token_ids: np.ndarray  # (L, 2, P, k) int: [.., 0, ..] keys, [.., 1, ..] values
+    scores: np.ndarray  # (L, 2, P, k) centered cosine, best first
+    baseline: np.ndarray  # (L, 2, P): mean top-1 score of random vectors of the same norm
+    baseline_std: np.ndarray  # (L, 2, P)
+    ranked_among: np.ndarray  # (L, P): how many tokens each position was ranked among
+    labels: dict[int, str] = field(default_factory=dict)  # token id -> decoded text
+
+    @property
+    def margin(self) -> np.ndarray:
+        """(L, 2, P): top-1 score minus the random baseline."""
+        return self.scores[..., 0] - self.baseline
+
+    def top(self, layer: int, kind: str, position: int) -> list[tuple[str, int, float]]:
+        i = _kind_index(kind)
+        return [(self.labels[int(t)], int(t), float(s)) for t, s in
+                zip(self.token_ids[layer, i, position], self.scores[layer, i, position],
+                    strict=True)]
+
+
+@torch.no_grad()
+def nearest_tokens(
+    loaded: LoadedModel,
+    kv: torch.Tensor,
+    bank: ReferenceBank,
+    top_k: int = 10,
+    *,
+    shortlist: int | None = 16,
+    anchors: int = 16,
+    samples: int = 32,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> NearestTokens:
+    """The real tokens closest to each prefix position, layer and kind (see the module doc).
+
+    kv: (L, 2, H_kv, P, D). shortlist: layer-0 matches per kind kept as candidates for deeper
+    layers (at least top_k); None ranks the whole bank at every layer (N x P token reads).
+    anchors: evenly spread bank tokens always read; their mean in each slot centers the scores.
+    samples: random vectors per position for the baseline.
+    """
+    _check_kv(loaded, kv)
+    kv = kv.detach().float().cpu()
+    L, _, H, P, D = kv.shape
+    ids = bank.token_ids
+    N = len(ids)
+    k = min(top_k, N)
+    anchor_idx = sorted(set(np.linspace(0, N - 1, min(anchors, N)).round().astype(int).tolist()))
+    extra_idx = [ids.index(i) for i in bank.extra_ids]
+    generator = torch.Generator().manual_seed(seed)
+    noise = _unit(torch.randn(samples, H * D, generator=generator))  # (R, H*D)
+
+    top_ids = np.zeros((L, 2, P, k), dtype=np.int64)
+    top_scores = np.zeros((L, 2, P, k), dtype=np.float32)
+    base_mean = np.zeros((L, 2, P), dtype=np.float32)
+    base_std = np.zeros((L, 2, P), dtype=np.float32)
+    ranked = np.zeros((L, P), dtype=np.int64)
+    id_tensor = torch.tensor(ids)
+
+    def record(layer, kind, p, idx, scores, random_top1, pool):
+        top_ids[layer, kind, p] = pool[idx].numpy()
+        top_scores[layer, kind, p] = scores.numpy()
+        base_mean[layer, kind, p] = float(random_top1.mean())
+        base_std[layer, kind, p] = float(random_top1.std()) if len(random_top1) > 1 else 0.0
+
+    first = first_layer_references(loaded, ids, P).flatten(3)  # (2, N, P, H*D)
+    vectors = kv.permute(0, 1, 3, 2, 4).flatten(3)  # (L, 2, P, H*D): heads concatenated
+    pools: list[list[int]] = []  # per position: bank rows read in that slot for layers >= 1
+    for p in range(P):
+        candidates: set[int] = set(anchor_idx) | set(extra_idx)
+        for kind in range(2):
+            refs = first[kind, :, p]  # (N, H*D)
+            center = refs[anchor_idx].mean(0)
+            idx, scores, rnd = _rank(vectors[0, kind, p], refs, center, k, noise)
+            record(0, kind, p, idx, scores, rnd, id_tensor)
+            if shortlist is not None:
+                wide = _unit(refs - center) @ _unit(vectors[0, kind, p] - center)
+                candidates |= set(wide.topk(min(max(shortlist, k), N)).indices.tolist())
+        ranked[0, p] = N
+        pools.append(list(range(N)) if shortlist is None else sorted(candidates))
+    if L > 1:
+        flat = [ids[i] for pool in pools for i in pool]
+        if progress:
+            progress(f"nearest tokens: reading {len(flat)} candidates in {P} prefix slots")
+        slots = [p for p, pool in enumerate(pools) for _ in pool]
+        refs_all = slot_references(loaded, kv, flat, slots).flatten(3)  # (L, 2, sum n, H*D)
+        offset = 0
+        for p, pool_idx in enumerate(pools):
+            n = len(pool_idx)
+            pool = id_tensor[pool_idx]
+            anchor_rows = [pool_idx.index(a) for a in anchor_idx]
+            for layer in range(1, L):
+                for kind in range(2):
+                    refs = refs_all[layer, kind, offset:offset + n]  # (n, H*D)
+                    center = refs[anchor_rows].mean(0)
+                    idx, scores, rnd = _rank(vectors[layer, kind, p], refs, center, min(k, n),
+                                             noise)
+                    pad = k - len(idx)  # fewer candidates than top_k: repeat the last
+                    record(layer, kind, p, torch.cat([idx, idx[-1:].repeat(pad)]),
+                           torch.cat([scores, scores[-1:].repeat(pad)]), rnd, pool)
+                ranked[layer, p] = n
+            offset += n
+    labels = {int(i): bank.tokens[ids.index(int(i))] for i in np.unique(top_ids)}
+    return NearestTokens(top_ids, top_scores, base_mean, base_std, ranked, labels)
+
+
+# --- value readout ----------------------------------------------------------------------------
+
+
+@dataclass
+class ValueReadout:
+    """Per layer and position: the tokens a prefix value promotes through out_proj and LM head."""
+
+    token_ids: np.ndarray  # (L, P, k)
+    logits: np.ndarray  # (L, P, k), best first
+    labels: dict[int, str] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def value_logits(loaded: LoadedModel, kv: torch.Tensor) -> torch.Tensor:
+    """Logits (L, P, V) of each prefix value written to the residual stream and unembedded.
+
+    Query head h reads KV head h // (H / H_kv) (GQA, as the model repeats them); if every head
+    attended only to position p, the attention output is those values concatenated over query
+    heads, then the layer's out_proj (bias included). The result goes through the final norm
+    and the LM head as if it were the whole residual stream (logit lens).
+    """
+    _check_kv(loaded, kv)
+    model = loaded.model
+    arch = architecture(model.config)
+    blocks = get_module(model, arch.layers)
+    heads = model.config.num_attention_heads
+    L, _, H_kv, P, D = kv.shape
+    group = heads // H_kv
+    written = []
+    for layer, block in enumerate(blocks):
+        values = kv[layer, 1].to(loaded.device, torch.float32)  # (H_kv, P, D)
+        per_head = values.repeat_interleave(group, dim=0)  # (H, P, D)
+        merged = per_head.permute(1, 0, 2).reshape(P, heads * D)  # (P, H*D)
+        out_proj = getattr(getattr(block, arch.attention), arch.out_proj)
+        written.append(out_proj(merged))  # (P, hidden)
+    normed = get_module(model, arch.final_norm)(torch.stack(written))  # (L, P, hidden)
+    return model.get_output_embeddings()(normed).float().cpu()  # (L, P, V)
+
+
+def value_readout(loaded: LoadedModel, kv: torch.Tensor, top_k: int = 10) -> ValueReadout:
+    """The top_k tokens each prefix value promotes (see value_logits)."""
+    logits = value_logits(loaded, kv)
+    top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+    ids = top.indices.numpy()
+    labels = {int(i): loaded.tokenizer.decode([int(i)]) for i in np.unique(ids)}
+    return ValueReadout(ids, top.values.numpy(), labels)
+
+
+# --- PCA maps ---------------------------------------------------------------------------------
+
+
+def _layer_vectors(loaded: LoadedModel, kv: torch.Tensor, layer: int, kind: str) -> np.ndarray:
+    """(P, H_kv*D) vectors of one layer and kind, keys in the key frame."""
+    i = _kind_index(kind)
+    x = kv[layer, i].detach().float().cpu()  # (H, P, D)
+    if i == 0:
+        x = unrotate_keys(loaded, x, torch.arange(x.shape[1]))
+    return x.transpose(0, 1).flatten(1).numpy()  # (P, H*D)
+
+
+def _fit_pca(x: np.ndarray, dims: int):
+    from sklearn.decomposition import PCA
+
+    # Exact either way: through the (F, F) covariance when samples outnumber features (a
+    # token cloud: ~30x faster than a full SVD on CPU), else a full SVD (a few snapshots).
+    x = np.asarray(x, dtype=np.float64)
+    solver = "covariance_eigh" if x.shape[1] <= x.shape[0] else "full"
+    return PCA(n_components=min(dims, *x.shape), svd_solver=solver).fit(x)
+
+
+def _pad(coords: np.ndarray, dims: int) -> np.ndarray:
+    if coords.shape[1] == dims:
+        return coords
+    return np.pad(coords, ((0, 0), (0, dims - coords.shape[1])))
+
+
+@dataclass
+class PCAMap:
+    """One layer's prefix vectors and reference cloud in the same PCA coordinates."""
+
+    layer: int
+    kind: str
+    tokens: list[str]  # one per cloud point
+    token_ids: list[int]
+    cloud: np.ndarray  # (N, dims)
+    prefixes: dict[str, np.ndarray]  # name -> (P, dims); points are P0..P{P-1}
+    explained_variance: np.ndarray  # (dims,) ratio of the joint data's variance
+
+
+def _named(prefixes: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
+    if isinstance(prefixes, torch.Tensor):
+        return {"prefix": prefixes}
+    if not prefixes:
+        raise InterpretError("no prefixes given")
+    return dict(prefixes)
+
+
+def pca_map(
+    loaded: LoadedModel,
+    bank: ReferenceBank,
+    prefixes: Mapping[str, torch.Tensor] | torch.Tensor,
+    layer: int,
+    kind: str = "key",
+    dims: int = 3,
+) -> PCAMap:
+    """PCA fitted jointly on the layer's reference cloud and every prefix's P vectors.
+
+    A vector is the concatenation over KV heads (H_kv*D); keys are in the key frame so that
+    positions share one map. Several prefixes (e.g. runs to compare) share the same fit.
+    """
+    named = _named(prefixes)
+    for kv in named.values():
+        _check_kv(loaded, kv)
+    if not 0 <= layer < loaded.shape.num_layers:
+        raise InterpretError(f"layer must be 0..{loaded.shape.num_layers - 1}, got {layer}")
+    cloud = bank.vectors(kind)[layer].numpy()  # (N, H*D)
+    points = {name: _layer_vectors(loaded, kv, layer, kind) for name, kv in named.items()}
+    pca = _fit_pca(np.vstack([cloud, *points.values()]), dims)
+    ratio = np.zeros(dims)
+    ratio[: pca.n_components_] = pca.explained_variance_ratio_
+    return PCAMap(
+        layer, kind, list(bank.tokens), list(bank.token_ids), _pad(pca.transform(cloud), dims),
+        {name: _pad(pca.transform(x), dims) for name, x in points.items()}, ratio,
+    )
+
+
+@dataclass
+class LayersMap:
+    """Every layer's prefix positions in that layer's own 2-D PCA, in units of the cloud."""
+
+    kind: str
+    coords: np.ndarray  # (L, P, 2): each axis divided by the reference cloud's std on it
+    explained_variance: np.ndarray  # (L, 2)
+    cloud: np.ndarray  # (L, M, 2): an even sample of the reference cloud, same units
+    tokens: list[str]  # (M,) the sampled tokens
+
+
+def layers_map(loaded: LoadedModel, bank: ReferenceBank, kv: torch.Tensor,
+               kind: str = "key", cloud_points: int = 200) -> LayersMap:
+    """One point per layer and position, fitted per layer.
+
+    Layers have unrelated bases (each its own W_k, W_v), so one PCA across layers would mostly
+    separate layers from each other, and lines joining a position across layers would join
+    unrelated coordinates. Each layer is fitted on its own cloud plus the prefix; coordinates
+    are divided by the cloud's spread on each axis, so "2" means two standard deviations of
+    real tokens at every layer; each axis is signed so the prefix's mean is positive (PCA
+    signs are arbitrary). `cloud_points` tokens of the cloud come along for context.
+    """
+    _check_kv(loaded, kv)
+    L, P = kv.shape[0], kv.shape[3]
+    N = len(bank.token_ids)
+    sample = np.unique(np.linspace(0, N - 1, min(cloud_points, N)).round().astype(int))
+    coords = np.zeros((L, P, 2))
+    clouds = np.zeros((L, len(sample), 2))
+    ratios = np.zeros((L, 2))
+    for layer in range(L):
+        cloud = bank.vectors(kind)[layer].numpy()
+        points = _layer_vectors(loaded, kv, layer, kind)
+        pca = _fit_pca(np.vstack([cloud, points]), 2)
+        cloud_xy = _pad(pca.transform(cloud), 2)
+        spread = cloud_xy.std(axis=0)
+        spread = np.where(spread > 0, spread, 1.0)
+        xy = _pad(pca.transform(points), 2) / spread
+        sign = np.where(xy.mean(axis=0) < 0, -1.0, 1.0)
+        coords[layer] = xy * sign
+        clouds[layer] = cloud_xy[sample] / spread * sign
+        ratios[layer, : pca.n_components_] = pca.explained_variance_ratio_
+    return LayersMap(kind, coords, ratios, clouds, [bank.tokens[i] for i in sample])
+
+
+# --- movement during training -----------------------------------------------------------------
+
+
+def load_snapshots(run_dir: str | Path) -> list[tuple[int, torch.Tensor]]:
+    """The run's prefix snapshots as (step, kv (L, 2, H_kv, P, D)), oldest first."""
+    from prefixlab.experiment import RunFolder
+
+    found = []
+    for step, path in RunFolder(run_dir).snapshots():
+        try:
+            found.append((step, load_file(str(path))["key_values"].float()))
+        except (SafetensorError, OSError, KeyError) as e:
+            raise InterpretError(f"snapshot {path} is unreadable: {e}") from e
+    return found
+
+
+@dataclass
+class Movement:
+    """How the prefix moved over training steps."""
+
+    steps: list[int]
+    trajectory: np.ndarray  # (S, 2): PCA of the whole flattened prefix per snapshot
+    explained_variance: np.ndarray  # (2,)
+    distance: np.ndarray  # (S, L, 2): |kv_s - kv_0| per layer and kind, over |kv_0| if relative
+    relative: bool  # False when a layer started at zero: distances are then absolute
+
+
+def prefix_movement(snapshots: Sequence[tuple[int, torch.Tensor]]) -> Movement:
+    """Trajectory and per-layer distance from the first snapshot (the initialization)."""
+    if not snapshots:
+        raise InterpretError("no snapshots to follow: the run saved none")
+    steps = [int(s) for s, _ in snapshots]
+    stack = torch.stack([kv.float() for _, kv in snapshots])  # (S, L, 2, H, P, D)
+    shapes = {tuple(kv.shape) for _, kv in snapshots}
+    if len(shapes) > 1:
+        raise InterpretError(f"snapshots have different shapes: {sorted(shapes)}")
+    flat = stack.flatten(1).numpy()  # (S, L*2*H*P*D)
+    trajectory = np.zeros((len(steps), 2))
+    ratio = np.zeros(2)
+    if len(steps) > 1:
+        pca = _fit_pca(flat, 2)
+        trajectory = _pad(pca.transform(flat), 2)
+        ratio[: pca.n_components_] = pca.explained_variance_ratio_
+    per_layer = stack.flatten(3)  # (S, L, 2, H*P*D)
+    moved = (per_layer - per_layer[:1]).norm(dim=-1)  # (S, L, 2)
+    start = per_layer[0].norm(dim=-1)  # (L, 2)
+    relative = bool((start > 0).all())
+    distance = moved / start if relative else moved
+    return Movement(steps, trajectory, ratio, distance.numpy(), relative)
+
+
+# --- attention to the prefix ------------------------------------------------------------------
+
+
+@contextmanager
+def eager_attention(model: torch.nn.Module):
+    """Temporarily switch to eager attention (the only one returning weights); then restore.
+
+    The switch is on the shared model object: another thread using the model meanwhile gets
+    eager attention too (same results, slower).
+    """
+    original = model.config._attn_implementation
+    if original == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
+@torch.no_grad()
+def attention_maps(loaded: LoadedModel, kv: torch.Tensor | None, text: str) -> np.ndarray:
+    """Attention weights (L, H, T, P+T) when `text` is read after the prefix (P=0 without).
+
+    Heads are query heads. Key slots 0..P-1 are the prefix, then the text's T tokens.
+    """
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise InterpretError(f"the text {text!r} has no tokens")
+    if kv is not None:
+        _check_kv(loaded, kv)
+        kv = kv.to(loaded.device, torch.float32)
+    input_ids = torch.tensor([ids], device=loaded.device)
+    mask = torch.ones_like(input_ids)
+    with eager_attention(loaded.model):
+        out = loaded.model(input_ids=input_ids, output_attentions=True, use_cache=kv is not None,
+                           logits_to_keep=1, **prefix_inputs(loaded.model, kv, mask))
+    return torch.stack(out.attentions)[:, 0].float().cpu().numpy()  # (L, H, T, P+T)
+
+
+@dataclass
+class AttentionMass:
+    """Share of attention each layer and head puts on the prefix, per prefix."""
+
+    names: list[str]
+    texts: list[str]
+    mass: np.ndarray  # (R, L, H) in [0, 1]: mean over texts and their query positions
+
+
+def prefix_attention(loaded: LoadedModel, prefixes: Mapping[str, torch.Tensor] | torch.Tensor,
+                     texts: Sequence[str]) -> AttentionMass:
+    """Attention mass on the prefix slots, averaged over each text's tokens, then over texts."""
+    named = _named(prefixes)
+    if not texts:
+        raise InterpretError("give at least one text to read after the prefix")
+    masses = []
+    for kv in named.values():
+        P = kv.shape[3]
+        per_text = [attention_maps(loaded, kv, t)[..., :P].sum(-1).mean(-1) for t in texts]
+        masses.append(np.mean(per_text, axis=0))  # (L, H)
+    return AttentionMass(list(named), list(texts), np.stack(masses))
+
+
+# --- comparing prefixes -----------------------------------------------------------------------
+
+
+@dataclass
+class PrefixComparison:
+    names: list[str]
+    similarity: np.ndarray  # (L, R, R) cosine of each layer's flattened key/values
+
+
+def compare_prefixes(prefixes: Mapping[str, torch.Tensor]) -> PrefixComparison:
+    """Cosine similarity between prefixes per layer (same model and prefix length)."""
+    named = _named(prefixes)
+    shapes = {name: tuple(kv.shape) for name, kv in named.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{n}: {s}" for n, s in shapes.items())
+        raise InterpretError(f"prefixes must share one shape to be compared; got {listed}")
+    stack = torch.stack([kv.detach().float().cpu() for kv in named.values()])  # (R, L, 2, H, P, D)
+    per_layer = _unit(stack.reshape(*stack.shape[:2], -1).transpose(0, 1))  # (L, R, 2*H*P*D)
+    return PrefixComparison(list(named), (per_layer @ per_layer.transpose(1, 2)).numpy())
+
+
+# --- writing an inspection --------------------------------------------------------------------
+
+
+def _round(x, digits: int = 4):
+    return np.round(np.asarray(x, dtype=float), digits).tolist()
+
+
+def nearest_tokens_json(nearest: NearestTokens, readout: ValueReadout | None = None) -> dict:
+    """nearest_tokens.json: per layer, per kind, per position the top-k with the baseline."""
+    L, _, P, _ = nearest.token_ids.shape
+    layers = []
+    for layer in range(L):
+        entry: dict = {"layer": layer}
+        for kind in KINDS:
+            i = _kind_index(kind)
+            entry[kind] = [{
+                "position": p,
+                "ranked_among": int(nearest.ranked_among[layer, p]),
+                "baseline": {"mean": round(float(nearest.baseline[layer, i, p]), 4),
+                             "std": round(float(nearest.baseline_std[layer, i, p]), 4)},
+                "top": [{"token": s, "id": t, "score": round(c, 4)}
+                        for s, t, c in nearest.top(layer, kind, p)],
+            } for p in range(P)]
+        if readout is not None:
+            entry["value_readout"] = [{
+                "position": p,
+                "top": [{"token": readout.labels[int(t)], "id": int(t), "logit": round(float(g), 3)}
+                        for t, g in zip(readout.token_ids[layer, p], readout.logits[layer, p],
+                                        strict=True)],
+            } for p in range(P)]
+        layers.append(entry)
+    return {"format": "prefixlab-nearest-tokens/1", "prefix_length": P, "method": METHOD,
+            "caveat": CAVEAT, "layers": layers}
+
+
+def pca_json(maps: Mapping[str, PCAMap], layers: Mapping[str, LayersMap],
+             movement: Movement | None) -> dict:
+    out: dict = {"format": "prefixlab-pca/1", "maps": {}, "layers": {}, "movement": None}
+    for kind, m in maps.items():
+        out["maps"][kind] = {
+            "layer": m.layer, "explained_variance": _round(m.explained_variance),
+            "prefixes": {name: _round(x) for name, x in m.prefixes.items()},
+            "cloud": {"tokens": m.tokens, "ids": m.token_ids, "coords": _round(m.cloud, 3)},
+        }
+    for kind, lm in layers.items():
+        out["layers"][kind] = {"coords": _round(lm.coords),
+                               "explained_variance": _round(lm.explained_variance)}
+    if movement is not None:
+        out["movement"] = {
+            "steps": movement.steps, "trajectory": _round(movement.trajectory),
+            "explained_variance": _round(movement.explained_variance),
+            "relative": movement.relative,
+            "distance": {kind: _round(movement.distance[:, :, i]) for i, kind in enumerate(KINDS)},
+        }
+    return out
+
+
+def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
+    """Every token of each label, with and without a leading space (how it follows a prompt):
+    the extra ids a run's reference bank always holds."""
+    ids: list[int] = []
+    for label in labels:
+        for text in (label, " " + label):
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(dict.fromkeys(ids))
+
+
+_label_ids = label_token_ids  # the first name, already used by workbench.py
+
+
+def _sample_texts(run, count: int = 3) -> list[str]:
+    from prefixlab import data as datamod
+
+    cfg = run.config
+    try:
+        data = datamod.load_labeled_csv(cfg.train_csv, cfg.text_column, cfg.label_column)
+    except (datamod.DataError, OSError):
+        return []
+    return [t for t in data.texts[:count] if t.strip()]
+
+
+def inspect_run(
+    run_dir: str | Path,
+    output_dir: str | Path,
+    loaded: LoadedModel | None = None,
+    top_k: int = 10,
+    *,
+    texts: Sequence[str] | None = None,
+    bank_size: int = DEFAULT_BANK_SIZE,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write nearest_tokens.json, pca.json and a standalone inspection.html for a run.
+
+    texts: read after the prefix for the attention view; None takes up to three rows of the
+    run's training CSV (the attention view is left out when it cannot be read).
+    Returns output_dir.
+    """
+    from prefixlab.experiment import open_run
+    from prefixlab.plots import inspection_html
+
+    run = open_run(run_dir, loaded)
+    loaded, kv = run.loaded, run.kv
+    output = Path(output_dir)
+    bank = reference_bank(loaded, bank_size, label_token_ids(loaded.tokenizer, run.labels),
+                          progress=progress)
+    nearest = nearest_tokens(loaded, kv, bank, top_k, progress=progress)
+    readout = value_readout(loaded, kv, top_k)
+    snapshots = load_snapshots(run_dir)
+    compared = {"trained": kv}
+    if snapshots and snapshots[0][1].shape == kv.shape:
+        compared[f"step {snapshots[0][0]}"] = snapshots[0][1]
+    layer = loaded.shape.num_layers // 2
+    maps = {kind: pca_map(loaded, bank, compared, layer, kind) for kind in KINDS}
+    layers = {kind: layers_map(loaded, bank, kv, kind) for kind in KINDS}
+    movement = prefix_movement(snapshots) if snapshots else None
+    texts = list(texts) if texts is not None else _sample_texts(run)
+    attention = prefix_attention(loaded, compared, texts) if texts else None
+    atomic_write_json(output / "nearest_tokens.json",
+                      {"run": run.folder.path.name, "model": loaded.name, "top_k": top_k,
+                       **nearest_tokens_json(nearest, readout)})
+    atomic_write_json(output / "pca.json", {"run": run.folder.path.name,
+                                            **pca_json(maps, layers, movement)})
+    page = inspection_html(
+        title=f"Inside the prefix of {run.folder.path.name}",
+        model=loaded.name, nearest=nearest, readout=readout, maps=maps, layers=layers,
+        movement=movement, attention=attention,
+    )
+    atomic_write_text(output / "inspection.html", page)
+    return output
+
+
+__all__ = [
+    "CAVEAT", "KINDS", "METHOD", "AttentionMass", "InterpretError", "LayersMap", "Movement",
+    "NearestTokens", "PCAMap", "PrefixComparison", "ReferenceBank", "ValueReadout",
+    "attention_maps", "bank_path", "compare_prefixes", "eager_attention",
+    "first_layer_references", "frequent_token_ids", "inspect_run", "key_frame",
+    "label_token_ids", "layers_map", "load_snapshots", "nearest_tokens", "pca_map",
+    "prefix_attention", "prefix_movement", "reference_bank", "slot_references",
+    "unrotate_keys", "value_logits", "value_readout",
+]

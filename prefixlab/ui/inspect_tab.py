@@ -1,0 +1,148 @@
+"""Inspect tab: where a trained prefix sits among real tokens' keys and values (PCA maps,
+nearest tokens with random baselines, the value readout), how it moved during training,
+how much attention inputs pay it, and how several prefixes compare."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from prefixlab import interpret, plots
+from prefixlab.ui.common import LoadHook, guard, run_choices
+from prefixlab.workbench import Workbench
+
+
+def _table(headers_rows) -> pd.DataFrame:
+    headers, rows = headers_rows
+    return pd.DataFrame(rows, columns=headers)
+
+
+def build(workbench: Workbench) -> list[LoadHook]:
+    gr.Markdown(f"<div class='caveat'>{interpret.CAVEAT}<br><br>{interpret.METHOD}</div>")
+    with gr.Row():
+        pick = gr.Dropdown(label="Run", choices=[], elem_id="inspect-run", scale=3)
+        open_btn = gr.Button("Inspect", variant="primary", elem_id="inspect-open")
+    message = gr.Markdown(elem_id="inspect-msg")
+    with gr.Row():
+        layer = gr.Slider(0, 1, step=1, value=0, label="Layer", elem_id="inspect-layer")
+        kind = gr.Radio(["key", "value"], value="key", label="Vectors")
+        dims = gr.Radio(["2-D", "3-D"], value="2-D", label="PCA map")
+    with gr.Row():
+        pca_plot = gr.Plot(label="PCA map: prefix over real tokens", elem_id="inspect-pca")
+        layers_plot = gr.Plot(label="Across layers", elem_id="inspect-layers")
+    nearest_plot = gr.Plot(label="Nearest tokens: top-1 above the random baseline",
+                           elem_id="inspect-nearest")
+    with gr.Row():
+        nearest_table = gr.Dataframe(label="Nearest tokens at this layer (score; baseline)",
+                                     interactive=False, wrap=True, elem_id="inspect-table")
+        readout_table = gr.Dataframe(label="Tokens each value slot promotes (value readout)",
+                                     interactive=False, wrap=True)
+    gr.Markdown("### How the prefix moved during training")
+    with gr.Row():
+        trajectory = gr.Plot(label="Trajectory")
+        distance = gr.Plot(label="Distance from initialization")
+    gr.Markdown("### Attention to the prefix")
+    with gr.Row():
+        attn_texts = gr.Textbox(label="Inputs, one per line", lines=3, scale=3,
+                                elem_id="inspect-attn-text")
+        attn_btn = gr.Button("Measure", elem_id="inspect-attn")
+    attn_plot = gr.Plot(label="Attention mass on the prefix (layer × head)")
+    gr.Markdown("### Compare prefixes")
+    with gr.Row():
+        compare = gr.Dropdown(label="Runs (same base model and prefix length)", choices=[],
+                              multiselect=True, scale=3)
+        compare_btn = gr.Button("Compare")
+    with gr.Row():
+        similarity = gr.Plot(label="Cosine similarity")
+        joint_pca = gr.Plot(label="All on one PCA map (this layer)")
+
+    current = gr.State(None)
+
+    def layer_views(rid, layer_i, kind_s, dims_s):
+        ins = workbench.inspection(rid)
+        layer_i = min(int(layer_i), ins.nearest.token_ids.shape[0] - 1)
+        pca = interpret.pca_map(ins.run.loaded, ins.bank, ins.run.kv, layer_i, kind_s,
+                                dims=3 if dims_s == "3-D" else 2)
+        return (plots.pca_figure(pca, 3 if dims_s == "3-D" else 2),
+                plots.layers_figure(interpret.layers_map(ins.run.loaded, ins.bank, ins.run.kv,
+                                                         kind_s)),
+                plots.nearest_tokens_figure(ins.nearest, kind_s),
+                _table(plots.nearest_tokens_table(ins.nearest, layer_i, kind_s)),
+                _table(plots.value_readout_table(ins.readout, layer_i)))
+
+    @guard
+    def on_open(rid, layer_i, kind_s, dims_s):
+        if not rid:
+            raise gr.Error("Pick a trained run.")
+        ins = workbench.inspection(rid)
+        L = ins.nearest.token_ids.shape[0]
+        movement = ins.movement
+        note = (f"**{ins.run.folder.read_config().get('name', rid)}**: {L} layers, "
+                f"{ins.run.kv.shape[3]} prefix positions, reference bank of "
+                f"{len(ins.bank.token_ids)} tokens.")
+        if movement is None:
+            note += " No training snapshots: movement is not available."
+        return (rid, note, gr.update(maximum=L - 1, value=min(int(layer_i), L - 1)),
+                *layer_views(rid, min(int(layer_i), L - 1), kind_s, dims_s),
+                plots.trajectory_figure(movement) if movement else None,
+                plots.distance_figure(movement) if movement else None)
+
+    open_btn.click(on_open, inputs=[pick, layer, kind, dims],
+                   outputs=[current, message, layer, pca_plot, layers_plot, nearest_plot,
+                            nearest_table, readout_table, trajectory, distance])
+
+    @guard
+    def on_view(rid, layer_i, kind_s, dims_s):
+        if not rid:
+            return None, None, None, None, None
+        return layer_views(rid, layer_i, kind_s, dims_s)
+
+    view_inputs = [current, layer, kind, dims]
+    view_outputs = [pca_plot, layers_plot, nearest_plot, nearest_table, readout_table]
+    layer.release(on_view, inputs=view_inputs, outputs=view_outputs)  # not on every drag tick
+    kind.change(on_view, inputs=view_inputs, outputs=view_outputs)
+    dims.change(on_view, inputs=view_inputs, outputs=view_outputs)
+
+    @guard
+    def on_attention(rid, text):
+        if not rid:
+            raise gr.Error("Inspect a run first.")
+        lines = [t.strip() for t in (text or "").splitlines() if t.strip()]
+        if not lines:
+            raise gr.Error("Type at least one input.")
+        ins = workbench.inspection(rid)
+        prefixes = {"trained": ins.run.kv}
+        if ins.initial_kv is not None:
+            prefixes = {"before training": ins.initial_kv, **prefixes}
+        return plots.attention_heatmap(interpret.prefix_attention(ins.run.loaded, prefixes,
+                                                                  lines[:8]))
+
+    attn_btn.click(on_attention, inputs=[current, attn_texts], outputs=attn_plot)
+
+    @guard
+    def on_compare(ids, layer_i, kind_s):
+        if not ids or len(ids) < 2:
+            raise gr.Error("Pick at least two runs.")
+        runs = {workbench.store.get(i).name: workbench.open(i) for i in ids}
+        shapes = {tuple(r.kv.shape) for r in runs.values()}
+        models = {r.loaded.name for r in runs.values()}
+        if len(shapes) > 1 or len(models) > 1:
+            raise gr.Error("These runs differ in base model or prefix length; "
+                           "only like prefixes compare.")
+        prefixes = {name: r.kv for name, r in runs.items()}
+        first = next(iter(runs.values()))
+        bank = workbench.bank(first)
+        layer_i = min(int(layer_i), first.kv.shape[0] - 1)
+        return (plots.similarity_heatmap(interpret.compare_prefixes(prefixes)),
+                plots.pca_figure(interpret.pca_map(first.loaded, bank, prefixes, layer_i,
+                                                   kind_s, dims=2), 2))
+
+    compare_btn.click(on_compare, inputs=[compare, layer, kind], outputs=[similarity, joint_pca])
+
+    @guard
+    def refresh():
+        choices = run_choices(workbench.finished_runs())
+        return gr.update(choices=choices), gr.update(choices=choices)
+
+    pick.focus(refresh, outputs=[pick, compare])
+    return [LoadHook(refresh, [], [pick, compare])]
