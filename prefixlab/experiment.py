@@ -30,8 +30,8 @@ from prefixlab.config import ConfigError, RunConfig
 from prefixlab.encode import Encoder, Template
 from prefixlab.evaluate import classification_report, predictions_from_probs, tfidf_baseline
 from prefixlab.files import atomic_save_tensors, atomic_write_json, read_json
-from prefixlab.models import LoadedModel, ModelInfo, autocast, load_model
-from prefixlab.predict import score_labels
+from prefixlab.models import LoadedModel, ModelInfo, load_model
+from prefixlab.predict import score_labels, score_log_likelihoods
 from prefixlab.prefix import (
     Prefix,
     default_init_text,
@@ -39,7 +39,7 @@ from prefixlab.prefix import (
     load_prefix,
     save_prefix,
 )
-from prefixlab.train import Checkpoint, StepInfo, batch_loss, train
+from prefixlab.train import Checkpoint, StepInfo, train
 
 STATES = ("created", "queued", "running", "completed", "failed", "cancelled", "interrupted")
 
@@ -257,36 +257,36 @@ def open_run(path: str | Path, loaded: LoadedModel | None = None) -> Run:
     return Run(folder, cfg, labels, loaded, prefix.kv, encoder)
 
 
-def _validation_loss(loaded: LoadedModel, kv: torch.Tensor, encoder: Encoder,
-                     data: datamod.LabeledData, batch_size: int) -> float:
-    from prefixlab.encode import bucketed_batches, collate
-
-    examples = encoder.examples(data.texts, data.labels)
-    total, count = 0.0, 0
-    with torch.no_grad(), autocast(loaded.device):
-        for idx in bucketed_batches([len(e) for e in examples], batch_size, 0, 0, shuffle=False):
-            batch = collate([examples[i] for i in idx], loaded.tokenizer.pad_token_id)
-            batch = batch.to(loaded.device)
-            n = int(batch.targets.numel())
-            total += float(batch_loss(loaded.model, kv.to(loaded.device), batch)) * n
-            count += n
-    return total / max(count, 1)
-
-
 def evaluate_prefix(
     loaded: LoadedModel, kv: torch.Tensor | None, encoder: Encoder, data: datamod.LabeledData
 ) -> tuple[dict, np.ndarray]:
-    probs = score_labels(loaded.model, kv, encoder, data.texts)
-    preds = predictions_from_probs(probs, encoder.labels)
-    return classification_report(data.labels, preds, encoder.labels), probs
+    """Metrics of one prefix (or the bare model) and the label probabilities, in one pass.
+
+    The report's `loss` is the training objective on these rows: the mean cross-entropy of
+    the gold label's tokens, read from the same label log-likelihoods as the predictions.
+    """
+    ll = score_log_likelihoods(loaded.model, kv, encoder, data.texts)  # (N, K)
+    probs = np.exp(ll - ll.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    report = classification_report(data.labels, predictions_from_probs(probs, encoder.labels),
+                                   encoder.labels)
+    gold = [encoder.labels.index(y) for y in data.labels]
+    n_tokens = sum(len(encoder.label_ids[g]) for g in gold)
+    report["loss"] = float(-ll[np.arange(len(gold)), gold].sum() / max(n_tokens, 1))
+    return report, probs
 
 
 def full_report(
     loaded: LoadedModel, kv: torch.Tensor, encoder: Encoder, train_data: datamod.LabeledData | None,
-    data: datamod.LabeledData, seed: int,
+    data: datamod.LabeledData, seed: int, prefix_report: dict | None = None,
 ) -> dict:
-    """The prefix's metrics at the top level, the two baselines beside them."""
-    report, _ = evaluate_prefix(loaded, kv, encoder, data)
+    """The prefix's metrics at the top level, the two baselines beside them.
+
+    `prefix_report`: the prefix's own metrics when already computed on `data` (the last
+    evaluation of a run), so the rows are not scored twice.
+    """
+    report = dict(prefix_report) if prefix_report else evaluate_prefix(loaded, kv, encoder,
+                                                                       data)[0]
     zero, _ = evaluate_prefix(loaded, None, encoder, data)
     baselines: dict = {"zero_shot": zero}
     if train_data is not None:
@@ -374,12 +374,13 @@ def execute_run(
         if on_step:
             on_step(s)
 
+    last_eval: dict = {}
+
     def evaluate(step: int) -> None:
-        kv = prefix.folded()
-        report, _ = evaluate_prefix(loaded, kv, encoder, prepared.validation)
-        vloss = _validation_loss(loaded, kv, encoder, prepared.validation,
-                                 cfg.training.batch_size)
-        folder.append_metrics({"type": "eval", "step": step, "val_loss": vloss,
+        report, _ = evaluate_prefix(loaded, prefix.folded(), encoder, prepared.validation)
+        last_eval.clear()
+        last_eval.update(step=step, report=report)
+        folder.append_metrics({"type": "eval", "step": step, "val_loss": report["loss"],
                                "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
 
     def save(ckpt: Checkpoint) -> None:
@@ -400,8 +401,9 @@ def execute_run(
     kv = prefix.folded()
     save_prefix(folder.prefix_path, kv, loaded.name, step=str(result.steps))
     folder.append_metrics({"type": "event", "message": "evaluating", "step": result.steps})
+    done = last_eval.get("report") if last_eval.get("step") == result.steps else None
     report = full_report(loaded, kv, encoder, prepared.train, prepared.validation,
-                         cfg.training.seed)
+                         cfg.training.seed, prefix_report=done)
     report["steps"] = result.steps
     folder.write_report(report)
     folder.set_status("completed", step=result.steps)

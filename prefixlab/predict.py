@@ -86,16 +86,17 @@ def label_log_likelihoods(
 
 
 @torch.no_grad()
-def score_labels(
+def score_log_likelihoods(
     model: nn.Module,
     kv: torch.Tensor | None,
     encoder: Encoder,
     texts: Sequence[str],
     batch_size: int = 16,
 ) -> np.ndarray:
-    """Label probabilities (N, K) in `encoder.labels` order; kv None scores the bare model.
+    """log p(label tokens | prompt) (N, K) over the full vocabulary, in `encoder.labels` order.
 
-    Texts are batched by length (little padding) and results returned in input order.
+    Texts are batched by length (little padding) and results returned in input order. The
+    gold column gives the validation loss too, so evaluation reads each text once.
     """
     prompts = encoder.prompts(texts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -104,8 +105,20 @@ def score_labels(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ll = label_log_likelihoods(model, kv, [prompts[i] for i in idx], encoder.label_ids, pad)
-        out[idx] = torch.softmax(ll.double(), dim=-1).numpy()
+        out[idx] = ll.double().numpy()
     return out
+
+
+def score_labels(
+    model: nn.Module,
+    kv: torch.Tensor | None,
+    encoder: Encoder,
+    texts: Sequence[str],
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Label probabilities (N, K) in `encoder.labels` order; kv None scores the bare model."""
+    ll = torch.from_numpy(score_log_likelihoods(model, kv, encoder, texts, batch_size))
+    return torch.softmax(ll, dim=-1).numpy()
 
 
 @torch.no_grad()

@@ -100,3 +100,22 @@ def test_max_steps_zero_trains_nothing(loaded):
                    on_checkpoint=saved.append)
     assert result.steps == 0 and saved[0].step == 0
     assert torch.equal(prefix.folded(), start)
+
+
+def test_evaluation_loss_is_the_training_objective(loaded):
+    """The validation loss read from label scores equals the training loss on those rows."""
+    from prefixlab.data import LabeledData
+    from prefixlab.encode import collate
+    from prefixlab.experiment import evaluate_prefix
+    from prefixlab.train import batch_loss
+
+    enc, prefix, examples, texts, labels = _setup(loaded)
+    kv = prefix.folded()
+    data = LabeledData(texts=texts, labels=labels, rows=list(range(1, len(texts) + 1)),
+                       label_names=sorted(set(labels)), warnings=[], text_column="text",
+                       label_column="label")
+    report, probs = evaluate_prefix(loaded, kv, enc, data)
+    with torch.no_grad():
+        expected = float(batch_loss(loaded.model, kv, collate(examples, 0)))
+    assert abs(report["loss"] - expected) < 1e-4
+    assert probs.shape == (len(texts), 2) and abs(probs.sum(1) - 1).max() < 1e-9
