@@ -144,6 +144,7 @@ class RunStore:
         """
         prepared = prepare_data(cfg)
         label = name or Path(cfg.train_csv).stem
+        data_name = data_name or Path(cfg.train_csv).name  # before it points at our copy
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_id = f"{stamp}-{slugify(label)}"
         n = 1
@@ -168,10 +169,12 @@ class RunStore:
             raise RunError(f"could not write the run folder in {self.data_dir}: {e}") from e
         now = time.time()
         with self._db() as db:
+            # A refresh in another process may have adopted the new folder already.
             db.execute(
                 "INSERT INTO runs (id, name, state, created, updated, data_name, model) "
-                "VALUES (?, ?, 'created', ?, ?, ?, ?)",
-                (run_id, label, now, now, data_name or Path(cfg.train_csv).name, loaded.name),
+                "VALUES (?, ?, 'created', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "name=excluded.name, data_name=excluded.data_name, model=excluded.model",
+                (run_id, label, now, now, data_name, loaded.name),
             )
         return run_id
 

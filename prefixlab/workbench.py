@@ -9,8 +9,10 @@ state (which run is open, how much of its log was read) stays in the UI's sessio
 from __future__ import annotations
 
 import shutil
+import tempfile
 import threading
 import time
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +185,10 @@ class Workbench:
                   data_name: str | None = None) -> str:
         """Validate, register and start a run; returns at once with the run id."""
         info = self.model_info(cfg.model)
-        run_id = self.store.create(cfg, info, name=name, data_name=data_name)
+        # Not during a refresh: it would adopt the half-written run folder, and the registry
+        # insert below would then fail (UNIQUE constraint) with the run left behind.
+        with self._refresh_lock:
+            run_id = self.store.create(cfg, info, name=name, data_name=data_name)
         self.store.start(run_id)
         return run_id
 
@@ -199,6 +204,12 @@ class Workbench:
                 self._refreshed = time.monotonic()
                 return self.store.refresh()
         return self.store.list()
+
+    def refresh(self) -> list[RunRow]:
+        """Fold the workers' progress into the registry now (never while a run is created)."""
+        with self._refresh_lock:
+            self._refreshed = time.monotonic()
+            return self.store.refresh()
 
     def runs_table(self) -> pd.DataFrame:
         rows = []
@@ -283,7 +294,9 @@ class Workbench:
     def predict_csv(self, run_id: str, path: str | Path, text_column: str | None = None) -> Path:
         """Score a CSV and write it back with predictions; every cell neutralized."""
         out = predict_table(self.open(run_id), path, text_column)
-        target = self.exports_dir / f"{run_id}-predictions-{int(time.time())}.csv"
+        # Unique per call: named by the second alone, two users' predictions were one file.
+        stamp = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
+        target = self.exports_dir / f"{run_id}-predictions-{stamp}.csv"
         datamod.write_csv(out, target)
         return target
 
@@ -296,27 +309,30 @@ class Workbench:
         info = folder.read_config()
         self.exports_dir.mkdir(parents=True, exist_ok=True)
         target = self.exports_dir / f"{run_id}-{kind}.zip"
-        staging = self.exports_dir / f".{run_id}-{kind}"
-        shutil.rmtree(staging, ignore_errors=True)
-        if kind == "peft":
-            loaded = self.model(info["run"]["model"])
-            kv = load_prefix(folder.prefix_path, loaded.shape).kv
-            export_peft(kv, loaded.model.config, staging, model_source(loaded.name))
-        elif kind == "prefix":
-            staging.mkdir(parents=True)
-            for name in ("prefix.safetensors", "prefix_params.safetensors", "config.json",
-                         "report.json", "metrics.jsonl"):
-                if (folder.path / name).is_file():
-                    shutil.copy2(folder.path / name, staging / name)
-        else:
-            raise ValueError(f"unknown download kind {kind!r}")
-        tmp = target.with_suffix(".zip.tmp")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-            for f in sorted(staging.rglob("*")):
-                if f.is_file():
-                    z.write(f, f.relative_to(staging))
-        tmp.replace(target)
-        shutil.rmtree(staging, ignore_errors=True)
+        # A folder of this call's own: two users downloading the same run at once must not
+        # delete each other's files; the finished zip replaces the target atomically.
+        work = Path(tempfile.mkdtemp(prefix=f".{run_id}-{kind}-", dir=self.exports_dir))
+        staging, tmp = work / kind, work / "download.zip"
+        try:
+            if kind == "peft":
+                loaded = self.model(info["run"]["model"])
+                kv = load_prefix(folder.prefix_path, loaded.shape).kv
+                export_peft(kv, loaded.model.config, staging, model_source(loaded.name))
+            elif kind == "prefix":
+                staging.mkdir()
+                for name in ("prefix.safetensors", "prefix_params.safetensors", "config.json",
+                             "report.json", "metrics.jsonl"):
+                    if (folder.path / name).is_file():
+                        shutil.copy2(folder.path / name, staging / name)
+            else:
+                raise ValueError(f"unknown download kind {kind!r}")
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+                for f in sorted(staging.rglob("*")):
+                    if f.is_file():
+                        z.write(f, f.relative_to(staging))
+            tmp.replace(target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         return target
 
     # --- inspection --------------------------------------------------------------------------

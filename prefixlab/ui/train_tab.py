@@ -161,14 +161,14 @@ def build(workbench: Workbench, dataset: gr.State) -> list[LoadHook]:
         cfg = run_config(state["path"], state.get("text"), state.get("label"),
                          as_settings(*values), model=workbench.default_model, task=task_text)
         rid = workbench.start_run(cfg, name=run_name or None, data_name=state["name"])
-        workbench.store.refresh()
+        workbench.refresh()
         return render(rid, 0, [])
 
     start.click(on_start, inputs=[dataset, name, task, *settings], outputs=poll_outputs)
 
     @guard
     def on_tick(rid, off, recs):
-        workbench.store.refresh()
+        workbench.refresh()
         return render(rid, off, recs)
 
     timer.tick(on_tick, inputs=[run_id, offset, records], outputs=poll_outputs)

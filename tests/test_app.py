@@ -1,0 +1,470 @@
+"""The app without a browser: the Workbench service, app.py's access rules, and the UI's
+handlers called directly, on tiny models saved as local folders (no worker process here).
+
+Also holds the helpers the browser and load tests share: saving a tiny model folder, writing
+a small labeled CSV and serving the app on a free port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import pytest  # noqa: E402
+
+import app  # noqa: E402
+from prefixlab.data import DataError  # noqa: E402
+from prefixlab.experiment import RunError, execute_run  # noqa: E402
+from prefixlab.ui import CSS, build_ui  # noqa: E402
+from prefixlab.ui.common import guard  # noqa: E402
+from prefixlab.ui.data_tab import describe  # noqa: E402
+from prefixlab.workbench import EXAMPLE_CSV, Workbench, run_config  # noqa: E402
+from tests.conftest import make_tokenizer, tiny_model  # noqa: E402
+
+BAD_INPUTS = Path(__file__).parent / "bad_inputs"
+RUNS_COLUMNS = ["name", "status", "progress", "data", "base model", "macro-F1", "accuracy",
+                "prefix size", "model size", "created", "id"]
+
+
+# --- helpers shared with test_browser.py and test_load.py ----------------------------------
+
+
+def save_tiny_model(path: Path, kind: str = "llama") -> Path:
+    """A tiny random model + in-process tokenizer as a local folder: a worker loads it in ~1 s."""
+    tiny_model(kind).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_reviews_csv(path: Path, rows: int = 40) -> Path:
+    """`rows` short reviews, two labels that the words give away (the tiny tokenizer knows
+    'positive' and 'negative' as single tokens)."""
+    lines = ["text,label"] + [
+        f"the movie was {'great' if i % 2 else 'bad'} {i},{'positive' if i % 2 else 'negative'}"
+        for i in range(rows)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def wait_for_run(workbench: Workbench, run_id: str, done, timeout: float = 120.0):
+    """Poll the registry until done(row); a failed or interrupted run fails at once."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        workbench.store.refresh()
+        row = workbench.store.get(run_id)
+        if done(row):
+            return row
+        if row.state in ("failed", "interrupted"):
+            raise AssertionError(f"run {row.name} {row.state}: {row.error}")
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} is still {workbench.store.get(run_id).state}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(workbench: Workbench, tmp: Path) -> Iterator[str]:
+    """Serve the app as `python app.py` does, offline, with Gradio's uploads under `tmp`;
+    yields its URL. Workers still running at the end are killed (they are ours)."""
+    (tmp / "gradio").mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
+        demo = build_ui(workbench)
+        workbench.warm_up()
+        port = free_port()
+        # The queue's concurrency is app.main's; everything else as the brief of app.py.
+        demo.queue(default_concurrency_limit=4).launch(
+            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+            css=CSS, max_file_size=app.MAX_UPLOAD, show_error=True,
+            allowed_paths=[str(workbench.exports_dir)],
+        )
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            demo.close()
+            for row in workbench.runs():
+                if row.state in ("queued", "running"):
+                    workbench.store.kill(row.id)
+
+
+# --- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    return {kind: save_tiny_model(tmp_path_factory.mktemp(f"tiny-{kind}"), kind)
+            for kind in ("gpt2", "llama")}
+
+
+@pytest.fixture
+def workbench(tmp_path, model_dirs) -> Workbench:
+    return Workbench(tmp_path / "data", model=str(model_dirs["llama"]))
+
+
+@pytest.fixture
+def reviews(tmp_path) -> Path:
+    return write_reviews_csv(tmp_path / "reviews.csv")
+
+
+def handler(demo: gr.Blocks, elem_id: str, event: str):
+    """The function wired to `event` of the component with this elem_id."""
+    ids = {i for i, b in demo.blocks.items() if getattr(b, "elem_id", None) == elem_id}
+    found = [f.fn for f in demo.fns.values() if any(t[0] in ids and t[1] == event
+                                                    for t in f.targets)]
+    assert len(found) == 1, f"{len(found)} handlers for {elem_id}.{event}"
+    return found[0]
+
+
+def api_fn(demo: gr.Blocks, api_name: str):
+    found = [f.fn for f in demo.fns.values() if f.api_name == api_name]
+    assert len(found) == 1, f"no API endpoint {api_name!r}"
+    return found[0]
+
+
+# --- Workbench -------------------------------------------------------------------------------
+
+
+def test_preview_guesses_the_columns_of_the_bundled_example(workbench):
+    info = workbench.preview_csv(EXAMPLE_CSV)
+    assert info.columns == ["text", "label"]
+    assert (info.text_column, info.label_column) == ("text", "label")
+    assert info.rows == 54 and len(info.frame) == 20
+    assert set(info.frame["label"]) <= {"praise", "complaint", "question"}
+
+
+def test_check_columns_refuses_a_bad_file_with_the_specific_problem(workbench):
+    with pytest.raises(DataError, match="only one distinct label"):
+        workbench.check_columns(BAD_INPUTS / "single_label.csv", "text", "label")
+    with pytest.raises(DataError, match="no label column named 'nope'"):
+        workbench.check_columns(EXAMPLE_CSV, "text", "nope")
+    with pytest.raises(DataError, match="PNG image"):
+        workbench.preview_csv(BAD_INPUTS / "image.csv")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("length", [1, 8])
+def test_prefix_size_is_layers_x_2_x_kv_heads_x_length_x_head_dim(tmp_path, model_dirs, kind,
+                                                                   length):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = model_dirs[kind]
+    wb = Workbench(tmp_path / "data", model=str(folder))
+    c = AutoConfig.from_pretrained(folder)
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    expected = (c.num_hidden_layers * 2 * kv_heads * length
+                * (c.hidden_size // c.num_attention_heads))
+    size = wb.prefix_size({"prefix_length": length, "reparameterize": False})
+    model_parameters = AutoModelForCausalLM.from_pretrained(folder).num_parameters()
+    assert size["trainable"] == expected
+    assert size["file_bytes"] == 4 * expected  # float32
+    assert size["model_parameters"] == model_parameters
+    assert size["share"] == pytest.approx(expected / model_parameters)
+    # The MLP trains more parameters, but folds into the same file.
+    mlp = wb.prefix_size({"prefix_length": length, "reparameterize": True})
+    assert mlp["trainable"] > expected and mlp["file_bytes"] == size["file_bytes"]
+
+
+def test_runs_table_has_its_columns_when_empty_and_a_row_per_run(workbench, reviews):
+    empty = workbench.runs_table()
+    assert list(empty.columns) == RUNS_COLUMNS and len(empty) == 0
+    cfg = run_config(str(reviews), "text", "label", {}, model=workbench.default_model)
+    run_id = workbench.store.create(cfg, workbench.model_info(), name="first",
+                                    data_name="reviews.csv")
+    table = workbench.runs_table()
+    assert list(table.columns) == RUNS_COLUMNS
+    row = table.iloc[0].to_dict()
+    assert row["id"] == run_id and row["name"] == "first" and row["status"] == "created"
+    assert row["data"] == "reviews.csv" and row["base model"] == workbench.default_model
+    assert row["progress"] == "" and row["prefix size"] == ""
+
+
+def test_pollers_share_one_registry_refresh(workbench, reviews, monkeypatch):
+    from prefixlab import workbench as workbench_module
+
+    refreshes = []
+    refresh = workbench.store.refresh
+    monkeypatch.setattr(workbench.store, "refresh", lambda: refreshes.append(1) or refresh())
+    assert workbench.runs() == [] and len(refreshes) == 1
+    cfg = run_config(str(reviews), "text", "label", {}, model=workbench.default_model)
+    run_id = workbench.store.create(cfg, workbench.model_info(), name="new")
+    # Within the interval the registry is read, not refreshed; a new run is there at once.
+    assert [r.id for r in workbench.runs()] == [run_id] and len(refreshes) == 1
+    monkeypatch.setattr(workbench_module, "REFRESH_INTERVAL_S", 0.0)
+    workbench.runs()
+    assert len(refreshes) == 2
+
+
+def test_a_run_started_while_others_poll_is_registered_once(workbench, reviews, monkeypatch):
+    """A refresh used to adopt the half-written folder: the registry insert then failed."""
+    monkeypatch.setattr(workbench.store, "start", lambda run_id: None)  # no worker here
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            workbench.refresh()
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        ids = [workbench.start_run(run_config(str(reviews), "text", "label", {},
+                                              model=workbench.default_model), name=f"run {i}")
+               for i in range(10)]
+    finally:
+        stop.set()
+        poller.join()
+    assert sorted(r.id for r in workbench.store.list()) == sorted(ids)
+
+
+# --- app.py: who may connect -----------------------------------------------------------------
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    for name in ("PREFIXLAB_HOST", "PREFIXLAB_AUTH", "PREFIXLAB_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_local_host_needs_no_login(no_env):
+    assert app.access(app.parse_args([])) is None
+    assert app.access(app.parse_args(["--host", "localhost"])) is None
+
+
+def test_listening_beyond_this_machine_without_auth_is_refused(no_env):
+    with pytest.raises(SystemExit, match="--auth") as e:
+        app.access(app.parse_args(["--host", "0.0.0.0"]))
+    assert "0.0.0.0" in str(e.value)
+
+
+def test_share_without_auth_is_refused(no_env):
+    with pytest.raises(SystemExit, match="--auth") as e:
+        app.access(app.parse_args(["--share"]))
+    assert "share link" in str(e.value)
+
+
+def test_auth_gives_the_credentials(no_env, monkeypatch):
+    assert app.access(app.parse_args(["--host", "0.0.0.0", "--auth", "u:p"])) == ("u", "p")
+    assert app.access(app.parse_args(["--share", "--auth", "u:p:q"])) == ("u", "p:q")
+    monkeypatch.setenv("PREFIXLAB_AUTH", "env:secret")
+    assert app.access(app.parse_args(["--host", "0.0.0.0"])) == ("env", "secret")
+
+
+@pytest.mark.parametrize("auth", ["u", "u:", ":p", ":"])
+def test_malformed_auth_is_refused(no_env, auth):
+    with pytest.raises(SystemExit, match="user:password"):
+        app.access(app.parse_args(["--host", "0.0.0.0", "--auth", auth]))
+
+
+# --- the UI's shared error handling ----------------------------------------------------------
+
+
+def test_guard_turns_a_data_error_into_the_same_message():
+    error = DataError(["row 3: empty text", "row 5: empty label"], "x.csv")
+
+    @guard
+    def fails():
+        raise error
+
+    with pytest.raises(gr.Error) as e:
+        fails()
+    assert e.value.message == str(error)
+    assert "row 3: empty text" in e.value.message and "row 5" in e.value.message
+
+
+def test_guard_names_an_unexpected_error_without_a_traceback(caplog):
+    @guard
+    def breaks():
+        raise ZeroDivisionError("division by zero")
+
+    with pytest.raises(gr.Error) as e:
+        breaks()
+    assert e.value.message.startswith("Something went wrong")
+    assert "ZeroDivisionError" in e.value.message and "Traceback" not in e.value.message
+    assert "breaks failed" in caplog.text  # the traceback goes to the log instead
+
+
+def test_guard_passes_a_gr_error_through_and_keeps_the_name():
+    @guard
+    def refuses():
+        raise gr.Error("Pick a run first.")
+
+    with pytest.raises(gr.Error, match="Pick a run first."):
+        refuses()
+    assert refuses.__name__ == "refuses"
+
+
+# --- the tabs' handlers, called as Gradio would ----------------------------------------------
+
+
+def test_describe_lists_the_problems_of_a_bad_label_column(workbench, tmp_path):
+    path = tmp_path / "sources.csv"
+    path.write_text("text,label,source\n" + "".join(
+        f"text number {i},{'a' if i % 2 else 'b'},web\n" for i in range(10)))
+    message, chart = describe(workbench, str(path), "text", "source")
+    assert message.startswith("**This file cannot be used yet:**")
+    assert "- the label column 'source' has only one distinct label, 'web'" in message
+    assert chart is None
+    message, chart = describe(workbench, str(path), "text", "label")
+    assert message.startswith("**10 usable rows**, 2 labels") and chart is not None
+
+
+@pytest.fixture
+def demo(workbench) -> gr.Blocks:
+    return build_ui(workbench)
+
+
+def test_the_example_button_fills_state_columns_preview_and_chart(demo):
+    state, message, text_col, label_col, preview, chart = handler(demo, "use-example", "click")()
+    assert state == {"path": str(EXAMPLE_CSV), "name": EXAMPLE_CSV.name}
+    assert "54 usable rows" in message and "3 labels" in message
+    assert text_col["value"] == "text" and label_col["value"] == "label"
+    assert text_col["choices"] == ["text", "label"]
+    assert len(preview) == 20 and chart is not None
+
+
+def test_uploading_a_bad_file_shows_its_problems_and_clears_the_columns(demo):
+    state, message, text_col, label_col, preview, chart = handler(demo, "csv", "upload")(
+        str(BAD_INPUTS / "image.csv"))
+    assert state is None and "This file cannot be used" in message and "PNG image" in message
+    assert text_col["choices"] == [] and preview is None and chart is None
+
+
+def test_the_same_column_for_text_and_label_is_refused(demo):
+    state = {"path": str(EXAMPLE_CSV), "name": EXAMPLE_CSV.name}
+    message, chart = handler(demo, "text-col", "input")(state, "text", "text")
+    assert "must differ" in message and chart is None
+
+
+def test_start_without_data_asks_for_a_csv(demo):
+    start = handler(demo, "start", "click")
+    with pytest.raises(gr.Error, match="Choose a CSV in the Data tab"):
+        start(None, "", "", 8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100)
+
+
+def test_score_needs_a_text_and_a_prefix(demo):
+    score = handler(demo, "play-score", "click")
+    with pytest.raises(gr.Error, match="at least one text"):
+        score("  \n ", ["x"], True)
+    with pytest.raises(gr.Error, match="trained prefix"):
+        score("good film", [], True)
+
+
+def test_api_endpoints_take_plain_values(demo, workbench, reviews):
+    runs, score = api_fn(demo, "runs"), api_fn(demo, "score")
+    assert runs() == []
+    cfg = run_config(str(reviews), "text", "label", {}, model=workbench.default_model)
+    run_id = workbench.store.create(cfg, workbench.model_info(), name="api")
+    [row] = runs(run_id)
+    assert row["id"] == run_id and row["state"] == "created" and row["step"] == 0
+    with pytest.raises(gr.Error, match="no run"):
+        runs("20990101-000000-missing")
+    with pytest.raises(gr.Error, match="not a run id"):
+        score(["good"], ["../../etc"])
+    with pytest.raises(gr.Error, match="at least one text"):
+        score([" "], [run_id])
+
+
+def test_the_prefix_size_line_counts_the_parameters(demo, workbench):
+    # show_size is wired to the page load and to the prefix-length slider (no elem_id).
+    fn = next(f.fn for f in demo.fns.values() if f.name == "show_size")
+    line = fn(8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100)
+    trainable = workbench.prefix_size({"prefix_length": 8})["trainable"]
+    assert f"**{trainable:,} trainable parameters**" in line
+
+
+def test_run_errors_from_the_store_reach_the_user_as_messages(workbench):
+    with pytest.raises(RunError, match="not a run id"):
+        workbench.metrics("../x")
+
+
+# --- a trained run (in this process: no worker) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_bench(tmp_path_factory, model_dirs) -> tuple[Workbench, str]:
+    """A workbench with one completed run, trained in this process (no worker)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    workbench = Workbench(tmp / "data", model=str(model_dirs["llama"]))
+    cfg = run_config(str(write_reviews_csv(tmp / "reviews.csv")), "text", "label", {},
+                     model=workbench.default_model)
+    run_id = workbench.store.create(cfg, workbench.model_info(), name="trained")
+    assert execute_run(workbench.folder(run_id), workbench.model()) is not None
+    assert workbench.refresh()[0].state == "completed"
+    return workbench, run_id
+
+
+def _at_once(n: int, fn) -> list:
+    """fn(0), ..., fn(n - 1) from n threads released together; re-raises the first error."""
+    results, errors, start = [None] * n, [], threading.Barrier(n)
+
+    def call(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = fn(i)
+        except Exception as e:  # re-raised below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("kind, files", [
+    ("prefix", {"prefix.safetensors", "prefix_params.safetensors", "config.json",
+                "report.json", "metrics.jsonl"}),
+    ("peft", {"adapter_config.json", "adapter_model.safetensors"}),
+])
+def test_downloads_of_one_run_at_once_each_get_the_whole_zip(trained_bench, kind, files):
+    workbench, run_id = trained_bench
+    for path in _at_once(6, lambda _: workbench.download(run_id, kind)):
+        assert path.name == f"{run_id}-{kind}.zip"
+        assert set(zipfile.ZipFile(path).namelist()) == files
+    assert not [p for p in workbench.exports_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_batch_predictions_at_once_each_get_their_own_file(trained_bench, tmp_path):
+    workbench, run_id = trained_bench
+
+    def csv(i: int) -> Path:
+        path = tmp_path / f"batch{i}.csv"
+        path.write_text(f"text\nuser {i} says the movie was great\n")
+        return path
+
+    paths = _at_once(4, lambda i: workbench.predict_csv(run_id, csv(i)))
+    assert len(set(paths)) == 4
+    for i, path in enumerate(paths):
+        text = path.read_text()
+        assert f"user {i} says" in text and "predicted_label" in text
+
+
+def test_the_playground_scores_and_generates_with_a_trained_prefix(trained_bench):
+    workbench, run_id = trained_bench
+    demo = build_ui(workbench)
+    frame, chart = handler(demo, "play-score", "click")("the movie was great", [run_id], True)
+    assert list(frame["source"]) == ["prefix: trained", "bare model, trained's prompt"]
+    assert (frame["p(negative)"] + frame["p(positive)"]).round(3).eq(1).all()
+    assert chart is not None
+    rows = api_fn(demo, "score")(["good", " ", "bad"], [run_id])
+    assert [r["text"] for r in rows] == ["good", "bad"]
+    generated = handler(demo, "gen-run", "click")("the movie", run_id, 4, False, 1.0)
+    assert isinstance(generated, str)
