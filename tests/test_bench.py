@@ -1,0 +1,206 @@
+"""The benchmark's code paths on tiny models, and the training shortcuts it measures.
+
+The shortcuts must not change what is learned: the lean Llama forward and the chunked
+backward give batch_loss's loss and gradient; the thread tuner only picks a thread count.
+The bench itself runs both contenders on a tiny model in-process (no subprocess, no real
+model) and must print a machine-readable summary. One slow test runs the real command.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prefixlab.train as trainmod
+from prefixlab import bench
+from prefixlab.data import LabeledData
+from prefixlab.encode import Encoder, Template, collate
+from prefixlab.prefix import Prefix, PrefixConfig, init_prefix
+from prefixlab.train import ThreadTuner, batch_loss
+
+from .conftest import tiny_model
+
+# PEFT 0.21.2 on transformers 5.24 passes `past_key_values` (a FutureWarning, made an error by
+# the project's pytest settings); its forward still honours it.
+tolerate_peft = pytest.mark.filterwarnings(
+    "ignore:`past_key_values` is deprecated:FutureWarning",
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
+)
+
+TEXTS = ["good great", "bad awful terrible horrible boring", "fine",
+         "the movie was great and i loved it", "a terrible boring film", "excellent"]
+LABELS = ["positive", "negative", "positive", "positive", "negative", "positive"]
+
+
+def _batch(loaded, labels=("negative", "positive"), gold=LABELS):
+    enc = Encoder(loaded.tokenizer, Template(), list(labels), max_length=64)
+    examples = enc.examples(TEXTS, list(gold))
+    prefix = Prefix(loaded.shape, PrefixConfig(prefix_length=4))
+    init_prefix(prefix, loaded.model, loaded.tokenizer, "Classify the text")
+    return examples, prefix.kv
+
+
+def _loss_and_grad(fn, model, kv, batch):
+    loss = fn(model, kv, batch)
+    (grad,) = torch.autograd.grad(loss, kv)
+    return loss.detach(), grad
+
+
+def test_lean_forward_matches_batch_loss_with_padding_and_multi_token_labels(tokenizer):
+    from prefixlab.models import prepare_model
+
+    loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
+    assert trainmod._lean_supported(loaded.model)
+    # a two-token label, so the loss reads two positions in some rows
+    gold = ["positive", "negative neither", "positive", "positive", "negative neither",
+            "positive"]
+    examples, kv = _batch(loaded, ("negative neither", "positive"), gold)
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    assert batch.attention_mask.min() == 0  # rows of different lengths: right padding
+    want = _loss_and_grad(batch_loss, loaded.model, kv, batch)
+    got = _loss_and_grad(trainmod._lean_loss, loaded.model, kv, batch)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+
+
+def test_lean_forward_is_not_used_where_it_does_not_apply(tokenizer):
+    from prefixlab.models import prepare_model
+
+    gpt2 = prepare_model(tiny_model("gpt2"), tokenizer, "tiny-gpt2", torch.device("cpu"))
+    assert not trainmod._lean_supported(gpt2.model)
+    llama = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
+    llama.model.model.norm.weight.requires_grad_(True)  # not a frozen model any more
+    assert not trainmod._lean_supported(llama.model)
+
+
+def test_chunked_backward_gives_the_whole_batch_loss_and_gradient(loaded):
+    examples, kv = _batch(loaded)
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    want_loss, want_grad = _loss_and_grad(batch_loss, loaded.model, kv, batch)
+    leaf = kv.detach().clone().requires_grad_(True)
+    longest = max(len(e) for e in examples)
+    assert len(trainmod._chunks(examples, 2 * longest)) == 3  # 6 rows, 2 per chunk
+    loss, real, padded = trainmod._backward(loaded.model, leaf, examples,
+                                            loaded.tokenizer.pad_token_id,
+                                            torch.device("cpu"), 2 * longest)
+    assert real == sum(len(e) for e in examples) <= padded <= len(examples) * longest
+    assert loss == pytest.approx(float(want_loss), rel=1e-5)
+    torch.testing.assert_close(leaf.grad, want_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_chunks_keep_to_the_budget_and_every_row():
+    from prefixlab.encode import Example
+
+    rows = [Example([1] * n, [2], 0) for n in (5, 40, 9, 12, 3, 30, 7, 20)]
+    for budget in (1, 16, 64, 100, 10_000):
+        parts = trainmod._chunks(rows, budget)
+        assert sorted(id(e) for p in parts for e in p) == sorted(id(e) for e in rows)
+        assert all(len(p) == 1 or len(p) * max(len(e) for e in p) <= budget for p in parts)
+    assert len(trainmod._chunks(rows, 10_000)) == 1
+
+
+def test_thread_tuner_follows_the_faster_thread_count(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    initial = torch.get_num_threads()
+    if initial < 2:
+        pytest.skip("torch runs one thread here: nothing to choose")
+    now = [0.0]
+    tuner = ThreadTuner(torch.device("cpu"), clock=lambda: now[0])
+
+    def steps(seconds_per_token: dict[int, float], n: int) -> list[int]:
+        used = []
+        for _ in range(n):
+            tuner.start()
+            threads = torch.get_num_threads()
+            used.append(threads)
+            now[0] += seconds_per_token[threads] * 100
+            tuner.stop(100)
+        return used
+
+    try:
+        busy = steps({initial: 6.0, 1: 1.0}, 40)  # shared cores: one thread is 6x faster
+        assert busy[-20:].count(1) >= 18
+        idle = steps({initial: 0.5, 1: 1.0}, 80)  # the cores free up again
+        assert idle[-20:].count(initial) >= 18
+    finally:
+        tuner.close()
+    assert torch.get_num_threads() == initial
+
+
+def test_thread_tuner_leaves_a_pinned_count_alone(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    tuner = ThreadTuner(torch.device("cpu"))
+    before = torch.get_num_threads()
+    tuner.start()
+    tuner.stop(100)
+    tuner.close()
+    assert not tuner.active and torch.get_num_threads() == before
+
+
+def _tiny_data(n: int = 40) -> LabeledData:
+    texts = [TEXTS[i % len(TEXTS)] + " " * (i % 3) + "!" * (i % 4) for i in range(n)]
+    labels = [LABELS[i % len(LABELS)] for i in range(n)]
+    return LabeledData(texts, labels, list(range(1, n + 1)), ["negative", "positive"], [],
+                       "text", "label")
+
+
+@tolerate_peft
+def test_both_contenders_run_and_score_the_same_prefix_alike(tokenizer):
+    from prefixlab.models import prepare_model
+
+    cfg = bench.BenchConfig(rows=16, eval_rows=12, epochs=2, batch_size=4, prefix_length=4,
+                            max_length=48, warmup_steps=2, score_batch_size=5)
+    data = _tiny_data()
+    runs = {}
+    for name in bench.CONTENDERS:  # a fresh model each: PEFT wraps the one it gets
+        loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama",
+                               torch.device("cpu"))
+        runs[name] = [bench.run_worker(name, cfg, loaded=loaded, data=data)]
+        json.dumps(runs[name][0])  # what a worker prints must be JSON
+    ours, peft = runs["ours"][0], runs["peft"][0]
+    assert ours["train_rows"] == peft["train_rows"] == 16
+    assert ours["train"]["examples"] == peft["train"]["examples"] == 32
+    # the same rows: the same non-padding tokens; PEFT pads to each random batch's longest
+    assert ours["train"]["real_tokens"] == peft["train"]["real_tokens"]
+    assert peft["train"]["padded_tokens"] >= peft["train"]["real_tokens"]
+    # PEFT's forward and score_labels read one prefix the same way
+    assert peft["agreement"]["labels"] == 1.0
+    assert peft["agreement"]["max_abs_prob_diff"] < 1e-4
+
+    report = bench.format_report(cfg, runs, [100.0, 110.0, 90.0])
+    last = report.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"summary: train_speedup=\d+\.\d\d score_speedup=\d+\.\d\d flop_utilization=\d+\.\d\d "
+        r"peak_rss_gb=\d+\.\d\d macro_f1_ours=\d\.\d\d macro_f1_peft=\d\.\d\d "
+        r"label_agreement=\d\.\d\d", last)
+    assert "flop_utilization" in report and ("MISSED" in report or "met" in report)
+
+
+def test_peft_layout_round_trips():
+    kv = torch.randn(3, 2, 2, 5, 4)  # (L, 2, H_kv, P, D)
+    flat = bench.peft_embeddings(kv)
+    assert flat.shape == (5, 3 * 2 * 2 * 4)
+    torch.testing.assert_close(bench.peft_key_values(flat, kv), kv)
+
+
+def test_config_refuses_impossible_sizes():
+    with pytest.raises(ValueError, match="rows must be at least 1.*epochs must be at least 1"):
+        bench.BenchConfig(rows=0, epochs=0)
+
+
+@pytest.mark.slow
+def test_quick_bench_prints_a_machine_readable_last_line(shared_data):
+    cmd = [sys.executable, "-m", "prefixlab.bench", "--quick", "--rows", "16", "--eval-rows",
+           "12", "--data-dir", str(shared_data)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("summary: train_speedup=")
+    values = dict(kv.split("=") for kv in last.removeprefix("summary: ").split())
+    assert set(values) == {"train_speedup", "score_speedup", "flop_utilization", "peak_rss_gb",
+                           "macro_f1_ours", "macro_f1_peft", "label_agreement"}
+    assert float(values["label_agreement"]) == 1.0
