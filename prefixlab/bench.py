@@ -228,7 +228,6 @@ def run_ours(loaded: LoadedModel, task: Task, cfg: BenchConfig) -> dict:
     tcfg = cfg.train_config()
     step_ends: list[float] = []
     losses: list[float] = []
-
     threads: list[int] = []
 
     def on_step(info) -> None:
@@ -236,7 +235,8 @@ def run_ours(loaded: LoadedModel, task: Task, cfg: BenchConfig) -> dict:
         losses.append(info.loss)
         threads.append(torch.get_num_threads())  # what train()'s thread tuner ran this step
 
-    # Token counts of the batches train() will form (a pure function of seed and epoch).
+    # Token counts of the batches train() will form (a pure function of seed and epoch);
+    # padded to each batch's longest row, an upper bound: train() pads each chunk to its own.
     lengths = [len(e) for e in task.examples]
     padded = real = 0
     for epoch in range(cfg.epochs):

@@ -3,7 +3,9 @@
 Scoring compares every label's full token sequence after the prompt. The prompt is read once
 per batch (the prefix's cache built once per batch); when every label is one token, that single
 forward is all it takes, reading logits only at each prompt's last position. Multi-token labels
-continue from the prompt's cache with all labels at once.
+continue from the prompt's cache with all labels at once. Scoring runs in inference mode (no
+autograd bookkeeping, no version counters), with train's ThreadTuner picking the CPU thread
+count batch by batch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from prefixlab.encode import Encoder
 from prefixlab.models import autocast
 from prefixlab.prefix import build_cache, cache_keyword, prefix_inputs
+from prefixlab.train import ThreadTuner
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -33,7 +36,7 @@ def _pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor
     return ids, mask
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def label_log_likelihoods(
     model: nn.Module,
     kv: torch.Tensor | None,
@@ -85,7 +88,7 @@ def label_log_likelihoods(
     return (scores + tok.sum(-1).view(B, K)).cpu()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_log_likelihoods(
     model: nn.Module,
     kv: torch.Tensor | None,
@@ -102,10 +105,17 @@ def score_log_likelihoods(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = np.zeros((len(prompts), len(encoder.labels)), dtype=np.float64)
     pad = encoder.tokenizer.pad_token_id
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ll = label_log_likelihoods(model, kv, [prompts[i] for i in idx], encoder.label_ids, pad)
-        out[idx] = ll.double().numpy()
+    tuner = ThreadTuner(_device(model))  # one thread while other processes hold the cores
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            tuner.start()
+            ll = label_log_likelihoods(model, kv, [prompts[i] for i in idx], encoder.label_ids,
+                                       pad)
+            tuner.stop(len(idx) * max(len(prompts[i]) for i in idx))
+            out[idx] = ll.double().numpy()
+    finally:
+        tuner.close()
     return out
 
 

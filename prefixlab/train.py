@@ -4,6 +4,11 @@ It knows nothing about files, databases or a UI. The caller listens through `on_
 `evaluate` and `on_checkpoint`, and stops it through `should_stop`. Batch order is a pure
 function of (seed, epoch), and the learning rate a pure function of the step, so a run resumed
 from a checkpoint continues exactly where it stopped.
+
+Speed and memory on CPU (measured by `python -m prefixlab.bench`): a batch is read in chunks of
+at most CHUNK_TOKENS padded tokens, Llama-family models go through a lean step with a
+hand-written backward (same loss and gradient as batch_loss, tested), and ThreadTuner picks the
+CPU thread count from what each step measures.
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ from prefixlab.encode import Example, bucketed_batches, collate
 from prefixlab.models import autocast
 from prefixlab.prefix import Prefix, forward
 
-CHUNK_TOKENS = 256
+CHUNK_TOKENS = 384
 """Most padded tokens one forward/backward holds. A bigger batch is read in chunks whose
-gradients add up to the batch's, so activation memory stays bounded (~1 MB per token for
-SmolLM2-135M in float32) for any max_length; chunks of a few hundred rows keep CPU matmuls
-near their peak."""
+gradients add up to the batch's, so activation memory stays bounded for any max_length:
+~0.7 MB per token for SmolLM2-135M on the lean path, so training peaks at ~1.4 GB resident
+with the model; chunks of a few hundred rows keep CPU matmuls near their peak."""
 
 
 @dataclass
@@ -147,72 +152,23 @@ def batch_loss(model: nn.Module, kv: torch.Tensor, batch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch.targets)  # logits: (n_target_tokens, V)
 
 
-# --- a lean training forward for Llama-family decoders on CPU --------------------------------
+# --- a lean training step for Llama-family decoders on CPU ----------------------------------
 #
-# The loss of batch_loss, computed from the model's own modules with less work and memory:
-# - attention runs on the key/value heads (SDPA enable_gqa), not on copies repeated per query
-#   head, under one (T, P+T) mask: prefix, then causal. With right padding, real positions
-#   never see padding, so the padding mask is not needed for the positions the loss reads;
-# - RMSNorm, RoPE and SwiGLU are single autograd nodes that keep only what their backward needs
-#   (SwiGLU keeps gate and up, not silu(gate)): ~0.7 MB of saved activations per token for
-#   SmolLM2-135M instead of ~1 MB, and a third of the operator calls;
-# - the last layer's output projection and MLP run only at the positions the loss reads.
-# Frozen weights need no gradient, so no linear layer keeps its input for the backward.
+# batch_loss's loss and gradient, computed with less work and far less memory. All decoder
+# layers are one autograd node (`_LlamaStack`) with a hand-written backward:
+# - it keeps only what its backward needs, ~0.6 MB per token for SmolLM2-135M where autograd
+#   keeps ~1 MB: per layer the input and post-attention residuals, 1/rms, queries, keys and
+#   values (prefix included), the attention's log-sum-exp, and the MLP's gate and up;
+# - what it keeps lives in a workspace of large blocks reused batch after batch, never in the
+#   heap between short-lived tensors, where freed holes that later requests do not fit made
+#   the process hold ~1.8x the memory it used;
+# - attention runs on the key/value heads (GQA), not on copies repeated per query head, under
+#   one (T, P+T) mask: prefix, then causal. With right padding, no position the loss reads
+#   sees padding, and padded positions get no gradient;
+# - the last layer's output projection and MLP run only at the positions the loss reads;
+# - frozen weights get no gradient: each linear layer's backward is one matmul.
 
-
-class _RMSNorm(torch.autograd.Function):
-    """y = w * x / sqrt(mean(x^2) + eps), with w frozen; keeps x and 1/rms."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        ctx.save_for_backward(x, rstd)
-        ctx.weight = weight
-        return weight * (x * rstd)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, rstd = ctx.saved_tensors
-        gw = grad * ctx.weight
-        dot = (gw * x).mean(-1, keepdim=True)  # (..., 1)
-        return rstd * (gw - x * (rstd * rstd * dot)), None, None
-
-
-class _Rope(torch.autograd.Function):
-    """Rotary embedding x*cos + rotate_half(x)*sin; cos and sin are constants, nothing is kept."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx.cos, ctx.sin = cos, sin
-        return x * cos + _rotate_half(x) * sin
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # rotate_half is a rotation by 90 degrees: its transpose is -rotate_half
-        return grad * ctx.cos - _rotate_half(grad * ctx.sin), None, None
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up; keeps gate and up, recomputes silu(gate) in the backward."""
-
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
-
-
-_BETWEEN = None
-_LEAN_TYPES = {"llama"}  # model families whose decoder the lean forward reproduces exactly
+_LEAN_TYPES = {"llama"}  # model families whose decoder layer `_LlamaStack` reproduces exactly
 
 
 def _lean_supported(model: nn.Module) -> bool:
@@ -228,44 +184,205 @@ def _lean_supported(model: nn.Module) -> bool:
     return all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
 
 
-def _lean_loss(model: nn.Module, kv: torch.Tensor, batch) -> torch.Tensor:
+class _Workspace:
+    """Memory for what `_LlamaStack` keeps between its forward and backward: large blocks,
+    handed out in order and reused for every batch (`reset`), released by `close`."""
+
+    BLOCK = 64 << 20  # bytes; above glibc's largest mmap threshold: never part of the heap
+
+    def __init__(self) -> None:
+        self.blocks: list[torch.Tensor] = []
+        self.block = self.offset = 0
+
+    def take(self, *shape: int) -> torch.Tensor:
+        """An uninitialized float32 tensor of `shape` in the workspace."""
+        n = math.prod(shape) * 4
+        start = -(-self.offset // 64) * 64  # 64-byte aligned
+        if start + n > self.BLOCK:
+            self.block, start = self.block + 1, 0
+        while self.block >= len(self.blocks):
+            self.blocks.append(torch.empty(max(n, self.BLOCK), dtype=torch.uint8))
+        if start + n > self.blocks[self.block].numel():  # one tensor larger than a block
+            self.blocks[self.block] = torch.empty(start + n, dtype=torch.uint8)
+        self.offset = start + n
+        return self.blocks[self.block][start : start + n].view(torch.float32).view(shape)
+
+    def reset(self) -> None:
+        """Call when nothing refers to what `take` returned any more."""
+        self.block = self.offset = 0
+
+    def close(self) -> None:
+        self.reset()
+        self.blocks.clear()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rms_backward(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor,
+                  weight: torch.Tensor) -> torch.Tensor:
+    """Gradient of w * x * rstd, rstd = 1/sqrt(mean(x^2) + eps), with respect to x."""
+    gw = grad * weight
+    return rstd * (gw - x * (rstd * rstd * (gw * x).mean(-1, keepdim=True)))
+
+
+class _LlamaStack(torch.autograd.Function):
+    """All decoder layers of a Llama model reading a batch after the prefix, as one node.
+
+    forward(kv (L, 2, H_kv, P, D), h (B, T, C) embeddings, ...) -> (n, C): the last layer's
+    output at the n positions `keep` marks. Only kv gets a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, kv, h, inner, keep, cos, sin, bias, ws):
+        B, T, C = h.shape
+        P = kv.shape[3]
+        layers = inner.layers
+        saved = []
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            D = attn.head_dim
+            Hk = attn.k_proj.out_features // D
+            G = attn.q_proj.out_features // D // Hk  # query heads per key/value head
+            norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+            rstd1 = ws.take(B, T, 1)
+            torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm1.variance_epsilon, out=rstd1)
+            x = h * rstd1 * norm1.weight  # (B, T, C)
+            q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(B, T, Hk, G, D)
+            k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(B, T, Hk, D)
+            v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, T, Hk, D)
+            q = q * cos.unsqueeze(2) + _rotate_half(q) * sin.unsqueeze(2)  # RoPE
+            k = k * cos + _rotate_half(k) * sin
+            qg = ws.take(B, Hk, G * T, D)  # queries grouped by their key/value head
+            qg.view(B, Hk, G, T, D).copy_(q.permute(0, 2, 3, 1, 4))
+            keys, values = ws.take(B, Hk, P + T, D), ws.take(B, Hk, P + T, D)
+            keys[:, :, :P], keys[:, :, P:] = kv[i, 0], k.transpose(1, 2)
+            values[:, :, :P], values[:, :, P:] = kv[i, 1], v.transpose(1, 2)
+            s = torch.matmul(qg, keys.transpose(-1, -2)).mul_(attn.scaling)  # (B, Hk, G*T, S)
+            s = s.view(B, Hk, G, T, P + T).add_(bias)
+            lse = ws.take(B, Hk, G, T, 1)
+            torch.logsumexp(s, -1, keepdim=True, out=lse)
+            p = s.sub_(lse).exp_().view(B, Hk, G * T, P + T)
+            o = torch.matmul(p, values).view(B, Hk, G, T, D)
+            o = o.permute(0, 3, 1, 2, 4).reshape(B, T, -1)  # (B, T, H*D)
+            del s, p, q, k, v, x
+            h_in = h if i else None  # the embeddings need no gradient: not kept
+            if i == len(layers) - 1:  # nothing after this layer reads the other positions
+                o, h = o[keep], h[keep]  # (n, H*D), (n, C)
+            h2 = ws.take(*h.shape)
+            torch.add(h, F.linear(o, attn.o_proj.weight, attn.o_proj.bias), out=h2)
+            rstd2 = ws.take(*h.shape[:-1], 1)
+            torch.rsqrt(h2.pow(2).mean(-1, keepdim=True) + norm2.variance_epsilon, out=rstd2)
+            x = h2 * rstd2 * norm2.weight
+            gate = ws.take(*h.shape[:-1], mlp.gate_proj.out_features)
+            up = ws.take(*h.shape[:-1], mlp.up_proj.out_features)
+            torch.matmul(x, mlp.gate_proj.weight.t(), out=gate)
+            torch.matmul(x, mlp.up_proj.weight.t(), out=up)
+            if mlp.gate_proj.bias is not None:
+                gate += mlp.gate_proj.bias
+            if mlp.up_proj.bias is not None:
+                up += mlp.up_proj.bias
+            out = ws.take(*h.shape)
+            torch.add(h2, F.linear(F.silu(gate) * up, mlp.down_proj.weight,
+                                   mlp.down_proj.bias), out=out)
+            saved.append((h_in, rstd1, qg, keys, values, lse, h2, rstd2, gate, up))
+            h = out
+        ctx.saved = saved
+        ctx.inner, ctx.keep, ctx.cos, ctx.sin, ctx.bias, ctx.P = inner, keep, cos, sin, bias, P
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        inner, keep, cos, sin, bias, P = ctx.inner, ctx.keep, ctx.cos, ctx.sin, ctx.bias, ctx.P
+        layers = inner.layers
+        B, T = keep.shape
+        dkv = torch.zeros(len(layers), 2, *ctx.saved[0][3].shape[1:2], P,
+                          ctx.saved[0][3].shape[-1])  # (L, 2, H_kv, P, D)
+        dh = grad  # (n, C) at the last layer's output
+        for i in range(len(layers) - 1, -1, -1):
+            h, rstd1, qg, keys, values, lse, h2, rstd2, gate, up = ctx.saved[i]
+            layer = layers[i]
+            attn, mlp = layer.self_attn, layer.mlp
+            _, Hk, GT, D = qg.shape
+            G = GT // T
+            # MLP: out = h2 + down(silu(gate) * up)
+            da = dh @ mlp.down_proj.weight
+            dgate = torch.ops.aten.silu_backward(da * up, gate)
+            dup = da * F.silu(gate)
+            dx = dgate @ mlp.gate_proj.weight + dup @ mlp.up_proj.weight
+            dh2 = dh + _rms_backward(dx, h2, rstd2, layer.post_attention_layernorm.weight)
+            del da, dgate, dup, dx
+            # attention output: h2 = h + o_proj(o)
+            do = dh2 @ attn.o_proj.weight  # (.., H*D)
+            if i == len(layers) - 1:  # back from the positions the loss read to all
+                full = torch.zeros(B, T, do.shape[-1])
+                full[keep] = do
+                do = full
+                full = torch.zeros(B, T, dh2.shape[-1])
+                full[keep] = dh2
+                dh2 = full
+            dog = do.view(B, T, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, GT, D)
+            s = torch.matmul(qg, keys.transpose(-1, -2)).mul_(attn.scaling)
+            s = s.view(B, Hk, G, T, P + T).add_(bias)
+            p = s.sub_(lse).exp_().view(B, Hk, GT, P + T)  # the attention weights again
+            dvalues = torch.matmul(p.transpose(-1, -2), dog)  # (B, Hk, S, D)
+            dp = torch.matmul(dog, values.transpose(-1, -2))  # (B, Hk, G*T, S)
+            ds = p.mul_(dp.sub_((dp * p).sum(-1, keepdim=True)))
+            dkeys = torch.matmul(ds.transpose(-1, -2), qg).mul_(attn.scaling)  # (B, Hk, S, D)
+            dkv[i, 0] = dkeys[:, :, :P].sum(0)
+            dkv[i, 1] = dvalues[:, :, :P].sum(0)
+            if i == 0:  # the embeddings need no gradient
+                break
+            dq = torch.matmul(ds, keys).mul_(attn.scaling)  # (B, Hk, G*T, D)
+            del s, p, dp, ds
+            dq = dq.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4)  # (B, T, Hk, G, D)
+            dk = dkeys[:, :, P:].transpose(1, 2)  # (B, T, Hk, D)
+            dv = dvalues[:, :, P:].transpose(1, 2)
+            # RoPE's transpose: rotate_half is a 90-degree rotation, its transpose -rotate_half
+            dq = dq * cos.unsqueeze(2) - _rotate_half(dq * sin.unsqueeze(2))
+            dk = dk * cos - _rotate_half(dk * sin)
+            dx = (dq.reshape(B, T, -1) @ attn.q_proj.weight
+                  + dk.reshape(B, T, -1) @ attn.k_proj.weight
+                  + dv.reshape(B, T, -1) @ attn.v_proj.weight)
+            dh = dh2 + _rms_backward(dx, h, rstd1, layer.input_layernorm.weight)
+        ctx.saved = None
+        return dkv, None, None, None, None, None, None, None
+
+
+def _lean_loss(model: nn.Module, kv: torch.Tensor, batch, ws: _Workspace | None = None):
     """batch_loss for a right-padded batch on a supported model (see `_lean_supported`)."""
     inner = model.model
     B, T = batch.input_ids.shape
     P = kv.shape[3]
-    h = inner.embed_tokens(batch.input_ids)  # (B, T, C)
-    positions = torch.arange(P, P + T, device=h.device).unsqueeze(0)  # (1, T): after the prefix
-    cos, sin = inner.rotary_emb(h, positions)  # (1, T, D) each
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, T, D): broadcast over batch, heads
-    mask = torch.ones(T, P + T, dtype=torch.bool, device=h.device).tril(P)  # (T, P+T)
-    keep = batch.loss_mask  # (B, T) bool
-    last = len(inner.layers) - 1
-    for i, layer in enumerate(inner.layers):
-        if _BETWEEN is not None:
-            _BETWEEN(i)
-        attn, mlp = layer.self_attn, layer.mlp
-        D = attn.head_dim
-        x = _RMSNorm.apply(h, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-        q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(B, T, -1, D).transpose(1, 2)
-        k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(B, T, -1, D).transpose(1, 2)
-        v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, T, -1, D).transpose(1, 2)
-        q, k = _Rope.apply(q, cos, sin), _Rope.apply(k, cos, sin)  # (B, H, T, D), (B, H_kv, T, D)
-        k = torch.cat([kv[i, 0].expand(B, -1, -1, -1), k], dim=2)  # (B, H_kv, P+T, D)
-        v = torch.cat([kv[i, 1].expand(B, -1, -1, -1), v], dim=2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
-                                           enable_gqa=True)  # (B, H, T, D)
-        o = o.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
-        if i == last:  # nothing after this layer reads the other positions
-            o, h = o[keep], h[keep]  # (n, H*D), (n, C)
-        h = h + F.linear(o, attn.o_proj.weight, attn.o_proj.bias)
-        norm = layer.post_attention_layernorm
-        x = _RMSNorm.apply(h, norm.weight, norm.variance_epsilon)
-        g = _SwiGLU.apply(F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias),
-                          F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias))
-        h = h + F.linear(g, mlp.down_proj.weight, mlp.down_proj.bias)
+    with torch.no_grad():
+        h = inner.embed_tokens(batch.input_ids)  # (B, T, C)
+        positions = torch.arange(P, P + T).unsqueeze(0)  # (1, T): after the prefix
+        cos, sin = inner.rotary_emb(h, positions)  # (1, T, D) each
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (1, T, 1, D): over batch and heads
+        visible = torch.ones(T, P + T, dtype=torch.bool).tril(P)  # prefix, then causal
+        bias = torch.zeros(T, P + T).masked_fill_(~visible, float("-inf"))  # (T, P+T)
+    h = _LlamaStack.apply(kv, h, inner, batch.loss_mask, cos, sin, bias, ws or _Workspace())
     h = _RMSNorm.apply(h, inner.norm.weight, inner.norm.variance_epsilon)  # (n, C)
     logits = model.get_output_embeddings()(h)  # (n, V)
     return F.cross_entropy(logits.float(), batch.targets)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = w * x / sqrt(mean(x^2) + eps), with w frozen; keeps x and 1/rms."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, rstd)
+        ctx.weight = weight
+        return weight * (x * rstd)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, rstd = ctx.saved_tensors
+        return _rms_backward(grad, x, rstd, ctx.weight), None, None
 
 
 def _chunks(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]:
@@ -283,66 +400,9 @@ def _chunks(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]
         count += 1
 
 
-class _SavedArena:
-    """Keeps the activations autograd saves for the backward in a few large blocks of memory.
-
-    A forward allocates two kinds of tensors: those kept for the backward, and short-lived
-    ones freed a moment later. In one heap the freed ones leave holes between the kept ones
-    that later requests do not fit, so the process holds ~1.8x the memory it uses (measured
-    for SmolLM2-135M). Copied into these blocks (`pack`, as a saved-tensors hook), the kept
-    tensors leave the heap to the short-lived ones, which reuse the same holes layer after
-    layer. The blocks are reused chunk after chunk and released by `close`.
-    """
-
-    BLOCK = 64 << 20  # bytes; above glibc's largest mmap threshold, so never part of the heap
-    SMALL = 64 << 10  # smaller tensors stay where they are
-
-    def __init__(self, keep_in_place: Sequence[torch.Tensor]):
-        self.blocks: list[torch.Tensor] = []
-        self.block = self.offset = 0
-        self.in_place = {t.untyped_storage().data_ptr() for t in keep_in_place}
-        self.copied = 0
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        nbytes = t.numel() * t.element_size()
-        if (nbytes < self.SMALL or nbytes > self.BLOCK or t.device.type != "cpu"
-                or not _dense(t)
-                or t.untyped_storage().data_ptr() in self.in_place):
-            return t
-        start = -(-self.offset // 64) * 64  # 64-byte aligned
-        if start + nbytes > self.BLOCK:
-            self.block, start = self.block + 1, 0
-        if self.block == len(self.blocks):
-            self.blocks.append(torch.empty(self.BLOCK, dtype=torch.uint8))
-        flat = self.blocks[self.block][start : start + nbytes].view(t.dtype)
-        copy = flat.as_strided(t.shape, t.stride())  # the original's layout
-        copy.copy_(t)
-        self.offset = start + nbytes
-        self.copied += 1
-        return copy
-
-    def reset(self) -> None:
-        """Call once the backward is done and nothing refers to the copies any more."""
-        self.block = self.offset = self.copied = 0
-
-    def close(self) -> None:
-        self.reset()
-        self.blocks.clear()
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Whether `t` fills its memory without gaps, in some order of its dimensions."""
-    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
-    return t.permute(order).is_contiguous()
-
-
 def _backward(
     model: nn.Module, kv: torch.Tensor, examples: Sequence[Example], pad_id: int,
-    device: torch.device, max_tokens: int, arena: _SavedArena | None = None,
+    device: torch.device, max_tokens: int, workspace: _Workspace | None = None,
 ) -> tuple[float, int, int]:
     """The batch's mean loss, its gradient accumulated through `kv`.
 
@@ -351,22 +411,20 @@ def _backward(
     The batch is read in chunks of at most `max_tokens` padded tokens, so activation memory
     is bounded whatever the rows' lengths. Each chunk's mean is weighted by its share of the
     batch's label tokens: the sum is the whole batch's mean loss, and so is the gradient.
+    Llama-family models on CPU take the lean path (`_lean_loss`), with `workspace` reused.
     """
     leaf = kv if kv.is_leaf else kv.detach().requires_grad_()  # chunks add their grads here
     n_targets = sum(len(e.target) for e in examples)
     total, real, padded = 0.0, 0, 0
-    loss_fn = _lean_loss if _lean_supported(model) else batch_loss
+    lean = _lean_supported(model)
+    ws = workspace or _Workspace()
     for chunk in _chunks(examples, max_tokens):
         batch = collate(chunk, pad_id).to(device)
-        if arena is None:
-            with autocast(device):
-                loss = loss_fn(model, leaf, batch) * (batch.targets.numel() / n_targets)
-        else:
-            with autocast(device), torch.autograd.graph.saved_tensors_hooks(arena.pack, _same):
-                loss = loss_fn(model, leaf, batch) * (batch.targets.numel() / n_targets)
+        with autocast(device):
+            loss = _lean_loss(model, leaf, batch, ws) if lean else batch_loss(model, leaf, batch)
+            loss = loss * (batch.targets.numel() / n_targets)
         loss.backward()
-        if arena is not None:
-            arena.reset()
+        ws.reset()
         total += float(loss.detach())
         real += batch.real_tokens
         padded += batch.input_ids.numel()
@@ -376,66 +434,96 @@ def _backward(
 
 
 class ThreadTuner:
-    """Picks torch's CPU thread count step by step, from the speed each count measures.
+    """Picks torch's CPU thread count step by step, from what each step measures.
 
     On cores that other processes also use, every parallel op waits at an OpenMP barrier for
     a thread the scheduler has not run yet: on 2 shared cores we measured a training step 6x
-    slower with 2 threads than with 1. On idle cores, 2 threads are ~1.8x faster than 1. The
-    tuner runs the count with the lower seconds per padded token, and tries the other one for
-    a step now and then (sooner when the current count slows down past the other's last
-    speed, rarer each time a try loses), so it follows the machine as it fills and empties.
+    slower with 2 threads than with 1. On idle cores, 2 threads are ~1.8x faster than 1. So
+    the tuner runs torch's thread count while its threads get the CPU time they ask for, and
+    tries one thread for a step when they do not; it runs one thread while no core is idle,
+    and tries the full count for a step when one is (from /proc/stat; without it, now and
+    then). A try is kept if its step ran faster per padded token. A try that loses waits
+    twice as long before the next.
 
     Inactive (a no-op) on CUDA, with one thread, or when OMP_NUM_THREADS pins the count.
     """
 
-    def __init__(self, device: torch.device, first_probe: int = 4, max_interval: int = 32,
-                 clock: Callable[[], float] = time.perf_counter):
-        self.clock = clock
+    BUSY = 0.8  # CPU seconds per wall second per thread below which our threads were starved
+    IDLE = 0.3  # share of the machine's CPU time left idle above which a core is free
+
+    def __init__(self, device: torch.device, max_wait: int = 32, *,
+                 clock: Callable[[], float] = time.perf_counter,
+                 cpu_clock: Callable[[], float] = time.process_time,
+                 machine_cpu: Callable[[], tuple[int, int] | None] | None = None):
+        """`clock`, `cpu_clock` (this process) and `machine_cpu` ((idle, total) ticks of the
+        machine, `_machine_cpu`) are what it measures, replaceable in tests."""
+        self.clock, self.cpu_clock = clock, cpu_clock
+        self.machine_cpu = machine_cpu or _machine_cpu
         self.initial = torch.get_num_threads()
         self.active = (device.type == "cpu" and self.initial > 1
                        and "OMP_NUM_THREADS" not in os.environ)
-        self.counts = (self.initial, 1)
         self.current = self.initial
-        self.cost: dict[int, float] = {}  # threads -> recent seconds per padded token
-        self.first_probe = self.interval = first_probe
-        self.max_interval = max_interval
-        self.since_probe = 0
+        self.cost: dict[int, float] = {}  # threads -> seconds per padded token, recent
+        self.wait = 1  # steps between tries: doubles after a try that loses
+        self.max_wait = max_wait
+        self.since_try = 0
+        self.want_try = False
         self._trying: int | None = None
-        self._began = 0.0
+        self._start: tuple[float, float, tuple[int, int] | None] = (0.0, 0.0, None)
 
     def start(self) -> None:
         """Call before a step: sets the thread count it runs with."""
         if not self.active:
             return
-        other = self.counts[1] if self.current == self.counts[0] else self.counts[0]
-        due = self.since_probe >= self.interval or (
-            other in self.cost and self.cost.get(self.current, 0.0) > self.cost[other])
-        self._trying = other if due else None
+        other = 1 if self.current == self.initial else self.initial
+        self._trying = other if self.want_try and self.since_try >= self.wait else None
         torch.set_num_threads(self._trying or self.current)
-        self._began = self.clock()
+        self._start = (self.clock(), self.cpu_clock(), self.machine_cpu())
 
     def stop(self, work: int) -> None:
         """Call after a step with its work (padded tokens)."""
         if not self.active or work <= 0:
             return
-        cost = (self.clock() - self._began) / work
+        wall0, cpu0, machine0 = self._start
+        wall = max(self.clock() - wall0, 1e-9)
         n = self._trying or self.current
+        cost = wall / work
         old = self.cost.get(n)
-        # Trials replace what is known of a count; the running count is smoothed over steps.
+        # A try replaces what is known of a count; the running count is smoothed over steps.
         self.cost[n] = cost if old is None or self._trying else 0.5 * old + 0.5 * cost
-        if self._trying is None:
-            self.since_probe += 1
-            return
-        self.since_probe = 0
-        if self.cost[n] < self.cost.get(self.current, float("inf")):
-            self.current, self.interval = n, self.first_probe
+        if self._trying is not None:
+            self.since_try = 0
+            if self.cost[n] < self.cost.get(self.current, float("inf")):
+                self.current, self.wait = n, 1
+            else:
+                self.wait = min(2 * self.wait, self.max_wait)
         else:
-            self.interval = min(2 * self.interval, self.max_interval)
+            self.since_try += 1
+        if self.current == self.initial:  # starved threads: try one
+            share = (self.cpu_clock() - cpu0) / (wall * n)
+            self.want_try = share < self.BUSY
+        else:  # a free core: try them all
+            machine = self.machine_cpu()
+            if machine is None or machine0 is None:
+                self.want_try = self.since_try >= self.max_wait
+            else:
+                idle, total = machine[0] - machine0[0], machine[1] - machine0[1]
+                self.want_try = total > 0 and idle / total > self.IDLE
 
     def close(self) -> None:
         """Restore the thread count found at the start."""
         if self.active:
             torch.set_num_threads(self.initial)
+
+
+def _machine_cpu() -> tuple[int, int] | None:
+    """(idle, total) CPU time of the whole machine in clock ticks, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return values[3] + values[4], sum(values)  # idle + iowait
 
 
 def train(
@@ -482,8 +570,7 @@ def train(
     step = start
     epoch_batches: dict[int, list[list[int]]] = {}
     tuner = ThreadTuner(device)
-    arena = (_SavedArena([*model.parameters(), *prefix.parameters()])
-             if device.type == "cpu" else None)
+    workspace = _Workspace()
     try:
         while step < total:
             if should_stop is not None and should_stop():
@@ -500,7 +587,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             tuner.start()
             loss_value, real, padded = _backward(model, prefix.key_values(), rows, pad_id, device,
-                                                 CHUNK_TOKENS, arena)
+                                                 CHUNK_TOKENS, workspace)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
@@ -529,5 +616,4 @@ def train(
         return TrainResult(step, False, loss_value)
     finally:
         tuner.close()
-        if arena is not None:
-            arena.close()
+        workspace.close()
