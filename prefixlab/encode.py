@@ -134,7 +134,7 @@ class Batch:
     loss_mask: torch.Tensor  # (B, T) bool: positions whose next-token logit scores a target
     targets: torch.Tensor  # (n_target_tokens,) in row-major order of loss_mask
     labels: torch.Tensor  # (B,) label index per row
-    real_tokens: int  # non-padding tokens, for throughput figures
+    real_tokens: int  # the examples' tokens (last target token included), for throughput
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -144,14 +144,16 @@ class Batch:
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
-    T = max(len(e) for e in examples)
+    """Right-padded rows of prompt + target, without each target's last token: no loss reads
+    what the model computes after it (causal), so it would be work for nothing."""
+    T = max(len(e) for e in examples) - 1
     B = len(examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(B, T, dtype=torch.long)
     loss_mask = torch.zeros(B, T, dtype=torch.bool)
     targets = []
     for row, e in enumerate(examples):
-        seq = e.prompt + e.target
+        seq = (e.prompt + e.target)[:-1]
         input_ids[row, : len(seq)] = torch.tensor(seq)
         attention_mask[row, : len(seq)] = 1
         start = len(e.prompt)
@@ -159,5 +161,5 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         targets += e.target
     return Batch(
         input_ids, attention_mask, loss_mask, torch.tensor(targets, dtype=torch.long),
-        torch.tensor([e.label for e in examples]), int(attention_mask.sum()),
+        torch.tensor([e.label for e in examples]), sum(len(e) for e in examples),
     )

@@ -119,3 +119,28 @@ def test_evaluation_loss_is_the_training_objective(loaded):
         expected = float(batch_loss(loaded.model, kv, collate(examples, 0)))
     assert abs(report["loss"] - expected) < 1e-4
     assert probs.shape == (len(texts), 2) and abs(probs.sum(1) - 1).max() < 1e-9
+
+
+def test_batch_loss_equals_the_loss_over_whole_sequences(loaded):
+    """collate leaves out each target's last token; the loss is that of the whole rows."""
+    import torch.nn.functional as F
+
+    from prefixlab.encode import collate
+    from prefixlab.prefix import forward
+    from prefixlab.train import batch_loss
+
+    enc, prefix, examples, _, _ = _setup(loaded)
+    kv = prefix.folded()
+    rows = examples[:6]
+    losses = []
+    with torch.no_grad():
+        for e in rows:  # one unpadded row at a time, every position read
+            ids = torch.tensor([e.prompt + e.target])
+            logits = forward(loaded.model, kv, ids, torch.ones_like(ids))[0]
+            start = len(e.prompt)
+            losses.append(F.cross_entropy(logits[start - 1 : start - 1 + len(e.target)],
+                                          torch.tensor(e.target), reduction="sum"))
+        expected = float(sum(losses)) / sum(len(e.target) for e in rows)
+        got = float(batch_loss(loaded.model, kv, collate(rows, 0)))
+    assert abs(got - expected) < 1e-5
+    assert collate(rows, 0).input_ids.shape[1] == max(len(e) for e in rows) - 1
