@@ -20,15 +20,21 @@ that use it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
 import resource
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefixlab import data as datamod
-from prefixlab.encode import DEFAULT_TEMPLATE, Encoder, Example, Template, bucketed_batches
+from prefixlab import train as trainmod
+from prefixlab.encode import DEFAULT_TEMPLATE, Encoder, Example, Template
 from prefixlab.evaluate import classification_report, predictions_from_probs
 from prefixlab.models import LoadedModel
 from prefixlab.predict import score_labels
@@ -46,6 +53,11 @@ from prefixlab.train import TrainConfig, learning_rate_at, train
 
 DEFAULT_CSV = "davidson_hate_offensive.csv"
 CONTENDERS = ("ours", "peft")
+VARIANTS = {
+    "full": "PrefixLab as shipped",
+    "generic": "without the lean Llama step (autograd through the model's own modules)",
+    "unbucketed": "without length bucketing (random batches, as PEFT's loader forms them)",
+}
 QUICK = {"rows": 64, "eval_rows": 60, "epochs": 1}  # --quick: a smoke run of a few minutes
 GB = 1e9
 
@@ -56,11 +68,17 @@ TARGETS = {
     "flop_utilization": (0.8, "higher"),
     "peak_rss_gb": (1.5, "lower"),
     "label_agreement": (1.0, "higher"),
+    "app_start_s": (8.0, "lower"),
 }
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 def default_data_dir() -> Path:
-    return Path(os.environ.get("PREFIXLAB_SHARED_DATA", "/work/shared/data"))
+    """$PREFIXLAB_SHARED_DATA, else `shared/data` beside the repository (`../shared/data`)."""
+    env = os.environ.get("PREFIXLAB_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
 
 
 @dataclass
@@ -85,8 +103,15 @@ class BenchConfig:
     """Texts per scoring batch (PEFT scores text x label rows, this many rows per batch)."""
     template: str = DEFAULT_TEMPLATE
     seed: int = 0
+    """Seed of the data sample and of the first repeat's training (batch order)."""
     repeats: int = 1
-    """Worker runs per contender, interleaved ours, peft, peft, ours, ...; medians reported."""
+    """Worker runs per contender, interleaved ours, peft, peft, ours, ...; medians reported.
+    Repeat r trains with seed + r on the same sample, so F1 medians are over batch orders."""
+    repeat: int = 0
+    """Which repeat a worker runs (set by run_bench)."""
+    variant: str = "full"
+    """For `ours`: "full", or one PrefixLab speed-up switched off (VARIANTS), to show what
+    each one buys."""
     model: str | None = None
     """None: the embedded default SmolLM2-135M (prefixlab.models.load_model())."""
     threads: int | None = None
@@ -99,6 +124,8 @@ class BenchConfig:
                      "score_batch_size", "repeats"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.variant not in VARIANTS:
+            problems.append(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.rows + self.eval_rows < 6:
             problems.append("rows + eval_rows must be at least 6 for a stratified sample")
         if problems:
@@ -107,7 +134,11 @@ class BenchConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(learning_rate=self.learning_rate, epochs=self.epochs,
                            batch_size=self.batch_size, warmup_steps=self.warmup_steps,
-                           checkpoint_every=0, seed=self.seed)
+                           checkpoint_every=0, seed=self.train_seed)
+
+    @property
+    def train_seed(self) -> int:
+        return self.seed + self.repeat
 
 
 # --- measurement helpers ----------------------------------------------------------------------
@@ -240,7 +271,7 @@ def run_ours(loaded: LoadedModel, task: Task, cfg: BenchConfig) -> dict:
     lengths = [len(e) for e in task.examples]
     padded = real = 0
     for epoch in range(cfg.epochs):
-        for idx in bucketed_batches(lengths, cfg.batch_size, cfg.seed, epoch):
+        for idx in trainmod.bucketed_batches(lengths, cfg.batch_size, cfg.train_seed, epoch):
             padded += len(idx) * max(lengths[i] for i in idx)
             real += sum(lengths[i] for i in idx)
     cpu = time.process_time()
@@ -309,14 +340,14 @@ def train_peft(loaded: LoadedModel, task: Task, cfg: BenchConfig):
     from torch.utils.data import DataLoader
     from transformers import DataCollatorForSeq2Seq
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train_seed)
     model = peft_model(loaded, task.init_kv)
     tcfg = cfg.train_config()
     rows = _peft_rows(task)
     collator = DataCollatorForSeq2Seq(loaded.tokenizer, padding="longest",
                                       label_pad_token_id=-100, return_tensors="pt")
     loader = DataLoader(rows, batch_size=cfg.batch_size, shuffle=True, collate_fn=collator,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        generator=torch.Generator().manual_seed(cfg.train_seed))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     total = tcfg.total_steps(len(rows))
@@ -422,7 +453,8 @@ def run_worker(contender: str, cfg: BenchConfig, loaded: LoadedModel | None = No
         data = datamod.load_labeled_csv(Path(cfg.data_dir) / cfg.csv)
     task = build_task(loaded, cfg, data)
     run = {"ours": run_ours, "peft": run_peft}[contender]
-    result = run(loaded, task, cfg)
+    with _variant(cfg.variant if contender == "ours" else "full"):
+        result = run(loaded, task, cfg)
     result.update({
         "contender": contender,
         "load_s": load_s,
@@ -433,6 +465,29 @@ def run_worker(contender: str, cfg: BenchConfig, loaded: LoadedModel | None = No
         "eval_rows": len(task.held_out),
     })
     return result
+
+
+def random_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                   shuffle: bool = True) -> list[list[int]]:
+    """Batches in random order, no bucketing: what a shuffling DataLoader forms."""
+    order = list(range(len(lengths)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@contextlib.contextmanager
+def _variant(name: str) -> Iterator[None]:
+    """PrefixLab's training with one speed-up switched off (see VARIANTS), for the ablation
+    rows; everything else, the loss and the gradient included, stays as shipped."""
+    saved = trainmod._lean_supported, trainmod.bucketed_batches
+    if name == "generic":
+        trainmod._lean_supported = lambda model: False
+    elif name == "unbucketed":
+        trainmod.bucketed_batches = random_batches
+    try:
+        yield
+    finally:
+        trainmod._lean_supported, trainmod.bucketed_batches = saved
 
 
 def spawn_worker(contender: str, cfg: BenchConfig, timeout: float | None = None) -> dict:
@@ -458,7 +513,8 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def summarize(runs: dict[str, list[dict]], peaks: list[float]) -> dict:
+def summarize(runs: dict[str, list[dict]], peaks: list[float],
+              app_starts: Sequence[float] | None = None) -> dict:
     """Medians across repeats, ratios and the issue's headline numbers."""
     def med(name: str, *path: str) -> float:
         vals = []
@@ -485,6 +541,7 @@ def summarize(runs: dict[str, list[dict]], peaks: list[float]) -> dict:
         "macro_f1_ours": med("ours", "eval", "macro_f1"),
         "macro_f1_peft": med("peft", "eval", "macro_f1"),
         "label_agreement": min(r["agreement"]["labels"] for r in runs["peft"]),
+        "app_start_s": app_starts[-1] if app_starts else float("nan"),
         "ours_score_examples_per_s": ours_score,
         "matmul_gflops": peak,
     }
@@ -492,6 +549,8 @@ def summarize(runs: dict[str, list[dict]], peaks: list[float]) -> dict:
 
 def _miss(name: str, value: float) -> str:
     target, direction = TARGETS[name]
+    if value != value:  # NaN
+        return "not measured"
     ok = value >= target if direction == "higher" else value <= target
     if ok:
         return "met"
@@ -500,9 +559,11 @@ def _miss(name: str, value: float) -> str:
     return f"MISSED by {value - target:.2f} ({value / target:.0%} of limit)"
 
 
-def format_report(cfg: BenchConfig, runs: dict[str, list[dict]], peaks: list[float]) -> str:
+def format_report(cfg: BenchConfig, runs: dict[str, list[dict]], peaks: list[float],
+                  ablations: dict[str, dict] | None = None,
+                  app_starts: Sequence[float] | None = None) -> str:
     """The table, the ratios against targets, and the machine-readable last line."""
-    s = summarize(runs, peaks)
+    s = summarize(runs, peaks, app_starts)
 
     def med(name: str, *path: str) -> float:
         vals = []
@@ -562,6 +623,13 @@ def format_report(cfg: BenchConfig, runs: dict[str, list[dict]], peaks: list[flo
         f"non-embedding params x {med('ours', 'train', 'tokens_per_s'):.1f} tokens/s / "
         f"{s['matmul_gflops']:.1f} GFLOP/s = {s['flop_utilization']:.2f} "
         f"(PEFT: {4 * runs['ours'][0]['non_embedding_parameters'] * med('peft', 'train', 'tokens_per_s') / (s['matmul_gflops'] * 1e9):.2f})",  # noqa: E501
+    ]
+    if ablations:
+        lines += ["", *_ablation_table(runs, ablations)]
+    if app_starts:
+        lines += ["", f"app.py to a served page: {app_starts[0]:.1f} s (first start), "
+                      f"{app_starts[-1]:.1f} s (second start, the model already converted)"]
+    lines += [
         "",
         f"{'target':<20}{'value':>10}{'goal':>10}  result",
     ]
@@ -577,6 +645,23 @@ def format_report(cfg: BenchConfig, runs: dict[str, list[dict]], peaks: list[flo
     return "\n".join(lines)
 
 
+def _ablation_table(runs: dict[str, list[dict]], ablations: dict[str, dict]) -> list[str]:
+    """Ours as shipped against ours with one speed-up off (first repeat's seed) and PEFT."""
+    full, peft = runs["ours"][0], runs["peft"][0]
+    rows = [("as shipped", full), *((VARIANTS[k], r) for k, r in ablations.items()),
+            ("PEFT", peft)]
+    base = full["train"]["examples_per_s"]
+    lines = [
+        "what each speed-up buys (ours, first seed; one switched off per row)",
+        f"{'':<74}{'ex/s':>7}{'RSS GB':>8}{'F1':>7}{'shipped/row':>13}",
+    ]
+    for label, r in rows:
+        eps = r["train"]["examples_per_s"]
+        lines.append(f"{label:<74}{eps:>7.2f}{r['peak_rss_train_bytes'] / GB:>8.2f}"
+                     f"{r['eval']['macro_f1']:>7.3f}{base / eps:>12.2f}x")
+    return lines
+
+
 def _dig(d: dict, path: Sequence[str]):
     for p in path:
         d = d[p]
@@ -588,31 +673,91 @@ def summary_line(s: dict) -> str:
         f"summary: train_speedup={s['train_speedup']:.2f} score_speedup={s['score_speedup']:.2f} "
         f"flop_utilization={s['flop_utilization']:.2f} peak_rss_gb={s['peak_rss_gb']:.2f} "
         f"macro_f1_ours={s['macro_f1_ours']:.2f} macro_f1_peft={s['macro_f1_peft']:.2f} "
-        f"label_agreement={s['label_agreement']:.2f}"
+        f"label_agreement={s['label_agreement']:.2f} app_start_s={s['app_start_s']:.1f}"
     )
 
 
 # --- command line -----------------------------------------------------------------------------
 
 
-def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> str:
-    """Matmul peak, then the workers interleaved (ours, peft, peft, ours, ...); the report."""
+def _app_start_seconds(app: Path, data_dir: Path, model: str | None,
+                       timeout: float = 180.0) -> float:
+    """Seconds from launching `python app.py` to its page answering 200."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/"
+    cmd = [sys.executable, str(app), "--port", str(port), "--data-dir", str(data_dir)]
+    if model:
+        cmd += ["--model", model]
+    began = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=app.parent)
+    try:
+        while time.perf_counter() - began < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {proc.returncode} before serving:\n"
+                                   + proc.stderr.read()[-2000:])
+            try:
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    if answer.status == 200:
+                        return time.perf_counter() - began
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"app.py did not serve {url} within {timeout:.0f} s")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def app_starts(model: str | None, app: Path = REPO / "app.py") -> list[float] | None:
+    """Page-served seconds of two app starts in a row, each in a fresh data folder: the first
+    may convert the default model; the second finds it converted. None without app.py."""
+    if not app.is_file():
+        return None
+    times = []
+    for _ in range(2):
+        with tempfile.TemporaryDirectory(prefix="prefixlab-bench-app-") as tmp:
+            times.append(_app_start_seconds(app, Path(tmp), model))
+    return times
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
+              variants: Sequence[str] = (), app: bool = True) -> str:
+    """Matmul peak, the workers interleaved (ours, peft, peft, ours, ...), then ours with one
+    speed-up off per variant, then two app starts; the report."""
     peaks = matmul_gflops()
     runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
     order = []
     for r in range(cfg.repeats):
-        order += list(CONTENDERS) if r % 2 == 0 else list(reversed(CONTENDERS))
-    for contender in order:
+        pair = [(name, r) for name in CONTENDERS]
+        order += pair if r % 2 == 0 else pair[::-1]
+    order += [(f"ours:{v}", 0) for v in variants if v != "full"]
+    ablations: dict[str, dict] = {}
+    for name, r in order:
+        contender, _, variant = name.partition(":")
         began = time.perf_counter()
-        result = spawn_worker(contender, cfg)
-        runs[contender].append(result)
+        result = spawn_worker(contender, replace(cfg, repeat=r, variant=variant or "full"))
+        if variant:
+            ablations[variant] = result
+        else:
+            runs[contender].append(result)
         t = result["train"]
-        log(f"[{contender}] {time.perf_counter() - began:.0f}s: {t['examples_per_s']:.2f} ex/s, "
-            f"{t['tokens_per_s']:.1f} tok/s, loss {t['final_loss']:.4f}, "
-            f"F1 {result['eval']['macro_f1']:.3f}, "
+        log(f"[{name} seed {cfg.seed + r}] {time.perf_counter() - began:.0f}s: "
+            f"{t['examples_per_s']:.2f} ex/s, {t['tokens_per_s']:.1f} tok/s, "
+            f"loss {t['final_loss']:.4f}, F1 {result['eval']['macro_f1']:.3f}, "
             f"peak RSS {result['peak_rss_train_bytes'] / GB:.2f} GB")
         peaks += matmul_gflops(repeats=3)
-    return format_report(cfg, runs, peaks)
+    starts = app_starts(cfg.model) if app else None
+    if starts:
+        log(f"[app] page served after {starts[0]:.1f} s (first start), "
+            f"{starts[1]:.1f} s (second)")
+    return format_report(cfg, runs, peaks, ablations, starts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -621,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = BenchConfig()
     p.add_argument("--data-dir", default=d.data_dir,
                    help="folder with the reference CSVs (default $PREFIXLAB_SHARED_DATA or "
-                        "/work/shared/data)")
+                        "../shared/data beside the repository)")
     p.add_argument("--rows", type=int, default=d.rows, help="training rows")
     p.add_argument("--eval-rows", type=int, default=d.eval_rows, help="held-out rows scored")
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -635,6 +780,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M)")
     p.add_argument("--threads", type=int, default=None,
                    help="pin both contenders to N CPU threads (switches off ours' thread tuner)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also train ours with each speed-up switched off (" +
+                   "; ".join(f"{k}: {v}" for k, v in VARIANTS.items() if k != "full") + ")")
+    p.add_argument("--no-app", action="store_true",
+                   help="skip timing two starts of app.py")
     p.add_argument("--quick", action="store_true",
                    help="a short run: 64 train rows, 60 held-out rows, 1 epoch")
     p.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
@@ -656,7 +806,9 @@ def main(argv: list[str] | None = None) -> int:
             if values[name] == getattr(defaults, name):
                 values[name] = value
     cfg = BenchConfig(**values)
-    print(run_bench(cfg, log=lambda m: print(m, file=sys.stderr, flush=True)))
+    variants = [v for v in VARIANTS if v != "full"] if args.ablations else []
+    print(run_bench(cfg, log=lambda m: print(m, file=sys.stderr, flush=True),
+                    variants=variants, app=not args.no_app))
     return 0
 
 

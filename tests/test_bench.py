@@ -205,8 +205,45 @@ def test_both_contenders_run_and_score_the_same_prefix_alike(tokenizer):
     assert re.fullmatch(
         r"summary: train_speedup=\d+\.\d\d score_speedup=\d+\.\d\d flop_utilization=\d+\.\d\d "
         r"peak_rss_gb=\d+\.\d\d macro_f1_ours=\d\.\d\d macro_f1_peft=\d\.\d\d "
-        r"label_agreement=\d\.\d\d", last)
+        r"label_agreement=\d\.\d\d app_start_s=nan", last)
     assert "flop_utilization" in report and ("MISSED" in report or "met" in report)
+    assert re.search(r"app_start_s +nan +<= 8 +not measured", report)
+
+    # one speed-up switched off per ablation row; the same rows, the same loss function
+    loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
+    ablations = {v: bench.run_worker("ours", bench.BenchConfig(**{**vars(cfg), "variant": v}),
+                                     loaded=loaded, data=data)
+                 for v in ("generic", "unbucketed")}
+    assert trainmod._lean_supported(loaded.model)  # switched back on after the variant
+    assert ablations["generic"]["train"]["real_tokens"] == ours["train"]["real_tokens"]
+    unbucketed = ablations["unbucketed"]["train"]
+    assert unbucketed["padded_tokens"] > ours["train"]["padded_tokens"]
+    # generic and lean steps are the same maths: the same batches give the same losses
+    assert abs(ablations["generic"]["train"]["final_loss"]
+               - ours["train"]["final_loss"]) < 1e-4
+    report = bench.format_report(cfg, runs, [100.0], ablations, [20.0, 5.5])
+    assert "without the lean Llama step" in report and "without length bucketing" in report
+    assert "5.5 s (second start" in report and re.search(r"app_start_s +5\.500 +<= 8 +met",
+                                                          report)
+    assert report.strip().endswith("app_start_s=5.5")
+
+
+def test_app_start_is_timed_to_a_served_page(tmp_path):
+    """_app_start_seconds waits for HTTP 200 from the launched script and stops it."""
+    server = tmp_path / "app.py"
+    server.write_text(
+        "import argparse, http.server, time\n"
+        "p = argparse.ArgumentParser(); p.add_argument('--port', type=int)\n"
+        "p.add_argument('--data-dir'); a = p.parse_args()\n"
+        "time.sleep(0.5)\n"
+        "http.server.HTTPServer(('127.0.0.1', a.port),"
+        " http.server.SimpleHTTPRequestHandler).serve_forever()\n")
+    seconds = bench._app_start_seconds(server, tmp_path, None, timeout=30)
+    assert 0.5 <= seconds < 30
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise SystemExit('no model here')\n")
+    with pytest.raises(RuntimeError, match="exited with 1 before serving:\n.*no model here"):
+        bench._app_start_seconds(broken, tmp_path, None, timeout=30)
 
 
 def test_peft_layout_round_trips():
@@ -224,11 +261,11 @@ def test_config_refuses_impossible_sizes():
 @pytest.mark.slow
 def test_quick_bench_prints_a_machine_readable_last_line(shared_data):
     cmd = [sys.executable, "-m", "prefixlab.bench", "--quick", "--rows", "16", "--eval-rows",
-           "12", "--data-dir", str(shared_data)]
+           "12", "--data-dir", str(shared_data), "--no-app"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
     last = out.strip().splitlines()[-1]
     assert last.startswith("summary: train_speedup=")
     values = dict(kv.split("=") for kv in last.removeprefix("summary: ").split())
     assert set(values) == {"train_speedup", "score_speedup", "flop_utilization", "peak_rss_gb",
-                           "macro_f1_ours", "macro_f1_peft", "label_agreement"}
+                           "macro_f1_ours", "macro_f1_peft", "label_agreement", "app_start_s"}
     assert float(values["label_agreement"]) == 1.0
