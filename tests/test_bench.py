@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import prefixlab.train as trainmod
 from prefixlab import bench
@@ -269,3 +270,17 @@ def test_quick_bench_prints_a_machine_readable_last_line(shared_data):
     assert set(values) == {"train_speedup", "score_speedup", "flop_utilization", "peak_rss_gb",
                            "macro_f1_ours", "macro_f1_peft", "label_agreement", "app_start_s"}
     assert float(values["label_agreement"]) == 1.0
+
+
+@pytest.mark.parametrize("vocab", [64, 67])  # sliced backward, and the plain one
+def test_head_cross_entropy_matches_autograd(vocab):
+    torch.manual_seed(0)
+    h = torch.randn(5, 12, requires_grad=True)
+    weight = torch.randn(vocab, 12)
+    targets = torch.tensor([0, 3, vocab - 1, 3, 7])
+    want = F.cross_entropy(h @ weight.t(), targets)
+    (want_grad,) = torch.autograd.grad(want, h)
+    got = trainmod._HeadCrossEntropy.apply(h, weight, targets)
+    (got_grad,) = torch.autograd.grad(got * 1.0, h)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
