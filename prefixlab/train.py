@@ -231,15 +231,24 @@ def _rms_backward(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor,
 class _LlamaStack(torch.autograd.Function):
     """All decoder layers of a Llama model reading a batch after the prefix, as one node.
 
-    forward(kv (L, 2, H_kv, P, D), h (B, T, C) embeddings, ...) -> (n, C): the last layer's
-    output at the n positions `keep` marks. Only kv gets a gradient.
+    forward(kv (L, 2, H_kv, P, D), h (B*T + S, C), ...) -> (n, C). `h` holds the embeddings of
+    the rows' own T tokens, flattened, then of S lead tokens that every row starts with (a
+    template's head): each row reads prefix, lead, then its own tokens, and the lead is
+    computed once for the batch, not once per row. Returns the last layer's output at the n
+    positions `keep` (B, T) marks. Only kv gets a gradient.
     """
 
     @staticmethod
-    def forward(ctx, kv, h, inner, keep, cos, sin, bias, ws):
-        B, T, C = h.shape
+    def forward(ctx, kv, h, inner, keep, rope, rope_lead, bias, bias_lead, ws):
+        B, T = keep.shape
+        BT = B * T
+        S = h.shape[0] - BT  # lead tokens
         P = kv.shape[3]
+        cos, sin = rope  # (1, T, 1, D) each
+        cos_l, sin_l = rope_lead  # (S, 1, D) each
+        keep_flat = keep.reshape(-1)
         layers = inner.layers
+        last = len(layers) - 1
         saved = []
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -247,66 +256,87 @@ class _LlamaStack(torch.autograd.Function):
             Hk = attn.k_proj.out_features // D
             G = attn.q_proj.out_features // D // Hk  # query heads per key/value head
             norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-            rstd1 = ws.take(B, T, 1)
+            rstd1 = ws.take(h.shape[0], 1)
             torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm1.variance_epsilon, out=rstd1)
-            x = h * rstd1 * norm1.weight  # (B, T, C)
-            q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(B, T, Hk, G, D)
-            k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(B, T, Hk, D)
-            v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, T, Hk, D)
-            q = q * cos.unsqueeze(2) + _rotate_half(q) * sin.unsqueeze(2)  # RoPE
-            k = k * cos + _rotate_half(k) * sin
+            x = h * rstd1 * norm1.weight  # (N, C)
+            q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias)  # (N, Hk*G*D)
+            k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias)  # (N, Hk*D)
+            v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias)
+            qr = q[:BT].view(B, T, Hk, G, D)
+            qr = qr * cos.unsqueeze(2) + _rotate_half(qr) * sin.unsqueeze(2)  # RoPE
+            kr = k[:BT].view(B, T, Hk, D)
+            kr = kr * cos + _rotate_half(kr) * sin
             qg = ws.take(B, Hk, G * T, D)  # queries grouped by their key/value head
-            qg.view(B, Hk, G, T, D).copy_(q.permute(0, 2, 3, 1, 4))
-            keys, values = ws.take(B, Hk, P + T, D), ws.take(B, Hk, P + T, D)
-            keys[:, :, :P], keys[:, :, P:] = kv[i, 0], k.transpose(1, 2)
-            values[:, :, :P], values[:, :, P:] = kv[i, 1], v.transpose(1, 2)
-            s = torch.matmul(qg, keys.transpose(-1, -2)).mul_(attn.scaling)  # (B, Hk, G*T, S)
-            s = s.view(B, Hk, G, T, P + T).add_(bias)
+            qg.view(B, Hk, G, T, D).copy_(qr.permute(0, 2, 3, 1, 4))
+            keys, values = ws.take(B, Hk, P + S + T, D), ws.take(B, Hk, P + S + T, D)
+            keys[:, :, :P], values[:, :, :P] = kv[i, 0], kv[i, 1]
+            if S:
+                kl = k[BT:].view(S, Hk, D)
+                keys[:, :, P : P + S] = (kl * cos_l + _rotate_half(kl) * sin_l).transpose(0, 1)
+                values[:, :, P : P + S] = v[BT:].view(S, Hk, D).transpose(0, 1)
+            keys[:, :, P + S :] = kr.transpose(1, 2)
+            values[:, :, P + S :] = v[:BT].view(B, T, Hk, D).transpose(1, 2)
             lse = ws.take(B, Hk, G, T, 1)
-            torch.logsumexp(s, -1, keepdim=True, out=lse)
-            p = s.sub_(lse).exp_().view(B, Hk, G * T, P + T)
-            o = torch.matmul(p, values).view(B, Hk, G, T, D)
-            o = o.permute(0, 3, 1, 2, 4).reshape(B, T, -1)  # (B, T, H*D)
-            del s, p, q, k, v, x
+            o = _attend(qg, keys, values, bias, lse, attn.scaling)  # (B, Hk, G*T, D)
+            o = o.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4).reshape(BT, -1)  # (BT, H*D)
+            lead = None
+            if i == last:  # nothing after this layer reads the lead or unscored positions
+                o, h_res = o[keep_flat], h[:BT][keep_flat]  # (n, H*D), (n, C)
+            else:
+                h_res = h
+                if S:  # the lead attends to the prefix and itself: row 0's copy of them
+                    ql = q[BT:].view(S, Hk, G, D)
+                    ql = ql * cos_l.unsqueeze(2) + _rotate_half(ql) * sin_l.unsqueeze(2)
+                    qgl = ws.take(1, Hk, G * S, D)
+                    qgl.view(Hk, G, S, D).copy_(ql.permute(1, 2, 0, 3))
+                    lse_l = ws.take(1, Hk, G, S, 1)
+                    ol = _attend(qgl, keys[:1, :, : P + S], values[:1, :, : P + S], bias_lead,
+                                 lse_l, attn.scaling)  # (1, Hk, G*S, D)
+                    ol = ol.view(Hk, G, S, D).permute(2, 0, 1, 3).reshape(S, -1)  # (S, H*D)
+                    o = torch.cat([o, ol])  # (N, H*D)
+                    lead = (qgl, lse_l)
+            del q, k, v, qr, kr, x
             h_in = h if i else None  # the embeddings need no gradient: not kept
-            if i == len(layers) - 1:  # nothing after this layer reads the other positions
-                o, h = o[keep], h[keep]  # (n, H*D), (n, C)
-            h2 = ws.take(*h.shape)
-            torch.add(h, F.linear(o, attn.o_proj.weight, attn.o_proj.bias), out=h2)
-            rstd2 = ws.take(*h.shape[:-1], 1)
+            h2 = ws.take(*h_res.shape)
+            torch.add(h_res, F.linear(o, attn.o_proj.weight, attn.o_proj.bias), out=h2)
+            rstd2 = ws.take(h2.shape[0], 1)
             torch.rsqrt(h2.pow(2).mean(-1, keepdim=True) + norm2.variance_epsilon, out=rstd2)
             x = h2 * rstd2 * norm2.weight
-            gate = ws.take(*h.shape[:-1], mlp.gate_proj.out_features)
-            up = ws.take(*h.shape[:-1], mlp.up_proj.out_features)
+            gate = ws.take(h2.shape[0], mlp.gate_proj.out_features)
+            up = ws.take(h2.shape[0], mlp.up_proj.out_features)
             torch.matmul(x, mlp.gate_proj.weight.t(), out=gate)
             torch.matmul(x, mlp.up_proj.weight.t(), out=up)
             if mlp.gate_proj.bias is not None:
                 gate += mlp.gate_proj.bias
             if mlp.up_proj.bias is not None:
                 up += mlp.up_proj.bias
-            out = ws.take(*h.shape)
+            out = ws.take(*h2.shape)
             torch.add(h2, F.linear(F.silu(gate) * up, mlp.down_proj.weight,
                                    mlp.down_proj.bias), out=out)
-            saved.append((h_in, rstd1, qg, keys, values, lse, h2, rstd2, gate, up))
+            saved.append((h_in, rstd1, qg, keys, values, lse, lead, h2, rstd2, gate, up))
             h = out
         ctx.saved = saved
-        ctx.inner, ctx.keep, ctx.cos, ctx.sin, ctx.bias, ctx.P = inner, keep, cos, sin, bias, P
+        ctx.inner, ctx.keep, ctx.rope, ctx.rope_lead = inner, keep, rope, rope_lead
+        ctx.bias, ctx.bias_lead, ctx.P, ctx.S = bias, bias_lead, P, S
         return h
 
     @staticmethod
     def backward(ctx, grad):
-        inner, keep, cos, sin, bias, P = ctx.inner, ctx.keep, ctx.cos, ctx.sin, ctx.bias, ctx.P
+        inner, keep, P, S = ctx.inner, ctx.keep, ctx.P, ctx.S
+        (cos, sin), (cos_l, sin_l) = ctx.rope, ctx.rope_lead
         layers = inner.layers
+        last = len(layers) - 1
         B, T = keep.shape
-        dkv = torch.zeros(len(layers), 2, *ctx.saved[0][3].shape[1:2], P,
-                          ctx.saved[0][3].shape[-1])  # (L, 2, H_kv, P, D)
+        BT, N = B * T, B * T + S
+        keep_flat = keep.reshape(-1)
+        Hk, D = ctx.saved[0][3].shape[1], ctx.saved[0][3].shape[-1]
+        dkv = torch.zeros(len(layers), 2, Hk, P, D)  # (L, 2, H_kv, P, D)
         dh = grad  # (n, C) at the last layer's output
-        for i in range(len(layers) - 1, -1, -1):
-            h, rstd1, qg, keys, values, lse, h2, rstd2, gate, up = ctx.saved[i]
+        for i in range(last, -1, -1):
+            h, rstd1, qg, keys, values, lse, lead, h2, rstd2, gate, up = ctx.saved[i]
             layer = layers[i]
             attn, mlp = layer.self_attn, layer.mlp
-            _, Hk, GT, D = qg.shape
-            G = GT // T
+            G = qg.shape[2] // T
             # MLP: out = h2 + down(silu(gate) * up)
             da = dh @ mlp.down_proj.weight
             dgate = torch.ops.aten.silu_backward(da * up, gate)
@@ -316,54 +346,116 @@ class _LlamaStack(torch.autograd.Function):
             del da, dgate, dup, dx
             # attention output: h2 = h + o_proj(o)
             do = dh2 @ attn.o_proj.weight  # (.., H*D)
-            if i == len(layers) - 1:  # back from the positions the loss read to all
-                full = torch.zeros(B, T, do.shape[-1])
-                full[keep] = do
+            if i == last:  # back from the scored positions to all, the lead's left at zero
+                full = torch.zeros(N, do.shape[-1])
+                full[:BT][keep_flat] = do
                 do = full
-                full = torch.zeros(B, T, dh2.shape[-1])
-                full[keep] = dh2
+                full = torch.zeros(N, dh2.shape[-1])
+                full[:BT][keep_flat] = dh2
                 dh2 = full
-            dog = do.view(B, T, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, GT, D)
-            s = torch.matmul(qg, keys.transpose(-1, -2)).mul_(attn.scaling)
-            s = s.view(B, Hk, G, T, P + T).add_(bias)
-            p = s.sub_(lse).exp_().view(B, Hk, GT, P + T)  # the attention weights again
-            dvalues = torch.matmul(p.transpose(-1, -2), dog)  # (B, Hk, S, D)
-            dp = torch.matmul(dog, values.transpose(-1, -2))  # (B, Hk, G*T, S)
-            ds = p.mul_(dp.sub_((dp * p).sum(-1, keepdim=True)))
-            dkeys = torch.matmul(ds.transpose(-1, -2), qg).mul_(attn.scaling)  # (B, Hk, S, D)
+            dog = do[:BT].view(B, T, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * T, D)
+            dq, dkeys, dvalues = _attend_backward(dog, qg, keys, values, ctx.bias, lse,
+                                                  attn.scaling, need_dq=i > 0)
             dkv[i, 0] = dkeys[:, :, :P].sum(0)
             dkv[i, 1] = dvalues[:, :, :P].sum(0)
+            if S:
+                dkl = dkeys[:, :, P : P + S].sum(0)  # (Hk, S, D): from every row
+                dvl = dvalues[:, :, P : P + S].sum(0)
+            dql = None
+            if lead is not None:
+                qgl, lse_l = lead
+                dogl = do[BT:].view(S, Hk, G, D).permute(1, 2, 0, 3).reshape(1, Hk, G * S, D)
+                dql, dkeys_l, dvalues_l = _attend_backward(
+                    dogl, qgl, keys[:1, :, : P + S], values[:1, :, : P + S], ctx.bias_lead,
+                    lse_l, attn.scaling, need_dq=i > 0)
+                dkv[i, 0] += dkeys_l[0, :, :P]
+                dkv[i, 1] += dvalues_l[0, :, :P]
+                dkl += dkeys_l[0, :, P:]
+                dvl += dvalues_l[0, :, P:]
             if i == 0:  # the embeddings need no gradient
                 break
-            dq = torch.matmul(ds, keys).mul_(attn.scaling)  # (B, Hk, G*T, D)
-            del s, p, dp, ds
             dq = dq.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4)  # (B, T, Hk, G, D)
-            dk = dkeys[:, :, P:].transpose(1, 2)  # (B, T, Hk, D)
-            dv = dvalues[:, :, P:].transpose(1, 2)
+            dk = dkeys[:, :, P + S :].transpose(1, 2)  # (B, T, Hk, D)
+            dv = dvalues[:, :, P + S :].transpose(1, 2)
             # RoPE's transpose: rotate_half is a 90-degree rotation, its transpose -rotate_half
             dq = dq * cos.unsqueeze(2) - _rotate_half(dq * sin.unsqueeze(2))
             dk = dk * cos - _rotate_half(dk * sin)
-            dx = (dq.reshape(B, T, -1) @ attn.q_proj.weight
-                  + dk.reshape(B, T, -1) @ attn.k_proj.weight
-                  + dv.reshape(B, T, -1) @ attn.v_proj.weight)
+            dq, dk, dv = dq.reshape(BT, -1), dk.reshape(BT, -1), dv.reshape(BT, -1)
+            if S:
+                dkl = dkl.transpose(0, 1)  # (S, Hk, D)
+                dkl = dkl * cos_l - _rotate_half(dkl * sin_l)
+                if dql is None:  # the last layer: the lead's queries read nothing
+                    dql = dq.new_zeros(S, dq.shape[-1])
+                else:
+                    dql = dql.view(Hk, G, S, D).permute(2, 0, 1, 3)  # (S, Hk, G, D)
+                    dql = (dql * cos_l.unsqueeze(2)
+                           - _rotate_half(dql * sin_l.unsqueeze(2))).reshape(S, -1)
+                dq = torch.cat([dq, dql])
+                dk = torch.cat([dk, dkl.reshape(S, -1)])
+                dv = torch.cat([dv, dvl.transpose(0, 1).reshape(S, -1)])
+            dx = dq @ attn.q_proj.weight + dk @ attn.k_proj.weight + dv @ attn.v_proj.weight
             dh = dh2 + _rms_backward(dx, h, rstd1, layer.input_layernorm.weight)
         ctx.saved = None
-        return dkv, None, None, None, None, None, None, None
+        return dkv, None, None, None, None, None, None, None, None
+
+
+def _attend(qg, keys, values, bias, lse, scaling: float) -> torch.Tensor:
+    """softmax(qg keys^T * scaling + bias) values, grouped-query; writes the log-sum-exp the
+    backward needs into `lse` (B, Hk, G, T, 1). qg (B, Hk, G*T, D), keys/values (B, Hk, S, D)."""
+    B, Hk, GT, _ = qg.shape
+    T, S = bias.shape
+    s = torch.matmul(qg, keys.transpose(-1, -2)).mul_(scaling)  # (B, Hk, G*T, S)
+    s = s.view(B, Hk, GT // T, T, S).add_(bias)
+    torch.logsumexp(s, -1, keepdim=True, out=lse)
+    p = s.sub_(lse).exp_().view(B, Hk, GT, S)
+    return torch.matmul(p, values)
+
+
+def _attend_backward(dog, qg, keys, values, bias, lse, scaling: float, need_dq: bool):
+    """Gradients of `_attend` for queries (None unless need_dq), keys and values."""
+    B, Hk, GT, _ = qg.shape
+    T, S = bias.shape
+    s = torch.matmul(qg, keys.transpose(-1, -2)).mul_(scaling)
+    s = s.view(B, Hk, GT // T, T, S).add_(bias)
+    p = s.sub_(lse).exp_().view(B, Hk, GT, S)  # the attention weights again
+    dvalues = torch.matmul(p.transpose(-1, -2), dog)  # (B, Hk, S, D)
+    dp = torch.matmul(dog, values.transpose(-1, -2))  # (B, Hk, G*T, S)
+    ds = p.mul_(dp.sub_((dp * p).sum(-1, keepdim=True)))
+    dkeys = torch.matmul(ds.transpose(-1, -2), qg).mul_(scaling)  # (B, Hk, S, D)
+    dq = torch.matmul(ds, keys).mul_(scaling) if need_dq else None  # (B, Hk, G*T, D)
+    return dq, dkeys, dvalues
+
+
+def _lead_length(batch) -> int:
+    """How many leading tokens every row of the batch shares (a template's head), short of
+    the first position whose logit scores a target."""
+    ids = batch.input_ids
+    if ids.shape[0] < 2:
+        return 0
+    first_scored = int(batch.loss_mask.long().argmax(1).min())
+    same = (ids == ids[:1]).all(0)[:first_scored]
+    return int(same.long().cumprod(0).sum())
 
 
 def _lean_loss(model: nn.Module, kv: torch.Tensor, batch, ws: _Workspace | None = None):
     """batch_loss for a right-padded batch on a supported model (see `_lean_supported`)."""
     inner = model.model
-    B, T = batch.input_ids.shape
+    S = _lead_length(batch)
+    ids = batch.input_ids[:, S:]
+    B, T = ids.shape
     P = kv.shape[3]
     with torch.no_grad():
-        h = inner.embed_tokens(batch.input_ids)  # (B, T, C)
-        positions = torch.arange(P, P + T).unsqueeze(0)  # (1, T): after the prefix
-        cos, sin = inner.rotary_emb(h, positions)  # (1, T, D) each
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (1, T, 1, D): over batch and heads
-        visible = torch.ones(T, P + T, dtype=torch.bool).tril(P)  # prefix, then causal
-        bias = torch.zeros(T, P + T).masked_fill_(~visible, float("-inf"))  # (T, P+T)
-    h = _LlamaStack.apply(kv, h, inner, batch.loss_mask, cos, sin, bias, ws or _Workspace())
+        h = inner.embed_tokens(torch.cat([ids.reshape(-1), batch.input_ids[0, :S]]))  # (N, C)
+        positions = torch.arange(P, P + S + T).unsqueeze(0)  # after the prefix: lead, rows
+        cos, sin = inner.rotary_emb(h, positions)  # (1, S+T, D) each
+        rope_lead = cos[0, :S].unsqueeze(1), sin[0, :S].unsqueeze(1)  # (S, 1, D)
+        rope = cos[:, S:].unsqueeze(2), sin[:, S:].unsqueeze(2)  # (1, T, 1, D)
+        visible = torch.ones(T, P + S + T, dtype=torch.bool).tril(P + S)  # prefix, lead, causal
+        bias = torch.zeros(T, P + S + T).masked_fill_(~visible, float("-inf"))
+        visible = torch.ones(S, P + S, dtype=torch.bool).tril(P)
+        bias_lead = torch.zeros(S, P + S).masked_fill_(~visible, float("-inf"))
+    h = _LlamaStack.apply(kv, h, inner, batch.loss_mask[:, S:], rope, rope_lead, bias,
+                          bias_lead, ws or _Workspace())
     h = _RMSNorm.apply(h, inner.norm.weight, inner.norm.variance_epsilon)  # (n, C)
     head = model.get_output_embeddings()
     if head.bias is not None:

@@ -69,6 +69,37 @@ def test_lean_forward_matches_batch_loss_with_padding_and_multi_token_labels(tok
     torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("template, texts, lead", [
+    ("Text: {text}\nCategory ({labels}):", TEXTS, "head"),  # the template's head is shared
+    ("{text} =>", TEXTS, "none"),  # nothing shared
+    ("Text: {text}\nCategory ({labels}):", ["good great film", "good great", "good"] * 2,
+     "more"),  # the texts share words too; identical prompts stop before the scored position
+])
+def test_lean_step_reads_a_shared_lead_once_with_the_same_loss_and_gradient(
+        tokenizer, template, texts, lead):
+    from prefixlab.models import prepare_model
+
+    loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
+    enc = Encoder(loaded.tokenizer, Template(template), ["negative", "positive"], max_length=64)
+    examples = enc.examples(texts, LABELS)
+    prefix = Prefix(loaded.shape, PrefixConfig(prefix_length=4))
+    init_prefix(prefix, loaded.model, loaded.tokenizer, "Classify the text")
+    kv = prefix.kv
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    shared = trainmod._lead_length(batch)
+    head = len(enc.head_ids)
+    assert {"head": shared == head, "none": shared == 0, "more": shared > head}[lead]
+    want = _loss_and_grad(batch_loss, loaded.model, kv, batch)
+    got = _loss_and_grad(trainmod._lean_loss, loaded.model, kv, batch)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+    one = collate(examples[:1], loaded.tokenizer.pad_token_id)  # one row: no lead
+    assert trainmod._lead_length(one) == 0
+    torch.testing.assert_close(_loss_and_grad(trainmod._lean_loss, loaded.model, kv, one)[1],
+                               _loss_and_grad(batch_loss, loaded.model, kv, one)[1],
+                               atol=1e-6, rtol=1e-5)
+
+
 def test_lean_forward_is_not_used_where_it_does_not_apply(tokenizer):
     from prefixlab.models import prepare_model
 
