@@ -216,9 +216,27 @@ class _Workspace:
         self.blocks.clear()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> None:
+    """out = x * cos + rotate_half(x) * sin, written into `out` (any layout, e.g. a permuted
+    view of the attention's buffer): four half-width passes, no temporaries."""
+    h = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(x1, cos[..., :h], out=o1)
+    o1.addcmul_(x2, sin[..., :h], value=-1)
+    torch.mul(x2, cos[..., h:], out=o2)
+    o2.addcmul_(x1, sin[..., h:])
+
+
+def _rope_backward_into(out: torch.Tensor, grad: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor) -> None:
+    """The transpose of `_rope_into` applied to `grad`, written into `out`."""
+    h = grad.shape[-1] // 2
+    g1, g2, o1, o2 = grad[..., :h], grad[..., h:], out[..., :h], out[..., h:]
+    torch.mul(g1, cos[..., :h], out=o1)
+    o1.addcmul_(g2, sin[..., h:])
+    torch.mul(g2, cos[..., h:], out=o2)
+    o2.addcmul_(g1, sin[..., :h], value=-1)
 
 
 def _rms_backward(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor,
@@ -262,40 +280,41 @@ class _LlamaStack(torch.autograd.Function):
             q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias)  # (N, Hk*G*D)
             k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias)  # (N, Hk*D)
             v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias)
-            qr = q[:BT].view(B, T, Hk, G, D)
-            qr = qr * cos.unsqueeze(2) + _rotate_half(qr) * sin.unsqueeze(2)  # RoPE
-            kr = k[:BT].view(B, T, Hk, D)
-            kr = kr * cos + _rotate_half(kr) * sin
-            qg = ws.take(B, Hk, G * T, D)  # queries grouped by their key/value head
-            qg.view(B, Hk, G, T, D).copy_(qr.permute(0, 2, 3, 1, 4))
+            qg = ws.take(B, Hk, G * T, D)  # queries grouped by their key/value head, RoPE'd
+            _rope_into(qg.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4),
+                       q[:BT].view(B, T, Hk, G, D), cos.unsqueeze(2), sin.unsqueeze(2))
             keys, values = ws.take(B, Hk, P + S + T, D), ws.take(B, Hk, P + S + T, D)
             keys[:, :, :P], values[:, :, :P] = kv[i, 0], kv[i, 1]
-            if S:
-                kl = k[BT:].view(S, Hk, D)
-                keys[:, :, P : P + S] = (kl * cos_l + _rotate_half(kl) * sin_l).transpose(0, 1)
-                values[:, :, P : P + S] = v[BT:].view(S, Hk, D).transpose(0, 1)
-            keys[:, :, P + S :] = kr.transpose(1, 2)
+            if S:  # row 0's copy, then the others
+                _rope_into(keys[0, :, P : P + S].transpose(0, 1), k[BT:].view(S, Hk, D),
+                           cos_l, sin_l)
+                values[0, :, P : P + S] = v[BT:].view(S, Hk, D).transpose(0, 1)
+                keys[1:, :, P : P + S] = keys[0, :, P : P + S]
+                values[1:, :, P : P + S] = values[0, :, P : P + S]
+            _rope_into(keys[:, :, P + S :].transpose(1, 2), k[:BT].view(B, T, Hk, D), cos, sin)
             values[:, :, P + S :] = v[:BT].view(B, T, Hk, D).transpose(1, 2)
             lse = ws.take(B, Hk, G, T, 1)
-            o = _attend(qg, keys, values, bias, lse, attn.scaling)  # (B, Hk, G*T, D)
-            o = o.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4).reshape(BT, -1)  # (BT, H*D)
+            o_rows = _attend(qg, keys, values, bias, lse, attn.scaling)  # (B, Hk, G*T, D)
+            o_rows = o_rows.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4)  # (B, T, Hk, G, D)
             lead = None
             if i == last:  # nothing after this layer reads the lead or unscored positions
-                o, h_res = o[keep_flat], h[:BT][keep_flat]  # (n, H*D), (n, C)
+                o = o_rows.reshape(BT, -1)[keep_flat]  # (n, H*D)
+                h_res = h[:BT][keep_flat]  # (n, C)
             else:
                 h_res = h
+                o = torch.empty(h.shape[0], q.shape[-1])  # (N, H*D): rows, then the lead
+                o[:BT].view(B, T, Hk, G, D).copy_(o_rows)
                 if S:  # the lead attends to the prefix and itself: row 0's copy of them
-                    ql = q[BT:].view(S, Hk, G, D)
-                    ql = ql * cos_l.unsqueeze(2) + _rotate_half(ql) * sin_l.unsqueeze(2)
                     qgl = ws.take(1, Hk, G * S, D)
-                    qgl.view(Hk, G, S, D).copy_(ql.permute(1, 2, 0, 3))
+                    _rope_into(qgl.view(Hk, G, S, D).permute(2, 0, 1, 3),
+                               q[BT:].view(S, Hk, G, D), cos_l.unsqueeze(2),
+                               sin_l.unsqueeze(2))
                     lse_l = ws.take(1, Hk, G, S, 1)
                     ol = _attend(qgl, keys[:1, :, : P + S], values[:1, :, : P + S], bias_lead,
                                  lse_l, attn.scaling)  # (1, Hk, G*S, D)
-                    ol = ol.view(Hk, G, S, D).permute(2, 0, 1, 3).reshape(S, -1)  # (S, H*D)
-                    o = torch.cat([o, ol])  # (N, H*D)
+                    o[BT:].view(S, Hk, G, D).copy_(ol.view(Hk, G, S, D).permute(2, 0, 1, 3))
                     lead = (qgl, lse_l)
-            del q, k, v, qr, kr, x
+            del q, k, v, x, o_rows
             h_in = h if i else None  # the embeddings need no gradient: not kept
             h2 = ws.take(*h_res.shape)
             torch.add(h_res, F.linear(o, attn.o_proj.weight, attn.o_proj.bias), out=h2)
@@ -374,26 +393,24 @@ class _LlamaStack(torch.autograd.Function):
                 dvl += dvalues_l[0, :, P:]
             if i == 0:  # the embeddings need no gradient
                 break
-            dq = dq.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4)  # (B, T, Hk, G, D)
-            dk = dkeys[:, :, P + S :].transpose(1, 2)  # (B, T, Hk, D)
-            dv = dvalues[:, :, P + S :].transpose(1, 2)
-            # RoPE's transpose: rotate_half is a 90-degree rotation, its transpose -rotate_half
-            dq = dq * cos.unsqueeze(2) - _rotate_half(dq * sin.unsqueeze(2))
-            dk = dk * cos - _rotate_half(dk * sin)
-            dq, dk, dv = dq.reshape(BT, -1), dk.reshape(BT, -1), dv.reshape(BT, -1)
+            # the projections' gradients, rows then lead, RoPE undone (its transpose)
+            dQ, dK, dV = torch.empty(N, Hk * G * D), torch.empty(N, Hk * D), torch.empty(N, Hk * D)
+            _rope_backward_into(dQ[:BT].view(B, T, Hk, G, D),
+                                dq.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4),
+                                cos.unsqueeze(2), sin.unsqueeze(2))
+            _rope_backward_into(dK[:BT].view(B, T, Hk, D), dkeys[:, :, P + S :].transpose(1, 2),
+                                cos, sin)
+            dV[:BT].view(B, T, Hk, D).copy_(dvalues[:, :, P + S :].transpose(1, 2))
             if S:
-                dkl = dkl.transpose(0, 1)  # (S, Hk, D)
-                dkl = dkl * cos_l - _rotate_half(dkl * sin_l)
                 if dql is None:  # the last layer: the lead's queries read nothing
-                    dql = dq.new_zeros(S, dq.shape[-1])
+                    dQ[BT:] = 0
                 else:
-                    dql = dql.view(Hk, G, S, D).permute(2, 0, 1, 3)  # (S, Hk, G, D)
-                    dql = (dql * cos_l.unsqueeze(2)
-                           - _rotate_half(dql * sin_l.unsqueeze(2))).reshape(S, -1)
-                dq = torch.cat([dq, dql])
-                dk = torch.cat([dk, dkl.reshape(S, -1)])
-                dv = torch.cat([dv, dvl.transpose(0, 1).reshape(S, -1)])
-            dx = dq @ attn.q_proj.weight + dk @ attn.k_proj.weight + dv @ attn.v_proj.weight
+                    _rope_backward_into(dQ[BT:].view(S, Hk, G, D),
+                                        dql.view(Hk, G, S, D).permute(2, 0, 1, 3),
+                                        cos_l.unsqueeze(2), sin_l.unsqueeze(2))
+                _rope_backward_into(dK[BT:].view(S, Hk, D), dkl.transpose(0, 1), cos_l, sin_l)
+                dV[BT:].view(S, Hk, D).copy_(dvl.transpose(0, 1))
+            dx = dQ @ attn.q_proj.weight + dK @ attn.k_proj.weight + dV @ attn.v_proj.weight
             dh = dh2 + _rms_backward(dx, h, rstd1, layer.input_layernorm.weight)
         ctx.saved = None
         return dkv, None, None, None, None, None, None, None, None

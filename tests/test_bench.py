@@ -315,3 +315,17 @@ def test_head_cross_entropy_matches_autograd(vocab):
     (got_grad,) = torch.autograd.grad(got * 1.0, h)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_rope_written_in_place_matches_rotate_half():
+    torch.manual_seed(0)
+    x, cos, sin = torch.randn(2, 5, 3, 8), torch.randn(1, 5, 1, 8), torch.randn(1, 5, 1, 8)
+    half = torch.cat((-x[..., 4:], x[..., :4]), dim=-1)
+    out = torch.empty(2, 3, 5, 8).transpose(1, 2)  # a strided view, as in the attention buffers
+    trainmod._rope_into(out, x, cos, sin)
+    torch.testing.assert_close(out, x * cos + half * sin)
+    # the backward is the transpose: <rope(x), g> == <x, rope^T(g)>
+    g = torch.randn_like(x)
+    back = torch.empty_like(x)
+    trainmod._rope_backward_into(back, g, cos, sin)
+    torch.testing.assert_close((out * g).sum(), (x * back).sum())
