@@ -580,6 +580,7 @@ def format_report(cfg: BenchConfig, runs: dict[str, list[dict]], peaks: list[flo
         f"threads {runs['ours'][0]['threads']}",
         f"float32 matmul peak (2048^3, median of {len(peaks)}): {s['matmul_gflops']:.1f} GFLOP/s "
         f"(range {min(peaks):.1f}-{max(peaks):.1f})",
+        *_disturbance_warning(peaks),
         "",
         f"{'training':<28}{'ours':>12}{'peft':>12}{'ratio':>9}",
     ]
@@ -643,6 +644,21 @@ def format_report(cfg: BenchConfig, runs: dict[str, list[dict]], peaks: list[flo
                     f"MISSED by {s['macro_f1_peft'] - s['macro_f1_ours']:.3f}"))
     lines += ["", summary_line(s)]
     return "\n".join(lines)
+
+
+DISTURBED = 0.8
+"""Slowest matmul peak / median below which something else used the cores during the run."""
+
+
+def _disturbance_warning(peaks: Sequence[float]) -> list[str]:
+    """A warning when the machine's own matmul speed moved during the run: then every figure
+    here, the utilization above all (its denominator is the median peak), is suspect."""
+    low, mid = min(peaks), _median(peaks)
+    if low >= DISTURBED * mid:
+        return []
+    return [f"WARNING: the matmul peak fell to {low / mid:.0%} of its median during the run: "
+            "another process or a noisy neighbour shared the cores, so speeds and the "
+            "utilization are unreliable. Run again on an idle machine."]
 
 
 def _ablation_table(runs: dict[str, list[dict]], ablations: dict[str, dict]) -> list[str]:

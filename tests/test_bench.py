@@ -329,3 +329,9 @@ def test_rope_written_in_place_matches_rotate_half():
     back = torch.empty_like(x)
     trainmod._rope_backward_into(back, g, cos, sin)
     torch.testing.assert_close((out * g).sum(), (x * back).sum())
+
+
+def test_a_disturbed_machine_is_named_in_the_report():
+    assert bench._disturbance_warning([180.0, 185.0, 176.0, 190.0]) == []
+    (line,) = bench._disturbance_warning([180.0, 47.0, 176.0, 190.0])
+    assert line.startswith("WARNING: the matmul peak fell to 26% of its median")
