@@ -163,8 +163,9 @@ def batch_loss(model: nn.Module, kv: torch.Tensor, batch) -> torch.Tensor:
 #   heap between short-lived tensors, where freed holes that later requests do not fit made
 #   the process hold ~1.8x the memory it used;
 # - attention runs on the key/value heads (GQA), not on copies repeated per query head, under
-#   one (T, P+T) mask: prefix, then causal. With right padding, no position the loss reads
-#   sees padding, and padded positions get no gradient;
+#   one (T, P+S+T) mask: prefix, the rows' shared lead of S tokens, then causal. With right
+#   padding, no position the loss reads sees padding, and padded positions get no gradient;
+# - the lead (a template's head, the same in every row) is computed once, not once per row;
 # - the last layer's output projection and MLP run only at the positions the loss reads;
 # - frozen weights get no gradient: each linear layer's backward is one matmul.
 
@@ -366,12 +367,7 @@ class _LlamaStack(torch.autograd.Function):
             # attention output: h2 = h + o_proj(o)
             do = dh2 @ attn.o_proj.weight  # (.., H*D)
             if i == last:  # back from the scored positions to all, the lead's left at zero
-                full = torch.zeros(N, do.shape[-1])
-                full[:BT][keep_flat] = do
-                do = full
-                full = torch.zeros(N, dh2.shape[-1])
-                full[:BT][keep_flat] = dh2
-                dh2 = full
+                do, dh2 = _scatter(do, keep_flat, N), _scatter(dh2, keep_flat, N)
             dog = do[:BT].view(B, T, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * T, D)
             dq, dkeys, dvalues = _attend_backward(dog, qg, keys, values, ctx.bias, lse,
                                                   attn.scaling, need_dq=i > 0)
@@ -443,6 +439,19 @@ def _attend_backward(dog, qg, keys, values, bias, lse, scaling: float, need_dq: 
     return dq, dkeys, dvalues
 
 
+def _scatter(rows: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, C) zeros with `rows` at the positions `keep` marks among the first len(keep)."""
+    full = rows.new_zeros(n, rows.shape[-1])
+    full[: len(keep)][keep] = rows
+    return full
+
+
+def _causal_bias(t: int, before: int) -> torch.Tensor:
+    """(t, before + t) additive mask: every query sees the `before` keys, then causal."""
+    visible = torch.ones(t, before + t, dtype=torch.bool).tril(before)
+    return torch.zeros(t, before + t).masked_fill_(~visible, float("-inf"))
+
+
 def _lead_length(batch) -> int:
     """How many leading tokens every row of the batch shares (a template's head), short of
     the first position whose logit scores a target."""
@@ -467,10 +476,8 @@ def _lean_loss(model: nn.Module, kv: torch.Tensor, batch, ws: _Workspace | None 
         cos, sin = inner.rotary_emb(h, positions)  # (1, S+T, D) each
         rope_lead = cos[0, :S].unsqueeze(1), sin[0, :S].unsqueeze(1)  # (S, 1, D)
         rope = cos[:, S:].unsqueeze(2), sin[:, S:].unsqueeze(2)  # (1, T, 1, D)
-        visible = torch.ones(T, P + S + T, dtype=torch.bool).tril(P + S)  # prefix, lead, causal
-        bias = torch.zeros(T, P + S + T).masked_fill_(~visible, float("-inf"))
-        visible = torch.ones(S, P + S, dtype=torch.bool).tril(P)
-        bias_lead = torch.zeros(S, P + S).masked_fill_(~visible, float("-inf"))
+        bias = _causal_bias(T, P + S)  # rows: prefix, lead, then causal
+        bias_lead = _causal_bias(S, P)  # the lead: prefix, then causal
     h = _LlamaStack.apply(kv, h, inner, batch.loss_mask[:, S:], rope, rope_lead, bias,
                           bias_lead, ws or _Workspace())
     h = _RMSNorm.apply(h, inner.norm.weight, inner.norm.variance_epsilon)  # (n, C)
