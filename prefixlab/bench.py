@@ -46,7 +46,7 @@ from prefixlab import data as datamod
 from prefixlab import train as trainmod
 from prefixlab.encode import DEFAULT_TEMPLATE, Encoder, Example, Template
 from prefixlab.evaluate import classification_report, predictions_from_probs
-from prefixlab.models import LoadedModel
+from prefixlab.models import LoadedModel, autocast
 from prefixlab.predict import score_labels
 from prefixlab.prefix import Prefix, PrefixConfig, default_init_text, text_key_values
 from prefixlab.train import TrainConfig, learning_rate_at, train
@@ -114,6 +114,9 @@ class BenchConfig:
     each one buys."""
     model: str | None = None
     """None: the embedded default SmolLM2-135M (prefixlab.models.load_model())."""
+    device: str = "cpu"
+    """Where both contenders train and score: "cpu" (what the targets are set for) or "cuda",
+    where both run under the same bf16 autocast (prefixlab.models.autocast)."""
     threads: int | None = None
     """Pin both contenders to this many CPU threads (OMP_NUM_THREADS, which also switches
     off train()'s thread tuner); None leaves torch's default, and ours its tuner."""
@@ -144,16 +147,32 @@ class BenchConfig:
 # --- measurement helpers ----------------------------------------------------------------------
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> list[float]:
-    """GFLOP/s of `repeats` float32 n^3 products (after one warm-up)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+def matmul_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu") -> list[float]:
+    """GFLOP/s of `repeats` n^3 products (after one warm-up): float32 on CPU; on CUDA bf16,
+    the dtype training computes in there, and 8192^3, the size a GPU needs to reach its peak."""
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    n = 8192 if dev.type == "cuda" else n
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     out = []
-    for _ in range(repeats):
+    for i in range(repeats + 1):
+        _sync(dev)
         start = time.perf_counter()
         a @ b
-        out.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
+        _sync(dev)
+        if i:  # the first is a warm-up
+            out.append(2 * n**3 / (time.perf_counter() - start) / 1e9)
     return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gpu_bytes() -> int:
+    """Peak CUDA memory torch allocated in this process (0 without CUDA)."""
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
 def peak_rss_bytes() -> int:
@@ -282,6 +301,7 @@ def run_ours(loaded: LoadedModel, task: Task, cfg: BenchConfig) -> dict:
     result = {"train": _train_summary(len(task.examples) * cfg.epochs, step_ends, losses, real,
                                       padded, per_epoch, cpu, threads)}
     result["peak_rss_train_bytes"] = peak_rss_bytes()
+    result["peak_gpu_train_bytes"] = peak_gpu_bytes()
 
     kv = prefix.folded()
     texts = task.held_out.texts
@@ -358,11 +378,13 @@ def train_peft(loaded: LoadedModel, task: Task, cfg: BenchConfig):
     step_ends, losses, threads = [], [], []
     real = padded = 0
     model.train()
+    device = next(model.parameters()).device
     cpu = time.process_time()
     began = time.perf_counter()
     for _ in range(cfg.epochs):
         for batch in loader:
-            out = model(**batch)
+            with autocast(device):
+                out = model(**{k: v.to(device) for k, v in batch.items()})
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
             optimizer.step()
@@ -397,7 +419,9 @@ def score_peft(model, encoder: Encoder, texts: Sequence[str], batch_size: int) -
         for r, s in enumerate(seqs):
             ids[r, : len(s)] = torch.tensor(s)
             mask[r, : len(s)] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits  # (rows, T, V)
+        device = next(model.parameters()).device
+        with autocast(device):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for r, (i, k) in enumerate(chunk):
             n, target = len(prompts[i]), encoder.label_ids[k]
             logp = F.log_softmax(logits[r, n - 1 : n - 1 + len(target)].float(), dim=-1)
@@ -409,7 +433,8 @@ def run_peft(loaded: LoadedModel, task: Task, cfg: BenchConfig) -> dict:
     """Train and score with PEFT; then score PEFT's trained prefix with score_labels too, timed
     back to back (ours, PEFT, ours), for the scoring speed-up and label agreement."""
     model, summary = train_peft(loaded, task, cfg)
-    result = {"train": summary, "peak_rss_train_bytes": peak_rss_bytes()}
+    result = {"train": summary, "peak_rss_train_bytes": peak_rss_bytes(),
+              "peak_gpu_train_bytes": peak_gpu_bytes()}
     embedding = model.prompt_encoder[model.active_adapter].embedding.weight
     kv = peft_key_values(embedding, task.init_kv)  # (L, 2, H_kv, P, D)
     texts = task.held_out.texts
@@ -446,7 +471,7 @@ def run_worker(contender: str, cfg: BenchConfig, loaded: LoadedModel | None = No
         torch.set_num_threads(cfg.threads)
     began = time.perf_counter()
     if loaded is None:
-        loaded = load_model(cfg.model, "cpu")
+        loaded = load_model(cfg.model, cfg.device)
     load_s = time.perf_counter() - began
     rss_after_load = peak_rss_bytes()
     if data is None:
@@ -564,6 +589,8 @@ def format_report(cfg: BenchConfig, runs: dict[str, list[dict]], peaks: list[flo
                   app_starts: Sequence[float] | None = None) -> str:
     """The table, the ratios against targets, and the machine-readable last line."""
     s = summarize(runs, peaks, app_starts)
+    cuda = torch.device(cfg.device).type == "cuda"
+    peak_label = "bf16 8192^3" if cuda else "float32 2048^3"
 
     def med(name: str, *path: str) -> float:
         vals = []
@@ -577,8 +604,8 @@ def format_report(cfg: BenchConfig, runs: dict[str, list[dict]], peaks: list[flo
         f"{runs['ours'][0]['eval_rows']} held-out rows of {cfg.csv}, epochs {cfg.epochs}, "
         f"batch {cfg.batch_size}, prefix {cfg.prefix_length}, max length {cfg.max_length}, "
         f"lr {cfg.learning_rate}, seed {cfg.seed}, repeats {cfg.repeats}, "
-        f"threads {runs['ours'][0]['threads']}",
-        f"float32 matmul peak (2048^3, median of {len(peaks)}): {s['matmul_gflops']:.1f} GFLOP/s "
+        f"threads {runs['ours'][0]['threads']}, device {cfg.device}",
+        f"{peak_label} matmul peak (median of {len(peaks)}): {s['matmul_gflops']:.1f} GFLOP/s "
         f"(range {min(peaks):.1f}-{max(peaks):.1f})",
         *_disturbance_warning(peaks),
         "",
@@ -594,6 +621,8 @@ def format_report(cfg: BenchConfig, runs: dict[str, list[dict]], peaks: list[flo
         ("threads (mean over steps)", ("train", "threads_mean"), "{:.2f}"),
         ("peak RSS, training (GB)", ("peak_rss_train_bytes",), "{:.2f}"),
         ("peak RSS, whole worker (GB)", ("peak_rss_bytes",), "{:.2f}"),
+        *([("peak GPU memory, training (GB)", ("peak_gpu_train_bytes",), "{:.2f}")]
+          if cuda else []),
         ("first-epoch loss (mean)", ("train", "first_loss"), "{:.4f}"),
         ("final-epoch loss (mean)", ("train", "final_loss"), "{:.4f}"),
         ("held-out macro-F1", ("eval", "macro_f1"), "{:.3f}"),
@@ -747,7 +776,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
               variants: Sequence[str] = (), app: bool = True) -> str:
     """Matmul peak, the workers interleaved (ours, peft, peft, ours, ...), then ours with one
     speed-up off per variant, then two app starts; the report."""
-    peaks = matmul_gflops()
+    peaks = matmul_gflops(device=cfg.device)
     runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
     order = []
     for r in range(cfg.repeats):
@@ -768,7 +797,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
             f"{t['examples_per_s']:.2f} ex/s, {t['tokens_per_s']:.1f} tok/s, "
             f"loss {t['final_loss']:.4f}, F1 {result['eval']['macro_f1']:.3f}, "
             f"peak RSS {result['peak_rss_train_bytes'] / GB:.2f} GB")
-        peaks += matmul_gflops(repeats=3)
+        peaks += matmul_gflops(repeats=3, device=cfg.device)
     starts = app_starts(cfg.model) if app else None
     if starts:
         log(f"[app] page served after {starts[0]:.1f} s (first start), "
@@ -794,6 +823,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=d.repeats,
                    help="worker runs per contender, interleaved; medians reported")
     p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M)")
+    p.add_argument("--device", default=d.device,
+                   help="cpu (the targets are set for it) or cuda; both contenders run there")
     p.add_argument("--threads", type=int, default=None,
                    help="pin both contenders to N CPU threads (switches off ours' thread tuner)")
     p.add_argument("--ablations", action="store_true",

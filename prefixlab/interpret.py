@@ -734,7 +734,8 @@ def prefix_movement(snapshots: Sequence[tuple[int, torch.Tensor]]) -> Movement:
     if not snapshots:
         raise InterpretError("no snapshots to follow: the run saved none")
     steps = [int(s) for s, _ in snapshots]
-    stack = torch.stack([kv.float() for _, kv in snapshots])  # (S, L, 2, H, P, D)
+    # on CPU, detached: a live prefix's key_values() may be on CUDA and in the graph
+    stack = torch.stack([kv.detach().float().cpu() for _, kv in snapshots])  # (S, L, 2, H, P, D)
     shapes = {tuple(kv.shape) for _, kv in snapshots}
     if len(shapes) > 1:
         raise InterpretError(f"snapshots have different shapes: {sorted(shapes)}")
