@@ -28,12 +28,12 @@ from prefixlab.encode import Example, bucketed_batches, collate
 from prefixlab.models import autocast
 from prefixlab.prefix import Prefix, forward
 
-CHUNK_TOKENS = 512
+CHUNK_TOKENS = 384
 """Most padded tokens one forward/backward holds on CPU. A bigger batch is read in chunks whose
 gradients add up to the batch's, so activation memory stays bounded for any max_length:
 ~0.7 MB per token for SmolLM2-135M on the lean path, so training peaks at ~1.4 GB resident
-with the model. Larger chunks run matmuls closer to their peak: a batch of ~450 tokens read
-whole ran ~8% faster than as two chunks of ~225."""
+with the model. Larger chunks run matmuls closer to their peak, but 512 gained only ~4% with
+oneDNN's matmuls (`_linear`) and took the benchmark's peak RSS to ~1.53 GB."""
 CUDA_CHUNK_TOKENS = 16384
 """The same on CUDA, where memory is plentiful and a step of a small model is bound by kernel
 launches, which each chunk repeats: at 384 tokens, ours trained at 0.6x PEFT's speed on an
@@ -214,6 +214,11 @@ class _Workspace:
         self.offset = start + n
         return self.blocks[self.block][start : start + n].view(torch.float32).view(shape)
 
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of a float32 `tensor` in the workspace, for one computed outside it (the
+        heap) that the backward needs."""
+        return self.take(*tensor.shape).copy_(tensor)
+
     def reset(self) -> None:
         """Call when nothing refers to what `take` returned any more."""
         self.block = self.offset = 0
@@ -284,9 +289,9 @@ class _LlamaStack(torch.autograd.Function):
             rstd1 = ws.take(h.shape[0], 1)
             torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm1.variance_epsilon, out=rstd1)
             x = h * rstd1 * norm1.weight  # (N, C)
-            q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias)  # (N, Hk*G*D)
-            k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias)  # (N, Hk*D)
-            v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias)
+            q = _linear(x, attn.q_proj.weight, attn.q_proj.bias)  # (N, Hk*G*D)
+            k = _linear(x, attn.k_proj.weight, attn.k_proj.bias)  # (N, Hk*D)
+            v = _linear(x, attn.v_proj.weight, attn.v_proj.bias)
             qg = ws.take(B, Hk, G * T, D)  # queries grouped by their key/value head, RoPE'd
             _rope_into(qg.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4),
                        q[:BT].view(B, T, Hk, G, D), cos.unsqueeze(2), sin.unsqueeze(2))
@@ -301,6 +306,7 @@ class _LlamaStack(torch.autograd.Function):
             _rope_into(keys[:, :, P + S :].transpose(1, 2), k[:BT].view(B, T, Hk, D), cos, sin)
             values[:, :, P + S :] = v[:BT].view(B, T, Hk, D).transpose(1, 2)
             o_att, lse = _attend(qg, keys, values, bias, attn.scaling)  # (B, Hk, G*T, D)
+            o_att, lse = ws.keep(o_att), ws.keep(lse)  # kept for the backward
             o_rows = o_att.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4)  # (B, T, Hk, G, D)
             lead = None
             if i == last:  # nothing after this layer reads the lead or unscored positions
@@ -322,21 +328,18 @@ class _LlamaStack(torch.autograd.Function):
             del q, k, v, x, o_rows
             h_in = h if i else None  # the embeddings need no gradient: not kept
             h2 = ws.take(*h_res.shape)
-            torch.add(h_res, F.linear(o, attn.o_proj.weight, attn.o_proj.bias), out=h2)
+            torch.add(h_res, _linear(o, attn.o_proj.weight, attn.o_proj.bias), out=h2)
             rstd2 = ws.take(h2.shape[0], 1)
             torch.rsqrt(h2.pow(2).mean(-1, keepdim=True) + norm2.variance_epsilon, out=rstd2)
             x = h2 * rstd2 * norm2.weight
+            # kept for the backward: in the workspace, not the heap (see _Workspace)
             gate = ws.take(h2.shape[0], mlp.gate_proj.out_features)
             up = ws.take(h2.shape[0], mlp.up_proj.out_features)
-            torch.matmul(x, mlp.gate_proj.weight.t(), out=gate)
-            torch.matmul(x, mlp.up_proj.weight.t(), out=up)
-            if mlp.gate_proj.bias is not None:
-                gate += mlp.gate_proj.bias
-            if mlp.up_proj.bias is not None:
-                up += mlp.up_proj.bias
+            gate.copy_(_linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
+            up.copy_(_linear(x, mlp.up_proj.weight, mlp.up_proj.bias))
             out = ws.take(*h2.shape)
-            torch.add(h2, F.linear(F.silu(gate) * up, mlp.down_proj.weight,
-                                   mlp.down_proj.bias), out=out)
+            torch.add(h2, _linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias),
+                      out=out)
             saved.append((h_in, rstd1, qg, keys, values, o_att, lse, lead, h2, rstd2, gate, up))
             h = out
         ctx.saved = saved
@@ -362,14 +365,14 @@ class _LlamaStack(torch.autograd.Function):
             attn, mlp = layer.self_attn, layer.mlp
             G = qg.shape[2] // T
             # MLP: out = h2 + down(silu(gate) * up)
-            da = dh @ mlp.down_proj.weight
+            da = _linear(dh, mlp.down_proj.weight.t())
             dgate = torch.ops.aten.silu_backward(da * up, gate)
             dup = da * F.silu(gate)
-            dx = dgate @ mlp.gate_proj.weight + dup @ mlp.up_proj.weight
+            dx = _linear(dgate, mlp.gate_proj.weight.t()) + _linear(dup, mlp.up_proj.weight.t())
             dh2 = dh + _rms_backward(dx, h2, rstd2, layer.post_attention_layernorm.weight)
             del da, dgate, dup, dx
             # attention output: h2 = h + o_proj(o)
-            do = dh2 @ attn.o_proj.weight  # (.., H*D)
+            do = _linear(dh2, attn.o_proj.weight.t())  # (.., H*D)
             if i == last:  # back from the scored positions to all, the lead's left at zero
                 do, dh2 = _scatter(do, keep_flat, N), _scatter(dh2, keep_flat, N)
             dog = do[:BT].view(B, T, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * T, D)
@@ -410,10 +413,29 @@ class _LlamaStack(torch.autograd.Function):
                                         cos_l.unsqueeze(2), sin_l.unsqueeze(2))
                 _rope_backward_into(dK[BT:].view(S, Hk, D), dkl.transpose(0, 1), cos_l, sin_l)
                 dV[BT:].view(S, Hk, D).copy_(dvl.transpose(0, 1))
-            dx = dQ @ attn.q_proj.weight + dK @ attn.k_proj.weight + dV @ attn.v_proj.weight
+            dx = (_linear(dQ, attn.q_proj.weight.t()) + _linear(dK, attn.k_proj.weight.t())
+                  + _linear(dV, attn.v_proj.weight.t()))
             dh = dh2 + _rms_backward(dx, h, rstd1, layer.input_layernorm.weight)
         ctx.saved = None
         return dkv, None, None, None, None, None, None, None, None
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """x @ weight^T + bias through oneDNN where torch has it (any layout of `weight`: the
+    backward passes weight^T as a view). On this project's AMD EPYC (AVX-512) oneDNN ran
+    SmolLM2's float32 products at 185-210 GFLOP/s where torch's default (MKL, which takes
+    its AVX2 path on AMD) ran 117-177."""
+    if _ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+    return F.linear(x, weight, bias)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN caches a primitive, with its own packed-weight scratch memory, per matmul shape, up to
+# 1024 of them: length-bucketed batches bring a new row count each, and the cache grew the
+# benchmark's peak RSS by ~0.2 GB. 16 holds what one batch uses. Read when oneDNN makes its
+# first primitive, so this takes effect unless something ran oneDNN before this import.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 
 
 def _attend(qg, keys, values, bias, scaling: float):
