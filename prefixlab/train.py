@@ -704,10 +704,14 @@ class ThreadTuner:
 def _load_trim() -> Callable[[], None]:
     """glibc's malloc_trim(0), or a no-op where there is none (not Linux, or musl)."""
     try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return lambda: None
-    return lambda: trim(0) and None
+
+    def trim() -> None:
+        malloc_trim(0)
+
+    return trim
 
 
 _trim_heap = _load_trim()
