@@ -273,7 +273,7 @@ def cmd_import_peft(args) -> int:
 
 def cmd_inspect(args) -> int:
     from prefixlab.experiment import RunFolder
-    from prefixlab.interpret import inspect_run
+    from prefixlab.inspection import inspect_run
     from prefixlab.models import load_model
 
     cfg = RunFolder(args.run).run_config()

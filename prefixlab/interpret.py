@@ -1,4 +1,4 @@
-"""Look inside a prefix: nearest real tokens, value readout, PCA maps, movement, attention.
+"""Look inside a prefix: the key frame, slot references, nearest tokens, value readout, attention.
 
 Arrays and dataclasses only; figures are in plots.py. Every readout here compares the prefix
 with *reference* key/values: what the frozen model itself caches when it reads real tokens.
@@ -28,20 +28,14 @@ that slot. Raw cosines of keys are ~0.8 between *any* two tokens (keys share a l
 direction), which would make every match look strong. The random baseline runs the same
 readout on random vectors of the same norm, so a score means something only well above it.
 
-The reference bank (per base model, cached on disk) holds each bank token read in a neutral
-slot: right after a newline token, at position 1. It feeds the PCA maps and the token list;
-keys are stored in the *key frame* (RoPE rotation undone, i.e. as at position 0) so that keys
-from different positions can share one map. The neutral slot is needed
-because a token read alone at position 0 becomes an attention sink: in SmolLM2-135M such
-states are nearly identical for every token past layer 5 (mean pairwise cosine 0.9999).
+The modules: this one holds the frame and the readouts that rank or read the prefix
+(nearest tokens, value readout, attention); interpret_bank.py builds and caches the reference
+bank; interpret_maps.py places prefixes in PCA maps, follows them over training and compares
+them; inspection.py writes a run's inspection (JSON and the standalone page).
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-import time
-import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -49,11 +43,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
-from prefixlab.files import atomic_save_tensors, atomic_write_json, atomic_write_text
-from prefixlab.models import LoadedModel, architecture, cache_root, get_module
+from prefixlab.models import LoadedModel, architecture, get_module
 from prefixlab.prefix import build_cache, cache_keyword, prefix_inputs
 
 CAVEAT = (
@@ -76,13 +67,42 @@ METHOD = (
 )
 
 KINDS = ("key", "value")
-BANK_FORMAT = "prefixlab-bank/1"
-DEFAULT_BANK_SIZE = 2000
 _CHUNK_TOKENS = 4096  # token reads per forward pass: bounds memory on large vocab banks
 
 
 class InterpretError(ValueError):
     """A prefix, run or request that cannot be inspected as asked."""
+
+
+# --- shared checks -----------------------------------------------------------------------------
+
+
+def _kind_index(kind: str) -> int:
+    if kind not in KINDS:
+        raise InterpretError(f"kind must be 'key' or 'value', got {kind!r}")
+    return KINDS.index(kind)
+
+
+def _check_kv(loaded: LoadedModel, kv: torch.Tensor) -> None:
+    shape = loaded.shape
+    expected = (shape.num_layers, 2, shape.num_kv_heads, shape.head_dim)
+    if kv.dim() != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != expected:
+        raise InterpretError(
+            f"prefix of shape {tuple(kv.shape)} does not fit {loaded.name}: expected "
+            f"(L={expected[0]}, 2, H_kv={expected[2]}, P, D={expected[3]})"
+        )
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _named(prefixes: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
+    if isinstance(prefixes, torch.Tensor):
+        return {"prefix": prefixes}
+    if not prefixes:
+        raise InterpretError("no prefixes given")
+    return dict(prefixes)
 
 
 # --- key frame: undoing RoPE ----------------------------------------------------------------
@@ -234,36 +254,7 @@ def first_layer_references(loaded: LoadedModel, token_ids: Sequence[int],
     return refs.permute(0, 1, 3, 2, 4).contiguous()  # (2, n, length, H, D)
 
 
-# --- the reference bank -----------------------------------------------------------------------
-
-
-def _is_junk(text: str) -> bool:
-    """Whitespace, partial UTF-8 bytes or control characters: not a readable token."""
-    if not text.strip() or "\ufffd" in text:
-        return True
-    return any(unicodedata.category(c).startswith("C") for c in text)
-
-
-def frequent_token_ids(tokenizer, count: int, vocab_size: int | None = None) -> list[int]:
-    """The first `count` ordinary tokens by id: the offline stand-in for a frequency table.
-
-    Byte-level BPE vocabularies (GPT-2, Llama 3, SmolLM2) number merges in the order they were
-    learned, i.e. most frequent pairs first, so the lowest ids after the special tokens and
-    the 256 single bytes are roughly the most frequent words and word pieces. Special tokens,
-    whitespace-only pieces and partial UTF-8 bytes are skipped; single characters are kept.
-    """
-    limit = min(len(tokenizer), vocab_size or len(tokenizer))
-    special = set(tokenizer.all_special_ids)
-    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
-                if getattr(t, "special", True)}
-    found = []
-    for i in range(limit):
-        if len(found) >= count:
-            break
-        if i in special or _is_junk(tokenizer.decode([i])):
-            continue
-        found.append(i)
-    return found
+# --- the reference bank (built and cached by interpret_bank.py) ------------------------------
 
 
 @dataclass
@@ -284,129 +275,7 @@ class ReferenceBank:
         return self.keys if _kind_index(kind) == 0 else self.values
 
 
-def _sanitize(name: str) -> str:
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
-    return clean[-60:] or "model"
-
-
-def _fingerprint(model: torch.nn.Module) -> bytes:
-    """A cheap hash input that changes when any weight changes much: 64 samples per tensor."""
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
-        digest.update(name.encode())
-        digest.update(sample.tobytes())
-    return digest.digest()
-
-
-def bank_path(loaded: LoadedModel, token_ids: Sequence[int], context_id: int) -> Path:
-    """cache_root()/banks/<model>-<hash>.safetensors for this model, token list and context."""
-    digest = hashlib.sha256()
-    digest.update(BANK_FORMAT.encode())
-    digest.update(loaded.name.encode())
-    digest.update(loaded.model.config.to_json_string(use_diff=False).encode())
-    digest.update(_fingerprint(loaded.model))
-    digest.update(np.asarray(list(token_ids) + [context_id], dtype=np.int64).tobytes())
-    name = f"{_sanitize(loaded.name)}-{digest.hexdigest()[:16]}.safetensors"
-    return cache_root() / "banks" / name
-
-
-def _read_bank(path: Path, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            ok = (f.metadata() or {}).get("format") == BANK_FORMAT
-    except (SafetensorError, OSError, ValueError):
-        return None
-    if not ok or tensors.get("token_ids") is None or tensors["token_ids"].tolist() != token_ids:
-        return None
-    return tensors["keys"].float(), tensors["values"].float()
-
-
-def reference_bank(
-    loaded: LoadedModel,
-    count: int = DEFAULT_BANK_SIZE,
-    extra_ids: Sequence[int] = (),
-    *,
-    context: str = "\n",
-    use_cache: bool = True,
-    progress: Callable[[str], None] | None = None,
-) -> ReferenceBank:
-    """Keys and values of `count` frequent tokens plus `extra_ids`, at every layer.
-
-    Each token is read at position 1, after the first token of `context` (a newline: plain
-    text every tokenizer has; special tokens such as SmolLM2-Instruct's BOS <|im_start|> are
-    chat markers, not neutral).
-
-    Computed once per base model, token list and weights, and cached as safetensors (float16,
-    ~46 MB for SmolLM2-135M at N=2000) under cache_root()/banks/; a later call loads it.
-    """
-    tok, model = loaded.tokenizer, loaded.model
-    vocab = min(len(tok), model.config.vocab_size)
-    bad = [i for i in extra_ids if not 0 <= int(i) < vocab]
-    if bad:
-        raise InterpretError(f"extra token ids {bad} are outside the vocabulary (0..{vocab - 1})")
-    if count < 1:
-        raise InterpretError(f"the reference bank needs at least 1 token, got {count}")
-    frequent = frequent_token_ids(tok, count, vocab)
-    extras = [int(i) for i in dict.fromkeys(extra_ids) if int(i) not in set(frequent)]
-    token_ids = frequent + extras
-    context_ids = tok(context, add_special_tokens=False)["input_ids"] if context else []
-    if not context_ids:
-        if tok.eos_token_id is None:
-            raise InterpretError(f"the bank context {context!r} has no tokens and there is no EOS")
-        context_ids = [tok.eos_token_id]
-    context_id = context_ids[0]
-    path = bank_path(loaded, token_ids, context_id)
-    tokens = [tok.decode([i]) for i in token_ids]
-    common = dict(model_name=loaded.name, token_ids=token_ids, tokens=tokens,
-                  extra_ids=[int(i) for i in dict.fromkeys(extra_ids)], context_id=context_id,
-                  path=path)
-    if use_cache and path.is_file():
-        found = _read_bank(path, token_ids)
-        if found is not None:
-            return ReferenceBank(keys=found[0], values=found[1], loaded_from_disk=True, **common)
-    if progress:
-        progress(f"reading {len(token_ids)} reference tokens through {loaded.name} (once)")
-    start = time.perf_counter()
-    context = slot_references(loaded, None, [context_id])  # (L, 2, 1, H, D)
-    context = context.permute(0, 1, 3, 2, 4)  # (L, 2, H, 1, D): a one-token cache
-    refs = slot_references(loaded, context, token_ids)  # (L, 2, N, H, D), read at position 1
-    keys = unrotate_keys(loaded, refs[:, 0].transpose(1, 2), [1])  # (L, H, N, D) in the frame
-    keys = keys.transpose(1, 2).flatten(2)  # (L, N, H*D)
-    values = refs[:, 1].flatten(2)  # (L, N, H*D)
-    keys, values = keys.half(), values.half()  # what the cache holds; returned the same way
-    if use_cache:
-        atomic_save_tensors(path, {"token_ids": torch.tensor(token_ids), "keys": keys,
-                                   "values": values},
-                            metadata={"format": BANK_FORMAT, "model": loaded.name,
-                                      "context_id": str(context_id),
-                                      "seconds": f"{time.perf_counter() - start:.1f}"})
-    return ReferenceBank(keys=keys.float(), values=values.float(), **common)
-
-
 # --- nearest tokens ---------------------------------------------------------------------------
-
-
-def _kind_index(kind: str) -> int:
-    if kind not in KINDS:
-        raise InterpretError(f"kind must be 'key' or 'value', got {kind!r}")
-    return KINDS.index(kind)
-
-
-def _check_kv(loaded: LoadedModel, kv: torch.Tensor) -> None:
-    shape = loaded.shape
-    expected = (shape.num_layers, 2, shape.num_kv_heads, shape.head_dim)
-    if kv.dim() != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != expected:
-        raise InterpretError(
-            f"prefix of shape {tuple(kv.shape)} does not fit {loaded.name}: expected "
-            f"(L={expected[0]}, 2, H_kv={expected[2]}, P, D={expected[3]})"
-        )
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _rank(x: torch.Tensor, refs: torch.Tensor, center: torch.Tensor, k: int,
@@ -580,180 +449,6 @@ def value_readout(loaded: LoadedModel, kv: torch.Tensor, top_k: int = 10) -> Val
     return ValueReadout(ids, top.values.numpy(), labels)
 
 
-# --- PCA maps ---------------------------------------------------------------------------------
-
-
-def _layer_vectors(loaded: LoadedModel, kv: torch.Tensor, layer: int, kind: str) -> np.ndarray:
-    """(P, H_kv*D) vectors of one layer and kind, keys in the key frame."""
-    i = _kind_index(kind)
-    x = kv[layer, i].detach().float().cpu()  # (H, P, D)
-    if i == 0:
-        x = unrotate_keys(loaded, x, torch.arange(x.shape[1]))
-    return x.transpose(0, 1).flatten(1).numpy()  # (P, H*D)
-
-
-def _fit_pca(x: np.ndarray, dims: int):
-    from sklearn.decomposition import PCA
-
-    # Exact either way: through the (F, F) covariance when samples outnumber features (a
-    # token cloud: ~30x faster than a full SVD on CPU), else a full SVD (a few snapshots).
-    x = np.asarray(x, dtype=np.float64)
-    solver = "covariance_eigh" if x.shape[1] <= x.shape[0] else "full"
-    return PCA(n_components=min(dims, *x.shape), svd_solver=solver).fit(x)
-
-
-def _pad(coords: np.ndarray, dims: int) -> np.ndarray:
-    if coords.shape[1] == dims:
-        return coords
-    return np.pad(coords, ((0, 0), (0, dims - coords.shape[1])))
-
-
-@dataclass
-class PCAMap:
-    """One layer's prefix vectors and reference cloud in the same PCA coordinates."""
-
-    layer: int
-    kind: str
-    tokens: list[str]  # one per cloud point
-    token_ids: list[int]
-    cloud: np.ndarray  # (N, dims)
-    prefixes: dict[str, np.ndarray]  # name -> (P, dims); points are P0..P{P-1}
-    explained_variance: np.ndarray  # (dims,) ratio of the joint data's variance
-
-
-def _named(prefixes: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
-    if isinstance(prefixes, torch.Tensor):
-        return {"prefix": prefixes}
-    if not prefixes:
-        raise InterpretError("no prefixes given")
-    return dict(prefixes)
-
-
-def pca_map(
-    loaded: LoadedModel,
-    bank: ReferenceBank,
-    prefixes: Mapping[str, torch.Tensor] | torch.Tensor,
-    layer: int,
-    kind: str = "key",
-    dims: int = 3,
-) -> PCAMap:
-    """PCA fitted jointly on the layer's reference cloud and every prefix's P vectors.
-
-    A vector is the concatenation over KV heads (H_kv*D); keys are in the key frame so that
-    positions share one map. Several prefixes (e.g. runs to compare) share the same fit.
-    """
-    named = _named(prefixes)
-    for kv in named.values():
-        _check_kv(loaded, kv)
-    if not 0 <= layer < loaded.shape.num_layers:
-        raise InterpretError(f"layer must be 0..{loaded.shape.num_layers - 1}, got {layer}")
-    cloud = bank.vectors(kind)[layer].numpy()  # (N, H*D)
-    points = {name: _layer_vectors(loaded, kv, layer, kind) for name, kv in named.items()}
-    pca = _fit_pca(np.vstack([cloud, *points.values()]), dims)
-    ratio = np.zeros(dims)
-    ratio[: pca.n_components_] = pca.explained_variance_ratio_
-    return PCAMap(
-        layer, kind, list(bank.tokens), list(bank.token_ids), _pad(pca.transform(cloud), dims),
-        {name: _pad(pca.transform(x), dims) for name, x in points.items()}, ratio,
-    )
-
-
-@dataclass
-class LayersMap:
-    """Every layer's prefix positions in that layer's own 2-D PCA, in units of the cloud."""
-
-    kind: str
-    coords: np.ndarray  # (L, P, 2): each axis divided by the reference cloud's std on it
-    explained_variance: np.ndarray  # (L, 2)
-    cloud: np.ndarray  # (L, M, 2): an even sample of the reference cloud, same units
-    tokens: list[str]  # (M,) the sampled tokens
-
-
-def layers_map(loaded: LoadedModel, bank: ReferenceBank, kv: torch.Tensor,
-               kind: str = "key", cloud_points: int = 200) -> LayersMap:
-    """One point per layer and position, fitted per layer.
-
-    Layers have unrelated bases (each its own W_k, W_v), so one PCA across layers would mostly
-    separate layers from each other, and lines joining a position across layers would join
-    unrelated coordinates. Each layer is fitted on its own cloud plus the prefix; coordinates
-    are divided by the cloud's spread on each axis, so "2" means two standard deviations of
-    real tokens at every layer; each axis is signed so the prefix's mean is positive (PCA
-    signs are arbitrary). `cloud_points` tokens of the cloud come along for context.
-    """
-    _check_kv(loaded, kv)
-    L, P = kv.shape[0], kv.shape[3]
-    N = len(bank.token_ids)
-    sample = np.unique(np.linspace(0, N - 1, min(cloud_points, N)).round().astype(int))
-    coords = np.zeros((L, P, 2))
-    clouds = np.zeros((L, len(sample), 2))
-    ratios = np.zeros((L, 2))
-    for layer in range(L):
-        cloud = bank.vectors(kind)[layer].numpy()
-        points = _layer_vectors(loaded, kv, layer, kind)
-        pca = _fit_pca(np.vstack([cloud, points]), 2)
-        cloud_xy = _pad(pca.transform(cloud), 2)
-        spread = cloud_xy.std(axis=0)
-        spread = np.where(spread > 0, spread, 1.0)
-        xy = _pad(pca.transform(points), 2) / spread
-        sign = np.where(xy.mean(axis=0) < 0, -1.0, 1.0)
-        coords[layer] = xy * sign
-        clouds[layer] = cloud_xy[sample] / spread * sign
-        ratios[layer, : pca.n_components_] = pca.explained_variance_ratio_
-    return LayersMap(kind, coords, ratios, clouds, [bank.tokens[i] for i in sample])
-
-
-# --- movement during training -----------------------------------------------------------------
-
-
-def load_snapshots(run_dir: str | Path) -> list[tuple[int, torch.Tensor]]:
-    """The run's prefix snapshots as (step, kv (L, 2, H_kv, P, D)), oldest first."""
-    from prefixlab.experiment import RunFolder
-
-    found = []
-    for step, path in RunFolder(run_dir).snapshots():
-        try:
-            found.append((step, load_file(str(path))["key_values"].float()))
-        except (SafetensorError, OSError, KeyError) as e:
-            raise InterpretError(f"snapshot {path} is unreadable: {e}") from e
-    return found
-
-
-@dataclass
-class Movement:
-    """How the prefix moved over training steps."""
-
-    steps: list[int]
-    trajectory: np.ndarray  # (S, 2): PCA of the whole flattened prefix per snapshot
-    explained_variance: np.ndarray  # (2,)
-    distance: np.ndarray  # (S, L, 2): |kv_s - kv_0| per layer and kind, over |kv_0| if relative
-    relative: bool  # False when a layer started at zero: distances are then absolute
-
-
-def prefix_movement(snapshots: Sequence[tuple[int, torch.Tensor]]) -> Movement:
-    """Trajectory and per-layer distance from the first snapshot (the initialization)."""
-    if not snapshots:
-        raise InterpretError("no snapshots to follow: the run saved none")
-    steps = [int(s) for s, _ in snapshots]
-    # on CPU, detached: a live prefix's key_values() may be on CUDA and in the graph
-    stack = torch.stack([kv.detach().float().cpu() for _, kv in snapshots])  # (S, L, 2, H, P, D)
-    shapes = {tuple(kv.shape) for _, kv in snapshots}
-    if len(shapes) > 1:
-        raise InterpretError(f"snapshots have different shapes: {sorted(shapes)}")
-    flat = stack.flatten(1).numpy()  # (S, L*2*H*P*D)
-    trajectory = np.zeros((len(steps), 2))
-    ratio = np.zeros(2)
-    if len(steps) > 1:
-        pca = _fit_pca(flat, 2)
-        trajectory = _pad(pca.transform(flat), 2)
-        ratio[: pca.n_components_] = pca.explained_variance_ratio_
-    per_layer = stack.flatten(3)  # (S, L, 2, H*P*D)
-    moved = (per_layer - per_layer[:1]).norm(dim=-1)  # (S, L, 2)
-    start = per_layer[0].norm(dim=-1)  # (L, 2)
-    relative = bool((start > 0).all())
-    distance = moved / start if relative else moved
-    return Movement(steps, trajectory, ratio, distance.numpy(), relative)
-
-
 # --- attention to the prefix ------------------------------------------------------------------
 
 
@@ -818,164 +513,9 @@ def prefix_attention(loaded: LoadedModel, prefixes: Mapping[str, torch.Tensor] |
     return AttentionMass(list(named), list(texts), np.stack(masses))
 
 
-# --- comparing prefixes -----------------------------------------------------------------------
-
-
-@dataclass
-class PrefixComparison:
-    names: list[str]
-    similarity: np.ndarray  # (L, R, R) cosine of each layer's flattened key/values
-
-
-def compare_prefixes(prefixes: Mapping[str, torch.Tensor]) -> PrefixComparison:
-    """Cosine similarity between prefixes per layer (same model and prefix length)."""
-    named = _named(prefixes)
-    shapes = {name: tuple(kv.shape) for name, kv in named.items()}
-    if len(set(shapes.values())) > 1:
-        listed = ", ".join(f"{n}: {s}" for n, s in shapes.items())
-        raise InterpretError(f"prefixes must share one shape to be compared; got {listed}")
-    stack = torch.stack([kv.detach().float().cpu() for kv in named.values()])  # (R, L, 2, H, P, D)
-    per_layer = _unit(stack.reshape(*stack.shape[:2], -1).transpose(0, 1))  # (L, R, 2*H*P*D)
-    return PrefixComparison(list(named), (per_layer @ per_layer.transpose(1, 2)).numpy())
-
-
-# --- writing an inspection --------------------------------------------------------------------
-
-
-def _round(x, digits: int = 4):
-    return np.round(np.asarray(x, dtype=float), digits).tolist()
-
-
-def nearest_tokens_json(nearest: NearestTokens, readout: ValueReadout | None = None) -> dict:
-    """nearest_tokens.json: per layer, per kind, per position the top-k with the baseline."""
-    L, _, P, _ = nearest.token_ids.shape
-    layers = []
-    for layer in range(L):
-        entry: dict = {"layer": layer}
-        for kind in KINDS:
-            i = _kind_index(kind)
-            entry[kind] = [{
-                "position": p,
-                "ranked_among": int(nearest.ranked_among[layer, p]),
-                "baseline": {"mean": round(float(nearest.baseline[layer, i, p]), 4),
-                             "std": round(float(nearest.baseline_std[layer, i, p]), 4)},
-                "top": [{"token": s, "id": t, "score": round(c, 4)}
-                        for s, t, c in nearest.top(layer, kind, p)],
-            } for p in range(P)]
-        if readout is not None:
-            entry["value_readout"] = [{
-                "position": p,
-                "top": [{"token": readout.labels[int(t)], "id": int(t), "logit": round(float(g), 3)}
-                        for t, g in zip(readout.token_ids[layer, p], readout.logits[layer, p],
-                                        strict=True)],
-            } for p in range(P)]
-        layers.append(entry)
-    return {"format": "prefixlab-nearest-tokens/1", "prefix_length": P, "method": METHOD,
-            "caveat": CAVEAT, "layers": layers}
-
-
-def pca_json(maps: Mapping[str, PCAMap], layers: Mapping[str, LayersMap],
-             movement: Movement | None) -> dict:
-    out: dict = {"format": "prefixlab-pca/1", "maps": {}, "layers": {}, "movement": None}
-    for kind, m in maps.items():
-        out["maps"][kind] = {
-            "layer": m.layer, "explained_variance": _round(m.explained_variance),
-            "prefixes": {name: _round(x) for name, x in m.prefixes.items()},
-            "cloud": {"tokens": m.tokens, "ids": m.token_ids, "coords": _round(m.cloud, 3)},
-        }
-    for kind, lm in layers.items():
-        out["layers"][kind] = {"coords": _round(lm.coords),
-                               "explained_variance": _round(lm.explained_variance)}
-    if movement is not None:
-        out["movement"] = {
-            "steps": movement.steps, "trajectory": _round(movement.trajectory),
-            "explained_variance": _round(movement.explained_variance),
-            "relative": movement.relative,
-            "distance": {kind: _round(movement.distance[:, :, i]) for i, kind in enumerate(KINDS)},
-        }
-    return out
-
-
-def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
-    """Every token of each label, with and without a leading space (how it follows a prompt):
-    the extra ids a run's reference bank always holds."""
-    ids: list[int] = []
-    for label in labels:
-        for text in (label, " " + label):
-            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-    return list(dict.fromkeys(ids))
-
-
-_label_ids = label_token_ids  # the first name, already used by workbench.py
-
-
-def _sample_texts(run, count: int = 3) -> list[str]:
-    from prefixlab import data as datamod
-
-    cfg = run.config
-    try:
-        data = datamod.load_labeled_csv(cfg.train_csv, cfg.text_column, cfg.label_column)
-    except (datamod.DataError, OSError):
-        return []
-    return [t for t in data.texts[:count] if t.strip()]
-
-
-def inspect_run(
-    run_dir: str | Path,
-    output_dir: str | Path,
-    loaded: LoadedModel | None = None,
-    top_k: int = 10,
-    *,
-    texts: Sequence[str] | None = None,
-    bank_size: int = DEFAULT_BANK_SIZE,
-    progress: Callable[[str], None] | None = None,
-) -> Path:
-    """Write nearest_tokens.json, pca.json and a standalone inspection.html for a run.
-
-    texts: read after the prefix for the attention view; None takes up to three rows of the
-    run's training CSV (the attention view is left out when it cannot be read).
-    Returns output_dir.
-    """
-    from prefixlab.experiment import open_run
-    from prefixlab.plots import inspection_html
-
-    run = open_run(run_dir, loaded)
-    loaded, kv = run.loaded, run.kv
-    output = Path(output_dir)
-    bank = reference_bank(loaded, bank_size, label_token_ids(loaded.tokenizer, run.labels),
-                          progress=progress)
-    nearest = nearest_tokens(loaded, kv, bank, top_k, progress=progress)
-    readout = value_readout(loaded, kv, top_k)
-    snapshots = load_snapshots(run_dir)
-    compared = {"trained": kv}
-    if snapshots and snapshots[0][1].shape == kv.shape:
-        compared[f"step {snapshots[0][0]}"] = snapshots[0][1]
-    layer = loaded.shape.num_layers // 2
-    maps = {kind: pca_map(loaded, bank, compared, layer, kind) for kind in KINDS}
-    layers = {kind: layers_map(loaded, bank, kv, kind) for kind in KINDS}
-    movement = prefix_movement(snapshots) if snapshots else None
-    texts = list(texts) if texts is not None else _sample_texts(run)
-    attention = prefix_attention(loaded, compared, texts) if texts else None
-    atomic_write_json(output / "nearest_tokens.json",
-                      {"run": run.folder.path.name, "model": loaded.name, "top_k": top_k,
-                       **nearest_tokens_json(nearest, readout)})
-    atomic_write_json(output / "pca.json", {"run": run.folder.path.name,
-                                            **pca_json(maps, layers, movement)})
-    page = inspection_html(
-        title=f"Inside the prefix of {run.folder.path.name}",
-        model=loaded.name, nearest=nearest, readout=readout, maps=maps, layers=layers,
-        movement=movement, attention=attention,
-    )
-    atomic_write_text(output / "inspection.html", page)
-    return output
-
-
 __all__ = [
-    "CAVEAT", "KINDS", "METHOD", "AttentionMass", "InterpretError", "LayersMap", "Movement",
-    "NearestTokens", "PCAMap", "PrefixComparison", "ReferenceBank", "ValueReadout",
-    "attention_maps", "bank_path", "compare_prefixes", "eager_attention",
-    "first_layer_references", "frequent_token_ids", "inspect_run", "key_frame",
-    "label_token_ids", "layers_map", "load_snapshots", "nearest_tokens", "pca_map",
-    "prefix_attention", "prefix_movement", "reference_bank", "slot_references",
-    "unrotate_keys", "value_logits", "value_readout",
+    "CAVEAT", "KINDS", "METHOD", "AttentionMass", "InterpretError", "NearestTokens",
+    "ReferenceBank", "ValueReadout", "attention_maps", "eager_attention",
+    "first_layer_references", "key_frame", "nearest_tokens", "prefix_attention",
+    "slot_references", "unrotate_keys", "value_logits", "value_readout",
 ]

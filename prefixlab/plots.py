@@ -1,4 +1,4 @@
-"""Plotly figures of interpret.py's results, and the standalone inspection page.
+"""Plotly figures of the interpret modules' results, and the standalone inspection page.
 
 Figures take the result dataclasses and pass plotly plain Python lists (never numpy arrays),
 so they serialize the same everywhere. No gradio here: the UI shows these figures as they are.
@@ -14,18 +14,8 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
-from prefixlab.interpret import (
-    CAVEAT,
-    KINDS,
-    METHOD,
-    AttentionMass,
-    LayersMap,
-    Movement,
-    NearestTokens,
-    PCAMap,
-    PrefixComparison,
-    ValueReadout,
-)
+from prefixlab.interpret import CAVEAT, KINDS, METHOD, AttentionMass, NearestTokens, ValueReadout
+from prefixlab.interpret_maps import LayersMap, Movement, PCAMap, PrefixComparison
 
 _HEIGHT = 420
 _MARGIN = dict(l=50, r=20, t=50, b=40)

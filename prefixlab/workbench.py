@@ -73,13 +73,13 @@ class CsvPreview:
 
 @dataclass
 class Inspection:
-    """What the Inspect tab shows for one run (interpret.py's results)."""
+    """What the Inspect tab shows for one run (the interpret modules' results)."""
 
     run: Run
     bank: object  # interpret.ReferenceBank
     nearest: object  # interpret.NearestTokens
     readout: object  # interpret.ValueReadout
-    movement: object | None  # interpret.Movement, when snapshots exist
+    movement: object | None  # interpret_maps.Movement, when snapshots exist
     initial_kv: torch.Tensor | None  # the first snapshot: the prefix before training
 
 
@@ -340,7 +340,8 @@ class Workbench:
     def inspection(self, run_id: str, top_k: int = 10) -> Inspection:
         """Nearest tokens, value readout and movement of a run's prefix; cached per prefix
         file. The reference bank is computed once per base model and kept on disk."""
-        from prefixlab import interpret
+        from prefixlab import interpret, interpret_maps
+        from prefixlab.inspection import load_snapshots
 
         run = self.open(run_id)
         mtime = run.folder.prefix_path.stat().st_mtime
@@ -351,20 +352,20 @@ class Workbench:
             bank = self.bank(run)
             nearest = interpret.nearest_tokens(run.loaded, run.kv, bank, top_k)
             readout = interpret.value_readout(run.loaded, run.kv, top_k)
-            snapshots = interpret.load_snapshots(run.folder.path)
-            movement = interpret.prefix_movement(snapshots) if len(snapshots) > 1 else None
+            snapshots = load_snapshots(run.folder.path)
+            movement = interpret_maps.prefix_movement(snapshots) if len(snapshots) > 1 else None
             result = Inspection(run, bank, nearest, readout, movement,
                                 snapshots[0][1] if snapshots else None)
             self._inspections[key] = result
             return result
 
     def bank(self, run: Run):
-        from prefixlab import interpret
+        from prefixlab import interpret_bank
 
         name = run.loaded.name
         if name not in self._banks:
-            label_ids = interpret.label_token_ids(run.loaded.tokenizer, run.labels)
-            self._banks[name] = interpret.reference_bank(run.loaded, extra_ids=label_ids)
+            label_ids = interpret_bank.label_token_ids(run.loaded.tokenizer, run.labels)
+            self._banks[name] = interpret_bank.reference_bank(run.loaded, extra_ids=label_ids)
         return self._banks[name]
 
     def folder(self, run_id: str) -> RunFolder:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from prefixlab import interpret as I
+from prefixlab import interpret_bank as B
+from prefixlab import interpret_maps as M
 from prefixlab.__main__ import main
 from prefixlab.config import RunConfig
 from prefixlab.encode import Encoder, Template
@@ -397,7 +399,7 @@ def test_inspection_of_a_text_prefix_held_on_cuda(cuda_loaded):
     P = len(ids) + 3  # the text repeats to fill P
     kv = text_key_values(loaded.model, loaded.tokenizer, TEXT, P)  # (L, 2, H_kv, P, D) on CPU
     gpu_kv = kv.to(DEVICE)
-    bank = I.reference_bank(loaded, 2000, extra_ids=ids)
+    bank = B.reference_bank(loaded, 2000, extra_ids=ids)
 
     nearest = I.nearest_tokens(loaded, gpu_kv, bank, top_k=5)
     L = loaded.shape.num_layers
@@ -423,10 +425,10 @@ def test_inspection_of_a_text_prefix_held_on_cuda(cuda_loaded):
     layer = L - 1
     both = {"gpu": gpu_kv, "cpu": kv}
     for kind in I.KINDS:
-        m = I.pca_map(loaded, bank, both, layer, kind)
+        m = M.pca_map(loaded, bank, both, layer, kind)
         np.testing.assert_allclose(m.prefixes["gpu"], m.prefixes["cpu"], atol=1e-5)
-        np.testing.assert_allclose(I.layers_map(loaded, bank, gpu_kv, kind).coords,
-                                   I.layers_map(loaded, bank, kv, kind).coords, atol=1e-5)
+        np.testing.assert_allclose(M.layers_map(loaded, bank, gpu_kv, kind).coords,
+                                   M.layers_map(loaded, bank, kv, kind).coords, atol=1e-5)
 
     text = "a terrible boring film"
     maps = I.attention_maps(loaded, gpu_kv, text)
@@ -435,7 +437,7 @@ def test_inspection_of_a_text_prefix_held_on_cuda(cuda_loaded):
     mass = I.prefix_attention(loaded, both, [text, "this is fine"])
     np.testing.assert_allclose(mass.mass[0], mass.mass[1], atol=1e-6)
 
-    similarity = I.compare_prefixes(both).similarity  # (L, 2, 2)
+    similarity = M.compare_prefixes(both).similarity  # (L, 2, 2)
     np.testing.assert_allclose(similarity, 1.0, atol=1e-5)
 
 
@@ -449,7 +451,7 @@ def test_inspection_of_a_prefix_trained_on_cuda(cuda_loaded):
     assert live.device.type == DEVICE.type and live.requires_grad
     kv = prefix.folded()  # its CPU copy
 
-    bank = I.reference_bank(loaded, 200, extra_ids=I.label_token_ids(loaded.tokenizer,
+    bank = B.reference_bank(loaded, 200, extra_ids=B.label_token_ids(loaded.tokenizer,
                                                                        enc.labels))
     nearest = I.nearest_tokens(loaded, live, bank, top_k=3)
     np.testing.assert_array_equal(nearest.token_ids, I.nearest_tokens(loaded, kv, bank,
@@ -459,17 +461,17 @@ def test_inspection_of_a_prefix_trained_on_cuda(cuda_loaded):
     np.testing.assert_array_equal(readout.token_ids, I.value_readout(loaded, kv, 3).token_ids)
     assert I.key_frame(loaded, live).shape == live.shape
     named = {"trained": live, "start": init_kv}
-    m = I.pca_map(loaded, bank, named, loaded.shape.num_layers - 1, "value")
+    m = M.pca_map(loaded, bank, named, loaded.shape.num_layers - 1, "value")
     assert set(m.prefixes) == {"trained", "start"} and np.isfinite(m.prefixes["trained"]).all()
-    assert np.isfinite(I.layers_map(loaded, bank, live, "key").coords).all()
+    assert np.isfinite(M.layers_map(loaded, bank, live, "key").coords).all()
     mass = I.prefix_attention(loaded, named, ["a terrible boring film"])
     assert ((mass.mass >= 0) & (mass.mass <= 1)).all()
-    similarity = I.compare_prefixes(named).similarity
+    similarity = M.compare_prefixes(named).similarity
     np.testing.assert_allclose(np.diagonal(similarity, axis1=1, axis2=2), 1.0, atol=1e-5)
 
 
 def test_prefix_movement_accepts_snapshots_held_on_cuda():
     """Snapshots held on CUDA (e.g. a live prefix's key_values()) are read on CPU."""
     kv0 = torch.randn(2, 2, 2, 4, 8)
-    result = I.prefix_movement([(0, kv0.to(DEVICE)), (5, (kv0 * 1.5).to(DEVICE))])
+    result = M.prefix_movement([(0, kv0.to(DEVICE)), (5, (kv0 * 1.5).to(DEVICE))])
     np.testing.assert_allclose(result.distance[1], 0.5, rtol=1e-5)

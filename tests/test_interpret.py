@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from prefixlab import inspection
 from prefixlab import interpret as I
+from prefixlab import interpret_bank as B
+from prefixlab import interpret_maps as M
 from prefixlab.config import RunConfig
 from prefixlab.experiment import RunFolder
 from prefixlab.models import architecture, get_module
@@ -56,7 +59,7 @@ def test_text_prefix_projects_back_to_its_tokens_at_every_layer(loaded, shortlis
     assert len(set(ids)) == len(ids)
     P = len(ids) + 3  # the text repeats to fill P: positions 10..12 are its first tokens again
     kv = text_key_values(loaded.model, loaded.tokenizer, TEXT, P)
-    bank = I.reference_bank(loaded, 2000, extra_ids=ids)
+    bank = B.reference_bank(loaded, 2000, extra_ids=ids)
     result = I.nearest_tokens(loaded, kv, bank, top_k=5, shortlist=shortlist)
     expected = np.array((ids * 2)[:P])
     L = loaded.shape.num_layers
@@ -75,7 +78,7 @@ def test_text_prefix_projects_back_to_its_tokens_at_every_layer(loaded, shortlis
 
 def test_random_prefix_scores_sit_near_the_random_baseline(loaded):
     kv = text_key_values(loaded.model, loaded.tokenizer, TEXT, 8)
-    bank = I.reference_bank(loaded, 2000)
+    bank = B.reference_bank(loaded, 2000)
     result = I.nearest_tokens(loaded, _random_like(kv), bank, top_k=3, samples=64)
     gap = result.scores[..., 0] - result.baseline  # (L, 2, P)
     assert abs(gap.mean()) < 0.05
@@ -96,7 +99,7 @@ def test_key_frame_undoes_rope_and_layer_zero_matches_the_bank(loaded):
     # Layer 0 reads no context: at position 1, where the bank reads its tokens, the text's
     # layer-0 key/values are the bank's (up to its float16 storage). With RoPE, keys in the
     # frame and values match at every position; learned absolute positions differ elsewhere.
-    bank = I.reference_bank(loaded, 2000, extra_ids=ids)
+    bank = B.reference_bank(loaded, 2000, extra_ids=ids)
     rows = [bank.token_ids.index(i) for i in ids]
     keys, values = framed[0].transpose(1, 2).flatten(2)  # (P, H*D) each
     close = dict(atol=2e-2, rtol=2e-3)
@@ -109,7 +112,7 @@ def test_key_frame_undoes_rope_and_layer_zero_matches_the_bank(loaded):
 
 @pytest.mark.parametrize("kind", ["key", "value"])
 def test_prefix_placed_on_reference_tokens_lands_on_them_in_pca(loaded, kind):
-    bank = I.reference_bank(loaded, 2000)
+    bank = B.reference_bank(loaded, 2000)
     L, H, D = loaded.shape.num_layers, loaded.shape.num_kv_heads, loaded.shape.head_dim
     rows = [3, 17, 42, 5, 99]
     P, layer = len(rows), L - 1
@@ -118,21 +121,21 @@ def test_prefix_placed_on_reference_tokens_lands_on_them_in_pca(loaded, kind):
         placed = bank.vectors(I.KINDS[i])[layer, rows].view(P, H, D).transpose(0, 1)  # (H,P,D)
         kv[layer, i] = placed
     kv = I.key_frame(loaded, kv, inverse=True)  # bank keys are in the frame: rotate to 0..P-1
-    result = I.pca_map(loaded, bank, {"placed": kv, "other": _random_like(kv)}, layer, kind)
+    result = M.pca_map(loaded, bank, {"placed": kv, "other": _random_like(kv)}, layer, kind)
     assert result.cloud.shape == (len(bank.token_ids), 3)
     np.testing.assert_allclose(result.prefixes["placed"], result.cloud[rows], atol=1e-4)
     assert result.explained_variance.sum() <= 1 + 1e-6
 
 
 def test_layers_map_is_in_units_of_the_cloud(loaded):
-    bank = I.reference_bank(loaded, 2000)
+    bank = B.reference_bank(loaded, 2000)
     kv = text_key_values(loaded.model, loaded.tokenizer, TEXT, 6)
-    result = I.layers_map(loaded, bank, kv, "key")
+    result = M.layers_map(loaded, bank, kv, "key")
     assert result.coords.shape == (loaded.shape.num_layers, 6, 2)
     assert result.cloud.shape[1] == len(result.tokens) <= 200
     np.testing.assert_allclose(result.cloud.std(axis=1)[:, 0], 1.0, atol=0.25)  # cloud units
     assert (result.coords.mean(axis=1) >= 0).all()  # signs fixed: the prefix mean is positive
-    far = I.layers_map(loaded, bank, kv * 50, "key")
+    far = M.layers_map(loaded, bank, kv * 50, "key")
     assert np.abs(far.coords).max() > np.abs(result.coords).max()
 
 
@@ -188,65 +191,65 @@ def test_movement_follows_the_snapshots(loaded, tmp_path):
     moved[1] *= 1.5  # only layer 1 moves: by half its norm
     for step, kv in [(0, kv0), (10, kv0 + 0.0), (20, moved)]:
         folder.save_snapshot(step, kv)
-    snapshots = I.load_snapshots(folder.path)
+    snapshots = inspection.load_snapshots(folder.path)
     assert [s for s, _ in snapshots] == [0, 10, 20]
-    result = I.prefix_movement(snapshots)
+    result = M.prefix_movement(snapshots)
     assert result.relative and result.trajectory.shape == (3, 2)
     np.testing.assert_allclose(result.distance[:, 0], 0.0, atol=1e-6)
     np.testing.assert_allclose(result.distance[2, 1], [0.5, 0.5], rtol=1e-5)
     np.testing.assert_allclose(result.trajectory[0], result.trajectory[1], atol=1e-4)
-    zero = I.prefix_movement([(0, torch.zeros_like(kv0)), (5, kv0)])
+    zero = M.prefix_movement([(0, torch.zeros_like(kv0)), (5, kv0)])
     assert not zero.relative  # a zero init has no scale: distances are absolute
     np.testing.assert_allclose(zero.distance[1, 0, 0], kv0[0, 0].norm().item(), rtol=1e-5)
     with pytest.raises(I.InterpretError, match="no snapshots"):
-        I.prefix_movement([])
+        M.prefix_movement([])
 
 
 def test_compare_prefixes_has_a_unit_diagonal(loaded):
     kv = text_key_values(loaded.model, loaded.tokenizer, TEXT, 4)
-    result = I.compare_prefixes({"a": kv, "b": _random_like(kv), "c": 2 * kv})
+    result = M.compare_prefixes({"a": kv, "b": _random_like(kv), "c": 2 * kv})
     L = loaded.shape.num_layers
     assert result.similarity.shape == (L, 3, 3)
     np.testing.assert_allclose(np.diagonal(result.similarity, axis1=1, axis2=2), 1.0, atol=1e-5)
     np.testing.assert_allclose(result.similarity[:, 0, 2], 1.0, atol=1e-5)  # scale-free
     np.testing.assert_allclose(result.similarity, result.similarity.transpose(0, 2, 1))
     with pytest.raises(I.InterpretError, match="share one shape"):
-        I.compare_prefixes({"a": kv, "b": kv[:, :, :, :2]})
+        M.compare_prefixes({"a": kv, "b": kv[:, :, :, :2]})
 
 
 def test_bank_is_cached_on_disk_and_loads_equal(loaded, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "elsewhere"))
-    first = I.reference_bank(loaded, 50, extra_ids=[7])
+    first = B.reference_bank(loaded, 50, extra_ids=[7])
     assert not first.loaded_from_disk
     assert first.path.parent == tmp_path / "elsewhere" / "banks"
     assert first.path.name.startswith(loaded.name) and first.path.is_file()
-    second = I.reference_bank(loaded, 50, extra_ids=[7])
+    second = B.reference_bank(loaded, 50, extra_ids=[7])
     assert second.loaded_from_disk and second.path == first.path
     assert second.token_ids == first.token_ids and 7 in second.token_ids
     torch.testing.assert_close(second.keys, first.keys, atol=0, rtol=0)
     torch.testing.assert_close(second.values, first.values, atol=0, rtol=0)
-    other = I.reference_bank(loaded, 40)
+    other = B.reference_bank(loaded, 40)
     assert other.path != first.path
     first.path.write_bytes(b"torn")  # a damaged cache is recomputed, not trusted
-    again = I.reference_bank(loaded, 50, extra_ids=[7])
+    again = B.reference_bank(loaded, 50, extra_ids=[7])
     assert not again.loaded_from_disk
     torch.testing.assert_close(again.keys, first.keys)
 
 
 def test_frequent_tokens_skip_specials_and_junk(loaded):
     tok = loaded.tokenizer
-    ids = I.frequent_token_ids(tok, 1000)
+    ids = B.frequent_token_ids(tok, 1000)
     assert ids == sorted(ids) and tok.eos_token_id not in ids
     for i in ids:
         text = tok.decode([i])
         assert text.strip() and "\ufffd" not in text
-    assert I.frequent_token_ids(tok, 5) == ids[:5]
+    assert B.frequent_token_ids(tok, 5) == ids[:5]
     with pytest.raises(I.InterpretError, match="outside the vocabulary"):
-        I.reference_bank(loaded, 10, extra_ids=[10**6])
+        B.reference_bank(loaded, 10, extra_ids=[10**6])
 
 
 def test_a_prefix_of_the_wrong_shape_is_refused(loaded):
-    bank = I.reference_bank(loaded, 20)
+    bank = B.reference_bank(loaded, 20)
     with pytest.raises(I.InterpretError, match="does not fit"):
         I.nearest_tokens(loaded, torch.zeros(1, 2, 1, 3, 4), bank)
 
@@ -266,7 +269,7 @@ def test_inspect_run_writes_the_three_files(loaded, tmp_path):
     kv0 = text_key_values(loaded.model, loaded.tokenizer, TEXT, 4)
     kv = kv0 + 0.1 * _random_like(kv0)
     folder = _tiny_run(tmp_path, loaded, kv0, kv)
-    out = I.inspect_run(folder.path, tmp_path / "out", loaded, top_k=3,
+    out = inspection.inspect_run(folder.path, tmp_path / "out", loaded, top_k=3,
                         texts=["a terrible boring film"])
     assert out == tmp_path / "out"
     nearest = json.loads((out / "nearest_tokens.json").read_text())
@@ -286,7 +289,7 @@ def test_inspect_run_writes_the_three_files(loaded, tmp_path):
     assert '<script src="http' not in page and len(page) > 1_000_000  # plotly.js inlined
     assert "Prompt Waywardness" in page and "Attention on the prefix" in page
     # Without texts and with the training CSV gone, the attention view is left out.
-    out2 = I.inspect_run(folder.path, tmp_path / "out2", loaded, top_k=2)
+    out2 = inspection.inspect_run(folder.path, tmp_path / "out2", loaded, top_k=2)
     assert "No texts were available" in (out2 / "inspection.html").read_text()
 
 
@@ -304,10 +307,10 @@ def test_default_model_text_prefix_projects_back_at_every_layer(monkeypatch, tmp
     kv = text_key_values(loaded.model, loaded.tokenizer, text, 10)
     monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))  # a cold bank, timed
     start = time.perf_counter()
-    bank = I.reference_bank(loaded, extra_ids=ids)
+    bank = B.reference_bank(loaded, extra_ids=ids)
     cold = time.perf_counter() - start
     start = time.perf_counter()
-    warm_bank = I.reference_bank(loaded, extra_ids=ids)
+    warm_bank = B.reference_bank(loaded, extra_ids=ids)
     warm = time.perf_counter() - start
     assert warm_bank.loaded_from_disk and warm < cold
     start = time.perf_counter()

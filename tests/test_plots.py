@@ -1,4 +1,4 @@
-"""Figures build from interpret.py's results with the expected traces, points and plain lists."""
+"""Figures build from the interpret modules' results: expected traces, points and plain lists."""
 
 from __future__ import annotations
 
@@ -7,15 +7,8 @@ import plotly.graph_objects as go
 import pytest
 
 from prefixlab import plots
-from prefixlab.interpret import (
-    AttentionMass,
-    LayersMap,
-    Movement,
-    NearestTokens,
-    PCAMap,
-    PrefixComparison,
-    ValueReadout,
-)
+from prefixlab.interpret import AttentionMass, NearestTokens, ValueReadout
+from prefixlab.interpret_maps import LayersMap, Movement, PCAMap, PrefixComparison
 
 L, P, K, N = 3, 4, 5, 30
 rng = np.random.default_rng(0)

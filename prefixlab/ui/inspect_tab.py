@@ -7,7 +7,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from prefixlab import interpret, plots
+from prefixlab import interpret, interpret_maps, plots
 from prefixlab.ui.common import LoadHook, guard, run_choices
 from prefixlab.workbench import Workbench
 
@@ -61,10 +61,10 @@ def build(workbench: Workbench) -> list[LoadHook]:
     def layer_views(rid, layer_i, kind_s, dims_s):
         ins = workbench.inspection(rid)
         layer_i = min(int(layer_i), ins.nearest.token_ids.shape[0] - 1)
-        pca = interpret.pca_map(ins.run.loaded, ins.bank, ins.run.kv, layer_i, kind_s,
+        pca = interpret_maps.pca_map(ins.run.loaded, ins.bank, ins.run.kv, layer_i, kind_s,
                                 dims=3 if dims_s == "3-D" else 2)
         return (plots.pca_figure(pca, 3 if dims_s == "3-D" else 2),
-                plots.layers_figure(interpret.layers_map(ins.run.loaded, ins.bank, ins.run.kv,
+                plots.layers_figure(interpret_maps.layers_map(ins.run.loaded, ins.bank, ins.run.kv,
                                                          kind_s)),
                 plots.nearest_tokens_figure(ins.nearest, kind_s),
                 _table(plots.nearest_tokens_table(ins.nearest, layer_i, kind_s)),
@@ -133,8 +133,8 @@ def build(workbench: Workbench) -> list[LoadHook]:
         first = next(iter(runs.values()))
         bank = workbench.bank(first)
         layer_i = min(int(layer_i), first.kv.shape[0] - 1)
-        return (plots.similarity_heatmap(interpret.compare_prefixes(prefixes)),
-                plots.pca_figure(interpret.pca_map(first.loaded, bank, prefixes, layer_i,
+        return (plots.similarity_heatmap(interpret_maps.compare_prefixes(prefixes)),
+                plots.pca_figure(interpret_maps.pca_map(first.loaded, bank, prefixes, layer_i,
                                                    kind_s, dims=2), 2))
 
     compare_btn.click(on_compare, inputs=[compare, layer, kind], outputs=[similarity, joint_pca])

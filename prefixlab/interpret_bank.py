@@ -1,0 +1,177 @@
+"""The reference bank: real tokens' keys and values per layer, built once and cached on disk.
+
+The bank (per base model, token list and weights) holds each bank token read in a neutral
+slot: right after a newline token, at position 1. It feeds the PCA maps and the token list;
+keys are stored in the *key frame* (RoPE rotation undone, i.e. as at position 0) so that keys
+from different positions can share one map. The neutral slot is needed
+because a token read alone at position 0 becomes an attention sink: in SmolLM2-135M such
+states are nearly identical for every token past layer 5 (mean pairwise cosine 0.9999).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from prefixlab.files import atomic_save_tensors
+from prefixlab.interpret import InterpretError, ReferenceBank, slot_references, unrotate_keys
+from prefixlab.models import LoadedModel, cache_root
+
+BANK_FORMAT = "prefixlab-bank/1"
+DEFAULT_BANK_SIZE = 2000
+
+
+def _is_junk(text: str) -> bool:
+    """Whitespace, partial UTF-8 bytes or control characters: not a readable token."""
+    if not text.strip() or "\ufffd" in text:
+        return True
+    return any(unicodedata.category(c).startswith("C") for c in text)
+
+
+def frequent_token_ids(tokenizer, count: int, vocab_size: int | None = None) -> list[int]:
+    """The first `count` ordinary tokens by id: the offline stand-in for a frequency table.
+
+    Byte-level BPE vocabularies (GPT-2, Llama 3, SmolLM2) number merges in the order they were
+    learned, i.e. most frequent pairs first, so the lowest ids after the special tokens and
+    the 256 single bytes are roughly the most frequent words and word pieces. Special tokens,
+    whitespace-only pieces and partial UTF-8 bytes are skipped; single characters are kept.
+    """
+    limit = min(len(tokenizer), vocab_size or len(tokenizer))
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                if getattr(t, "special", True)}
+    found = []
+    for i in range(limit):
+        if len(found) >= count:
+            break
+        if i in special or _is_junk(tokenizer.decode([i])):
+            continue
+        found.append(i)
+    return found
+
+
+def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
+    """Every token of each label, with and without a leading space (how it follows a prompt):
+    the extra ids a run's reference bank always holds."""
+    ids: list[int] = []
+    for label in labels:
+        for text in (label, " " + label):
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(dict.fromkeys(ids))
+
+
+def _sanitize(name: str) -> str:
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return clean[-60:] or "model"
+
+
+def _fingerprint(model: torch.nn.Module) -> bytes:
+    """A cheap hash input that changes when any weight changes much: 64 samples per tensor."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
+        digest.update(name.encode())
+        digest.update(sample.tobytes())
+    return digest.digest()
+
+
+def bank_path(loaded: LoadedModel, token_ids: Sequence[int], context_id: int) -> Path:
+    """cache_root()/banks/<model>-<hash>.safetensors for this model, token list and context."""
+    digest = hashlib.sha256()
+    digest.update(BANK_FORMAT.encode())
+    digest.update(loaded.name.encode())
+    digest.update(loaded.model.config.to_json_string(use_diff=False).encode())
+    digest.update(_fingerprint(loaded.model))
+    digest.update(np.asarray(list(token_ids) + [context_id], dtype=np.int64).tobytes())
+    name = f"{_sanitize(loaded.name)}-{digest.hexdigest()[:16]}.safetensors"
+    return cache_root() / "banks" / name
+
+
+def _read_bank(path: Path, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            ok = (f.metadata() or {}).get("format") == BANK_FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if not ok or tensors.get("token_ids") is None or tensors["token_ids"].tolist() != token_ids:
+        return None
+    return tensors["keys"].float(), tensors["values"].float()
+
+
+def reference_bank(
+    loaded: LoadedModel,
+    count: int = DEFAULT_BANK_SIZE,
+    extra_ids: Sequence[int] = (),
+    *,
+    context: str = "\n",
+    use_cache: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> ReferenceBank:
+    """Keys and values of `count` frequent tokens plus `extra_ids`, at every layer.
+
+    Each token is read at position 1, after the first token of `context` (a newline: plain
+    text every tokenizer has; special tokens such as SmolLM2-Instruct's BOS <|im_start|> are
+    chat markers, not neutral).
+
+    Computed once per base model, token list and weights, and cached as safetensors (float16,
+    ~46 MB for SmolLM2-135M at N=2000) under cache_root()/banks/; a later call loads it.
+    """
+    tok, model = loaded.tokenizer, loaded.model
+    vocab = min(len(tok), model.config.vocab_size)
+    bad = [i for i in extra_ids if not 0 <= int(i) < vocab]
+    if bad:
+        raise InterpretError(f"extra token ids {bad} are outside the vocabulary (0..{vocab - 1})")
+    if count < 1:
+        raise InterpretError(f"the reference bank needs at least 1 token, got {count}")
+    frequent = frequent_token_ids(tok, count, vocab)
+    extras = [int(i) for i in dict.fromkeys(extra_ids) if int(i) not in set(frequent)]
+    token_ids = frequent + extras
+    context_ids = tok(context, add_special_tokens=False)["input_ids"] if context else []
+    if not context_ids:
+        if tok.eos_token_id is None:
+            raise InterpretError(f"the bank context {context!r} has no tokens and there is no EOS")
+        context_ids = [tok.eos_token_id]
+    context_id = context_ids[0]
+    path = bank_path(loaded, token_ids, context_id)
+    tokens = [tok.decode([i]) for i in token_ids]
+    common = dict(model_name=loaded.name, token_ids=token_ids, tokens=tokens,
+                  extra_ids=[int(i) for i in dict.fromkeys(extra_ids)], context_id=context_id,
+                  path=path)
+    if use_cache and path.is_file():
+        found = _read_bank(path, token_ids)
+        if found is not None:
+            return ReferenceBank(keys=found[0], values=found[1], loaded_from_disk=True, **common)
+    if progress:
+        progress(f"reading {len(token_ids)} reference tokens through {loaded.name} (once)")
+    start = time.perf_counter()
+    context = slot_references(loaded, None, [context_id])  # (L, 2, 1, H, D)
+    context = context.permute(0, 1, 3, 2, 4)  # (L, 2, H, 1, D): a one-token cache
+    refs = slot_references(loaded, context, token_ids)  # (L, 2, N, H, D), read at position 1
+    keys = unrotate_keys(loaded, refs[:, 0].transpose(1, 2), [1])  # (L, H, N, D) in the frame
+    keys = keys.transpose(1, 2).flatten(2)  # (L, N, H*D)
+    values = refs[:, 1].flatten(2)  # (L, N, H*D)
+    keys, values = keys.half(), values.half()  # what the cache holds; returned the same way
+    if use_cache:
+        atomic_save_tensors(path, {"token_ids": torch.tensor(token_ids), "keys": keys,
+                                   "values": values},
+                            metadata={"format": BANK_FORMAT, "model": loaded.name,
+                                      "context_id": str(context_id),
+                                      "seconds": f"{time.perf_counter() - start:.1f}"})
+    return ReferenceBank(keys=keys.float(), values=values.float(), **common)
+
+
+__all__ = [
+    "BANK_FORMAT", "DEFAULT_BANK_SIZE", "bank_path", "frequent_token_ids", "label_token_ids",
+    "reference_bank",
+]
