@@ -13,20 +13,7 @@ import sys
 from pathlib import Path
 
 from prefixlab import data as datamod
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from prefixlab.config import ConfigError
-    from prefixlab.encode import TemplateError
-    from prefixlab.experiment import RunError
-    from prefixlab.interpret import InterpretError
-    from prefixlab.models import ModelLoadError
-    from prefixlab.peft_interop import PeftFormatError
-    from prefixlab.prefix import PrefixFileError
-
-    return (datamod.DataError, ConfigError, TemplateError, RunError, ModelLoadError,
-            PrefixFileError, PeftFormatError, InterpretError, FileExistsError, FileNotFoundError,
-            PermissionError)
+from prefixlab.errors import USER_ERRORS
 
 
 def _say(message: str) -> None:
@@ -69,16 +56,15 @@ def cmd_validate(args) -> int:
 
 def _run_config(args):
     from prefixlab.config import RunConfig
-    from prefixlab.prefix import PrefixConfig
-    from prefixlab.train import TrainConfig
 
-    prefix = PrefixConfig(
+    # dicts: RunConfig builds the parts and reports every problem of all of them at once
+    prefix = dict(
         prefix_length=args.prefix_length,
         init="text" if args.init_text else args.init,
         init_text=args.init_text,
         reparameterize=args.reparameterize,
     )
-    training = TrainConfig(
+    training = dict(
         learning_rate=args.learning_rate, epochs=args.epochs, batch_size=args.batch_size,
         max_steps=args.max_steps, seed=args.seed, eval_every=args.eval_every,
     )
@@ -391,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         message = " ".join(str(e).split()) or type(e).__name__
         _say(f"error: {message}")
         return 2

@@ -1,7 +1,9 @@
 """Run settings: what to train on, which model, and how. Saved as config.json in a run folder.
 
 The prefix and optimizer settings are `PrefixConfig` (prefix.py) and `TrainConfig` (train.py),
-next to the code they configure; `RunConfig` ties them to data, model and template.
+next to the code they configure; `RunConfig` ties them to data, model and template. Each
+raises ConfigError with the list of its problems; RunConfig built from dicts (config.json, the
+CLI, the app) gathers the problems of every part and raises once.
 """
 
 from __future__ import annotations
@@ -9,14 +11,34 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from prefixlab.encode import DEFAULT_TEMPLATE, Template, TemplateError
+from prefixlab.encode import DEFAULT_TEMPLATE, Template
+from prefixlab.errors import ConfigError
 from prefixlab.models import DEFAULT_MODEL
 from prefixlab.prefix import PrefixConfig
 from prefixlab.train import TrainConfig
 
+__all__ = ["ConfigError", "RunConfig"]  # ConfigError is defined in errors.py
 
-class ConfigError(ValueError):
-    """Settings that cannot be used; the message lists every problem."""
+
+def _nested(cls: type, value: Any, section: str, problems: list[str]) -> Any:
+    """`value` as a `cls` (built from a dict when it is one), or None with its problems added.
+
+    Unknown keys are a problem of their own, named, rather than a TypeError from the dataclass.
+    """
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        problems.append(f"{section} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+        return None
+    unknown = sorted(set(value) - {f.name for f in fields(cls)})
+    if unknown:
+        problems.append(f"unknown {section} settings: {', '.join(unknown)}")
+        return None
+    try:
+        return cls(**value)
+    except ConfigError as e:
+        problems.extend(e.problems)
+        return None
 
 
 @dataclass
@@ -47,11 +69,9 @@ class RunConfig:
     training: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.prefix, dict):
-            self.prefix = PrefixConfig(**self.prefix)
-        if isinstance(self.training, dict):
-            self.training = TrainConfig(**self.training)
-        problems = []
+        problems: list[str] = []
+        self.prefix = _nested(PrefixConfig, self.prefix, "prefix", problems)
+        self.training = _nested(TrainConfig, self.training, "training", problems)
         if not 0.0 < self.validation_share < 0.9:
             problems.append(f"validation_share must be in (0, 0.9), got {self.validation_share}")
         if not 16 <= self.max_length <= 8192:
@@ -62,10 +82,10 @@ class RunConfig:
                 problems.append(f"{name} must be at least 2 or unset, got {value}")
         try:
             Template(self.template)
-        except TemplateError as e:
-            problems.append(str(e))
+        except ConfigError as e:  # a TemplateError
+            problems.extend(e.problems)
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError(problems)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,7 +98,5 @@ class RunConfig:
             raise ConfigError(f"unknown settings in config: {', '.join(unknown)}")
         try:
             return cls(**data)
-        except TypeError as e:
+        except TypeError as e:  # e.g. a number given as text
             raise ConfigError(f"config does not fit RunConfig: {e}") from e
-        except ValueError as e:
-            raise ConfigError(str(e)) from e

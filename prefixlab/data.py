@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from prefixlab.errors import PrefixLabError
 from prefixlab.files import atomic_write_text
 
 MAX_FILE_BYTES: int = 50 * 1024 * 1024  # upload/read limit: a larger CSV is no prefix-tuning set
@@ -79,7 +80,7 @@ _LABEL_NAMES = (
 _NOT_CONTENT = frozenset({"id", "ids", "idx", "index", "len", "length", "count", "num", "no"})
 
 
-class DataError(ValueError):
+class DataError(PrefixLabError, ValueError):
     """A CSV that cannot be used. str(e) is one human message listing every problem.
 
     `problems` keeps the individual messages (each says row/column, found, expected).

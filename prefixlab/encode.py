@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+from prefixlab.errors import ConfigError
+
 DEFAULT_TEMPLATE = "Text: {text}\nCategory ({labels}):"
 
 
-class TemplateError(ValueError):
-    """A prompt template that cannot be used."""
+class TemplateError(ConfigError):
+    """A prompt template that cannot be used (a setting: RunConfig collects it with the rest)."""
 
 
 @dataclass(frozen=True)

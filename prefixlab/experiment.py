@@ -26,8 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from prefixlab import data as datamod
-from prefixlab.config import ConfigError, RunConfig
+from prefixlab.config import RunConfig
 from prefixlab.encode import Encoder, Template
+from prefixlab.errors import ConfigError, PrefixLabError
 from prefixlab.evaluate import classification_report, predictions_from_probs, tfidf_baseline
 from prefixlab.files import atomic_save_tensors, atomic_write_json, read_json
 from prefixlab.models import LoadedModel, ModelInfo, load_model
@@ -44,7 +45,7 @@ from prefixlab.train import Checkpoint, StepInfo, train
 STATES = ("created", "queued", "running", "completed", "failed", "cancelled", "interrupted")
 
 
-class RunError(RuntimeError):
+class RunError(PrefixLabError, RuntimeError):
     """A run folder that cannot be used as asked."""
 
 

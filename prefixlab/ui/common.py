@@ -10,18 +10,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from prefixlab.config import ConfigError
-from prefixlab.data import DataError
-from prefixlab.encode import TemplateError
-from prefixlab.experiment import RunError
-from prefixlab.interpret import InterpretError
-from prefixlab.models import ModelLoadError
-from prefixlab.peft_interop import PeftFormatError
-from prefixlab.prefix import PrefixFileError
+from prefixlab.errors import USER_ERRORS
 
-USER_ERRORS = (DataError, ConfigError, TemplateError, RunError, ModelLoadError,
-               PrefixFileError, PeftFormatError, FileNotFoundError, PermissionError,
-               FileExistsError, InterpretError)
 log = logging.getLogger("prefixlab.ui")
 
 
