@@ -1,0 +1,105 @@
+"""Mixed-prefix batches: every row's result equals running that row alone with its prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefixlab.encode import Encoder, Template
+from prefixlab.mixed import (
+    ScoreItem,
+    mixed_generate,
+    mixed_label_log_likelihoods,
+    mixed_score_labels,
+    stack_prefixes,
+)
+from prefixlab.predict import generate, label_log_likelihoods, score_labels
+from prefixlab.prefix import text_key_values
+
+TEXTS = ["the movie was great", "a terrible boring film and i", "fine", "hello world",
+         "The quick brown fox jumps over the lazy dog"]
+
+
+def _prefixes(loaded, lengths=(3, 7, 5)):
+    """Prefixes of different lengths from different texts: real-scale key/values."""
+    sources = ["good great wonderful", "bad awful terrible horrible", "Classify the text"]
+    return [text_key_values(loaded.model, loaded.tokenizer, s, n)
+            for s, n in zip(sources, lengths, strict=False)]
+
+
+def test_stack_pads_on_the_left_and_masks_the_padding(loaded):
+    a, b = _prefixes(loaded, (2, 5))
+    stacked = stack_prefixes([a, None, b, a])
+    assert stacked.length == 5
+    assert stacked.mask.tolist() == [[0, 0, 0, 1, 1], [0] * 5, [1] * 5, [0, 0, 0, 1, 1]]
+    k0, v0 = stacked.layers[0]
+    torch.testing.assert_close(k0[0, :, 3:], a[0, 0])
+    torch.testing.assert_close(v0[2], b[0, 1])
+    assert k0[1].abs().sum() == 0 and k0[0, :, :3].abs().sum() == 0
+    assert stack_prefixes([None, None]) is None
+
+
+def test_stack_refuses_prefixes_of_different_models(loaded):
+    a = _prefixes(loaded, (2,))[0]
+    with pytest.raises(ValueError, match="share"):
+        stack_prefixes([a, torch.zeros(a.shape[0] + 1, 2, a.shape[2], 2, a.shape[4])])
+
+
+@pytest.mark.parametrize("labels", [["positive", "negative", "neither"],
+                                    ["great film", "bad", "lazy dog jumps"]])
+def test_mixed_scores_equal_each_row_alone(loaded, labels):
+    """Single- and multi-token labels; rows with prefixes of length 3, 7, 5 and none."""
+    kvs = [*_prefixes(loaded), None]
+    enc = Encoder(loaded.tokenizer, Template(), labels, 128)
+    other = Encoder(loaded.tokenizer, Template("Review: {text}\nVerdict:"), ["good", "bad"], 64)
+    encoders = [enc, other, enc, other, enc]
+    rows = [(kvs[i % len(kvs)], encoders[i], t) for i, t in enumerate(TEXTS)]
+    prompts = [e.prompt(t)[0] for _, e, t in rows]
+    pad = loaded.tokenizer.pad_token_id
+    mixed = mixed_label_log_likelihoods(loaded.model, [r[0] for r in rows], prompts,
+                                        [e.label_ids for _, e, _ in rows], pad)
+    for (kv, e, _), prompt, got in zip(rows, prompts, mixed, strict=True):
+        alone = label_log_likelihoods(loaded.model, kv, [prompt], e.label_ids, pad)[0]
+        torch.testing.assert_close(got, alone, atol=2e-5, rtol=1e-5)
+
+
+def test_mixed_score_labels_matches_score_labels(loaded):
+    kvs = _prefixes(loaded)
+    enc = Encoder(loaded.tokenizer, Template(), ["positive", "negative"], 64)
+    items = [ScoreItem(kvs[i % 3], enc, t) for i, t in enumerate(TEXTS)]
+    got = mixed_score_labels(loaded.model, items, batch_size=2)
+    for it, probs in zip(items, got, strict=True):
+        alone = score_labels(loaded.model, it.kv, enc, [it.text])[0]
+        assert probs == pytest.approx(alone, abs=1e-5)
+
+
+def test_mixed_greedy_generation_equals_each_row_alone(loaded):
+    """Left-padded prompts of different lengths, prefixes of different lengths and none."""
+    kvs = [*_prefixes(loaded), None]
+    rows = [(kvs[i % len(kvs)], t) for i, t in enumerate(TEXTS)]
+    budgets = [6, 3, 6, 1, 4]
+    mixed = mixed_generate(loaded.model, loaded.tokenizer, [r[0] for r in rows],
+                           [r[1] for r in rows], budgets)
+    for (kv, text), n, got in zip(rows, budgets, mixed, strict=True):
+        alone = generate(loaded.model, loaded.tokenizer, kv, [text], max_new_tokens=n)[0]
+        assert got == alone
+    assert len({*mixed}) > 1  # the rows really differ
+
+
+@pytest.mark.slow
+def test_mixed_batch_on_the_default_model():
+    from prefixlab.models import load_model
+
+    loaded = load_model(device="cpu")
+    kvs = [text_key_values(loaded.model, loaded.tokenizer, s, n) for s, n in
+           [("Answer in French.", 6), ("You are a pirate. Talk like one.", 12)]]
+    enc = Encoder(loaded.tokenizer, Template(), ["positive", "negative", "neutral"], 96)
+    texts = ["I loved this film", "Awful service, never again", "It was okay I guess"]
+    items = [ScoreItem(kvs[i % 2], enc, t) for i, t in enumerate(texts)]
+    for it, probs in zip(items, mixed_score_labels(loaded.model, items), strict=True):
+        assert probs == pytest.approx(score_labels(loaded.model, it.kv, enc, [it.text])[0],
+                                      abs=1e-4)
+    prompts = ["The capital of France is", "Tell me about the sea"]
+    mixed = mixed_generate(loaded.model, loaded.tokenizer, [kvs[1], None], prompts, 12)
+    assert mixed[0] == generate(loaded.model, loaded.tokenizer, kvs[1], prompts[:1], 12)[0]
+    assert mixed[1] == generate(loaded.model, loaded.tokenizer, None, prompts[1:], 12)[0]

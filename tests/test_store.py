@@ -1,0 +1,106 @@
+"""The prefix store: on-demand loading, LRU eviction under a byte budget, refusals."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefixlab.config import RunConfig
+from prefixlab.files import atomic_write_json
+from prefixlab.prefix import PrefixConfig, save_prefix, text_key_values
+from prefixlab.store import PrefixStore, PrefixStoreError
+
+LABELS = ["positive", "negative"]
+
+
+def write_run_folder(path: Path, loaded, kv: torch.Tensor, labels=LABELS, model=None,
+                     name=None) -> Path:
+    """A finished run folder as training leaves it: config.json + prefix.safetensors."""
+    model = model or loaded.name
+    cfg = RunConfig(train_csv="", model=model, max_length=96,
+                    prefix=PrefixConfig(prefix_length=kv.shape[3]))
+    path.mkdir(parents=True)
+    atomic_write_json(path / "config.json", {"format": "prefixlab-run/1", "name": name or path.name,
+                                             "run": cfg.to_dict(), "labels": list(labels)})
+    save_prefix(path / "prefix.safetensors", kv, model)
+    return path
+
+
+def make_prefixes(loaded, root: Path, n: int, length: int = 4, vary: bool = True) -> list[str]:
+    words = ["good", "bad", "fine", "great", "awful", "hello", "world", "the", "fox", "dog"]
+    keys = []
+    for i in range(n):
+        kv = text_key_values(loaded.model, loaded.tokenizer, f"{words[i % 10]} {i}",
+                              length + (i % 3 if vary else 0))
+        keys.append(str(write_run_folder(root / f"run{i}", loaded, kv)))
+    return keys
+
+
+def test_loads_on_demand_and_serves_from_memory(loaded, tmp_path):
+    key = make_prefixes(loaded, tmp_path, 1)[0]
+    store = PrefixStore(loaded)
+    first = store.get(key)
+    assert first.labels == LABELS and first.encoder is not None and first.load_s > 0
+    assert store.get(key) is first and (store.hits, store.misses) == (1, 1)
+    # A retrained prefix (new file) is read again.
+    time.sleep(0.01)
+    save_prefix(Path(key) / "prefix.safetensors", first.kv + 1, loaded.name)
+    again = store.get(key)
+    assert again is not first and torch.equal(again.kv, first.kv + 1)
+
+
+def test_lru_evicts_least_recently_used_under_budget(loaded, tmp_path):
+    keys = make_prefixes(loaded, tmp_path, 4, vary=False)
+    one = PrefixStore(loaded).get(keys[0]).nbytes
+    store = PrefixStore(loaded, budget_bytes=int(one * 2.5))  # room for two
+    store.get(keys[0])
+    store.get(keys[1])
+    assert store.resident() == keys[:2]
+    store.get(keys[2])
+    assert store.resident() == [keys[1], keys[2]]  # the oldest went
+    store.get(keys[1])  # used again: now the most recent
+    store.get(keys[3])
+    assert store.resident() == [keys[1], keys[3]]
+    assert store.resident_bytes == 2 * one <= store.budget_bytes
+    assert (store.misses, store.hits, store.evictions) == (4, 1, 2)
+
+
+def test_a_prefix_over_budget_alone_is_still_served(loaded, tmp_path):
+    key = make_prefixes(loaded, tmp_path, 1)[0]
+    store = PrefixStore(loaded, budget_bytes=1)
+    assert store.get(key).kv.numel() > 0 and store.resident() == [key]
+
+
+def test_foreign_model_prefix_is_refused_with_both_names(loaded, tmp_path):
+    kv = text_key_values(loaded.model, loaded.tokenizer, "hello", 3)
+    path = write_run_folder(tmp_path / "other", loaded, kv, model="gpt-neo-125m")
+    with pytest.raises(PrefixStoreError, match="gpt-neo-125m.*" + loaded.name):
+        PrefixStore(loaded).get(str(path))
+
+
+def test_wrong_shape_prefix_is_refused(loaded, tmp_path):
+    kv = text_key_values(loaded.model, loaded.tokenizer, "hello", 3)
+    path = write_run_folder(tmp_path / "r", loaded, torch.cat([kv, kv]))  # twice the layers
+    with pytest.raises(PrefixStoreError, match="num_layers"):
+        PrefixStore(loaded).get(str(path))
+
+
+def test_missing_prefix_is_named(loaded, tmp_path):
+    with pytest.raises(PrefixStoreError, match="nowhere"):
+        PrefixStore(loaded).get(str(tmp_path / "nowhere"))
+
+
+def test_peft_adapter_folder_is_served_and_foreign_adapter_refused(loaded, tmp_path):
+    from prefixlab.peft_interop import export_peft
+
+    kv = text_key_values(loaded.model, loaded.tokenizer, "good great", 5)
+    export_peft(kv, loaded.model.config, tmp_path / "mine", loaded.name)
+    served = PrefixStore(loaded).get(str(tmp_path / "mine"))
+    torch.testing.assert_close(served.kv, kv)
+    assert served.encoder is None  # no labels: generation only
+    export_peft(kv, loaded.model.config, tmp_path / "theirs", "meta-llama/Llama-3-8B")
+    with pytest.raises(PrefixStoreError, match="Llama-3-8B"):
+        PrefixStore(loaded).get(str(tmp_path / "theirs"))
