@@ -12,13 +12,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from prefixlab.config import ConfigError, RunConfig
 from prefixlab.encode import Encoder, Template
+from prefixlab.errors import PrefixLabError
 from prefixlab.files import read_json
 from prefixlab.models import LoadedModel, model_source
 from prefixlab.prefix import PrefixFileError, load_prefix
@@ -26,7 +27,7 @@ from prefixlab.prefix import PrefixFileError, load_prefix
 DEFAULT_BUDGET_BYTES = 256 * 2**20  # ~550 resident 10-token prefixes of SmolLM2-135M
 
 
-class PrefixStoreError(LookupError):
+class PrefixStoreError(PrefixLabError, LookupError):
     """A prefix that cannot be served: missing, unreadable, or made for another model."""
 
 
@@ -42,6 +43,7 @@ class ServedPrefix:
     source: Path
     mtime: float
     load_s: float  # seconds it took to read from disk
+    text_column: str | None = None  # the run's text column, for predicting a table
 
     @property
     def nbytes(self) -> int:
@@ -120,8 +122,7 @@ class PrefixStore:
             served = self._read_run(key, folder, mtime)
         else:
             served = self._read_adapter(key, folder, mtime)
-        return ServedPrefix(served.key, served.name, served.kv, served.labels, served.encoder,
-                            served.source, served.mtime, time.perf_counter() - start)
+        return replace(served, load_s=time.perf_counter() - start)
 
     def _read_run(self, key: str, folder: Path, mtime: float) -> ServedPrefix:
         try:
@@ -140,7 +141,8 @@ class PrefixStore:
             raise PrefixStoreError(f"prefix {key!r}: {e}") from e
         encoder = Encoder(self.loaded.tokenizer, Template(cfg.template), labels, cfg.max_length)
         name = str(info.get("name") or folder.name)
-        return ServedPrefix(key, name, kv, labels, encoder, folder, mtime, 0.0)
+        return ServedPrefix(key, name, kv, labels, encoder, folder, mtime, 0.0,
+                            text_column=cfg.text_column)
 
     def _read_adapter(self, key: str, folder: Path, mtime: float) -> ServedPrefix:
         from prefixlab.peft_interop import PeftFormatError, import_peft

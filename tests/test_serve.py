@@ -1,0 +1,98 @@
+"""The batcher: concurrent clients naming different prefixes share mixed batches; a bad
+request fails alone; table prediction under several prefixes."""
+
+from __future__ import annotations
+
+import threading
+
+import pandas as pd
+import pytest
+
+from prefixlab.predict import generate, score_labels
+from prefixlab.serve import Batcher, ServeError, predict_frame
+from prefixlab.store import PrefixStore, PrefixStoreError
+from tests.test_store import make_prefixes, write_run_folder
+
+TEXTS = ["the movie was great", "a terrible boring film", "fine", "hello world"]
+
+
+@pytest.fixture
+def served(loaded, tmp_path):
+    keys = make_prefixes(loaded, tmp_path, 4)
+    store = PrefixStore(loaded)
+    batcher = Batcher(loaded, store, window_s=0.3, max_rows=64)
+    yield loaded, store, batcher, keys
+    batcher.close()
+
+
+def test_concurrent_clients_share_batches_and_get_their_own_answers(served):
+    loaded, store, batcher, keys = served
+    results: dict[int, object] = {}
+
+    def client(i: int) -> None:
+        key, texts = keys[i % 4], TEXTS[: 1 + i % 3]
+        if i % 2:
+            results[i] = batcher.generate(key, texts, max_new_tokens=3 + i % 3)
+        else:
+            results[i] = batcher.score(key, texts)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 8
+    assert batcher.stats.batches < 8  # requests met in shared batches
+    for i, got in results.items():
+        p = store.get(keys[i % 4])
+        texts = TEXTS[: 1 + i % 3]
+        if i % 2:
+            assert got == generate(loaded.model, loaded.tokenizer, p.kv, texts, 3 + i % 3)
+        else:
+            alone = score_labels(loaded.model, p.kv, p.encoder, texts)
+            for row, want in zip(got.probabilities, alone, strict=True):
+                assert row == pytest.approx(want, abs=1e-5)
+            assert got.prefix.key == keys[i % 4]
+
+
+def test_missing_and_foreign_prefixes_fail_alone_without_poisoning_the_batch(served, tmp_path):
+    loaded, store, batcher, keys = served
+    kv = store.get(keys[0]).kv
+    foreign = write_run_folder(tmp_path / "foreign", loaded, kv, model="another-model")
+    good = batcher.submit_score(keys[1], TEXTS[:2])
+    missing = batcher.submit_score(str(tmp_path / "missing"), TEXTS[:1])
+    alien = batcher.submit_generate(str(foreign), TEXTS[:1], 4)
+    also_good = batcher.submit_generate(keys[2], TEXTS[:1], 4)
+    with pytest.raises(PrefixStoreError, match="missing"):
+        missing.result(timeout=60)
+    with pytest.raises(PrefixStoreError, match="another-model"):
+        alien.result(timeout=60)
+    assert len(good.result(timeout=60).probabilities) == 2
+    assert also_good.result(timeout=60) == generate(loaded.model, loaded.tokenizer,
+                                                    store.get(keys[2]).kv, TEXTS[:1], 4)
+    assert batcher.stats.failed == 2
+
+
+def test_bare_generation_and_bare_scoring(served):
+    loaded, store, batcher, keys = served
+    assert batcher.generate(None, TEXTS[:1], 3) == generate(loaded.model, loaded.tokenizer,
+                                                            None, TEXTS[:1], 3)
+    bare = batcher.score(keys[0], TEXTS[:1], with_prefix=False)
+    want = score_labels(loaded.model, None, store.get(keys[0]).encoder, TEXTS[:1])[0]
+    assert not bare.with_prefix and bare.probabilities[0] == pytest.approx(want, abs=1e-5)
+    with pytest.raises(ServeError, match="at least one text"):
+        batcher.submit_score(keys[0], [])
+
+
+def test_predict_frame_writes_one_column_group_per_prefix(loaded, tmp_path):
+    keys = make_prefixes(loaded, tmp_path, 2)
+    store = PrefixStore(loaded)
+    prefixes = [store.get(k) for k in keys]
+    frame = pd.DataFrame({"text": TEXTS, "id": range(4)})
+    out = predict_frame(loaded, prefixes, frame, "text", batch_size=3)
+    for p in prefixes:
+        want = score_labels(loaded.model, p.kv, p.encoder, TEXTS)
+        cols = [f"{p.name}: p_{label}" for label in p.labels]
+        assert out[cols].to_numpy() == pytest.approx(want, abs=1e-5)
+        assert list(out[f"{p.name}: predicted_label"]) == [p.labels[j] for j in want.argmax(1)]
+    assert list(out["id"]) == [0, 1, 2, 3]
