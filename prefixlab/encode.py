@@ -3,6 +3,7 @@ length-bucketed batches with a loss mask on the label tokens only.
 
 A training sequence is `[prompt(x); verbalize(y)]` read after the prefix; the loss covers the
 tokens of `verbalize(y)`. Scoring reads the same prompt and compares every label's tokens.
+A generation run's sequence is `[prompt(x); y; EOS]` (`PairEncoder`), the loss on `y; EOS`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from prefixlab.errors import ConfigError
 
 DEFAULT_TEMPLATE = "Text: {text}\nCategory ({labels}):"
+DEFAULT_GENERATION_TEMPLATE = "Input: {text}\nOutput:"
+"""A generation run's prompt: any task, no labels; the target follows after a space."""
 
 
 class TemplateError(ConfigError):
@@ -46,11 +49,32 @@ class Template:
         return head.replace("{labels}", names), tail.replace("{labels}", names)
 
 
-class Encoder:
+class _Prompts:
+    """Prompt token ids: head, text and tail tokenized separately, so that cutting a long text
+    never cuts the template. Subclasses set head_ids, tail_ids and text_budget."""
+
+    tokenizer: object
+    head_ids: list[int]
+    tail_ids: list[int]
+    text_budget: int
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def prompt(self, text: str) -> tuple[list[int], bool]:
+        """Prompt token ids for one text, and whether the text had to be cut."""
+        ids = self._ids(text)
+        cut = len(ids) > self.text_budget
+        return self.head_ids + ids[: self.text_budget] + self.tail_ids, cut
+
+    def prompts(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.prompt(t)[0] for t in texts]
+
+
+class Encoder(_Prompts):
     """Turns texts and labels into token ids for one tokenizer, template and label set.
 
-    Head, text and tail are tokenized separately so that cutting a long text never cuts the
-    template, and every label's tokens are the same in training and scoring.
+    Every label's tokens are the same in training and scoring.
     """
 
     def __init__(self, tokenizer, template: Template, labels: Sequence[str], max_length: int):
@@ -73,18 +97,6 @@ class Encoder:
             )
         self.max_length = max_length
 
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-    def prompt(self, text: str) -> tuple[list[int], bool]:
-        """Prompt token ids for one text, and whether the text had to be cut."""
-        ids = self._ids(text)
-        cut = len(ids) > self.text_budget
-        return self.head_ids + ids[: self.text_budget] + self.tail_ids, cut
-
-    def prompts(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.prompt(t)[0] for t in texts]
-
     def examples(self, texts: Sequence[str], labels: Sequence[str]) -> list[Example]:
         index = {name: i for i, name in enumerate(self.labels)}
         out = []
@@ -94,11 +106,49 @@ class Encoder:
         return out
 
 
+class PairEncoder(_Prompts):
+    """Token ids for input -> target pairs: `[prompt(x); y; EOS]`, the loss on `y; EOS`.
+
+    Targets are cut to `max_target_tokens` (EOS included), the most a run generates, so
+    training never teaches lengths that decoding cannot reach.
+    """
+
+    def __init__(self, tokenizer, template: Template, max_length: int, max_target_tokens: int):
+        self.tokenizer = tokenizer
+        head, tail = template.parts([])
+        self.head_ids = self._ids(head)
+        self.tail_ids = self._ids(tail)
+        if tokenizer.eos_token_id is None:
+            raise TemplateError("the tokenizer has no end-of-sequence token to end targets with")
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.max_target_tokens = max_target_tokens
+        self.text_budget = (max_length - len(self.head_ids) - len(self.tail_ids)
+                            - max_target_tokens)
+        if self.text_budget < 8:
+            raise TemplateError(
+                f"max_length {max_length} leaves {self.text_budget} tokens for the input after "
+                f"the template ({len(self.head_ids) + len(self.tail_ids)} tokens) and the "
+                f"target ({max_target_tokens} tokens); raise max_length or lower the tokens "
+                "generated"
+            )
+        self.max_length = max_length
+
+    def target(self, text: str) -> tuple[list[int], bool]:
+        """A target's tokens with EOS at the end, and whether it had to be cut."""
+        ids = self._ids(" " + text)
+        cut = len(ids) > self.max_target_tokens - 1
+        return ids[: self.max_target_tokens - 1] + [self.eos_id], cut
+
+    def examples(self, inputs: Sequence[str], targets: Sequence[str]) -> list[Example]:
+        return [Example(self.prompt(x)[0], self.target(y)[0], 0)
+                for x, y in zip(inputs, targets, strict=True)]
+
+
 @dataclass(frozen=True)
 class Example:
     prompt: list[int]
-    target: list[int]  # the label's tokens
-    label: int
+    target: list[int]  # the label's tokens, or a generation target's tokens and EOS
+    label: int  # 0 in generation runs
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.target)
