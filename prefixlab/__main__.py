@@ -138,27 +138,14 @@ def cmd_resume(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from prefixlab.experiment import full_report, open_run, prepare_data
+    from prefixlab.experiment import evaluate_csv, open_run
 
     run = open_run(args.run)
-    data = datamod.load_labeled_csv(args.csv, args.text_column or run.config.text_column,
-                                    args.label_column or run.config.label_column)
-    unknown = sorted(set(data.label_names) - set(run.labels))
-    if unknown:
-        raise datamod.DataError(
-            f"{args.csv} has labels the run was not trained on: {', '.join(unknown)} "
-            f"(run labels: {', '.join(run.labels)})"
-        )
-    try:
-        train_data = prepare_data(run.config).train
-    except (datamod.DataError, OSError):
-        train_data = None  # the training file moved: no TF-IDF baseline
-    report = full_report(run.loaded, run.kv, run.encoder, train_data, data,
-                         run.config.training.seed)
+    report = evaluate_csv(run, args.csv, args.text_column, args.label_column)
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{len(data)} rows")
+        print(f"{report['n']} rows")
         print(_metrics_line("prefix", report))
         print(_metrics_line("zero-shot", report["baselines"]["zero_shot"]))
         print(_metrics_line("tf-idf", report["baselines"]["tfidf"]))

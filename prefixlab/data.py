@@ -78,6 +78,13 @@ _LABEL_NAMES = (
 )
 # A column whose name has one of these words holds ids or counts, not texts or labels.
 _NOT_CONTENT = frozenset({"id", "ids", "idx", "index", "len", "length", "count", "num", "no"})
+# A cell of numbers, dates, times, amounts or percentages: no words to classify.
+_VALUE_CELL = re.compile(r"^[\d\s.,:;/+\-_%$€£¥()eETZ]*\d[\d\s.,:;/+\-_%$€£¥()eETZ]*$")
+_VALUE_SHARE = 0.9  # a column this full of such cells is not a text column
+# More distinct labels than this share of the rows (and than _MANY_LABELS) is an id or a
+# measurement, not a set of classes: most "labels" would have one example.
+_LABEL_SHARE = 0.5
+_MANY_LABELS = 10
 
 
 class DataError(PrefixLabError, ValueError):
@@ -456,7 +463,7 @@ def guess_columns(
     if text is None:
         rest = [c for c in columns if c != label]
         if sample is not None:
-            text = _longest_column(sample, rest)
+            text = _longest_column(sample, [c for c in rest if not holds_values(sample, c)])
         elif label is not None and len(rest) == 1:
             text = rest[0]
     if label is None:
@@ -486,6 +493,14 @@ def _best_by_name(columns: Sequence[str], names: Sequence[str]) -> str | None:
         elif hits := [names.index(w) for w in words if w in names]:
             ranked.append((1, min(hits), position, column))
     return min(ranked)[3] if ranked else None
+
+
+def holds_values(frame: pd.DataFrame, column: str) -> bool:
+    """Are (nearly) all of the column's cells numbers, dates, times or amounts, not words?"""
+    values = _strings(frame.head(1000), column)
+    if not values:
+        return False
+    return sum(bool(_VALUE_CELL.match(v)) for v in values) >= _VALUE_SHARE * len(values)
 
 
 def _strings(frame: pd.DataFrame, column: str) -> list[str]:
@@ -566,6 +581,12 @@ def load_labeled_csv(
 
     text_col, label_col, column_problems = _choose_columns(table, text_column, label_column)
     problems += column_problems
+    if text_col is not None and len(frame) and holds_values(frame, text_col):
+        problems.append(
+            f"the text column {text_col!r} holds numbers or dates (e.g. "
+            f"{_short(_strings(frame, text_col)[0])}), not text to classify; choose a column "
+            "of sentences"
+        )
     if problems or text_col is None or label_col is None:
         raise DataError(problems, path)
 
@@ -584,6 +605,16 @@ def load_labeled_csv(
             path,
         )
 
+    if len(label_names) > max(_MANY_LABELS, _LABEL_SHARE * len(texts)):
+        once = sum(1 for n in Counter(labels).values() if n == 1)
+        raise DataError(
+            f"the label column {label_col!r} has {len(label_names)} different values in "
+            f"{len(texts)} usable rows ({once} of them seen only once), e.g. "
+            f"{_join(map(_short, label_names[:3]))}: that looks like an id or a measurement, "
+            "not a set of classes; choose a column whose values repeat (e.g. positive, "
+            "negative)",
+            path,
+        )
     texts = _truncate(texts, rows, max_text_chars, warnings)
     _warn_duplicates(texts, labels, rows, warnings)
     _warn_rare_labels(labels, rows, label_col, warnings)
@@ -623,7 +654,14 @@ def _choose_columns(
         else:
             label_col = guess_label
         for role, column in (("text", text_col), ("label", label_col)):
-            if column is None and len(frame):
+            if role == "text" and column is None and len(frame) and all(
+                    holds_values(frame, c) for c in columns if c != label_col):
+                problems.append(
+                    f"no column holds text: the columns {_join(map(repr, columns))} hold only "
+                    "numbers or dates; a labeled CSV needs a column of texts (sentences, reviews, "
+                    "tweets) and a column of labels"
+                )
+            elif column is None and len(frame):
                 problems.append(
                     f"could not tell which column holds the {role}s; the columns in the file "
                     f"are {_join(map(repr, columns))}; choose the {role} column explicitly"
@@ -842,12 +880,17 @@ def neutralize_cell(value: str) -> str:
     return value
 
 
-def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
+def write_csv(frame: pd.DataFrame, path: str | Path) -> int:
     """Write `frame` as UTF-8 CSV without its index, every string cell (header included)
-    neutralized, atomically: a temp file in the same folder, then os.replace."""
+    neutralized, atomically: a temp file in the same folder, then os.replace. Returns how
+    many cells got the leading "'" (so a caller can say so)."""
     safe = frame.map(lambda v: neutralize_cell(v) if isinstance(v, str) else v)
     safe.columns = [neutralize_cell(c) if isinstance(c, str) else c for c in frame.columns]
+    changed = int(frame.map(lambda v: isinstance(v, str) and neutralize_cell(v) != v)
+                  .to_numpy().sum()) + sum(
+        a != b for a, b in zip(safe.columns, frame.columns, strict=True))
     atomic_write_text(path, safe.to_csv(index=False, lineterminator="\n"))
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from prefixlab.errors import ConfigError
 DEFAULT_TEMPLATE = "Text: {text}\nCategory ({labels}):"
 DEFAULT_GENERATION_TEMPLATE = "Input: {text}\nOutput:"
 """A generation run's prompt: any task, no labels; the target follows after a space."""
+MIN_TEXT_TOKENS = 8  # below this a text is cut to nothing useful
 
 
 class TemplateError(ConfigError):
@@ -88,12 +89,15 @@ class Encoder(_Prompts):
             raise TemplateError("a label has no tokens")
         longest_label = max(len(ids) for ids in self.label_ids)
         self.text_budget = max_length - len(self.head_ids) - len(self.tail_ids) - longest_label
-        if self.text_budget < 8:
+        if self.text_budget < MIN_TEXT_TOKENS:
+            prompt = len(self.head_ids) + len(self.tail_ids)
             raise TemplateError(
-                f"max_length {max_length} leaves {self.text_budget} tokens for the text after "
-                f"the template ({len(self.head_ids) + len(self.tail_ids)} tokens) and the "
-                f"longest label "
-                f"({longest_label}); raise max_length or shorten the template"
+                f"the prompt around the text takes {prompt} tokens (it lists the "
+                f"{len(self.labels)} label names) and the longest label {longest_label} more, "
+                f"so {max_length} tokens per example leave "
+                f"{'no room' if self.text_budget <= 0 else f'only {self.text_budget} tokens'} "
+                f"for the text; raise the max tokens per example (max_length) to at least "
+                f"{prompt + longest_label + 4 * MIN_TEXT_TOKENS}, or use fewer or shorter labels"
             )
         self.max_length = max_length
 

@@ -219,6 +219,50 @@ class Run:
                             texts)
 
 
+def _present(name: str | None, columns) -> str | None:
+    """The run's column name when this file has it (else None: guess the file's own)."""
+    return name if name in [str(c) for c in columns] else None
+
+
+def evaluate_csv(run: Run, path: str | Path, text_column: str | None = None,
+                 label_column: str | None = None) -> dict:
+    """The run's prefix on a held-out labeled CSV, beside both baselines on the same rows.
+
+    Columns: as given, else the run's own names when the file has them, else guessed. A label
+    the run never trained on is refused (the prefix cannot predict it).
+    """
+    columns = datamod.read_table(path).frame.columns
+    data = datamod.load_labeled_csv(path, text_column or _present(run.config.text_column, columns),
+                                    label_column or _present(run.config.label_column, columns))
+    unknown = sorted(set(data.label_names) - set(run.labels))
+    if unknown:
+        raise datamod.DataError(
+            f"{Path(path).name} has labels the run was not trained on: {', '.join(unknown)} "
+            f"(run labels: {', '.join(run.labels)})"
+        )
+    try:
+        train_data = prepare_data(run.config).train
+    except (datamod.DataError, OSError):
+        train_data = None  # the training file moved: no TF-IDF baseline
+    report = full_report(run.loaded, run.kv, run.encoder, train_data, data,
+                         run.config.training.seed)
+    report["columns"] = {"text": data.text_column, "label": data.label_column}
+    return report
+
+
+def label_column_of(run: Run, frame) -> str | None:
+    """A column of gold labels in a file to predict: the run's label column, else one whose
+    filled cells are (nearly) all labels the run knows."""
+    if run.config.label_column in frame.columns:
+        return run.config.label_column
+    known = set(run.labels)
+    for column in frame.columns:
+        values = [v.strip() for v in frame[column].dropna().astype(str) if v.strip()]
+        if values and sum(v in known for v in values) >= 0.9 * len(values):
+            return column
+    return None
+
+
 def predict_table(run: Run, path: str | Path, text_column: str | None = None):
     """A CSV's rows with the predicted label and every label's probability appended."""
     table = datamod.read_table(path)

@@ -8,6 +8,8 @@ state (which run is open, how much of its log was read) stays in the UI's sessio
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
 import tempfile
 import threading
@@ -23,7 +25,19 @@ import torch
 
 from prefixlab import data as datamod
 from prefixlab.config import RunConfig
-from prefixlab.experiment import Run, RunError, RunFolder, open_run, predict_table
+from prefixlab.encode import Encoder, Template
+from prefixlab.evaluate import classification_report
+from prefixlab.experiment import (
+    PreparedData,
+    Run,
+    RunError,
+    RunFolder,
+    evaluate_csv,
+    label_column_of,
+    open_run,
+    predict_table,
+    prepare_data,
+)
 from prefixlab.models import (
     DEFAULT_MODEL,
     LoadedModel,
@@ -57,6 +71,8 @@ PRESETS: dict[str, dict] = {
     },
 }
 SETTING_NAMES = tuple(PRESETS["Quick look"])
+_UPLOAD_KEY = re.compile(r"^[0-9a-f]{16}-[A-Za-z0-9._-]{1,80}$")  # what keep_upload names
+EXAMPLE_KEY = "example"
 REFRESH_INTERVAL_S = 0.5  # how stale a polled run list may be (the Train tab polls every 1.5 s)
 
 
@@ -68,6 +84,18 @@ class CsvPreview:
     label_column: str | None
     rows: int
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BatchPrediction:
+    """A predicted CSV and what a person should know about it."""
+
+    path: Path  # named after the input: <input stem>-predictions.csv
+    rows: int
+    label_column: str | None  # gold labels found in the file, if any
+    report: dict | None  # metrics against that column (rows with a label the run knows)
+    skipped: int  # rows whose gold label is empty or unknown to the run (not in the metrics)
+    neutralized: int  # cells written with a leading ' (see data.write_csv)
 
 
 @dataclass
@@ -107,6 +135,7 @@ class Workbench:
         self.store = RunStore(data_dir)
         self.default_model = model
         self.exports_dir = self.store.data_dir / "exports"
+        self.uploads_dir = self.store.data_dir / "uploads"
         self._models: dict[str, LoadedModel] = {}
         self._infos: dict[str, ModelInfo] = {}
         self._runs: dict[str, tuple[float, Run]] = {}
@@ -179,11 +208,52 @@ class Workbench:
                       label: str | None) -> datamod.LabeledData:
         return datamod.load_labeled_csv(path, text, label)
 
+    def keep_upload(self, path: str | Path, name: str) -> Path:
+        """A copy of an uploaded file in the data directory (Gradio's temp copy is cleaned
+        up), named by its content so the same file is kept once; a reload finds it again."""
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name)[-80:].lstrip(".") or "data.csv"
+        target = self.uploads_dir / f"{digest}-{safe}"
+        if not target.is_file():
+            self.uploads_dir.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+            shutil.copyfile(path, tmp)
+            tmp.replace(target)
+        return target
+
+    def upload_key(self, path: str | Path) -> str | None:
+        """What a browser may remember of a chosen file: a name, never a path."""
+        path = Path(path)
+        if path == EXAMPLE_CSV:
+            return EXAMPLE_KEY
+        if path.parent == self.uploads_dir and _UPLOAD_KEY.match(path.name):
+            return path.name
+        return None
+
+    def kept_upload(self, key: str | None) -> Path | None:
+        """The file a remembered key names, if it is still kept (anything else: None)."""
+        if key == EXAMPLE_KEY:
+            return EXAMPLE_CSV
+        if not isinstance(key, str) or not _UPLOAD_KEY.match(key):
+            return None
+        path = self.uploads_dir / key
+        return path if path.is_file() else None
+
+    def check_start(self, cfg: RunConfig) -> PreparedData:
+        """What a worker would refuse, checked before a run exists: the data (columns,
+        labels, rows left for validation: DataError) and whether the prompt with every label
+        name leaves room for the text within max_length tokens (TemplateError)."""
+        prepared = prepare_data(cfg)
+        Encoder(self.model(cfg.model).tokenizer, Template(cfg.template), prepared.labels,
+                cfg.max_length)
+        return prepared
+
     # --- runs --------------------------------------------------------------------------------
 
     def start_run(self, cfg: RunConfig, name: str | None = None,
                   data_name: str | None = None) -> str:
         """Validate, register and start a run; returns at once with the run id."""
+        self.check_start(cfg)
         info = self.model_info(cfg.model)
         # Not during a refresh: it would adopt the half-written run folder, and the registry
         # insert below would then fail (UNIQUE constraint) with the run left behind.
@@ -291,14 +361,34 @@ class Workbench:
         return generate(loaded.model, loaded.tokenizer, kv, [prompt], max_new_tokens,
                         do_sample=do_sample, temperature=temperature)[0]
 
-    def predict_csv(self, run_id: str, path: str | Path, text_column: str | None = None) -> Path:
-        """Score a CSV and write it back with predictions; every cell neutralized."""
-        out = predict_table(self.open(run_id), path, text_column)
-        # Unique per call: named by the second alone, two users' predictions were one file.
-        stamp = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
-        target = self.exports_dir / f"{run_id}-predictions-{stamp}.csv"
-        datamod.write_csv(out, target)
-        return target
+    def predict_csv(self, run_id: str, path: str | Path, text_column: str | None = None,
+                    name: str | None = None) -> BatchPrediction:
+        """Score a CSV and write it back with predictions; every cell neutralized. When the
+        file has a column of gold labels, the metrics against it come along."""
+        run = self.open(run_id)
+        out = predict_table(run, path, text_column)
+        gold_column = label_column_of(run, out.drop(columns=[
+            c for c in out.columns if c == "predicted_label" or str(c).startswith("p_")]))
+        report, skipped = None, 0
+        if gold_column is not None:
+            gold = out[gold_column].fillna("").astype(str).str.strip()
+            known = gold.isin(run.labels)
+            skipped = int((~known).sum())
+            if known.any():
+                report = classification_report(gold[known].tolist(),
+                                               out.loc[known, "predicted_label"].tolist(),
+                                               run.labels)
+        # A folder per call: two users' predictions of same-named files never meet, and the
+        # file keeps the input's name for whoever downloads it.
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name or path).stem)[:60] or "data"
+        folder = self.exports_dir / f"predictions-{int(time.time())}-{uuid.uuid4().hex[:8]}"
+        target = folder / f"{stem}-predictions.csv"
+        neutralized = datamod.write_csv(out, target)
+        return BatchPrediction(target, len(out), gold_column, report, skipped, neutralized)
+
+    def evaluate_csv(self, run_id: str, path: str | Path) -> dict:
+        """The run's prefix and both baselines on a held-out labeled CSV."""
+        return evaluate_csv(self.open(run_id), path)
 
     def download(self, run_id: str, kind: str) -> Path:
         """A zip of the run's prefix + config ("prefix") or its PEFT adapter ("peft")."""

@@ -328,40 +328,114 @@ def demo(workbench) -> gr.Blocks:
     return build_ui(workbench)
 
 
+def value(update):
+    """The value a handler's output sets, whether plain or a gr.update(...)."""
+    return update["value"] if isinstance(update, dict) and "__type__" in update else update
+
+
 def test_the_example_button_fills_state_columns_preview_and_chart(demo):
-    state, message, text_col, label_col, preview, chart = handler(demo, "use-example", "click")()
-    assert state == {"path": str(EXAMPLE_CSV), "name": EXAMPLE_CSV.name}
+    (state, message, text_col, label_col, preview, chart, memory,
+     notice) = handler(demo, "use-example", "click")()
+    assert state == {"path": str(EXAMPLE_CSV), "name": EXAMPLE_CSV.name, "text": "text",
+                     "label": "label"}
     assert "54 usable rows" in message and "3 labels" in message
     assert text_col["value"] == "text" and label_col["value"] == "label"
     assert text_col["choices"] == ["text", "label"]
-    assert len(preview) == 20 and chart is not None
+    assert len(value(preview)) == 20 and preview["visible"] and chart["visible"]
+    assert memory == {"name": EXAMPLE_CSV.name, "key": "example", "text": "text",
+                      "label": "label"}
+    assert notice == ""
 
 
 def test_uploading_a_bad_file_shows_its_problems_and_clears_the_columns(demo):
-    state, message, text_col, label_col, preview, chart = handler(demo, "csv", "upload")(
+    state, message, text_col, label_col, preview, chart, _, _ = handler(demo, "csv", "upload")(
         str(BAD_INPUTS / "image.csv"))
     assert state is None and "This file cannot be used" in message and "PNG image" in message
-    assert text_col["choices"] == [] and preview is None and chart is None
+    assert text_col["choices"] == [] and not preview["visible"] and not chart["visible"]
+
+
+def test_an_upload_is_kept_and_a_reloaded_page_shows_it_again(demo, workbench, tmp_path):
+    (tmp_path / "gradio-temp").mkdir()
+    src = write_reviews_csv(tmp_path / "gradio-temp" / "my reviews.csv")
+    *_, memory, _ = handler(demo, "csv", "upload")(str(src))
+    kept = workbench.kept_upload(memory["key"])
+    assert kept.parent == workbench.uploads_dir and kept.read_bytes() == src.read_bytes()
+    src.unlink()  # Gradio's temp copy goes; the kept one stays
+    restore = next(f.fn for f in demo.fns.values() if f.name == "restore")
+    state, message, text_col, *_ = restore({**memory, "label": "label", "text": "text"})
+    assert state["path"] == str(kept) and state["name"] == "my reviews.csv"
+    assert "40 usable rows" in message and text_col["value"] == "text"
+    # A remembered value is a name, never a path: anything else is ignored.
+    for bad in ({"key": "../../etc/passwd"}, {"key": str(kept)}, "x", None):
+        assert restore(bad)[0] is None
 
 
 def test_the_same_column_for_text_and_label_is_refused(demo):
     state = {"path": str(EXAMPLE_CSV), "name": EXAMPLE_CSV.name}
-    message, chart = handler(demo, "text-col", "input")(state, "text", "text")
-    assert "must differ" in message and chart is None
+    _, message, _, chart, _, _ = handler(demo, "text-col", "input")(state, "text", "text")
+    assert "must differ" in message and not chart["visible"]
 
 
-def test_start_without_data_asks_for_a_csv(demo):
+def test_a_file_without_a_text_column_is_refused_before_start(demo, workbench):
+    """id,score,date: the dates used to be taken as texts and the worker failed later."""
+    *_, notice = handler(demo, "csv", "upload")(str(BAD_INPUTS / "no_text_column.csv"))
+    check = next(f.fn for f in demo.fns.values() if f.name == "check")
+    state = {"path": str(BAD_INPUTS / "no_text_column.csv"), "name": "no_text_column.csv"}
+    message, start, notice = check(state, 8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100)
+    assert "Cannot start with no_text_column.csv" in message
+    assert "no column holds text" in message and start["interactive"] is False
+
+
+def test_too_many_labels_for_the_prompt_are_refused_before_start(demo, tmp_path):
+    path = tmp_path / "many.csv"
+    path.write_text("text,label\n" + "".join(
+        f"the movie was great {i},label{i % 30}\n" for i in range(120)))
+    check = next(f.fn for f in demo.fns.values() if f.name == "check")
+    state = {"path": str(path), "name": "many.csv", "text": "text", "label": "label"}
+    message, start, _ = check(state, 8, "text", False, 5e-3, 1, 8, 48, 0.2, 0, 200, 100)
+    assert "Cannot start" in message and "lists the 30 label names" in message
+    assert "raise the max tokens per example" in message and start["interactive"] is False
+    message, start, _ = check(state, 8, "text", False, 5e-3, 1, 8, 512, 0.2, 0, 200, 100)
+    assert message.startswith("Ready: many.csv") and start["interactive"] is True
+
+
+def test_start_without_data_asks_for_a_csv_in_the_notice_only(demo):
     start = handler(demo, "start", "click")
-    with pytest.raises(gr.Error, match="Choose a CSV in the Data tab"):
-        start(None, "", "", 8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100)
+    *outputs, notice = start(None, "", "", 8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100)
+    assert "Choose a CSV in the Data tab" in notice and "notice-error" in notice
+    assert all(o is gr.skip() or o == gr.skip() for o in outputs)  # no output changes
 
 
 def test_score_needs_a_text_and_a_prefix(demo):
     score = handler(demo, "play-score", "click")
-    with pytest.raises(gr.Error, match="at least one text"):
-        score("  \n ", ["x"], True)
-    with pytest.raises(gr.Error, match="trained prefix"):
-        score("good film", [], True)
+    assert "at least one text" in score("  \n ", ["x"], True)[-1]
+    assert "trained prefix" in score("good film", [], True)[-1]
+
+
+def test_a_user_error_prints_one_line_and_an_unexpected_one_its_traceback(caplog):
+    from prefixlab.ui.common import wire
+
+    calls = []
+
+    def trigger(fn, inputs, outputs, **kwargs):
+        calls.append((fn, outputs, kwargs))
+
+    def bad_data():
+        raise DataError("the label column 'x' has only one distinct label")
+
+    def broken():
+        raise KeyError("oops")
+
+    for fn in (bad_data, broken):
+        wire(trigger, fn, [], ["out"], "notice")
+    assert all(c[1] == ["out", "notice"] and c[2]["api_visibility"] == "private" for c in calls)
+    with caplog.at_level("WARNING", logger="prefixlab.ui"):
+        assert "only one distinct label" in calls[0][0]()[1]
+        assert "Something went wrong (KeyError" in calls[1][0]()[1]
+    user, unexpected = caplog.records
+    assert user.getMessage() == ("bad_data: Cannot use this file: the label column 'x' has "
+                                 "only one distinct label")
+    assert user.exc_info is None and unexpected.exc_info is not None
 
 
 def test_api_endpoints_take_plain_values(demo, workbench, reviews):
@@ -375,6 +449,9 @@ def test_api_endpoints_take_plain_values(demo, workbench, reviews):
         runs("20990101-000000-missing")
     with pytest.raises(gr.Error, match="not a run id"):
         score(["good"], ["../../etc"])
+    # The page's own handlers are not part of the API: only what README documents.
+    assert sorted(f.api_name for f in demo.fns.values()
+                  if f.api_visibility == "public") == ["runs", "score"]
     with pytest.raises(gr.Error, match="at least one text"):
         score([" "], [run_id])
 
@@ -382,7 +459,7 @@ def test_api_endpoints_take_plain_values(demo, workbench, reviews):
 def test_the_prefix_size_line_counts_the_parameters(demo, workbench):
     # show_size is wired to the page load and to the prefix-length slider (no elem_id).
     fn = next(f.fn for f in demo.fns.values() if f.name == "show_size")
-    line = fn(8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100)
+    line, _ = fn(8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100)
     trainable = workbench.prefix_size({"prefix_length": 8})["trainable"]
     assert f"**{trainable:,} trainable parameters**" in line
 
@@ -450,21 +527,57 @@ def test_batch_predictions_at_once_each_get_their_own_file(trained_bench, tmp_pa
         path.write_text(f"text\nuser {i} says the movie was great\n")
         return path
 
-    paths = _at_once(4, lambda i: workbench.predict_csv(run_id, csv(i)))
-    assert len(set(paths)) == 4
+    paths = [r.path for r in _at_once(4, lambda i: workbench.predict_csv(run_id, csv(i)))]
+    assert len(set(paths)) == 4 and {p.name for p in paths} == {
+        f"batch{i}-predictions.csv" for i in range(4)}
     for i, path in enumerate(paths):
         text = path.read_text()
         assert f"user {i} says" in text and "predicted_label" in text
 
 
+def test_batch_prediction_of_a_labeled_file_reports_metrics_and_explains_quotes(trained_bench,
+                                                                               tmp_path):
+    workbench, run_id = trained_bench
+    path = tmp_path / "held out.csv"
+    path.write_text("review,gold\n" + "".join(
+        f"the movie was {'great' if i % 2 else 'bad'} {i},{'positive' if i % 2 else 'negative'}\n"
+        for i in range(10)) + "-1 star,\n")
+    demo = build_ui(workbench)
+    out, message, notice = handler(demo, "batch-run", "click")(str(path), run_id)
+    assert Path(out).name == "held out-predictions.csv".replace(" ", "_") and notice == ""
+    assert "Predicted **11 rows**" in message and "gold labels in **gold**" in message
+    assert "on 10 rows (1 rows without a label the run knows are left out)" in message
+    assert "1 cells start with" in message and "leading `'`" in message
+    assert "'-1 star" in Path(out).read_text()
+    result = workbench.predict_csv(run_id, path)
+    assert result.report["n"] == 10 and result.label_column == "gold"
+
+
+def test_a_trained_run_is_evaluated_on_a_test_csv_from_the_runs_tab(trained_bench, tmp_path):
+    workbench, run_id = trained_bench
+    path = write_reviews_csv(tmp_path / "test.csv", rows=12)
+    demo = build_ui(workbench)
+    md, per_class, confusion, bars, notice = handler(demo, "test-run", "click")(run_id,
+                                                                               str(path))
+    assert md.startswith("### trained on the test file: 12 rows") and notice == ""
+    assert "zero-shot" in md and "TF-IDF" in md
+    assert list(value(per_class)["support"]) == [6, 6]
+    assert confusion["visible"] and bars["visible"]
+    *_, notice = handler(demo, "test-run", "click")(run_id, None)
+    assert "Upload a labeled test CSV" in notice
+
+
 def test_the_playground_scores_and_generates_with_a_trained_prefix(trained_bench):
     workbench, run_id = trained_bench
     demo = build_ui(workbench)
-    frame, chart = handler(demo, "play-score", "click")("the movie was great", [run_id], True)
+    frame, chart, notice = handler(demo, "play-score", "click")("the movie was great", [run_id],
+                                                                True)
+    frame = value(frame)
+    assert notice == ""
     assert list(frame["source"]) == ["prefix: trained", "bare model, trained's prompt"]
     assert (frame["p(negative)"] + frame["p(positive)"]).round(3).eq(1).all()
-    assert chart is not None
+    assert chart["visible"]
     rows = api_fn(demo, "score")(["good", " ", "bad"], [run_id])
     assert [r["text"] for r in rows] == ["good", "bad"]
-    generated = handler(demo, "gen-run", "click")("the movie", run_id, 4, False, 1.0)
+    generated, _ = handler(demo, "gen-run", "click")("the movie", run_id, 4, False, 1.0)
     assert isinstance(generated, str)

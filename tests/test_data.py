@@ -82,11 +82,14 @@ CASES: dict[str, Fails | Loads] = {
         EXPLICIT,
     ),
     "missing_label_column.csv": Fails(["could not tell which column holds the labels", "'id'"]),
+    "no_text_column.csv": Fails(["no column holds text", "'id', 'score' and 'date'"]),
+    "numeric_texts.csv": Fails(["text column 'text' holds numbers or dates", "'0.0'"]),
     "duplicate_columns.csv": Fails(["2 columns named 'text'", "text column is ambiguous"]),
     "same_text_label.csv": Fails(
         ["same column ('text')"], {"text_column": "text", "label_column": "text"}
     ),
     # Refused: the rows.
+    "id_like_labels.csv": Fails(["24 different values in 24 usable rows", "id or a measurement"]),
     "single_label.csv": Fails(["only one distinct label, 'pos'", "row 4", "empty"]),
     "all_rows_bad.csv": Fails(
         ["no usable rows", "(row 1) with an empty", "(row 2) with an empty", "'NaN'"]

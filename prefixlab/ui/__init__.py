@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import gradio as gr
 
+from prefixlab.ui.common import wire
 from prefixlab.workbench import Workbench
 
 CSS = """
 #progress .bar {height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden}
 #progress .fill {height: 100%; background: #2563eb}
 .caveat {font-size: 0.9em; color: #555}
+/* The page's one error line: stays in view while scrolling, empty when all is well. */
+#notice {position: sticky; top: 0; z-index: 50}
+#notice .notice-error {background: #fef2f2; border: 1px solid #fca5a5; color: #991b1b;
+    border-radius: 6px; padding: 8px 12px; font-weight: 500}
+/* Table headers wrap between words only; cells never break a word in two. */
+.readable-table th, .readable-table td, #runs-table th, #preview th {word-break: normal;
+    overflow-wrap: normal; hyphens: none}
 """
 
 
@@ -21,19 +29,21 @@ def build_ui(workbench: Workbench) -> gr.Blocks:
         gr.Markdown("# PrefixLab\nPrefix tuning of a frozen language model: upload a labeled "
                     "CSV, train a small prefix, try it, look inside it.")
         model_status = gr.Markdown(elem_id="model-status")
+        notice = gr.HTML("", elem_id="notice")
         dataset = gr.State(None)  # this browser's chosen CSV: {"path", "name", "text", "label"}
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
-                data_tab.build(workbench, dataset)
+                hooks += data_tab.build(workbench, dataset, notice)
             with gr.Tab("Train", id="train"):
-                hooks += train_tab.build(workbench, dataset)
+                hooks += train_tab.build(workbench, dataset, notice)
             with gr.Tab("Runs", id="runs"):
-                hooks += runs_tab.build(workbench)
+                hooks += runs_tab.build(workbench, notice)
             with gr.Tab("Playground", id="playground"):
-                hooks += playground_tab.build(workbench)
+                hooks += playground_tab.build(workbench, notice)
             with gr.Tab("Inspect", id="inspect"):
-                hooks += inspect_tab.build(workbench)
-        demo.load(lambda: f"Model: {workbench.model_status}", outputs=model_status)
+                hooks += inspect_tab.build(workbench, notice)
+        demo.load(lambda: f"Model: {workbench.model_status}", outputs=model_status,
+                  api_visibility="private")
         for hook in hooks:
-            demo.load(hook.fn, inputs=hook.inputs, outputs=hook.outputs)
+            wire(demo.load, hook.fn, hook.inputs, hook.outputs, notice, clears=False)
     return demo

@@ -1,4 +1,11 @@
-"""What every tab shares: turning core errors into one readable gr.Error, and escaping."""
+"""What every tab shares: the page's one notice line for errors, turning core errors into
+one readable message, and escaping.
+
+A handler wired with `wire` never raises into Gradio: a user error becomes one line in the
+notice at the top of the page (Gradio would otherwise mark every output of the event with an
+"Error" badge and print a traceback), and the next handler that succeeds clears it. API
+endpoints (`gr.api`) keep `guard`, which raises gr.Error: a script wants an exception.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,49 @@ from prefixlab.errors import USER_ERRORS
 log = logging.getLogger("prefixlab.ui")
 
 
+def user_message(e: Exception) -> str:
+    """The one line a person reads for a failed action (unexpected errors are logged)."""
+    if isinstance(e, gr.Error):
+        return str(e.message)
+    if isinstance(e, USER_ERRORS):
+        return str(e)
+    return (f"Something went wrong ({type(e).__name__}: {e}). The details are in the app's "
+            "log.")
+
+
+def notice_html(message: str) -> str:
+    return (f"<div class='notice-error' role='alert'>{escape(message)}</div>"
+            if message else "")
+
+
+def wire(trigger: Callable, fn: Callable, inputs: list, outputs: list, notice: gr.HTML,
+         *, clears: bool = True, **kwargs):
+    """Connect `fn` to an event so its failures land in `notice` and nowhere else.
+
+    On success the outputs get fn's values and the notice is cleared (`clears=False` leaves it,
+    for background polls); on a user error the outputs stay as they were and the notice says
+    what went wrong. A user error prints one line to the terminal; an unexpected one its
+    traceback. These handlers are the page's own, not the scripting API.
+    """
+    n = len(outputs)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            result = fn(*args)
+        except (gr.Error, *USER_ERRORS) as e:
+            log.warning("%s: %s", fn.__name__, user_message(e))
+            return [gr.skip()] * n + [notice_html(user_message(e))]
+        except Exception as e:  # unexpected: the traceback goes to the log, one line to the page
+            log.exception("handler %s failed", fn.__name__)
+            return [gr.skip()] * n + [notice_html(user_message(e))]
+        values = [] if n == 0 else list(result) if n > 1 else [result]
+        return values + ["" if clears else gr.skip()]
+
+    kwargs.setdefault("api_visibility", "private")
+    return trigger(wrapper, inputs=inputs, outputs=[*outputs, notice], **kwargs)
+
+
 def guard(fn: Callable) -> Callable:
     """The one place core exceptions become gr.Error: a message, never a stack trace."""
 
@@ -28,8 +78,7 @@ def guard(fn: Callable) -> Callable:
             raise gr.Error(str(e), print_exception=False) from e
         except Exception as e:  # unexpected: logged with its traceback, shown as one line
             log.exception("handler %s failed", fn.__name__)
-            raise gr.Error(f"Something went wrong ({type(e).__name__}: {e}). The details are "
-                           "in the app's log.", print_exception=False) from e
+            raise gr.Error(user_message(e), print_exception=False) from e
 
     return wrapper
 
@@ -41,6 +90,13 @@ class LoadHook:
     fn: Callable
     inputs: list
     outputs: list
+
+
+def shown(value) -> dict:
+    """A plot or table update that hides the component while it has nothing to show (an
+    empty gr.Plot says "Plot", an empty gr.Dataframe has headers "1 2 3")."""
+    empty = value is None or (hasattr(value, "empty") and value.empty)
+    return gr.update(value=value, visible=not empty)
 
 
 def escape(text: str) -> str:

@@ -1,16 +1,20 @@
 """Data tab: upload a CSV (or take the bundled example), preview it, choose the columns,
-see the label distribution and every problem as a readable message."""
+see the label distribution and every problem as a readable message. The chosen file is kept
+in the data directory and remembered by the browser, so a reload does not lose it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 
 from prefixlab import charts
 from prefixlab.data import DataError
-from prefixlab.ui.common import bullet_list, escape, guard
+from prefixlab.ui.common import LoadHook, bullet_list, escape, shown, wire
 from prefixlab.workbench import EXAMPLE_CSV, Workbench
+
+PREVIEW_CHARS = 160  # a preview cell longer than this is cut, so the label column stays in view
 
 
 def describe(workbench: Workbench, path: str, text: str | None, label: str | None):
@@ -27,7 +31,16 @@ def describe(workbench: Workbench, path: str, text: str | None, label: str | Non
     return "\n\n".join(lines), charts.label_distribution(counts)
 
 
-def build(workbench: Workbench, dataset: gr.State) -> None:
+def preview_frame(frame: pd.DataFrame, text: str | None, label: str | None) -> pd.DataFrame:
+    """The chosen text and label columns first (the label must be in view), long cells cut."""
+    first = [c for c in (text, label) if c in frame.columns]
+    out = frame[first + [c for c in frame.columns if c not in first]].copy()
+    return out.map(lambda v: v if len(str(v)) <= PREVIEW_CHARS
+                   else str(v)[:PREVIEW_CHARS - 1] + "…")
+
+
+def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
+    remembered = gr.BrowserState(None, storage_key="prefixlab-dataset")
     with gr.Row():
         with gr.Column(scale=2):
             upload = gr.File(label="Labeled CSV (any column names; labels as text)",
@@ -40,44 +53,66 @@ def build(workbench: Workbench, dataset: gr.State) -> None:
         text_col = gr.Dropdown(label="Text column", choices=[], elem_id="text-col")
         label_col = gr.Dropdown(label="Label column", choices=[], elem_id="label-col")
     with gr.Row():
-        preview = gr.Dataframe(label="Preview (first 20 rows)", interactive=False, wrap=True,
-                               max_height=360, elem_id="preview")
-        chart = gr.Plot(label="Label distribution", elem_id="label-chart")
+        preview = gr.Dataframe(label="Preview (first 20 rows; the chosen text and label first)",
+                               interactive=False, wrap=True, max_height=360, elem_id="preview",
+                               visible=False, scale=3)
+        chart = gr.Plot(label="Label distribution", show_label=False, elem_id="label-chart",
+                        visible=False, scale=2)
 
-    @guard
-    def load(path: str | None, name: str | None = None):
+    def load(path: str | None, name: str | None = None, text: str | None = None,
+             label: str | None = None):
+        """Show a file; `text`/`label`: the columns chosen before (a reload), else guessed."""
+        empty = gr.update(choices=[], value=None)
         if not path:
-            return (None, "", gr.update(choices=[], value=None),
-                    gr.update(choices=[], value=None), None, None)
+            return None, "", empty, empty, shown(None), shown(None), None
         try:
             info = workbench.preview_csv(path)
         except DataError as e:
             return (None, f"**This file cannot be used:**\n\n{bullet_list(e.problems)}",
-                    gr.update(choices=[], value=None), gr.update(choices=[], value=None),
-                    None, None)
-        summary, fig = describe(workbench, path, info.text_column, info.label_column)
-        state = {"path": path, "name": name or Path(path).name}
-        return (state, summary, gr.update(choices=info.columns, value=info.text_column),
-                gr.update(choices=info.columns, value=info.label_column), info.frame, fig)
+                    empty, empty, shown(None), shown(None), None)
+        text = text if text in info.columns else info.text_column
+        label = label if label in info.columns else info.label_column
+        summary, fig = describe(workbench, path, text, label)
+        state = {"path": path, "name": name or Path(path).name, "text": text, "label": label}
+        return (state, summary, gr.update(choices=info.columns, value=text),
+                gr.update(choices=info.columns, value=label),
+                shown(preview_frame(info.frame, text, label)), shown(fig),
+                {"name": state["name"], "key": workbench.upload_key(path), "text": text,
+                 "label": label})
 
-    outputs = [dataset, message, text_col, label_col, preview, chart]
-    upload.upload(lambda f: load(f, Path(f).name if f else None), inputs=upload,
-                  outputs=outputs)
-    upload.clear(lambda: load(None), outputs=outputs)
-    example.click(lambda: load(str(EXAMPLE_CSV), EXAMPLE_CSV.name), outputs=outputs)
+    def on_upload(path):
+        if not path:
+            return load(None)
+        name = Path(path).name
+        return load(str(workbench.keep_upload(path, name)), name)
 
-    @guard
+    outputs = [dataset, message, text_col, label_col, preview, chart, remembered]
+    wire(upload.upload, on_upload, [upload], outputs, notice)
+    wire(upload.clear, lambda: load(None), [], outputs, notice)
+    wire(example.click, lambda: load(str(EXAMPLE_CSV), EXAMPLE_CSV.name), [], outputs, notice)
+
     def columns_changed(state, text, label):
         if not state:
-            return "", None
+            return state, "", shown(None), shown(None), gr.skip()
+        state = {**state, "text": text, "label": label}
+        memory = {"name": state["name"], "key": workbench.upload_key(state["path"]),
+                  "text": text, "label": label}
+        frame = workbench.preview_csv(state["path"]).frame
         if text and text == label:
-            return "**The text and label columns must differ.**", None
-        return describe(workbench, state["path"], text, label)
+            return (state, "**The text and label columns must differ.**",
+                    shown(preview_frame(frame, text, label)), shown(None), memory)
+        summary, fig = describe(workbench, state["path"], text, label)
+        return state, summary, shown(preview_frame(frame, text, label)), shown(fig), memory
 
     for dd in (text_col, label_col):
-        dd.input(columns_changed, inputs=[dataset, text_col, label_col],
-                 outputs=[message, chart])
-    # The Train tab reads the columns from the dataset state:
-    for dd in (text_col, label_col):
-        dd.change(lambda s, t, lab: {**s, "text": t, "label": lab} if s else s,
-                  inputs=[dataset, text_col, label_col], outputs=dataset)
+        wire(dd.input, columns_changed, [dataset, text_col, label_col],
+             [dataset, message, preview, chart, remembered], notice)
+
+    def restore(memory):
+        """A reloaded page shows the file this browser had chosen, if it is still kept."""
+        path = workbench.kept_upload(memory.get("key")) if isinstance(memory, dict) else None
+        if path is None:
+            return load(None)[:-1] + (gr.skip(),)
+        return load(str(path), memory.get("name"), memory.get("text"), memory.get("label"))
+
+    return [LoadHook(restore, [remembered], outputs)]

@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from prefixlab import interpret, interpret_maps, plots
-from prefixlab.ui.common import LoadHook, guard, run_choices
+from prefixlab.ui.common import LoadHook, run_choices, shown, wire
 from prefixlab.workbench import Workbench
 
 
@@ -17,7 +17,7 @@ def _table(headers_rows) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=headers)
 
 
-def build(workbench: Workbench) -> list[LoadHook]:
+def build(workbench: Workbench, notice) -> list[LoadHook]:
     gr.Markdown(f"<div class='caveat'>{interpret.CAVEAT}<br><br>{interpret.METHOD}</div>")
     with gr.Row():
         pick = gr.Dropdown(label="Run", choices=[], elem_id="inspect-run", scale=3)
@@ -28,33 +28,34 @@ def build(workbench: Workbench) -> list[LoadHook]:
         kind = gr.Radio(["key", "value"], value="key", label="Vectors")
         dims = gr.Radio(["2-D", "3-D"], value="2-D", label="PCA map")
     with gr.Row():
-        pca_plot = gr.Plot(label="PCA map: prefix over real tokens", elem_id="inspect-pca")
-        layers_plot = gr.Plot(label="Across layers", elem_id="inspect-layers")
-    nearest_plot = gr.Plot(label="Nearest tokens: top-1 above the random baseline",
-                           elem_id="inspect-nearest")
+        pca_plot = gr.Plot(show_label=False, elem_id="inspect-pca", visible=False)
+        layers_plot = gr.Plot(show_label=False, elem_id="inspect-layers", visible=False)
+    nearest_plot = gr.Plot(show_label=False, elem_id="inspect-nearest", visible=False)
     with gr.Row():
         nearest_table = gr.Dataframe(label="Nearest tokens at this layer (score; baseline)",
-                                     interactive=False, wrap=True, elem_id="inspect-table")
+                                     interactive=False, wrap=True, elem_id="inspect-table",
+                                     visible=False, elem_classes=["readable-table"])
         readout_table = gr.Dataframe(label="Tokens each value slot promotes (value readout)",
-                                     interactive=False, wrap=True)
+                                     interactive=False, wrap=True, visible=False,
+                                     elem_classes=["readable-table"])
     gr.Markdown("### How the prefix moved during training")
     with gr.Row():
-        trajectory = gr.Plot(label="Trajectory")
-        distance = gr.Plot(label="Distance from initialization")
+        trajectory = gr.Plot(show_label=False, visible=False)
+        distance = gr.Plot(show_label=False, visible=False)
     gr.Markdown("### Attention to the prefix")
     with gr.Row():
         attn_texts = gr.Textbox(label="Inputs, one per line", lines=3, scale=3,
                                 elem_id="inspect-attn-text")
         attn_btn = gr.Button("Measure", elem_id="inspect-attn")
-    attn_plot = gr.Plot(label="Attention mass on the prefix (layer × head)")
+    attn_plot = gr.Plot(show_label=False, visible=False)
     gr.Markdown("### Compare prefixes")
     with gr.Row():
         compare = gr.Dropdown(label="Runs (same base model and prefix length)", choices=[],
                               multiselect=True, scale=3)
         compare_btn = gr.Button("Compare")
     with gr.Row():
-        similarity = gr.Plot(label="Cosine similarity")
-        joint_pca = gr.Plot(label="All on one PCA map (this layer)")
+        similarity = gr.Plot(show_label=False, visible=False)
+        joint_pca = gr.Plot(show_label=False, visible=False)
 
     current = gr.State(None)
 
@@ -63,14 +64,13 @@ def build(workbench: Workbench) -> list[LoadHook]:
         layer_i = min(int(layer_i), ins.nearest.token_ids.shape[0] - 1)
         pca = interpret_maps.pca_map(ins.run.loaded, ins.bank, ins.run.kv, layer_i, kind_s,
                                 dims=3 if dims_s == "3-D" else 2)
-        return (plots.pca_figure(pca, 3 if dims_s == "3-D" else 2),
-                plots.layers_figure(interpret_maps.layers_map(ins.run.loaded, ins.bank, ins.run.kv,
-                                                         kind_s)),
-                plots.nearest_tokens_figure(ins.nearest, kind_s),
-                _table(plots.nearest_tokens_table(ins.nearest, layer_i, kind_s)),
-                _table(plots.value_readout_table(ins.readout, layer_i)))
+        return (shown(plots.pca_figure(pca, 3 if dims_s == "3-D" else 2)),
+                shown(plots.layers_figure(interpret_maps.layers_map(ins.run.loaded, ins.bank,
+                                                               ins.run.kv, kind_s))),
+                shown(plots.nearest_tokens_figure(ins.nearest, kind_s)),
+                shown(_table(plots.nearest_tokens_table(ins.nearest, layer_i, kind_s))),
+                shown(_table(plots.value_readout_table(ins.readout, layer_i))))
 
-    @guard
     def on_open(rid, layer_i, kind_s, dims_s):
         if not rid:
             raise gr.Error("Pick a trained run.")
@@ -84,26 +84,24 @@ def build(workbench: Workbench) -> list[LoadHook]:
             note += " No training snapshots: movement is not available."
         return (rid, note, gr.update(maximum=L - 1, value=min(int(layer_i), L - 1)),
                 *layer_views(rid, min(int(layer_i), L - 1), kind_s, dims_s),
-                plots.trajectory_figure(movement) if movement else None,
-                plots.distance_figure(movement) if movement else None)
+                shown(plots.trajectory_figure(movement) if movement else None),
+                shown(plots.distance_figure(movement) if movement else None))
 
-    open_btn.click(on_open, inputs=[pick, layer, kind, dims],
-                   outputs=[current, message, layer, pca_plot, layers_plot, nearest_plot,
-                            nearest_table, readout_table, trajectory, distance])
+    wire(open_btn.click, on_open, [pick, layer, kind, dims],
+         [current, message, layer, pca_plot, layers_plot, nearest_plot, nearest_table,
+          readout_table, trajectory, distance], notice)
 
-    @guard
     def on_view(rid, layer_i, kind_s, dims_s):
         if not rid:
-            return None, None, None, None, None
+            return (shown(None),) * 5
         return layer_views(rid, layer_i, kind_s, dims_s)
 
     view_inputs = [current, layer, kind, dims]
     view_outputs = [pca_plot, layers_plot, nearest_plot, nearest_table, readout_table]
-    layer.release(on_view, inputs=view_inputs, outputs=view_outputs)  # not on every drag tick
-    kind.change(on_view, inputs=view_inputs, outputs=view_outputs)
-    dims.change(on_view, inputs=view_inputs, outputs=view_outputs)
+    wire(layer.release, on_view, view_inputs, view_outputs, notice)  # not on every drag tick
+    wire(kind.change, on_view, view_inputs, view_outputs, notice)
+    wire(dims.change, on_view, view_inputs, view_outputs, notice)
 
-    @guard
     def on_attention(rid, text):
         if not rid:
             raise gr.Error("Inspect a run first.")
@@ -114,12 +112,11 @@ def build(workbench: Workbench) -> list[LoadHook]:
         prefixes = {"trained": ins.run.kv}
         if ins.initial_kv is not None:
             prefixes = {"before training": ins.initial_kv, **prefixes}
-        return plots.attention_heatmap(interpret.prefix_attention(ins.run.loaded, prefixes,
-                                                                  lines[:8]))
+        return shown(plots.attention_heatmap(interpret.prefix_attention(ins.run.loaded, prefixes,
+                                                                        lines[:8])))
 
-    attn_btn.click(on_attention, inputs=[current, attn_texts], outputs=attn_plot)
+    wire(attn_btn.click, on_attention, [current, attn_texts], [attn_plot], notice)
 
-    @guard
     def on_compare(ids, layer_i, kind_s):
         if not ids or len(ids) < 2:
             raise gr.Error("Pick at least two runs.")
@@ -133,16 +130,15 @@ def build(workbench: Workbench) -> list[LoadHook]:
         first = next(iter(runs.values()))
         bank = workbench.bank(first)
         layer_i = min(int(layer_i), first.kv.shape[0] - 1)
-        return (plots.similarity_heatmap(interpret_maps.compare_prefixes(prefixes)),
-                plots.pca_figure(interpret_maps.pca_map(first.loaded, bank, prefixes, layer_i,
-                                                   kind_s, dims=2), 2))
+        return (shown(plots.similarity_heatmap(interpret_maps.compare_prefixes(prefixes))),
+                shown(plots.pca_figure(interpret_maps.pca_map(first.loaded, bank, prefixes, layer_i,
+                                                         kind_s, dims=2), 2)))
 
-    compare_btn.click(on_compare, inputs=[compare, layer, kind], outputs=[similarity, joint_pca])
+    wire(compare_btn.click, on_compare, [compare, layer, kind], [similarity, joint_pca], notice)
 
-    @guard
     def refresh():
         choices = run_choices(workbench.finished_runs())
         return gr.update(choices=choices), gr.update(choices=choices)
 
-    pick.focus(refresh, outputs=[pick, compare])
+    wire(pick.focus, refresh, [], [pick, compare], notice, clears=False)
     return [LoadHook(refresh, [], [pick, compare])]

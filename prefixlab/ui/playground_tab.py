@@ -7,8 +7,8 @@ from __future__ import annotations
 import gradio as gr
 import plotly.graph_objects as go
 
-from prefixlab.ui.common import LoadHook, guard, run_choices
-from prefixlab.workbench import Workbench
+from prefixlab.ui.common import LoadHook, escape, guard, run_choices, shown, wire
+from prefixlab.workbench import BatchPrediction, Workbench
 
 NO_PREFIX = "(no prefix: the bare model)"
 
@@ -29,7 +29,29 @@ def probability_figure(frame) -> go.Figure | None:
     return fig
 
 
-def build(workbench: Workbench) -> list[LoadHook]:
+def batch_summary(result: BatchPrediction) -> str:
+    """What a person should know about a predicted file: metrics if it had labels, and why
+    some cells start with '."""
+    lines = [f"Predicted **{result.rows} rows** → `{escape(result.path.name)}`."]
+    report = result.report
+    if report:
+        lines.append(f"The file has gold labels in **{escape(result.label_column)}**: "
+                     f"macro-F1 **{report['macro_f1']:.3f}**, accuracy "
+                     f"**{report['accuracy']:.3f}** on {report['n']} rows"
+                     + (f" ({result.skipped} rows without a label the run knows are left out)."
+                        if result.skipped else "."))
+    elif result.label_column:
+        lines.append(f"Column **{escape(result.label_column)}** has no label this run knows: "
+                     "no metrics.")
+    if result.neutralized:
+        lines.append(f"{result.neutralized} cells start with `=`, `+`, `-` or `@`; they are "
+                     "written with a leading `'` so that Excel, LibreOffice or Sheets show them "
+                     "as text instead of running them as formulas. Remove the `'` if you read "
+                     "the file with a program, not a spreadsheet.")
+    return "\n\n".join(lines)
+
+
+def build(workbench: Workbench, notice) -> list[LoadHook]:
     gr.Markdown("### Classify")
     with gr.Row():
         texts = gr.Textbox(label="Texts, one per line", lines=4, elem_id="play-text", scale=3)
@@ -39,8 +61,9 @@ def build(workbench: Workbench) -> list[LoadHook]:
             bare = gr.Checkbox(value=True, label="Also show the bare model (zero-shot)")
             score = gr.Button("Score", variant="primary", elem_id="play-score")
     results = gr.Dataframe(label="Predictions", interactive=False, wrap=True,
-                           elem_id="play-results")
-    chart = gr.Plot(elem_id="play-chart")
+                           elem_id="play-results", visible=False,
+                           elem_classes=["readable-table"])
+    chart = gr.Plot(show_label=False, elem_id="play-chart", visible=False)
 
     gr.Markdown("### Generate")
     with gr.Row():
@@ -61,14 +84,13 @@ def build(workbench: Workbench) -> list[LoadHook]:
         batch_prefix = gr.Dropdown(label="Prefix", choices=[], elem_id="batch-prefix")
         batch_go = gr.Button("Predict", elem_id="batch-run")
         batch_out = gr.File(label="Predictions (CSV)", interactive=False, elem_id="batch-out")
+    batch_msg = gr.Markdown(elem_id="batch-msg")
 
-    @guard
     def refresh_choices():
         choices = run_choices(workbench.finished_runs())
         return (gr.update(choices=choices), gr.update(choices=[NO_PREFIX, *choices]),
                 gr.update(choices=choices))
 
-    @guard
     def on_score(text, ids, with_bare):
         lines = [t.strip() for t in (text or "").splitlines() if t.strip()]
         if not lines:
@@ -76,10 +98,10 @@ def build(workbench: Workbench) -> list[LoadHook]:
         if not ids:
             raise gr.Error("Pick at least one trained prefix (train one in the Train tab).")
         frame = workbench.compare(lines, list(ids), bare=with_bare)
-        return frame, probability_figure(frame)
+        return shown(frame), shown(probability_figure(frame))
 
-    score.click(on_score, inputs=[texts, prefixes, bare], outputs=[results, chart])
-    texts.submit(on_score, inputs=[texts, prefixes, bare], outputs=[results, chart])
+    for trigger in (score.click, texts.submit):
+        wire(trigger, on_score, [texts, prefixes, bare], [results, chart], notice)
 
     @guard
     def score_texts(texts: list[str], run_ids: list[str], bare: bool = False) -> list[dict]:
@@ -96,25 +118,25 @@ def build(workbench: Workbench) -> list[LoadHook]:
 
     gr.api(score_texts, api_name="score")
 
-    @guard
     def on_generate(text, rid, n, do_sample, temp):
         if not (text or "").strip():
             raise gr.Error("Type a prompt.")
         run = None if rid in (None, "", NO_PREFIX) else rid
         return workbench.generate(text, run, int(n), do_sample, float(temp))
 
-    gen.click(on_generate, inputs=[prompt, gen_prefix, max_new, sample, temperature],
-              outputs=output)
+    wire(gen.click, on_generate, [prompt, gen_prefix, max_new, sample, temperature], [output],
+         notice)
 
-    @guard
     def on_batch(path, rid):
         if not path:
             raise gr.Error("Upload a CSV with a text column.")
         if not rid:
             raise gr.Error("Pick a prefix.")
-        return str(workbench.predict_csv(rid, path))
+        result = workbench.predict_csv(rid, path)
+        return str(result.path), batch_summary(result)
 
-    batch_go.click(on_batch, inputs=[batch_file, batch_prefix], outputs=batch_out)
+    wire(batch_go.click, on_batch, [batch_file, batch_prefix], [batch_out, batch_msg], notice)
     for dd in (prefixes, gen_prefix, batch_prefix):
-        dd.focus(refresh_choices, outputs=[prefixes, gen_prefix, batch_prefix])
+        wire(dd.focus, refresh_choices, [], [prefixes, gen_prefix, batch_prefix], notice,
+             clears=False)
     return [LoadHook(refresh_choices, [], [prefixes, gen_prefix, batch_prefix])]

@@ -1,5 +1,6 @@
 """Runs tab: every run with its status, data, model, metrics and sizes; open one, resume,
-cancel or delete it, download its prefix or PEFT export, and compare curves of several."""
+cancel or delete it, download its prefix or PEFT export, evaluate it on a held-out test CSV,
+and compare curves of several."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import gradio as gr
 
 from prefixlab import charts
 from prefixlab.runs import ACTIVE
-from prefixlab.ui.common import LoadHook, escape, guard, run_choices
+from prefixlab.ui.common import LoadHook, escape, guard, run_choices, shown, wire
 from prefixlab.ui.train_tab import report_outputs
 from prefixlab.workbench import Workbench
 
+# Shares of the table's width: the id must show whole, headers must not break mid-word.
+RUNS_COLUMN_WIDTHS = ["13%", "8%", "7%", "10%", "12%", "7%", "7%", "6%", "6%", "9%", "15%"]
 
-def build(workbench: Workbench) -> list[LoadHook]:
+
+def build(workbench: Workbench, notice) -> list[LoadHook]:
     with gr.Row():
         refresh = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
-    table = gr.Dataframe(interactive=False, wrap=True, elem_id="runs-table")
+    table = gr.Dataframe(interactive=False, wrap=True, elem_id="runs-table",
+                         column_widths=RUNS_COLUMN_WIDTHS, elem_classes=["readable-table"])
     with gr.Row():
         pick = gr.Dropdown(label="Run", choices=[], elem_id="run-pick", scale=3)
         open_btn = gr.Button("Open", size="sm", elem_id="run-open")
@@ -25,25 +30,38 @@ def build(workbench: Workbench) -> list[LoadHook]:
     with gr.Row():
         dl_prefix = gr.Button("Download prefix (.zip)", size="sm", elem_id="dl-prefix")
         dl_peft = gr.Button("Download PEFT adapter (.zip)", size="sm", elem_id="dl-peft")
-        download = gr.File(label="Download", interactive=False, elem_id="run-download")
+        download = gr.File(label="Download", interactive=False, elem_id="run-download",
+                           visible=False)
     message = gr.Markdown(elem_id="runs-msg")
     with gr.Row():
-        loss_plot = gr.Plot(label="Loss")
-        eval_plot = gr.Plot(label="Validation")
-    report_md = gr.Markdown()
+        loss_plot = gr.Plot(show_label=False, elem_id="runs-loss", visible=False)
+        eval_plot = gr.Plot(show_label=False, elem_id="runs-eval", visible=False)
+    report_md = gr.Markdown(elem_id="runs-report")
     with gr.Row():
-        per_class = gr.Dataframe(interactive=False)
-        confusion = gr.Plot()
-        baselines = gr.Plot()
+        per_class = gr.Dataframe(label="Per class", interactive=False, visible=False,
+                                 elem_classes=["readable-table"])
+        confusion = gr.Plot(show_label=False, visible=False)
+        baselines = gr.Plot(show_label=False, visible=False)
+    gr.Markdown("### Evaluate on a held-out test CSV\nThe picked run's prefix, the bare model "
+                "and TF-IDF on the same rows of a labeled file the run never saw.")
+    with gr.Row():
+        test_file = gr.File(label="Test CSV (text and label columns)",
+                            file_types=[".csv", ".tsv", ".txt"], elem_id="test-csv", scale=3)
+        test_btn = gr.Button("Evaluate", elem_id="test-run")
+    test_md = gr.Markdown(elem_id="test-report")
+    with gr.Row():
+        test_per_class = gr.Dataframe(label="Per class (test)", interactive=False, visible=False,
+                                      elem_id="test-per-class", elem_classes=["readable-table"])
+        test_confusion = gr.Plot(show_label=False, visible=False, elem_id="test-confusion")
+        test_baselines = gr.Plot(show_label=False, visible=False, elem_id="test-baselines")
     gr.Markdown("### Compare runs")
     with gr.Row():
         compare = gr.Dropdown(label="Runs to compare", choices=[], multiselect=True,
                               elem_id="compare-pick", scale=3)
         metric = gr.Radio(["loss", "val_loss", "macro_f1", "accuracy"], value="loss",
                           label="Curve")
-    compare_plot = gr.Plot(elem_id="compare-plot")
+    compare_plot = gr.Plot(show_label=False, elem_id="compare-plot", visible=False)
 
-    @guard
     def list_runs(current=None):
         frame = workbench.runs_table()
         choices = run_choices(workbench.store.list())
@@ -51,7 +69,7 @@ def build(workbench: Workbench) -> list[LoadHook]:
         value = current if current in ids else None
         return frame, gr.update(choices=choices, value=value), gr.update(choices=choices)
 
-    refresh.click(list_runs, inputs=pick, outputs=[table, pick, compare])
+    wire(refresh.click, list_runs, [pick], [table, pick, compare], notice)
 
     @guard
     def run_status(run_id: str = "") -> list[dict]:
@@ -67,73 +85,83 @@ def build(workbench: Workbench) -> list[LoadHook]:
     # concurrency slot behind slower events such as scoring.
     gr.api(run_status, api_name="runs", concurrency_limit=None)
 
-    @guard
-    def open_run(rid):
+    def need(rid):
         if not rid:
             raise gr.Error("Pick a run first.")
-        records, _ = workbench.metrics(rid, 0)
+        return rid
+
+    def open_run(rid):
+        records, _ = workbench.metrics(need(rid), 0)
         row = workbench.store.get(rid)
         text = f"**{escape(row.name)}**: {row.state}"
         if row.error:
             text += f" — {escape(row.error)}"
-        return (text, charts.loss_curves(records), charts.eval_curves(records),
+        return (text, shown(charts.loss_curves(records)), shown(charts.eval_curves(records)),
                 *report_outputs(workbench.report(rid)))
 
-    open_btn.click(open_run, inputs=pick,
-                   outputs=[message, loss_plot, eval_plot, report_md, per_class, confusion,
-                            baselines])
+    opened = [message, loss_plot, eval_plot, report_md, per_class, confusion, baselines]
+    wire(open_btn.click, open_run, [pick], opened, notice)
 
-    @guard
+    def picked(rid):
+        """Another run chosen: what was said and shown about the previous one goes."""
+        return ("", shown(None), shown(None), *report_outputs(None), "",
+                *report_outputs(None)[1:], gr.update(value=None, visible=False))
+
+    wire(pick.input, picked, [pick],
+         [*opened, test_md, test_per_class, test_confusion, test_baselines, download], notice)
+
     def resume(rid):
-        if not rid:
-            raise gr.Error("Pick a run first.")
-        row = workbench.store.get(rid)
+        row = workbench.store.get(need(rid))
         if row.state in ACTIVE or row.state == "completed":
             raise gr.Error(f"Run {row.name} is {row.state}; only stopped runs resume.")
         workbench.store.start(rid, resume=True)
         return f"Resuming **{escape(row.name)}** from its last checkpoint; follow it in Train."
 
-    resume_btn.click(resume, inputs=pick, outputs=message).then(
-        list_runs, inputs=pick, outputs=[table, pick, compare])
+    wire(resume_btn.click, resume, [pick], [message], notice).then(
+        list_runs, inputs=pick, outputs=[table, pick, compare], api_visibility="private")
 
-    @guard
     def cancel(rid):
-        if not rid:
-            raise gr.Error("Pick a run first.")
-        workbench.store.cancel(rid)
+        workbench.store.cancel(need(rid))
         return "Cancelling after the current step; the last checkpoint is kept."
 
-    cancel_btn.click(cancel, inputs=pick, outputs=message)
+    wire(cancel_btn.click, cancel, [pick], [message], notice)
 
-    @guard
     def delete(rid):
-        if not rid:
-            raise gr.Error("Pick a run first.")
-        name = workbench.store.get(rid).name
+        name = workbench.store.get(need(rid)).name
         workbench.store.delete(rid)
         return f"Deleted **{escape(name)}**."
 
-    delete_btn.click(delete, inputs=pick, outputs=message).then(
-        list_runs, inputs=pick, outputs=[table, pick, compare])
+    wire(delete_btn.click, delete, [pick], [message], notice).then(
+        list_runs, inputs=pick, outputs=[table, pick, compare], api_visibility="private")
 
-    @guard
     def fetch(rid, kind):
-        if not rid:
-            raise gr.Error("Pick a run first.")
-        if not workbench.folder(rid).prefix_path.is_file():
+        if not workbench.folder(need(rid)).prefix_path.is_file():
             raise gr.Error("This run has no prefix yet.")
-        return str(workbench.download(rid, kind))
+        return gr.update(value=str(workbench.download(rid, kind)), visible=True)
 
-    dl_prefix.click(lambda rid: fetch(rid, "prefix"), inputs=pick, outputs=download)
-    dl_peft.click(lambda rid: fetch(rid, "peft"), inputs=pick, outputs=download)
+    wire(dl_prefix.click, lambda rid: fetch(rid, "prefix"), [pick], [download], notice)
+    wire(dl_peft.click, lambda rid: fetch(rid, "peft"), [pick], [download], notice)
 
-    @guard
+    def evaluate_test(rid, path):
+        if not workbench.folder(need(rid)).prefix_path.is_file():
+            raise gr.Error("This run has no prefix yet: evaluate a finished run.")
+        if not path:
+            raise gr.Error("Upload a labeled test CSV first.")
+        report = workbench.evaluate_csv(rid, path)
+        md, table_, cm, bars = report_outputs(report)
+        name = escape(workbench.store.get(rid).name)
+        md = md.replace("### Held-out results on", f"### {name} on the test file:", 1)
+        return md, table_, cm, bars
+
+    wire(test_btn.click, evaluate_test, [pick, test_file],
+         [test_md, test_per_class, test_confusion, test_baselines], notice)
+
     def compare_runs(ids, which):
         if not ids:
-            return None
+            return shown(None)
         curves = {workbench.store.get(i).name: workbench.metrics(i, 0)[0] for i in ids}
-        return charts.compare_runs(curves, which)
+        return shown(charts.compare_runs(curves, which))
 
-    compare.change(compare_runs, inputs=[compare, metric], outputs=compare_plot)
-    metric.change(compare_runs, inputs=[compare, metric], outputs=compare_plot)
+    wire(compare.change, compare_runs, [compare, metric], [compare_plot], notice)
+    wire(metric.change, compare_runs, [compare, metric], [compare_plot], notice)
     return [LoadHook(list_runs, [], [table, pick, compare])]

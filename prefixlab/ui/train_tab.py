@@ -8,9 +8,11 @@ import gradio as gr
 import pandas as pd
 
 from prefixlab import charts
+from prefixlab.data import DataError
+from prefixlab.encode import TemplateError
 from prefixlab.experiment import RunError
 from prefixlab.runs import ACTIVE
-from prefixlab.ui.common import LoadHook, escape, guard
+from prefixlab.ui.common import LoadHook, bullet_list, escape, shown, wire
 from prefixlab.workbench import PRESETS, SETTING_NAMES, Workbench, run_config
 
 POLL_SECONDS = 1.5
@@ -31,9 +33,10 @@ def progress_html(records: list[dict], state: str) -> str:
 
 
 def report_outputs(report: dict | None):
-    """Markdown summary, per-class table, confusion heatmap and baseline bars."""
+    """Markdown summary, per-class table, confusion heatmap and baseline bars (updates that
+    hide the table and charts while there is no report)."""
     if not report:
-        return "", None, None, None
+        return "", shown(None), shown(None), shown(None)
     zero = report["baselines"]["zero_shot"]
     tfidf = report["baselines"].get("tfidf")
     lines = [
@@ -50,11 +53,28 @@ def report_outputs(report: dict | None):
          "f1": round(v["f1"], 3), "support": v["support"]}
         for k, v in report["per_class"].items()
     ])
-    return ("\n".join(lines), per_class, charts.confusion_heatmap(report),
-            charts.baseline_bars(report))
+    return ("\n".join(lines), shown(per_class), shown(charts.confusion_heatmap(report)),
+            shown(charts.baseline_bars(report)))
 
 
-def build(workbench: Workbench, dataset: gr.State) -> list[LoadHook]:
+def readiness(workbench: Workbench, state: dict | None, settings: dict) -> tuple[str, bool]:
+    """Whether Start can go ahead with this data and these settings, in plain words."""
+    if not state:
+        return "Choose a CSV in the Data tab first (or the bundled example).", False
+    cfg = run_config(state["path"], state.get("text"), state.get("label"), settings,
+                     model=workbench.default_model)
+    try:
+        prepared = workbench.check_start(cfg)
+    except DataError as e:
+        return f"**Cannot start with {escape(state['name'])}:**\n\n{bullet_list(e.problems)}", \
+            False
+    except TemplateError as e:
+        return f"**Cannot start:** {escape(e)}", False
+    return (f"Ready: {escape(state['name'])}, {len(prepared.train)} training rows, "
+            f"{len(prepared.validation)} validation rows, {len(prepared.labels)} labels."), True
+
+
+def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
     quick = PRESETS["Quick look"]
     with gr.Row():
         preset = gr.Radio(list(PRESETS), value="Quick look", label="Preset", elem_id="preset",
@@ -90,19 +110,22 @@ def build(workbench: Workbench, dataset: gr.State) -> list[LoadHook]:
     settings = [prefix_length, init, reparameterize, learning_rate, epochs, batch_size,
                 max_length, validation_share, seed, max_train, max_eval]
     size = gr.Markdown(elem_id="prefix-size")
+    ready = gr.Markdown(elem_id="start-check")
     with gr.Row():
-        start = gr.Button("Start training", variant="primary", elem_id="start")
+        start = gr.Button("Start training", variant="primary", elem_id="start",
+                          interactive=False)
         cancel = gr.Button("Cancel", elem_id="cancel")
     status = gr.Markdown(elem_id="train-status")
     progress = gr.HTML(elem_id="progress")
     with gr.Row():
-        loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
-        eval_plot = gr.Plot(label="Validation", elem_id="eval-plot")
+        loss_plot = gr.Plot(show_label=False, elem_id="loss-plot", visible=False)
+        eval_plot = gr.Plot(show_label=False, elem_id="eval-plot", visible=False)
     report_md = gr.Markdown(elem_id="report")
     with gr.Row():
-        per_class = gr.Dataframe(label="Per class", interactive=False, elem_id="per-class")
-        confusion = gr.Plot(label="Confusion matrix", elem_id="confusion")
-        baselines = gr.Plot(label="Prefix vs baselines", elem_id="baselines")
+        per_class = gr.Dataframe(label="Per class", interactive=False, elem_id="per-class",
+                                 visible=False)
+        confusion = gr.Plot(show_label=False, elem_id="confusion", visible=False)
+        baselines = gr.Plot(show_label=False, elem_id="baselines", visible=False)
 
     run_id = gr.State(None)
     offset = gr.State(0)
@@ -116,9 +139,8 @@ def build(workbench: Workbench, dataset: gr.State) -> list[LoadHook]:
         p = PRESETS[choice]
         return [p[k] for k in SETTING_NAMES]
 
-    preset.change(apply_preset, inputs=preset, outputs=settings)
+    wire(preset.change, apply_preset, [preset], settings, notice, clears=False)
 
-    @guard
     def show_size(*values):
         try:
             s = workbench.prefix_size(as_settings(*values))
@@ -129,7 +151,15 @@ def build(workbench: Workbench, dataset: gr.State) -> list[LoadHook]:
                 f"{s['file_bytes'] / 1024:,.0f} KB.")
 
     for comp in (prefix_length, reparameterize):
-        comp.change(show_size, inputs=settings, outputs=size)
+        wire(comp.change, show_size, settings, [size], notice, clears=False)
+
+    def check(state, *values):
+        text, ok = readiness(workbench, state, as_settings(*values))
+        return text, gr.update(interactive=ok)
+
+    for trigger in (dataset.change, max_length.change, validation_share.change,
+                    max_train.change, max_eval.change):
+        wire(trigger, check, [dataset, *settings], [ready, start], notice, clears=False)
 
     poll_outputs = [run_id, offset, records, status, progress, loss_plot, eval_plot, report_md,
                     per_class, confusion, baselines, timer]
@@ -137,7 +167,7 @@ def build(workbench: Workbench, dataset: gr.State) -> list[LoadHook]:
     def render(rid, off, recs):
         """Read what is new in the run's log; switch the timer off once the run is over."""
         if not rid:
-            return [None, 0, [], "", "", None, None, "", None, None, None,
+            return [None, 0, [], "", "", shown(None), shown(None), *report_outputs(None),
                     gr.Timer(active=False)]
         new, off = workbench.metrics(rid, off)
         recs = recs + new
@@ -151,10 +181,9 @@ def build(workbench: Workbench, dataset: gr.State) -> list[LoadHook]:
         done = state not in ACTIVE
         report = workbench.report(rid) if state == "completed" else None
         return [rid, off, recs, text, progress_html(recs, state),
-                charts.loss_curves(recs), charts.eval_curves(recs),
+                shown(charts.loss_curves(recs)), shown(charts.eval_curves(recs)),
                 *report_outputs(report), gr.Timer(active=not done)]
 
-    @guard
     def on_start(state, run_name, task_text, *values):
         if not state:
             raise gr.Error("Choose a CSV in the Data tab first (or the bundled example).")
@@ -164,23 +193,21 @@ def build(workbench: Workbench, dataset: gr.State) -> list[LoadHook]:
         workbench.refresh()
         return render(rid, 0, [])
 
-    start.click(on_start, inputs=[dataset, name, task, *settings], outputs=poll_outputs)
+    wire(start.click, on_start, [dataset, name, task, *settings], poll_outputs, notice)
 
-    @guard
     def on_tick(rid, off, recs):
         workbench.refresh()
         return render(rid, off, recs)
 
-    timer.tick(on_tick, inputs=[run_id, offset, records], outputs=poll_outputs)
+    wire(timer.tick, on_tick, [run_id, offset, records], poll_outputs, notice, clears=False)
 
-    @guard
     def on_cancel(rid):
         if not rid:
             raise gr.Error("No run is open.")
         workbench.store.cancel(rid)
         return "Cancelling after the current step; the last checkpoint is kept."
 
-    cancel.click(on_cancel, inputs=run_id, outputs=status)
+    wire(cancel.click, on_cancel, [run_id], [status], notice)
 
     def reattach():
         """A reopened page follows the run still training (or the newest one)."""
@@ -190,4 +217,5 @@ def build(workbench: Workbench, dataset: gr.State) -> list[LoadHook]:
             return render(None, 0, [])
         return render(active[0].id, 0, [])
 
-    return [LoadHook(guard(reattach), [], poll_outputs), LoadHook(show_size, settings, [size])]
+    return [LoadHook(reattach, [], poll_outputs), LoadHook(show_size, settings, [size]),
+            LoadHook(check, [dataset, *settings], [ready, start])]
