@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from prefixlab.workbench import Workbench, run_config
-from tests.test_app import save_tiny_model, served, wait_for_run, write_reviews_csv
+from tests.test_app import BAD_INPUTS, save_tiny_model, served, wait_for_run, write_reviews_csv
 
 pytestmark = [
     pytest.mark.slow, pytest.mark.browser,
@@ -128,13 +128,20 @@ def test_upload_train_list_and_score_in_the_browser(page, workdir, screenshots, 
 
     csv = write_reviews_csv(workdir / "reviews.csv", rows=40)
 
-    # A handler's gr.Error reaches the page as a message.
+    # Without data, Start is off and says why.
     open_tab(page, "Train")
-    page.locator("#start").click()
-    toast = page.locator(".toast-body").filter(has_text="Choose a CSV in the Data tab first")
-    expect(toast).to_be_visible()
-    toast.locator(".toast-close").click()
+    expect(page.locator("#start-check")).to_contain_text("Choose a CSV in the Data tab first")
+    expect(page.locator("#start")).to_be_disabled()
     open_tab(page, "Data")
+
+    # A file without a text column is refused before Start, in plain words.
+    page.locator("#csv input[type=file]").set_input_files(str(BAD_INPUTS / "no_text_column.csv"))
+    expect(page.locator("#data-msg")).to_contain_text("no column holds text")
+    open_tab(page, "Train")
+    expect(page.locator("#start-check")).to_contain_text("no column holds text")
+    expect(page.locator("#start")).to_be_disabled()
+    open_tab(page, "Data")
+    page.locator("#csv").get_by_role("button", name="Clear").click()
 
     # Data: upload, preview, label chart, guessed columns.
     page.locator("#csv input[type=file]").set_input_files(str(csv))
@@ -150,6 +157,7 @@ def test_upload_train_list_and_score_in_the_browser(page, workdir, screenshots, 
 
     # Train: the Quick look preset on 32 training rows is 4 steps of 8.
     open_tab(page, "Train")
+    expect(page.locator("#start-check")).to_contain_text("Ready: reviews.csv, 32 training rows")
     expect(page.locator("#prefix-size")).to_contain_text("trainable parameters")
     page.get_by_role("textbox", name="Run name (optional)").fill("browser run")
     page.locator("#start").click()
