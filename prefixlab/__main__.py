@@ -105,16 +105,21 @@ def cmd_train(args) -> int:
 
 def _execute(folder, loaded, prepared, resume: bool) -> int:
     from prefixlab.experiment import execute_run
+    from prefixlab.runs import RunLock
 
-    bar, on_step = _progress_bar(0)
-    try:
-        report = execute_run(folder, loaded, prepared=prepared, on_step=on_step, resume=resume)
-    except BaseException as e:
-        folder.set_status("failed" if not isinstance(e, KeyboardInterrupt) else "cancelled",
-                          error=str(e))
-        raise
-    finally:
-        bar.close()
+    # The run lock makes this process the run's only writer (an app's worker on the same
+    # folder is refused, and the app does not take this run for a dead one).
+    with RunLock.claim(folder.path):
+        bar, on_step = _progress_bar(0)
+        try:
+            report = execute_run(folder, loaded, prepared=prepared, on_step=on_step,
+                                 resume=resume)
+        except BaseException as e:
+            folder.set_status("failed" if not isinstance(e, KeyboardInterrupt) else "cancelled",
+                              error=str(e))
+            raise
+        finally:
+            bar.close()
     if report is None:
         _say(f"stopped; last checkpoint kept in {folder.path}")
         return 1
@@ -261,7 +266,7 @@ def cmd_inspect(args) -> int:
 def cmd_worker(args) -> int:
     from prefixlab.runs import run_worker
 
-    return run_worker(args.run, resume=args.resume)
+    return run_worker(args.run, resume=args.resume, lock_fd=args.lock_fd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="train a registered run (started by the app)")
     p.add_argument("run")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # the run lock, from the app
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("evaluate", help="metrics of a run's prefix and baselines on a CSV")

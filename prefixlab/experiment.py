@@ -2,7 +2,9 @@
 
 Layout of a run folder (safetensors for tensors, JSON for everything else, never pickle):
     config.json              RunConfig + labels, template, base model, data summary
-    status.json              state (created/running/completed/failed/cancelled/interrupted)
+    status.json              state (created/running/completed/failed/cancelled/interrupted),
+                             written only by the holder of run.lock
+    run.lock, claim.lock     empty lock files: a live worker holds run.lock (see runs.py)
     prefix.safetensors       folded key/values (L, 2, H_kv, P, D) for inference and export
     prefix_params.safetensors the full parameterization (MLP included), for resume/inspection
     checkpoint.safetensors   prefix parameters + AdamW moments; checkpoint.json has the step
@@ -93,8 +95,11 @@ class RunFolder:
             return {"state": "interrupted", "error": "status.json was unreadable"}
 
     def set_status(self, state: str, **extra) -> None:
-        """Record the run's state with this process's pid and start time (to tell a dead
-        worker from a live one whose pid was reused)."""
+        """Record the run's state with the writing process's pid and start time.
+
+        Only the holder of the run's lock writes this (runs.RunLock: the worker, a CLI
+        training, or the app while it holds a free lock); whether a worker lives is told by
+        that lock, not by the pid."""
         if state not in STATES:
             raise ValueError(f"unknown run state {state!r}")
         atomic_write_json(self.status_path, {

@@ -6,6 +6,17 @@ started in a new session so closing the app or the browser does not stop it. Wor
 on a per-device lock file: one run trains at a time per device. A worker reports through its
 run folder (status.json, metrics.jsonl); `RunStore.refresh` folds that into the registry
 and marks runs whose worker died as interrupted, so nothing shows "running" forever.
+
+One writer per run: a run folder's `run.lock` (an flock) is held by its worker for the
+worker's whole life, and only the holder of that lock writes status.json. A worker is alive
+exactly while the lock is held; the OS releases it when the worker exits or is killed, so
+there is no pid to compare and no gap between "read the status" and "check the worker".
+Starting a worker takes the lock first (a second start is refused while it is held) and
+hands it to the child as an inherited file descriptor, so it is never free in between.
+A refresh that finds the lock free takes it, re-reads the status, and only then marks a
+run that still says queued/running as interrupted. Starts and refreshes of one run pass
+through a second, momentary lock (`claim.lock`), so a refresh looking at a free run lock
+never makes a concurrent start fail.
 """
 
 from __future__ import annotations
@@ -37,6 +48,8 @@ ACTIVE = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled", "interrupted")
 _ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[a-z0-9-]{1,40}$")
 CANCEL_FILE = "cancel.request"
+LOCK_FILE = "run.lock"  # held by the run's worker (or a CLI training it) for its whole life
+CLAIM_FILE = "claim.lock"  # held for a moment by whoever starts a run or checks its lock
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -63,6 +76,112 @@ def slugify(name: str) -> str:
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")
     return slug[:40].strip("-") or "run"
+
+
+class RunBusy(RunError):
+    """The run already has a live worker (or a CLI process training it)."""
+
+
+def _open_lock(path: Path) -> int:
+    # O_CLOEXEC (Python's default): no other child of this process inherits the lock; a
+    # worker gets it only through Popen's pass_fds.
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
+@contextlib.contextmanager
+def _claim(run_dir: Path) -> Iterator[None]:
+    """Serialize starting and checking one run (held for milliseconds, so callers wait)."""
+    fd = _open_lock(run_dir / CLAIM_FILE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _try_lock(run_dir: Path) -> int | None:
+    """The run lock's file descriptor if it was free and is now ours, else None (held).
+
+    flock locks belong to an open file description, so two threads of one process
+    exclude each other just as two processes do.
+    """
+    fd = _open_lock(run_dir / LOCK_FILE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class RunLock:
+    """The lock that makes its holder the run's only writer, held until `close`.
+
+    `close` closes the descriptor and never unlocks explicitly: a worker started with
+    `pass_fds` shares the starter's open file description, and the OS keeps the lock until
+    the last process holding that description closes it or exits (or is killed).
+    """
+
+    def __init__(self, run_dir: str | Path, fd: int) -> None:
+        self.run_dir = Path(run_dir)
+        self._fd: int | None = fd
+
+    @classmethod
+    def claim(cls, run_dir: str | Path) -> RunLock:
+        """Take a run's lock, or raise RunBusy when a live process holds it."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise RunError(f"{run_dir} is not a run folder")
+        with _claim(run_dir):
+            fd = _try_lock(run_dir)
+        if fd is None:
+            raise RunBusy(f"{run_dir.name} is already being trained by another process (its "
+                          "run lock is held); cancel that run or wait for it to finish")
+        return cls(run_dir, fd)
+
+    @classmethod
+    def adopt(cls, run_dir: str | Path, fd: int) -> RunLock:
+        """Take over the lock a starter passed down as descriptor `fd` (see RunStore.start)."""
+        try:
+            # On the description that already holds the lock this succeeds at once; on a
+            # stray descriptor it fails rather than letting two writers run.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise RunBusy(f"descriptor {fd} does not hold the run lock of {run_dir}: {e}") from e
+        os.set_inheritable(fd, False)  # pass_fds made it inheritable; nothing below needs it
+        return cls(run_dir, fd)
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise RunError("the run lock was already closed")
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_lock_held(run_dir: str | Path) -> bool:
+    """Is a live process (a worker, or a CLI training) holding this run's lock?"""
+    run_dir = Path(run_dir)
+    if not (run_dir / LOCK_FILE).is_file():
+        return False  # never started
+    with _claim(run_dir):
+        fd = _try_lock(run_dir)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
 
 
 @dataclass
@@ -98,6 +217,9 @@ class RunStore:
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
+        # The worker program; it is called with the run folder, `--lock-fd N` and maybe
+        # `--resume`, and must keep descriptor N open for as long as it may write the run.
+        self.worker_command = [sys.executable, "-m", "prefixlab", "worker"]
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -179,32 +301,54 @@ class RunStore:
         return run_id
 
     def start(self, run_id: str, resume: bool = False) -> None:
-        """Start the run's worker process; it queues until the device is free."""
+        """Start the run's worker process; it queues until the device is free.
+
+        Raises RunBusy when the run already has a live worker: of two quick clicks on
+        Resume, one starts the worker and the other gets that message.
+        """
         row = self.get(run_id)
-        if row.state in ACTIVE and _alive(row.pid, row.pid_started):
-            raise RunError(f"run {row.name!r} is already {row.state}")
         folder = self.folder(run_id)
-        (folder.path / CANCEL_FILE).unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "prefixlab", "worker", str(folder.path)]
+        with _claim(folder.path):
+            fd = _try_lock(folder.path)
+            if fd is None:
+                raise RunBusy(f"run {row.name!r} is already queued or running; cancel it "
+                              "before starting it again")
+            try:
+                # We hold the lock, so these writes are the run's only ones; "queued" stands
+                # until the worker writes its own status, and if the worker dies before that,
+                # the next refresh finds the lock free and the run still queued: interrupted.
+                (folder.path / CANCEL_FILE).unlink(missing_ok=True)
+                folder.set_status("queued", pid=None, pid_started=None)
+                proc = self._spawn(folder, fd, resume)
+                try:
+                    started = psutil.Process(proc.pid).create_time()
+                except psutil.Error:  # already gone: the next refresh says why
+                    started = None
+                with self._db() as db:
+                    db.execute(
+                        "UPDATE runs SET state='queued', pid=?, pid_started=?, updated=?, "
+                        "error=NULL WHERE id=?", (proc.pid, started, time.time(), run_id),
+                    )
+            finally:
+                os.close(fd)  # the worker's inherited copy holds the lock from here on
+
+    def _spawn(self, folder: RunFolder, fd: int, resume: bool) -> subprocess.Popen:
+        """The worker process, handed the run lock as descriptor `fd` (the same number)."""
+        cmd = [*self.worker_command, str(folder.path), "--lock-fd", str(fd)]
         if resume:
             cmd.append("--resume")
         log = open(folder.path / "worker.log", "ab")  # noqa: SIM115 - handed to the child
         try:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=str(self.data_dir),
+                start_new_session=True, cwd=str(self.data_dir), pass_fds=(fd,),
                 env=_worker_env(self.data_dir),
             )
+        except OSError as e:
+            folder.set_status("failed", error=f"could not start the worker: {e}")
+            raise RunError(f"could not start a worker for {folder.path.name}: {e}") from e
         finally:
             log.close()
-        started = psutil.Process(proc.pid).create_time()
-        # Written for the child until it writes its own (it takes a second to import torch).
-        folder.set_status("queued", pid=proc.pid, pid_started=started)
-        with self._db() as db:
-            db.execute(
-                "UPDATE runs SET state='queued', pid=?, pid_started=?, updated=?, error=NULL "
-                "WHERE id=?", (proc.pid, started, time.time(), run_id),
-            )
 
     def cancel(self, run_id: str) -> None:
         """Ask the worker to stop after its current step; it keeps its last checkpoint."""
@@ -215,11 +359,21 @@ class RunStore:
 
     def delete(self, run_id: str) -> None:
         row = self.get(run_id)
-        if row.state in ACTIVE and _alive(row.pid, row.pid_started):
-            raise RunError(f"run {row.name!r} is {row.state}; cancel it before deleting")
-        shutil.rmtree(self.folder(run_id).path, ignore_errors=True)
-        with self._db() as db:
-            db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+        path = self.folder(run_id).path
+        if not path.is_dir():  # the folder is gone already: forget the row
+            with self._db() as db:
+                db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+            return
+        with _claim(path):
+            fd = _try_lock(path)
+            if fd is None:
+                raise RunBusy(f"run {row.name!r} is {row.state}; cancel it before deleting")
+            try:  # holding the lock: no worker can start on the folder while it goes
+                shutil.rmtree(path, ignore_errors=True)
+                with self._db() as db:
+                    db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+            finally:
+                os.close(fd)
 
     def kill(self, run_id: str) -> None:
         """Stop a worker at once (SIGKILL); the run becomes interrupted on the next refresh."""
@@ -257,27 +411,43 @@ class RunStore:
             )
 
     def _sync(self, row: RunRow) -> None:
+        """Fold a run's status into the registry; mark it interrupted if its worker is gone.
+
+        Liveness is checked first and the status read after: a worker that writes its last
+        status and exits just before the check leaves the lock free and that status on disk,
+        which is then read as it is. A free lock is taken before anything is written.
+        """
         folder = self.folder(row.id)
-        status = folder.status()
-        state = status.get("state", "created")
-        error = status.get("error")
-        pid = status.get("pid", row.pid)
-        pid_started = status.get("pid_started", row.pid_started)
-        if state in ACTIVE and not _alive(pid, pid_started):
-            state = "interrupted"
-            error = error or "the worker process ended without finishing (killed or crashed)"
-            if tail := _log_tail(folder):
-                error += f"; its log ends with: {tail}"
-            folder.set_status("interrupted", error=error, step=_last_step(folder))
-        step, total = _progress(folder)
-        report = folder.read_report() if state == "completed" else None
-        with self._db() as db:
-            db.execute(
-                "UPDATE runs SET state=?, updated=?, step=?, total_steps=?, accuracy=?, "
-                "macro_f1=?, error=? WHERE id=?",
-                (state, time.time(), step, total,
-                 report and report["accuracy"], report and report["macro_f1"], error, row.id),
-            )
+        if not folder.path.is_dir():
+            return
+        with _claim(folder.path):
+            fd = _try_lock(folder.path)
+            try:
+                status = folder.status()
+                state = status.get("state", "created")
+                error = status.get("error")
+                if fd is not None and state in ACTIVE:  # the lock is ours: no worker lives
+                    state = "interrupted"
+                    error = error or ("the worker process ended without finishing (killed or "
+                                      "crashed)")
+                    if tail := _log_tail(folder):
+                        error += f"; its log ends with: {tail}"
+                    folder.set_status("interrupted", error=error, step=_last_step(folder))
+                step, total = _progress(folder)
+                report = folder.read_report() if state == "completed" else None
+                # Under the claim lock, so no start of this run lands between the read
+                # above and this write (a finished state written over a new start's
+                # "queued" would never be refreshed again).
+                with self._db() as db:
+                    db.execute(
+                        "UPDATE runs SET state=?, updated=?, step=?, total_steps=?, "
+                        "accuracy=?, macro_f1=?, error=? WHERE id=?",
+                        (state, time.time(), step, total, report and report["accuracy"],
+                         report and report["macro_f1"], error, row.id),
+                    )
+            finally:
+                if fd is not None:
+                    os.close(fd)
 
 
 def _worker_env(data_dir: Path) -> dict[str, str]:
@@ -335,11 +505,24 @@ def _last_step(folder: RunFolder) -> int:
 # --- the worker ----------------------------------------------------------------------------
 
 
-def run_worker(run_dir: str | Path, resume: bool = False) -> int:
-    """Body of a worker process: wait for the device, train, record the outcome."""
+def run_worker(run_dir: str | Path, resume: bool = False, lock_fd: int | None = None) -> int:
+    """Body of a worker process: hold the run lock, wait for the device, train, record the
+    outcome. `lock_fd` is the run lock handed down by RunStore.start; without it the worker
+    takes the lock itself (and refuses to run while another process holds it)."""
+    folder = RunFolder(run_dir)
+    try:
+        lock = (RunLock.adopt(folder.path, lock_fd) if lock_fd is not None
+                else RunLock.claim(folder.path))
+    except RunError as e:  # not ours to write: another process owns this run
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    with lock:
+        return _work(folder, resume)
+
+
+def _work(folder: RunFolder, resume: bool) -> int:
     from prefixlab.models import load_model, pick_device
 
-    folder = RunFolder(run_dir)
     try:
         cfg = folder.run_config()
         device = pick_device(cfg.device)

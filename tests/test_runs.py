@@ -16,7 +16,7 @@ from prefixlab.config import RunConfig
 from prefixlab.experiment import RunError
 from prefixlab.models import prepare_model
 from prefixlab.prefix import PrefixConfig
-from prefixlab.runs import RunStore, slugify
+from prefixlab.runs import RunBusy, RunStore, slugify
 from prefixlab.train import TrainConfig
 from tests.conftest import make_tokenizer, tiny_model
 
@@ -126,6 +126,8 @@ def test_sigkill_mid_run_is_interrupted_and_resume_matches_uninterrupted(
     status = json.loads((store.folder(killed).status_path).read_text())
     assert status["state"] == "interrupted"
     store.start(killed, resume=True)
+    with pytest.raises(RunBusy, match="already queued or running"):  # a double click
+        store.start(killed, resume=True)
     store.start(whole)
     assert _wait(store, killed, {"completed"}, timeout=300).state == "completed"
     assert _wait(store, whole, {"completed"}, timeout=300).state == "completed"
