@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from prefixlab import data as datamod
+from prefixlab.cli_options import add_options, given
 from prefixlab.errors import USER_ERRORS
 
 
@@ -57,27 +58,13 @@ def cmd_validate(args) -> int:
 def _run_config(args):
     from prefixlab.config import RunConfig
 
+    names = args.setting_names
+    prefix = given(args, names["prefix"])
+    if prefix.get("init_text"):
+        prefix["init"] = "text"  # --init-text implies a text init, whatever --init says
     # dicts: RunConfig builds the parts and reports every problem of all of them at once
-    prefix = dict(
-        prefix_length=args.prefix_length,
-        init="text" if args.init_text else args.init,
-        init_text=args.init_text,
-        reparameterize=args.reparameterize,
-    )
-    training = dict(
-        learning_rate=args.learning_rate, epochs=args.epochs, batch_size=args.batch_size,
-        max_steps=args.max_steps, seed=args.seed, eval_every=args.eval_every,
-    )
-    extra = {}
-    if args.template:
-        extra["template"] = args.template
-    return RunConfig(
-        train_csv=str(args.csv), text_column=args.text_column, label_column=args.label_column,
-        validation_csv=args.validation_csv, validation_share=args.validation_share,
-        max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples,
-        model=args.model, max_length=args.max_length, task=args.task, device=args.device,
-        trust_remote_code=args.trust_remote_code, prefix=prefix, training=training, **extra,
-    )
+    return RunConfig(train_csv=str(args.csv), prefix=prefix,
+                     training=given(args, names["training"]), **given(args, names["run"]))
 
 
 def cmd_train(args) -> int:
@@ -213,14 +200,12 @@ def cmd_export(args) -> int:
 
 def cmd_import_peft(args) -> int:
     """A run folder from a PEFT prefix-tuning adapter, ready for predict and evaluate."""
-    import time
+    from dataclasses import replace
 
     from prefixlab.config import RunConfig
-    from prefixlab.encode import DEFAULT_TEMPLATE
-    from prefixlab.experiment import RunFolder
+    from prefixlab.experiment import RunFolder, import_run
     from prefixlab.models import load_model
     from prefixlab.peft_interop import import_peft
-    from prefixlab.prefix import PrefixConfig, save_prefix
 
     labels = sorted({x.strip() for x in args.labels.split(",") if x.strip()})
     if len(labels) < 2:
@@ -228,23 +213,11 @@ def cmd_import_peft(args) -> int:
     folder = RunFolder(args.output)
     if folder.path.exists() and any(folder.path.iterdir()):
         raise FileExistsError(f"{folder.path} already exists and is not empty")
-    loaded = load_model(args.model, "cpu", progress=_say)
+    cfg = RunConfig(train_csv="", **given(args, args.setting_names))  # checked before loading
+    loaded = load_model(cfg.model, "cpu", progress=_say)
     kv = import_peft(args.adapter, loaded.model.config)
-    cfg = RunConfig(train_csv="", model=args.model, template=args.template or DEFAULT_TEMPLATE,
-                    prefix=PrefixConfig(prefix_length=kv.shape[3]))
-    folder.path.mkdir(parents=True, exist_ok=True)
-    shape = loaded.shape
-    folder.write_config({
-        "format": "prefixlab-run/1", "name": folder.path.name, "created": time.time(),
-        "run": cfg.to_dict(), "labels": labels, "imported_from": str(args.adapter),
-        "data": {}, "model": {"name": loaded.name, "parameters": loaded.num_parameters,
-                              "num_layers": shape.num_layers,
-                              "num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim},
-        "prefix": {"trainable_parameters": kv.numel(), "inference_parameters": kv.numel(),
-                   "share_of_model": kv.numel() / loaded.num_parameters},
-    })
-    save_prefix(folder.prefix_path, kv, loaded.name, imported_from=str(args.adapter))
-    folder.set_status("completed")
+    cfg = replace(cfg, prefix={"prefix_length": kv.shape[3]})
+    import_run(cfg, folder.path, labels, loaded, kv, imported_from=str(args.adapter))
     print(f"imported a {kv.shape[3]}-token PEFT prefix into {folder.path}")
     return 0
 
@@ -270,7 +243,9 @@ def cmd_worker(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from prefixlab.models import DEFAULT_MODEL
+    from prefixlab.config import RunConfig
+    from prefixlab.prefix import PrefixConfig
+    from prefixlab.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="python -m prefixlab",
                                      description="Prefix tuning of a frozen causal LM.")
@@ -287,30 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a prefix on a labeled CSV into a run folder")
     p.add_argument("csv")
-    columns(p)
     p.add_argument("--output", required=True, help="run folder to create")
-    p.add_argument("--validation-csv")
-    p.add_argument("--validation-share", type=float, default=0.2)
-    p.add_argument("--max-train-examples", type=int)
-    p.add_argument("--max-eval-examples", type=int, default=500)
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="local folder or hub id; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    p.add_argument("--template", help="prompt with {text} and optionally {labels}")
-    p.add_argument("--task", help="short task description used for the init text")
-    p.add_argument("--prefix-length", type=int, default=10)
-    p.add_argument("--init", choices=["text", "random", "zero"], default="text")
-    p.add_argument("--init-text", help="initialize the prefix from this text's key/values")
-    p.add_argument("--reparameterize", action="store_true", help="embedding + MLP (the paper's)")
-    p.add_argument("--learning-rate", type=float, default=5e-3)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-steps", type=int, help="stop after N steps; 0 saves the initial prefix")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_train)
+    # every setting, with its default and help, comes from the dataclasses (cli_options.py)
+    p.set_defaults(func=cmd_train, setting_names={
+        "run": add_options(p, RunConfig, skip=("train_csv", "prefix", "training")),
+        "prefix": add_options(p, PrefixConfig),
+        "training": add_options(p, TrainConfig),
+    })
 
     p = sub.add_parser("resume", help="continue a run from its last checkpoint")
     p.add_argument("run")
@@ -320,9 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="folder with adapter_config.json + adapter_model.safetensors")
     p.add_argument("--output", required=True, help="run folder to create")
     p.add_argument("--labels", required=True, help="comma-separated label names to score")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the adapter's base model")
-    p.add_argument("--template", help="prompt with {text} and optionally {labels}")
-    p.set_defaults(func=cmd_import_peft)
+    p.set_defaults(func=cmd_import_peft,
+                   setting_names=add_options(p, RunConfig, only=("model", "template")))
 
     p = sub.add_parser("inspect", help="nearest tokens, PCA maps and an HTML page of a prefix")
     p.add_argument("run")

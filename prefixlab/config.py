@@ -47,24 +47,29 @@ class RunConfig:
 
     train_csv: str
     text_column: str | None = None
-    """None guesses the column from its name or content."""
+    """The CSV column holding the text; unset (None), it is guessed from names and content."""
     label_column: str | None = None
+    """The CSV column holding the label; unset (None), it is guessed."""
     validation_csv: str | None = None
     """Held-out data; without it a stratified share of train_csv is held out."""
     validation_share: float = 0.2
+    """The share of train_csv held out when there is no validation_csv."""
     max_train_examples: int | None = None
     """A stratified, seeded sample of the training rows; a CPU step costs ~0.3 s per example."""
     max_eval_examples: int | None = 500
     """Held-out rows scored per evaluation: each costs one forward pass per label set."""
     model: str = DEFAULT_MODEL
+    """A local folder or hub id of the frozen base model; the default is embedded."""
     template: str = DEFAULT_TEMPLATE
+    """The prompt, with {text} (required) and {labels} (optional: the label names)."""
     max_length: int = 128
     """Tokens per prompt + label; longer texts are cut (and counted in a warning)."""
     task: str | None = None
     """A short task description; with the label names it makes the default init text."""
     device: str | None = None
-    """None picks CUDA when present, else CPU."""
+    """cpu, cuda, cuda:1 ...; unset (None) picks CUDA when present, else CPU."""
     trust_remote_code: bool = False
+    """Run the model repository's own Python code (only for repositories you trust)."""
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
 

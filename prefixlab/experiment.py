@@ -351,6 +351,31 @@ def full_report(
 def create_run(cfg: RunConfig, path: str | Path, prepared: PreparedData,
                loaded: LoadedModel | ModelInfo, *, name: str | None = None) -> RunFolder:
     """Write config.json for a new run (data already validated); no weights are needed."""
+    folder = _new_run(cfg, path, loaded, prepared.labels, {
+        "train_rows": len(prepared.train), "validation_rows": len(prepared.validation),
+        "text_column": prepared.train.text_column,
+        "label_column": prepared.train.label_column,
+        "label_counts": prepared.train.label_counts(),
+        "warnings": prepared.warnings,
+    }, name=name)
+    folder.set_status("created")
+    return folder
+
+
+def import_run(cfg: RunConfig, path: str | Path, labels: list[str], loaded: LoadedModel,
+               kv: torch.Tensor, imported_from: str) -> RunFolder:
+    """A completed run around a prefix trained elsewhere (e.g. a PEFT adapter): config.json
+    says where it came from and that no data was seen; predict, evaluate and inspect work."""
+    folder = _new_run(cfg, path, loaded, labels, {}, imported_from=imported_from)
+    save_prefix(folder.prefix_path, kv, loaded.name, imported_from=imported_from)
+    folder.set_status("completed")
+    return folder
+
+
+def _new_run(cfg: RunConfig, path: str | Path, loaded: LoadedModel | ModelInfo,
+             labels: list[str], data: dict, *, name: str | None = None,
+             **extra) -> RunFolder:
+    """The run folder with its config.json: settings, labels, data summary, model, sizes."""
     folder = RunFolder(path)
     if folder.exists():
         raise RunError(f"{folder.path} already holds a run; choose another output folder")
@@ -363,14 +388,9 @@ def create_run(cfg: RunConfig, path: str | Path, prepared: PreparedData,
         "name": name or folder.path.name,
         "created": time.time(),
         "run": cfg.to_dict(),
-        "labels": prepared.labels,
-        "data": {
-            "train_rows": len(prepared.train), "validation_rows": len(prepared.validation),
-            "text_column": prepared.train.text_column,
-            "label_column": prepared.train.label_column,
-            "label_counts": prepared.train.label_counts(),
-            "warnings": prepared.warnings,
-        },
+        "labels": list(labels),
+        **extra,
+        "data": data,
         "model": {
             "name": loaded.name, "parameters": loaded.num_parameters,
             "num_layers": shape.num_layers, "num_kv_heads": shape.num_kv_heads,
@@ -382,7 +402,6 @@ def create_run(cfg: RunConfig, path: str | Path, prepared: PreparedData,
             "share_of_model": trainable / loaded.num_parameters,
         },
     })
-    folder.set_status("created")
     return folder
 
 

@@ -47,11 +47,14 @@ class PrefixConfig:
     """text: key/values of real text (works at once; random init stayed at chance on
     SmolLM2-135M in our measurements); random: Gaussian with real activations' scale; zero."""
     init_text: str | None = None
-    """Text whose key/values start the prefix; None derives it from the task and labels."""
+    """Text whose key/values start the prefix (implies init=text); unset (None) derives it
+    from the task and labels."""
     reparameterize: bool = False
     """Train an embedding + MLP (the paper's reparameterization) instead of kv directly."""
     reparam_embed_dim: int = 64
+    """Width of each virtual token's embedding under reparameterize."""
     reparam_hidden: int = 256
+    """Hidden width of the MLP that maps the embeddings to every layer's key/values."""
 
     def __post_init__(self) -> None:
         problems = []

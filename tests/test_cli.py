@@ -89,6 +89,10 @@ def test_train_evaluate_predict_export(tmp_path, csv_file, model_dir, capsys):
     # ... and back: the imported prefix predicts exactly what the run's own prefix does.
     assert main(["import-peft", str(tmp_path / "adapter"), "--output", str(tmp_path / "imp"),
                  "--labels", "positive,negative,neither", "--model", str(model_dir)]) == 0
+    info = json.loads((tmp_path / "imp" / "config.json").read_text())
+    assert info["imported_from"] == str(tmp_path / "adapter") and info["data"] == {}
+    assert info["run"]["prefix"]["prefix_length"] == 4 and info["run"]["model"] == str(model_dir)
+    assert info["prefix"]["trainable_parameters"] == info["prefix"]["inference_parameters"]
     capsys.readouterr()
     for folder in (run, tmp_path / "imp"):
         assert main(["predict", str(folder), "--text", "the movie was great"]) == 0
