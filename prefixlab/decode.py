@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prefixlab.errors import ConfigError
 from prefixlab.models import autocast
 from prefixlab.prefix import cache_keyword, prefix_inputs
 
 
-class DecodeError(ValueError):
-    """Decoding settings that cannot be used."""
+class DecodeError(ConfigError):
+    """Decoding settings that cannot be used (a ConfigError: a run config collects them)."""
 
 
 @dataclass
@@ -57,7 +58,7 @@ class DecodeConfig:
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append(f"stop strings must be non-empty strings, got {self.stop!r}")
         if problems:
-            raise DecodeError("; ".join(problems))
+            raise DecodeError(problems)
 
 
 StopCheck = Callable[[list[int]], bool]

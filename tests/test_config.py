@@ -3,7 +3,9 @@ error a user can fix is a PrefixLabError (what the CLI and the app show as one l
 
 from __future__ import annotations
 
+import importlib
 import pickle
+import pkgutil
 
 import pytest
 
@@ -25,6 +27,23 @@ def test_every_user_error_is_a_prefixlab_error():
                   ModelLoadError, PeftFormatError, PrefixFileError):
         assert issubclass(error, PrefixLabError), error
         assert issubclass(error, USER_ERRORS), error
+
+
+def test_every_public_exception_in_prefixlab_is_a_prefixlab_error():
+    """A new error type joins the family, so the CLI and the app show it as one line; only
+    private ones (a leading underscore: control flow, never shown) may stand apart."""
+    import prefixlab
+
+    found = {}
+    for info in pkgutil.walk_packages(prefixlab.__path__, "prefixlab."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (isinstance(obj, type) and issubclass(obj, BaseException)
+                    and obj.__module__ == info.name and not name.startswith("_")):
+                found[f"{info.name}.{name}"] = obj
+    assert "prefixlab.data.DataError" in found  # the walk saw the package
+    outside = sorted(name for name, obj in found.items() if not issubclass(obj, PrefixLabError))
+    assert not outside, f"not derived from PrefixLabError: {outside}"
 
 
 def test_nested_configs_raise_config_error_with_every_problem():
