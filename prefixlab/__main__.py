@@ -150,7 +150,12 @@ def cmd_predict(args) -> int:
 
     if not args.text and not args.csv:
         raise datamod.DataError("give --text TEXT (repeatable) or --csv IN --output OUT")
-    run = open_run(args.run)
+    runs = ([args.run] if args.run else []) + args.runs
+    if not runs:
+        raise datamod.DataError("name a run folder: predict RUN or --run RUN (repeatable)")
+    if len(runs) > 1:
+        return _predict_many(args, runs)
+    run = open_run(runs[0])
     if args.generate:
         for text, out in zip(args.text, generate(run.loaded.model, run.loaded.tokenizer, run.kv,
                                                  args.text, args.max_new_tokens), strict=True):
@@ -169,6 +174,56 @@ def cmd_predict(args) -> int:
         frame = predict_table(run, args.csv, args.text_column)
         datamod.write_csv(frame, args.output)
         _say(f"wrote {len(frame)} predictions to {args.output}")
+    return 0
+
+
+def _predict_many(args, runs: list[str]) -> int:
+    """Several runs at once: every text is read under every prefix in shared mixed batches."""
+    from prefixlab.experiment import RunFolder, text_column_of
+    from prefixlab.mixed import ScoreItem, mixed_generate, mixed_score_labels
+    from prefixlab.models import load_model
+    from prefixlab.serve import predict_frame
+    from prefixlab.store import PrefixStore
+
+    cfg = RunFolder(runs[0]).run_config()
+    loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
+                        progress=_say)
+    store = PrefixStore(loaded)
+    prefixes = [store.get(str(r)) for r in runs]  # refuses a run of another base model
+    if args.generate:
+        pairs = [(p, t) for p in prefixes for t in args.text]
+        outs = mixed_generate(loaded.model, loaded.tokenizer, [p.kv for p, _ in pairs],
+                              [t for _, t in pairs], args.max_new_tokens)
+        for (p, text), out in zip(pairs, outs, strict=True):
+            print(json.dumps({"run": p.key, "text": text, "generated": out}))
+        return 0
+    if args.text:
+        pairs = [(p, t) for p in prefixes for t in args.text]
+        probs = mixed_score_labels(loaded.model, [ScoreItem(p.kv, p.encoder, t)
+                                                  for p, t in pairs])
+        for (p, text), row in zip(pairs, probs, strict=True):
+            ranked = dict(sorted(zip(p.labels, map(float, row), strict=True),
+                                 key=lambda kv: -kv[1]))
+            print(json.dumps({"run": p.key, "text": text, "label": next(iter(ranked)),
+                              "probabilities": ranked}))
+    if args.csv:
+        if not args.output:
+            raise datamod.DataError("--csv needs --output OUT.csv")
+        frame = datamod.read_table(args.csv).frame
+        column = text_column_of(frame, args.text_column or prefixes[0].text_column, args.csv,
+                                guess=not args.text_column)
+        out = predict_frame(loaded, prefixes, frame, column)
+        datamod.write_csv(out, args.output)
+        _say(f"wrote {len(out)} predictions under {len(prefixes)} prefixes to {args.output}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve the public API alone (no UI) over a data directory's runs."""
+    from prefixlab.ui.api import serve_api
+
+    serve_api(args.data_dir, args.model, args.host, args.port, args.auth,
+              window_ms=args.window_ms, max_rows=args.max_rows)
     return 0
 
 
@@ -304,8 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="label probabilities (or generation) with a run's prefix")
-    p.add_argument("run")
+    p = sub.add_parser("predict", help="label probabilities (or generation) with runs' prefixes")
+    p.add_argument("run", nargs="?", help="a run folder (or give --run, repeatable)")
+    p.add_argument("--run", dest="runs", action="append", default=[],
+                   help="a run folder; several runs write one column group each")
     p.add_argument("--text", action="append", default=[], help="a text (repeatable)")
     p.add_argument("--csv", help="batch prediction: input CSV")
     p.add_argument("--output", help="batch prediction: output CSV")
@@ -313,6 +370,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate", action="store_true", help="free generation after the prefix")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="serve the API alone: score/generate with any run's prefix")
+    p.add_argument("--data-dir", required=True, help="the app's data directory (runs)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the default base model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7861)
+    p.add_argument("--auth", default=os.environ.get("PREFIXLAB_AUTH"),
+                   help="user:password, required when listening beyond this machine")
+    p.add_argument("--window-ms", type=float, default=5.0,
+                   help="how long a request waits for others to share its batch")
+    p.add_argument("--max-rows", type=int, default=32, help="texts per mixed batch at most")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a run's prefix")
     p.add_argument("run")

@@ -268,18 +268,24 @@ def label_column_of(run: Run, frame) -> str | None:
     return None
 
 
-def predict_table(run: Run, path: str | Path, text_column: str | None = None):
-    """A CSV's rows with the predicted label and every label's probability appended."""
-    table = datamod.read_table(path)
-    frame = table.frame
-    column = text_column or run.config.text_column
-    if column not in frame.columns:
-        column = text_column or datamod.guess_columns(list(frame.columns), frame)[0]
+def text_column_of(frame, wanted: str | None, path: str | Path, guess: bool = True) -> str:
+    """The column to read texts from: `wanted` if present, else (when `guess`) the guess."""
+    column = wanted
+    if column not in frame.columns and guess:
+        column = datamod.guess_columns(list(frame.columns), frame)[0]
     if column is None or column not in frame.columns:
         raise datamod.DataError(
             f"{Path(path).name} has no text column {column or ''!r}; "
             f"columns: {', '.join(map(str, frame.columns))}"
         )
+    return column
+
+
+def predict_table(run: Run, path: str | Path, text_column: str | None = None):
+    """A CSV's rows with the predicted label and every label's probability appended."""
+    frame = datamod.read_table(path).frame
+    column = text_column_of(frame, text_column or run.config.text_column, path,
+                            guess=not text_column)
     probs = run.score(frame[column].fillna("").astype(str).tolist())
     out = frame.copy()
     out["predicted_label"] = [run.labels[i] for i in probs.argmax(1)]

@@ -216,19 +216,18 @@ def predict_frame(loaded: LoadedModel, prefixes: Sequence[ServedPrefix], frame: 
     items = [ScoreItem(p.kv, p.encoder, t) for p in prefixes for t in texts]
     probs = mixed_score_labels(loaded.model, items, batch_size=batch_size)
     out = frame.copy()
-    names = _unique_names(prefixes)
-    for i, (p, name) in enumerate(zip(prefixes, names, strict=True)):
+    for i, (p, group) in enumerate(zip(prefixes, column_groups(prefixes), strict=True)):
         block = np.stack(probs[i * len(texts):(i + 1) * len(texts)]) if texts else \
             np.zeros((0, len(p.labels)))
-        out[f"{name}: predicted_label"] = [p.labels[j] for j in block.argmax(1)]
+        out[f"{group}predicted_label"] = [p.labels[j] for j in block.argmax(1)]
         for j, label in enumerate(p.labels):
-            out[f"{name}: p_{label}"] = block[:, j].round(6)
+            out[f"{group}p_{label}"] = block[:, j].round(6)
     return out
 
 
-def _unique_names(prefixes: Sequence[ServedPrefix]) -> list[str]:
-    """Each prefix's name, with its key appended where two share a name."""
+def column_groups(prefixes: Sequence[ServedPrefix]) -> list[str]:
+    """Each prefix's column-name start, `<name>: `, with its key added where names repeat."""
     counts: dict[str, int] = {}
     for p in prefixes:
         counts[p.name] = counts.get(p.name, 0) + 1
-    return [p.name if counts[p.name] == 1 else f"{p.name} ({p.key})" for p in prefixes]
+    return [f"{p.name}: " if counts[p.name] == 1 else f"{p.name} ({p.key}): " for p in prefixes]

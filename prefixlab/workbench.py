@@ -37,6 +37,7 @@ from prefixlab.experiment import (
     open_run,
     predict_table,
     prepare_data,
+    text_column_of,
 )
 from prefixlab.models import (
     DEFAULT_MODEL,
@@ -48,6 +49,14 @@ from prefixlab.models import (
 )
 from prefixlab.prefix import Prefix, PrefixConfig
 from prefixlab.runs import RunRow, RunStore
+from prefixlab.serve import (
+    DEFAULT_MAX_ROWS,
+    DEFAULT_WINDOW_S,
+    Batcher,
+    column_groups,
+    predict_frame,
+)
+from prefixlab.store import PrefixStore
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLE_CSV = ASSETS / "example_feedback.csv"
@@ -96,6 +105,7 @@ class BatchPrediction:
     report: dict | None  # metrics against that column (rows with a label the run knows)
     skipped: int  # rows whose gold label is empty or unknown to the run (not in the metrics)
     neutralized: int  # cells written with a leading ' (see data.write_csv)
+    reports: dict[str, dict] = field(default_factory=dict)  # several runs: metrics per run name
 
 
 @dataclass
@@ -141,6 +151,9 @@ class Workbench:
         self._runs: dict[str, tuple[float, Run]] = {}
         self._inspections: dict[tuple[str, float], Inspection] = {}
         self._banks: dict[str, object] = {}
+        self._batchers: dict[str, Batcher] = {}
+        self.batch_window_s = DEFAULT_WINDOW_S  # serving: how long a request waits for company
+        self.batch_max_rows = DEFAULT_MAX_ROWS
         self._lock = threading.RLock()
         self._refresh_lock = threading.Lock()  # not _lock: a poll never waits for a model load
         self._refreshed = -REFRESH_INTERVAL_S
@@ -330,27 +343,81 @@ class Workbench:
 
     # --- playground --------------------------------------------------------------------------
 
+    def serving(self, model: str | None = None) -> Batcher:
+        """The batcher of one base model: requests naming any of its runs meet in mixed
+        batches (prefixlab.serve); prefixes load on demand into the store's LRU."""
+        name = model or self.default_model
+        with self._lock:
+            if name not in self._batchers:
+                loaded = self.model(name)
+                store = PrefixStore(loaded, locate=lambda run_id: self.store.folder(run_id).path)
+                self._batchers[name] = Batcher(loaded, store, self.batch_window_s,
+                                               self.batch_max_rows)
+            return self._batchers[name]
+
+    def _batcher_of(self, run_id: str) -> Batcher:
+        self.store.folder(run_id)  # RunError for anything that is not a run id
+        return self.serving(self.store.get(run_id).model)  # RunError for an unknown id
+
     def compare(self, texts: list[str], run_ids: list[str], bare: bool = True) -> pd.DataFrame:
         """One row per text and source (each prefix, and the bare model on each run's prompt):
-        the predicted label and every label's probability."""
-        rows = []
+        the predicted label and every label's probability. All runs' requests go in at once,
+        so they share mixed batches."""
+        pending = []
         for run_id in run_ids:
-            run = self.open(run_id)
+            batcher = self._batcher_of(run_id)
             name = self.store.get(run_id).name
-            sources = [(f"prefix: {name}", True)]
+            pending.append((f"prefix: {name}", batcher.submit_score(run_id, texts)))
             if bare:
-                sources.append((f"bare model, {name}'s prompt", False))
-            for source, with_prefix in sources:
-                probs = run.score(texts, with_prefix=with_prefix)
-                for text, p in zip(texts, probs, strict=True):
-                    rows.append({"text": text, "source": source,
-                                 "predicted": run.labels[int(np.argmax(p))],
-                                 **{f"p({lab})": round(float(v), 4)
-                                    for lab, v in zip(run.labels, p, strict=True)}})
+                pending.append((f"bare model, {name}'s prompt",
+                                batcher.submit_score(run_id, texts, with_prefix=False)))
+        rows = []
+        for source, future in pending:
+            scored = future.result()
+            labels = scored.prefix.labels
+            for text, p in zip(texts, scored.probabilities, strict=True):
+                rows.append({"text": text, "source": source,
+                             "predicted": labels[int(np.argmax(p))],
+                             **{f"p({lab})": round(float(v), 4)
+                                for lab, v in zip(labels, p, strict=True)}})
         return pd.DataFrame(rows)
+
+    def says_what(self, text: str, run_ids: list[str], max_new_tokens: int = 20
+                  ) -> pd.DataFrame:
+        """Which prefix says what: for one text, each run's predicted label, its probability
+        and its greedy continuation, all runs in shared mixed batches."""
+        pending = []
+        for run_id in run_ids:
+            batcher = self._batcher_of(run_id)
+            pending.append((run_id, batcher.submit_score(run_id, [text]),
+                            batcher.submit_generate(run_id, [text], max_new_tokens)))
+        rows = []
+        for run_id, scored, written in pending:
+            s = scored.result()
+            p = s.probabilities[0]
+            best = int(np.argmax(p))
+            rows.append({"run": self.store.get(run_id).name, "predicted": s.prefix.labels[best],
+                         "probability": round(float(p[best]), 4),
+                         "continuation": written.result()[0], "id": run_id})
+        return pd.DataFrame(rows, columns=["run", "predicted", "probability", "continuation",
+                                           "id"])
+
+    def generate_texts(self, prompts: list[str], run_ids: list[str],
+                       max_new_tokens: int = 40) -> list[dict]:
+        """Greedy continuations of every prompt under every run (none: the bare model)."""
+        pending = []
+        for run_id in run_ids or [None]:
+            batcher = self._batcher_of(run_id) if run_id else self.serving()
+            pending.append((run_id, batcher.submit_generate(run_id, prompts, max_new_tokens)))
+        return [{"run_id": run_id or "", "prompt": prompt, "generated": out}
+                for run_id, future in pending
+                for prompt, out in zip(prompts, future.result(), strict=True)]
 
     def generate(self, prompt: str, run_id: str | None, max_new_tokens: int = 40,
                  do_sample: bool = False, temperature: float = 1.0) -> str:
+        if not do_sample:  # greedy requests share mixed batches with everyone else's
+            return self.generate_texts([prompt], [run_id] if run_id else [], max_new_tokens)[0][
+                "generated"]
         from prefixlab.predict import generate
 
         if run_id:
@@ -361,30 +428,55 @@ class Workbench:
         return generate(loaded.model, loaded.tokenizer, kv, [prompt], max_new_tokens,
                         do_sample=do_sample, temperature=temperature)[0]
 
-    def predict_csv(self, run_id: str, path: str | Path, text_column: str | None = None,
-                    name: str | None = None) -> BatchPrediction:
-        """Score a CSV and write it back with predictions; every cell neutralized. When the
-        file has a column of gold labels, the metrics against it come along."""
-        run = self.open(run_id)
-        out = predict_table(run, path, text_column)
-        gold_column = label_column_of(run, out.drop(columns=[
-            c for c in out.columns if c == "predicted_label" or str(c).startswith("p_")]))
-        report, skipped = None, 0
+    def predict_csv(self, run_ids: str | list[str], path: str | Path,
+                    text_column: str | None = None, name: str | None = None
+                    ) -> BatchPrediction:
+        """Score a CSV and write it back with predictions; every cell neutralized. One run
+        adds `predicted_label` and `p_<label>`; several add one column group per run
+        (`<run name>: ...`), read in shared mixed batches. When the file has a column of gold
+        labels, each run's metrics against it come along."""
+        ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
+        if not ids:
+            raise RunError("name at least one run to predict with")
+        runs = [self.open(i) for i in ids]
+        if len(runs) == 1:
+            out = predict_table(runs[0], path, text_column)
+            groups = [""]
+        else:
+            models = {r.config.model for r in runs}
+            if len(models) > 1:
+                raise RunError("runs predicted together must share a base model; these use "
+                               + ", ".join(sorted(models)))
+            batcher = self._batcher_of(ids[0])
+            prefixes = [batcher.store.get(i) for i in ids]
+            frame = datamod.read_table(path).frame
+            column = text_column_of(frame, text_column or runs[0].config.text_column, path,
+                                    guess=not text_column)
+            out = predict_frame(batcher.loaded, prefixes, frame, column)
+            groups = column_groups(prefixes)
+        added = [c for c in out.columns if c == "predicted_label" or str(c).startswith("p_")
+                 or any(g and str(c).startswith(g) for g in groups)]
+        gold_column = label_column_of(runs[0], out.drop(columns=added))
+        reports, skipped = {}, 0
         if gold_column is not None:
             gold = out[gold_column].fillna("").astype(str).str.strip()
-            known = gold.isin(run.labels)
-            skipped = int((~known).sum())
-            if known.any():
-                report = classification_report(gold[known].tolist(),
-                                               out.loc[known, "predicted_label"].tolist(),
-                                               run.labels)
+            for run, group in zip(runs, groups, strict=True):
+                known = gold.isin(run.labels)
+                skipped = max(skipped, int((~known).sum()))
+                if known.any():
+                    reports[group.removesuffix(": ") or run.folder.path.name] = \
+                        classification_report(gold[known].tolist(),
+                                              out.loc[known, f"{group}predicted_label"].tolist(),
+                                              run.labels)
         # A folder per call: two users' predictions of same-named files never meet, and the
         # file keeps the input's name for whoever downloads it.
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name or path).stem)[:60] or "data"
         folder = self.exports_dir / f"predictions-{int(time.time())}-{uuid.uuid4().hex[:8]}"
         target = folder / f"{stem}-predictions.csv"
         neutralized = datamod.write_csv(out, target)
-        return BatchPrediction(target, len(out), gold_column, report, skipped, neutralized)
+        report = next(iter(reports.values()), None)
+        return BatchPrediction(target, len(out), gold_column, report, skipped, neutralized,
+                               reports if len(runs) > 1 else {})
 
     def evaluate_csv(self, run_id: str, path: str | Path) -> dict:
         """The run's prefix and both baselines on a held-out labeled CSV."""

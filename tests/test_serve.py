@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from prefixlab.predict import generate, score_labels
+from prefixlab.prefix import text_key_values
 from prefixlab.serve import Batcher, ServeError, predict_frame
 from prefixlab.store import PrefixStore, PrefixStoreError
 from tests.test_store import make_prefixes, write_run_folder
@@ -96,3 +97,29 @@ def test_predict_frame_writes_one_column_group_per_prefix(loaded, tmp_path):
         assert out[cols].to_numpy() == pytest.approx(want, abs=1e-5)
         assert list(out[f"{p.name}: predicted_label"]) == [p.labels[j] for j in want.argmax(1)]
     assert list(out["id"]) == [0, 1, 2, 3]
+
+
+def test_cli_predicts_a_csv_under_several_runs(tmp_path, capsys):
+    from prefixlab.__main__ import main
+    from prefixlab.models import load_model
+    from tests.test_app import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", "llama")
+    loaded = load_model(str(model_dir), "cpu")
+    runs = [write_run_folder(tmp_path / name, loaded,
+                             text_key_values(loaded.model, loaded.tokenizer, text, n))
+            for name, text, n in [("alpha", "good great", 3), ("beta", "bad awful", 6)]]
+    csv = tmp_path / "in.csv"
+    csv.write_text("text\nthe movie was great\nbad film\n")
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--run", str(runs[0]), "--run", str(runs[1]), "--csv", str(csv),
+                 "--output", str(out)]) == 0
+    frame = pd.read_csv(out)
+    assert {"alpha: predicted_label", "beta: p_negative"} <= set(frame.columns)
+    assert main(["predict", "--run", str(runs[0]), "--run", str(runs[1]),
+                 "--text", "good"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    foreign = write_run_folder(tmp_path / "foreign", loaded, text_key_values(
+        loaded.model, loaded.tokenizer, "x", 2), model="some-other-model")
+    assert main(["predict", "--run", str(runs[0]), "--run", str(foreign), "--text", "x"]) == 2
+    assert "some-other-model" in capsys.readouterr().err

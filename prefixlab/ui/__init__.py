@@ -22,7 +22,7 @@ CSS = """
 
 
 def build_ui(workbench: Workbench) -> gr.Blocks:
-    from prefixlab.ui import data_tab, inspect_tab, playground_tab, runs_tab, train_tab
+    from prefixlab.ui import api, data_tab, inspect_tab, playground_tab, runs_tab, train_tab
 
     hooks = []
     with gr.Blocks(title="PrefixLab") as demo:
@@ -46,4 +46,6 @@ def build_ui(workbench: Workbench) -> gr.Blocks:
                   api_visibility="private")
         for hook in hooks:
             wire(demo.load, hook.fn, hook.inputs, hook.outputs, notice, clears=False)
+        api.register(workbench)
+    api.hide_internal_handlers(demo)  # the API lists what README documents, nothing else
     return demo

@@ -1,13 +1,14 @@
 """Playground: label probabilities for typed texts under several prefixes side by side with
-the bare model, free generation with or without a prefix, and batch prediction of a CSV.
-Switching prefixes never reloads the base model: a prefix is only a tensor."""
+the bare model, which prefix says what for one text, free generation with or without a
+prefix, and batch prediction of a CSV under several prefixes. All selected prefixes share
+mixed batches (one forward for every run); the base model is never reloaded."""
 
 from __future__ import annotations
 
 import gradio as gr
 import plotly.graph_objects as go
 
-from prefixlab.ui.common import LoadHook, escape, guard, run_choices, shown, wire
+from prefixlab.ui.common import LoadHook, escape, run_choices, shown, wire
 from prefixlab.workbench import BatchPrediction, Workbench
 
 NO_PREFIX = "(no prefix: the bare model)"
@@ -40,7 +41,13 @@ def batch_summary(result: BatchPrediction) -> str:
                      f"**{report['accuracy']:.3f}** on {report['n']} rows"
                      + (f" ({result.skipped} rows without a label the run knows are left out)."
                         if result.skipped else "."))
-    elif result.label_column:
+    for run, rep in result.reports.items():  # several runs: each run's own metrics
+        lines.append(f"- **{escape(run)}**: macro-F1 **{rep['macro_f1']:.3f}**, accuracy "
+                     f"**{rep['accuracy']:.3f}** on {rep['n']} rows")
+    if len(result.reports) > 1:
+        lines[1] = (f"The file has gold labels in **{escape(result.label_column)}**; "
+                    "each run against them:")
+    elif result.label_column and not report:
         lines.append(f"Column **{escape(result.label_column)}** has no label this run knows: "
                      "no metrics.")
     if result.neutralized:
@@ -65,6 +72,18 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                            elem_classes=["readable-table"])
     chart = gr.Plot(show_label=False, elem_id="play-chart", visible=False)
 
+    gr.Markdown("### Which prefix says what")
+    with gr.Row():
+        what_text = gr.Textbox(label="One text", lines=2, elem_id="what-text", scale=3)
+        with gr.Column(scale=2):
+            what_runs = gr.Dropdown(label="Prefixes (empty: every trained run)", choices=[],
+                                    multiselect=True, elem_id="what-prefixes")
+            what_new = gr.Slider(1, 100, step=1, value=20, label="New tokens")
+            what_go = gr.Button("Ask every prefix", elem_id="what-run")
+    what_out = gr.Dataframe(label="Each prefix's label and continuation", interactive=False,
+                            wrap=True, elem_id="what-results", visible=False,
+                            elem_classes=["readable-table"])
+
     gr.Markdown("### Generate")
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", lines=3, elem_id="gen-prompt", scale=3)
@@ -81,7 +100,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     with gr.Row():
         batch_file = gr.File(label="CSV to label", file_types=[".csv", ".tsv", ".txt"],
                              elem_id="batch-csv")
-        batch_prefix = gr.Dropdown(label="Prefix", choices=[], elem_id="batch-prefix")
+        batch_prefix = gr.Dropdown(label="Prefixes (one column group each)", choices=[],
+                                   multiselect=True, elem_id="batch-prefix")
         batch_go = gr.Button("Predict", elem_id="batch-run")
         batch_out = gr.File(label="Predictions (CSV)", interactive=False, elem_id="batch-out")
     batch_msg = gr.Markdown(elem_id="batch-msg")
@@ -89,7 +109,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     def refresh_choices():
         choices = run_choices(workbench.finished_runs())
         return (gr.update(choices=choices), gr.update(choices=[NO_PREFIX, *choices]),
-                gr.update(choices=choices))
+                gr.update(choices=choices), gr.update(choices=choices))
 
     def on_score(text, ids, with_bare):
         lines = [t.strip() for t in (text or "").splitlines() if t.strip()]
@@ -103,20 +123,16 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     for trigger in (score.click, texts.submit):
         wire(trigger, on_score, [texts, prefixes, bare], [results, chart], notice)
 
-    @guard
-    def score_texts(texts: list[str], run_ids: list[str], bare: bool = False) -> list[dict]:
-        """API (`/score`): each text's label probabilities under each run's prefix.
+    def on_says_what(text, ids, n):
+        if not (text or "").strip():
+            raise gr.Error("Type a text.")
+        ids = list(ids or []) or [r.id for r in workbench.finished_runs()]
+        if not ids:
+            raise gr.Error("No trained prefix yet: train one in the Train tab.")
+        return shown(workbench.says_what(text.strip(), ids, int(n)).drop(columns="id"))
 
-        Takes plain run ids: a client cannot pass the dropdown's choices, which belong to
-        the browser session that loaded them."""
-        lines = [t.strip() for t in texts if t and t.strip()]
-        if not lines:
-            raise gr.Error("Give at least one text.")
-        if not run_ids:
-            raise gr.Error("Give at least one run id (see the /runs endpoint).")
-        return workbench.compare(lines, list(run_ids), bare=bare).to_dict("records")
-
-    gr.api(score_texts, api_name="score")
+    for trigger in (what_go.click, what_text.submit):
+        wire(trigger, on_says_what, [what_text, what_runs, what_new], [what_out], notice)
 
     def on_generate(text, rid, n, do_sample, temp):
         if not (text or "").strip():
@@ -127,16 +143,16 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     wire(gen.click, on_generate, [prompt, gen_prefix, max_new, sample, temperature], [output],
          notice)
 
-    def on_batch(path, rid):
+    def on_batch(path, ids):
         if not path:
             raise gr.Error("Upload a CSV with a text column.")
-        if not rid:
-            raise gr.Error("Pick a prefix.")
-        result = workbench.predict_csv(rid, path)
+        if not ids:
+            raise gr.Error("Pick at least one prefix.")
+        result = workbench.predict_csv(list(ids), path)
         return str(result.path), batch_summary(result)
 
     wire(batch_go.click, on_batch, [batch_file, batch_prefix], [batch_out, batch_msg], notice)
-    for dd in (prefixes, gen_prefix, batch_prefix):
-        wire(dd.focus, refresh_choices, [], [prefixes, gen_prefix, batch_prefix], notice,
-             clears=False)
-    return [LoadHook(refresh_choices, [], [prefixes, gen_prefix, batch_prefix])]
+    lists = [prefixes, gen_prefix, batch_prefix, what_runs]
+    for dd in lists:
+        wire(dd.focus, refresh_choices, [], lists, notice, clears=False)
+    return [LoadHook(refresh_choices, [], lists)]

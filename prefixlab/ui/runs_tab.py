@@ -8,7 +8,7 @@ import gradio as gr
 
 from prefixlab import charts
 from prefixlab.runs import ACTIVE
-from prefixlab.ui.common import LoadHook, escape, guard, run_choices, shown, wire
+from prefixlab.ui.common import LoadHook, escape, run_choices, shown, wire
 from prefixlab.ui.train_tab import report_outputs
 from prefixlab.workbench import Workbench
 
@@ -71,19 +71,6 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
 
     wire(refresh.click, list_runs, [pick], [table, pick, compare], notice)
 
-    @guard
-    def run_status(run_id: str = "") -> list[dict]:
-        """API (`/runs`): every run, or the one with this id, as plain values."""
-        rows = workbench.runs()
-        if run_id:
-            rows = [workbench.store.get(run_id)]  # RunError for an unknown id
-        return [{"id": r.id, "name": r.name, "state": r.state, "step": r.step,
-                 "total_steps": r.total_steps, "macro_f1": r.macro_f1, "accuracy": r.accuracy,
-                 "error": r.error} for r in rows]
-
-    # Clients poll this; a registry refresh takes milliseconds, so it does not wait for a
-    # concurrency slot behind slower events such as scoring.
-    gr.api(run_status, api_name="runs", concurrency_limit=None)
 
     def need(rid):
         if not rid:

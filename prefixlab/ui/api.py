@@ -1,0 +1,140 @@
+"""The public API, a contract: `/runs`, `/score`, `/generate` and `/predict_csv`, with typed
+parameters, documented in README.md. Every other handler the UI wires up is private: the
+browser calls it, API clients do not see it.
+
+Score and generate requests go through the workbench's batcher, so concurrent clients naming
+different runs share mixed batches; they take no concurrency slot of their own (the batcher
+is the queue). `python -m prefixlab serve` serves these endpoints alone (`build_api`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import gradio as gr
+from gradio import FileData
+
+from prefixlab.errors import ConfigError
+from prefixlab.ui.common import guard
+from prefixlab.workbench import Workbench
+
+PUBLIC_ENDPOINTS = ("runs", "score", "generate", "predict_csv")
+
+
+def _texts(values: list[str] | None, what: str) -> list[str]:
+    lines = [t.strip() for t in (values or []) if t and t.strip()]
+    if not lines:
+        raise gr.Error(f"Give at least one {what}.")
+    return lines
+
+
+def register(workbench: Workbench) -> None:
+    """Add the public endpoints to the Blocks being built."""
+
+    @guard
+    def runs(run_id: str = "") -> list[dict]:
+        """Every run, or the one with this id, with its state and metrics.
+
+        Parameters:
+            run_id: a run id; empty for every run, newest first
+        """
+        rows = [workbench.store.get(run_id)] if run_id else workbench.runs()
+        return [{"id": r.id, "name": r.name, "state": r.state, "step": r.step,
+                 "total_steps": r.total_steps, "macro_f1": r.macro_f1, "accuracy": r.accuracy,
+                 "error": r.error} for r in rows]
+
+    @guard
+    def score(texts: list[str], run_ids: list[str], bare: bool = False) -> list[dict]:
+        """Each text's label probabilities under each run's prefix, in one mixed batch.
+
+        Parameters:
+            texts: the texts to classify
+            run_ids: runs whose prefixes to use (see /runs)
+            bare: also score the bare model on each run's prompt
+        """
+        lines = _texts(texts, "text")
+        if not run_ids:
+            raise gr.Error("Give at least one run id (see the /runs endpoint).")
+        return workbench.compare(lines, list(run_ids), bare=bare).to_dict("records")
+
+    @guard
+    def generate(prompts: list[str], run_ids: list[str], max_new_tokens: int = 40) -> list[dict]:
+        """Greedy continuation of each prompt after each run's prefix, in one mixed batch.
+
+        Parameters:
+            prompts: the prompts to continue
+            run_ids: runs whose prefixes to use; empty for the bare model
+            max_new_tokens: new tokens per continuation, 1..1024
+        """
+        return workbench.generate_texts(_texts(prompts, "prompt"), list(run_ids or []),
+                                        int(max_new_tokens))
+
+    @guard
+    def predict_csv(csv: FileData, run_ids: list[str], text_column: str = "") -> FileData:
+        """The CSV with predictions appended: one column group per run.
+
+        Parameters:
+            csv: the CSV (or TSV) to label
+            run_ids: runs whose prefixes to use; several runs must share a base model
+            text_column: the column holding the texts; empty to use the run's or guess
+        """
+        if not run_ids:
+            raise gr.Error("Give at least one run id (see the /runs endpoint).")
+        path = csv["path"] if isinstance(csv, dict) else csv.path
+        out = workbench.predict_csv(list(run_ids), path, text_column or None)
+        return FileData(path=str(out), orig_name=out.name)
+
+    # Polling and batched requests take no concurrency slot: the registry read takes
+    # milliseconds and the batcher already serializes the model's work.
+    gr.api(runs, api_name="runs", concurrency_limit=None)
+    gr.api(score, api_name="score", concurrency_limit=None)
+    gr.api(generate, api_name="generate", concurrency_limit=None)
+    gr.api(predict_csv, api_name="predict_csv")
+
+
+def hide_internal_handlers(demo: gr.Blocks) -> None:
+    """Make every handler but the public endpoints private (the browser still calls them)."""
+    for fn in demo.fns.values():
+        if fn.api_name not in PUBLIC_ENDPOINTS:
+            fn.api_visibility = "private"
+
+
+def build_api(workbench: Workbench) -> gr.Blocks:
+    """A page with the public endpoints alone, for `python -m prefixlab serve`."""
+    with gr.Blocks(title="PrefixLab API") as demo:
+        gr.Markdown("# PrefixLab API\nEndpoints: " + ", ".join(f"`/{e}`" for e in
+                                                               PUBLIC_ENDPOINTS)
+                    + ". See “Use via API” below and README.md.")
+        register(workbench)
+    return demo
+
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def serve_api(data_dir: str | Path, model: str, host: str = "127.0.0.1", port: int = 7861,
+              auth: str | None = None, window_ms: float = 5.0, max_rows: int = 32) -> None:
+    """`python -m prefixlab serve`: the public endpoints over a data directory, blocking."""
+    credentials = None
+    if auth:
+        user, sep, password = auth.partition(":")
+        if not sep or not user or not password:
+            raise ConfigError("--auth must look like user:password")
+        credentials = (user, password)
+    elif host not in LOCAL_HOSTS:
+        raise ConfigError(f"listening on {host} exposes your runs to others; give --auth "
+                          "user:password (or PREFIXLAB_AUTH) to require a login")
+    if window_ms < 0 or max_rows < 1:
+        raise ConfigError(f"--window-ms must be >= 0 and --max-rows >= 1, got {window_ms} and "
+                          f"{max_rows}")
+    workbench = Workbench(Path(data_dir), model=model)
+    workbench.batch_window_s, workbench.batch_max_rows = window_ms / 1000, max_rows
+    demo = build_api(workbench)
+    workbench.warm_up()
+    print(f"PrefixLab API on http://{host}:{port}/ (runs in {workbench.store.data_dir})",
+          file=sys.stderr)
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=host, server_port=port, auth=credentials, show_error=True,
+        allowed_paths=[str(workbench.exports_dir)], max_file_size="50mb",
+    )
