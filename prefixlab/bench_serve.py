@@ -1,0 +1,265 @@
+"""Benchmark: serving many prefixes with one model.
+
+`python -m prefixlab.bench_serve` makes N prefixes (default 64) on the default model, each
+initialized from a different text (the key/values of that text, so they differ as trained
+prefixes do), writes them as run folders and as PEFT adapters, and replays R requests (default
+512), each naming a random prefix with 1-3 short texts to classify, from C concurrent clients
+(a closed loop: each client sends its next request when the last is answered). It reports
+requests/s and p50/p95 latency for:
+
+- mixed: PrefixLab's batcher, requests for any prefixes in one mixed batch;
+- shared: the same batcher and requests, every request naming one prefix (the ceiling);
+- one-at-a-time: PrefixLab scoring each request alone with its own prefix;
+- peft: PEFT with every prefix loaded as a named adapter, `set_adapter` per request.
+
+It also reports the first-load latency of a prefix from disk (run folder into the store) and
+the memory each resident prefix takes. Targets (issue 16): mixed >= 5x peft throughput and
+>= 0.8x shared. One `summary:` line ends the output. Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prefixlab.config import RunConfig
+from prefixlab.files import atomic_write_json
+from prefixlab.models import DEFAULT_MODEL, LoadedModel, load_model
+from prefixlab.predict import label_log_likelihoods
+from prefixlab.prefix import PrefixConfig, save_prefix, text_key_values
+from prefixlab.serve import Batcher
+from prefixlab.store import PrefixStore
+
+LABELS = ["positive", "negative", "neutral"]
+TOPICS = ["films", "restaurants", "phones", "hotels", "books", "games", "cars", "airlines",
+          "shoes", "laptops", "concerts", "museums"]
+STYLES = ["Classify the sentiment of reviews about {t}.", "Is this {t} review good or bad?",
+          "Read the customer's words on {t} and judge them.", "Tweets about {t}: mood?",
+          "You rate {t} feedback as positive, negative or neutral."]
+TEXTS = ["great value, would buy again", "terrible, it broke after a day", "it was okay",
+         "absolutely loved it", "never again", "fine, nothing special", "the staff were rude",
+         "best purchase this year", "arrived late and damaged", "does what it says",
+         "I want my money back", "a pleasant surprise", "meh", "five stars, perfect",
+         "slow and overpriced", "good but noisy"]
+TARGETS = {"mixed_vs_peft": 5.0, "mixed_vs_shared": 0.8}
+
+
+@dataclass
+class ModeResult:
+    name: str
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q) * 1000)
+
+
+def make_prefixes(loaded: LoadedModel, root: Path, n: int, length: int) -> list[str]:
+    """n run folders (config.json + prefix.safetensors), each from a different text."""
+    keys = []
+    for i in range(n):
+        text = STYLES[i % len(STYLES)].format(t=TOPICS[(i // len(STYLES)) % len(TOPICS)])
+        text += f" Case {i}."
+        kv = text_key_values(loaded.model, loaded.tokenizer, text, length)
+        folder = root / f"prefix{i:03d}"
+        folder.mkdir(parents=True)
+        cfg = RunConfig(train_csv="", model=loaded.name, max_length=96,
+                        prefix=PrefixConfig(prefix_length=length))
+        atomic_write_json(folder / "config.json", {"format": "prefixlab-run/1",
+                                                   "name": folder.name, "run": cfg.to_dict(),
+                                                   "labels": LABELS})
+        save_prefix(folder / "prefix.safetensors", kv, loaded.name)
+        keys.append(str(folder))
+    return keys
+
+
+def make_requests(keys: list[str], n: int, seed: int) -> list[tuple[str, list[str]]]:
+    rng = random.Random(seed)
+    return [(rng.choice(keys), rng.sample(TEXTS, rng.randint(1, 3))) for _ in range(n)]
+
+
+def replay(name: str, requests: list[tuple[str, list[str]]], clients: int,
+           serve: Callable[[str, list[str]], object]) -> ModeResult:
+    """Closed loop: `clients` threads send the requests in order, one at a time each."""
+    latencies = [0.0] * len(requests)
+    cursor = iter(range(len(requests)))
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(cursor, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            serve(*requests[i])
+            latencies[i] = time.perf_counter() - start
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return ModeResult(name, time.perf_counter() - start, latencies)
+
+
+class OneAtATime:
+    """PrefixLab without mixing: each request alone, under its own prefix."""
+
+    def __init__(self, loaded: LoadedModel, store: PrefixStore) -> None:
+        self.loaded, self.store, self.lock = loaded, store, threading.Lock()
+
+    def __call__(self, key: str, texts: list[str]) -> list[np.ndarray]:
+        with self.lock:
+            p = self.store.get(key)
+            ll = label_log_likelihoods(self.loaded.model, p.kv, p.encoder.prompts(texts),
+                                       p.encoder.label_ids, self.loaded.tokenizer.pad_token_id)
+            return list(torch.softmax(ll, -1).numpy())
+
+
+class PeftSwitching:
+    """PEFT: every prefix a named adapter of one PeftModel, `set_adapter` per request."""
+
+    def __init__(self, loaded: LoadedModel, store: PrefixStore, keys: list[str], root: Path
+                 ) -> None:
+        from peft import PeftModel
+
+        from prefixlab.models import model_source
+        from prefixlab.peft_interop import export_peft
+
+        self.loaded, self.lock = loaded, threading.Lock()
+        self.encoder = store.get(keys[0]).encoder  # every prefix shares template and labels
+        self.names: dict[str, str] = {}
+        self.load_s: list[float] = []
+        model = None
+        for i, key in enumerate(keys):
+            folder = root / f"adapter{i:03d}"
+            export_peft(store.get(key).kv, loaded.model.config, folder,
+                        model_source(loaded.name))
+            name = f"p{i}"
+            start = time.perf_counter()
+            if model is None:
+                model = PeftModel.from_pretrained(loaded.model, folder, adapter_name=name)
+            else:
+                model.load_adapter(folder, adapter_name=name)
+            self.load_s.append(time.perf_counter() - start)
+            self.names[key] = name
+        model.eval()
+        self.model = model
+
+    def __call__(self, key: str, texts: list[str]) -> list[np.ndarray]:
+        tok = self.loaded.tokenizer
+        rows = self.encoder.prompts(texts)
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, r in enumerate(rows):  # right padding: PEFT's default positions stay right
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        first = torch.tensor([t[0] for t in self.encoder.label_ids])
+        with self.lock, torch.inference_mode():
+            self.model.set_adapter(self.names[key])
+            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        last = logits[torch.arange(len(rows)), mask.sum(1) - 1]  # (B, V)
+        return list(torch.softmax(torch.log_softmax(last.float(), -1)[:, first], -1).numpy())
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m prefixlab.bench_serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--prefixes", type=int, default=64)
+    p.add_argument("--requests", type=int, default=512)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--prefix-length", type=int, default=10)
+    p.add_argument("--window-ms", type=float, default=5.0)
+    p.add_argument("--max-rows", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-peft", action="store_true", help="skip the PEFT contender")
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+
+    loaded = load_model(args.model, "cpu")
+    print(f"model {loaded.name}, {torch.get_num_threads()} threads; {args.prefixes} prefixes "
+          f"of {args.prefix_length} tokens, {args.requests} requests of 1-3 texts, "
+          f"{args.clients} clients, window {args.window_ms} ms, max {args.max_rows} rows")
+    with tempfile.TemporaryDirectory(prefix="prefixlab-bench-serve-") as tmp:
+        root = Path(tmp)
+        keys = make_prefixes(loaded, root / "runs", args.prefixes, args.prefix_length)
+        store = PrefixStore(loaded)
+        before = rss_mb()
+        loads = [store.get(k).load_s for k in keys]  # first loads, from disk
+        after = rss_mb()
+        per_prefix = store.get(keys[0]).nbytes / 2**20
+        requests = make_requests(keys, args.requests, args.seed)
+        shared = [(keys[0], texts) for _, texts in requests]
+
+        # Warm-up: first forwards allocate and pick kernels.
+        OneAtATime(loaded, store)(*requests[0])
+        results = []
+        batcher = Batcher(loaded, store, args.window_ms / 1000, args.max_rows)
+        try:
+            results.append(replay("mixed", requests, args.clients,
+                                  lambda k, t: batcher.score(k, t)))
+            mixed_rows = batcher.stats.mean_rows
+            results.append(replay("shared", shared, args.clients,
+                                  lambda k, t: batcher.score(k, t)))
+        finally:
+            batcher.close()
+        results.append(replay("one-at-a-time", requests, args.clients,
+                              OneAtATime(loaded, store)))
+        peft_load = None
+        if not args.no_peft:
+            peft = PeftSwitching(loaded, store, keys, root / "peft")
+            peft_load = statistics.median(peft.load_s)
+            peft(*requests[0])
+            results.append(replay("peft", requests, args.clients, peft))
+
+    by = {r.name: r for r in results}
+    print(f"\n{'mode':<15}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}")
+    for r in results:
+        print(f"{r.name:<15}{r.rps:>8.1f}{r.pct(50):>9.0f}{r.pct(95):>9.0f}")
+    print(f"\nmixed batches held {mixed_rows:.1f} texts on average")
+    print(f"first load of a prefix from disk: median {statistics.median(loads) * 1000:.2f} ms, "
+          f"max {max(loads) * 1000:.2f} ms (PEFT load_adapter: "
+          + (f"{peft_load * 1000:.0f} ms)" if peft_load is not None else "not run)"))
+    print(f"memory per resident prefix: {per_prefix:.3f} MB of key/values; RSS grew "
+          f"{(after - before) / len(keys):.3f} MB per prefix loading {len(keys)}")
+    ratios = {"mixed_vs_shared": by["mixed"].rps / by["shared"].rps,
+              "mixed_vs_one": by["mixed"].rps / by["one-at-a-time"].rps}
+    if "peft" in by:
+        ratios["mixed_vs_peft"] = by["mixed"].rps / by["peft"].rps
+    print()
+    for name, value in ratios.items():
+        goal = TARGETS.get(name)
+        verdict = "" if goal is None else (f"  target >= {goal}: "
+                                           + ("met" if value >= goal else "MISSED"))
+        print(f"{name:<16}{value:>6.2f}x{verdict}")
+    print("summary: " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items())
+          + f" mixed_rps={by['mixed'].rps:.1f} first_load_ms={statistics.median(loads) * 1000:.2f}"
+          f" prefix_mb={per_prefix:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
