@@ -228,11 +228,17 @@ def main(argv: list[str] | None = None) -> int:
             batcher.close()
         results.append(replay("one-at-a-time", requests, args.clients,
                               OneAtATime(loaded, store)))
-        peft_load = None
+        peft_load = peft_gap = None
         if not args.no_peft:
             peft = PeftSwitching(loaded, store, keys, root / "peft")
             peft_load = statistics.median(peft.load_s)
-            peft(*requests[0])
+            # The contenders must agree: same prefixes, same probabilities.
+            check = Batcher(loaded, store, 0.0, args.max_rows)
+            try:
+                peft_gap = max(float(np.abs(np.stack(peft(k, t)) - np.stack(
+                    check.score(k, t).probabilities)).max()) for k, t in requests[:16])
+            finally:
+                check.close()
             results.append(replay("peft", requests, args.clients, peft))
 
     by = {r.name: r for r in results}
@@ -243,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"first load of a prefix from disk: median {statistics.median(loads) * 1000:.2f} ms, "
           f"max {max(loads) * 1000:.2f} ms (PEFT load_adapter: "
           + (f"{peft_load * 1000:.0f} ms)" if peft_load is not None else "not run)"))
+    if peft_gap is not None:
+        print(f"PEFT and mixed batching agree: largest probability gap {peft_gap:.2e} over "
+              "16 requests")
     print(f"memory per resident prefix: {per_prefix:.3f} MB of key/values; RSS grew "
           f"{(after - before) / len(keys):.3f} MB per prefix loading {len(keys)}")
     ratios = {"mixed_vs_shared": by["mixed"].rps / by["shared"].rps,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -54,8 +55,6 @@ def test_the_app_lists_exactly_the_documented_endpoints(many_runs):
 
 
 def test_every_documented_endpoint_is_in_the_readme():
-    from pathlib import Path
-
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in PUBLIC_ENDPOINTS:
         assert f'api_name="/{name}"' in readme and f"/gradio_api/call/{name}" in readme
@@ -81,21 +80,28 @@ def test_which_prefix_says_what(many_runs):
         run = workbench.open(run_id)
         assert continuation == generate(run.loaded.model, run.loaded.tokenizer, run.kv,
                                         ["the movie"], 4)[0]
-    shown = handler(build_ui(workbench), "what-run", "click")("the movie", [], 3)
-    assert len(shown) == 3 and "id" not in shown.columns  # empty selection: every run
+    shown, notice = handler(build_ui(workbench), "what-run", "click")("the movie", [], 3)
+    assert notice == "" and shown["visible"]
+    assert len(shown["value"]) == 3 and "id" not in shown["value"].columns  # all runs
 
 
 def test_batch_prediction_with_several_runs_writes_a_column_group_each(many_runs, tmp_path):
     workbench, ids = many_runs
     csv = tmp_path / "in.csv"
-    csv.write_text("text,id\nthe movie was great,1\nbad film,2\n")
-    out = pd.read_csv(workbench.predict_csv(ids, csv))
+    csv.write_text("text,id,gold\nthe movie was great,1,positive\nbad film,2,negative\n")
+    result = workbench.predict_csv(ids, csv)
+    out = pd.read_csv(result.path)
     assert list(out["id"]) == [1, 2]
     for i in range(3):
         assert {f"run{i}: predicted_label", f"run{i}: p_positive",
                 f"run{i}: p_negative"} <= set(out.columns)
-    single = pd.read_csv(workbench.predict_csv(ids[0], csv))
-    assert single["p_positive"].round(4).tolist() == out["run0: p_positive"].round(4).tolist()
+    assert result.label_column == "gold" and set(result.reports) == {"run0", "run1", "run2"}
+    single = workbench.predict_csv(ids[0], csv)
+    assert pd.read_csv(single.path)["p_positive"].round(4).tolist() == \
+        out["run0: p_positive"].round(4).tolist()
+    assert single.report["accuracy"] == result.reports["run0"]["accuracy"]
+    path, message, notice = handler(build_ui(workbench), "batch-run", "click")(str(csv), ids)
+    assert notice == "" and "- **run2**: macro-F1" in message and Path(path).is_file()
 
 
 @pytest.mark.slow

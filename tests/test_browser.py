@@ -195,6 +195,15 @@ def test_upload_train_list_and_score_in_the_browser(page, workdir, screenshots, 
     page.locator("#play-chart .js-plotly-plot").wait_for()
     shoot(page, screenshots, "4-playground")
 
+    # Which prefix says what: no selection asks every trained run, in one mixed batch.
+    page.locator("#what-text textarea").fill("the movie was")
+    page.locator("#what-run").click()
+    said = page.locator("#what-results")
+    expect(said).to_contain_text("browser run")
+    expect(said).to_contain_text("continuation")
+    said.scroll_into_view_if_needed()
+    shoot(page, screenshots, "4b-which-prefix-says-what")
+
 
 def test_page_and_api_answer_within_a_second_while_a_run_trains(page, workbench, workdir,
                                                                  screenshots, url):

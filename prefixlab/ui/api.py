@@ -82,8 +82,9 @@ def register(workbench: Workbench) -> None:
         if not run_ids:
             raise gr.Error("Give at least one run id (see the /runs endpoint).")
         path = csv["path"] if isinstance(csv, dict) else csv.path
-        out = workbench.predict_csv(list(run_ids), path, text_column or None)
-        return FileData(path=str(out), orig_name=out.name)
+        name = csv.get("orig_name") if isinstance(csv, dict) else csv.orig_name
+        result = workbench.predict_csv(list(run_ids), path, text_column or None, name=name)
+        return FileData(path=str(result.path), orig_name=result.path.name)
 
     # Polling and batched requests take no concurrency slot: the registry read takes
     # milliseconds and the batcher already serializes the model's work.

@@ -148,7 +148,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
             raise gr.Error("Upload a CSV with a text column.")
         if not ids:
             raise gr.Error("Pick at least one prefix.")
-        result = workbench.predict_csv(list(ids), path)
+        result = workbench.predict_csv([ids] if isinstance(ids, str) else list(ids), path)
         return str(result.path), batch_summary(result)
 
     wire(batch_go.click, on_batch, [batch_file, batch_prefix], [batch_out, batch_msg], notice)
