@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the API alone: score/generate with any run's prefix")
     p.add_argument("--data-dir", required=True, help="the app's data directory (runs)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the default base model")
+    p.add_argument("--model", default=None,
+                   help="the default base model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7861)
     p.add_argument("--auth", default=os.environ.get("PREFIXLAB_AUTH"),

@@ -16,6 +16,7 @@ import gradio as gr
 from gradio import FileData
 
 from prefixlab.errors import ConfigError
+from prefixlab.models import DEFAULT_MODEL
 from prefixlab.ui.common import guard
 from prefixlab.workbench import Workbench
 
@@ -114,8 +115,9 @@ def build_api(workbench: Workbench) -> gr.Blocks:
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-def serve_api(data_dir: str | Path, model: str, host: str = "127.0.0.1", port: int = 7861,
-              auth: str | None = None, window_ms: float = 5.0, max_rows: int = 32) -> None:
+def serve_api(data_dir: str | Path, model: str | None = None, host: str = "127.0.0.1",
+              port: int = 7861, auth: str | None = None, window_ms: float = 5.0,
+              max_rows: int = 32) -> None:
     """`python -m prefixlab serve`: the public endpoints over a data directory, blocking."""
     credentials = None
     if auth:
@@ -129,7 +131,7 @@ def serve_api(data_dir: str | Path, model: str, host: str = "127.0.0.1", port: i
     if window_ms < 0 or max_rows < 1:
         raise ConfigError(f"--window-ms must be >= 0 and --max-rows >= 1, got {window_ms} and "
                           f"{max_rows}")
-    workbench = Workbench(Path(data_dir), model=model)
+    workbench = Workbench(Path(data_dir), model=model or DEFAULT_MODEL)
     workbench.batch_window_s, workbench.batch_max_rows = window_ms / 1000, max_rows
     demo = build_api(workbench)
     workbench.warm_up()
