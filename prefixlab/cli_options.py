@@ -37,12 +37,13 @@ def field_docs(cls: type) -> dict[str, str]:
 def _argument(cls: type, f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     """argparse keywords for one field: its type (or choices, or a switch) and its help."""
     help_text = field_docs(cls).get(f.name, "").replace("%", "%%")
-    if not any(f.default is x for x in (dataclasses.MISSING, None, False)):  # unset, off: no
+    if not any(f.default is x for x in (dataclasses.MISSING, None, False)):  # unset/off: unsaid
         help_text = f"{help_text} (default: {f.default})".strip()
     kwargs: dict[str, Any] = {"help": help_text or None, "default": argparse.SUPPRESS}
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
-        (hint,) = [a for a in args if a is not type(None)]  # X | None: given means X
+        rest = [a for a in args if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else hint  # X | None: given means X
     if hint is bool:
         # a switch: --name turns on an off-by-default setting, --no-name turns off the rest
         on = f.default is False

@@ -76,12 +76,13 @@ class _Demo:
     over two lines (100% of it)."""
     switch_on: bool = True
     names: list[str] = dataclasses.field(default_factory=list)
+    either: int | str | None = None
 
 
 def test_field_docs_switches_and_unreadable_types():
     assert field_docs(_Demo) == {"plain": "A number, over two lines (100% of it)."}
     parser = argparse.ArgumentParser()
-    names = add_options(parser, _Demo, skip=("names",))
+    names = add_options(parser, _Demo, skip=("names", "either"))
     assert names == ["plain", "switch_on"]
     assert given(parser.parse_args([]), names) == {}
     assert given(parser.parse_args(["--no-switch-on", "--plain", "4"]), names) == {
@@ -89,3 +90,5 @@ def test_field_docs_switches_and_unreadable_types():
     assert "100% of it" in parser.format_help()
     with pytest.raises(TypeError, match=r"_Demo\.names: the CLI cannot read"):
         add_options(argparse.ArgumentParser(), _Demo)
+    with pytest.raises(TypeError, match=r"_Demo\.either: the CLI cannot read"):
+        add_options(argparse.ArgumentParser(), _Demo, skip=("names",))
