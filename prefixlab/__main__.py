@@ -299,6 +299,7 @@ def cmd_worker(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from prefixlab.config import RunConfig
+    from prefixlab.interpret_bank import DEFAULT_BANK_SIZE
     from prefixlab.prefix import PrefixConfig
     from prefixlab.train import TrainConfig
 
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--output", required=True, help="folder for the JSON files and HTML page")
     p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--bank-size", type=int, default=2000,
+    p.add_argument("--bank-size", type=int, default=DEFAULT_BANK_SIZE,
                    help="reference tokens per layer (frequent tokens + label words)")
     p.add_argument("--text", action="append", default=[],
                    help="an input for the attention view (repeatable)")
