@@ -44,6 +44,15 @@ def _metrics_line(name: str, m: dict | None) -> str:
     return f"  {name:<10} accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}"
 
 
+def _print_report(report: dict) -> None:
+    """The prefix beside every baseline, then any warning about its predictions."""
+    print(_metrics_line("prefix", report))
+    for key, name in (("majority", "majority"), ("zero_shot", "zero-shot"), ("tfidf", "tf-idf")):
+        print(_metrics_line(name, report["baselines"].get(key)))
+    for w in report.get("warnings", []):
+        print(f"warning: {w}")
+
+
 def cmd_validate(args) -> int:
     data = datamod.load_labeled_csv(args.csv, args.text_column, args.label_column)
     print(f"{args.csv}: {len(data)} usable rows, text column {data.text_column!r}, "
@@ -111,10 +120,10 @@ def _execute(folder, loaded, prepared, resume: bool) -> int:
         _say(f"stopped; last checkpoint kept in {folder.path}")
         return 1
     print(f"run saved to {folder.path}")
+    print(f"kept step {report['kept_step']} of {report['steps']} ({report['selection']}); "
+          f"training ended: {report['stop_reason']}")
     print(f"held-out results on {report['n']} rows:")
-    print(_metrics_line("prefix", report))
-    print(_metrics_line("zero-shot", report["baselines"]["zero_shot"]))
-    print(_metrics_line("tf-idf", report["baselines"]["tfidf"]))
+    _print_report(report)
     return 0
 
 
@@ -138,9 +147,7 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(report))
     else:
         print(f"{report['n']} rows")
-        print(_metrics_line("prefix", report))
-        print(_metrics_line("zero-shot", report["baselines"]["zero_shot"]))
-        print(_metrics_line("tf-idf", report["baselines"]["tfidf"]))
+        _print_report(report)
     return 0
 
 

@@ -1,12 +1,15 @@
-"""Classification metrics and the two baselines a prefix must beat.
+"""Classification metrics, the baselines a prefix must beat, and warnings when it fails.
 
+- majority: always the most frequent training label (what a collapsed model scores);
 - zero-shot: the same frozen model and prompt template with no prefix;
 - TF-IDF + logistic regression (scikit-learn), trained on the same training split.
-Both are computed on the same held-out rows as the prefix, so the report shows what it buys.
+All are computed on the same held-out rows as the prefix, so the report shows what it buys.
+`prediction_warnings` says when predictions collapse onto one label or miss a label.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +31,7 @@ def classification_report(
     p, r, f, s = precision_recall_fscore_support(
         gold, predicted, labels=labels, zero_division=0
     )
+    counts = Counter(predicted)
     return {
         "n": len(gold),
         "accuracy": float(accuracy_score(gold, predicted)) if len(gold) else 0.0,
@@ -42,7 +46,45 @@ def classification_report(
             "labels": labels,
             "matrix": confusion_matrix(gold, predicted, labels=labels).tolist(),
         },
+        "predicted": {label: counts.get(label, 0) for label in labels},
     }
+
+
+COLLAPSE_SHARE = 0.95
+"""One label taking at least this share of the predictions counts as a collapse."""
+MISSED_SHARE = 0.05
+"""A label with at least this share of the rows must be predicted at least once."""
+
+
+def prediction_warnings(report: dict, name: str = "the prefix") -> list[str]:
+    """Plain-language warnings when predictions are degenerate: one label takes (nearly)
+    all predictions, or a label with >= 5% of the rows is never predicted."""
+    predicted = report.get("predicted") or {}
+    n = report.get("n", 0)
+    if not n or not predicted:
+        return []
+    warnings = []
+    top, top_count = max(predicted.items(), key=lambda kv: kv[1])
+    if len(predicted) > 1 and top_count >= COLLAPSE_SHARE * n:
+        warnings.append(
+            f"{name} predicts {top!r} for {top_count / n:.0%} of the {n} rows: it has "
+            f"collapsed onto one label, and its accuracy is no better than always "
+            f"answering {top!r}"
+        )
+    for label, stats in report["per_class"].items():
+        if stats["support"] >= MISSED_SHARE * n and predicted.get(label, 0) == 0:
+            warnings.append(
+                f"{name} never predicts {label!r}, which is {stats['support'] / n:.0%} of "
+                f"the rows ({stats['support']}): its recall is 0"
+            )
+    return warnings
+
+
+def majority_baseline(train_labels: Sequence[str], n: int) -> list[str]:
+    """The most frequent training label, n times (ties: the first in sorted order)."""
+    counts = Counter(train_labels)
+    top = max(sorted(counts), key=lambda label: counts[label])
+    return [top] * n
 
 
 def predictions_from_probs(probs: np.ndarray, labels: Sequence[str]) -> list[str]:

@@ -9,8 +9,10 @@ Layout of a run folder (safetensors for tensors, JSON for everything else, never
     prefix_params.safetensors the full parameterization (MLP included), for resume/inspection
     checkpoint.safetensors   prefix parameters + AdamW moments; checkpoint.json has the step
     metrics.jsonl            append-only: one JSON object per step / evaluation / event
-    snapshots/step_N.safetensors  the prefix during training (a few hundred KB each)
-    report.json              the final evaluation with baselines
+    snapshots/step_N.safetensors  the prefix during training (a few hundred KB each): at each
+                             checkpoint and at each new best evaluation
+    report.json              the final evaluation with baselines, the kept step and why
+                             training stopped
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from prefixlab import data as datamod
 from prefixlab.config import RunConfig
 from prefixlab.encode import Encoder, Template
 from prefixlab.errors import ConfigError, PrefixLabError
-from prefixlab.evaluate import classification_report, predictions_from_probs, tfidf_baseline
+from prefixlab.evaluate import (
+    classification_report,
+    majority_baseline,
+    prediction_warnings,
+    predictions_from_probs,
+    tfidf_baseline,
+)
 from prefixlab.files import atomic_save_tensors, atomic_write_json, read_json
 from prefixlab.models import LoadedModel, ModelInfo, load_model
 from prefixlab.predict import score_labels, score_log_likelihoods
@@ -42,6 +50,7 @@ from prefixlab.prefix import (
     load_prefix,
     save_prefix,
 )
+from prefixlab.stopping import EarlyStopping
 from prefixlab.train import Checkpoint, StepInfo, train
 
 STATES = ("created", "queued", "running", "completed", "failed", "cancelled", "interrupted")
@@ -131,7 +140,8 @@ class RunFolder:
         return records, offset + end
 
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
-        atomic_save_tensors(self.checkpoint_path, ckpt.tensors(), {"step": str(ckpt.step)})
+        atomic_save_tensors(self.checkpoint_path, ckpt.tensors(),
+                            {"step": str(ckpt.step), "elapsed_s": repr(ckpt.elapsed_s)})
         atomic_save_tensors(self.params_path, ckpt.prefix_state)
 
     def load_checkpoint(self) -> Checkpoint | None:
@@ -141,15 +151,23 @@ class RunFolder:
             from safetensors import safe_open
 
             with safe_open(str(self.checkpoint_path), framework="pt") as f:
-                step = int((f.metadata() or {})["step"])
+                meta = f.metadata() or {}
+            step, elapsed = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
             tensors = load_file(str(self.checkpoint_path))
         except (SafetensorError, OSError, KeyError, ValueError) as e:
             raise RunError(f"checkpoint in {self.path} is unreadable: {e}") from e
-        return Checkpoint.from_tensors(step, tensors)
+        return Checkpoint.from_tensors(step, tensors, elapsed)
 
     def save_snapshot(self, step: int, kv: torch.Tensor) -> None:
         atomic_save_tensors(self.snapshots_dir / f"step_{step:06d}.safetensors",
                             {"key_values": kv})
+
+    def load_snapshot(self, step: int) -> torch.Tensor:
+        path = self.snapshots_dir / f"step_{step:06d}.safetensors"
+        try:
+            return load_file(str(path))["key_values"]
+        except (SafetensorError, OSError, KeyError) as e:
+            raise RunError(f"snapshot of step {step} in {self.path} is unreadable: {e}") from e
 
     def snapshots(self) -> list[tuple[int, Path]]:
         if not self.snapshots_dir.is_dir():
@@ -336,7 +354,8 @@ def full_report(
     loaded: LoadedModel, kv: torch.Tensor, encoder: Encoder, train_data: datamod.LabeledData | None,
     data: datamod.LabeledData, seed: int, prefix_report: dict | None = None,
 ) -> dict:
-    """The prefix's metrics at the top level, the two baselines beside them.
+    """The prefix's metrics at the top level, the baselines beside them, and warnings when
+    its predictions collapse onto one label or miss one.
 
     `prefix_report`: the prefix's own metrics when already computed on `data` (the last
     evaluation of a run), so the rows are not scored twice.
@@ -348,9 +367,12 @@ def full_report(
     if train_data is not None:
         preds = tfidf_baseline(train_data.texts, train_data.labels, data.texts, seed)
         baselines["tfidf"] = classification_report(data.labels, preds, encoder.labels)
+        baselines["majority"] = classification_report(
+            data.labels, majority_baseline(train_data.labels, len(data)), encoder.labels)
     else:
-        baselines["tfidf"] = None
+        baselines["tfidf"] = baselines["majority"] = None
     report["baselines"] = baselines
+    report["warnings"] = prediction_warnings(report)
     return report
 
 
@@ -449,14 +471,30 @@ def execute_run(
         if on_step:
             on_step(s)
 
+    tc = cfg.training
+    rule = EarlyStopping(monitor=tc.monitor, patience=tc.patience)
+    if checkpoint is not None:  # decide as the uninterrupted run would have
+        rule = EarlyStopping.replay(folder.read_metrics()[0], checkpoint.step,
+                                    monitor=tc.monitor, patience=tc.patience)
     last_eval: dict = {}
+    best_eval: dict = {}
 
-    def evaluate(step: int) -> None:
-        report, _ = evaluate_prefix(loaded, prefix.folded(), encoder, prepared.validation)
+    def evaluate(step: int) -> str | None:
+        kv = prefix.folded()
+        report, _ = evaluate_prefix(loaded, kv, encoder, prepared.validation)
         last_eval.clear()
         last_eval.update(step=step, report=report)
-        folder.append_metrics({"type": "eval", "step": step, "val_loss": report["loss"],
-                               "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]})
+        record = {"type": "eval", "step": step, "val_loss": report["loss"],
+                  "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+                  "predicted": report["predicted"], "warnings": prediction_warnings(report)}
+        improved = rule.update(step, record)
+        record["best_step"] = rule.best_step
+        folder.append_metrics(record)
+        if improved:
+            folder.save_snapshot(step, kv)  # the kept prefix, should the run end later
+            best_eval.clear()
+            best_eval.update(step=step, report=report)
+        return rule.reason() if rule.exhausted else None
 
     def save(ckpt: Checkpoint) -> None:
         folder.save_checkpoint(ckpt)
@@ -473,13 +511,21 @@ def execute_run(
         folder.set_status("cancelled", step=result.steps)
         folder.append_metrics({"type": "event", "message": "cancelled", "step": result.steps})
         return None
-    kv = prefix.folded()
-    save_prefix(folder.prefix_path, kv, loaded.name, step=str(result.steps))
-    folder.append_metrics({"type": "event", "message": "evaluating", "step": result.steps})
-    done = last_eval.get("report") if last_eval.get("step") == result.steps else None
+    kv, kept, done = prefix.folded(), result.steps, None
+    if last_eval.get("step") == result.steps:
+        done = last_eval["report"]
+    if tc.keep_best and rule.best_step is not None and rule.best_step != result.steps:
+        kept = rule.best_step
+        kv = folder.load_snapshot(kept).to(kv.device)
+        done = best_eval["report"] if best_eval.get("step") == kept else None
+    save_prefix(folder.prefix_path, kv, loaded.name, step=str(kept))
+    folder.append_metrics({"type": "event", "message": "evaluating", "step": kept,
+                           "stop_reason": result.reason})
     report = full_report(loaded, kv, encoder, prepared.train, prepared.validation,
                          cfg.training.seed, prefix_report=done)
-    report["steps"] = result.steps
+    report.update(steps=result.steps, kept_step=kept, stop_reason=result.reason,
+                  selection=(f"the step with the best validation {tc.monitor}"
+                             if tc.keep_best and rule.best_step is not None else "the last step"))
     folder.write_report(report)
     folder.set_status("completed", step=result.steps)
     folder.append_metrics({"type": "event", "message": "completed", "step": result.steps,

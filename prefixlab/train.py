@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefixlab.balance import epoch_order
 from prefixlab.encode import Example, bucketed_batches, collate
 from prefixlab.errors import ConfigError
 from prefixlab.models import autocast
@@ -36,6 +37,9 @@ gradients add up to the batch's, so activation memory stays bounded for any max_
 ~0.7 MB per token for SmolLM2-135M on the lean path, so training peaks at ~1.4 GB resident
 with the model. Larger chunks run matmuls closer to their peak, but 512 gained only ~4% with
 oneDNN's matmuls (`_linear`) and took the benchmark's peak RSS to ~1.53 GB."""
+MONITORS = ("macro_f1", "accuracy", "val_loss")
+CLASS_BALANCE = ("none", "sampled")
+
 CUDA_CHUNK_TOKENS = 16384
 """The same on CUDA, where memory is plentiful and a step of a small model is bound by kernel
 launches, which each chunk repeats: at 384 tokens, ours trained at 0.6x PEFT's speed on an
@@ -44,19 +48,45 @@ H100 (benchmark, SmolLM2-135M shape)."""
 
 @dataclass
 class TrainConfig:
-    """Optimization settings. Stored in every run's config.json."""
+    """Optimization settings. Stored in every run's config.json.
+
+    How long to train is chosen on the validation rows: the loop evaluates at regular
+    intervals, the caller keeps the best prefix by `monitor` (stopping.EarlyStopping) and
+    ends the run after `patience` evaluations without improvement, within a budget of
+    `epochs` and `max_minutes`.
+    """
 
     learning_rate: float = 5e-3
     """AdamW step size for the prefix; prefixes tolerate far larger steps than full weights."""
-    epochs: int = 1
+    epochs: int = 8
+    """The budget in epochs; with patience the run usually stops before (the learning rate
+    decays over this budget, so it also sets the schedule)."""
     batch_size: int = 8
     max_steps: int | None = None
     """Stop after this many steps (0 saves the initialized prefix); None runs all epochs."""
-    warmup_steps: int = 10
+    warmup_share: float = 0.06
+    """Linear warm-up over this share of the budget's steps."""
+    warmup_steps: int = 0
+    """A fixed warm-up length instead of `warmup_share` when above 0 (runs made before
+    warmup_share existed stored 10 here, and resume with it)."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 0
-    """Evaluate every N steps; 0 evaluates at the end of each epoch only."""
+    """Evaluate every N steps (and at the end of each epoch); 0 evaluates twice per epoch."""
+    patience: int = 4
+    """Stop after this many evaluations in a row without a better `monitor`; 0 never stops
+    early."""
+    monitor: str = "macro_f1"
+    """The validation metric that picks the step to keep: macro_f1 or accuracy (higher is
+    better), val_loss (lower is better; what a generation run uses)."""
+    keep_best: bool = True
+    """Keep the prefix of the best evaluation, not the last step's."""
+    max_minutes: float = 0.0
+    """Training time budget in minutes (resumes included); 0 has none. At the budget, the
+    current step is evaluated and the run ends."""
+    class_balance: str = "none"
+    """none, or sampled: each epoch draws its rows with every class equally likely (with
+    replacement), so rare classes weigh as much in the loss as common ones."""
     checkpoint_every: int = 25
     """Checkpoint (prefix + optimizer) every N steps, so a crash loses at most that much."""
     seed: int = 0
@@ -71,9 +101,18 @@ class TrainConfig:
             problems.append(f"batch_size must be 1..1024, got {self.batch_size}")
         if self.max_steps is not None and self.max_steps < 0:
             problems.append(f"max_steps must be 0 or more, got {self.max_steps}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "patience"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.warmup_share < 1:
+            problems.append(f"warmup_share must be in [0, 1), got {self.warmup_share}")
+        if self.max_minutes < 0:
+            problems.append(f"max_minutes must be 0 or more, got {self.max_minutes}")
+        if self.monitor not in MONITORS:
+            problems.append(f"monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
+        if self.class_balance not in CLASS_BALANCE:
+            problems.append(f"class_balance must be one of {', '.join(CLASS_BALANCE)}, "
+                            f"got {self.class_balance!r}")
         if problems:
             raise ConfigError(problems)
 
@@ -81,6 +120,14 @@ class TrainConfig:
         per_epoch = math.ceil(num_examples / self.batch_size)
         total = per_epoch * self.epochs
         return total if self.max_steps is None else min(self.max_steps, total)
+
+    def warmup(self, total: int) -> int:
+        """Warm-up steps for a run of `total` steps."""
+        return self.warmup_steps or round(self.warmup_share * total)
+
+    def evaluation_interval(self, per_epoch: int) -> int:
+        """Steps between evaluations (besides the end of each epoch)."""
+        return self.eval_every or max(1, math.ceil(per_epoch / 2))
 
 
 @dataclass
@@ -108,6 +155,7 @@ class Checkpoint:
     step: int
     prefix_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    elapsed_s: float = 0.0  # training time so far, for the time budget across resumes
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"prefix.{k}": v for k, v in self.prefix_state.items()}
@@ -115,10 +163,11 @@ class Checkpoint:
         return out
 
     @classmethod
-    def from_tensors(cls, step: int, tensors: dict[str, torch.Tensor]) -> Checkpoint:
+    def from_tensors(cls, step: int, tensors: dict[str, torch.Tensor],
+                     elapsed_s: float = 0.0) -> Checkpoint:
         prefix = {k[7:]: v for k, v in tensors.items() if k.startswith("prefix.")}
         opt = {k[10:]: v for k, v in tensors.items() if k.startswith("optimizer.")}
-        return cls(step, prefix, opt)
+        return cls(step, prefix, opt, elapsed_s)
 
 
 @dataclass
@@ -126,6 +175,7 @@ class TrainResult:
     steps: int
     stopped: bool  # should_stop asked to end early
     last_loss: float | None
+    reason: str = ""  # why training ended, in words (budget, patience, time, cancelled)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -148,10 +198,11 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tens
 
 def learning_rate_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then linear decay to zero (Li & Liang's schedule)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    span = max(1, total - cfg.warmup_steps)
-    return cfg.learning_rate * max(0.0, 1 - (step - cfg.warmup_steps) / span)
+    warmup = cfg.warmup(total)
+    if warmup and step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    span = max(1, total - warmup)
+    return cfg.learning_rate * max(0.0, 1 - (step - warmup) / span)
 
 
 def batch_loss(model: nn.Module, kv: torch.Tensor, batch) -> torch.Tensor:
@@ -741,52 +792,63 @@ def train(
     *,
     on_step: Callable[[StepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    evaluate: Callable[[int], None] | None = None,
+    evaluate: Callable[[int], str | None] | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     resume: Checkpoint | None = None,
 ) -> TrainResult:
     """Train `prefix` on `examples` with `model` frozen.
 
-    `evaluate(step)` runs at every `eval_every` steps and at the end of each epoch;
-    `on_checkpoint` gets a checkpoint every `checkpoint_every` steps and at the end.
+    `evaluate(step)` runs every `cfg.evaluation_interval` steps, at the end of each epoch
+    and when the time budget runs out; it returns a reason to end training (e.g. patience
+    ran out) or None to go on. `on_checkpoint` gets a checkpoint every `checkpoint_every`
+    steps and at the end.
     """
     device = next(model.parameters()).device
     prefix.to(device)
     params = [p for p in prefix.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    start = 0
+    start, before = 0, 0.0
     if resume is not None:
         prefix.load_state_dict({k: v.to(device) for k, v in resume.prefix_state.items()})
         if resume.optimizer_state:
             _load_optimizer(optimizer, resume.optimizer_state)
-        start = resume.step
+        start, before = resume.step, resume.elapsed_s
 
-    lengths = [len(e) for e in examples]
+    labels = [e.label for e in examples]
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = cfg.total_steps(len(examples))
+    interval = cfg.evaluation_interval(per_epoch)
+    budget_s = cfg.max_minutes * 60
+
+    began = time.perf_counter()
 
     def checkpoint(step: int) -> None:
         if on_checkpoint is not None:
             state = {k: v.detach().cpu().clone() for k, v in prefix.state_dict().items()}
-            on_checkpoint(Checkpoint(step, state, _optimizer_tensors(optimizer)))
+            on_checkpoint(Checkpoint(step, state, _optimizer_tensors(optimizer),
+                                     before + time.perf_counter() - began))
 
-    began = time.perf_counter()
     seen = tokens = 0
     loss_value = None
     step = start
-    epoch_batches: dict[int, list[list[int]]] = {}
+    epoch_batches: dict[int, list[list[Example]]] = {}
     tuner = ThreadTuner(device)
     workspace = _Workspace()
     chunk_tokens = CUDA_CHUNK_TOKENS if device.type == "cuda" else CHUNK_TOKENS
+    reason = f"budget of {cfg.epochs} epochs" if cfg.max_steps is None or total < cfg.max_steps \
+        else f"max_steps {cfg.max_steps}"
     try:
         while step < total:
             if should_stop is not None and should_stop():
                 checkpoint(step)
-                return TrainResult(step, True, loss_value)
+                return TrainResult(step, True, loss_value, "cancelled")
             epoch, index = divmod(step, per_epoch)
             if epoch not in epoch_batches:
-                epoch_batches = {epoch: bucketed_batches(lengths, cfg.batch_size, cfg.seed, epoch)}
-            rows = [examples[i] for i in epoch_batches[epoch][index]]
+                order = epoch_order(labels, cfg.class_balance, cfg.seed, epoch)
+                batches = bucketed_batches([len(examples[i]) for i in order], cfg.batch_size,
+                                           cfg.seed, epoch)
+                epoch_batches = {epoch: [[examples[order[i]] for i in b] for b in batches]}
+            rows = epoch_batches[epoch][index]
 
             lr = learning_rate_at(step, total, cfg)
             for group in optimizer.param_groups:
@@ -814,15 +876,21 @@ def train(
                     tokens_per_s=tokens / elapsed if elapsed else 0.0, elapsed_s=elapsed,
                     eta_s=(total - step) / rate if rate else 0.0,
                 ))
+            out_of_time = bool(budget_s) and before + elapsed >= budget_s and step != total
             end_of_epoch = step % per_epoch == 0 or step == total
-            if evaluate is not None and (
-                end_of_epoch or (cfg.eval_every and step % cfg.eval_every == 0)
-            ):
-                evaluate(step)
+            if evaluate is not None and (end_of_epoch or step % interval == 0 or out_of_time):
+                verdict = evaluate(step)
+                if verdict:
+                    checkpoint(step)
+                    return TrainResult(step, False, loss_value, verdict)
+            if out_of_time:
+                checkpoint(step)
+                return TrainResult(step, False, loss_value,
+                                   f"time budget of {cfg.max_minutes:g} min")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total:
                 checkpoint(step)
         checkpoint(step)
-        return TrainResult(step, False, loss_value)
+        return TrainResult(step, False, loss_value, reason)
     finally:
         tuner.close()
         workspace.close()

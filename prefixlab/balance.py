@@ -1,0 +1,73 @@
+"""Class imbalance: inverse-frequency class weights, balanced epochs, and decision rules.
+
+A prefix trained on skewed labels learns the skew: the label log-likelihoods carry the
+training prior, and argmax over them rarely picks a rare class. Two levers, measured by
+`python -m prefixlab.quality`:
+- training: `epoch_order(..., "sampled")` draws each epoch's rows with every class equally
+  likely, so the loss weighs classes alike without touching the loss itself;
+- deciding: `calibrate` subtracts a per-label offset from the log-likelihoods before argmax,
+  either the mean log-probability on content-free inputs (Zhao et al. 2021, "Calibrate
+  Before Use") or the log of the training label frequencies (prior correction).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+CONTENT_FREE = ("N/A", "", "[MASK]")
+"""Inputs with no content (Zhao et al. 2021): what the model says about them is its bias."""
+
+
+def class_weights(labels: Sequence[int], num_classes: int) -> list[float]:
+    """Inverse-frequency weights n / (K * n_k): 1 for every class when balanced; a class
+    absent from `labels` gets 0 (nothing to weigh)."""
+    counts = Counter(labels)
+    n = len(labels)
+    return [n / (num_classes * counts[k]) if counts[k] else 0.0 for k in range(num_classes)]
+
+
+def epoch_order(labels: Sequence[int], balance: str, seed: int, epoch: int) -> list[int]:
+    """The row indices one epoch reads, in no particular order (batching shuffles them).
+
+    "none": every row once. "sampled": as many rows, drawn with replacement with weights
+    `class_weights`, so each class is drawn equally often in expectation. Deterministic for
+    (seed, epoch), so a resumed run reads the same rows.
+    """
+    if balance == "none":
+        return list(range(len(labels)))
+    if balance != "sampled":
+        raise ValueError(f"unknown class balance {balance!r}; use none or sampled")
+    weights = class_weights(labels, max(labels) + 1)
+    rng = random.Random(seed * 7_919 + epoch * 104_729 + 1)
+    return rng.choices(range(len(labels)), weights=[weights[y] for y in labels], k=len(labels))
+
+
+def log_softmax(ll: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities of label log-likelihoods (N, K)."""
+    z = ll - ll.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def calibrate(ll: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
+    """Label log-likelihoods (N, K) less a per-label offset (K,), renormalized: the argmax of
+    the result is the calibrated decision."""
+    out = log_softmax(ll)
+    if offset is not None:
+        out = log_softmax(out - offset[None, :])
+    return out
+
+
+def prior_offset(labels: Sequence[int], num_classes: int) -> np.ndarray:
+    """log of the training label frequencies (a class never seen counts as one row)."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes).astype(float)
+    counts = np.maximum(counts, 1.0)
+    return np.log(counts / counts.sum())
+
+
+def content_free_offset(content_free_ll: np.ndarray) -> np.ndarray:
+    """Mean label log-probability over content-free inputs (M, K) -> (K,)."""
+    return np.log(np.exp(log_softmax(content_free_ll)).mean(0))

@@ -1,0 +1,156 @@
+"""Training length chosen by validation: the early-stopping rule, the budgets, the kept step,
+and a resume in the middle of a patience window that ends as the uninterrupted run does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prefixlab.config import RunConfig
+from prefixlab.experiment import RunFolder, create_run, execute_run, prepare_data
+from prefixlab.prefix import PrefixConfig
+from prefixlab.stopping import EarlyStopping
+from prefixlab.train import TrainConfig, train
+from tests.test_train import _setup
+
+CURVE = [0.40, 0.55, 0.61, 0.60, 0.61, 0.58, 0.57, 0.70, 0.50]  # macro-F1 per evaluation
+
+
+def _feed(rule: EarlyStopping, curve, every: int = 10) -> int | None:
+    """Feed the curve at steps 10, 20, ...; the step at which the rule says stop, if any."""
+    for i, value in enumerate(curve):
+        rule.update((i + 1) * every, {"macro_f1": value, "val_loss": 1 - value})
+        if rule.exhausted:
+            return (i + 1) * every
+    return None
+
+
+def test_rule_keeps_the_best_step_and_stops_after_patience():
+    rule = EarlyStopping(patience=3)
+    # 0.61 at step 30; 0.60, 0.61 (not better), 0.58: three without improvement
+    assert _feed(rule, CURVE) == 60
+    assert (rule.best_step, rule.best_value, rule.since_best) == (30, 0.61, 3)
+    assert "3 evaluations" in rule.reason() and "step 30" in rule.reason()
+
+
+def test_rule_with_more_patience_finds_the_later_best_and_patience_zero_never_stops():
+    rule = EarlyStopping(patience=5)
+    assert _feed(rule, CURVE) is None
+    assert rule.best_step == 80 and rule.since_best == 1
+    never = EarlyStopping(patience=0)
+    assert _feed(never, [0.9, 0.1, 0.1, 0.1, 0.1]) is None and never.best_step == 10
+
+
+def test_rule_minimizes_a_loss_and_respects_min_delta():
+    rule = EarlyStopping(monitor="val_loss", patience=2)
+    assert _feed(rule, CURVE) == 50  # loss = 1 - F1: the same best, from the other side
+    assert rule.best_step == 30
+    coarse = EarlyStopping(patience=2, min_delta=0.1)
+    assert _feed(coarse, CURVE) == 40  # +0.06 after 0.55 is not enough
+    assert coarse.best_step == 20
+    with pytest.raises(KeyError, match="accuracy"):
+        EarlyStopping(monitor="accuracy").update(1, {"macro_f1": 0.5})
+
+
+def test_replay_of_metrics_records_equals_the_live_rule():
+    live = EarlyStopping(patience=4)
+    records = []
+    for i, value in enumerate(CURVE[:6]):
+        live.update((i + 1) * 10, {"macro_f1": value})
+        records.append({"type": "eval", "step": (i + 1) * 10, "macro_f1": value})
+    # a resume re-evaluated step 50 (same value) and left a stray step record
+    records += [{"type": "step", "step": 51}, {"type": "eval", "step": 50, "macro_f1": 0.61}]
+    replayed = EarlyStopping.replay(records, up_to_step=60, patience=4)
+    assert replayed.state_dict() == live.state_dict()
+    assert EarlyStopping.replay(records, up_to_step=35, patience=4).best_step == 30
+
+
+def test_loop_ends_on_the_epoch_budget_on_a_verdict_or_on_the_time_budget(loaded):
+    enc, prefix, examples, _, _ = _setup(loaded)  # 48 rows, batch 8: 6 steps per epoch
+    seen = []
+    cfg = TrainConfig(epochs=2, batch_size=8, patience=0)
+    result = train(loaded.model, prefix, examples, cfg, 0,
+                   evaluate=lambda s: seen.append(s))
+    assert (result.steps, result.reason) == (12, "budget of 2 epochs")
+    assert seen == [3, 6, 9, 12]  # twice per epoch
+
+    seen.clear()
+    result = train(loaded.model, prefix, examples, cfg, 0,
+                   evaluate=lambda s: seen.append(s) or ("enough" if s == 9 else None))
+    assert (result.steps, result.reason, seen) == (9, "enough", [3, 6, 9])
+
+    seen.clear()
+    timed = TrainConfig(epochs=50, batch_size=8, max_minutes=1e-9)
+    result = train(loaded.model, prefix, examples, timed, 0, evaluate=seen.append)
+    assert result.steps == 1 and "time budget" in result.reason
+    assert seen == [1]  # the step the budget ended on is evaluated, so it can be kept
+
+
+def test_warmup_is_a_share_of_the_steps():
+    from prefixlab.train import learning_rate_at
+
+    cfg = TrainConfig(learning_rate=1.0, warmup_share=0.1)
+    assert cfg.warmup(200) == 20
+    assert learning_rate_at(9, 200, cfg) == pytest.approx(0.5)
+    assert learning_rate_at(20, 200, cfg) == pytest.approx(1.0)
+    legacy = TrainConfig(learning_rate=1.0, warmup_steps=10)  # runs made before the share
+    assert legacy.warmup(200) == 10
+    with pytest.raises(ValueError, match="monitor"):
+        TrainConfig(monitor="bleu")
+
+
+def _run_config(csv, loaded, **training) -> RunConfig:
+    return RunConfig(
+        train_csv=str(csv), text_column="text", label_column="label", model=loaded.name,
+        max_length=48, device="cpu", validation_share=0.3, prefix=PrefixConfig(prefix_length=4),
+        training=TrainConfig(batch_size=4, learning_rate=3e-2, checkpoint_every=0,
+                             eval_every=2, **training),
+    )
+
+
+@pytest.fixture
+def csv_file(tmp_path):
+    rows = ["text,label"] + [f"the movie was {'great' if i % 3 else 'bad'} number {i},"
+                             f"{'positive' if i % 3 else 'negative'}" for i in range(40)]
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _records(folder: RunFolder) -> list[dict]:
+    return folder.read_metrics()[0]
+
+
+def test_run_keeps_the_best_step_and_resume_mid_patience_ends_equal(tmp_path, csv_file, loaded):
+    cfg = _run_config(csv_file, loaded, epochs=40, patience=3, monitor="val_loss")
+    prepared = prepare_data(cfg)
+    whole = create_run(cfg, tmp_path / "whole", prepared, loaded)
+    report = execute_run(whole, loaded, prepared=prepared)
+    evals = [r for r in _records(whole) if r["type"] == "eval"]
+    best = min(evals, key=lambda r: (r["val_loss"], r["step"]))
+    assert report["kept_step"] == best["step"] < report["steps"]
+    assert report["stop_reason"].startswith("no improvement of validation val_loss in 3")
+    kept = load_file(str(whole.prefix_path))["key_values"]
+    torch.testing.assert_close(kept, whole.load_snapshot(best["step"]))
+    assert all("predicted" in r and sum(r["predicted"].values()) == len(prepared.validation)
+               for r in evals)
+
+    # Stop one step after an evaluation that did not improve: inside the patience window.
+    waiting = [r["step"] for r in evals if r["best_step"] < r["step"]]
+    assert waiting, "the curve never waited: make the task longer"
+    stop_at = waiting[0] + 1
+    part = create_run(cfg, tmp_path / "part", prepared, loaded)
+    calls = []
+    assert execute_run(part, loaded, prepared=prepared,
+                       should_stop=lambda: calls.append(0) or len(calls) > stop_at) is None
+    assert part.load_checkpoint().step == stop_at
+    resumed = execute_run(part, loaded, prepared=prepared, resume=True)
+    for key in ("kept_step", "steps", "stop_reason", "macro_f1", "loss"):
+        assert resumed[key] == pytest.approx(report[key]), key
+    torch.testing.assert_close(load_file(str(part.prefix_path))["key_values"], kept,
+                               atol=1e-6, rtol=1e-5)
+    saved = json.loads(part.report_path.read_text())
+    assert saved["selection"] == "the step with the best validation val_loss"
