@@ -125,14 +125,14 @@ def _records(folder: RunFolder) -> list[dict]:
 
 
 def test_run_keeps_the_best_step_and_resume_mid_patience_ends_equal(tmp_path, csv_file, loaded):
-    cfg = _run_config(csv_file, loaded, epochs=40, patience=3, monitor="val_loss")
+    cfg = _run_config(csv_file, loaded, epochs=12, patience=3)
     prepared = prepare_data(cfg)
     whole = create_run(cfg, tmp_path / "whole", prepared, loaded)
     report = execute_run(whole, loaded, prepared=prepared)
     evals = [r for r in _records(whole) if r["type"] == "eval"]
-    best = min(evals, key=lambda r: (r["val_loss"], r["step"]))
+    best = max(evals, key=lambda r: (r["macro_f1"], -r["step"]))  # the first of equals
     assert report["kept_step"] == best["step"] < report["steps"]
-    assert report["stop_reason"].startswith("no improvement of validation val_loss in 3")
+    assert report["stop_reason"].startswith("no improvement of validation macro_f1 in 3")
     kept = load_file(str(whole.prefix_path))["key_values"]
     torch.testing.assert_close(kept, whole.load_snapshot(best["step"]))
     assert all("predicted" in r and sum(r["predicted"].values()) == len(prepared.validation)
@@ -153,4 +153,4 @@ def test_run_keeps_the_best_step_and_resume_mid_patience_ends_equal(tmp_path, cs
     torch.testing.assert_close(load_file(str(part.prefix_path))["key_values"], kept,
                                atol=1e-6, rtol=1e-5)
     saved = json.loads(part.report_path.read_text())
-    assert saved["selection"] == "the step with the best validation val_loss"
+    assert saved["selection"] == "the step with the best validation macro_f1"

@@ -1,0 +1,111 @@
+"""Class imbalance and failure reports: inverse-frequency weights, balanced epochs, calibrated
+decisions, the majority baseline, and the warning when a prefix predicts one class."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from prefixlab.balance import (
+    calibrate,
+    class_weights,
+    content_free_offset,
+    epoch_order,
+    prior_offset,
+)
+from prefixlab.data import LabeledData
+from prefixlab.evaluate import classification_report, majority_baseline, prediction_warnings
+from prefixlab.train import TrainConfig, train
+from tests.test_train import _setup, toy_task
+
+
+def test_class_weights_are_inverse_frequency():
+    labels = [0] * 6 + [1] * 3 + [2] * 1  # 10 rows, 3 classes
+    w = class_weights(labels, 3)
+    assert w == pytest.approx([10 / (3 * 6), 10 / (3 * 3), 10 / (3 * 1)])
+    # every class then weighs the same in total: n_k * w_k = n / K
+    assert [c * x for c, x in zip([6, 3, 1], w, strict=True)] == pytest.approx([10 / 3] * 3)
+    assert class_weights([0, 0, 1, 1], 3) == pytest.approx([4 / 6, 4 / 6, 0.0])  # 2 absent
+
+
+def test_sampled_epochs_draw_classes_equally_and_deterministically():
+    labels = [0] * 900 + [1] * 90 + [2] * 10
+    order = epoch_order(labels, "sampled", seed=3, epoch=1)
+    assert len(order) == len(labels)
+    drawn = Counter(labels[i] for i in order)
+    assert all(250 < drawn[k] < 420 for k in range(3)), drawn  # ~333 each
+    assert order == epoch_order(labels, "sampled", seed=3, epoch=1)
+    assert order != epoch_order(labels, "sampled", seed=3, epoch=2)
+    assert epoch_order(labels, "none", seed=3, epoch=1) == list(range(1000))
+    with pytest.raises(ValueError, match="sampled"):
+        epoch_order(labels, "weighted", 0, 0)
+
+
+def test_sampled_training_reads_the_rare_class_more_often(loaded):
+    enc, prefix, examples, _, _ = _setup(loaded)  # 3:1 positive:negative
+    read = Counter()
+    cfg = TrainConfig(epochs=4, batch_size=8, class_balance="sampled", patience=0)
+
+    import prefixlab.train as trainmod
+
+    real = trainmod._backward
+
+    def counting(model, kv, rows, *args):
+        read.update(e.label for e in rows)
+        return real(model, kv, rows, *args)
+
+    trainmod._backward = counting
+    try:
+        train(loaded.model, prefix, examples, cfg, 0)
+    finally:
+        trainmod._backward = real
+    negative = enc.labels.index("negative")
+    assert sum(read.values()) == 4 * len(examples)
+    assert read[negative] / sum(read.values()) > 0.4  # 0.25 without balancing
+
+
+def test_calibration_offsets_move_the_decision_off_the_prior():
+    ll = np.log(np.array([[0.7, 0.3], [0.6, 0.4], [0.9, 0.1]]))
+    assert calibrate(ll, None).argmax(1).tolist() == [0, 0, 0]
+    cf = content_free_offset(np.log(np.array([[0.65, 0.35], [0.65, 0.35]])))
+    assert calibrate(ll, cf).argmax(1).tolist() == [0, 1, 0]
+    prior = prior_offset([0, 0, 0, 1], 2)
+    np.testing.assert_allclose(prior, np.log([0.75, 0.25]))
+    assert calibrate(ll, prior).argmax(1).tolist() == [1, 1, 0]
+    np.testing.assert_allclose(np.exp(calibrate(ll, prior)).sum(1), 1.0)
+
+
+def test_majority_baseline_and_warnings_on_degenerate_predictions():
+    gold = ["a"] * 80 + ["b"] * 15 + ["c"] * 5
+    assert majority_baseline(["b", "a", "a", "c"], 3) == ["a", "a", "a"]
+    collapsed = classification_report(gold, ["a"] * 100, ["a", "b", "c"])
+    assert collapsed["predicted"] == {"a": 100, "b": 0, "c": 0}
+    w = prediction_warnings(collapsed)
+    assert any("'a' for 100%" in x and "collapsed" in x for x in w)
+    assert any("never predicts 'b'" in x for x in w) and any("never predicts 'c'" in x for x in w)
+    rare_missed = classification_report(gold, ["a"] * 40 + ["b"] * 60, ["a", "b", "c"])
+    assert prediction_warnings(rare_missed) == [
+        "the prefix never predicts 'c', which is 5% of the rows (5): its recall is 0"]
+    fine = classification_report(gold, gold, ["a", "b", "c"])
+    assert prediction_warnings(fine) == []
+
+
+def test_a_prefix_that_predicts_one_class_is_reported_as_collapsed(loaded):
+    from prefixlab.experiment import full_report
+
+    enc, prefix, _, _, _ = _setup(loaded)
+    texts, _ = toy_task(48)
+    only_positive = enc.examples(texts, ["positive"] * len(texts))
+    train(loaded.model, prefix, only_positive,
+          TrainConfig(learning_rate=1e-1, epochs=3, batch_size=8, patience=0), 0)
+    val_texts, val_labels = toy_task(40, seed=1)
+    data = LabeledData(val_texts, val_labels, list(range(1, 41)), ["negative", "positive"], [],
+                       "text", "label")
+    train_data = LabeledData(texts, ["positive"] * 47 + ["negative"], list(range(1, 49)),
+                             ["negative", "positive"], [], "text", "label")
+    report = full_report(loaded, prefix.folded(), enc, train_data, data, seed=0)
+    assert report["predicted"]["positive"] >= 38  # (nearly) all rows
+    assert any("predicts 'positive' for" in w and "collapsed" in w for w in report["warnings"])
+    assert report["baselines"]["majority"]["predicted"] == {"negative": 0, "positive": 40}
