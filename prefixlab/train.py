@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,10 @@ gradients add up to the batch's, so activation memory stays bounded for any max_
 ~0.7 MB per token for SmolLM2-135M on the lean path, so training peaks at ~1.4 GB resident
 with the model. Larger chunks run matmuls closer to their peak, but 512 gained only ~4% with
 oneDNN's matmuls (`_linear`) and took the benchmark's peak RSS to ~1.53 GB."""
-MONITORS = ("macro_f1", "accuracy", "val_loss")
-CLASS_BALANCE = ("none", "sampled")
+Monitor = Literal["macro_f1", "accuracy", "val_loss"]
+ClassBalance = Literal["none", "sampled"]
+MONITORS: tuple[str, ...] = get_args(Monitor)
+CLASS_BALANCE: tuple[str, ...] = get_args(ClassBalance)
 
 CUDA_CHUNK_TOKENS = 16384
 """The same on CUDA, where memory is plentiful and a step of a small model is bound by kernel
@@ -76,7 +79,7 @@ class TrainConfig:
     patience: int = 4
     """Stop after this many evaluations in a row without a better `monitor`; 0 never stops
     early."""
-    monitor: str = "macro_f1"
+    monitor: Monitor = "macro_f1"
     """The validation metric that picks the step to keep: macro_f1 or accuracy (higher is
     better), val_loss (lower is better; what a generation run uses)."""
     keep_best: bool = True
@@ -84,7 +87,7 @@ class TrainConfig:
     max_minutes: float = 0.0
     """Training time budget in minutes (resumes included); 0 has none. At the budget, the
     current step is evaluated and the run ends."""
-    class_balance: str = "none"
+    class_balance: ClassBalance = "none"
     """none, or sampled: each epoch draws its rows with every class equally likely (with
     replacement), so rare classes weigh as much in the loss as common ones."""
     checkpoint_every: int = 25
