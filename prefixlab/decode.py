@@ -1,4 +1,5 @@
-"""Decoding after a prefix: greedy and beam search, batched, stopping at EOS or a stop string.
+"""Decoding after a prefix: greedy, sampling and beam search, batched, stopping at EOS or a
+stop string.
 
 The prompt is read once per batch with the prefix's cache in front of it; for beam search that
 cache (prefix + prompt) is then repeated once per beam (`batch_repeat_interleave`) and every
@@ -122,11 +123,54 @@ def greedy(model: nn.Module, kv: torch.Tensor | None, prompts: Sequence[Sequence
 
     Rows that finish leave the batch (and the cache), so the rest run on fewer rows.
     """
+    return _decode(model, kv, prompts, eos_id, pad_id, max_new_tokens,
+                   lambda logp: logp.argmax(-1), stop_check)
+
+
+@torch.inference_mode()
+def sample(model: nn.Module, kv: torch.Tensor | None, prompts: Sequence[Sequence[int]],
+           eos_id: int, pad_id: int, max_new_tokens: int, generator: torch.Generator,
+           temperature: float = 1.0, top_p: float = 1.0,
+           stop_check: StopCheck | None = None) -> list[list[int]]:
+    """Like `greedy`, drawing each token from the temperature-scaled distribution, cut to its
+    smallest set of tokens holding `top_p` of the mass (nucleus sampling).
+
+    Draws come from `generator` (a CPU torch.Generator) alone, never torch's global RNG:
+    concurrent generations in one process neither disturb each other's seeded results nor
+    anything else that uses the global RNG.
+    """
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise DecodeError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and "
+                          f"{top_p}")
+    return _decode(model, kv, prompts, eos_id, pad_id, max_new_tokens,
+                   lambda logp: draw_tokens(logp, generator, temperature, top_p), stop_check)
+
+
+def draw_tokens(logp: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
+                top_p: float = 1.0) -> torch.Tensor:
+    """One token per row of log-probabilities (N, V), drawn with `generator` (on the CPU, so
+    a seed gives the same draws whatever device the model runs on)."""
+    probs = torch.softmax(logp.float().cpu() / temperature, dim=-1)  # (N, V)
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each
+        sorted_p[before >= top_p] = 0  # the most likely token always stays (before == 0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
+    return tokens.to(logp.device)
+
+
+def _decode(model: nn.Module, kv: torch.Tensor | None, prompts: Sequence[Sequence[int]],
+            eos_id: int, pad_id: int, max_new_tokens: int,
+            pick: Callable[[torch.Tensor], torch.Tensor],
+            stop_check: StopCheck | None) -> list[list[int]]:
+    """One token per row at a time, chosen by `pick` from log p (N, V), until EOS (left
+    out), a stop string or max_new_tokens; finished rows leave the batch and the cache."""
     logp, cache, mask = _prefill(model, kv, prompts, pad_id, 1)
     out: list[list[int]] = [[] for _ in prompts]
     alive = list(range(len(prompts)))  # the prompt each cache row belongs to
     for t in range(max_new_tokens):
-        tokens = logp.argmax(-1)  # (N,)
+        tokens = pick(logp)  # (N,)
         finished = []
         for i, (row, tok) in enumerate(zip(alive, tokens.tolist(), strict=True)):
             if tok == eos_id:

@@ -145,14 +145,24 @@ def generate(
 ) -> list[str]:
     """Continue each prompt after the prefix; returns only the new text per prompt.
 
-    The prefix goes in through generate's current cache keyword with a (B, P+T) mask, so
-    generate derives positions itself (a T-long mask would silently drop P input tokens).
+    Greedy continuations go through transformers' generate. The prefix goes in through
+    generate's current cache keyword with a (B, P+T) mask, so generate derives positions
+    itself (a T-long mask would silently drop P input tokens). Sampling runs our own loop
+    (decode.sample) on a torch.Generator seeded with `seed`: transformers' generate draws
+    from torch's global RNG, which a request thread of the app must not reseed.
     """
     device = _device(model)
     rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) or [tokenizer.eos_token_id]
             for p in prompts]
-    T = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
+    if do_sample:
+        from prefixlab.decode import sample
+
+        generator = torch.Generator().manual_seed(seed)
+        new_ids = sample(model, kv, rows, tokenizer.eos_token_id, pad, max_new_tokens, generator,
+                         temperature=temperature, top_p=top_p)
+        return [tokenizer.decode(row, skip_special_tokens=True) for row in new_ids]
+    T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for i, r in enumerate(rows):  # left padding: new tokens follow every prompt directly
@@ -167,14 +177,10 @@ def generate(
         )
         # generate takes the same keyword as forward: `cache` from transformers 5.24 on.
         kwargs[cache_keyword(model)] = build_cache(kv.to(device), len(rows), model)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
-        "do_sample": False}
-    if do_sample:
-        torch.manual_seed(seed)
     with autocast(device):
         out = model.generate(
-            input_ids=ids, max_new_tokens=max_new_tokens, pad_token_id=pad,
-            **sampling, **kwargs,
+            input_ids=ids, max_new_tokens=max_new_tokens, pad_token_id=pad, do_sample=False,
+            **kwargs,
         )
     new = out[:, T:]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]

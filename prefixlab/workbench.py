@@ -16,8 +16,11 @@ import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -138,6 +141,55 @@ def run_config(csv_path: str, text_column: str | None, label_column: str | None,
     )
 
 
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Memo(Generic[K, V]):
+    """A cache whose values are computed once per key, each by the first thread that asks.
+
+    The thread computing one key holds no lock that others need: requests for other keys
+    proceed at once (a reference bank being built for one model does not stall scoring with
+    another run), and requests for the same key wait for that one computation instead of
+    starting another. A computation that fails is not kept; the next request tries again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards the dict for microseconds, never a computation
+        self._futures: dict[K, Future] = {}
+
+    def get(self, key: K, compute: Callable[[], V]) -> V:
+        with self._lock:
+            future = self._futures.get(key)
+            mine = future is None
+            if mine:
+                future = self._futures[key] = Future()
+        if mine:
+            try:
+                future.set_result(compute())
+            except BaseException as e:
+                with self._lock:
+                    if self._futures.get(key) is future:
+                        del self._futures[key]
+                future.set_exception(e)
+                raise
+        return future.result()
+
+    def peek(self, key: K) -> V | None:
+        """The value if it is computed already (and did not fail), else None; never waits."""
+        with self._lock:
+            future = self._futures.get(key)
+        if future is None or not future.done() or future.exception() is not None:
+            return None
+        return future.result()
+
+    def drop(self, stale: Callable[[K], bool]) -> None:
+        """Forget the keys `stale` names (their values are freed once no caller holds them)."""
+        with self._lock:
+            for key in [k for k in self._futures if stale(k)]:
+                del self._futures[key]
+
+
 class Workbench:
     """The app's services over one data directory."""
 
@@ -146,16 +198,17 @@ class Workbench:
         self.default_model = model
         self.exports_dir = self.store.data_dir / "exports"
         self.uploads_dir = self.store.data_dir / "uploads"
-        self._models: dict[str, LoadedModel] = {}
-        self._infos: dict[str, ModelInfo] = {}
-        self._runs: dict[str, tuple[float, Run]] = {}
-        self._inspections: dict[tuple[str, float], Inspection] = {}
-        self._banks: dict[str, object] = {}
-        self._batchers: dict[str, Batcher] = {}
+        # Per-key caches: loading one model, opening one run or building one reference bank
+        # never holds up requests for another (one lock over all of them once did).
+        self._models: Memo[str, LoadedModel] = Memo()
+        self._infos: Memo[str, ModelInfo] = Memo()
+        self._runs: Memo[tuple[str, float], Run] = Memo()  # (run id, prefix file mtime)
+        self._inspections: Memo[tuple[str, float, int], Inspection] = Memo()
+        self._banks: Memo[str, object] = Memo()
+        self._batchers: Memo[str, Batcher] = Memo()
         self.batch_window_s = DEFAULT_WINDOW_S  # serving: how long a request waits for company
         self.batch_max_rows = DEFAULT_MAX_ROWS
-        self._lock = threading.RLock()
-        self._refresh_lock = threading.Lock()  # not _lock: a poll never waits for a model load
+        self._refresh_lock = threading.Lock()  # a poll never waits for a model load
         self._refreshed = -REFRESH_INTERVAL_S
         self.model_status = "not loaded"
 
@@ -164,12 +217,13 @@ class Workbench:
     def model(self, name: str | None = None) -> LoadedModel:
         """A loaded base model, once per process (a lock keeps two tabs from loading twice)."""
         name = name or self.default_model
-        with self._lock:
-            if name not in self._models:
-                self.model_status = f"loading {name}"
-                self._models[name] = load_model(name, progress=self._progress)
-                self.model_status = f"{name} ready on {self._models[name].device}"
-            return self._models[name]
+        return self._models.get(name, lambda: self._load(name))
+
+    def _load(self, name: str) -> LoadedModel:
+        self.model_status = f"loading {name}"
+        loaded = load_model(name, progress=self._progress)
+        self.model_status = f"{name} ready on {loaded.device}"
+        return loaded
 
     def _progress(self, message: str) -> None:
         self.model_status = message
@@ -188,13 +242,9 @@ class Workbench:
 
     def model_info(self, name: str | None = None) -> ModelInfo:
         name = name or self.default_model
-        with self._lock:
-            if name in self._models:
-                m = self._models[name]
-                return ModelInfo(m.name, m.shape, m.num_parameters)
-            if name not in self._infos:
-                self._infos[name] = describe_model(name, progress=self._progress)
-            return self._infos[name]
+        if (m := self._models.peek(name)) is not None:
+            return ModelInfo(m.name, m.shape, m.num_parameters)
+        return self._infos.get(name, lambda: describe_model(name, progress=self._progress))
 
     def prefix_size(self, settings: dict, model: str | None = None) -> dict:
         """Trainable parameters, their share of the model, and the prefix file size."""
@@ -332,14 +382,13 @@ class Workbench:
         """A run ready to score; cached until its prefix file changes."""
         folder = self.store.folder(run_id)
         mtime = folder.prefix_path.stat().st_mtime if folder.prefix_path.is_file() else 0.0
-        with self._lock:
-            cached = self._runs.get(run_id)
-            if cached and cached[0] == mtime:
-                return cached[1]
-            cfg = folder.run_config()
-            run = open_run(folder.path, self.model(cfg.model))
-            self._runs[run_id] = (mtime, run)
-            return run
+        key = (run_id, mtime)
+        self._runs.drop(lambda k: k[0] == run_id and k != key)  # an older prefix file's
+
+        def load() -> Run:
+            return open_run(folder.path, self.model(folder.run_config().model))
+
+        return self._runs.get(key, load)
 
     # --- playground --------------------------------------------------------------------------
 
@@ -347,13 +396,13 @@ class Workbench:
         """The batcher of one base model: requests naming any of its runs meet in mixed
         batches (prefixlab.serve); prefixes load on demand into the store's LRU."""
         name = model or self.default_model
-        with self._lock:
-            if name not in self._batchers:
-                loaded = self.model(name)
-                store = PrefixStore(loaded, locate=lambda run_id: self.store.folder(run_id).path)
-                self._batchers[name] = Batcher(loaded, store, self.batch_window_s,
-                                               self.batch_max_rows)
-            return self._batchers[name]
+
+        def start() -> Batcher:
+            loaded = self.model(name)
+            store = PrefixStore(loaded, locate=lambda run_id: self.store.folder(run_id).path)
+            return Batcher(loaded, store, self.batch_window_s, self.batch_max_rows)
+
+        return self._batchers.get(name, start)
 
     def _batcher_of(self, run_id: str) -> Batcher:
         self.store.folder(run_id)  # RunError for anything that is not a run id
@@ -527,28 +576,29 @@ class Workbench:
 
         run = self.open(run_id)
         mtime = run.folder.prefix_path.stat().st_mtime
-        key = (run_id, mtime)
-        with self._lock:
-            if key in self._inspections:
-                return self._inspections[key]
+        key = (run_id, mtime, top_k)
+        self._inspections.drop(lambda k: k[0] == run_id and k[1] != mtime)
+
+        def inspect() -> Inspection:
             bank = self.bank(run)
             nearest = interpret.nearest_tokens(run.loaded, run.kv, bank, top_k)
             readout = interpret.value_readout(run.loaded, run.kv, top_k)
             snapshots = load_snapshots(run.folder.path)
             movement = interpret_maps.prefix_movement(snapshots) if len(snapshots) > 1 else None
-            result = Inspection(run, bank, nearest, readout, movement,
-                                snapshots[0][1] if snapshots else None)
-            self._inspections[key] = result
-            return result
+            return Inspection(run, bank, nearest, readout, movement,
+                              snapshots[0][1] if snapshots else None)
+
+        return self._inspections.get(key, inspect)
 
     def bank(self, run: Run):
+        """The reference bank of the run's base model, built once per model per process."""
         from prefixlab import interpret_bank
 
-        name = run.loaded.name
-        if name not in self._banks:
+        def build():
             label_ids = interpret_bank.label_token_ids(run.loaded.tokenizer, run.labels)
-            self._banks[name] = interpret_bank.reference_bank(run.loaded, extra_ids=label_ids)
-        return self._banks[name]
+            return interpret_bank.reference_bank(run.loaded, extra_ids=label_ids)
+
+        return self._banks.get(run.loaded.name, build)
 
     def folder(self, run_id: str) -> RunFolder:
         return self.store.folder(run_id)
