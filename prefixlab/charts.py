@@ -91,10 +91,12 @@ def confusion_heatmap(report: Mapping, title: str = "Confusion matrix") -> go.Fi
 
 
 def baseline_bars(report: Mapping) -> go.Figure:
-    """Macro-F1 and accuracy of the prefix beside the zero-shot and TF-IDF baselines."""
+    """Macro-F1 and accuracy of the prefix beside the majority, zero-shot and TF-IDF
+    baselines."""
     rows = [("prefix", report)] + [
         (name, report["baselines"].get(key)) for key, name in
-        (("zero_shot", "zero-shot (no prefix)"), ("tfidf", "TF-IDF + logistic regression"))
+        (("majority", "majority class"), ("zero_shot", "zero-shot (no prefix)"),
+         ("tfidf", "TF-IDF + logistic regression"))
     ]
     rows = [(n, m) for n, m in rows if m]
     fig = go.Figure()

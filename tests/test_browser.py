@@ -211,7 +211,8 @@ def test_page_and_api_answer_within_a_second_while_a_run_trains(page, workbench,
     from playwright.sync_api import expect
 
     csv = write_reviews_csv(workdir / "long.csv", rows=40)
-    settings = {"epochs": 200, "batch_size": 1, "max_train_examples": 0}  # 6,400 steps
+    # 6,400 steps, no early stop: the run must still be going when the test cancels it
+    settings = {"epochs": 200, "batch_size": 1, "max_train_examples": 0, "patience": 0}
     cfg = run_config(str(csv), "text", "label", settings, model=workbench.default_model)
     run_id = workbench.start_run(cfg, name="long run", data_name="long.csv")
     step = wait_for_run(workbench, run_id, lambda r: r.state == "running" and r.step >= 3).step

@@ -164,7 +164,8 @@ def test_eight_clients_poll_and_score_while_a_run_trains(workbench, workdir, url
     model = workbench.default_model
     done = workbench.start_run(run_config(csv, "text", "label", {}, model=model), name="done")
     wait_for_run(workbench, done, lambda r: r.state == "completed")
-    long_cfg = run_config(csv, "text", "label", {"epochs": 200, "batch_size": 1}, model=model)
+    long_cfg = run_config(csv, "text", "label", {"epochs": 200, "batch_size": 1, "patience": 0},
+                          model=model)
     training = workbench.start_run(long_cfg, name="training")
     step_before = wait_for_run(workbench, training,
                             lambda r: r.state == "running" and r.step >= 3).step
