@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefixlab import cpu
 from prefixlab import data as datamod
 from prefixlab import train as trainmod
 from prefixlab.encode import DEFAULT_TEMPLATE, Encoder, Example, Template
@@ -152,7 +153,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu") -> list[
     """GFLOP/s of `repeats` n^3 products (after one warm-up).
 
     On CPU float32, each figure the faster of torch's default (MKL) and oneDNN, the library
-    ours' lean step multiplies with (prefixlab.train._linear): the limit is what the machine
+    ours' lean step multiplies with (prefixlab.cpu.linear): the limit is what the machine
     can do, whichever library does it. On CUDA bf16, the dtype training computes in there, and
     8192^3, the size a GPU needs to reach its peak."""
     dev = torch.device(device)
@@ -162,8 +163,8 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu") -> list[
         dtype = torch.float32
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     products = [lambda: a @ b]
-    if dev.type == "cpu" and trainmod._ONEDNN:
-        products.append(lambda: trainmod._linear(a, b))
+    if dev.type == "cpu" and cpu.ONEDNN:
+        products.append(lambda: cpu.linear(a, b))
     out = []
     for i in range(repeats + 1):
         rates = []
@@ -517,15 +518,15 @@ def random_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: in
 def _variant(name: str) -> Iterator[None]:
     """PrefixLab's training with one speed-up switched off (see VARIANTS), for the ablation
     rows; everything else, the loss and the gradient included, stays as shipped."""
-    saved = trainmod._lean_supported, trainmod.bucketed_batches
+    saved = trainmod.lean_supported, trainmod.bucketed_batches
     if name == "generic":
-        trainmod._lean_supported = lambda model: False
+        trainmod.lean_supported = lambda model: False
     elif name == "unbucketed":
         trainmod.bucketed_batches = random_batches
     try:
         yield
     finally:
-        trainmod._lean_supported, trainmod.bucketed_batches = saved
+        trainmod.lean_supported, trainmod.bucketed_batches = saved
 
 
 def spawn_worker(contender: str, cfg: BenchConfig, timeout: float | None = None) -> dict:

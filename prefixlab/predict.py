@@ -4,7 +4,7 @@ Scoring compares every label's full token sequence after the prompt. The prompt 
 per batch (the prefix's cache built once per batch); when every label is one token, that single
 forward is all it takes, reading logits only at each prompt's last position. Multi-token labels
 continue from the prompt's cache with all labels at once. Scoring runs in inference mode (no
-autograd bookkeeping, no version counters), with train's ThreadTuner picking the CPU thread
+autograd bookkeeping, no version counters), with ThreadTuner (prefixlab.cpu) picking the CPU thread
 count batch by batch.
 """
 
@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from prefixlab.cpu import ThreadTuner
 from prefixlab.encode import Encoder
 from prefixlab.models import autocast
 from prefixlab.prefix import build_cache, cache_keyword, prefix_inputs
-from prefixlab.train import ThreadTuner
 
 
 def _device(model: nn.Module) -> torch.device:

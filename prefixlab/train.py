@@ -14,9 +14,7 @@ ThreadTuner picks the CPU thread count from what each step measures.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,8 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefixlab.balance import epoch_order
+from prefixlab.cpu import ThreadTuner, trim_heap
 from prefixlab.encode import Example, bucketed_batches, collate
 from prefixlab.errors import ConfigError
+from prefixlab.llama_cpu import Workspace, lean_loss, lean_supported
 from prefixlab.models import autocast
 from prefixlab.prefix import Prefix, forward
 
@@ -37,7 +37,7 @@ CHUNK_TOKENS = 384
 gradients add up to the batch's, so activation memory stays bounded for any max_length:
 ~0.7 MB per token for SmolLM2-135M on the lean path, so training peaks at ~1.4 GB resident
 with the model. Larger chunks run matmuls closer to their peak, but 512 gained only ~4% with
-oneDNN's matmuls (`_linear`) and took the benchmark's peak RSS to ~1.53 GB."""
+oneDNN's matmuls (`prefixlab.cpu.linear`) and took the benchmark's peak RSS to ~1.53 GB."""
 Monitor = Literal["macro_f1", "accuracy", "val_loss"]
 ClassBalance = Literal["none", "sampled"]
 MONITORS: tuple[str, ...] = get_args(Monitor)
@@ -214,404 +214,6 @@ def batch_loss(model: nn.Module, kv: torch.Tensor, batch) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch.targets)  # logits: (n_target_tokens, V)
 
 
-# --- a lean training step for Llama-family decoders on CPU ----------------------------------
-#
-# batch_loss's loss and gradient, computed with less work and far less memory. All decoder
-# layers are one autograd node (`_LlamaStack`) with a hand-written backward:
-# - it keeps only what its backward needs, ~0.6 MB per token for SmolLM2-135M where autograd
-#   keeps ~1 MB: per layer the input and post-attention residuals, 1/rms, queries, keys and
-#   values (prefix included), the attention's log-sum-exp, and the MLP's gate and up;
-# - what it keeps lives in a workspace of large blocks reused batch after batch, never in the
-#   heap between short-lived tensors, where freed holes that later requests do not fit made
-#   the process hold ~1.8x the memory it used;
-# - attention runs on the key/value heads (GQA), not on copies repeated per query head, under
-#   one (T, P+S+T) mask: prefix, the rows' shared lead of S tokens, then causal. With right
-#   padding, no position the loss reads sees padding, and padded positions get no gradient;
-# - the lead (a template's head, the same in every row) is computed once, not once per row;
-# - the last layer's output projection and MLP run only at the positions the loss reads;
-# - frozen weights get no gradient: each linear layer's backward is one matmul.
-
-_LEAN_TYPES = {"llama"}  # model families whose decoder layer `_LlamaStack` reproduces exactly
-
-
-def _lean_supported(model: nn.Module) -> bool:
-    """Whether `_lean_loss` computes exactly what batch_loss computes for this model."""
-    config = model.config
-    if config.model_type not in _LEAN_TYPES or getattr(config, "hidden_act", None) != "silu":
-        return False
-    if next(model.parameters()).device.type != "cpu" or model.training:
-        return False
-    if any(p.requires_grad or p.dtype != torch.float32 for p in model.parameters()):
-        return False
-    inner = getattr(model, "model", None)
-    return all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
-
-
-class _Workspace:
-    """Memory for what `_LlamaStack` keeps between its forward and backward: large blocks,
-    handed out in order and reused for every batch (`reset`), released by `close`."""
-
-    BLOCK = 64 << 20  # bytes; above glibc's largest mmap threshold: never part of the heap
-
-    def __init__(self) -> None:
-        self.blocks: list[torch.Tensor] = []
-        self.block = self.offset = 0
-
-    def take(self, *shape: int) -> torch.Tensor:
-        """An uninitialized float32 tensor of `shape` in the workspace."""
-        n = math.prod(shape) * 4
-        start = -(-self.offset // 64) * 64  # 64-byte aligned
-        if start + n > self.BLOCK:
-            self.block, start = self.block + 1, 0
-        while self.block >= len(self.blocks):
-            self.blocks.append(torch.empty(max(n, self.BLOCK), dtype=torch.uint8))
-        if start + n > self.blocks[self.block].numel():  # one tensor larger than a block
-            self.blocks[self.block] = torch.empty(start + n, dtype=torch.uint8)
-        self.offset = start + n
-        return self.blocks[self.block][start : start + n].view(torch.float32).view(shape)
-
-    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A copy of a float32 `tensor` in the workspace, for one computed outside it (the
-        heap) that the backward needs."""
-        return self.take(*tensor.shape).copy_(tensor)
-
-    def reset(self) -> None:
-        """Call when nothing refers to what `take` returned any more."""
-        self.block = self.offset = 0
-
-    def close(self) -> None:
-        self.reset()
-        self.blocks.clear()
-
-
-def _rope_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> None:
-    """out = x * cos + rotate_half(x) * sin, written into `out` (any layout, e.g. a permuted
-    view of the attention's buffer): four half-width passes, no temporaries."""
-    h = x.shape[-1] // 2
-    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
-    torch.mul(x1, cos[..., :h], out=o1)
-    o1.addcmul_(x2, sin[..., :h], value=-1)
-    torch.mul(x2, cos[..., h:], out=o2)
-    o2.addcmul_(x1, sin[..., h:])
-
-
-def _rope_backward_into(out: torch.Tensor, grad: torch.Tensor, cos: torch.Tensor,
-                        sin: torch.Tensor) -> None:
-    """The transpose of `_rope_into` applied to `grad`, written into `out`."""
-    h = grad.shape[-1] // 2
-    g1, g2, o1, o2 = grad[..., :h], grad[..., h:], out[..., :h], out[..., h:]
-    torch.mul(g1, cos[..., :h], out=o1)
-    o1.addcmul_(g2, sin[..., h:])
-    torch.mul(g2, cos[..., h:], out=o2)
-    o2.addcmul_(g1, sin[..., :h], value=-1)
-
-
-def _rms_backward(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor,
-                  weight: torch.Tensor) -> torch.Tensor:
-    """Gradient of w * x * rstd, rstd = 1/sqrt(mean(x^2) + eps), with respect to x."""
-    gw = grad * weight
-    return rstd * (gw - x * (rstd * rstd * (gw * x).mean(-1, keepdim=True)))
-
-
-class _LlamaStack(torch.autograd.Function):
-    """All decoder layers of a Llama model reading a batch after the prefix, as one node.
-
-    forward(kv (L, 2, H_kv, P, D), h (B*T + S, C), ...) -> (n, C). `h` holds the embeddings of
-    the rows' own T tokens, flattened, then of S lead tokens that every row starts with (a
-    template's head): each row reads prefix, lead, then its own tokens, and the lead is
-    computed once for the batch, not once per row. Returns the last layer's output at the n
-    positions `keep` (B, T) marks. Only kv gets a gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, kv, h, inner, keep, rope, rope_lead, bias, bias_lead, ws):
-        B, T = keep.shape
-        BT = B * T
-        S = h.shape[0] - BT  # lead tokens
-        P = kv.shape[3]
-        cos, sin = rope  # (1, T, 1, D) each
-        cos_l, sin_l = rope_lead  # (S, 1, D) each
-        keep_flat = keep.reshape(-1)
-        layers = inner.layers
-        last = len(layers) - 1
-        saved = []
-        for i, layer in enumerate(layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            D = attn.head_dim
-            Hk = attn.k_proj.out_features // D
-            G = attn.q_proj.out_features // D // Hk  # query heads per key/value head
-            norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-            rstd1 = ws.take(h.shape[0], 1)
-            torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm1.variance_epsilon, out=rstd1)
-            x = h * rstd1 * norm1.weight  # (N, C)
-            q = _linear(x, attn.q_proj.weight, attn.q_proj.bias)  # (N, Hk*G*D)
-            k = _linear(x, attn.k_proj.weight, attn.k_proj.bias)  # (N, Hk*D)
-            v = _linear(x, attn.v_proj.weight, attn.v_proj.bias)
-            qg = ws.take(B, Hk, G * T, D)  # queries grouped by their key/value head, RoPE'd
-            _rope_into(qg.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4),
-                       q[:BT].view(B, T, Hk, G, D), cos.unsqueeze(2), sin.unsqueeze(2))
-            keys, values = ws.take(B, Hk, P + S + T, D), ws.take(B, Hk, P + S + T, D)
-            keys[:, :, :P], values[:, :, :P] = kv[i, 0], kv[i, 1]
-            if S:  # row 0's copy, then the others
-                _rope_into(keys[0, :, P : P + S].transpose(0, 1), k[BT:].view(S, Hk, D),
-                           cos_l, sin_l)
-                values[0, :, P : P + S] = v[BT:].view(S, Hk, D).transpose(0, 1)
-                keys[1:, :, P : P + S] = keys[0, :, P : P + S]
-                values[1:, :, P : P + S] = values[0, :, P : P + S]
-            _rope_into(keys[:, :, P + S :].transpose(1, 2), k[:BT].view(B, T, Hk, D), cos, sin)
-            values[:, :, P + S :] = v[:BT].view(B, T, Hk, D).transpose(1, 2)
-            o_att, lse = _attend(qg, keys, values, bias, attn.scaling)  # (B, Hk, G*T, D)
-            o_att, lse = ws.keep(o_att), ws.keep(lse)  # kept for the backward
-            o_rows = o_att.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4)  # (B, T, Hk, G, D)
-            lead = None
-            if i == last:  # nothing after this layer reads the lead or unscored positions
-                o = o_rows.reshape(BT, -1)[keep_flat]  # (n, H*D)
-                h_res = h[:BT][keep_flat]  # (n, C)
-            else:
-                h_res = h
-                o = torch.empty(h.shape[0], q.shape[-1])  # (N, H*D): rows, then the lead
-                o[:BT].view(B, T, Hk, G, D).copy_(o_rows)
-                if S:  # the lead attends to the prefix and itself: row 0's copy of them
-                    qgl = ws.take(1, Hk, G * S, D)
-                    _rope_into(qgl.view(Hk, G, S, D).permute(2, 0, 1, 3),
-                               q[BT:].view(S, Hk, G, D), cos_l.unsqueeze(2),
-                               sin_l.unsqueeze(2))
-                    ol, lse_l = _attend(qgl, keys[:1, :, : P + S], values[:1, :, : P + S],
-                                        bias_lead, attn.scaling)  # (1, Hk, G*S, D)
-                    o[BT:].view(S, Hk, G, D).copy_(ol.view(Hk, G, S, D).permute(2, 0, 1, 3))
-                    lead = (qgl, ol, lse_l)
-            del q, k, v, x, o_rows
-            h_in = h if i else None  # the embeddings need no gradient: not kept
-            h2 = ws.take(*h_res.shape)
-            torch.add(h_res, _linear(o, attn.o_proj.weight, attn.o_proj.bias), out=h2)
-            rstd2 = ws.take(h2.shape[0], 1)
-            torch.rsqrt(h2.pow(2).mean(-1, keepdim=True) + norm2.variance_epsilon, out=rstd2)
-            x = h2 * rstd2 * norm2.weight
-            # kept for the backward: in the workspace, not the heap (see _Workspace)
-            gate = ws.take(h2.shape[0], mlp.gate_proj.out_features)
-            up = ws.take(h2.shape[0], mlp.up_proj.out_features)
-            gate.copy_(_linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
-            up.copy_(_linear(x, mlp.up_proj.weight, mlp.up_proj.bias))
-            out = ws.take(*h2.shape)
-            torch.add(h2, _linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias),
-                      out=out)
-            saved.append((h_in, rstd1, qg, keys, values, o_att, lse, lead, h2, rstd2, gate, up))
-            h = out
-        ctx.saved = saved
-        ctx.inner, ctx.keep, ctx.rope, ctx.rope_lead = inner, keep, rope, rope_lead
-        ctx.bias, ctx.bias_lead, ctx.P, ctx.S = bias, bias_lead, P, S
-        return h
-
-    @staticmethod
-    def backward(ctx, grad):
-        inner, keep, P, S = ctx.inner, ctx.keep, ctx.P, ctx.S
-        (cos, sin), (cos_l, sin_l) = ctx.rope, ctx.rope_lead
-        layers = inner.layers
-        last = len(layers) - 1
-        B, T = keep.shape
-        BT, N = B * T, B * T + S
-        keep_flat = keep.reshape(-1)
-        Hk, D = ctx.saved[0][3].shape[1], ctx.saved[0][3].shape[-1]
-        dkv = torch.zeros(len(layers), 2, Hk, P, D)  # (L, 2, H_kv, P, D)
-        dh = grad  # (n, C) at the last layer's output
-        for i in range(last, -1, -1):
-            h, rstd1, qg, keys, values, o_att, lse, lead, h2, rstd2, gate, up = ctx.saved[i]
-            layer = layers[i]
-            attn, mlp = layer.self_attn, layer.mlp
-            G = qg.shape[2] // T
-            # MLP: out = h2 + down(silu(gate) * up)
-            da = _linear(dh, mlp.down_proj.weight.t())
-            dgate = torch.ops.aten.silu_backward(da * up, gate)
-            dup = da * F.silu(gate)
-            dx = _linear(dgate, mlp.gate_proj.weight.t()) + _linear(dup, mlp.up_proj.weight.t())
-            dh2 = dh + _rms_backward(dx, h2, rstd2, layer.post_attention_layernorm.weight)
-            del da, dgate, dup, dx
-            # attention output: h2 = h + o_proj(o)
-            do = _linear(dh2, attn.o_proj.weight.t())  # (.., H*D)
-            if i == last:  # back from the scored positions to all, the lead's left at zero
-                do, dh2 = _scatter(do, keep_flat, N), _scatter(dh2, keep_flat, N)
-            dog = do[:BT].view(B, T, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * T, D)
-            dq, dkeys, dvalues = _attend_backward(dog, qg, keys, values, o_att, lse, ctx.bias,
-                                                  attn.scaling)
-            dkv[i, 0] = dkeys[:, :, :P].sum(0)
-            dkv[i, 1] = dvalues[:, :, :P].sum(0)
-            if S:
-                dkl = dkeys[:, :, P : P + S].sum(0)  # (Hk, S, D): from every row
-                dvl = dvalues[:, :, P : P + S].sum(0)
-            dql = None
-            if lead is not None:
-                qgl, ol, lse_l = lead
-                dogl = do[BT:].view(S, Hk, G, D).permute(1, 2, 0, 3).reshape(1, Hk, G * S, D)
-                dql, dkeys_l, dvalues_l = _attend_backward(
-                    dogl, qgl, keys[:1, :, : P + S], values[:1, :, : P + S], ol, lse_l,
-                    ctx.bias_lead, attn.scaling)
-                dkv[i, 0] += dkeys_l[0, :, :P]
-                dkv[i, 1] += dvalues_l[0, :, :P]
-                dkl += dkeys_l[0, :, P:]
-                dvl += dvalues_l[0, :, P:]
-            if i == 0:  # the embeddings need no gradient
-                break
-            # the projections' gradients, rows then lead, RoPE undone (its transpose)
-            dQ, dK, dV = torch.empty(N, Hk * G * D), torch.empty(N, Hk * D), torch.empty(N, Hk * D)
-            _rope_backward_into(dQ[:BT].view(B, T, Hk, G, D),
-                                dq.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4),
-                                cos.unsqueeze(2), sin.unsqueeze(2))
-            _rope_backward_into(dK[:BT].view(B, T, Hk, D), dkeys[:, :, P + S :].transpose(1, 2),
-                                cos, sin)
-            dV[:BT].view(B, T, Hk, D).copy_(dvalues[:, :, P + S :].transpose(1, 2))
-            if S:
-                if dql is None:  # the last layer: the lead's queries read nothing
-                    dQ[BT:] = 0
-                else:
-                    _rope_backward_into(dQ[BT:].view(S, Hk, G, D),
-                                        dql.view(Hk, G, S, D).permute(2, 0, 1, 3),
-                                        cos_l.unsqueeze(2), sin_l.unsqueeze(2))
-                _rope_backward_into(dK[BT:].view(S, Hk, D), dkl.transpose(0, 1), cos_l, sin_l)
-                dV[BT:].view(S, Hk, D).copy_(dvl.transpose(0, 1))
-            dx = (_linear(dQ, attn.q_proj.weight.t()) + _linear(dK, attn.k_proj.weight.t())
-                  + _linear(dV, attn.v_proj.weight.t()))
-            dh = dh2 + _rms_backward(dx, h, rstd1, layer.input_layernorm.weight)
-        ctx.saved = None
-        return dkv, None, None, None, None, None, None, None, None
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """x @ weight^T + bias through oneDNN where torch has it (any layout of `weight`: the
-    backward passes weight^T as a view). On this project's AMD EPYC (AVX-512) oneDNN ran
-    SmolLM2's float32 products at 185-210 GFLOP/s where torch's default (MKL, which takes
-    its AVX2 path on AMD) ran 117-177."""
-    if _ONEDNN:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
-    return F.linear(x, weight, bias)
-
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# oneDNN caches a primitive, with its own packed-weight scratch memory, per matmul shape, up to
-# 1024 of them: length-bucketed batches bring a new row count each, and the cache grew the
-# benchmark's peak RSS by ~0.2 GB. 16 holds what one batch uses. Read when oneDNN makes its
-# first primitive, so this takes effect unless something ran oneDNN before this import.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
-
-
-def _attend(qg, keys, values, bias, scaling: float):
-    """softmax(qg keys^T * scaling + bias) values, grouped-query, and its log-sum-exp, which
-    the backward needs: qg (B, Hk, G*T, D), keys/values (B, Hk, S, D), bias (G*T, S).
-
-    torch's fused CPU attention kernels (flash attention, blocked: no (G*T, S) score tensor is
-    materialized) ran forward plus backward 1.4x faster than the same as separate ops here."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qg, keys, values, attn_mask=bias, scale=scaling)
-
-
-def _attend_backward(dog, qg, keys, values, out, lse, bias, scaling: float):
-    """Gradients of `_attend` for queries, keys and values; `out` and `lse` are its results."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dog, qg, keys, values, out, lse, 0.0, False, attn_mask=bias, scale=scaling)
-
-
-def _scatter(rows: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
-    """(n, C) zeros with `rows` at the positions `keep` marks among the first len(keep)."""
-    full = rows.new_zeros(n, rows.shape[-1])
-    full[: len(keep)][keep] = rows
-    return full
-
-
-def _causal_bias(t: int, before: int) -> torch.Tensor:
-    """(t, before + t) additive mask: every query sees the `before` keys, then causal."""
-    visible = torch.ones(t, before + t, dtype=torch.bool).tril(before)
-    return torch.zeros(t, before + t).masked_fill_(~visible, float("-inf"))
-
-
-def _lead_length(batch) -> int:
-    """How many leading tokens every row of the batch shares (a template's head), short of
-    the first position whose logit scores a target."""
-    ids = batch.input_ids
-    if ids.shape[0] < 2:
-        return 0
-    first_scored = int(batch.loss_mask.long().argmax(1).min())
-    same = (ids == ids[:1]).all(0)[:first_scored]
-    return int(same.long().cumprod(0).sum())
-
-
-def _lean_loss(model: nn.Module, kv: torch.Tensor, batch, ws: _Workspace | None = None):
-    """batch_loss for a right-padded batch on a supported model (see `_lean_supported`)."""
-    inner = model.model
-    S = _lead_length(batch)
-    ids = batch.input_ids[:, S:]
-    B, T = ids.shape
-    P = kv.shape[3]
-    with torch.no_grad():
-        h = inner.embed_tokens(torch.cat([ids.reshape(-1), batch.input_ids[0, :S]]))  # (N, C)
-        positions = torch.arange(P, P + S + T).unsqueeze(0)  # after the prefix: lead, rows
-        cos, sin = inner.rotary_emb(h, positions)  # (1, S+T, D) each
-        rope_lead = cos[0, :S].unsqueeze(1), sin[0, :S].unsqueeze(1)  # (S, 1, D)
-        rope = cos[:, S:].unsqueeze(2), sin[:, S:].unsqueeze(2)  # (1, T, 1, D)
-        # queries are grouped by key/value head, G per head: the masks repeat G times
-        G = model.config.num_attention_heads // model.config.num_key_value_heads
-        bias = _causal_bias(T, P + S).repeat(G, 1)  # rows: prefix, lead, then causal
-        bias_lead = _causal_bias(S, P).repeat(G, 1)  # the lead: prefix, then causal
-    h = _LlamaStack.apply(kv, h, inner, batch.loss_mask[:, S:], rope, rope_lead, bias,
-                          bias_lead, ws or _Workspace())
-    h = _RMSNorm.apply(h, inner.norm.weight, inner.norm.variance_epsilon)  # (n, C)
-    head = model.get_output_embeddings()
-    if head.bias is not None:
-        return F.cross_entropy(head(h).float(), batch.targets)
-    return _HeadCrossEntropy.apply(h, head.weight, batch.targets)
-
-
-class _HeadCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits h @ W^T (W frozen) at the n loss positions.
-
-    With a few rows, reading the (V, C) weight is the whole cost: W @ h^T runs at memory
-    speed where h @ W^T took 2x longer (16 vs 7 ms for SmolLM2's 49152 x 576 at n = 8), and
-    the backward's (n, V) @ (V, C) is fastest as a batch of products over vocabulary slices.
-    """
-
-    SLICES = 8
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
-        logits = (weight @ h.t()).t()  # (n, V)
-        lse = torch.logsumexp(logits, -1)  # (n,)
-        rows = torch.arange(len(targets))
-        loss = (lse - logits[rows, targets]).mean()
-        ctx.save_for_backward(logits, lse, targets)
-        ctx.weight = weight
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        logits, lse, targets = ctx.saved_tensors
-        weight = ctx.weight
-        n, V = logits.shape
-        dlogits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place: not needed again
-        dlogits[torch.arange(n), targets] -= 1
-        dlogits.mul_(grad / n)
-        k = _HeadCrossEntropy.SLICES
-        if V % k:
-            return dlogits @ weight, None, None
-        parts = torch.bmm(dlogits.view(n, k, V // k).transpose(0, 1),
-                          weight.view(k, V // k, -1))  # (k, n, C)
-        return parts.sum(0), None, None
-
-
-class _RMSNorm(torch.autograd.Function):
-    """y = w * x / sqrt(mean(x^2) + eps), with w frozen; keeps x and 1/rms."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        ctx.save_for_backward(x, rstd)
-        ctx.weight = weight
-        return weight * (x * rstd)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, rstd = ctx.saved_tensors
-        return _rms_backward(grad, x, rstd, ctx.weight), None, None
-
-
 def _chunks(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]:
     """Rows in length order, cut into chunks of at most `max_tokens` padded tokens each
     (a row longer than that is a chunk of its own). Balanced: as few chunks as the budget
@@ -629,7 +231,7 @@ def _chunks(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]
 
 def _backward(
     model: nn.Module, kv: torch.Tensor, examples: Sequence[Example], pad_id: int,
-    device: torch.device, max_tokens: int, workspace: _Workspace | None = None,
+    device: torch.device, max_tokens: int, workspace: Workspace | None = None,
 ) -> tuple[float, int, int]:
     """The batch's mean loss, its gradient accumulated through `kv`.
 
@@ -638,17 +240,17 @@ def _backward(
     The batch is read in chunks of at most `max_tokens` padded tokens, so activation memory
     is bounded whatever the rows' lengths. Each chunk's mean is weighted by its share of the
     batch's label tokens: the sum is the whole batch's mean loss, and so is the gradient.
-    Llama-family models on CPU take the lean path (`_lean_loss`), with `workspace` reused.
+    Llama-family models on CPU take the lean path (`lean_loss`), with `workspace` reused.
     """
     leaf = kv if kv.is_leaf else kv.detach().requires_grad_()  # chunks add their grads here
     n_targets = sum(len(e.target) for e in examples)
     total, real, padded = 0.0, 0, 0
-    lean = _lean_supported(model)
-    ws = workspace or _Workspace()
+    lean = lean_supported(model)
+    ws = workspace or Workspace()
     for chunk in _chunks(examples, max_tokens):
         batch = collate(chunk, pad_id).to(device)
         with autocast(device), _attention_backends(device):
-            loss = _lean_loss(model, leaf, batch, ws) if lean else batch_loss(model, leaf, batch)
+            loss = lean_loss(model, leaf, batch, ws) if lean else batch_loss(model, leaf, batch)
             loss = loss * (batch.targets.numel() / n_targets)
         loss.backward()
         ws.reset()
@@ -671,119 +273,6 @@ def _attention_backends(device: torch.device):
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                         SDPBackend.MATH])
-
-
-class ThreadTuner:
-    """Picks torch's CPU thread count step by step, from what each step measures.
-
-    On cores that other processes also use, every parallel op waits at an OpenMP barrier for
-    a thread the scheduler has not run yet: on 2 shared cores we measured a training step 6x
-    slower with 2 threads than with 1. On idle cores, 2 threads are ~1.8x faster than 1. So
-    the tuner runs torch's thread count while its threads get the CPU time they ask for, and
-    tries one thread for a step when they do not; it runs one thread while no core is idle,
-    and tries the full count for a step when one is (from /proc/stat; without it, now and
-    then). A try is kept if its step ran faster per padded token. A try that loses waits
-    twice as long before the next.
-
-    Inactive (a no-op) on CUDA, with one thread, or when OMP_NUM_THREADS pins the count.
-    """
-
-    BUSY = 0.8  # CPU seconds per wall second per thread below which our threads were starved
-    IDLE = 0.3  # share of the machine's CPU time left idle above which a core is free
-
-    def __init__(self, device: torch.device, max_wait: int = 32, *,
-                 clock: Callable[[], float] = time.perf_counter,
-                 cpu_clock: Callable[[], float] = time.process_time,
-                 machine_cpu: Callable[[], tuple[int, int] | None] | None = None):
-        """`clock`, `cpu_clock` (this process) and `machine_cpu` ((idle, total) ticks of the
-        machine, `_machine_cpu`) are what it measures, replaceable in tests."""
-        self.clock, self.cpu_clock = clock, cpu_clock
-        self.machine_cpu = machine_cpu or _machine_cpu
-        self.initial = torch.get_num_threads()
-        self.active = (device.type == "cpu" and self.initial > 1
-                       and "OMP_NUM_THREADS" not in os.environ)
-        self.current = self.initial
-        self.cost: dict[int, float] = {}  # threads -> seconds per padded token, recent
-        self.wait = 1  # steps between tries: doubles after a try that loses
-        self.max_wait = max_wait
-        self.since_try = 0
-        self.want_try = False
-        self._trying: int | None = None
-        self._start: tuple[float, float, tuple[int, int] | None] = (0.0, 0.0, None)
-
-    def start(self) -> None:
-        """Call before a step: sets the thread count it runs with."""
-        if not self.active:
-            return
-        other = 1 if self.current == self.initial else self.initial
-        self._trying = other if self.want_try and self.since_try >= self.wait else None
-        torch.set_num_threads(self._trying or self.current)
-        self._start = (self.clock(), self.cpu_clock(), self.machine_cpu())
-
-    def stop(self, work: int) -> None:
-        """Call after a step with its work (padded tokens)."""
-        if not self.active or work <= 0:
-            return
-        wall0, cpu0, machine0 = self._start
-        wall = max(self.clock() - wall0, 1e-9)
-        n = self._trying or self.current
-        cost = wall / work
-        old = self.cost.get(n)
-        # A try replaces what is known of a count; the running count is smoothed over steps.
-        self.cost[n] = cost if old is None or self._trying else 0.5 * old + 0.5 * cost
-        if self._trying is not None:
-            self.since_try = 0
-            if self.cost[n] < self.cost.get(self.current, float("inf")):
-                self.current, self.wait = n, 1
-            else:
-                self.wait = min(2 * self.wait, self.max_wait)
-        else:
-            self.since_try += 1
-        if self.current == self.initial:  # starved threads: try one
-            share = (self.cpu_clock() - cpu0) / (wall * n)
-            self.want_try = share < self.BUSY
-        else:  # a free core: try them all
-            machine = self.machine_cpu()
-            if machine is None or machine0 is None:
-                self.want_try = self.since_try >= self.max_wait
-            else:
-                idle, total = machine[0] - machine0[0], machine[1] - machine0[1]
-                self.want_try = total > 0 and idle / total > self.IDLE
-
-    def close(self) -> None:
-        """Restore the thread count found at the start."""
-        if self.active:
-            torch.set_num_threads(self.initial)
-
-
-def _load_trim() -> Callable[[], None]:
-    """glibc's malloc_trim(0), or a no-op where there is none (not Linux, or musl)."""
-    try:
-        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-
-    def trim() -> None:
-        malloc_trim(0)
-
-    return trim
-
-
-_trim_heap = _load_trim()
-"""Hands the heap's free pages back to the OS. Called after each CPU step: matmul scratch
-memory freed between the tensors the step kept leaves holes the next batch's shapes do not
-fit, and trimming them took the peak RSS of a 2-epoch run from 1.44 to 1.40 GB for 3 ms a
-step."""
-
-
-def _machine_cpu() -> tuple[int, int] | None:
-    """(idle, total) CPU time of the whole machine in clock ticks, or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return values[3] + values[4], sum(values)  # idle + iowait
 
 
 def train(
@@ -836,7 +325,7 @@ def train(
     step = start
     epoch_batches: dict[int, list[list[Example]]] = {}
     tuner = ThreadTuner(device)
-    workspace = _Workspace()
+    workspace = Workspace()
     chunk_tokens = CUDA_CHUNK_TOKENS if device.type == "cuda" else CHUNK_TOKENS
     reason = f"budget of {cfg.epochs} epochs" if cfg.max_steps is None or total < cfg.max_steps \
         else f"max_steps {cfg.max_steps}"
@@ -865,7 +354,7 @@ def train(
             optimizer.step()
             tuner.stop(padded)
             if device.type == "cpu":
-                _trim_heap()
+                trim_heap()
 
             step += 1
             seen += len(rows)

@@ -66,6 +66,30 @@ def tiny_model(kind: str, vocab_size: int = 300):
     return model
 
 
+TEXTS = ["good great", "bad awful terrible horrible boring", "fine",
+         "the movie was great and i loved it", "a terrible boring film", "excellent"]
+LABELS = ["positive", "negative", "positive", "positive", "negative", "positive"]
+
+
+def sentiment_batch(loaded, labels=("negative", "positive"), gold=LABELS):
+    """Six sentiment rows of different lengths and a text-initialized prefix's kv (P = 4)."""
+    from prefixlab.encode import Encoder, Template
+    from prefixlab.prefix import Prefix, PrefixConfig, init_prefix
+
+    enc = Encoder(loaded.tokenizer, Template(), list(labels), max_length=64)
+    examples = enc.examples(TEXTS, list(gold))
+    prefix = Prefix(loaded.shape, PrefixConfig(prefix_length=4))
+    init_prefix(prefix, loaded.model, loaded.tokenizer, "Classify the text")
+    return examples, prefix.kv
+
+
+def loss_and_grad(fn, model, kv, batch):
+    """`fn(model, kv, batch)` and its gradient with respect to kv."""
+    loss = fn(model, kv, batch)
+    (grad,) = torch.autograd.grad(loss, kv)
+    return loss.detach(), grad
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

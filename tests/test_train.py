@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
-from prefixlab.encode import Encoder, Template, bucketed_batches
+from prefixlab.encode import Encoder, Template, bucketed_batches, collate
 from prefixlab.predict import score_labels
 from prefixlab.prefix import Prefix, PrefixConfig, init_prefix
-from prefixlab.train import Checkpoint, TrainConfig, train
+from prefixlab.train import Checkpoint, TrainConfig, _backward, _chunks, batch_loss, train
+
+from .conftest import loss_and_grad, sentiment_batch
 
 POS = ["good", "great", "wonderful", "excellent", "fine"]
 NEG = ["bad", "awful", "terrible", "horrible", "boring"]
@@ -144,3 +147,29 @@ def test_batch_loss_equals_the_loss_over_whole_sequences(loaded):
         got = float(batch_loss(loaded.model, kv, collate(rows, 0)))
     assert abs(got - expected) < 1e-5
     assert collate(rows, 0).input_ids.shape[1] == max(len(e) for e in rows) - 1
+
+
+def test_chunked_backward_gives_the_whole_batch_loss_and_gradient(loaded):
+    examples, kv = sentiment_batch(loaded)
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    want_loss, want_grad = loss_and_grad(batch_loss, loaded.model, kv, batch)
+    leaf = kv.detach().clone().requires_grad_(True)
+    longest = max(len(e) for e in examples)
+    assert len(_chunks(examples, 2 * longest)) == 3  # 6 rows, 2 per chunk
+    loss, real, padded = _backward(loaded.model, leaf, examples,
+                                            loaded.tokenizer.pad_token_id,
+                                            torch.device("cpu"), 2 * longest)
+    assert real == sum(len(e) for e in examples) <= padded <= len(examples) * longest
+    assert loss == pytest.approx(float(want_loss), rel=1e-5)
+    torch.testing.assert_close(leaf.grad, want_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_chunks_keep_to_the_budget_and_every_row():
+    from prefixlab.encode import Example
+
+    rows = [Example([1] * n, [2], 0) for n in (5, 40, 9, 12, 3, 30, 7, 20)]
+    for budget in (1, 16, 64, 100, 10_000):
+        parts = _chunks(rows, budget)
+        assert sorted(id(e) for p in parts for e in p) == sorted(id(e) for e in rows)
+        assert all(len(p) == 1 or len(p) * max(len(e) for e in p) <= budget for p in parts)
+    assert len(_chunks(rows, 10_000)) == 1

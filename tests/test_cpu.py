@@ -1,0 +1,57 @@
+"""The thread tuner picks the faster thread count and leaves a pinned one alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefixlab.cpu import ThreadTuner
+
+
+def test_thread_tuner_follows_the_faster_thread_count(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    initial = torch.get_num_threads()
+    if initial < 2:
+        pytest.skip("torch runs one thread here: nothing to choose")
+    wall, cpu, idle, total = [0.0], [0.0], [0], [0]
+    tuner = ThreadTuner(torch.device("cpu"), clock=lambda: wall[0], cpu_clock=lambda: cpu[0],
+                        machine_cpu=lambda: (idle[0], total[0]))
+
+    def steps(seconds_per_token: dict[int, float], cpu_share: float, idle_share: float,
+              n: int) -> list[int]:
+        used = []
+        for _ in range(n):
+            tuner.start()
+            threads = torch.get_num_threads()
+            used.append(threads)
+            seconds = seconds_per_token[threads] * 100
+            wall[0] += seconds
+            cpu[0] += seconds * threads * cpu_share
+            total[0] += 1000
+            idle[0] += int(1000 * idle_share)
+            tuner.stop(100)
+        return used
+
+    try:
+        quiet = steps({initial: 0.5, 1: 1.0}, 0.97, 0.0, 30)  # cores ours: never try one
+        assert quiet == [initial] * 30
+        busy = steps({initial: 6.0, 1: 1.0}, 0.2, 0.0, 30)  # shared cores, starved threads
+        assert busy[-25:] == [1] * 25
+        freed = steps({initial: 0.5, 1: 1.0}, 1.0, 0.5, 10)  # a core idle again
+        assert freed[-8:] == [initial] * 8
+        # a machine busy but not with our threads' share: tries lose and grow rarer
+        mixed = steps({initial: 0.5, 1: 1.0}, 0.5, 0.0, 64)
+        assert mixed.count(1) <= 7
+    finally:
+        tuner.close()
+    assert torch.get_num_threads() == initial
+
+
+def test_thread_tuner_leaves_a_pinned_count_alone(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    tuner = ThreadTuner(torch.device("cpu"))
+    before = torch.get_num_threads()
+    tuner.start()
+    tuner.stop(100)
+    tuner.close()
+    assert not tuner.active and torch.get_num_threads() == before

@@ -1,0 +1,121 @@
+"""The lean Llama CPU step gives batch_loss's loss and gradient, with less memory.
+
+Its pieces (head cross-entropy, RoPE written in place) match autograd; its workspace is reused
+batch after batch without mixing them; it is not used where it does not apply.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prefixlab import llama_cpu
+from prefixlab.encode import Encoder, Template, collate
+from prefixlab.prefix import Prefix, PrefixConfig, init_prefix
+from prefixlab.train import _backward, batch_loss
+
+from .conftest import LABELS, TEXTS, loss_and_grad, sentiment_batch, tiny_model
+
+
+def test_lean_forward_matches_batch_loss_with_padding_and_multi_token_labels(tokenizer):
+    from prefixlab.models import prepare_model
+
+    loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
+    assert llama_cpu.lean_supported(loaded.model)
+    # a two-token label, so the loss reads two positions in some rows
+    gold = ["positive", "negative neither", "positive", "positive", "negative neither",
+            "positive"]
+    examples, kv = sentiment_batch(loaded, ("negative neither", "positive"), gold)
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    assert batch.attention_mask.min() == 0  # rows of different lengths: right padding
+    want = loss_and_grad(batch_loss, loaded.model, kv, batch)
+    got = loss_and_grad(llama_cpu.lean_loss, loaded.model, kv, batch)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("template, texts, lead", [
+    ("Text: {text}\nCategory ({labels}):", TEXTS, "head"),  # the template's head is shared
+    ("{text} =>", TEXTS, "none"),  # nothing shared
+    ("Text: {text}\nCategory ({labels}):", ["good great film", "good great", "good"] * 2,
+     "more"),  # the texts share words too; identical prompts stop before the scored position
+])
+def test_lean_step_reads_a_shared_lead_once_with_the_same_loss_and_gradient(
+        tokenizer, template, texts, lead):
+    from prefixlab.models import prepare_model
+
+    loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
+    enc = Encoder(loaded.tokenizer, Template(template), ["negative", "positive"], max_length=64)
+    examples = enc.examples(texts, LABELS)
+    prefix = Prefix(loaded.shape, PrefixConfig(prefix_length=4))
+    init_prefix(prefix, loaded.model, loaded.tokenizer, "Classify the text")
+    kv = prefix.kv
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    shared = llama_cpu.lead_length(batch)
+    head = len(enc.head_ids)
+    assert {"head": shared == head, "none": shared == 0, "more": shared > head}[lead]
+    want = loss_and_grad(batch_loss, loaded.model, kv, batch)
+    got = loss_and_grad(llama_cpu.lean_loss, loaded.model, kv, batch)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+    one = collate(examples[:1], loaded.tokenizer.pad_token_id)  # one row: no lead
+    assert llama_cpu.lead_length(one) == 0
+    torch.testing.assert_close(loss_and_grad(llama_cpu.lean_loss, loaded.model, kv, one)[1],
+                               loss_and_grad(batch_loss, loaded.model, kv, one)[1],
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_lean_forward_is_not_used_where_it_does_not_apply(tokenizer):
+    from prefixlab.models import prepare_model
+
+    gpt2 = prepare_model(tiny_model("gpt2"), tokenizer, "tiny-gpt2", torch.device("cpu"))
+    assert not llama_cpu.lean_supported(gpt2.model)
+    llama = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
+    llama.model.model.norm.weight.requires_grad_(True)  # not a frozen model any more
+    assert not llama_cpu.lean_supported(llama.model)
+
+
+def test_lean_step_reuses_its_workspace_without_mixing_batches(tokenizer):
+    from prefixlab.models import prepare_model
+
+    loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
+    examples, kv = sentiment_batch(loaded)
+    pad = loaded.tokenizer.pad_token_id
+    ws = llama_cpu.Workspace()
+    grads = []
+    for rows in (examples, examples[::-1][:3], examples):  # the middle batch: other shapes
+        leaf = kv.detach().clone().requires_grad_(True)
+        _backward(loaded.model, leaf, rows, pad, torch.device("cpu"), 10_000, ws)
+        grads.append(leaf.grad)
+    assert len(ws.blocks) == 1  # one block, reused
+    torch.testing.assert_close(grads[2], grads[0], atol=0, rtol=0)
+    ws.close()
+
+
+@pytest.mark.parametrize("vocab", [64, 67])  # sliced backward, and the plain one
+def test_head_cross_entropy_matches_autograd(vocab):
+    torch.manual_seed(0)
+    h = torch.randn(5, 12, requires_grad=True)
+    weight = torch.randn(vocab, 12)
+    targets = torch.tensor([0, 3, vocab - 1, 3, 7])
+    want = F.cross_entropy(h @ weight.t(), targets)
+    (want_grad,) = torch.autograd.grad(want, h)
+    got = llama_cpu._HeadCrossEntropy.apply(h, weight, targets)
+    (got_grad,) = torch.autograd.grad(got * 1.0, h)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+
+
+def test_rope_written_in_place_matches_rotate_half():
+    torch.manual_seed(0)
+    x, cos, sin = torch.randn(2, 5, 3, 8), torch.randn(1, 5, 1, 8), torch.randn(1, 5, 1, 8)
+    half = torch.cat((-x[..., 4:], x[..., :4]), dim=-1)
+    out = torch.empty(2, 3, 5, 8).transpose(1, 2)  # a strided view, as in the attention buffers
+    llama_cpu._rope_into(out, x, cos, sin)
+    torch.testing.assert_close(out, x * cos + half * sin)
+    # the backward is the transpose: <rope(x), g> == <x, rope^T(g)>
+    g = torch.randn_like(x)
+    back = torch.empty_like(x)
+    llama_cpu._rope_backward_into(back, g, cos, sin)
+    torch.testing.assert_close((out * g).sum(), (x * back).sum())
