@@ -381,7 +381,8 @@ def test_a_file_without_a_text_column_is_refused_before_start(demo, workbench):
     *_, notice = handler(demo, "csv", "upload")(str(BAD_INPUTS / "no_text_column.csv"))
     check = next(f.fn for f in demo.fns.values() if f.name == "check")
     state = {"path": str(BAD_INPUTS / "no_text_column.csv"), "name": "no_text_column.csv"}
-    message, start, notice = check(state, 8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100)
+    settings = (8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100, 2, 1.5)
+    message, start, notice = check(state, *settings)
     assert "Cannot start with no_text_column.csv" in message
     assert "no column holds text" in message and start["interactive"] is False
 
@@ -392,16 +393,17 @@ def test_too_many_labels_for_the_prompt_are_refused_before_start(demo, tmp_path)
         f"the movie was great {i},label{i % 30}\n" for i in range(120)))
     check = next(f.fn for f in demo.fns.values() if f.name == "check")
     state = {"path": str(path), "name": "many.csv", "text": "text", "label": "label"}
-    message, start, _ = check(state, 8, "text", False, 5e-3, 1, 8, 48, 0.2, 0, 200, 100)
+    message, start, _ = check(state, 8, "text", False, 5e-3, 1, 8, 48, 0.2, 0, 200, 100, 2, 1.5)
     assert "Cannot start" in message and "lists the 30 label names" in message
     assert "raise the max tokens per example" in message and start["interactive"] is False
-    message, start, _ = check(state, 8, "text", False, 5e-3, 1, 8, 512, 0.2, 0, 200, 100)
+    message, start, _ = check(state, 8, "text", False, 5e-3, 1, 8, 512, 0.2, 0, 200, 100, 2, 1.5)
     assert message.startswith("Ready: many.csv") and start["interactive"] is True
 
 
 def test_start_without_data_asks_for_a_csv_in_the_notice_only(demo):
     start = handler(demo, "start", "click")
-    *outputs, notice = start(None, "", "", 8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100)
+    settings = (8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100, 2, 1.5)
+    *outputs, notice = start(None, "", "", *settings)
     assert "Choose a CSV in the Data tab" in notice and "notice-error" in notice
     assert all(o is gr.skip() or o == gr.skip() for o in outputs)  # no output changes
 
@@ -459,7 +461,7 @@ def test_api_endpoints_take_plain_values(demo, workbench, reviews):
 def test_the_prefix_size_line_counts_the_parameters(demo, workbench):
     # show_size is wired to the page load and to the prefix-length slider (no elem_id).
     fn = next(f.fn for f in demo.fns.values() if f.name == "show_size")
-    line, _ = fn(8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100)
+    line, _ = fn(8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100, 2, 1.5)
     trainable = workbench.prefix_size({"prefix_length": 8})["trainable"]
     assert f"**{trainable:,} trainable parameters**" in line
 
