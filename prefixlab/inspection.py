@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from prefixlab import data as datamod
-from prefixlab.experiment import RunFolder, open_run
+from prefixlab.experiment import Run, RunFolder, open_run
 from prefixlab.files import atomic_write_json, atomic_write_text
 from prefixlab.interpret import (
     CAVEAT,
@@ -29,7 +29,13 @@ from prefixlab.interpret import (
     prefix_attention,
     value_readout,
 )
-from prefixlab.interpret_bank import DEFAULT_BANK_SIZE, label_token_ids, reference_bank
+from prefixlab.interpret_bank import (
+    DEFAULT_BANK_SIZE,
+    data_word_ids,
+    label_token_ids,
+    reference_bank,
+    text_token_ids,
+)
 from prefixlab.interpret_maps import (
     LayersMap,
     Movement,
@@ -40,6 +46,7 @@ from prefixlab.interpret_maps import (
 )
 from prefixlab.models import LoadedModel
 from prefixlab.plots import inspection_html
+from prefixlab.prefix import default_init_text
 
 
 def load_snapshots(run_dir: str | Path) -> list[tuple[int, torch.Tensor]]:
@@ -108,14 +115,41 @@ def pca_json(maps: Mapping[str, PCAMap], layers: Mapping[str, LayersMap],
     return out
 
 
-def _sample_texts(run, count: int = 3) -> list[str]:
-
+def _training_texts(run: Run) -> list[str]:
     cfg = run.config
     try:
         data = datamod.load_labeled_csv(cfg.train_csv, cfg.text_column, cfg.label_column)
     except (datamod.DataError, OSError):
-        return []
-    return [t for t in data.texts[:count] if t.strip()]
+        return []  # the CSV moved or changed: the readouts that need it are left out
+    return [t for t in data.texts if t.strip()]
+
+
+def _sample_texts(run: Run, count: int = 3) -> list[str]:
+    return _training_texts(run)[:count]
+
+
+def run_words(run: Run) -> dict[str, list[int]]:
+    """The token groups a run's readouts always rank and its maps highlight, by name.
+
+    "label words": every token of every label (with and without a leading space);
+    "init text": the tokens of the text the prefix started from (when it started from text);
+    "data words": the training data's most frequent words. These join the reference bank and
+    every deeper layer's shortlist, so the bank (and its cache key) is per run's words: two
+    runs with different labels on one model never share label words.
+    """
+    tok = run.loaded.tokenizer
+    cfg = run.config
+    init = None
+    if cfg.prefix.init == "text" or cfg.prefix.init_text:
+        init = cfg.prefix.init_text or default_init_text(run.labels, cfg.task)
+    return {"label words": label_token_ids(tok, run.labels),
+            "init text": text_token_ids(tok, init),
+            "data words": data_word_ids(tok, _training_texts(run))}
+
+
+def word_ids(words: Mapping[str, Sequence[int]]) -> list[int]:
+    """The groups of run_words as one list, without repeats, in group order."""
+    return list(dict.fromkeys(i for ids in words.values() for i in ids))
 
 
 def inspect_run(
@@ -138,9 +172,10 @@ def inspect_run(
     run = open_run(run_dir, loaded)
     loaded, kv = run.loaded, run.kv
     output = Path(output_dir)
-    bank = reference_bank(loaded, bank_size, label_token_ids(loaded.tokenizer, run.labels),
-                          progress=progress)
-    nearest = nearest_tokens(loaded, kv, bank, top_k, progress=progress)
+    words = run_words(run)
+    bank = reference_bank(loaded, bank_size, word_ids(words), progress=progress)
+    nearest = nearest_tokens(loaded, kv, bank, top_k, candidates=word_ids(words),
+                             progress=progress)
     readout = value_readout(loaded, kv, top_k)
     snapshots = load_snapshots(run_dir)
     compared = {"trained": kv}
@@ -166,4 +201,5 @@ def inspect_run(
     return output
 
 
-__all__ = ["inspect_run", "load_snapshots", "nearest_tokens_json", "pca_json"]
+__all__ = ["inspect_run", "load_snapshots", "nearest_tokens_json", "pca_json", "run_words",
+           "word_ids"]

@@ -324,6 +324,55 @@ class NearestTokens:
                     strict=True)]
 
 
+def ordinary_token_ids(tokenizer, vocab_size: int | None = None) -> list[int]:
+    """Every id of the vocabulary except special tokens: what layer 0 ranks prefixes among.
+
+    Limited to ids both the tokenizer and the model's embedding know (they can differ: padded
+    embedding matrices, added tokens).
+    """
+    limit = min(len(tokenizer), vocab_size or len(tokenizer))
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                if getattr(t, "special", True)}
+    return [i for i in range(limit) if i not in special]
+
+
+def _vocabulary_layer_zero(loaded: LoadedModel, vectors: torch.Tensor, ids: Sequence[int],
+                           anchor_ids: Sequence[int], shortlist: int, noise: torch.Tensor,
+                           progress: Callable[[str], None] | None):
+    """Rank every token of `ids` at layer 0 in each slot, streaming the vocabulary in chunks.
+
+    vectors: (2, P, F) the prefix's layer-0 keys/values, heads concatenated. Returns, per kind
+    and position, the top `shortlist` ids and scores (2, P, s) and the random vectors' top-1
+    scores (2, P, R). Streaming keeps memory at one chunk: the whole vocabulary of the default
+    model read in 10 slots would be ~190 M floats for keys and values.
+    """
+    _, P, _ = vectors.shape
+    anchors = first_layer_references(loaded, anchor_ids, P).flatten(3)  # (2, A, P, F)
+    center = anchors.mean(1)  # (2, P, F)
+    query = _unit(vectors - center)  # (2, P, F)
+    randoms = _unit(noise[None, None] * vectors.norm(dim=-1, keepdim=True)[..., None, :]
+                    - center[:, :, None])  # (2, P, R, F)
+    best_scores = torch.full((2, P, 0), -2.0)
+    best_ids = torch.zeros((2, P, 0), dtype=torch.long)
+    random_top1 = torch.full(randoms.shape[:3], -2.0)  # (2, P, R)
+    id_tensor = torch.tensor(list(ids))
+    chunk = max(1, _CHUNK_TOKENS * 4 // P)
+    for start in range(0, len(ids), chunk):
+        refs = first_layer_references(loaded, ids[start:start + chunk], P).flatten(3)
+        refs = _unit(refs - center[:, None])  # (2, n, P, F)
+        scores = torch.einsum("knpf,kpf->kpn", refs, query)  # (2, P, n)
+        random_top1 = torch.maximum(random_top1,
+                                    torch.einsum("knpf,kprf->kprn", refs, randoms).amax(-1))
+        merged = torch.cat([best_scores, scores], -1)
+        merged_ids = torch.cat([best_ids, id_tensor[start:start + chunk].expand(2, P, -1)], -1)
+        top = merged.topk(min(shortlist, merged.shape[-1]), dim=-1)
+        best_scores, best_ids = top.values, merged_ids.gather(-1, top.indices)
+        if progress and start == 0 and len(ids) > chunk:
+            progress(f"nearest tokens: ranking all {len(ids)} tokens at layer 0")
+    return best_ids, best_scores, random_top1
+
+
 @torch.no_grad()
 def nearest_tokens(
     loaded: LoadedModel,
@@ -332,6 +381,8 @@ def nearest_tokens(
     top_k: int = 10,
     *,
     shortlist: int | None = 16,
+    candidates: Sequence[int] = (),
+    vocabulary: bool = True,
     anchors: int = 16,
     samples: int = 32,
     seed: int = 0,
@@ -339,19 +390,28 @@ def nearest_tokens(
 ) -> NearestTokens:
     """The real tokens closest to each prefix position, layer and kind (see the module doc).
 
-    kv: (L, 2, H_kv, P, D). shortlist: layer-0 matches per kind kept as candidates for deeper
-    layers (at least top_k); None ranks the whole bank at every layer (N x P token reads).
-    anchors: evenly spread bank tokens always read; their mean in each slot centers the scores.
-    samples: random vectors per position for the baseline.
+    kv: (L, 2, H_kv, P, D). Layer 0 ranks every ordinary token of the vocabulary
+    (`vocabulary=True`, the default) or the bank's tokens. Deeper layers rank a shortlist per
+    position: the `shortlist` best layer-0 matches per kind, `candidates` (e.g. the init text's
+    tokens and the training data's frequent words), the bank's extra ids (label words and the
+    like) and the anchors. shortlist=None ranks every bank token at every layer instead
+    (N x P token reads). anchors: evenly spread bank tokens always read; their mean in each
+    slot centers the scores. samples: random vectors per position for the baseline.
     """
     _check_kv(loaded, kv)
     kv = kv.detach().float().cpu()
     L, _, H, P, D = kv.shape
-    ids = bank.token_ids
-    N = len(ids)
-    k = min(top_k, N)
-    anchor_idx = sorted(set(np.linspace(0, N - 1, min(anchors, N)).round().astype(int).tolist()))
-    extra_idx = [ids.index(i) for i in bank.extra_ids]
+    bank_ids = bank.token_ids
+    N = len(bank_ids)
+    anchor_ids = [bank_ids[i] for i in
+                  sorted(set(np.linspace(0, N - 1, min(anchors, N)).round().astype(int).tolist()))]
+    vocab = min(len(loaded.tokenizer), loaded.model.config.vocab_size)
+    bad = [int(i) for i in candidates if not 0 <= int(i) < vocab]
+    if bad:
+        raise InterpretError(f"candidate token ids {bad} are outside the vocabulary "
+                             f"(0..{vocab - 1})")
+    layer0_ids = ordinary_token_ids(loaded.tokenizer, vocab) if vocabulary else list(bank_ids)
+    k = min(top_k, len(layer0_ids))
     generator = torch.Generator().manual_seed(seed)
     noise = _unit(torch.randn(samples, H * D, generator=generator))  # (R, H*D)
 
@@ -360,52 +420,50 @@ def nearest_tokens(
     base_mean = np.zeros((L, 2, P), dtype=np.float32)
     base_std = np.zeros((L, 2, P), dtype=np.float32)
     ranked = np.zeros((L, P), dtype=np.int64)
-    id_tensor = torch.tensor(ids)
 
-    def record(layer, kind, p, idx, scores, random_top1, pool):
-        top_ids[layer, kind, p] = pool[idx].numpy()
-        top_scores[layer, kind, p] = scores.numpy()
+    def record(layer, kind, p, ids, scores, random_top1):
+        pad = k - len(ids)  # fewer candidates than top_k: repeat the last
+        top_ids[layer, kind, p] = np.concatenate([ids, np.repeat(ids[-1:], pad)])
+        top_scores[layer, kind, p] = np.concatenate([scores, np.repeat(scores[-1:], pad)])
         base_mean[layer, kind, p] = float(random_top1.mean())
         base_std[layer, kind, p] = float(random_top1.std()) if len(random_top1) > 1 else 0.0
 
-    first = first_layer_references(loaded, ids, P).flatten(3)  # (2, N, P, H*D)
     vectors = kv.permute(0, 1, 3, 2, 4).flatten(3)  # (L, 2, P, H*D): heads concatenated
-    pools: list[list[int]] = []  # per position: bank rows read in that slot for layers >= 1
+    wide = k if shortlist is None else max(shortlist, k)
+    first_ids, first_scores, first_random = _vocabulary_layer_zero(
+        loaded, vectors[0], layer0_ids, anchor_ids, wide, noise, progress)
+    common = set(anchor_ids) | set(bank.extra_ids) | {int(i) for i in candidates}
+    pools: list[list[int]] = []  # per position: token ids read in that slot for layers >= 1
     for p in range(P):
-        candidates: set[int] = set(anchor_idx) | set(extra_idx)
+        pool = set(common)
         for kind in range(2):
-            refs = first[kind, :, p]  # (N, H*D)
-            center = refs[anchor_idx].mean(0)
-            idx, scores, rnd = _rank(vectors[0, kind, p], refs, center, k, noise)
-            record(0, kind, p, idx, scores, rnd, id_tensor)
-            if shortlist is not None:
-                wide = _unit(refs - center) @ _unit(vectors[0, kind, p] - center)
-                candidates |= set(wide.topk(min(max(shortlist, k), N)).indices.tolist())
-        ranked[0, p] = N
-        pools.append(list(range(N)) if shortlist is None else sorted(candidates))
+            record(0, kind, p, first_ids[kind, p, :k].numpy(), first_scores[kind, p, :k].numpy(),
+                   first_random[kind, p])
+            pool |= set(first_ids[kind, p].tolist())
+        ranked[0, p] = len(layer0_ids)
+        pools.append(sorted(set(bank_ids) | pool) if shortlist is None else sorted(pool))
     if L > 1:
-        flat = [ids[i] for pool in pools for i in pool]
+        flat = [i for pool in pools for i in pool]
         if progress:
             progress(f"nearest tokens: reading {len(flat)} candidates in {P} prefix slots")
         slots = [p for p, pool in enumerate(pools) for _ in pool]
         refs_all = slot_references(loaded, kv, flat, slots).flatten(3)  # (L, 2, sum n, H*D)
         offset = 0
-        for p, pool_idx in enumerate(pools):
-            n = len(pool_idx)
-            pool = id_tensor[pool_idx]
-            anchor_rows = [pool_idx.index(a) for a in anchor_idx]
+        for p, pool in enumerate(pools):
+            n = len(pool)
+            pool_ids = torch.tensor(pool)
+            anchor_rows = [pool.index(a) for a in anchor_ids]
             for layer in range(1, L):
                 for kind in range(2):
                     refs = refs_all[layer, kind, offset:offset + n]  # (n, H*D)
                     center = refs[anchor_rows].mean(0)
                     idx, scores, rnd = _rank(vectors[layer, kind, p], refs, center, min(k, n),
                                              noise)
-                    pad = k - len(idx)  # fewer candidates than top_k: repeat the last
-                    record(layer, kind, p, torch.cat([idx, idx[-1:].repeat(pad)]),
-                           torch.cat([scores, scores[-1:].repeat(pad)]), rnd, pool)
+                    record(layer, kind, p, pool_ids[idx].numpy(), scores.numpy(), rnd)
                 ranked[layer, p] = n
             offset += n
-    labels = {int(i): bank.tokens[ids.index(int(i))] for i in np.unique(top_ids)}
+    decode = loaded.tokenizer.decode
+    labels = {int(i): decode([int(i)]) for i in np.unique(top_ids)}
     return NearestTokens(top_ids, top_scores, base_mean, base_std, ranked, labels)
 
 
@@ -532,6 +590,7 @@ def prefix_attention(loaded: LoadedModel, prefixes: Mapping[str, torch.Tensor] |
 __all__ = [
     "CAVEAT", "KINDS", "METHOD", "AttentionMass", "InterpretError", "NearestTokens",
     "ReferenceBank", "ValueReadout", "attention_maps", "eager_twin",
-    "first_layer_references", "key_frame", "nearest_tokens", "prefix_attention",
+    "first_layer_references", "key_frame", "nearest_tokens", "ordinary_token_ids",
+    "prefix_attention",
     "slot_references", "unrotate_keys", "value_logits", "value_readout",
 ]

@@ -69,6 +69,34 @@ def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def text_token_ids(tokenizer, text: str | None) -> list[int]:
+    """The distinct tokens of a text (e.g. the init text), in order of first appearance."""
+    if not text:
+        return []
+    return list(dict.fromkeys(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+
+def data_word_ids(tokenizer, texts: Sequence[str], count: int = 40,
+                  max_texts: int = 2000) -> list[int]:
+    """The `count` most frequent *word* tokens of a data set (3+ letters, e.g. " hate").
+
+    Punctuation and short pieces ("the" excepted by length, ",", " a") dominate raw counts and
+    are already near the lowest ids of the bank; words are what a reader recognizes.
+    """
+    counts: dict[int, int] = {}
+    for text in texts[:max_texts]:
+        for i in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            counts[i] = counts.get(i, 0) + 1
+    words = []
+    for i, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+        piece = tokenizer.decode([i]).strip()
+        if len(piece) >= 3 and piece.isalpha():
+            words.append(i)
+            if len(words) >= count:
+                break
+    return words
+
+
 def _sanitize(name: str) -> str:
     clean = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
     return clean[-60:] or "model"
@@ -172,6 +200,6 @@ def reference_bank(
 
 
 __all__ = [
-    "BANK_FORMAT", "DEFAULT_BANK_SIZE", "bank_path", "frequent_token_ids", "label_token_ids",
-    "reference_bank",
+    "BANK_FORMAT", "DEFAULT_BANK_SIZE", "bank_path", "data_word_ids", "frequent_token_ids",
+    "label_token_ids", "reference_bank", "text_token_ids",
 ]

@@ -208,7 +208,7 @@ class Workbench:
         self._infos: Memo[str, ModelInfo] = Memo()
         self._runs: Memo[tuple[str, float], Run] = Memo()  # (run id, prefix file mtime)
         self._inspections: Memo[tuple[str, float, int], Inspection] = Memo()
-        self._banks: Memo[str, object] = Memo()
+        self._banks: Memo[tuple, object] = Memo()  # (model, the run's words)
         self._batchers: Memo[str, Batcher] = Memo()
         self.batch_window_s = DEFAULT_WINDOW_S  # serving: how long a request waits for company
         self.batch_max_rows = DEFAULT_MAX_ROWS
@@ -576,7 +576,7 @@ class Workbench:
         """Nearest tokens, value readout and movement of a run's prefix; cached per prefix
         file. The reference bank is computed once per base model and kept on disk."""
         from prefixlab import interpret, interpret_maps
-        from prefixlab.inspection import load_snapshots
+        from prefixlab.inspection import load_snapshots, run_words, word_ids
 
         run = self.open(run_id)
         mtime = run.folder.prefix_path.stat().st_mtime
@@ -584,8 +584,9 @@ class Workbench:
         self._inspections.drop(lambda k: k[0] == run_id and k[1] != mtime)
 
         def inspect() -> Inspection:
-            bank = self.bank(run)
-            nearest = interpret.nearest_tokens(run.loaded, run.kv, bank, top_k)
+            words = word_ids(run_words(run))
+            bank = self.bank(run, words)
+            nearest = interpret.nearest_tokens(run.loaded, run.kv, bank, top_k, candidates=words)
             readout = interpret.value_readout(run.loaded, run.kv, top_k)
             snapshots = load_snapshots(run.folder.path)
             movement = interpret_maps.prefix_movement(snapshots) if len(snapshots) > 1 else None
@@ -594,15 +595,18 @@ class Workbench:
 
         return self._inspections.get(key, inspect)
 
-    def bank(self, run: Run):
-        """The reference bank of the run's base model, built once per model per process."""
+    def bank(self, run: Run, extra_ids: list[int] | None = None):
+        """The reference bank for a run: the model's frequent tokens plus the run's own words
+        (labels, init text, data words; inspection.run_words). Kept per model *and* words, so
+        runs with different labels on one model never share label words."""
         from prefixlab import interpret_bank
+        from prefixlab.inspection import run_words, word_ids
 
-        def build():
-            label_ids = interpret_bank.label_token_ids(run.loaded.tokenizer, run.labels)
-            return interpret_bank.reference_bank(run.loaded, extra_ids=label_ids)
-
-        return self._banks.get(run.loaded.name, build)
+        if extra_ids is None:
+            extra_ids = word_ids(run_words(run))
+        return self._banks.get((run.loaded.name, tuple(extra_ids)),
+                               lambda: interpret_bank.reference_bank(run.loaded,
+                                                                     extra_ids=extra_ids))
 
     def folder(self, run_id: str) -> RunFolder:
         return self.store.folder(run_id)

@@ -42,3 +42,33 @@ def test_inspection_of_a_trained_run(tmp_path, model_dir, monkeypatch):
     assert wb.inspection(run_id) is ins  # cached until the prefix file changes
     assert plots.nearest_tokens_figure(ins.nearest, "key").data
     assert plots.distance_figure(ins.movement).data
+
+
+def _trained_run(wb: Workbench, tmp_path: Path, model_dir: Path, labels: tuple[str, str],
+                 name: str) -> str:
+    csv = tmp_path / f"{name}.csv"
+    csv.write_text("text,label\n" + "".join(
+        f"the movie was {'great' if i % 2 else 'bad'} {i},{labels[i % 2]}\n" for i in range(24)))
+    run_id = wb.store.create(_config(csv, model_dir, epochs=1), wb.model_info(str(model_dir)))
+    execute_run(wb.folder(run_id), wb.model(str(model_dir)))
+    wb.store.refresh()
+    return run_id
+
+
+def test_runs_with_other_labels_on_one_model_never_share_label_words(tmp_path, model_dir,
+                                                                      monkeypatch):
+    from prefixlab.inspection import run_words, word_ids
+
+    monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
+    wb = Workbench(tmp_path / "data", model=str(model_dir))
+    first = wb.inspection(_trained_run(wb, tmp_path, model_dir, ("bad", "good"), "a"))
+    second = wb.inspection(_trained_run(wb, tmp_path, model_dir, ("movie", "was"), "b"))
+    words = [run_words(ins.run) for ins in (first, second)]
+    assert set(words[0]["label words"]) != set(words[1]["label words"])
+    assert first.bank.extra_ids != second.bank.extra_ids  # not one bank per model name
+    for ins, own in zip((first, second), words, strict=True):
+        # Each bank holds its own run's words, and only those, beyond the frequent tokens.
+        assert ins.bank.extra_ids == word_ids(own)
+        assert set(own["label words"]) <= set(ins.bank.token_ids)
+    only_first = set(words[0]["label words"]) - set(word_ids(words[1]))
+    assert only_first and not only_first & set(second.bank.extra_ids)

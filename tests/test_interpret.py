@@ -69,11 +69,32 @@ def test_text_prefix_projects_back_to_its_tokens_at_every_layer(loaded, shortlis
     assert result.scores[..., 0].min() > 0.9999
     assert (result.scores[..., 0] > result.scores[..., 1]).all()  # a clear winner
     assert (result.margin > 0.2).all()
+    vocabulary = len(I.ordinary_token_ids(loaded.tokenizer, loaded.model.config.vocab_size))
+    assert (result.ranked_among[0] == vocabulary).all()  # layer 0: the whole vocabulary
     if shortlist is None:
-        assert (result.ranked_among == len(bank.token_ids)).all()
+        assert (result.ranked_among[1:] >= len(bank.token_ids)).all()
     else:
-        assert (result.ranked_among[0] == len(bank.token_ids)).all()
         assert (result.ranked_among[1:] < len(bank.token_ids)).all()
+
+
+def test_words_outside_a_small_bank_read_back_from_the_whole_vocabulary(loaded):
+    # The bank holds the 20 lowest ids; the text's tokens are all beyond it. Layer 0 ranks the
+    # whole vocabulary, and its matches join the deeper layers' shortlists, so the text still
+    # reads back at rank 1 everywhere.
+    bank = B.reference_bank(loaded, 20)
+    vocab = len(loaded.tokenizer)
+    assert vocab > 2 * len(bank.token_ids)
+    ids = [i for i in _ids(loaded, TEXT) if i not in bank.token_ids]
+    assert len(ids) >= 3
+    text = loaded.tokenizer.decode(ids[:3])
+    ids = _ids(loaded, text)
+    kv = text_key_values(loaded.model, loaded.tokenizer, text, len(ids))
+    result = I.nearest_tokens(loaded, kv, bank, top_k=3)
+    L = loaded.shape.num_layers
+    np.testing.assert_array_equal(result.token_ids[..., 0], np.broadcast_to(ids, (L, 2, len(ids))))
+    assert not set(ids) & set(bank.token_ids)
+    bank_only = I.nearest_tokens(loaded, kv, bank, top_k=3, vocabulary=False)
+    assert not set(bank_only.token_ids[0].ravel()) & set(ids)  # what the old bank-only view saw
 
 
 def test_random_prefix_scores_sit_near_the_random_baseline(loaded):
@@ -321,3 +342,29 @@ def test_default_model_text_prefix_projects_back_at_every_layer(monkeypatch, tmp
     np.testing.assert_array_equal(result.token_ids[..., 0],
                                   np.broadcast_to(np.array(ids), result.token_ids.shape[:3]))
     assert result.scores[..., 0].min() > 0.999
+
+
+@pytest.mark.slow
+def test_default_model_reads_back_words_far_beyond_the_bank(monkeypatch):
+    """`train --init-text " elephant volcano banana" --max-steps 0` starts from exactly these
+    key/values; none of the three words is among the bank's 2,000 frequent tokens."""
+    from prefixlab.models import load_model
+
+    if _USER_CACHE:
+        monkeypatch.setenv("PREFIXLAB_CACHE", _USER_CACHE)  # the converted model, a warm bank
+    else:
+        monkeypatch.delenv("PREFIXLAB_CACHE")
+    loaded = load_model()
+    text = " elephant volcano banana"
+    ids = _ids(loaded, text)
+    assert ids == [17032, 18051, 21285]
+    kv = text_key_values(loaded.model, loaded.tokenizer, text, 10)
+    bank = B.reference_bank(loaded)
+    assert not set(ids) & set(bank.token_ids)
+    result = I.nearest_tokens(loaded, kv, bank, top_k=5)
+    expected = np.array((ids * 4)[:10])
+    assert result.ranked_among[0].min() > 49_000  # the whole vocabulary at layer 0
+    np.testing.assert_array_equal(result.token_ids[0, :, :, 0], np.broadcast_to(expected, (2, 10)))
+    # Deeper layers rank a shortlist that holds the layer-0 matches: rank 1 there too.
+    np.testing.assert_array_equal(result.token_ids[..., 0],
+                                  np.broadcast_to(expected, result.token_ids.shape[:3]))
