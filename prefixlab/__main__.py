@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 a user error (bad file, bad setting), with one line on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -77,45 +78,110 @@ def _run_config(args):
 
 
 def cmd_train(args) -> int:
-    from prefixlab.experiment import create_run, prepare_data
-    from prefixlab.models import load_model
+    from prefixlab import distributed
+    from prefixlab.experiment import RunFolder
+    from prefixlab.models import describe_model, load_model, pick_device
 
     cfg = _run_config(args)
-    output = Path(args.output)
+    ranks = distributed.Ranks.from_env()
+    if ranks is not None:  # one of the processes `torchrun ... -m prefixlab train` started
+        device = distributed.rank_device(cfg.device, ranks)
+        distributed.start(device)
+        try:
+            if ranks.rank == 0:
+                _create(cfg, Path(args.output), lambda: describe_model(
+                    cfg.model, trust_remote_code=cfg.trust_remote_code, progress=_say),
+                    f"{ranks.world_size} processes")
+            distributed.barrier()  # the run folder exists before any rank reads it
+            return _execute_rank(RunFolder(args.output), device, resume=False, claim=True)
+        finally:
+            distributed.stop()
+    device = pick_device(cfg.device)
+    processes = distributed.process_count(cfg.nproc, device)
+    if processes > 1:
+        folder, _, _ = _create(cfg, Path(args.output), lambda: describe_model(
+            cfg.model, trust_remote_code=cfg.trust_remote_code, progress=_say),
+            f"{processes} processes on {device.type}")
+        return _launch(folder, processes, resume=False)
+    folder, prepared, loaded = _create(cfg, Path(args.output), lambda: load_model(
+        cfg.model, device, trust_remote_code=cfg.trust_remote_code, progress=_say), str(device))
+    return _execute(folder, loaded, prepared, resume=False)
+
+
+def _create(cfg, output: Path, model, where: str):
+    """Check the output folder and the data, then write the run folder; `model()` gives the
+    base model (or its ModelInfo: no weights are needed to describe a run)."""
+    from prefixlab.experiment import create_run, prepare_data
+
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} already exists and is not empty; choose another --output")
     prepared = prepare_data(cfg)  # refuses bad data before anything is written
     for w in prepared.warnings:
         _say(f"warning: {w}")
-    loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
-                        progress=_say)
+    loaded = model()
     folder = create_run(cfg, output, prepared, loaded)
     info = folder.read_config()
     p = info["prefix"]
-    _say(f"training a {cfg.prefix.prefix_length}-token prefix on {loaded.name} ({loaded.device}): "
+    _say(f"training a {cfg.prefix.prefix_length}-token prefix on {loaded.name} ({where}): "
          f"{p['trainable_parameters']:,} trainable parameters = {p['share_of_model']:.4%} of "
          f"the model's {info['model']['parameters']:,}; {len(prepared.train)} train / "
          f"{len(prepared.validation)} validation rows")
-    return _execute(folder, loaded, prepared, resume=False)
+    return folder, prepared, loaded
 
 
-def _execute(folder, loaded, prepared, resume: bool) -> int:
+def _launch(folder, processes: int, resume: bool) -> int:
+    """Train the run in `folder` on `processes` ranks started by torch's launcher here."""
+    from prefixlab import distributed
+    from prefixlab.runs import _last_step
+
+    try:
+        distributed.launch(["rank", str(folder.path), *(["--resume"] if resume else [])],
+                           processes)
+    except distributed.WorkerFailed as e:
+        folder.set_status("interrupted" if e.killed else "failed", error=str(e),
+                          step=_last_step(folder), processes=processes)
+        _say(f"error: {e}; the other workers were stopped")
+        if folder.checkpoint_path.is_file():
+            _say(f"the last checkpoint is kept: continue with "
+                 f"`python -m prefixlab resume {folder.path}`")
+        return 1
+    return 0
+
+
+def _execute_rank(folder, device, resume: bool, claim: bool) -> int:
+    """One rank's share of training the run in `folder` (the process group is started)."""
+    from prefixlab.models import load_model
+
+    cfg = folder.run_config()
+    loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
+    return _execute(folder, loaded, None, resume=resume, claim=claim)
+
+
+def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
+    """Train here. `claim`: take the run lock; False in ranks whose launcher holds it."""
+    from prefixlab import distributed
     from prefixlab.experiment import execute_run
     from prefixlab.runs import RunLock
 
+    writer = distributed.is_writer()
     # The run lock makes this process the run's only writer (an app's worker on the same
-    # folder is refused, and the app does not take this run for a dead one).
-    with RunLock.claim(folder.path):
+    # folder is refused, and the app does not take this run for a dead one). Under torchrun
+    # rank 0 writes, and holds it unless its launcher (train --nproc, the worker) does.
+    lock = RunLock.claim(folder.path) if claim and writer else contextlib.nullcontext()
+    with lock:
         bar, on_step = _progress_bar(0)
         try:
             report = execute_run(folder, loaded, prepared=prepared, on_step=on_step,
                                  resume=resume)
         except BaseException as e:
-            folder.set_status("failed" if not isinstance(e, KeyboardInterrupt) else "cancelled",
-                              error=str(e))
+            if writer:
+                folder.set_status("failed" if not isinstance(e, KeyboardInterrupt)
+                                  else "cancelled", error=str(e))
             raise
         finally:
             bar.close()
+    if not writer:
+        return 0
     if report is None:
         _say(f"stopped; last checkpoint kept in {folder.path}")
         return 1
@@ -128,14 +194,54 @@ def _execute(folder, loaded, prepared, resume: bool) -> int:
 
 
 def cmd_resume(args) -> int:
+    from prefixlab import distributed
     from prefixlab.experiment import RunFolder
-    from prefixlab.models import load_model
+    from prefixlab.models import load_model, pick_device
 
     folder = RunFolder(args.run)
     cfg = folder.run_config()
-    loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
+    ranks = distributed.Ranks.from_env()
+    if ranks is not None:  # `torchrun ... -m prefixlab resume RUN`
+        return _rank_main(folder, cfg, ranks, resume=True, claim=True)
+    device = pick_device(cfg.device)
+    processes = distributed.process_count(args.nproc or cfg.nproc, device)
+    if processes > 1:
+        return _launch(folder, processes, resume=True)
+    loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code,
                         progress=_say)
     return _execute(folder, loaded, None, resume=True)
+
+
+def _rank_main(folder, cfg, ranks, resume: bool, claim: bool) -> int:
+    from prefixlab import distributed
+
+    device = distributed.rank_device(cfg.device, ranks)
+    distributed.start(device)
+    try:
+        return _execute_rank(folder, device, resume, claim)
+    finally:
+        distributed.stop()
+
+
+def cmd_rank(args) -> int:
+    """One rank of a data-parallel run; its launcher (train/resume --nproc, the app's
+    worker) reads why it failed from torch elastic's error file, written here."""
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    from prefixlab import distributed
+    from prefixlab.experiment import RunError, RunFolder
+
+    ranks = distributed.Ranks.from_env()
+    if ranks is None:
+        raise RunError("`rank` is one process of a data-parallel run, started by torch's "
+                       "launcher: use `train --nproc N` or `resume` instead")
+    handler = get_error_handler()
+    try:
+        folder = RunFolder(args.run)
+        return _rank_main(folder, folder.run_config(), ranks, args.resume, claim=False)
+    except Exception as e:
+        handler.record_exception(e)
+        raise
 
 
 def cmd_evaluate(args) -> int:
@@ -335,7 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resume", help="continue a run from its last checkpoint")
     p.add_argument("run")
+    p.add_argument("--nproc", type=int,
+                   help="processes for this continuation (the result does not depend on it); "
+                        "default: the run's setting")
     p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("rank", help="one process of a data-parallel run (started by torchrun)")
+    p.add_argument("run")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser("import-peft", help="make a run folder from a PEFT prefix adapter")
     p.add_argument("adapter", help="folder with adapter_config.json + adapter_model.safetensors")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from prefixlab.distributed import MAX_PROCESSES
 from prefixlab.encode import DEFAULT_TEMPLATE, Template
 from prefixlab.errors import ConfigError
 from prefixlab.models import DEFAULT_MODEL
@@ -70,6 +71,9 @@ class RunConfig:
     """cpu, cuda, cuda:1 ...; unset (None) picks CUDA when present, else CPU."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (only for repositories you trust)."""
+    nproc: int | None = None
+    """Data-parallel processes (torchrun ranks, distributed.py); None: one per CUDA device on
+    CUDA, and one on CPU, where a second process pays only while cores sit idle."""
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
 
@@ -79,6 +83,8 @@ class RunConfig:
         self.training = _nested(TrainConfig, self.training, "training", problems)
         if not 0.0 < self.validation_share < 0.9:
             problems.append(f"validation_share must be in (0, 0.9), got {self.validation_share}")
+        if self.nproc is not None and not 1 <= self.nproc <= MAX_PROCESSES:
+            problems.append(f"nproc must be 1..{MAX_PROCESSES} or unset, got {self.nproc}")
         if not 16 <= self.max_length <= 8192:
             problems.append(f"max_length must be 16..8192, got {self.max_length}")
         for name in ("max_train_examples", "max_eval_examples"):

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from prefixlab import data as datamod
+from prefixlab import distributed
 from prefixlab.config import RunConfig
 from prefixlab.encode import Encoder, Template
 from prefixlab.errors import ConfigError, PrefixLabError
@@ -339,7 +340,8 @@ def evaluate_prefix(
     The report's `loss` is the training objective on these rows: the mean cross-entropy of
     the gold label's tokens, read from the same label log-likelihoods as the predictions.
     """
-    ll = score_log_likelihoods(loaded.model, kv, encoder, data.texts)  # (N, K)
+    ll = distributed.gather_rows(  # (N, K); in a process group each rank scores a share
+        lambda texts: score_log_likelihoods(loaded.model, kv, encoder, texts), data.texts)
     probs = np.exp(ll - ll.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     report = classification_report(data.labels, predictions_from_probs(probs, encoder.labels),
@@ -445,7 +447,16 @@ def execute_run(
     """Train (or resume) the run in `folder` and write its prefix and report.
 
     Returns the report, or None when stopped early (the last checkpoint is kept).
+
+    In a process group (distributed.py) every rank calls this: all of them train and score,
+    and rank 0 alone writes the run's files.
     """
+    writer = distributed.is_writer()
+
+    def note(record: dict) -> None:
+        if writer:
+            folder.append_metrics(record)
+
     info = folder.read_config()
     cfg = RunConfig.from_dict(info["run"])
     if prepared is None:
@@ -457,18 +468,22 @@ def execute_run(
     prefix = Prefix(loaded.shape, cfg.prefix).to(loaded.device)
     checkpoint = folder.load_checkpoint() if resume else None
     if resume and checkpoint is None:
-        folder.append_metrics({"type": "event", "message": "no checkpoint: starting over"})
+        note({"type": "event", "message": "no checkpoint: starting over"})
     if checkpoint is None:
         init_text = cfg.prefix.init_text or default_init_text(labels, cfg.task)
         init_prefix(prefix, loaded.model, loaded.tokenizer, init_text, cfg.training.seed)
-        folder.save_snapshot(0, prefix.folded())
-    folder.set_status("running")
-    folder.append_metrics({"type": "event", "message": "resumed" if checkpoint else "started",
-                           "step": checkpoint.step if checkpoint else 0, "time": time.time()})
+        if writer:
+            folder.save_snapshot(0, prefix.folded())
+    processes = distributed.world_size()
+    if writer:
+        folder.set_status("running", processes=processes)
+    note({"type": "event", "message": "resumed" if checkpoint else "started",
+          "step": checkpoint.step if checkpoint else 0, "time": time.time(),
+          "processes": processes})
 
     def log_step(s: StepInfo) -> None:
-        folder.append_metrics({"type": "step", **s.as_dict()})
-        if on_step:
+        note({"type": "step", **s.as_dict()})
+        if on_step and writer:
             on_step(s)
 
     tc = cfg.training
@@ -489,14 +504,17 @@ def execute_run(
                   "predicted": report["predicted"], "warnings": prediction_warnings(report)}
         improved = rule.update(step, record)
         record["best_step"] = rule.best_step
-        folder.append_metrics(record)
+        note(record)
         if improved:
-            folder.save_snapshot(step, kv)  # the kept prefix, should the run end later
+            if writer:
+                folder.save_snapshot(step, kv)  # the kept prefix, should the run end later
             best_eval.clear()
             best_eval.update(step=step, report=report)
         return rule.reason() if rule.exhausted else None
 
     def save(ckpt: Checkpoint) -> None:
+        if not writer:
+            return
         folder.save_checkpoint(ckpt)
         kv = prefix.folded()
         save_prefix(folder.prefix_path, kv, loaded.name, step=str(ckpt.step))
@@ -508,26 +526,28 @@ def execute_run(
         resume=checkpoint,
     )
     if result.stopped:
-        folder.set_status("cancelled", step=result.steps)
-        folder.append_metrics({"type": "event", "message": "cancelled", "step": result.steps})
+        if writer:
+            folder.set_status("cancelled", step=result.steps, processes=processes)
+        note({"type": "event", "message": "cancelled", "step": result.steps})
         return None
     kv, kept, done = prefix.folded(), result.steps, None
     if last_eval.get("step") == result.steps:
         done = last_eval["report"]
     if tc.keep_best and rule.best_step is not None and rule.best_step != result.steps:
         kept = rule.best_step
+        # rank 0 wrote it before the collectives that followed: every rank can read it
         kv = folder.load_snapshot(kept).to(kv.device)
         done = best_eval["report"] if best_eval.get("step") == kept else None
-    save_prefix(folder.prefix_path, kv, loaded.name, step=str(kept))
-    folder.append_metrics({"type": "event", "message": "evaluating", "step": kept,
-                           "stop_reason": result.reason})
-    report = full_report(loaded, kv, encoder, prepared.train, prepared.validation,
-                         cfg.training.seed, prefix_report=done)
+    if writer:
+        save_prefix(folder.prefix_path, kv, loaded.name, step=str(kept))
+    note({"type": "event", "message": "evaluating", "step": kept, "stop_reason": result.reason})
+    report = full_report(loaded, kv, encoder, prepared.train if writer else None,
+                         prepared.validation, cfg.training.seed, prefix_report=done)
     report.update(steps=result.steps, kept_step=kept, stop_reason=result.reason,
                   selection=(f"the step with the best validation {tc.monitor}"
                              if tc.keep_best and rule.best_step is not None else "the last step"))
-    folder.write_report(report)
-    folder.set_status("completed", step=result.steps)
-    folder.append_metrics({"type": "event", "message": "completed", "step": result.steps,
-                           "time": time.time()})
+    if writer:
+        folder.write_report(report)
+        folder.set_status("completed", step=result.steps, processes=processes)
+    note({"type": "event", "message": "completed", "step": result.steps, "time": time.time()})
     return report

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefixlab import distributed
 from prefixlab.balance import epoch_order
 from prefixlab.cpu import ThreadTuner, trim_heap
 from prefixlab.encode import Example, bucketed_batches, collate
@@ -232,6 +233,7 @@ def _chunks(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]
 def _backward(
     model: nn.Module, kv: torch.Tensor, examples: Sequence[Example], pad_id: int,
     device: torch.device, max_tokens: int, workspace: Workspace | None = None,
+    n_targets: int | None = None,
 ) -> tuple[float, int, int]:
     """The batch's mean loss, its gradient accumulated through `kv`.
 
@@ -240,10 +242,14 @@ def _backward(
     The batch is read in chunks of at most `max_tokens` padded tokens, so activation memory
     is bounded whatever the rows' lengths. Each chunk's mean is weighted by its share of the
     batch's label tokens: the sum is the whole batch's mean loss, and so is the gradient.
+    `n_targets`: the label tokens of the whole batch when `examples` are one rank's share of
+    it (distributed.share), so the ranks' losses and gradients add up to the batch's.
     Llama-family models on CPU take the lean path (`lean_loss`), with `workspace` reused.
     """
+    if not examples:  # an empty share of a small batch: no loss, no gradient
+        return 0.0, 0, 0
     leaf = kv if kv.is_leaf else kv.detach().requires_grad_()  # chunks add their grads here
-    n_targets = sum(len(e.target) for e in examples)
+    n_targets = n_targets or sum(len(e.target) for e in examples)
     total, real, padded = 0.0, 0, 0
     lean = lean_supported(model)
     ws = workspace or Workspace()
@@ -294,6 +300,10 @@ def train(
     and when the time budget runs out; it returns a reason to end training (e.g. patience
     ran out) or None to go on. `on_checkpoint` gets a checkpoint every `checkpoint_every`
     steps and at the end.
+
+    In a process group (torchrun, see distributed.py) every rank calls this with the same
+    arguments: each reads its share of every batch, gradients are summed across ranks, and
+    the callbacks run on every rank (rank 0 alone should write).
     """
     device = next(model.parameters()).device
     prefix.to(device)
@@ -305,6 +315,8 @@ def train(
         if resume.optimizer_state:
             _load_optimizer(optimizer, resume.optimizer_state)
         start, before = resume.step, resume.elapsed_s
+    distributed.broadcast_parameters(prefix)
+    should_stop = distributed.agreed(should_stop)  # all ranks stop at the same step
 
     labels = [e.label for e in examples]
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -347,8 +359,11 @@ def train(
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             tuner.start()
-            loss_value, real, padded = _backward(model, prefix.key_values(), rows, pad_id, device,
-                                                 chunk_tokens, workspace)
+            loss_value, real, padded = _backward(
+                model, prefix.key_values(), distributed.share(rows), pad_id, device,
+                chunk_tokens, workspace, n_targets=sum(len(e.target) for e in rows))
+            loss_value, real = distributed.reduce_step(params, loss_value, real)
+            real = int(real)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
@@ -368,7 +383,9 @@ def train(
                     tokens_per_s=tokens / elapsed if elapsed else 0.0, elapsed_s=elapsed,
                     eta_s=(total - step) / rate if rate else 0.0,
                 ))
-            out_of_time = bool(budget_s) and before + elapsed >= budget_s and step != total
+            # the ranks' clocks differ: they agree, or one would wait for the others forever
+            out_of_time = (bool(budget_s) and distributed.agree(before + elapsed >= budget_s)
+                           and step != total)
             end_of_epoch = step % per_epoch == 0 or step == total
             if evaluate is not None and (end_of_epoch or step % interval == 0 or out_of_time):
                 verdict = evaluate(step)
