@@ -131,21 +131,15 @@ def _create(cfg, output: Path, model, where: str):
 
 def _launch(folder, processes: int, resume: bool) -> int:
     """Train the run in `folder` on `processes` ranks started by torch's launcher here."""
-    from prefixlab import distributed
-    from prefixlab.runs import _last_step
+    from prefixlab.runs import launch_ranks
 
-    try:
-        distributed.launch(["rank", str(folder.path), *(["--resume"] if resume else [])],
-                           processes)
-    except distributed.WorkerFailed as e:
-        folder.set_status("interrupted" if e.killed else "failed", error=str(e),
-                          step=_last_step(folder), processes=processes)
-        _say(f"error: {e}; the other workers were stopped")
-        if folder.checkpoint_path.is_file():
-            _say(f"the last checkpoint is kept: continue with "
-                 f"`python -m prefixlab resume {folder.path}`")
-        return 1
-    return 0
+    if launch_ranks(folder, processes, resume) == 0:
+        return 0
+    _say(f"error: {folder.status().get('error')}; the other workers were stopped")
+    if folder.checkpoint_path.is_file():
+        _say(f"the last checkpoint is kept: continue with `python -m prefixlab resume "
+             f"{folder.path}`")
+    return 1
 
 
 def _execute_rank(folder, device, resume: bool, claim: bool) -> int:

@@ -298,14 +298,20 @@ def _node_count(nnodes: str) -> int:
 def failure_of(failures: dict, world: int) -> WorkerFailed:
     """A readable WorkerFailed from torch elastic's failures ({global rank: ProcessFailure}).
 
-    The rank ended by a signal is named first (the others were then stopped by the launcher
-    or failed for want of it); among equals the earliest.
+    The launcher lists every rank that ended badly, the ones it stopped (SIGTERM) and those
+    that failed for want of a dead peer included; the cause named is the first of: a rank
+    killed by another signal, a rank's own error, an error about its peers, a SIGTERM.
     """
-    def order(item):
+    def cause(item):
         rank_, failure = item
-        return (failure.exitcode >= 0, failure.timestamp, rank_)
+        text = _message(failure)
+        if failure.exitcode < 0:
+            kind = 3 if -failure.exitcode == signal.SIGTERM else 0
+        else:
+            kind = 2 if any(word in text for word in _PEER_ERRORS) else 1
+        return (kind, failure.timestamp, rank_)
 
-    rank_, failure = min(failures.items(), key=order)
+    rank_, failure = min(failures.items(), key=cause)
     who = f"worker {rank_} of {world}"
     if failure.exitcode < 0:
         try:
@@ -313,10 +319,19 @@ def failure_of(failures: dict, world: int) -> WorkerFailed:
         except ValueError:
             name = f"signal {-failure.exitcode}"
         return WorkerFailed(f"{who} died: killed by {name}", killed=True)
+    text = _message(failure) or f"exit code {failure.exitcode}"
+    return WorkerFailed(f"{who} failed: {text[:300]}", killed=False)
+
+
+_PEER_ERRORS = ("DistBackendError", "Connection closed by peer", "Connection reset by peer",
+                "NCCL error", "Broken pipe")
+"""Words of the errors a rank raises when another rank died under a collective."""
+
+
+def _message(failure) -> str:
+    """The first line of a rank's error, from the file its @record handler wrote."""
     message = failure.message
-    if isinstance(message, dict):  # written by the rank's @record handler
+    if isinstance(message, dict):
         message = message.get("message", "")
-    first = " ".join(str(message or "").split())
-    if not first or first.startswith("To enable traceback"):
-        first = f"exit code {failure.exitcode}"
-    return WorkerFailed(f"{who} failed: {first[:300]}", killed=False)
+    text = " ".join(str(message or "").split())
+    return "" if text.startswith("To enable traceback") else text

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import psutil
 
+from prefixlab import distributed
 from prefixlab.config import RunConfig
 from prefixlab.experiment import RunError, RunFolder, create_run, execute_run, prepare_data
 from prefixlab.models import LoadedModel, ModelInfo
@@ -535,12 +536,18 @@ def _work(folder: RunFolder, resume: bool) -> int:
             if cancel.exists():
                 folder.set_status("cancelled")
                 return 0
-            folder.set_status("running")
+            processes = distributed.process_count(cfg.nproc, device)
+            folder.set_status("running", processes=processes)
+            if processes > 1:
+                return launch_ranks(folder, processes, resume)
             loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
             report = execute_run(folder, loaded, resume=resume, should_stop=cancel.exists)
             if report is None:
                 folder.set_status("cancelled", step=_last_step(folder))
         return 0
+    except distributed.LaunchError as e:
+        folder.set_status("failed", error=str(e))
+        return 1
     except MemoryError:
         folder.set_status("failed", error="out of memory: try a smaller batch size or max "
                           "length")
@@ -551,3 +558,17 @@ def _work(folder: RunFolder, resume: bool) -> int:
         with contextlib.suppress(OSError):
             folder.set_status("failed", error=f"{type(e).__name__}: {message}")
         return 1
+
+
+def launch_ranks(folder: RunFolder, processes: int, resume: bool) -> int:
+    """Train on `processes` ranks started by torch's launcher in this process: rank 0 writes
+    the run's progress; when a rank dies the launcher stops the others and this process,
+    the one the app started, records which one and how."""
+    try:
+        distributed.launch(["rank", str(folder.path), *(["--resume"] if resume else [])],
+                           processes)
+    except distributed.WorkerFailed as e:
+        folder.set_status("interrupted" if e.killed else "failed", error=str(e),
+                          step=_last_step(folder), processes=processes)
+        return 1
+    return 0
