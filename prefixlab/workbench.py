@@ -9,6 +9,7 @@ state (which run is open, how much of its log was read) stays in the UI's sessio
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import tempfile
@@ -126,11 +127,22 @@ class Inspection:
     initial_kv: torch.Tensor | None  # the first snapshot: the prefix before training
 
 
+def process_range() -> tuple[int, int]:
+    """(default, most) data-parallel processes a run may use here: every CUDA device by
+    default where there is more than one; on CPU one, up to one per core."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus:
+        return gpus, gpus
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1, max(1, cores or 1)
+
+
 def run_config(csv_path: str, text_column: str | None, label_column: str | None,
-               settings: dict, model: str = DEFAULT_MODEL, task: str | None = None) -> RunConfig:
+               settings: dict, model: str = DEFAULT_MODEL, task: str | None = None,
+               processes: int | None = None) -> RunConfig:
     """A RunConfig from the app's flat settings (a preset, possibly edited)."""
     s = {**PRESETS["Quick look"], **settings}
-    return RunConfig(
+    return RunConfig(nproc=int(processes) if processes else None,
         train_csv=csv_path, text_column=text_column or None, label_column=label_column or None,
         validation_share=float(s["validation_share"]),
         max_train_examples=int(s["max_train_examples"]) or None,
@@ -358,6 +370,7 @@ class Workbench:
                 model_params = folder.read_config()["model"]["parameters"]
             except (RunError, ValueError, KeyError):
                 model_params = None
+            processes = folder.status().get("processes")  # written once the run starts
             rows.append({
                 "name": r.name, "status": r.state,
                 "progress": f"{r.step}/{r.total_steps}" if r.total_steps else "",
@@ -366,11 +379,12 @@ class Workbench:
                 "accuracy": None if r.accuracy is None else round(r.accuracy, 3),
                 "prefix size": "" if prefix_kb is None else f"{prefix_kb:,.0f} KB",
                 "model size": "" if model_params is None else f"{model_params * 4 / 2**20:,.0f} MB",
+                "processes": processes or "",
                 "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)),
                 "id": r.id,
             })
         columns = ["name", "status", "progress", "data", "base model", "macro-F1", "accuracy",
-                   "prefix size", "model size", "created", "id"]
+                   "prefix size", "model size", "processes", "created", "id"]
         return pd.DataFrame(rows, columns=columns)
 
     def finished_runs(self) -> list[RunRow]:

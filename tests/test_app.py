@@ -32,7 +32,7 @@ from tests.conftest import make_tokenizer, tiny_model  # noqa: E402
 
 BAD_INPUTS = Path(__file__).parent / "bad_inputs"
 RUNS_COLUMNS = ["name", "status", "progress", "data", "base model", "macro-F1", "accuracy",
-                "prefix size", "model size", "created", "id"]
+                "prefix size", "model size", "processes", "created", "id"]
 
 
 # --- helpers shared with test_browser.py and test_load.py ----------------------------------
@@ -191,7 +191,7 @@ def test_runs_table_has_its_columns_when_empty_and_a_row_per_run(workbench, revi
     row = table.iloc[0].to_dict()
     assert row["id"] == run_id and row["name"] == "first" and row["status"] == "created"
     assert row["data"] == "reviews.csv" and row["base model"] == workbench.default_model
-    assert row["progress"] == "" and row["prefix size"] == ""
+    assert row["progress"] == "" and row["prefix size"] == "" and row["processes"] == ""
 
 
 def test_pollers_share_one_registry_refresh(workbench, reviews, monkeypatch):

@@ -26,6 +26,7 @@ from prefixlab.models import prepare_model
 from prefixlab.prefix import Prefix, PrefixConfig, init_prefix
 from prefixlab.runs import RunStore
 from prefixlab.train import TrainConfig, _backward
+from prefixlab.workbench import Workbench, process_range
 from tests.conftest import make_tokenizer, tiny_model
 from tests.test_train import toy_task
 
@@ -110,6 +111,14 @@ def test_process_counts_default_to_every_gpu_and_one_cpu_process(monkeypatch):
         distributed.process_count(0, cpu)
     with pytest.raises(ConfigError, match="nproc must be 1..256"):
         RunConfig(train_csv="x.csv", nproc=0)
+
+
+def test_the_app_offers_every_gpu_and_one_cpu_process(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_range()[0] == 1 and process_range()[1] >= 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert process_range() == (4, 4)
 
 
 def test_a_dead_or_failed_rank_is_named_in_words(tmp_path, monkeypatch):
@@ -294,6 +303,7 @@ def test_a_killed_rank_ends_the_run_and_resume_continues_it(tmp_path, csv_file, 
     resumed = [r for r in _records(folder) if r.get("message") == "resumed"]
     assert resumed and resumed[0]["step"] == checkpoint.step and resumed[0]["processes"] == 2
     _assert_same_training(folder, _reference(tiny, cfg, tmp_path / "one"))
+    assert Workbench(tmp_path / "data").runs_table().iloc[0]["processes"] == 2
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from prefixlab.encode import TemplateError
 from prefixlab.experiment import RunError
 from prefixlab.runs import ACTIVE
 from prefixlab.ui.common import LoadHook, bullet_list, escape, shown, wire
-from prefixlab.workbench import PRESETS, SETTING_NAMES, Workbench, run_config
+from prefixlab.workbench import PRESETS, SETTING_NAMES, Workbench, process_range, run_config
 
 POLL_SECONDS = 1.5
 
@@ -114,11 +114,17 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
                                   label="Training rows (0 = all)")
             max_eval = gr.Number(value=quick["max_eval_examples"], precision=0, minimum=0,
                                  label="Validation rows scored (0 = all)")
+        default_processes, most_processes = process_range()
         with gr.Row():
             patience = gr.Number(value=quick["patience"], precision=0, minimum=0,
                                  label="Patience (evaluations without improvement; 0 = off)")
             max_minutes = gr.Number(value=quick["max_minutes"], minimum=0,
                                     label="Time budget, minutes (0 = none)")
+            processes = gr.Slider(
+                1, most_processes, step=1, value=default_processes, label="Processes",
+                visible=most_processes > 1, elem_id="processes",
+                info="Data-parallel workers, one per GPU; on CPU more than one pays only on "
+                     "idle cores. The result is the same.")
         task = gr.Textbox(label="Task description (optional, starts the prefix)", max_lines=1,
                           placeholder="e.g. Is this tweet hateful, offensive or neither")
     settings = [prefix_length, init, reparameterize, learning_rate, epochs, batch_size,
@@ -198,16 +204,18 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
                 shown(charts.loss_curves(recs)), shown(charts.eval_curves(recs)),
                 *report_outputs(report), gr.Timer(active=not done)]
 
-    def on_start(state, run_name, task_text, *values):
+    def on_start(state, run_name, task_text, n_processes, *values):
         if not state:
             raise gr.Error("Choose a CSV in the Data tab first (or the bundled example).")
         cfg = run_config(state["path"], state.get("text"), state.get("label"),
-                         as_settings(*values), model=workbench.default_model, task=task_text)
+                         as_settings(*values), model=workbench.default_model, task=task_text,
+                         processes=n_processes)
         rid = workbench.start_run(cfg, name=run_name or None, data_name=state["name"])
         workbench.refresh()
         return render(rid, 0, [])
 
-    wire(start.click, on_start, [dataset, name, task, *settings], poll_outputs, notice)
+    wire(start.click, on_start, [dataset, name, task, processes, *settings], poll_outputs,
+         notice)
 
     def on_tick(rid, off, recs):
         workbench.refresh()
