@@ -86,8 +86,8 @@ def process_count(requested: int | None, device: torch.device) -> int:
     if device.type != "cuda":
         return requested or 1
     available = torch.cuda.device_count()
-    if requested is None:
-        return max(1, available)
+    if requested is None:  # every GPU, unless the device names one
+        return 1 if device.index is not None else max(1, available)
     if requested > 1 and device.index is not None:
         raise LaunchError(f"device {device} names one GPU, and {requested} processes need one "
                           f"GPU each: set the device to 'cuda' to use GPUs 0..{requested - 1}")

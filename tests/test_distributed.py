@@ -102,6 +102,7 @@ def test_process_counts_default_to_every_gpu_and_one_cpu_process(monkeypatch):
     assert distributed.process_count(3, cpu) == 3
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert distributed.process_count(None, cuda) == 4
+    assert distributed.process_count(None, torch.device("cuda", 2)) == 1
     assert distributed.process_count(2, cuda) == 2
     with pytest.raises(distributed.LaunchError, match="need 5 GPUs .* this machine has 4"):
         distributed.process_count(5, cuda)
