@@ -130,11 +130,15 @@ def _create(cfg, output: Path, model, where: str):
 
 
 def _launch(folder, processes: int, resume: bool) -> int:
-    """Train the run in `folder` on `processes` ranks started by torch's launcher here."""
-    from prefixlab.runs import launch_ranks
+    """Train the run in `folder` on `processes` ranks started by torch's launcher here. This
+    process holds the run lock for them (rank 0 writes), and records a failure after they
+    are all gone."""
+    from prefixlab.runs import CANCEL_FILE, RunLock, launch_ranks
 
-    if launch_ranks(folder, processes, resume) == 0:
-        return 0
+    with RunLock.claim(folder.path):
+        (folder.path / CANCEL_FILE).unlink(missing_ok=True)  # an old request from the app
+        if launch_ranks(folder, processes, resume) == 0:
+            return 0
     _say(f"error: {folder.status().get('error')}; the other workers were stopped")
     if folder.checkpoint_path.is_file():
         _say(f"the last checkpoint is kept: continue with `python -m prefixlab resume "
@@ -152,10 +156,11 @@ def _execute_rank(folder, device, resume: bool, claim: bool) -> int:
 
 
 def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
-    """Train here. `claim`: take the run lock; False in ranks whose launcher holds it."""
+    """Train here. `claim`: take the run lock; False in ranks whose launcher holds it (the
+    app's worker or `train --nproc`), which also stop when the app asks to cancel."""
     from prefixlab import distributed
     from prefixlab.experiment import execute_run
-    from prefixlab.runs import RunLock
+    from prefixlab.runs import CANCEL_FILE, RunLock
 
     writer = distributed.is_writer()
     # The run lock makes this process the run's only writer (an app's worker on the same
@@ -166,7 +171,8 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
         bar, on_step = _progress_bar(0)
         try:
             report = execute_run(folder, loaded, prepared=prepared, on_step=on_step,
-                                 resume=resume)
+                                 resume=resume, should_stop=None if claim else
+                                 (folder.path / CANCEL_FILE).exists)
         except BaseException as e:
             if writer:
                 folder.set_status("failed" if not isinstance(e, KeyboardInterrupt)
@@ -178,7 +184,8 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
         return 0
     if report is None:
         _say(f"stopped; last checkpoint kept in {folder.path}")
-        return 1
+        # a rank's launcher would take a non-zero exit for a failure; the status says cancelled
+        return 1 if claim else 0
     print(f"run saved to {folder.path}")
     print(f"kept step {report['kept_step']} of {report['steps']} ({report['selection']}); "
           f"training ended: {report['stop_reason']}")

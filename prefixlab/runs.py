@@ -561,9 +561,10 @@ def _work(folder: RunFolder, resume: bool) -> int:
 
 
 def launch_ranks(folder: RunFolder, processes: int, resume: bool) -> int:
-    """Train on `processes` ranks started by torch's launcher in this process: rank 0 writes
-    the run's progress; when a rank dies the launcher stops the others and this process,
-    the one the app started, records which one and how."""
+    """Train on `processes` ranks started by torch's launcher in this process, which holds
+    the run lock: rank 0 writes the run's progress on its behalf (one writer at a time);
+    when a rank dies the launcher stops the others and this process records which one and
+    how."""
     try:
         distributed.launch(["rank", str(folder.path), *(["--resume"] if resume else [])],
                            processes)

@@ -265,8 +265,9 @@ def _rank_process(worker_pid: int, rank: int, timeout: float = 120.0) -> psutil.
 def test_a_killed_rank_ends_the_run_and_resume_continues_it(tmp_path, csv_file, model_dir,
                                                              tiny):
     """The app's path: a worker process starts 2 ranks; rank 1 is killed with SIGKILL after a
-    checkpoint; the run ends within seconds, says which worker died, keeps the checkpoint,
-    and `resume` ends with the prefix of an uninterrupted one-process run."""
+    checkpoint; the run ends within seconds, says which worker died, keeps the checkpoint;
+    it resumes, is cancelled from the app, resumes again and ends with the prefix of an
+    uninterrupted one-process run."""
     cfg = RunConfig(train_csv=str(csv_file), text_column="text", label_column="label",
                     model=str(model_dir), max_length=48, device="cpu", nproc=2,
                     prefix=PrefixConfig(prefix_length=4),
@@ -297,12 +298,31 @@ def test_a_killed_rank_ends_the_run_and_resume_continues_it(tmp_path, csv_file, 
     assert checkpoint.step % 4 == 0 and 0 < checkpoint.step < row.total_steps
     assert not psutil.pid_exists(ranks[0].pid) or ranks[0].status() == psutil.STATUS_ZOMBIE
 
+    # resumed, then cancelled from the app: both ranks stop at the same step
+    store.start(run_id, resume=True)
+    worker = store.get(run_id).pid
+    ranks = [_rank_process(worker, r) for r in (0, 1)]
+    end = time.time() + 120
+    while time.time() < end and folder.load_checkpoint().step <= checkpoint.step:
+        time.sleep(0.05)
+    for p in ranks:
+        p.suspend()
+    store.cancel(run_id)
+    for p in ranks:
+        p.resume()
+    assert psutil.Process(worker).wait(timeout=120) == 0
+    store.refresh()
+    row = store.get(run_id)
+    assert row.state == "cancelled", row.error
+    assert checkpoint.step < folder.load_checkpoint().step < row.total_steps
+
     store.start(run_id, resume=True)
     assert psutil.Process(store.get(run_id).pid).wait(timeout=300) == 0
     store.refresh()
     assert store.get(run_id).state == "completed", store.get(run_id).error
     resumed = [r for r in _records(folder) if r.get("message") == "resumed"]
-    assert resumed and resumed[0]["step"] == checkpoint.step and resumed[0]["processes"] == 2
+    assert len(resumed) == 2 and resumed[0]["step"] == checkpoint.step
+    assert resumed[0]["processes"] == 2
     _assert_same_training(folder, _reference(tiny, cfg, tmp_path / "one"))
     assert Workbench(tmp_path / "data").runs_table().iloc[0]["processes"] == 2
 
