@@ -46,7 +46,7 @@ class LaunchError(PrefixLabError):
     """A setting of processes and devices that cannot run, said before anything starts."""
 
 
-class WorkerFailed(RuntimeError):
+class WorkerFailed(PrefixLabError, RuntimeError):
     """A rank of a data-parallel job died or failed; the others were stopped.
 
     `message` reads "worker 1 of 2 died: killed by SIGKILL"; `killed` is True when a signal
