@@ -361,7 +361,7 @@ def train(
             tuner.start()
             loss_value, real, padded = _backward(
                 model, prefix.key_values(), distributed.share(rows), pad_id, device,
-                chunk_tokens, workspace, n_targets=sum(len(e.target) for e in rows))
+                chunk_tokens, workspace, sum(len(e.target) for e in rows))  # the batch's
             loss_value, real = distributed.reduce_step(params, loss_value, real)
             real = int(real)
             if cfg.grad_clip:
