@@ -32,3 +32,18 @@ def test_train_tab_report_shows_majority_kept_step_and_warnings():
     assert "Kept the prefix of step 30 of 70" in markdown
     assert "**Warning:** the prefix predicts 'offensive' for 100% of the 20 rows" in markdown
     assert "never predicts 'neither'" in markdown
+
+
+def test_live_view_shows_the_predicted_labels_and_warnings_of_the_last_evaluation():
+    from prefixlab.ui.train_tab import progress_html
+
+    records = [
+        {"type": "step", "step": 20, "total_steps": 80, "epoch": 1.0, "examples_per_s": 3.0,
+         "loss": 0.5, "eta_s": 60},
+        {"type": "eval", "step": 20, "macro_f1": 0.3, "predicted": {"hate": 0, "neither": 60},
+         "best_step": 10, "warnings": ["the prefix never predicts 'hate', which is 8% ..."]},
+    ]
+    html = progress_html(records, "running")
+    assert "predicted hate 0, neither 60" in html and "best so far: step 10" in html
+    assert "<b>Warning:</b> the prefix never predicts 'hate'" in html
+    assert progress_html(records[:1], "running").count("<div>") == 1

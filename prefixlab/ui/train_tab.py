@@ -24,12 +24,25 @@ def progress_html(records: list[dict], state: str) -> str:
         return f"<div>{escape(state)}…</div>"
     s = steps[-1]
     share = s["step"] / max(1, s["total_steps"])
-    eta = f"{s['eta_s']:.0f} s left" if state == "running" and s["eta_s"] else ""
-    return (
+    eta = f"at most {s['eta_s']:.0f} s left" if state == "running" and s["eta_s"] else ""
+    html = (
         f"<div class='bar'><div class='fill' style='width:{100 * share:.1f}%'></div></div>"
         f"<div>step {s['step']}/{s['total_steps']} · epoch {s['epoch']:.2f} · "
         f"{s['examples_per_s']:.1f} examples/s · loss {s['loss']:.3f} · {eta}</div>"
     )
+    return html + last_evaluation_html(records)
+
+
+def last_evaluation_html(records: list[dict]) -> str:
+    """The latest evaluation's predicted-label counts, the best step so far, its warnings."""
+    evals = [r for r in records if r.get("type") == "eval" and "predicted" in r]
+    if not evals:
+        return ""
+    e = evals[-1]
+    counts = ", ".join(f"{escape(k)} {v}" for k, v in e["predicted"].items())
+    html = (f"<div>evaluation at step {e['step']}: macro-F1 {e['macro_f1']:.3f} · predicted "
+            f"{counts} · best so far: step {e.get('best_step')}</div>")
+    return html + "".join(f"<div><b>Warning:</b> {escape(w)}</div>" for w in e["warnings"])
 
 
 def report_outputs(report: dict | None):
