@@ -400,8 +400,9 @@ def cmd_inspect(args) -> int:
     loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
                         progress=_say)
     out = inspect_run(args.run, args.output, loaded, args.top_k, texts=args.text or None,
-                      bank_size=args.bank_size, progress=_say)
-    print(f"wrote nearest_tokens.json, pca.json and inspection.html to {out}")
+                      bank_size=args.bank_size, knockout_rows=args.knockout_rows, progress=_say)
+    written = ", ".join(sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".html")))
+    print(f"wrote {written} to {out}")
     return 0
 
 
@@ -413,6 +414,7 @@ def cmd_worker(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from prefixlab.config import RunConfig
+    from prefixlab.inspection import DEFAULT_KNOCKOUT_ROWS
     from prefixlab.interpret_bank import DEFAULT_BANK_SIZE
     from prefixlab.prefix import PrefixConfig
     from prefixlab.train import TrainConfig
@@ -467,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference tokens per layer (frequent tokens + label words)")
     p.add_argument("--text", action="append", default=[],
                    help="an input for the attention view (repeatable)")
+    p.add_argument("--knockout-rows", type=int, default=DEFAULT_KNOCKOUT_ROWS,
+                   help="held-out rows scored with each slot and layer hidden (knockout.json); "
+                        "0 skips the knockout")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("worker", help="train a registered run (started by the app)")

@@ -6,7 +6,9 @@ plots.py (the figures); the CLI's `inspect` and the app call it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +17,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from prefixlab import data as datamod
-from prefixlab.experiment import Run, RunFolder, open_run
+from prefixlab.experiment import Run, RunFolder, open_run, prepare_data
 from prefixlab.files import atomic_write_json, atomic_write_text
+from prefixlab.inspect_summary import GLOSSARY, summary_markdown
 from prefixlab.interpret import (
     CAVEAT,
     KINDS,
     METHOD,
+    AttentionMass,
     InterpretError,
     NearestTokens,
     ValueReadout,
@@ -36,6 +40,7 @@ from prefixlab.interpret_bank import (
     reference_bank,
     text_token_ids,
 )
+from prefixlab.interpret_causal import Knockout, LabelPush, knockout, label_push
 from prefixlab.interpret_maps import (
     LayersMap,
     Movement,
@@ -46,6 +51,8 @@ from prefixlab.interpret_maps import (
 )
 from prefixlab.models import LoadedModel
 from prefixlab.plots import inspection_html
+from prefixlab.plots_causal import knockout_figure, label_push_figure
+from prefixlab.predict import score_log_likelihoods
 from prefixlab.prefix import default_init_text
 
 
@@ -152,6 +159,70 @@ def word_ids(words: Mapping[str, Sequence[int]]) -> list[int]:
     return list(dict.fromkeys(i for ids in words.values() for i in ids))
 
 
+KNOCKOUT_FILE = "knockout.json"
+DEFAULT_KNOCKOUT_ROWS = 100
+
+
+@dataclass
+class CausalReadout:
+    """What a run's prefix does: knockouts, the attention share per layer, the label push."""
+
+    knockout: Knockout
+    push: LabelPush
+    attention: AttentionMass | None  # share of attention on the prefix (None: no texts)
+
+    def to_json(self, run_name: str, stamp: float) -> dict:
+        out = {"run": run_name, "prefix_mtime": stamp, **self.knockout.to_json(),
+               "label_push": {"labels": self.push.labels,
+                              "push": _round(self.push.push)}}
+        if self.attention is not None:
+            out["attention_share"] = _round(self.attention.mass[-1].mean(-1))
+        return out
+
+
+def _held_out(run: Run, rows: int) -> tuple[list[str], list[int]]:
+    """The run's own validation rows (the split it was evaluated on), first `rows` of them."""
+    try:
+        validation = prepare_data(run.config).validation
+    except (datamod.DataError, OSError) as e:
+        raise InterpretError(f"the knockout needs the run's data to score held-out rows, but "
+                             f"{run.config.train_csv} cannot be read: {e}") from e
+    known = [(t, run.labels.index(y)) for t, y in zip(validation.texts, validation.labels,
+                                                       strict=True) if y in run.labels]
+    if not known:
+        raise InterpretError("the run has no held-out rows with a label it knows")
+    known = known[:rows]
+    return [t for t, _ in known], [g for _, g in known]
+
+
+def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool = True,
+                 progress: Callable[[float, str], None] | None = None) -> CausalReadout:
+    """Knock out each slot and each layer on `rows` held-out rows; cached in the run folder
+    (knockout.json, valid while the prefix file and the row count are unchanged)."""
+    if rows < 1:
+        raise InterpretError(f"the knockout needs at least 1 held-out row, got {rows}")
+    loaded, kv = run.loaded, run.kv
+    stamp = run.folder.prefix_path.stat().st_mtime
+    cached = run.folder.path / KNOCKOUT_FILE
+    texts, gold = _held_out(run, rows)
+    push = label_push(loaded, kv, run.labels, run.encoder.label_ids)
+    attention = prefix_attention(loaded, kv, texts[:8])
+    if use_cache and cached.is_file():
+        try:
+            found = json.loads(cached.read_text())
+            if found.get("prefix_mtime") == stamp and found.get("rows") == len(texts):
+                return CausalReadout(Knockout.from_json(found), push, attention)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or from another version: measured again and rewritten
+
+    def score(model):
+        return score_log_likelihoods(model, kv, run.encoder, texts)
+
+    result = CausalReadout(knockout(loaded, kv, score, gold, progress), push, attention)
+    atomic_write_json(cached, result.to_json(run.folder.path.name, stamp))
+    return result
+
+
 def inspect_run(
     run_dir: str | Path,
     output_dir: str | Path,
@@ -160,13 +231,15 @@ def inspect_run(
     *,
     texts: Sequence[str] | None = None,
     bank_size: int = DEFAULT_BANK_SIZE,
+    knockout_rows: int = DEFAULT_KNOCKOUT_ROWS,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write nearest_tokens.json, pca.json and a standalone inspection.html for a run.
+    """Write nearest_tokens.json, pca.json, knockout.json and a standalone inspection.html.
 
     texts: read after the prefix for the attention view; None takes up to three rows of the
     run's training CSV (the attention view is left out when it cannot be read).
-    Returns output_dir.
+    knockout_rows: held-out rows for the knockout (0: none; it is skipped, with a note on
+    the page, when the run's data cannot be read). Returns output_dir.
     """
 
     run = open_run(run_dir, loaded)
@@ -192,14 +265,32 @@ def inspect_run(
                        **nearest_tokens_json(nearest, readout)})
     atomic_write_json(output / "pca.json", {"run": run.folder.path.name,
                                             **pca_json(maps, layers, movement)})
+    causal, note = None, ""
+    if knockout_rows > 0:
+        try:
+            causal = run_knockout(run, knockout_rows, progress=(
+                (lambda f, m: progress(m)) if progress else None))
+        except InterpretError as e:
+            note = f"The knockout was not measured: {e}"
+    if causal is not None:
+        stamp = run.folder.prefix_path.stat().st_mtime
+        atomic_write_json(output / KNOCKOUT_FILE, causal.to_json(run.folder.path.name, stamp))
+        extra = [("What each part does", knockout_figure(causal.knockout, causal.attention)),
+                 ("Which label each layer pushes", label_push_figure(causal.push))]
+    else:
+        extra = []
+    initial = snapshots[0][1] if snapshots else None
+    summary = summary_markdown(nearest, kv, initial, causal.knockout if causal else None)
     page = inspection_html(
         title=f"Inside the prefix of {run.folder.path.name}",
         model=loaded.name, nearest=nearest, readout=readout, maps=maps, layers=layers,
-        movement=movement, attention=attention,
+        movement=movement, attention=attention, summary=summary + (f"\n\n{note}" * bool(note)),
+        glossary=GLOSSARY, extra=extra,
     )
     atomic_write_text(output / "inspection.html", page)
     return output
 
 
-__all__ = ["inspect_run", "load_snapshots", "nearest_tokens_json", "pca_json", "run_words",
+__all__ = ["DEFAULT_KNOCKOUT_ROWS", "KNOCKOUT_FILE", "CausalReadout", "inspect_run",
+           "load_snapshots", "nearest_tokens_json", "pca_json", "run_knockout", "run_words",
            "word_ids"]

@@ -7,7 +7,7 @@ so they serialize the same everywhere. No gradio here: the UI shows these figure
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -259,6 +259,28 @@ th { background: #f4f4f4; } details { margin: .3rem 0; }
 """
 
 
+def _markdown_html(text: str) -> str:
+    """The summary's light markdown as HTML: paragraphs, "- " items, **bold**, *it*, `code`."""
+    import re
+
+    def inline(line: str) -> str:
+        line = html.escape(line, quote=False)
+        line = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", line)
+        line = re.sub(r"`(.+?)`", r"<code>\1</code>", line)
+        return re.sub(r"\*(.+?)\*", r"<i>\1</i>", line)
+
+    out = []
+    for block in text.split("\n\n"):
+        lines = block.splitlines()
+        items = [ln[2:] for ln in lines if ln.startswith("- ")]
+        head = [ln for ln in lines if not ln.startswith("- ")]
+        if head:
+            out.append(f"<p>{inline(' '.join(head))}</p>")
+        if items:
+            out.append("<ul>" + "".join(f"<li>{inline(i)}</li>" for i in items) + "</ul>")
+    return "".join(out)
+
+
 def inspection_html(
     *,
     title: str,
@@ -269,9 +291,16 @@ def inspection_html(
     layers: Mapping[str, LayersMap],
     movement: Movement | None,
     attention: AttentionMass | None,
+    summary: str = "",
+    glossary: Sequence[tuple[str, str]] = (),
+    extra: Sequence[tuple[str, go.Figure]] = (),
 ) -> str:
-    """One self-contained HTML page (plotly.js inlined once): works offline."""
-    figures: list[tuple[str, go.Figure]] = []
+    """One self-contained HTML page (plotly.js inlined once): works offline.
+
+    summary (light markdown: **bold**, *italic*, `code`, "- " items) and the glossary come
+    first; `extra` figures (the knockout) come before the maps; the method is folded.
+    """
+    figures: list[tuple[str, go.Figure]] = list(extra)
     for kind in KINDS:
         figures.append((f"Nearest tokens: {kind}s", nearest_tokens_figure(nearest, kind)))
     for kind, m in maps.items():
@@ -284,15 +313,22 @@ def inspection_html(
     if attention is not None:
         figures.append(("Attention on the prefix", attention_heatmap(attention)))
     title = html.escape(title)
-    parts = [f"<h1>{title}</h1>", f"<p>Base model: <code>{html.escape(model)}</code></p>",
-             f"<p class='caveat'>{html.escape(CAVEAT)}</p>",
-             f"<p><small>{html.escape(METHOD)}</small></p>"]
+    parts = [f"<h1>{title}</h1>", f"<p>Base model: <code>{html.escape(model)}</code></p>"]
+    if summary:
+        parts.append(f"<h2>Summary</h2>{_markdown_html(summary)}")
+    if glossary:
+        items = "".join(f"<li><b>{html.escape(t)}</b>: {html.escape(m)}</li>" for t, m in glossary)
+        parts.append(f"<details><summary>Glossary</summary><ul>{items}</ul></details>")
+
     first = True
     for heading, fig in figures:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=first,
                                  config={"displaylogo": False}))
         first = False
+    parts.append(f"<details><summary>Method and caveat</summary>"
+                 f"<p class='caveat'>{html.escape(CAVEAT)}</p>"
+                 f"<p><small>{html.escape(METHOD)}</small></p></details>")
     if movement is None:
         parts.append("<p>No snapshots were saved, so there is no movement to show.</p>")
     if attention is None:

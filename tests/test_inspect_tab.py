@@ -72,3 +72,33 @@ def test_runs_with_other_labels_on_one_model_never_share_label_words(tmp_path, m
         assert set(own["label words"]) <= set(ins.bank.token_ids)
     only_first = set(words[0]["label words"]) - set(word_ids(words[1]))
     assert only_first and not only_first & set(second.bank.extra_ids)
+
+
+def test_knockout_of_a_trained_run_is_cached_and_written_by_inspect(tmp_path, model_dir,
+                                                                    monkeypatch):
+    import json
+
+    from prefixlab import inspection
+
+    monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
+    wb = Workbench(tmp_path / "data", model=str(model_dir))
+    run_id = _trained_run(wb, tmp_path, model_dir, ("negative", "positive"), "k")
+    run = wb.open(run_id)
+    steps = []
+    first = inspection.run_knockout(run, 4, progress=lambda f, m: steps.append(m))
+    assert steps and first.knockout.rows == 4
+    L, P = run.kv.shape[0], run.kv.shape[3]
+    assert first.knockout.slot_log_prob.shape == (P,)
+    assert first.push.push.shape == (L, 2) and first.attention.mass.shape[1] == L
+    cached = json.loads((run.folder.path / inspection.KNOCKOUT_FILE).read_text())
+    assert cached["rows"] == 4 and len(cached["layers"]["log_prob"]) == L
+    steps.clear()
+    again = inspection.run_knockout(run, 4, progress=lambda f, m: steps.append(m))
+    assert not steps  # read from the run folder, not measured again
+    assert again.knockout.slot_log_prob == pytest.approx(first.knockout.slot_log_prob, abs=1e-4)
+    out = inspection.inspect_run(run.folder.path, tmp_path / "out", run.loaded, top_k=2,
+                                 knockout_rows=4)
+    written = json.loads((out / "knockout.json").read_text())
+    assert written["format"] == "prefixlab-knockout/1" and "label_push" in written
+    page = (out / "inspection.html").read_text()
+    assert page.index("Summary") < page.index("Slots by effect") < page.index("Method and")

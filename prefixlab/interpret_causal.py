@@ -1,0 +1,252 @@
+"""What the prefix does, measured: knockouts of slots and layers, and the labels values push.
+
+A knockout hides part of the prefix and scores held-out rows again. "Hidden" means masked
+out of attention: the attention mask of the chosen layers gets the chosen prefix slots set to
+"not visible", so every query's softmax runs over the remaining keys exactly as if those
+slots had never been cached there. Positions are untouched (the inputs still start at P), so
+nothing else moves. The alternatives are not exact: zeroing a slot's value still takes
+softmax mass from the other keys (its key still scores), and zeroing its key gives it score
+0, which is a large share when the real scores are negative. Removing slots from the cache
+would shift every later position, and with RoPE change every input token's keys.
+
+- slot knockout s: slot s hidden at every layer (what that virtual token carries, all layers);
+- layer knockout l: every slot hidden at layer l only (what the prefix does at that layer).
+
+The masking runs on a *twin* of the model (the same parameter tensors, its own modules with
+the mask hooks), so requests running on the shared model meanwhile are never affected.
+Scoring is a callable on the model, so any per-row score (label log-likelihoods for a
+classifier, a target's log-likelihood for generation) can be knocked out the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from prefixlab.interpret import InterpretError, _check_kv, value_logits
+from prefixlab.models import LoadedModel, architecture, get_module
+
+Score = Callable[[torch.nn.Module], np.ndarray]  # model -> (N, K) log-likelihoods per row
+
+_TWINS: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
+_TWINS_LOCK = threading.Lock()
+_HIDDEN = "_prefixlab_hidden_slots"  # twin attribute: {layer: [prefix slots hidden there]}
+
+
+def _hide_slots(layer: int):
+    """A forward pre-hook for layer `layer`'s attention: hide the slots the twin names."""
+
+    def hook(module, args, kwargs):
+        hidden = getattr(module, _HIDDEN, {}).get(layer)
+        if not hidden:
+            return None
+        mask = kwargs.get("attention_mask")
+        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+        B, q = hidden_states.shape[:2]
+        if mask is None:
+            # transformers drops the mask when nothing is masked and q == 1 (decoding a token):
+            # every cached key is then visible.
+            if q != 1:
+                raise InterpretError("cannot hide prefix slots: the model gave no attention mask")
+            cache = kwargs.get("cache") or kwargs.get("past_key_values")
+            length = cache.get_seq_length(layer) + 1
+            mask = torch.ones(B, 1, 1, length, dtype=torch.bool, device=hidden_states.device)
+        mask = mask.expand(B, *mask.shape[1:]).clone()  # (B, 1, q, P + T), own copy
+        columns = torch.tensor(hidden, device=mask.device)
+        if mask.dtype == torch.bool:
+            mask[..., columns] = False
+        else:  # additive float mask (eager attention)
+            mask[..., columns] = torch.finfo(mask.dtype).min
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    return hook
+
+
+def _twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's knockout twin: shared tensors, own modules with the masking hooks."""
+    with _TWINS_LOCK:
+        twin = _TWINS.get(model)
+        if twin is None:
+            shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+            twin = copy.deepcopy(model, memo=shared)
+            arch = architecture(twin.config)
+            for i, block in enumerate(get_module(twin, arch.layers)):
+                attention = getattr(block, arch.attention)
+                attention.register_forward_pre_hook(_hide_slots(i), with_kwargs=True)
+            twin._prefixlab_lock = threading.Lock()  # one knockout at a time per twin
+            _TWINS[model] = twin
+        return twin
+
+
+@contextmanager
+def knocked_out(loaded: LoadedModel, hidden: Mapping[int, Sequence[int]]):
+    """A model (the twin) on which prefix slots hidden[l] are masked out of layer l's attention.
+
+    Yields the model to score with; the shared model is never changed.
+    """
+    twin = _twin(loaded.model)
+    arch = architecture(twin.config)
+    blocks = get_module(twin, arch.layers)
+    with twin._prefixlab_lock:
+        attentions = [getattr(b, arch.attention) for b in blocks]
+        for i, attention in enumerate(attentions):
+            setattr(attention, _HIDDEN, {i: list(hidden.get(i, ()))})
+        try:
+            yield twin
+        finally:
+            for attention in attentions:
+                setattr(attention, _HIDDEN, {})
+
+
+def macro_f1(gold: np.ndarray, predicted: np.ndarray, classes: int) -> float:
+    """Macro-averaged F1 over `classes` labels (a label never gold nor predicted is skipped)."""
+    scores = []
+    for c in range(classes):
+        tp = int(((predicted == c) & (gold == c)).sum())
+        fp = int(((predicted == c) & (gold != c)).sum())
+        fn = int(((predicted != c) & (gold == c)).sum())
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def _measure(ll: np.ndarray, gold: np.ndarray | None) -> tuple[float, float | None]:
+    """Mean log-probability of the correct answer, and macro-F1 (None without classes).
+
+    ll (N, K): with K > 1 a classifier's label log-likelihoods, normalized over the labels;
+    with K == 1 (gold None) a target's log-likelihood per row, averaged.
+    """
+    if gold is None:
+        return float(ll[:, 0].mean()), None
+    logp = torch.log_softmax(torch.from_numpy(ll), dim=-1).numpy()
+    return (float(logp[np.arange(len(gold)), gold].mean()),
+            macro_f1(gold, ll.argmax(1), ll.shape[1]))
+
+
+@dataclass
+class Knockout:
+    """Changes when parts of the prefix are hidden, on `rows` held-out rows.
+
+    Effects are knocked-out minus intact: a negative log_prob change means that part helps.
+    """
+
+    rows: int
+    prefix_length: int
+    num_layers: int
+    log_prob: float  # intact: mean log p(correct answer)
+    f1: float | None  # intact macro-F1 (None for generation targets)
+    slot_log_prob: np.ndarray  # (P,) change when slot p is hidden at every layer
+    slot_f1: np.ndarray | None  # (P,)
+    layer_log_prob: np.ndarray  # (L,) change when every slot is hidden at layer l
+    layer_f1: np.ndarray | None  # (L,)
+    all_log_prob: float  # change when the whole prefix is hidden (the bare model)
+    all_f1: float | None
+
+    def ranked(self, part: str) -> list[tuple[int, float]]:
+        """(index, log_prob change) of slots or layers, the most costly knockout first."""
+        changes = self.slot_log_prob if part == "slot" else self.layer_log_prob
+        return [(int(i), float(changes[i])) for i in np.argsort(changes, kind="stable")]
+
+    def to_json(self) -> dict:
+        def r(x):
+            return None if x is None else np.round(np.asarray(x, dtype=float), 5).tolist()
+
+        return {"format": "prefixlab-knockout/1", "rows": self.rows,
+                "prefix_length": self.prefix_length, "num_layers": self.num_layers,
+                "method": METHOD,
+                "intact": {"log_prob": r(self.log_prob), "macro_f1": r(self.f1)},
+                "whole_prefix": {"log_prob": r(self.all_log_prob), "macro_f1": r(self.all_f1)},
+                "slots": {"log_prob": r(self.slot_log_prob), "macro_f1": r(self.slot_f1)},
+                "layers": {"log_prob": r(self.layer_log_prob), "macro_f1": r(self.layer_f1)}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Knockout:
+        def a(x):
+            return None if x is None else np.asarray(x, dtype=float)
+
+        return cls(d["rows"], d["prefix_length"], d["num_layers"], d["intact"]["log_prob"],
+                   d["intact"]["macro_f1"], a(d["slots"]["log_prob"]), a(d["slots"]["macro_f1"]),
+                   a(d["layers"]["log_prob"]), a(d["layers"]["macro_f1"]),
+                   d["whole_prefix"]["log_prob"], d["whole_prefix"]["macro_f1"])
+
+
+METHOD = (
+    "Knockout: a part of the prefix is hidden by masking it out of attention (exact: the "
+    "softmax runs over the other keys as if it had never been cached; positions stay), then "
+    "the held-out rows are scored again. A slot knockout hides one virtual token at every "
+    "layer; a layer knockout hides every virtual token at one layer. Shown: the change in the "
+    "mean log-probability of the correct label (negative: that part helps) and in macro-F1."
+)
+
+
+def knockout(loaded: LoadedModel, kv: torch.Tensor, score: Score, gold: Sequence[int] | None,
+             progress: Callable[[float, str], None] | None = None) -> Knockout:
+    """Score intact, then with each slot hidden (all layers), each layer hidden (all slots),
+    and the whole prefix hidden. `score(model)` scores the held-out rows (N, K) with `kv` on
+    the given model; gold (N,) label indices, or None when K == 1 (a target's log-likelihood).
+    """
+    _check_kv(loaded, kv)
+    L, P = kv.shape[0], kv.shape[3]
+    gold_a = None if gold is None else np.asarray(gold, dtype=np.int64)
+    variants: list[dict[int, list[int]]] = [{}]
+    variants += [{layer: [p] for layer in range(L)} for p in range(P)]
+    variants += [{layer: list(range(P))} for layer in range(L)]
+    variants += [{layer: list(range(P)) for layer in range(L)}]
+    results = []
+    for i, hidden in enumerate(variants):
+        if progress:
+            what = ("intact" if i == 0 else f"slot {i - 1}" if i <= P
+                    else f"layer {i - 1 - P}" if i <= P + L else "whole prefix")
+            progress(i / len(variants), f"knockout: {what} ({i + 1}/{len(variants)})")
+        with knocked_out(loaded, hidden) as model:
+            ll = np.asarray(score(model), dtype=np.float64)
+        if gold_a is not None and ll.shape[0] != len(gold_a):
+            raise InterpretError(f"the score gave {ll.shape[0]} rows for {len(gold_a)} gold labels")
+        results.append(_measure(ll, gold_a))
+    if progress:
+        progress(1.0, "knockout: done")
+    base_lp, base_f1 = results[0]
+    lp = np.array([r[0] for r in results]) - base_lp
+    f1 = None if base_f1 is None else np.array([r[1] for r in results]) - base_f1
+    return Knockout(
+        rows=len(gold_a) if gold_a is not None else -1, prefix_length=P, num_layers=L,
+        log_prob=base_lp, f1=base_f1, slot_log_prob=lp[1:P + 1],
+        slot_f1=None if f1 is None else f1[1:P + 1], layer_log_prob=lp[P + 1:P + 1 + L],
+        layer_f1=None if f1 is None else f1[P + 1:P + 1 + L], all_log_prob=float(lp[-1]),
+        all_f1=None if f1 is None else float(f1[-1]))
+
+
+@dataclass
+class LabelPush:
+    """Per layer, how much the prefix's values favour each label (value readout on labels)."""
+
+    labels: list[str]
+    push: np.ndarray  # (L, K): mean over slots of the label's first-token logit, centered per layer
+
+
+def label_push(loaded: LoadedModel, kv: torch.Tensor, labels: Sequence[str],
+               label_ids: Sequence[Sequence[int]]) -> LabelPush:
+    """The value readout restricted to the label words: which label each layer's values push.
+
+    Each label is read by its first token (the one scoring sees first); logits are averaged
+    over the prefix slots and centered across labels, so a layer that pushes no label in
+    particular reads 0 everywhere.
+    """
+    if len(labels) != len(label_ids) or not labels:
+        raise InterpretError("give one token list per label")
+    logits = value_logits(loaded, kv)  # (L, P, V)
+    first = torch.tensor([ids[0] for ids in label_ids])
+    per_label = logits[..., first].mean(1)  # (L, K)
+    return LabelPush(list(labels), (per_label - per_label.mean(-1, keepdim=True)).numpy())
+
+
+__all__ = ["METHOD", "Knockout", "LabelPush", "knockout", "knocked_out", "label_push",
+           "macro_f1"]

@@ -1,0 +1,153 @@
+"""Knockouts: hiding a slot is exact (as if never cached), and a prefix whose signal lives in
+one slot or one layer has that part ranked first; the label push reads the value readout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from prefixlab import interpret_causal as C
+from prefixlab.encode import Encoder, Template
+from prefixlab.predict import score_log_likelihoods
+from prefixlab.prefix import text_key_values
+
+TEXTS = ["the movie was great", "the movie was bad", "a terrible boring film", "great fun",
+         "bad acting", "the film was fun"]
+LABELS = ["positive", "negative"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _scorer(loaded, kv):
+    encoder = Encoder(loaded.tokenizer, Template(), LABELS, 48)
+    return encoder, (lambda model: score_log_likelihoods(model, kv, encoder, TEXTS, batch_size=4))
+
+
+def _signal_in(loaded, slot: int | None = None, layer: int | None = None, scale=60.0):
+    """Every slot neutral (zero key: score 0; zero value: writes nothing) except `slot` (at
+    every layer) or every slot of `layer`, whose values are large: the only signal."""
+    kv = text_key_values(loaded.model, loaded.tokenizer, "the movie was", 6)
+    g = torch.Generator().manual_seed(1)
+    signal = torch.randn(kv.shape, generator=g) * scale
+    out = torch.zeros_like(kv)
+    if slot is not None:
+        out[:, :, :, slot] = signal[:, :, :, slot]
+    else:
+        out[layer] = signal[layer]
+    return out
+
+
+def test_hiding_a_slot_equals_a_prefix_without_it(loaded):
+    """Exactness: with slot 0 hidden at every layer, scores equal those of the prefix that
+    never had it, read at the same positions (slot 0 replaced by nothing: the remaining
+    slots keep positions 1..P-1 and inputs start at P)."""
+    kv = text_key_values(loaded.model, loaded.tokenizer, "the movie was", 5)
+    _, score = _scorer(loaded, kv)
+    with C.knocked_out(loaded, {layer: [0] for layer in range(kv.shape[0])}) as model:
+        hidden = score(model)
+    # The same prefix with slot 0 hidden through the plain 2-D attention mask instead.
+    encoder = Encoder(loaded.tokenizer, Template(), LABELS, 48)
+    from prefixlab.prefix import build_cache
+
+    rows = []
+    for prompt in encoder.prompts(TEXTS):
+        ids = torch.tensor([prompt + [encoder.label_ids[0][0]]])
+        T = ids.shape[1]
+        mask = torch.ones(1, 5 + T, dtype=torch.long)
+        mask[0, 0] = 0
+        positions = torch.arange(5, 5 + T).view(1, T)
+        out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           cache=build_cache(kv, 1, loaded.model), use_cache=True)
+        logp = torch.log_softmax(out.logits[0, T - 2].float(), -1)
+        rows.append([float(logp[ids[0, -1]])])
+    direct = np.array(rows)
+    # The first label's first token: the whole label when labels are one token each.
+    single = all(len(t) == 1 for t in encoder.label_ids)
+    assert single, "the test tokenizer reads each label as one token"
+    np.testing.assert_allclose(hidden[:, :1], direct, atol=1e-4)
+    # And hiding changes something while the shared model is left alone.
+    assert not np.allclose(hidden, score(loaded.model), atol=1e-4)
+
+
+@pytest.mark.parametrize("signal_slot", [0, 4])
+def test_the_slot_that_carries_the_signal_ranks_first(loaded, signal_slot):
+    kv = _signal_in(loaded, slot=signal_slot)
+    _, score = _scorer(loaded, kv)
+    gold = score(loaded.model).argmax(1)  # what the prefix makes the model say
+    result = C.knockout(loaded, kv, score, gold)
+    assert result.ranked("slot")[0][0] == signal_slot
+    first, second = result.ranked("slot")[:2]
+    assert first[1] < 2 * second[1] - 0.1  # clearly first
+    assert result.log_prob > result.log_prob + first[1]
+
+
+def test_the_layer_that_carries_the_signal_ranks_first(loaded):
+    L = loaded.shape.num_layers
+    kv = _signal_in(loaded, layer=L - 1)
+    _, score = _scorer(loaded, kv)
+    gold = score(loaded.model).argmax(1)
+    steps = []
+    result = C.knockout(loaded, kv, score, gold, progress=lambda f, m: steps.append((f, m)))
+    assert result.ranked("layer")[0][0] == L - 1
+    assert steps[-1][0] == 1.0 and len(steps) == 2 + kv.shape[3] + L + 1
+    again = C.Knockout.from_json(result.to_json())
+    np.testing.assert_allclose(again.layer_log_prob, result.layer_log_prob, atol=1e-4)
+
+
+def test_generation_targets_knock_out_through_the_same_score(loaded):
+    kv = _signal_in(loaded, slot=2)
+    _, score = _scorer(loaded, kv)
+    def target(model):
+        return score(model)[:, :1]  # one log-likelihood per row: no classes
+    result = C.knockout(loaded, kv, target, None)
+    assert result.f1 is None and result.slot_f1 is None
+    assert result.slot_log_prob.shape == (kv.shape[3],)
+
+
+def test_label_push_is_the_value_readout_on_the_labels(loaded):
+    from prefixlab.interpret import value_logits
+
+    kv = text_key_values(loaded.model, loaded.tokenizer, "the movie was", 4)
+    encoder = Encoder(loaded.tokenizer, Template(), LABELS, 48)
+    push = C.label_push(loaded, kv, LABELS, encoder.label_ids)
+    logits = value_logits(loaded, kv)
+    first = [ids[0] for ids in encoder.label_ids]
+    expected = logits[..., first].mean(1)
+    expected = expected - expected.mean(-1, keepdim=True)
+    np.testing.assert_allclose(push.push, expected.numpy(), atol=1e-5)
+    assert push.push.shape == (loaded.shape.num_layers, 2)
+
+
+def test_macro_f1():
+    assert C.macro_f1(np.array([0, 1, 1]), np.array([0, 1, 1]), 2) == 1.0
+    assert C.macro_f1(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 2) == pytest.approx(
+        (2 / 3 + 0.8) / 2)
+
+
+def test_the_summary_names_the_slot_and_layer_that_matter(loaded):
+    from prefixlab.inspect_summary import knockout_lines, summary_markdown
+    from prefixlab.interpret import nearest_tokens
+    from prefixlab.interpret_bank import reference_bank
+
+    kv = _signal_in(loaded, slot=3)
+    _, score = _scorer(loaded, kv)
+    result = C.knockout(loaded, kv, score, score(loaded.model).argmax(1))
+    slots_line = knockout_lines(result)[1]
+    assert slots_line.startswith("- Slots that cost most when hidden: P3 (")
+    nearest = nearest_tokens(loaded, kv, reference_bank(loaded, 50), top_k=2)
+    text = summary_markdown(nearest, kv, torch.zeros_like(kv) + 1.0, result)
+    assert "P3 (" in text and "Prompt Waywardness" in text and "**Movement**" in text
+    # A text prefix sits on its own words: they are named as clearly above random.
+    words = text_key_values(loaded.model, loaded.tokenizer, "the movie was", 3)
+    near_text = nearest_tokens(loaded, words, reference_bank(loaded, 50), top_k=2)
+    assert "clearly above random" in summary_markdown(near_text, words, None, None)
+    noise = torch.randn(words.shape, generator=torch.Generator().manual_seed(0)) * words.std()
+    near_noise = nearest_tokens(loaded, noise, reference_bank(loaded, 50), top_k=2)
+    assert "none stands clearly above" in summary_markdown(near_noise, noise, None, None)
