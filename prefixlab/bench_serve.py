@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-ms", type=float, default=5.0)
     p.add_argument("--max-rows", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=8,
+                   help="modes take turns on this many slices of the requests")
     p.add_argument("--no-peft", action="store_true", help="skip the PEFT contender")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -216,30 +218,36 @@ def main(argv: list[str] | None = None) -> int:
 
         # Warm-up: first forwards allocate and pick kernels.
         OneAtATime(loaded, store)(*requests[0])
-        results = []
-        batcher = Batcher(loaded, store, args.window_ms / 1000, args.max_rows)
-        try:
-            results.append(replay("mixed", requests, args.clients,
-                                  lambda k, t: batcher.score(k, t)))
-            mixed_rows = batcher.stats.mean_rows
-            results.append(replay("shared", shared, args.clients,
-                                  lambda k, t: batcher.score(k, t)))
-        finally:
-            batcher.close()
-        results.append(replay("one-at-a-time", requests, args.clients,
-                              OneAtATime(loaded, store)))
+        mixed = Batcher(loaded, store, args.window_ms / 1000, args.max_rows)
+        single = Batcher(loaded, store, args.window_ms / 1000, args.max_rows)
+        modes: dict[str, tuple[list, Callable]] = {
+            "mixed": (requests, lambda k, t: mixed.score(k, t)),
+            "shared": (shared, lambda k, t: single.score(k, t)),
+            "one-at-a-time": (requests, OneAtATime(loaded, store)),
+        }
         peft_load = peft_gap = None
         if not args.no_peft:
             peft = PeftSwitching(loaded, store, keys, root / "peft")
             peft_load = statistics.median(peft.load_s)
             # The contenders must agree: same prefixes, same probabilities.
-            check = Batcher(loaded, store, 0.0, args.max_rows)
-            try:
-                peft_gap = max(float(np.abs(np.stack(peft(k, t)) - np.stack(
-                    check.score(k, t).probabilities)).max()) for k, t in requests[:16])
-            finally:
-                check.close()
-            results.append(replay("peft", requests, args.clients, peft))
+            peft_gap = max(float(np.abs(np.stack(peft(k, t)) - np.stack(
+                single.score(k, t).probabilities)).max()) for k, t in requests[:16])
+            modes["peft"] = (requests, peft)
+        # Modes take turns on slices of the requests, so a change in the machine's load
+        # (other processes) falls on every mode alike rather than on whichever ran then.
+        results = {name: ModeResult(name, 0.0, []) for name in modes}
+        size = -(-len(requests) // args.rounds)
+        try:
+            for start in range(0, len(requests), size):
+                for name, (reqs, serve) in modes.items():
+                    part = replay(name, reqs[start:start + size], args.clients, serve)
+                    results[name].seconds += part.seconds
+                    results[name].latencies += part.latencies
+        finally:
+            mixed.close()
+            single.close()
+        mixed_rows = mixed.stats.mean_rows
+        results = list(results.values())
 
     by = {r.name: r for r in results}
     print(f"\n{'mode':<15}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}")
