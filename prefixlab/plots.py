@@ -20,6 +20,7 @@ from prefixlab.interpret_maps import LayersMap, Movement, PCAMap, PrefixComparis
 _HEIGHT = 420
 _MARGIN = dict(l=50, r=20, t=50, b=40)
 _CLOUD = "rgba(140, 140, 140, 0.35)"
+_CLOUD_3D = "rgba(90, 90, 90, 0.55)"
 _PREFIX_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
@@ -31,6 +32,9 @@ def show_token(text: str) -> str:
 def _layout(fig: go.Figure, title: str, **extra) -> go.Figure:
     settings = dict(height=_HEIGHT, margin=_MARGIN, template="plotly_white") | extra
     fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=14)), **settings)
+    # Plain numbers on every axis: plotly's default SI suffixes turn -3e-14 into "-30f".
+    fig.update_xaxes(exponentformat="power")
+    fig.update_yaxes(exponentformat="power")
     return fig
 
 
@@ -57,7 +61,8 @@ def pca_figure(result: PCAMap, dims: int = 2) -> go.Figure:
     fig = go.Figure()
     fig.add_trace(scatter(
         **coords(result.cloud), mode="markers", name="real tokens",
-        marker=dict(size=4 if dims == 2 else 2, color=_CLOUD),
+        # 3-D points render smaller and paler than 2-D ones: bigger and darker to be seen.
+        marker=dict(size=4 if dims == 2 else 3, color=_CLOUD if dims == 2 else _CLOUD_3D),
         hovertext=[show_token(t) for t in result.tokens], hoverinfo="text",
     ))
     for i, (name, x) in enumerate(result.prefixes.items()):
@@ -73,8 +78,13 @@ def pca_figure(result: PCAMap, dims: int = 2) -> go.Figure:
     names = [f"PC{i + 1} ({ev[i]:.0%})" for i in range(dims)]
     if dims == 2:
         return _layout(fig, title, xaxis_title=names[0], yaxis_title=names[1])
-    return _layout(fig, title, scene=dict(xaxis_title=names[0], yaxis_title=names[1],
-                                          zaxis_title=names[2]))
+    axis = dict(exponentformat="power", showbackground=True, backgroundcolor="#f7f7f7")
+    return _layout(fig, title, margin=dict(l=0, r=0, t=60, b=0),
+                   legend=dict(orientation="h", y=1.0, yanchor="bottom", x=1, xanchor="right"),
+                   scene=dict(xaxis=dict(title=names[0], **axis),
+                              yaxis=dict(title=names[1], **axis),
+                              zaxis=dict(title=names[2], **axis),
+                              aspectmode="cube", camera=dict(eye=dict(x=1.5, y=1.5, z=1.1))))
 
 
 def layers_figure(result: LayersMap, columns: int = 6) -> go.Figure:
@@ -164,15 +174,26 @@ def value_readout_table(result: ValueReadout, layer: int) -> tuple[list[str], li
 
 
 def trajectory_figure(result: Movement) -> go.Figure:
-    """The whole prefix per snapshot in 2-D PCA, in step order: 1 trace."""
+    """The whole prefix per snapshot in 2-D PCA, in step order: 1 trace.
+
+    Two snapshots span one direction only (PC2 explains nothing), so they are drawn on a
+    line: the distance travelled along PC1, with no second axis to misread."""
     xy = result.trajectory
     ev = result.explained_variance
+    two = len(result.steps) < 3
     fig = go.Figure(go.Scatter(
-        x=_lists(xy[:, 0]), y=_lists(xy[:, 1]), mode="lines+markers+text",
-        text=[str(s) for s in result.steps], textposition="top center",
-        marker=dict(size=8, color=list(range(len(result.steps))), colorscale="Viridis"),
+        x=_lists(xy[:, 0]), y=[0.0] * len(result.steps) if two else _lists(xy[:, 1]),
+        mode="lines+markers+text",
+        text=[f"step {s}" if two else str(s) for s in result.steps],
+        textposition="top center",
+        marker=dict(size=10, color=list(range(len(result.steps))), colorscale="Viridis"),
         hovertext=[f"step {s}" for s in result.steps], hoverinfo="text", name="prefix",
     ))
+    if two:
+        return _layout(fig, f"How the prefix moved: {len(result.steps)} snapshots, one "
+                            "direction (PCA)",
+                       xaxis_title="position along PC1 (the only direction)",
+                       yaxis=dict(visible=False, range=[-1, 1]), height=260)
     return _layout(fig, "How the prefix moved (PCA of snapshots, labeled by step)",
                    xaxis_title=f"PC1 ({ev[0]:.0%})", yaxis_title=f"PC2 ({ev[1]:.0%})")
 

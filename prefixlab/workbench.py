@@ -49,7 +49,8 @@ from prefixlab.models import (
     ModelInfo,
     describe_model,
     load_model,
-    model_source,
+    model_provenance,
+    portable_model_id,
 )
 from prefixlab.prefix import Prefix, PrefixConfig
 from prefixlab.runs import RunRow, RunStore
@@ -100,6 +101,25 @@ class CsvPreview:
     label_column: str | None
     rows: int
     warnings: list[str] = field(default_factory=list)
+
+
+PREFIX_ZIP_FILES = ("prefix.safetensors", "config.json", "report.json", "metrics.jsonl")
+
+
+def prefix_readme(info: dict) -> str:
+    """What each file of a downloaded prefix is, and which base model it needs."""
+    model = info["run"]["model"]
+    text = (f"# PrefixLab prefix: {info.get('name', '')}\n\n"
+            f"Base model: `{portable_model_id(model)}`.\n\n"
+            "- `prefix.safetensors`: the prefix itself, one tensor `key_values` of shape "
+            "(layers, 2, kv_heads, prefix_length, head_dim), float32: the keys and values "
+            "read before every input.\n"
+            "- `config.json`: the run's settings, labels, prompt template and data summary.\n"
+            "- `report.json`: held-out metrics beside the baselines.\n"
+            "- `metrics.jsonl`: the training log, one JSON object per line.\n")
+    if notes := model_provenance(model):
+        text += f"\n## Base weights\n\n{notes}\n"
+    return text
 
 
 @dataclass
@@ -566,13 +586,16 @@ class Workbench:
             if kind == "peft":
                 loaded = self.model(info["run"]["model"])
                 kv = load_prefix(folder.prefix_path, loaded.shape).kv
-                export_peft(kv, loaded.model.config, staging, model_source(loaded.name))
+                export_peft(kv, loaded.model.config, staging, portable_model_id(loaded.name),
+                            notes=model_provenance(loaded.name))
             elif kind == "prefix":
+                # One tensor file: the folded key/values that scoring and export read (the
+                # run folder's prefix_params.safetensors only matters for resuming it).
                 staging.mkdir()
-                for name in ("prefix.safetensors", "prefix_params.safetensors", "config.json",
-                             "report.json", "metrics.jsonl"):
+                for name in PREFIX_ZIP_FILES:
                     if (folder.path / name).is_file():
                         shutil.copy2(folder.path / name, staging / name)
+                (staging / "README.md").write_text(prefix_readme(info))
             else:
                 raise ValueError(f"unknown download kind {kind!r}")
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:

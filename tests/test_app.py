@@ -509,9 +509,9 @@ def _at_once(n: int, fn) -> list:
 
 
 @pytest.mark.parametrize("kind, files", [
-    ("prefix", {"prefix.safetensors", "prefix_params.safetensors", "config.json",
-                "report.json", "metrics.jsonl"}),
-    ("peft", {"adapter_config.json", "adapter_model.safetensors"}),
+    ("prefix", {"prefix.safetensors", "config.json", "report.json", "metrics.jsonl",
+                "README.md"}),
+    ("peft", {"adapter_config.json", "adapter_model.safetensors", "README.md"}),
 ])
 def test_downloads_of_one_run_at_once_each_get_the_whole_zip(trained_bench, kind, files):
     workbench, run_id = trained_bench

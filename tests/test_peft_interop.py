@@ -219,10 +219,25 @@ def test_export_refuses_non_empty_folder_unless_overwrite(tmp_path):
 
     export_peft(kv, config, out, "tiny-gpt2", overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"
+        "README.md", "adapter_config.json", "adapter_model.safetensors"
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp folders left behind
     assert torch.equal(import_peft(out, config), kv)
+
+
+def test_the_default_model_exports_under_its_hub_id_and_says_where_weights_came_from(tmp_path):
+    from prefixlab.models import DEFAULT_MODEL, model_provenance, portable_model_id
+
+    config = CONFIGS["llama-gqa"]()
+    kv = torch.randn(kv_shape(config))
+    export_peft(kv, config, tmp_path / "adapter", portable_model_id(DEFAULT_MODEL),
+                notes=model_provenance(DEFAULT_MODEL))
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    readme = (tmp_path / "adapter" / "README.md").read_text()
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in readme and "Q4_1 GGUF" in readme
+    assert portable_model_id("/some/folder") == "/some/folder"
+    assert model_provenance("/some/folder") is None
 
 
 def test_export_into_existing_empty_folder(tmp_path):

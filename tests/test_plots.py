@@ -97,6 +97,17 @@ def test_movement_figures():
     _plain(distance)
 
 
+def test_two_snapshots_are_drawn_on_one_axis_with_plain_numbers():
+    """Two points span one direction: "PC2 0%" and SI ticks such as "-30f" read as nonsense."""
+    movement = Movement([0, 4], np.array([[-1.0, 3e-14], [1.0, -3e-14]]), np.array([1.0, 0.0]),
+                        np.abs(rng.normal(size=(2, L, 2))), True)
+    fig = plots.trajectory_figure(movement)
+    assert list(fig.data[0].y) == [0.0, 0.0] and fig.layout.yaxis.visible is False
+    assert "PC2" not in fig.to_json() and "one direction" in fig.layout.title.text
+    assert fig.layout.xaxis.exponentformat == "power"
+    _plain(fig)
+
+
 def test_attention_and_similarity_heatmaps():
     H = 4
     mass = AttentionMass(["trained", "step 0"], ["a", "b"], rng.uniform(size=(2, L, H)))

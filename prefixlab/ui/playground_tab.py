@@ -68,7 +68,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
             bare = gr.Checkbox(value=True, label="Also show the bare model (zero-shot)")
             score = gr.Button("Score", variant="primary", elem_id="play-score")
     results = gr.Dataframe(label="Predictions", interactive=False, wrap=True,
-                           elem_id="play-results", visible=False,
+                           elem_id="play-results", visible=False, max_chars=80,
                            elem_classes=["readable-table"])
     chart = gr.Plot(show_label=False, elem_id="play-chart", visible=False)
 

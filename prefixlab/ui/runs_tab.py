@@ -9,7 +9,7 @@ import gradio as gr
 from prefixlab import charts
 from prefixlab.runs import ACTIVE
 from prefixlab.ui.common import LoadHook, escape, run_choices, shown, wire
-from prefixlab.ui.train_tab import report_outputs
+from prefixlab.ui.train_tab import PER_CLASS_WIDTHS, report_outputs
 from prefixlab.workbench import Workbench
 
 # Shares of the table's width: the id must show whole, headers must not break mid-word.
@@ -39,7 +39,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     report_md = gr.Markdown(elem_id="runs-report")
     with gr.Row():
         per_class = gr.Dataframe(label="Per class", interactive=False, visible=False,
-                                 elem_classes=["readable-table"])
+                                 elem_classes=["readable-table"],
+                                 column_widths=PER_CLASS_WIDTHS, min_width=360)
         confusion = gr.Plot(show_label=False, visible=False)
         baselines = gr.Plot(show_label=False, visible=False)
     gr.Markdown("### Evaluate on a held-out test CSV\nThe picked run's prefix, the bare model "
@@ -51,7 +52,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     test_md = gr.Markdown(elem_id="test-report")
     with gr.Row():
         test_per_class = gr.Dataframe(label="Per class (test)", interactive=False, visible=False,
-                                      elem_id="test-per-class", elem_classes=["readable-table"])
+                                      elem_id="test-per-class", elem_classes=["readable-table"],
+                                      column_widths=PER_CLASS_WIDTHS, min_width=360)
         test_confusion = gr.Plot(show_label=False, visible=False, elem_id="test-confusion")
         test_baselines = gr.Plot(show_label=False, visible=False, elem_id="test-baselines")
     gr.Markdown("### Compare runs")
