@@ -54,6 +54,7 @@ from prefixlab.prefix import (
 from prefixlab.stopping import EarlyStopping
 from prefixlab.train import Checkpoint, StepInfo, train
 
+CANCEL_FILE = "cancel.request"  # its presence asks the run's worker to stop
 STATES = ("created", "queued", "running", "completed", "failed", "cancelled", "interrupted")
 
 
@@ -116,6 +117,9 @@ class RunFolder:
             "state": state, "updated": time.time(), "pid": os.getpid(),
             "pid_started": _process_started(), **extra,
         })
+
+    def cancel_requested(self) -> bool:
+        return (self.path / CANCEL_FILE).is_file()
 
     def append_metrics(self, record: dict) -> None:
         """One JSON line per event; a reader may see a partial last line and skip it."""
@@ -476,7 +480,7 @@ def execute_run(
             folder.save_snapshot(0, prefix.folded())
     processes = distributed.world_size()
     if writer:
-        folder.set_status("running", processes=processes)
+        folder.set_status("running", phase="training", processes=processes)
     note({"type": "event", "message": "resumed" if checkpoint else "started",
           "step": checkpoint.step if checkpoint else 0, "time": time.time(),
           "processes": processes})
@@ -540,6 +544,7 @@ def execute_run(
         done = best_eval["report"] if best_eval.get("step") == kept else None
     if writer:
         save_prefix(folder.prefix_path, kv, loaded.name, step=str(kept))
+        folder.set_status("running", phase="evaluating", step=result.steps)
     note({"type": "event", "message": "evaluating", "step": kept, "stop_reason": result.reason})
     report = full_report(loaded, kv, encoder, prepared.train if writer else None,
                          prepared.validation, cfg.training.seed, prefix_report=done)

@@ -42,13 +42,19 @@ import psutil
 
 from prefixlab import distributed
 from prefixlab.config import RunConfig
-from prefixlab.experiment import RunError, RunFolder, create_run, execute_run, prepare_data
+from prefixlab.experiment import (
+    CANCEL_FILE,
+    RunError,
+    RunFolder,
+    create_run,
+    execute_run,
+    prepare_data,
+)
 from prefixlab.models import LoadedModel, ModelInfo
 
 ACTIVE = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled", "interrupted")
 _ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[a-z0-9-]{1,40}$")
-CANCEL_FILE = "cancel.request"
 LOCK_FILE = "run.lock"  # held by the run's worker (or a CLI training it) for its whole life
 CLAIM_FILE = "claim.lock"  # held for a moment by whoever starts a run or checks its lock
 
@@ -319,7 +325,8 @@ class RunStore:
                 # until the worker writes its own status, and if the worker dies before that,
                 # the next refresh finds the lock free and the run still queued: interrupted.
                 (folder.path / CANCEL_FILE).unlink(missing_ok=True)
-                folder.set_status("queued", pid=None, pid_started=None)
+                folder.set_status("queued", pid=None, pid_started=None,
+                                  phase="starting the worker")
                 proc = self._spawn(folder, fd, resume)
                 try:
                     started = psutil.Process(proc.pid).create_time()
@@ -506,6 +513,18 @@ def _last_step(folder: RunFolder) -> int:
 # --- the worker ----------------------------------------------------------------------------
 
 
+DEVICE_POLL_S = 0.25  # how often a queued worker looks at the device lock and for a cancel
+
+
+def _try_flock(f) -> bool:
+    """Take an exclusive flock on `f` without waiting; released by the OS if we are killed."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def run_worker(run_dir: str | Path, resume: bool = False, lock_fd: int | None = None) -> int:
     """Body of a worker process: hold the run lock, wait for the device, train, record the
     outcome. `lock_fd` is the run lock handed down by RunStore.start; without it the worker
@@ -529,15 +548,25 @@ def _work(folder: RunFolder, resume: bool) -> int:
         device = pick_device(cfg.device)
         locks = Path(os.environ.get("PREFIXLAB_DATA_DIR", folder.path.parent.parent)) / "locks"
         locks.mkdir(parents=True, exist_ok=True)
-        folder.set_status("queued")
+        cancel = folder.path / CANCEL_FILE
         with open(locks / f"{device.type}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS even if we are killed
-            cancel = folder.path / CANCEL_FILE
+            # Polled rather than blocking, so a queued run is cancelled at once instead of
+            # after the run ahead of it; "waiting" is said only when someone holds the device.
+            waiting = False
+            while not _try_flock(lock):
+                if cancel.exists():
+                    folder.set_status("cancelled")
+                    return 0
+                if not waiting:
+                    folder.set_status("queued", phase="waiting for the device: another run "
+                                      "is training")
+                    waiting = True
+                time.sleep(DEVICE_POLL_S)
             if cancel.exists():
                 folder.set_status("cancelled")
                 return 0
             processes = distributed.process_count(cfg.nproc, device)
-            folder.set_status("running", processes=processes)
+            folder.set_status("running", phase="loading the model", processes=processes)
             if processes > 1:
                 return launch_ranks(folder, processes, resume)
             loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)

@@ -407,6 +407,16 @@ class Workbench:
                    "prefix size", "model size", "processes", "created", "id"]
         return pd.DataFrame(rows, columns=columns)
 
+    def phase(self, run_id: str) -> str | None:
+        """What an active run is doing, in words (its worker writes it; None when over)."""
+        folder = self.store.folder(run_id)
+        status = folder.status()
+        if status.get("state") not in ("queued", "running"):
+            return None
+        if folder.cancel_requested():
+            return "cancelling: stops after the current step, keeping the last checkpoint"
+        return status.get("phase")
+
     def finished_runs(self) -> list[RunRow]:
         return [r for r in self.runs() if self.store.folder(r.id).prefix_path.is_file()]
 

@@ -110,6 +110,51 @@ def test_runs_queue_one_per_device_and_cancel_keeps_a_checkpoint(
     assert _wait(store, second, {"completed"}).state == "completed"
 
 
+def test_a_queued_run_says_it_waits_and_is_cancelled_at_once(tmp_path, csv_file, model_dir,
+                                                              loaded):
+    """Cancelling a queued run used to wait for the run ahead of it to finish."""
+    import fcntl
+
+    store = RunStore(tmp_path / "data")
+    run_id = store.create(_config(csv_file, model_dir), loaded, name="queued")
+    folder = store.folder(run_id)
+    with open(store.data_dir / "locks" / "cpu.lock", "w") as device:
+        fcntl.flock(device, fcntl.LOCK_EX)  # another run holds the device
+        store.start(run_id)
+        assert folder.status()["phase"] == "starting the worker"
+        end = time.time() + 60
+        while folder.status().get("phase", "").startswith("starting") and time.time() < end:
+            time.sleep(0.1)
+        assert folder.status()["phase"].startswith("waiting for the device")
+        asked = time.time()
+        store.cancel(run_id)
+        row = _wait(store, run_id, {"cancelled"}, timeout=10)
+        assert time.time() - asked < 5 and row.state == "cancelled"
+    assert not folder.prefix_path.exists()
+
+
+def test_a_run_reports_its_phases(tmp_path, csv_file, model_dir, loaded):
+    """starting the worker -> loading the model -> training -> evaluating -> completed."""
+    store = RunStore(tmp_path / "data")
+    run_id = store.create(_config(csv_file, model_dir, epochs=3), loaded)
+    folder = store.folder(run_id)
+    store.start(run_id)
+    seen = []
+    end = time.time() + 120
+    while time.time() < end:
+        status = folder.status()
+        phase = status.get("phase") if status["state"] in ("queued", "running") else None
+        if (phase or status["state"]) not in seen:
+            seen.append(phase or status["state"])
+        if status["state"] in ("completed", "failed"):
+            break
+        time.sleep(0.02)
+    assert seen[0] == "starting the worker" and seen[-1] == "completed", seen
+    order = ["starting the worker", "loading the model", "training", "evaluating", "completed"]
+    assert [p for p in order if p in seen] == [p for p in seen if p in order]
+    assert "training" in seen
+
+
 def test_sigkill_mid_run_is_interrupted_and_resume_matches_uninterrupted(
     tmp_path, csv_file, model_dir, loaded
 ):

@@ -34,8 +34,8 @@ def build_ui(workbench: Workbench) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
                 hooks += data_tab.build(workbench, dataset, notice)
-            with gr.Tab("Train", id="train"):
-                hooks += train_tab.build(workbench, dataset, notice)
+            with gr.Tab("Train", id="train") as train:
+                hooks += train_tab.build(workbench, dataset, notice, shown_on=train.select)
             with gr.Tab("Runs", id="runs"):
                 hooks += runs_tab.build(workbench, notice)
             with gr.Tab("Playground", id="playground"):

@@ -12,24 +12,26 @@ from prefixlab.data import DataError
 from prefixlab.encode import TemplateError
 from prefixlab.experiment import RunError
 from prefixlab.runs import ACTIVE
-from prefixlab.ui.common import LoadHook, bullet_list, escape, shown, wire
+from prefixlab.ui.common import LoadHook, bullet_list, escape, run_choices, shown, wire
 from prefixlab.workbench import PRESETS, SETTING_NAMES, Workbench, process_range, run_config
 
 POLL_SECONDS = 1.5
 PER_CLASS_WIDTHS = ["28%", "19%", "17%", "17%", "19%"]  # label, precision, recall, f1, support
 
 
-def progress_html(records: list[dict], state: str) -> str:
+def progress_html(records: list[dict], state: str, phase: str | None = None) -> str:
+    """The bar and the last step's numbers; before the first step, what the run is doing."""
     steps = [r for r in records if r.get("type") == "step"]
     if not steps:
-        return f"<div>{escape(state)}…</div>"
+        return f"<div>{escape(phase or state)}…</div>" if state in ACTIVE else ""
     s = steps[-1]
     share = s["step"] / max(1, s["total_steps"])
-    eta = f"at most {s['eta_s']:.0f} s left" if state == "running" and s["eta_s"] else ""
+    eta = f" · at most {s['eta_s']:.0f} s left" if phase == "training" and s["eta_s"] else ""
+    after = f" · {escape(phase)}…" if phase and phase != "training" else ""
     html = (
         f"<div class='bar'><div class='fill' style='width:{100 * share:.1f}%'></div></div>"
         f"<div>step {s['step']}/{s['total_steps']} · epoch {s['epoch']:.2f} · "
-        f"{s['examples_per_s']:.1f} examples/s · loss {s['loss']:.3f} · {eta}</div>"
+        f"{s['examples_per_s']:.1f} examples/s · loss {s['loss']:.3f}{eta}{after}</div>"
     )
     return html + last_evaluation_html(records)
 
@@ -93,7 +95,8 @@ def readiness(workbench: Workbench, state: dict | None, settings: dict) -> tuple
             f"{len(prepared.validation)} validation rows, {len(prepared.labels)} labels."), True
 
 
-def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
+def build(workbench: Workbench, dataset: gr.State, notice,
+          shown_on=None) -> list[LoadHook]:
     quick = PRESETS["Quick look"]
     with gr.Row():
         preset = gr.Radio(list(PRESETS), value="Quick look", label="Preset", elem_id="preset",
@@ -146,7 +149,10 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
         start = gr.Button("Start training", variant="primary", elem_id="start",
                           interactive=False)
         cancel = gr.Button("Cancel", elem_id="cancel")
-    status = gr.Markdown(elem_id="train-status")
+    with gr.Row():
+        follow = gr.Dropdown(label="Run shown (every queued or running run is listed)",
+                             choices=[], elem_id="follow", scale=3)
+        status = gr.Markdown(elem_id="train-status")
     progress = gr.HTML(elem_id="progress")
     with gr.Row():
         loss_plot = gr.Plot(show_label=False, elem_id="loss-plot", visible=False)
@@ -193,26 +199,32 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
                     max_train.change, max_eval.change):
         wire(trigger, check, [dataset, *settings], [ready, start], notice, clears=False)
 
-    poll_outputs = [run_id, offset, records, status, progress, loss_plot, eval_plot, report_md,
-                    per_class, confusion, baselines, timer]
+    poll_outputs = [run_id, offset, records, follow, status, progress, loss_plot, eval_plot,
+                    report_md, per_class, confusion, baselines, timer]
+
+    def follow_choices(rid: str | None) -> dict:
+        """Every active run (and the one shown, whatever its state) to pick from."""
+        rows = [r for r in workbench.store.list() if r.state in ACTIVE or r.id == rid]
+        return gr.update(choices=run_choices(rows), value=rid)
 
     def render(rid, off, recs):
         """Read what is new in the run's log; switch the timer off once the run is over."""
         if not rid:
-            return [None, 0, [], "", "", shown(None), shown(None), *report_outputs(None),
-                    gr.Timer(active=False)]
+            return [None, 0, [], follow_choices(None), "", "", shown(None), shown(None),
+                    *report_outputs(None), gr.Timer(active=False)]
         new, off = workbench.metrics(rid, off)
         recs = recs + new
         row = workbench.store.get(rid)
         state = row.state
+        phase = workbench.phase(rid)
         text = f"**{escape(row.name)}**: {state}"
+        if phase:
+            text += f" — {escape(phase)}"
         if row.error:
             text += f" — {escape(row.error)}"
-        if state == "queued":
-            text += " (waiting for the device: another run is training)"
         done = state not in ACTIVE
         report = workbench.report(rid) if state == "completed" else None
-        return [rid, off, recs, text, progress_html(recs, state),
+        return [rid, off, recs, follow_choices(rid), text, progress_html(recs, state, phase),
                 shown(charts.loss_curves(recs)), shown(charts.eval_curves(recs)),
                 *report_outputs(report), gr.Timer(active=not done)]
 
@@ -234,22 +246,31 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
         return render(rid, off, recs)
 
     wire(timer.tick, on_tick, [run_id, offset, records], poll_outputs, notice, clears=False)
+    # Another run picked: its log is read from the start.
+    wire(follow.input, lambda rid: render(rid, 0, []), [follow], poll_outputs, notice)
 
     def on_cancel(rid):
         if not rid:
             raise gr.Error("No run is open.")
         workbench.store.cancel(rid)
-        return "Cancelling after the current step; the last checkpoint is kept."
+        workbench.refresh()
+        return render(rid, 0, [])
 
-    wire(cancel.click, on_cancel, [run_id], [status], notice)
+    wire(cancel.click, on_cancel, [run_id], poll_outputs, notice)
 
-    def reattach():
-        """A reopened page follows the run still training (or the newest one)."""
-        rows = workbench.runs()
-        active = [r for r in rows if r.state in ACTIVE]
-        if not active:
-            return render(None, 0, [])
-        return render(active[0].id, 0, [])
+    def reattach(rid=None, off=0, recs=None):
+        """Follow the run shown while it is active; else the one training (or queued)."""
+        rows = workbench.refresh()
+        if rid and any(r.id == rid and r.state in ACTIVE for r in rows):
+            return render(rid, off, recs or [])
+        active = sorted((r for r in rows if r.state in ACTIVE),
+                        key=lambda r: (r.state != "running", -r.created))
+        if active:
+            return render(active[0].id, 0, [])
+        return render(rid, 0, []) if rid else render(None, 0, [])
 
-    return [LoadHook(reattach, [], poll_outputs), LoadHook(show_size, settings, [size]),
+    if shown_on is not None:  # the tab opened again (e.g. after Resume in Runs)
+        wire(shown_on, reattach, [run_id, offset, records], poll_outputs, notice, clears=False)
+
+    return [LoadHook(lambda: reattach(), [], poll_outputs), LoadHook(show_size, settings, [size]),
             LoadHook(check, [dataset, *settings], [ready, start])]
