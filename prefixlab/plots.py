@@ -142,7 +142,8 @@ def nearest_tokens_figure(result: NearestTokens, kind: str = "key") -> go.Figure
         zmid=0, colorbar=dict(title="score −<br>baseline", thickness=10),
     ))
     return _layout(fig, f"Nearest real token per {kind} (score above random baseline)",
-                   yaxis_title="layer", height=max(_HEIGHT, 18 * L + 120))
+                   yaxis=dict(title="layer", dtick=1 if L <= 30 else None),
+                   height=max(_HEIGHT, 18 * L + 120))
 
 
 def nearest_tokens_table(result: NearestTokens, layer: int,
@@ -150,7 +151,8 @@ def nearest_tokens_table(result: NearestTokens, layer: int,
     """Headers and rows (one per position) for a table of one layer's nearest tokens."""
     i = KINDS.index(kind)
     k = result.token_ids.shape[-1]
-    headers = ["position", *[f"#{j + 1}" for j in range(k)], "random baseline", "among"]
+    # "slot", not "position": a narrow first column must not break its header mid-word
+    headers = ["slot", *[f"#{j + 1}" for j in range(k)], "random baseline", "among"]
     rows = []
     for p in range(result.token_ids.shape[2]):
         rows.append([f"P{p}", *[f"{show_token(t)} ({s:.2f})" for t, _, s in
@@ -163,7 +165,7 @@ def nearest_tokens_table(result: NearestTokens, layer: int,
 def value_readout_table(result: ValueReadout, layer: int) -> tuple[list[str], list[list[str]]]:
     """Headers and rows (one per position) of the tokens each value promotes at one layer."""
     k = result.token_ids.shape[-1]
-    headers = ["position", *[f"#{j + 1}" for j in range(k)]]
+    headers = ["slot", *[f"#{j + 1}" for j in range(k)]]
     rows = [[f"P{p}", *[f"{show_token(result.labels[int(t)])} ({g:.1f})" for t, g in
                         zip(result.token_ids[layer, p], result.logits[layer, p], strict=True)]]
             for p in range(result.token_ids.shape[1])]

@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 
+from prefixlab.models import DEFAULT_MODEL
 from prefixlab.workbench import Workbench, run_config
 from tests.test_app import BAD_INPUTS, save_tiny_model, served, wait_for_run, write_reviews_csv
 
@@ -56,7 +58,32 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def workbench(workdir) -> Workbench:
+    """A tiny model; PREFIXLAB_BROWSER_MODEL=default walks the real default model instead
+    (the README's screenshots: `PREFIXLAB_SCREENSHOTS=docs/screenshots`)."""
+    if os.environ.get("PREFIXLAB_BROWSER_MODEL") == "default":
+        return Workbench(workdir / "data", model=DEFAULT_MODEL)
     return Workbench(workdir / "data", model=str(save_tiny_model(workdir / "tiny-llama")))
+
+
+def walk_data(workdir: Path, real: bool) -> tuple[Path, Path]:
+    """A training CSV and a held-out test CSV, both named as the walk expects: short
+    synthetic reviews for the tiny model; real movie-review sentences for the default one."""
+    if not real:
+        return (write_reviews_csv(workdir / "reviews.csv", rows=40),
+                write_reviews_csv(workdir / "test.csv", rows=12))
+    from tests.conftest import SHARED_DATA
+
+    source = SHARED_DATA / "polarity_sentences.csv"
+    if not source.is_file():
+        pytest.skip(f"the real walk uses {source}")
+    frame = pd.read_csv(source)
+    frame = frame.groupby("label", group_keys=False).apply(
+        lambda g: g.sample(n=180, random_state=0))
+    test = frame.groupby("label", group_keys=False).head(30)
+    train = frame.drop(test.index)
+    train.to_csv(workdir / "reviews.csv", index=False)
+    test.to_csv(workdir / "test.csv", index=False)
+    return workdir / "reviews.csv", workdir / "test.csv"
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +150,20 @@ def wait_for_points(page, elem_id: str, n: int, timeout: float) -> None:
         timeout=timeout, polling=250)
 
 
-def test_upload_train_list_and_score_in_the_browser(page, workdir, screenshots, workbench):
+def set_slider(page, elem_id: str, value: int) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, url):
+    """upload -> a wrong file refused before Start -> Start -> phases -> a second run queued
+    and cancelled at once -> the first followed to its report -> test-CSV evaluation ->
+    batch prediction with metrics -> Inspect; and an upload survives a reload."""
     from playwright.sync_api import expect
 
-    csv = write_reviews_csv(workdir / "reviews.csv", rows=40)
+    real = workbench.default_model == DEFAULT_MODEL
+    csv, test_csv = walk_data(workdir, real)
 
     # Without data, Start is off and says why.
     open_tab(page, "Train")
@@ -143,45 +180,88 @@ def test_upload_train_list_and_score_in_the_browser(page, workdir, screenshots, 
     open_tab(page, "Data")
     page.locator("#csv").get_by_role("button", name="Clear").click()
 
-    # Data: upload, preview, label chart, guessed columns.
+    # Data: upload, preview with text and label, label chart, guessed columns.
     page.locator("#csv input[type=file]").set_input_files(str(csv))
-    # The name is drawn as stem and extension: its text is "reviews.csv" or "reviews .csv".
     expect(page.locator("#csv")).to_contain_text(re.compile(r"reviews\s*\.csv"))
-    expect(page.locator("#data-msg")).to_contain_text("40 usable rows")
     expect(page.locator("#data-msg")).to_contain_text("2 labels")
-    expect(page.locator("#preview")).to_contain_text("the movie was great 1")
     page.locator("#label-chart .js-plotly-plot").wait_for()
     expect(page.get_by_role("combobox", name="Text column")).to_have_value("text")
     expect(page.get_by_role("combobox", name="Label column")).to_have_value("label")
+    expect(page.locator("#preview thead")).to_contain_text("label")
+
+    # The upload survives a reload: the browser remembers it, the data directory keeps it.
+    page.reload()
+    expect(page.locator("#data-msg")).to_contain_text("2 labels")
+    expect(page.get_by_role("combobox", name="Label column")).to_have_value("label")
+    expect(page.locator("#preview")).to_contain_text("positive")
     shoot(page, screenshots, "1-data")
 
-    # Train: the Quick look preset on 32 training rows is 4 steps of 8.
+    # Start: the phases show, then training.
     open_tab(page, "Train")
-    expect(page.locator("#start-check")).to_contain_text("Ready: reviews.csv, 32 training rows")
-    expect(page.locator("#prefix-size")).to_contain_text("trainable parameters")
+    expect(page.locator("#start-check")).to_contain_text("Ready: reviews.csv")
+    if not real:  # the tiny model needs a longer run for a second one to queue behind it
+        page.get_by_role("button", name=re.compile(r"^Settings ▼")).click()
+        set_slider(page, "epochs", 20)
+        set_slider(page, "batch-size", 2)
     page.get_by_role("textbox", name="Run name (optional)").fill("browser run")
     page.locator("#start").click()
-    expect(page.locator("#train-status")).to_contain_text("browser run")
-    wait_for_points(page, "loss-plot", 4, TRAIN_TIMEOUT_MS)
-    expect(page.locator("#train-status")).to_contain_text("completed", timeout=TRAIN_TIMEOUT_MS)
+    status = page.locator("#train-status")
+    expect(status).to_contain_text("browser run")
+    expect(status).to_contain_text(
+        re.compile("starting the worker|loading the model|training"))
+    expect(status).to_contain_text("running — training", timeout=TRAIN_TIMEOUT_MS)
+    expect(status).not_to_contain_text("waiting for the device")
+    wait_for_points(page, "loss-plot", 2, TRAIN_TIMEOUT_MS)
+    first = next(r for r in workbench.runs() if r.name == "browser run")
+
+    # A second run queues behind it, says so, and is cancelled at once.
+    page.get_by_role("textbox", name="Run name (optional)").fill("second run")
+    page.locator("#start").click()
+    expect(status).to_contain_text("second run")
+    expect(status).to_contain_text("waiting for the device")
+    shoot(page, screenshots, "2-train-queued")
+    asked = time.monotonic()
+    page.locator("#cancel").click()
+    expect(status).to_contain_text(re.compile("second run.*(cancelling|cancelled)"))
+    expect(status).to_contain_text("cancelled")
+    cancelled_in = time.monotonic() - asked
+    print(f"queued run cancelled in {cancelled_in:.1f} s")
+    assert cancelled_in < 10
+    assert workbench.store.get(first.id).state in ("running", "completed")
+
+    # Back to the first run: every active run is listed; its report comes at the end.
+    page.get_by_role("combobox", name=re.compile("Run shown")).click()
+    page.get_by_role("option", name=re.compile(r"^browser run · ")).click()
+    expect(status).to_contain_text("browser run")
+    expect(status).to_contain_text("completed", timeout=TRAIN_TIMEOUT_MS * 2)
     expect(page.locator("#report")).to_contain_text("macro-F1")
-    expect(page.locator("#report")).to_contain_text("Held-out results on 8 rows")
-    expect(page.locator("#progress")).to_contain_text("step 4/4")
+    expect(page.locator("#report")).to_contain_text("Held-out results on")
     page.locator("#confusion .js-plotly-plot").wait_for()
-    run = next(r for r in workbench.runs() if r.name == "browser run")
+    page.locator("#baselines .js-plotly-plot").wait_for()
+    run = workbench.store.get(first.id)
     assert run.state == "completed" and run.macro_f1 is not None
     shoot(page, screenshots, "2-train")
 
-    # Runs: the run is listed with its result once the list is refreshed.
+    # Runs: the run is listed; evaluate it on a held-out test CSV.
     open_tab(page, "Runs")
     page.locator("#runs-refresh").click()
     table = page.locator("#runs-table")
     expect(table).to_contain_text("browser run")
-    expect(table).to_contain_text("completed")
     expect(table).to_contain_text(run.id)
+    page.get_by_role("combobox", name="Run", exact=True).click()
+    page.get_by_role("option", name=re.compile(r"^browser run · completed")).click()
+    page.locator("#run-open").click()
+    page.locator("#runs-loss .js-plotly-plot").wait_for()
+    page.locator("#test-csv input[type=file]").set_input_files(str(test_csv))
+    expect(page.locator("#test-csv")).to_contain_text(re.compile(r"test\s*\.csv"))
+    page.locator("#test-run").click()
+    expect(page.locator("#test-report")).to_contain_text("browser run on the test file")
+    expect(page.locator("#test-report")).to_contain_text("zero-shot")
+    page.locator("#test-confusion .js-plotly-plot").wait_for()
+    expect(page.locator("#notice")).to_have_text("")
     shoot(page, screenshots, "3-runs")
 
-    # Playground: pick the prefix (the list refreshes on focus), score a text.
+    # Playground: score a text; predict a labeled file and get its metrics.
     open_tab(page, "Playground")
     page.get_by_role("combobox", name="Prefixes (trained runs)").click()
     page.get_by_role("option", name=re.compile(r"^browser run · completed")).click()
@@ -191,8 +271,15 @@ def test_upload_train_list_and_score_in_the_browser(page, workdir, screenshots, 
     results = page.locator("#play-results")
     expect(results).to_contain_text("prefix: browser run")
     expect(results).to_contain_text("p(positive)")
-    expect(results).to_contain_text("p(negative)")
     page.locator("#play-chart .js-plotly-plot").wait_for()
+    page.locator("#batch-csv input[type=file]").set_input_files(str(test_csv))
+    page.get_by_role("combobox", name="Prefixes (one column group each)").click()
+    page.get_by_role("option", name=re.compile(r"^browser run · completed")).click()
+    page.keyboard.press("Escape")
+    page.locator("#batch-run").click()
+    expect(page.locator("#batch-msg")).to_contain_text("gold labels in")
+    expect(page.locator("#batch-msg")).to_contain_text("macro-F1")
+    expect(page.locator("#batch-out")).to_contain_text("test-predictions")
     shoot(page, screenshots, "4-playground")
 
     # Which prefix says what: no selection asks every trained run, in one mixed batch.
@@ -203,6 +290,22 @@ def test_upload_train_list_and_score_in_the_browser(page, workdir, screenshots, 
     expect(said).to_contain_text("continuation")
     said.scroll_into_view_if_needed()
     shoot(page, screenshots, "4b-which-prefix-says-what")
+
+    # Inspect: the maps, tables and movement of the trained prefix.
+    open_tab(page, "Inspect")
+    page.get_by_role("combobox", name="Run", exact=True).click()
+    page.get_by_role("option", name=re.compile(r"^browser run · completed")).click()
+    page.locator("#inspect-open").click()
+    page.locator("#inspect-pca .js-plotly-plot").wait_for(timeout=TRAIN_TIMEOUT_MS)
+    page.locator("#inspect-trajectory .js-plotly-plot").wait_for()
+    expect(page.locator("#inspect-table")).to_contain_text("P0")
+    expect(page.locator("#notice")).to_have_text("")
+    shoot(page, screenshots, "5-inspect")
+    page.get_by_text("3-D", exact=True).click()
+    page.wait_for_function("document.querySelector('#inspect-pca .js-plotly-plot')"
+                           "?.data?.[0]?.type === 'scatter3d'", timeout=TIMEOUT_MS)
+    page.wait_for_timeout(1000)  # WebGL draws after the data is in
+    shoot(page, screenshots, "5-inspect-3d")
 
 
 def test_page_and_api_answer_within_a_second_while_a_run_trains(page, workbench, workdir,
@@ -249,7 +352,7 @@ def test_page_and_api_answer_within_a_second_while_a_run_trains(page, workbench,
     shoot(page, screenshots, "5-train-while-running")
     page.locator("#cancel").click()
     expect(page.locator("#train-status")).to_contain_text(
-        re.compile("Cancelling after the current step|cancelled"))
+        re.compile("cancelling|cancelled"))
     expect(page.locator("#train-status")).to_contain_text("cancelled", timeout=TIMEOUT_MS)
     row = wait_for_run(workbench, run_id, lambda r: r.state == "cancelled")
     assert 0 < row.step < row.total_steps

@@ -40,7 +40,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                                      elem_classes=["readable-table"])
     gr.Markdown("### How the prefix moved during training")
     with gr.Row():
-        trajectory = gr.Plot(show_label=False, visible=False)
+        trajectory = gr.Plot(show_label=False, visible=False, elem_id="inspect-trajectory")
         distance = gr.Plot(show_label=False, visible=False)
     gr.Markdown("### Attention to the prefix")
     with gr.Row():

@@ -36,11 +36,12 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     with gr.Row():
         loss_plot = gr.Plot(show_label=False, elem_id="runs-loss", visible=False)
         eval_plot = gr.Plot(show_label=False, elem_id="runs-eval", visible=False)
-    report_md = gr.Markdown(elem_id="runs-report")
-    with gr.Row():
+    with gr.Row(equal_height=False):
+        report_md = gr.Markdown(elem_id="runs-report")
         per_class = gr.Dataframe(label="Per class", interactive=False, visible=False,
                                  elem_classes=["readable-table"],
-                                 column_widths=PER_CLASS_WIDTHS, min_width=360)
+                                 column_widths=PER_CLASS_WIDTHS)
+    with gr.Row():
         confusion = gr.Plot(show_label=False, visible=False)
         baselines = gr.Plot(show_label=False, visible=False)
     gr.Markdown("### Evaluate on a held-out test CSV\nThe picked run's prefix, the bare model "
@@ -49,11 +50,12 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         test_file = gr.File(label="Test CSV (text and label columns)",
                             file_types=[".csv", ".tsv", ".txt"], elem_id="test-csv", scale=3)
         test_btn = gr.Button("Evaluate", elem_id="test-run")
-    test_md = gr.Markdown(elem_id="test-report")
-    with gr.Row():
+    with gr.Row(equal_height=False):
+        test_md = gr.Markdown(elem_id="test-report")
         test_per_class = gr.Dataframe(label="Per class (test)", interactive=False, visible=False,
                                       elem_id="test-per-class", elem_classes=["readable-table"],
-                                      column_widths=PER_CLASS_WIDTHS, min_width=360)
+                                      column_widths=PER_CLASS_WIDTHS)
+    with gr.Row():
         test_confusion = gr.Plot(show_label=False, visible=False, elem_id="test-confusion")
         test_baselines = gr.Plot(show_label=False, visible=False, elem_id="test-baselines")
     gr.Markdown("### Compare runs")

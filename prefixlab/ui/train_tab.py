@@ -116,8 +116,10 @@ def build(workbench: Workbench, dataset: gr.State, notice,
         with gr.Row():
             learning_rate = gr.Number(value=quick["learning_rate"], label="Learning rate",
                                       minimum=1e-6, maximum=1.0)
-            epochs = gr.Slider(1, 40, step=1, value=quick["epochs"], label="Epochs (budget)")
-            batch_size = gr.Slider(1, 64, step=1, value=quick["batch_size"], label="Batch size")
+            epochs = gr.Slider(1, 40, step=1, value=quick["epochs"], label="Epochs (budget)",
+                               elem_id="epochs")
+            batch_size = gr.Slider(1, 64, step=1, value=quick["batch_size"], label="Batch size",
+                                   elem_id="batch-size")
             max_length = gr.Slider(32, 512, step=8, value=quick["max_length"],
                                    label="Max tokens per example")
         with gr.Row():
@@ -157,11 +159,12 @@ def build(workbench: Workbench, dataset: gr.State, notice,
     with gr.Row():
         loss_plot = gr.Plot(show_label=False, elem_id="loss-plot", visible=False)
         eval_plot = gr.Plot(show_label=False, elem_id="eval-plot", visible=False)
-    report_md = gr.Markdown(elem_id="report")
-    with gr.Row():
+    with gr.Row(equal_height=False):
+        report_md = gr.Markdown(elem_id="report")
         per_class = gr.Dataframe(label="Per class", interactive=False, elem_id="per-class",
                                  visible=False, elem_classes=["readable-table"],
-                                 column_widths=PER_CLASS_WIDTHS, min_width=360)
+                                 column_widths=PER_CLASS_WIDTHS)
+    with gr.Row():
         confusion = gr.Plot(show_label=False, elem_id="confusion", visible=False)
         baselines = gr.Plot(show_label=False, elem_id="baselines", visible=False)
 
