@@ -201,8 +201,11 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     expect(page.locator("#start-check")).to_contain_text("Ready: reviews.csv")
     if not real:  # the tiny model needs a longer run for a second one to queue behind it
         page.get_by_role("button", name=re.compile(r"^Settings ▼")).click()
-        set_slider(page, "epochs", 20)
+        set_slider(page, "epochs", 40)
         set_slider(page, "batch-size", 2)
+        patience = page.get_by_label(re.compile(r"^Patience"))
+        patience.fill("0")  # no early stop: it must still train when the second run starts
+        patience.press("Enter")
     page.get_by_role("textbox", name="Run name (optional)").fill("browser run")
     page.locator("#start").click()
     status = page.locator("#train-status")
