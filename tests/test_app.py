@@ -27,7 +27,13 @@ from prefixlab.experiment import RunError, execute_run  # noqa: E402
 from prefixlab.ui import CSS, build_ui  # noqa: E402
 from prefixlab.ui.common import guard  # noqa: E402
 from prefixlab.ui.data_tab import describe  # noqa: E402
-from prefixlab.workbench import EXAMPLE_CSV, Workbench, run_config  # noqa: E402
+from prefixlab.workbench import (  # noqa: E402
+    EXAMPLE_CSV,
+    PRESETS,
+    SETTING_NAMES,
+    Workbench,
+    run_config,
+)
 from tests.conftest import make_tokenizer, tiny_model  # noqa: E402
 
 BAD_INPUTS = Path(__file__).parent / "bad_inputs"
@@ -328,6 +334,11 @@ def demo(workbench) -> gr.Blocks:
     return build_ui(workbench)
 
 
+def quick(**changes) -> list:
+    """The Train tab's settings inputs, in order: the Quick look preset with `changes`."""
+    return [{**PRESETS["Quick look"], **changes}[k] for k in SETTING_NAMES]
+
+
 def value(update):
     """The value a handler's output sets, whether plain or a gr.update(...)."""
     return update["value"] if isinstance(update, dict) and "__type__" in update else update
@@ -381,8 +392,7 @@ def test_a_file_without_a_text_column_is_refused_before_start(demo, workbench):
     *_, notice = handler(demo, "csv", "upload")(str(BAD_INPUTS / "no_text_column.csv"))
     check = next(f.fn for f in demo.fns.values() if f.name == "check")
     state = {"path": str(BAD_INPUTS / "no_text_column.csv"), "name": "no_text_column.csv"}
-    settings = (8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100, 2, 1.5)
-    message, start, notice = check(state, *settings)
+    message, start, notice = check(state, *quick())
     assert "Cannot start with no_text_column.csv" in message
     assert "no column holds text" in message and start["interactive"] is False
 
@@ -393,17 +403,16 @@ def test_too_many_labels_for_the_prompt_are_refused_before_start(demo, tmp_path)
         f"the movie was great {i},label{i % 30}\n" for i in range(120)))
     check = next(f.fn for f in demo.fns.values() if f.name == "check")
     state = {"path": str(path), "name": "many.csv", "text": "text", "label": "label"}
-    message, start, _ = check(state, 8, "text", False, 5e-3, 1, 8, 48, 0.2, 0, 200, 100, 2, 1.5)
+    message, start, _ = check(state, *quick(max_length=48))
     assert "Cannot start" in message and "lists the 30 label names" in message
     assert "raise the max tokens per example" in message and start["interactive"] is False
-    message, start, _ = check(state, 8, "text", False, 5e-3, 1, 8, 512, 0.2, 0, 200, 100, 2, 1.5)
+    message, start, _ = check(state, *quick(max_length=512))
     assert message.startswith("Ready: many.csv") and start["interactive"] is True
 
 
 def test_start_without_data_asks_for_a_csv_in_the_notice_only(demo):
     start = handler(demo, "start", "click")
-    settings = (8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100, 2, 1.5)
-    *outputs, notice = start(None, "", "", *settings)
+    *outputs, notice = start(None, "", "", *quick())
     assert "Choose a CSV in the Data tab" in notice and "notice-error" in notice
     assert all(o is gr.skip() or o == gr.skip() for o in outputs)  # no output changes
 
@@ -461,7 +470,7 @@ def test_api_endpoints_take_plain_values(demo, workbench, reviews):
 def test_the_prefix_size_line_counts_the_parameters(demo, workbench):
     # show_size is wired to the page load and to the prefix-length slider (no elem_id).
     fn = next(f.fn for f in demo.fns.values() if f.name == "show_size")
-    line, _ = fn(8, "text", False, 5e-3, 1, 8, 96, 0.2, 0, 200, 100, 2, 1.5)
+    line, _ = fn(*quick())
     trainable = workbench.prefix_size({"prefix_length": 8})["trainable"]
     assert f"**{trainable:,} trainable parameters**" in line
 

@@ -21,7 +21,8 @@ def _report() -> dict:
 
 def test_baseline_bars_show_the_majority_class():
     fig = charts.baseline_bars(_report())
-    assert list(fig.data[0].x) == ["prefix", "majority class", "zero-shot (no prefix)"]
+    assert list(fig.data[0].y) == ["prefix", "majority class (always the most frequent label)",
+                                   "zero-shot (same model, no prefix)"]
 
 
 def test_train_tab_report_shows_majority_kept_step_and_warnings():
@@ -30,7 +31,9 @@ def test_train_tab_report_shows_majority_kept_step_and_warnings():
     markdown = report_outputs(_report())[0]
     assert "| majority class (always the most frequent label) | 0.296 | 0.800 |" in markdown
     assert "Kept the prefix of step 30 of 70" in markdown
-    assert "**Warning:** the prefix predicts 'offensive' for 100% of the 20 rows" in markdown
+    # the warning stands above the numbers, where it is read first
+    assert "> ⚠️ **the prefix predicts 'offensive' for 100% of the 20 rows" in markdown
+    assert markdown.index("⚠️") < markdown.index("| **prefix** |")
     assert "never predicts 'neither'" in markdown
 
 
