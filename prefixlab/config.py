@@ -72,8 +72,9 @@ class RunConfig:
     trust_remote_code: bool = False
     """Run the model repository's own Python code (only for repositories you trust)."""
     nproc: int | None = None
-    """Data-parallel processes (torchrun ranks, distributed.py); None: one per CUDA device on
-    CUDA, and one on CPU, where a second process pays only while cores sit idle."""
+    """Data-parallel processes, started through torch's launcher (gloo on CPU, one GPU each on
+    CUDA; distributed.py); unset: every CUDA device, or one process on CPU, where a second
+    pays only while cores sit idle. The trained prefix does not depend on it."""
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
 
