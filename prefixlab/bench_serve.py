@@ -34,7 +34,7 @@ import torch
 
 from prefixlab.config import RunConfig
 from prefixlab.files import atomic_write_json
-from prefixlab.models import DEFAULT_MODEL, LoadedModel, load_model
+from prefixlab.models import DEFAULT_MODEL, LoadedModel, autocast, load_model
 from prefixlab.predict import label_log_likelihoods
 from prefixlab.prefix import PrefixConfig, save_prefix, text_key_values
 from prefixlab.serve import Batcher
@@ -171,12 +171,15 @@ class PeftSwitching:
         for i, r in enumerate(rows):  # right padding: PEFT's default positions stay right
             ids[i, :len(r)] = torch.tensor(r)
             mask[i, :len(r)] = 1
-        first = torch.tensor([t[0] for t in self.encoder.label_ids])
-        with self.lock, torch.inference_mode():
+        device = self.loaded.device
+        ids, mask = ids.to(device), mask.to(device)
+        first = torch.tensor([t[0] for t in self.encoder.label_ids], device=device)
+        with self.lock, torch.inference_mode(), autocast(device):  # as PrefixLab's scoring
             self.model.set_adapter(self.names[key])
             logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-        last = logits[torch.arange(len(rows)), mask.sum(1) - 1]  # (B, V)
-        return list(torch.softmax(torch.log_softmax(last.float(), -1)[:, first], -1).numpy())
+        last = logits[torch.arange(len(rows), device=device), mask.sum(1) - 1]  # (B, V)
+        probs = torch.softmax(torch.log_softmax(last.float(), -1)[:, first], -1)
+        return list(probs.cpu().numpy())
 
 
 def rss_mb() -> float:
@@ -188,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m prefixlab.bench_serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--prefixes", type=int, default=64)
     p.add_argument("--requests", type=int, default=512)
     p.add_argument("--clients", type=int, default=16)
@@ -201,10 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
 
-    loaded = load_model(args.model, "cpu")
-    print(f"model {loaded.name}, {torch.get_num_threads()} threads; {args.prefixes} prefixes "
-          f"of {args.prefix_length} tokens, {args.requests} requests of 1-3 texts, "
-          f"{args.clients} clients, window {args.window_ms} ms, max {args.max_rows} rows")
+    loaded = load_model(args.model, args.device)
+    print(f"model {loaded.name} on {loaded.device}, {torch.get_num_threads()} threads; "
+          f"{args.prefixes} prefixes of {args.prefix_length} tokens, {args.requests} requests "
+          f"of 1-3 texts, {args.clients} clients, window {args.window_ms} ms, "
+          f"max {args.max_rows} rows")
     with tempfile.TemporaryDirectory(prefix="prefixlab-bench-serve-") as tmp:
         root = Path(tmp)
         keys = make_prefixes(loaded, root / "runs", args.prefixes, args.prefix_length)
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f"{peft_load * 1000:.0f} ms)" if peft_load is not None else "not run)"))
     if peft_gap is not None:
         print(f"PEFT and mixed batching agree: largest probability gap {peft_gap:.2e} over "
-              "16 requests")
+              f"{min(16, len(requests))} requests")
     print(f"memory per resident prefix: {per_prefix:.3f} MB of key/values; RSS grew "
           f"{(after - before) / len(keys):.3f} MB per prefix loading {len(keys)}")
     ratios = {"mixed_vs_shared": by["mixed"].rps / by["shared"].rps,
