@@ -518,6 +518,14 @@ def value_readout(loaded: LoadedModel, kv: torch.Tensor, top_k: int = 10) -> Val
 # --- attention to the prefix ------------------------------------------------------------------
 
 
+def weight_sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A second module tree (own modules, config, hooks) over the model's own parameter and
+    buffer tensors: changing how the copy runs never changes the shared model, and no weight
+    is copied."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo=shared)
+
+
 _TWINS: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
 _TWINS_LOCK = threading.Lock()
 
@@ -529,16 +537,15 @@ def eager_twin(model: torch.nn.Module) -> torch.nn.Module:
     A second module tree over the *same* parameter and buffer tensors, with its own config set
     to eager: switching the shared model instead (as this once did) changed the attention of
     every request running on it meanwhile. The twin costs module objects and a config copy, no
-    weights (~3 MB of Python objects for the default 135M model, against 540 MB for a second
-    loaded copy). Made once per model and kept while the model lives.
+    weights: +1 MB of RSS and 0.8 s, once, for the default 135M model, where a second loaded
+    copy would take 513 MB. Made once per model and kept while the model lives.
     """
     if model.config._attn_implementation == "eager":
         return model
     with _TWINS_LOCK:
         twin = _TWINS.get(model)
         if twin is None:
-            shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-            twin = copy.deepcopy(model, memo=shared)
+            twin = weight_sharing_copy(model)
             twin.set_attn_implementation("eager")
             _TWINS[model] = twin
         return twin
@@ -592,5 +599,5 @@ __all__ = [
     "ReferenceBank", "ValueReadout", "attention_maps", "eager_twin",
     "first_layer_references", "key_frame", "nearest_tokens", "ordinary_token_ids",
     "prefix_attention",
-    "slot_references", "unrotate_keys", "value_logits", "value_readout",
+    "slot_references", "unrotate_keys", "value_logits", "value_readout", "weight_sharing_copy",
 ]

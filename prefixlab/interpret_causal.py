@@ -20,7 +20,6 @@ classifier, a target's log-likelihood for generation) can be knocked out the sam
 
 from __future__ import annotations
 
-import copy
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from prefixlab.interpret import InterpretError, _check_kv, value_logits
+from prefixlab.interpret import InterpretError, _check_kv, value_logits, weight_sharing_copy
 from prefixlab.models import LoadedModel, architecture, get_module
 
 Score = Callable[[torch.nn.Module], np.ndarray]  # model -> (N, K) log-likelihoods per row
@@ -75,8 +74,7 @@ def _twin(model: torch.nn.Module) -> torch.nn.Module:
     with _TWINS_LOCK:
         twin = _TWINS.get(model)
         if twin is None:
-            shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-            twin = copy.deepcopy(model, memo=shared)
+            twin = weight_sharing_copy(model)
             arch = architecture(twin.config)
             for i, block in enumerate(get_module(twin, arch.layers)):
                 attention = getattr(block, arch.attention)
