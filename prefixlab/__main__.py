@@ -42,16 +42,36 @@ def _progress_bar(total: int):
 def _metrics_line(name: str, m: dict | None) -> str:
     if not m:
         return f"  {name:<10} (not available)"
+    if "bleu" in m:
+        return (f"  {name:<10} BLEU {m['bleu']:.1f}  ROUGE-L {m['rouge_l']:.1f}  "
+                f"chrF {m['chrf']:.1f}  loss {m['loss']:.3f}")
     return f"  {name:<10} accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}"
 
 
 def _print_report(report: dict) -> None:
     """The prefix beside every baseline, then any warning about its predictions."""
+    if report.get("task") == "generation":
+        print(_metrics_line("prefix", report))
+        print(_metrics_line("bare model", report["baselines"]["bare_model"]))
+        return
     print(_metrics_line("prefix", report))
     for key, name in (("majority", "majority"), ("zero_shot", "zero-shot"), ("tfidf", "tf-idf")):
         print(_metrics_line(name, report["baselines"].get(key)))
     for w in report.get("warnings", []):
         print(f"warning: {w}")
+
+
+def _results_header(report: dict) -> str:
+    if report.get("task") == "generation":
+        return (f"held-out results on {report['n']} distinct inputs ({report['rows']} "
+                "references):")
+    return f"held-out results on {report['n']} rows:"
+
+
+def _stop_strings(args) -> list[str] | None:
+    """--stop values, with the escapes a shell makes hard to type ("\\n", "\\t") read."""
+    stops = [x.replace("\\n", "\n").replace("\\t", "\t") for x in getattr(args, "stop", [])]
+    return stops or None
 
 
 def cmd_validate(args) -> int:
@@ -73,8 +93,12 @@ def _run_config(args):
     if prefix.get("init_text"):
         prefix["init"] = "text"  # --init-text implies a text init, whatever --init says
     # dicts: RunConfig builds the parts and reports every problem of all of them at once
+    generation = given(args, names["generation"])
+    if _stop_strings(args):
+        generation["stop"] = _stop_strings(args)
     return RunConfig(train_csv=str(args.csv), prefix=prefix,
-                     training=given(args, names["training"]), **given(args, names["run"]))
+                     training=given(args, names["training"]), generation=generation,
+                     **given(args, names["run"]))
 
 
 def cmd_train(args) -> int:
@@ -122,10 +146,13 @@ def _create(cfg, output: Path, model, where: str):
     folder = create_run(cfg, output, prepared, loaded)
     info = folder.read_config()
     p = info["prefix"]
+    rows = f"{len(prepared.train)} train / {len(prepared.validation)} validation rows"
+    if cfg.is_generation:
+        rows += (f" ({prepared.train.distinct_inputs()} / "
+                 f"{prepared.validation.distinct_inputs()} distinct inputs)")
     _say(f"training a {cfg.prefix.prefix_length}-token prefix on {loaded.name} ({where}): "
          f"{p['trainable_parameters']:,} trainable parameters = {p['share_of_model']:.4%} of "
-         f"the model's {info['model']['parameters']:,}; {len(prepared.train)} train / "
-         f"{len(prepared.validation)} validation rows")
+         f"the model's {info['model']['parameters']:,}; {rows}")
     return folder, prepared, loaded
 
 
@@ -189,7 +216,7 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
     print(f"run saved to {folder.path}")
     print(f"kept step {report['kept_step']} of {report['steps']} ({report['selection']}); "
           f"training ended: {report['stop_reason']}")
-    print(f"held-out results on {report['n']} rows:")
+    print(_results_header(report))
     _print_report(report)
     return 0
 
@@ -249,13 +276,32 @@ def cmd_evaluate(args) -> int:
     from prefixlab.experiment import evaluate_csv, open_run
 
     run = open_run(args.run)
-    report = evaluate_csv(run, args.csv, args.text_column, args.label_column)
+    if run.is_generation:
+        report = _evaluate_generation(run, args)
+    else:
+        report = evaluate_csv(run, args.csv, args.text_column, args.label_column)
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{report['n']} rows")
+        print(_results_header(report))
         _print_report(report)
     return 0
+
+
+def _evaluate_generation(run, args) -> dict:
+    """Every distinct input of the CSV generated once (its rows are its references)."""
+    from prefixlab.generation import evaluate_pairs_csv
+
+    return evaluate_pairs_csv(run.loaded.model, run.encoder, run.kv, run.config, args.csv,
+                              args.text_column, args.target_column,
+                              _decode_settings(args), max_inputs=args.max_inputs)
+
+
+def _decode_settings(args) -> dict:
+    """Decoding options given on the command line (the run's own settings fill the rest)."""
+    given_ = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+              "stop": _stop_strings(args)}
+    return {k: v for k, v in given_.items() if v is not None}
 
 
 def cmd_predict(args) -> int:
@@ -270,12 +316,20 @@ def cmd_predict(args) -> int:
     if len(runs) > 1:
         return _predict_many(args, runs)
     run = open_run(runs[0])
-    if args.generate:
+    if run.is_generation:
+        from prefixlab.decode import DecodeConfig
+
+        settings = {**run.config.to_dict()["generation"], **_decode_settings(args)}
+        run.config.generation = DecodeConfig(**settings)
+        for out in run.generate(args.text):
+            print(out)
+    elif args.generate:
+        new = args.max_new_tokens or 40
         for text, out in zip(args.text, generate(run.loaded.model, run.loaded.tokenizer, run.kv,
-                                                 args.text, args.max_new_tokens), strict=True):
+                                                 args.text, new), strict=True):
             print(json.dumps({"text": text, "generated": out}))
         return 0
-    if args.text:
+    if args.text and not run.is_generation:
         probs = run.score(args.text)
         for text, row in zip(args.text, probs, strict=True):
             ranked = dict(sorted(zip(run.labels, map(float, row), strict=True),
@@ -287,7 +341,8 @@ def cmd_predict(args) -> int:
             raise datamod.DataError("--csv needs --output OUT.csv")
         frame = predict_table(run, args.csv, args.text_column)
         datamod.write_csv(frame, args.output)
-        _say(f"wrote {len(frame)} predictions to {args.output}")
+        what = "generations" if run.is_generation else "predictions"
+        _say(f"wrote {len(frame)} {what} to {args.output}")
     return 0
 
 
@@ -307,7 +362,7 @@ def _predict_many(args, runs: list[str]) -> int:
     if args.generate:
         pairs = [(p, t) for p in prefixes for t in args.text]
         outs = mixed_generate(loaded.model, loaded.tokenizer, [p.kv for p, _ in pairs],
-                              [t for _, t in pairs], args.max_new_tokens)
+                              [t for _, t in pairs], args.max_new_tokens or 40)
         for (p, text), out in zip(pairs, outs, strict=True):
             print(json.dumps({"run": p.key, "text": text, "generated": out}))
         return 0
@@ -415,6 +470,7 @@ def cmd_worker(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from prefixlab.config import RunConfig
+    from prefixlab.decode import DecodeConfig
     from prefixlab.inspection import DEFAULT_KNOCKOUT_ROWS
     from prefixlab.interpret_bank import DEFAULT_BANK_SIZE
     from prefixlab.prefix import PrefixConfig
@@ -433,15 +489,30 @@ def build_parser() -> argparse.ArgumentParser:
     columns(p)
     p.set_defaults(func=cmd_validate)
 
+    def decoding(p, max_new_help: str) -> None:
+        """Decoding options of evaluate and predict (the run's own settings otherwise)."""
+        p.add_argument("--num-beams", type=int,
+                       help="generation runs: 1 decodes greedily, 5 as the paper")
+        p.add_argument("--max-new-tokens", type=int, help=max_new_help)
+        p.add_argument("--stop", action="append", default=[],
+                       help="generation runs: a string that ends an output (repeatable; "
+                            "'\\n' for a newline)")
+
     p = sub.add_parser("train", help="train a prefix on a labeled CSV into a run folder")
     p.add_argument("csv")
     p.add_argument("--output", required=True, help="run folder to create")
     # every setting, with its default and help, comes from the dataclasses (cli_options.py)
     p.set_defaults(func=cmd_train, setting_names={
-        "run": add_options(p, RunConfig, skip=("train_csv", "prefix", "training")),
+        "run": add_options(p, RunConfig, skip=("train_csv", "prefix", "training",
+                                               "generation")),
         "prefix": add_options(p, PrefixConfig),
         "training": add_options(p, TrainConfig),
+        # batch_size is TrainConfig's option; stop (a list) is read by --stop below
+        "generation": add_options(p, DecodeConfig, skip=("batch_size", "stop")),
     })
+    p.add_argument("--stop", action="append", default=[],
+                   help="generation runs: a string that ends an output (repeatable; "
+                        "'\\n' for a newline)")
 
     p = sub.add_parser("resume", help="continue a run from its last checkpoint")
     p.add_argument("run")
@@ -485,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("csv")
     columns(p)
+    p.add_argument("--target-column", help="generation runs: the references' column")
+    p.add_argument("--max-inputs", type=int, help="generation runs: score the first N inputs")
+    decoding(p, "generation runs: most tokens generated (default: the run's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
@@ -496,8 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="batch prediction: input CSV")
     p.add_argument("--output", help="batch prediction: output CSV")
     p.add_argument("--text-column")
-    p.add_argument("--generate", action="store_true", help="free generation after the prefix")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--generate", action="store_true",
+                   help="classification runs: free generation after the prefix")
+    decoding(p, "most tokens generated (default: the run's; 40 for free generation)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("serve", help="serve the API alone: score/generate with any run's prefix")

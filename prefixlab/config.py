@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from prefixlab.decode import DecodeConfig
 from prefixlab.distributed import MAX_PROCESSES
-from prefixlab.encode import DEFAULT_TEMPLATE, Template
+from prefixlab.encode import DEFAULT_GENERATION_TEMPLATE, DEFAULT_TEMPLATE, Template
 from prefixlab.errors import ConfigError
 from prefixlab.models import DEFAULT_MODEL
 from prefixlab.prefix import PrefixConfig
@@ -51,6 +52,9 @@ class RunConfig:
     """The CSV column holding the text; unset (None), it is guessed from names and content."""
     label_column: str | None = None
     """The CSV column holding the label; unset (None), it is guessed."""
+    target_column: str | None = None
+    """A column of texts to generate from text_column: makes this a generation run (loss on
+    the target's tokens, scored by BLEU/chrF/ROUGE-L); label_column is then unused."""
     validation_csv: str | None = None
     """Held-out data; without it a stratified share of train_csv is held out."""
     validation_share: float = 0.2
@@ -58,7 +62,8 @@ class RunConfig:
     max_train_examples: int | None = None
     """A stratified, seeded sample of the training rows; a CPU step costs ~0.3 s per example."""
     max_eval_examples: int | None = 500
-    """Held-out rows scored per evaluation: each costs one forward pass per label set."""
+    """Held-out rows scored per evaluation: each costs one forward pass per label set. In a
+    generation run: held-out distinct inputs (with all their references)."""
     model: str = DEFAULT_MODEL
     """A local folder or hub id of the frozen base model; the default is embedded."""
     template: str = DEFAULT_TEMPLATE
@@ -77,11 +82,28 @@ class RunConfig:
     pays only while cores sit idle. The trained prefix does not depend on it."""
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
+    generation: DecodeConfig = field(default_factory=DecodeConfig)
+    """Decoding for a generation run's reports and predictions; max_new_tokens also caps the
+    target tokens trained on."""
+    eval_generate_inputs: int = 24
+    """Generation runs: held-out inputs generated (greedy) at each evaluation for a live BLEU;
+    the final report generates every held-out input with `generation`'s settings."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         self.prefix = _nested(PrefixConfig, self.prefix, "prefix", problems)
         self.training = _nested(TrainConfig, self.training, "training", problems)
+        self.generation = _nested(DecodeConfig, self.generation, "generation", problems)
+        if self.target_column is not None and self.template == DEFAULT_TEMPLATE:
+            # The classification prompt ("Category (labels):") means nothing without labels.
+            self.template = DEFAULT_GENERATION_TEMPLATE
+        if (self.target_column is not None and self.training is not None
+                and self.training.monitor in ("macro_f1", "accuracy")):
+            # A generation run has no labels: its validation loss picks the step to keep.
+            self.training.monitor = "val_loss"
+        if self.eval_generate_inputs < 0:
+            problems.append(f"eval_generate_inputs must be 0 or more, got "
+                            f"{self.eval_generate_inputs}")
         if not 0.0 < self.validation_share < 0.9:
             problems.append(f"validation_share must be in (0, 0.9), got {self.validation_share}")
         if self.nproc is not None and not 1 <= self.nproc <= MAX_PROCESSES:
@@ -98,6 +120,10 @@ class RunConfig:
             problems.extend(e.problems)
         if problems:
             raise ConfigError(problems)
+
+    @property
+    def is_generation(self) -> bool:
+        return self.target_column is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,6 +13,9 @@ Layout of a run folder (safetensors for tensors, JSON for everything else, never
                              checkpoint and at each new best evaluation
     report.json              the final evaluation with baselines, the kept step and why
                              training stopped
+
+A run classifies (labels) or generates (a target column: `generation.py` holds its steps);
+config.json's "task" says which.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from safetensors.torch import load_file
 from prefixlab import data as datamod
 from prefixlab import distributed
 from prefixlab.config import RunConfig
-from prefixlab.encode import Encoder, Template
+from prefixlab.decode import DecodeConfig
+from prefixlab.encode import Encoder, PairEncoder, Template
 from prefixlab.errors import ConfigError, PrefixLabError
 from prefixlab.evaluate import (
     classification_report,
@@ -42,7 +46,16 @@ from prefixlab.evaluate import (
     tfidf_baseline,
 )
 from prefixlab.files import atomic_save_tensors, atomic_write_json, read_json
+from prefixlab.generation import (
+    default_generation_init_text,
+    generate,
+    generation_report,
+    live_scores,
+    pair_encoder,
+    prepare_pairs,
+)
 from prefixlab.models import LoadedModel, ModelInfo, load_model
+from prefixlab.pairs import TextPairs
 from prefixlab.predict import score_labels, score_log_likelihoods
 from prefixlab.prefix import (
     Prefix,
@@ -194,9 +207,9 @@ class RunFolder:
 
 @dataclass
 class PreparedData:
-    train: datamod.LabeledData
-    validation: datamod.LabeledData
-    labels: list[str]
+    train: datamod.LabeledData | TextPairs  # TextPairs in a generation run
+    validation: datamod.LabeledData | TextPairs
+    labels: list[str]  # empty in a generation run
     warnings: list[str]
 
 
@@ -209,6 +222,9 @@ def _sample(data: datamod.LabeledData, n: int | None, seed: int) -> datamod.Labe
 
 def prepare_data(cfg: RunConfig) -> PreparedData:
     """Load, validate and split the data; raises DataError before anything is written."""
+    if cfg.is_generation:
+        train_part, val, warnings = prepare_pairs(cfg)
+        return PreparedData(train_part, val, [], warnings)
     full = datamod.load_labeled_csv(cfg.train_csv, cfg.text_column, cfg.label_column)
     warnings = list(full.warnings)
     seed = cfg.training.seed
@@ -237,14 +253,30 @@ class Run:
 
     folder: RunFolder
     config: RunConfig
-    labels: list[str]
+    labels: list[str]  # empty in a generation run
     loaded: LoadedModel
     kv: torch.Tensor  # (L, 2, H_kv, P, D)
-    encoder: Encoder
+    encoder: Encoder | PairEncoder
+
+    @property
+    def is_generation(self) -> bool:
+        return isinstance(self.encoder, PairEncoder)
 
     def score(self, texts: list[str], with_prefix: bool = True) -> np.ndarray:
+        if self.is_generation:
+            raise RunError(f"run {self.folder.path.name} generates text; it has no labels to "
+                           "score")
         return score_labels(self.loaded.model, self.kv if with_prefix else None, self.encoder,
                             texts)
+
+    def generate(self, texts: list[str], with_prefix: bool = True,
+                 decode: DecodeConfig | None = None) -> list[str]:
+        """One output per text with the run's template (and decoding, unless given)."""
+        if not self.is_generation:
+            raise RunError(f"run {self.folder.path.name} classifies; use score, or free "
+                           "generation")
+        return generate(self.loaded.model, self.encoder, self.kv if with_prefix else None,
+                        texts, decode or self.config.generation)
 
 
 def _present(name: str | None, columns) -> str | None:
@@ -309,8 +341,12 @@ def predict_table(run: Run, path: str | Path, text_column: str | None = None):
     frame = datamod.read_table(path).frame
     column = text_column_of(frame, text_column or run.config.text_column, path,
                             guess=not text_column)
-    probs = run.score(frame[column].fillna("").astype(str).tolist())
+    texts = frame[column].fillna("").astype(str).tolist()
     out = frame.copy()
+    if run.is_generation:
+        out["generated"] = run.generate(texts)
+        return out
+    probs = run.score(texts)
     out["predicted_label"] = [run.labels[i] for i in probs.argmax(1)]
     for j, label in enumerate(run.labels):
         out[f"p_{label}"] = probs[:, j].round(6)
@@ -332,7 +368,8 @@ def open_run(path: str | Path, loaded: LoadedModel | None = None) -> Run:
         raise RunError(f"run {folder.path.name} was trained on {cfg.model!r}, "
                        f"not on the loaded {loaded.name!r}")
     prefix = load_prefix(folder.prefix_path, loaded.shape)
-    encoder = Encoder(loaded.tokenizer, Template(cfg.template), labels, cfg.max_length)
+    encoder = (pair_encoder(loaded.tokenizer, cfg) if cfg.is_generation else
+               Encoder(loaded.tokenizer, Template(cfg.template), labels, cfg.max_length))
     return Run(folder, cfg, labels, loaded, prefix.kv, encoder)
 
 
@@ -385,13 +422,18 @@ def full_report(
 def create_run(cfg: RunConfig, path: str | Path, prepared: PreparedData,
                loaded: LoadedModel | ModelInfo, *, name: str | None = None) -> RunFolder:
     """Write config.json for a new run (data already validated); no weights are needed."""
-    folder = _new_run(cfg, path, loaded, prepared.labels, {
-        "train_rows": len(prepared.train), "validation_rows": len(prepared.validation),
-        "text_column": prepared.train.text_column,
-        "label_column": prepared.train.label_column,
-        "label_counts": prepared.train.label_counts(),
-        "warnings": prepared.warnings,
-    }, name=name)
+    train, val = prepared.train, prepared.validation
+    if isinstance(train, TextPairs):
+        data = {"train_rows": len(train), "validation_rows": len(val),
+                "train_inputs": train.distinct_inputs(),
+                "validation_inputs": val.distinct_inputs(),
+                "text_column": train.input_column, "target_column": train.target_column,
+                "warnings": prepared.warnings}
+    else:
+        data = {"train_rows": len(train), "validation_rows": len(val),
+                "text_column": train.text_column, "label_column": train.label_column,
+                "label_counts": train.label_counts(), "warnings": prepared.warnings}
+    folder = _new_run(cfg, path, loaded, prepared.labels, data, name=name)
     folder.set_status("created")
     return folder
 
@@ -422,6 +464,7 @@ def _new_run(cfg: RunConfig, path: str | Path, loaded: LoadedModel | ModelInfo,
         "name": name or folder.path.name,
         "created": time.time(),
         "run": cfg.to_dict(),
+        "task": "generation" if cfg.is_generation else "classification",
         "labels": list(labels),
         **extra,
         "data": data,
@@ -467,14 +510,21 @@ def execute_run(
         prepared = prepare_data(cfg)
     labels = info["labels"]
     torch.manual_seed(cfg.training.seed)
-    encoder = Encoder(loaded.tokenizer, Template(cfg.template), labels, cfg.max_length)
-    examples = encoder.examples(prepared.train.texts, prepared.train.labels)
+    generating = cfg.is_generation
+    if generating:
+        encoder = pair_encoder(loaded.tokenizer, cfg)
+        examples = encoder.examples(prepared.train.inputs, prepared.train.targets)
+    else:
+        encoder = Encoder(loaded.tokenizer, Template(cfg.template), labels, cfg.max_length)
+        examples = encoder.examples(prepared.train.texts, prepared.train.labels)
     prefix = Prefix(loaded.shape, cfg.prefix).to(loaded.device)
     checkpoint = folder.load_checkpoint() if resume else None
     if resume and checkpoint is None:
         note({"type": "event", "message": "no checkpoint: starting over"})
     if checkpoint is None:
-        init_text = cfg.prefix.init_text or default_init_text(labels, cfg.task)
+        init_text = cfg.prefix.init_text or (
+            default_generation_init_text(cfg.task) if generating
+            else default_init_text(labels, cfg.task))
         init_prefix(prefix, loaded.model, loaded.tokenizer, init_text, cfg.training.seed)
         if writer:
             folder.save_snapshot(0, prefix.folded())
@@ -500,12 +550,18 @@ def execute_run(
 
     def evaluate(step: int) -> str | None:
         kv = prefix.folded()
-        report, _ = evaluate_prefix(loaded, kv, encoder, prepared.validation)
+        if generating:  # validation loss on every held-out row, BLEU on a few inputs
+            scores = live_scores(loaded.model, encoder, kv, prepared.validation, cfg)
+            report = {"loss": scores["val_loss"]}
+            record = {"type": "eval", "step": step, **scores}
+        else:
+            report, _ = evaluate_prefix(loaded, kv, encoder, prepared.validation)
+            record = {"type": "eval", "step": step, "val_loss": report["loss"],
+                      "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+                      "predicted": report["predicted"],
+                      "warnings": prediction_warnings(report)}
         last_eval.clear()
         last_eval.update(step=step, report=report)
-        record = {"type": "eval", "step": step, "val_loss": report["loss"],
-                  "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
-                  "predicted": report["predicted"], "warnings": prediction_warnings(report)}
         improved = rule.update(step, record)
         record["best_step"] = rule.best_step
         note(record)
@@ -546,8 +602,12 @@ def execute_run(
         save_prefix(folder.prefix_path, kv, loaded.name, step=str(kept))
         folder.set_status("running", phase="evaluating", step=result.steps)
     note({"type": "event", "message": "evaluating", "step": kept, "stop_reason": result.reason})
-    report = full_report(loaded, kv, encoder, prepared.train if writer else None,
-                         prepared.validation, cfg.training.seed, prefix_report=done)
+    if generating:
+        report = generation_report(loaded.model, encoder, kv, prepared.validation,
+                                   cfg.generation, prefix_loss=done["loss"] if done else None)
+    else:
+        report = full_report(loaded, kv, encoder, prepared.train if writer else None,
+                             prepared.validation, cfg.training.seed, prefix_report=done)
     report.update(steps=result.steps, kept_step=kept, stop_reason=result.reason,
                   selection=(f"the step with the best validation {tc.monitor}"
                              if tc.keep_best and rule.best_step is not None else "the last step"))

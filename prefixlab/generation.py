@@ -9,21 +9,68 @@ model reading the same prompt template: what the prefix buys.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefixlab.config import RunConfig
+from prefixlab.data import DataError
 from prefixlab.decode import DecodeConfig, generate_texts
-from prefixlab.encode import PairEncoder, bucketed_batches, collate
+from prefixlab.encode import PairEncoder, Template, bucketed_batches, collate
 from prefixlab.genmetrics import Grouped, generation_scores, group_references
 from prefixlab.models import autocast
-from prefixlab.pairs import TextPairs
+from prefixlab.pairs import TextPairs, group_split, load_pairs_csv, sample_inputs, sample_rows
 from prefixlab.prefix import forward
 
 SAMPLE_ROWS = 20
 """Inputs shown in a report's table of references and outputs."""
+
+
+def prepare_pairs(cfg: RunConfig) -> tuple[TextPairs, TextPairs, list[str]]:
+    """(train, validation, warnings) of a generation run, split by distinct input."""
+    if cfg.text_column is None:
+        raise DataError("a generation run needs the input column named (--text-column) "
+                        "beside the target column")
+    full = load_pairs_csv(cfg.train_csv, cfg.text_column, cfg.target_column)
+    warnings = list(full.warnings)
+    seed = cfg.training.seed
+    if cfg.validation_csv:
+        val = load_pairs_csv(cfg.validation_csv, full.input_column, full.target_column)
+        warnings += [f"validation file: {w}" for w in val.warnings]
+        train_part = full
+        shared = set(train_part.inputs) & set(val.inputs)
+        if shared:
+            warnings.append(f"{len(shared)} validation inputs also occur in training; their "
+                            "scores say little about new inputs")
+    else:
+        train_part, val = group_split(full, cfg.validation_share, seed)
+    train_part = sample_rows(train_part, cfg.max_train_examples, seed)
+    val = sample_inputs(val, cfg.max_eval_examples, seed)
+    return train_part, val, warnings
+
+
+def pair_encoder(tokenizer, cfg: RunConfig) -> PairEncoder:
+    """The run's encoder: targets cut to the tokens it generates (EOS included)."""
+    return PairEncoder(tokenizer, Template(cfg.template), cfg.max_length,
+                       cfg.generation.max_new_tokens + 1)
+
+
+def live_scores(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
+                validation: TextPairs, cfg: RunConfig) -> dict:
+    """What a training run logs at each evaluation: the validation loss on every held-out
+    row, and greedy BLEU/chrF/ROUGE-L on the first `eval_generate_inputs` inputs (cheap
+    enough to run often; the final report decodes all of them as configured)."""
+    record: dict = {"val_loss": target_loss(model, kv, encoder, validation)}
+    if cfg.eval_generate_inputs:
+        grouped = group_references(validation.inputs, validation.targets)
+        grouped = grouped.head(cfg.eval_generate_inputs)
+        greedy = DecodeConfig(max_new_tokens=cfg.generation.max_new_tokens,
+                              stop=cfg.generation.stop,
+                              batch_size=cfg.generation.batch_size)
+        record.update(evaluate_generation(model, encoder, kv, grouped, greedy).scores)
+    return record
 
 
 def default_generation_init_text(task: str | None = None) -> str:
@@ -101,4 +148,19 @@ def generation_report(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
         for x, refs, p, b in zip(grouped.inputs[:SAMPLE_ROWS], grouped.references[:SAMPLE_ROWS],
                                  ours.outputs, bare.outputs, strict=False)
     ]
+    return report
+
+
+def evaluate_pairs_csv(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
+                       cfg: RunConfig, path: str, input_column: str | None = None,
+                       target_column: str | None = None, decode: dict | None = None, *,
+                       max_inputs: int | None = None) -> dict:
+    """A run's prefix on a held-out CSV of pairs, beside the bare model: every distinct input
+    generated once, its rows its references. Columns default to the run's own; `decode`
+    overrides some of the run's decoding settings."""
+    data = load_pairs_csv(path, input_column or cfg.text_column,
+                          target_column or cfg.target_column)
+    settings = DecodeConfig(**{**asdict(cfg.generation), **(decode or {})})
+    report = generation_report(model, encoder, kv, data, settings, max_inputs=max_inputs)
+    report["columns"] = {"text": data.input_column, "target": data.target_column}
     return report

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from prefixlab.decode import DecodeConfig, DecodeError, beam_search, generate_texts, greedy
+from prefixlab.decode import DecodeConfig, beam_search, generate_texts, greedy
+from prefixlab.errors import ConfigError
 from prefixlab.prefix import forward
 from tests.conftest import tiny_model
 
@@ -138,7 +139,7 @@ def test_stop_string_cuts_the_text(loaded, tokenizer):
 
 
 def test_decode_config_lists_every_problem():
-    with pytest.raises(DecodeError) as e:
+    with pytest.raises(ConfigError) as e:
         DecodeConfig(max_new_tokens=0, num_beams=0, stop=[""])
     assert "max_new_tokens" in str(e.value) and "num_beams" in str(e.value)
     assert "stop" in str(e.value)
