@@ -89,21 +89,30 @@ def loss_curves(records: Sequence[dict], title: str = "Loss") -> go.Figure:
 
 
 def eval_curves(records: Sequence[dict], title: str = "Validation metrics") -> go.Figure:
-    """Macro-F1 and accuracy on the validation rows at each evaluation (0 to 1)."""
+    """Macro-F1 and accuracy on the validation rows at each evaluation (0 to 1); for a
+    generation run BLEU, ROUGE-L and chrF (0 to 100) on its sample of held-out inputs."""
     evals = [r for r in records if r.get("type") == "eval"]
     if not evals:
         return empty_figure(title, "The prefix is scored on the validation rows at the end "
                                    "of each epoch;<br>the first scores appear then.")
+    generation = any("bleu" in r for r in evals)
+    series = ((("bleu", "BLEU", "{:.1f}"), ("rouge_l", "ROUGE-L", "{:.1f}"),
+               ("chrf", "chrF", "{:.1f}")) if generation
+              else (("macro_f1", "macro-F1", "{:.2f}"), ("accuracy", "accuracy", "{:.2f}")))
     fig = go.Figure()
-    for key, name in (("macro_f1", "macro-F1"), ("accuracy", "accuracy")):
-        fig.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r[key] for r in evals],
-                                 name=name, mode="lines+markers+text" if len(evals) == 1
+    for key, name, fmt in series:
+        points = [r for r in evals if key in r]
+        fig.add_trace(go.Scatter(x=[r["step"] for r in points], y=[r[key] for r in points],
+                                 name=name, mode="lines+markers+text" if len(points) == 1
                                  else "lines+markers", marker={"size": 9},
-                                 text=[f"{r[key]:.2f}" for r in evals],
+                                 text=[fmt.format(r[key]) for r in points],
                                  textposition="middle right"))
+    if generation:
+        title = f"{title} (greedy, sampled held-out inputs)"
+    top = 102 if generation else 1.02
     return _titled(fig, title, xaxis=_step_axis([r["step"] for r in evals],
                                                 _total_steps(records)),
-                   yaxis={"range": [0, 1.02], "title": "score"})
+                   yaxis={"range": [0, top], "title": "score"})
 
 
 def compare_runs(curves: Mapping[str, Sequence[dict]], metric: str = "loss") -> go.Figure:
@@ -155,3 +164,17 @@ def baseline_bars(report: Mapping) -> go.Figure:
                    xaxis={"range": [0, 1.12], "title": "score"},
                    yaxis={"autorange": "reversed", "automargin": True},
                    height=max(300, 110 + 60 * len(rows)))
+
+
+def generation_bars(report: Mapping) -> go.Figure:
+    """BLEU, ROUGE-L and chrF of a generation run's prefix beside the bare model's, as
+    horizontal bars like `baseline_bars`."""
+    rows = [("prefix", report), ("bare model (no prefix)", report["baselines"]["bare_model"])]
+    fig = go.Figure()
+    for key, name in (("bleu", "BLEU"), ("rouge_l", "ROUGE-L"), ("chrf", "chrF")):
+        fig.add_trace(go.Bar(y=[n for n, _ in rows], x=[m[key] for _, m in rows], name=name,
+                             orientation="h", text=[f"{m[key]:.1f}" for _, m in rows],
+                             textposition="outside", cliponaxis=False))
+    return _titled(fig, "Prefix vs bare model (held-out inputs)", barmode="group",
+                   xaxis={"range": [0, 112], "title": "score"},
+                   yaxis={"autorange": "reversed", "automargin": True}, height=300)

@@ -450,8 +450,10 @@ class RunStore:
                     db.execute(
                         "UPDATE runs SET state=?, updated=?, step=?, total_steps=?, "
                         "accuracy=?, macro_f1=?, error=? WHERE id=?",
-                        (state, time.time(), step, total, report and report["accuracy"],
-                         report and report["macro_f1"], error, row.id),
+                        (state, time.time(), step, total,
+                         # a generation run's report has no accuracy or macro-F1
+                         report and report.get("accuracy"), report and report.get("macro_f1"),
+                         error, row.id),
                     )
             finally:
                 if fd is not None:

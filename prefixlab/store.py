@@ -139,7 +139,9 @@ class PrefixStore:
             kv = load_prefix(folder / "prefix.safetensors", self.loaded.shape).kv
         except PrefixFileError as e:
             raise PrefixStoreError(f"prefix {key!r}: {e}") from e
-        encoder = Encoder(self.loaded.tokenizer, Template(cfg.template), labels, cfg.max_length)
+        # A generation run has no labels: like an imported adapter, it generates but not scores.
+        encoder = (Encoder(self.loaded.tokenizer, Template(cfg.template), labels, cfg.max_length)
+                   if labels else None)
         name = str(info.get("name") or folder.name)
         return ServedPrefix(key, name, kv, labels, encoder, folder, mtime, 0.0,
                             text_column=cfg.text_column)

@@ -29,6 +29,7 @@ import torch
 
 from prefixlab import data as datamod
 from prefixlab.config import RunConfig
+from prefixlab.decode import DecodeConfig
 from prefixlab.encode import Encoder, Template
 from prefixlab.evaluate import classification_report
 from prefixlab.experiment import (
@@ -43,6 +44,7 @@ from prefixlab.experiment import (
     prepare_data,
     text_column_of,
 )
+from prefixlab.generation import evaluate_pairs_csv, pair_encoder
 from prefixlab.models import (
     DEFAULT_MODEL,
     LoadedModel,
@@ -52,6 +54,7 @@ from prefixlab.models import (
     model_provenance,
     portable_model_id,
 )
+from prefixlab.pairs import TextPairs, load_pairs_csv, looks_like_targets
 from prefixlab.prefix import Prefix, PrefixConfig
 from prefixlab.runs import RunRow, RunStore
 from prefixlab.serve import (
@@ -101,6 +104,9 @@ class CsvPreview:
     label_column: str | None
     rows: int
     warnings: list[str] = field(default_factory=list)
+    target_column: str | None = None
+    """Guessed when the column beside the text holds long, mostly unique texts: a generation
+    data set (label_column is then None)."""
 
 
 PREFIX_ZIP_FILES = ("prefix.safetensors", "config.json", "report.json", "metrics.jsonl")
@@ -159,15 +165,28 @@ def process_range() -> tuple[int, int]:
 
 def run_config(csv_path: str, text_column: str | None, label_column: str | None,
                settings: dict, model: str = DEFAULT_MODEL, task: str | None = None,
-               processes: int | None = None) -> RunConfig:
-    """A RunConfig from the app's flat settings (a preset, possibly edited)."""
+               processes: int | None = None, target_column: str | None = None) -> RunConfig:
+    """A RunConfig from the app's flat settings (a preset, possibly edited); a target column
+    makes it a generation run (the label column is then ignored).
+
+    In a generation run "max tokens per example" bounds the prompt; the target gets the
+    tokens it may generate (`DecodeConfig.max_new_tokens`) on top, so that inputs are not
+    cut to make room for sentences.
+    """
     s = {**PRESETS["Quick look"], **settings}
-    return RunConfig(nproc=int(processes) if processes else None,
-        train_csv=csv_path, text_column=text_column or None, label_column=label_column or None,
+    generating = bool(target_column)
+    decode = DecodeConfig()
+    extra = {"generation": decode} if generating else {}
+    max_length = int(s["max_length"]) + (decode.max_new_tokens + 1 if generating else 0)
+    return RunConfig(
+        nproc=int(processes) if processes else None,
+        train_csv=csv_path, text_column=text_column or None,
+        label_column=None if generating else label_column or None,
+        target_column=target_column or None, **extra,
         validation_share=float(s["validation_share"]),
         max_train_examples=int(s["max_train_examples"]) or None,
         max_eval_examples=int(s["max_eval_examples"]) or None,
-        model=model or DEFAULT_MODEL, max_length=int(s["max_length"]), task=task or None,
+        model=model or DEFAULT_MODEL, max_length=max_length, task=task or None,
         # dicts, not PrefixConfig/TrainConfig: RunConfig then reports every part's problems
         prefix=dict(prefix_length=int(s["prefix_length"]), init=s["init"],
                     reparameterize=bool(s["reparameterize"])),
@@ -300,12 +319,31 @@ class Workbench:
         table = datamod.read_table(path)
         frame = table.frame
         text, label = datamod.guess_columns(list(frame.columns), frame)
+        target = None
+        if text is not None:
+            rest = [c for c in frame.columns if c != text]
+            # The column a label guess would take (or the only other one) holds sentences.
+            candidate = label if label is not None else (rest[0] if len(rest) == 1 else None)
+            if candidate is not None and looks_like_targets(frame, candidate):
+                target, label = candidate, None
+            elif len(frame.columns) == 2:
+                # Two columns of sentence-like texts (the text guess took the longer one):
+                # the first is the input, the second what to write for it.
+                first, second = frame.columns
+                if (looks_like_targets(frame, second)
+                        and looks_like_targets(frame, first, min_unique=0.0)):
+                    text, target, label = first, second, None
         return CsvPreview(frame.head(rows).fillna(""), list(frame.columns), text, label,
-                          len(frame), list(table.warnings))
+                          len(frame), list(table.warnings), target)
 
     def check_columns(self, path: str | Path, text: str | None,
                       label: str | None) -> datamod.LabeledData:
         return datamod.load_labeled_csv(path, text, label)
+
+    def check_pairs(self, path: str | Path, text: str | None, target: str) -> TextPairs:
+        if not text:
+            raise datamod.DataError("choose the input column beside the target column")
+        return load_pairs_csv(path, text, target)
 
     def keep_upload(self, path: str | Path, name: str) -> Path:
         """A copy of an uploaded file in the data directory (Gradio's temp copy is cleaned
@@ -343,8 +381,11 @@ class Workbench:
         labels, rows left for validation: DataError) and whether the prompt with every label
         name leaves room for the text within max_length tokens (TemplateError)."""
         prepared = prepare_data(cfg)
-        Encoder(self.model(cfg.model).tokenizer, Template(cfg.template), prepared.labels,
-                cfg.max_length)
+        tokenizer = self.model(cfg.model).tokenizer
+        if cfg.is_generation:
+            pair_encoder(tokenizer, cfg)
+        else:
+            Encoder(tokenizer, Template(cfg.template), prepared.labels, cfg.max_length)
         return prepared
 
     # --- runs --------------------------------------------------------------------------------
@@ -536,6 +577,8 @@ class Workbench:
         if not ids:
             raise RunError("name at least one run to predict with")
         runs = [self.open(i) for i in ids]
+        if len(runs) > 1 and any(r.is_generation for r in runs):
+            raise RunError("batch generation takes one generation run at a time")
         if len(runs) == 1:
             out = predict_table(runs[0], path, text_column)
             groups = [""]
@@ -576,8 +619,39 @@ class Workbench:
                                reports if len(runs) > 1 else {})
 
     def evaluate_csv(self, run_id: str, path: str | Path) -> dict:
-        """The run's prefix and both baselines on a held-out labeled CSV."""
-        return evaluate_csv(self.open(run_id), path)
+        """The run's prefix and its baselines on a held-out labeled CSV (a generation run:
+        beside the bare model on a CSV of inputs and references)."""
+        run = self.open(run_id)
+        if run.is_generation:
+            return evaluate_pairs_csv(run.loaded.model, run.encoder, run.kv, run.config, path)
+        return evaluate_csv(run, path)
+
+    def is_generation(self, run_id: str) -> bool:
+        """Whether a run generates text (read from its config, no model loaded)."""
+        try:
+            return self.store.folder(run_id).read_config().get("task") == "generation"
+        except (RunError, ValueError, OSError):
+            return False
+
+    def generate_side_by_side(self, texts: list[str], run_ids: list[str], bare: bool = True,
+                              decode: DecodeConfig | None = None) -> pd.DataFrame:
+        """One row per text and source: each generation run's output (its template and
+        decoding unless `decode` is given), and the bare model's on that run's template."""
+        rows = []
+        for run_id in run_ids:
+            run = self.open(run_id)
+            name = self.store.get(run_id).name
+            if not run.is_generation:
+                raise RunError(f"run {name!r} classifies; pick generation runs here (or score "
+                               "it above)")
+            sources = [(f"prefix: {name}", True)]
+            if bare:
+                sources.append((f"bare model, {name}'s prompt", False))
+            for source, with_prefix in sources:
+                outputs = run.generate(texts, with_prefix=with_prefix, decode=decode)
+                rows += [{"input": t, "source": source, "output": o}
+                         for t, o in zip(texts, outputs, strict=True)]
+        return pd.DataFrame(rows, columns=["input", "source", "output"])
 
     def download(self, run_id: str, kind: str) -> Path:
         """A zip of the run's prefix + config ("prefix") or its PEFT adapter ("peft")."""

@@ -1,6 +1,8 @@
 """Data tab: upload a CSV (or take the bundled example), preview it, choose the columns,
 see the label distribution and every problem as a readable message. The chosen file is kept
-in the data directory and remembered by the browser, so a reload does not lose it."""
+in the data directory and remembered by the browser, so a reload does not lose it. Choosing a
+target column (texts to generate) instead of a label column makes the data a generation task;
+it is guessed when the column beside the text holds long, mostly unique texts."""
 
 from __future__ import annotations
 
@@ -15,11 +17,20 @@ from prefixlab.ui.common import LoadHook, bullet_list, escape, shown, wire
 from prefixlab.workbench import EXAMPLE_CSV, Workbench
 
 PREVIEW_CHARS = 160  # a preview cell longer than this is cut, so the label column stays in view
+NO_TARGET = "(none: classify with the label column)"
 
 
-def describe(workbench: Workbench, path: str, text: str | None, label: str | None):
-    """Validate the chosen columns: a summary, warnings, and the label chart."""
+def _target(value: str | None) -> str | None:
+    return None if value in (None, "", NO_TARGET) else value
+
+
+def describe(workbench: Workbench, path: str, text: str | None, label: str | None,
+             target: str | None = None):
+    """Validate the chosen columns: a summary, warnings, and the label chart (no chart for a
+    generation task: a target column instead of labels)."""
     try:
+        if target:
+            return describe_pairs(workbench.check_pairs(path, text, target)), None
         data = workbench.check_columns(path, text, label)
     except DataError as e:
         return f"**This file cannot be used yet:**\n\n{bullet_list(e.problems)}", None
@@ -29,6 +40,15 @@ def describe(workbench: Workbench, path: str, text: str | None, label: str | Non
     if data.warnings:
         lines.append("**Warnings:**\n\n" + bullet_list(data.warnings))
     return "\n\n".join(lines), charts.label_distribution(counts)
+
+
+def describe_pairs(pairs) -> str:
+    lines = [f"**Generation task: {len(pairs)} usable rows**, {pairs.distinct_inputs()} "
+             f"distinct inputs ({escape(pairs.input_column)} → {escape(pairs.target_column)}); "
+             "rows that share an input are its references."]
+    if pairs.warnings:
+        lines.append("**Warnings:**\n\n" + bullet_list(pairs.warnings))
+    return "\n\n".join(lines)
 
 
 def preview_frame(frame: pd.DataFrame, text: str | None, label: str | None) -> pd.DataFrame:
@@ -52,6 +72,9 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
     with gr.Row():
         text_col = gr.Dropdown(label="Text column", choices=[], elem_id="text-col")
         label_col = gr.Dropdown(label="Label column", choices=[], elem_id="label-col")
+        target_col = gr.Dropdown(label="Target column (texts to generate)", choices=[NO_TARGET],
+                                 value=NO_TARGET, elem_id="target-col",
+                                 info="a column of texts makes this a generation task")
     with gr.Row():
         preview = gr.Dataframe(label="Preview (first 20 rows; the chosen text and label first)",
                                interactive=False, wrap=True, max_height=360, elem_id="preview",
@@ -60,25 +83,31 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
                         visible=False, scale=2)
 
     def load(path: str | None, name: str | None = None, text: str | None = None,
-             label: str | None = None):
-        """Show a file; `text`/`label`: the columns chosen before (a reload), else guessed."""
+             label: str | None = None, target: str | None = None):
+        """Show a file; `text`/`label`/`target`: the columns chosen before (a reload), else
+        guessed."""
         empty = gr.update(choices=[], value=None)
+        no_target = gr.update(choices=[NO_TARGET], value=NO_TARGET)
         if not path:
-            return None, "", empty, empty, shown(None), shown(None), None
+            return None, "", empty, empty, no_target, shown(None), shown(None), None
         try:
             info = workbench.preview_csv(path)
         except DataError as e:
             return (None, f"**This file cannot be used:**\n\n{bullet_list(e.problems)}",
-                    empty, empty, shown(None), shown(None), None)
-        text = text if text in info.columns else info.text_column
-        label = label if label in info.columns else info.label_column
-        summary, fig = describe(workbench, path, text, label)
-        state = {"path": path, "name": name or Path(path).name, "text": text, "label": label}
+                    empty, empty, no_target, shown(None), shown(None), None)
+        if text not in info.columns:  # nothing remembered: every column guessed together
+            text, label, target = info.text_column, info.label_column, info.target_column
+        label = label if label in info.columns else None
+        target = target if target in info.columns else None
+        summary, fig = describe(workbench, path, text, label, target)
+        state = {"path": path, "name": name or Path(path).name, "text": text, "label": label,
+                 "target": target}
         return (state, summary, gr.update(choices=info.columns, value=text),
                 gr.update(choices=info.columns, value=label),
-                shown(preview_frame(info.frame, text, label)), shown(fig),
+                gr.update(choices=[NO_TARGET, *info.columns], value=target or NO_TARGET),
+                shown(preview_frame(info.frame, text, target or label)), shown(fig),
                 {"name": state["name"], "key": workbench.upload_key(path), "text": text,
-                 "label": label})
+                 "label": label, "target": target})
 
     def on_upload(path):
         if not path:
@@ -86,26 +115,29 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
         name = Path(path).name
         return load(str(workbench.keep_upload(path, name)), name)
 
-    outputs = [dataset, message, text_col, label_col, preview, chart, remembered]
+    outputs = [dataset, message, text_col, label_col, target_col, preview, chart, remembered]
     wire(upload.upload, on_upload, [upload], outputs, notice)
     wire(upload.clear, lambda: load(None), [], outputs, notice)
     wire(example.click, lambda: load(str(EXAMPLE_CSV), EXAMPLE_CSV.name), [], outputs, notice)
 
-    def columns_changed(state, text, label):
+    def columns_changed(state, text, label, target):
         if not state:
             return state, "", shown(None), shown(None), gr.skip()
-        state = {**state, "text": text, "label": label}
+        target = _target(target)
+        state = {**state, "text": text, "label": label, "target": target}
         memory = {"name": state["name"], "key": workbench.upload_key(state["path"]),
-                  "text": text, "label": label}
+                  "text": text, "label": label, "target": target}
         frame = workbench.preview_csv(state["path"]).frame
-        if text and text == label:
-            return (state, "**The text and label columns must differ.**",
-                    shown(preview_frame(frame, text, label)), shown(None), memory)
-        summary, fig = describe(workbench, state["path"], text, label)
-        return state, summary, shown(preview_frame(frame, text, label)), shown(fig), memory
+        second = target or label
+        if text and text == second:
+            what = "input and target" if target else "text and label"
+            return (state, f"**The {what} columns must differ.**",
+                    shown(preview_frame(frame, text, second)), shown(None), memory)
+        summary, fig = describe(workbench, state["path"], text, label, target)
+        return state, summary, shown(preview_frame(frame, text, second)), shown(fig), memory
 
-    for dd in (text_col, label_col):
-        wire(dd.input, columns_changed, [dataset, text_col, label_col],
+    for dd in (text_col, label_col, target_col):
+        wire(dd.input, columns_changed, [dataset, text_col, label_col, target_col],
              [dataset, message, preview, chart, remembered], notice)
 
     def restore(memory):
@@ -113,6 +145,7 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
         path = workbench.kept_upload(memory.get("key")) if isinstance(memory, dict) else None
         if path is None:
             return load(None)[:-1] + (gr.skip(),)
-        return load(str(path), memory.get("name"), memory.get("text"), memory.get("label"))
+        return load(str(path), memory.get("name"), memory.get("text"), memory.get("label"),
+                    memory.get("target"))
 
     return [LoadHook(restore, [remembered], outputs)]

@@ -1,13 +1,15 @@
 """Playground: label probabilities for typed texts under several prefixes side by side with
 the bare model, which prefix says what for one text, free generation with or without a
-prefix, and batch prediction of a CSV under several prefixes. All selected prefixes share
-mixed batches (one forward for every run); the base model is never reloaded."""
+prefix, outputs of several generation runs side by side (each beside the bare model on its
+prompt), and batch prediction (or generation) of a CSV. All selected classification prefixes
+share mixed batches (one forward for every run); the base model is never reloaded."""
 
 from __future__ import annotations
 
 import gradio as gr
 import plotly.graph_objects as go
 
+from prefixlab.decode import DecodeConfig
 from prefixlab.ui.common import LoadHook, escape, run_choices, shown, wire
 from prefixlab.workbench import BatchPrediction, Workbench
 
@@ -96,10 +98,26 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
             gen = gr.Button("Generate", elem_id="gen-run")
     output = gr.Textbox(label="Generated", lines=4, interactive=False, elem_id="gen-output")
 
+    gr.Markdown("### Generation runs side by side")
+    with gr.Row():
+        gen_inputs = gr.Textbox(label="Inputs, one per line", lines=3, scale=3,
+                                elem_id="gen2-inputs",
+                                placeholder="e.g. name[The Eagle], eatType[coffee shop]")
+        with gr.Column(scale=2):
+            gen_runs = gr.Dropdown(label="Generation runs", choices=[], multiselect=True,
+                                   elem_id="gen2-runs")
+            with gr.Row():
+                beams = gr.Slider(1, 8, step=1, value=1, label="Beams (1 = greedy)")
+                gen_max = gr.Slider(1, 200, step=1, value=64, label="Max new tokens")
+            gen_bare = gr.Checkbox(value=True, label="Also show the bare model on each prompt")
+            gen_go = gr.Button("Generate side by side", variant="primary", elem_id="gen2-run")
+    gen_table = gr.Dataframe(label="Outputs", interactive=False, wrap=True, visible=False,
+                             elem_id="gen2-results", elem_classes=["readable-table"])
+
     gr.Markdown("### Batch prediction")
     with gr.Row():
-        batch_file = gr.File(label="CSV to label", file_types=[".csv", ".tsv", ".txt"],
-                             elem_id="batch-csv")
+        batch_file = gr.File(label="CSV to label (or to generate for, with a generation run)",
+                             file_types=[".csv", ".tsv", ".txt"], elem_id="batch-csv")
         batch_prefix = gr.Dropdown(label="Prefixes (one column group each)", choices=[],
                                    multiselect=True, elem_id="batch-prefix")
         batch_go = gr.Button("Predict", elem_id="batch-run")
@@ -107,9 +125,12 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     batch_msg = gr.Markdown(elem_id="batch-msg")
 
     def refresh_choices():
-        choices = run_choices(workbench.finished_runs())
+        finished = workbench.finished_runs()
+        choices = run_choices(finished)
+        generating = run_choices([r for r in finished if workbench.is_generation(r.id)])
         return (gr.update(choices=choices), gr.update(choices=[NO_PREFIX, *choices]),
-                gr.update(choices=choices), gr.update(choices=choices))
+                gr.update(choices=choices), gr.update(choices=choices),
+                gr.update(choices=generating))
 
     def on_score(text, ids, with_bare):
         lines = [t.strip() for t in (text or "").splitlines() if t.strip()]
@@ -126,7 +147,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     def on_says_what(text, ids, n):
         if not (text or "").strip():
             raise gr.Error("Type a text.")
-        ids = list(ids or []) or [r.id for r in workbench.finished_runs()]
+        ids = list(ids or []) or [r.id for r in workbench.finished_runs()
+                                  if not workbench.is_generation(r.id)]
         if not ids:
             raise gr.Error("No trained prefix yet: train one in the Train tab.")
         return shown(workbench.says_what(text.strip(), ids, int(n)).drop(columns="id"))
@@ -143,6 +165,22 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     wire(gen.click, on_generate, [prompt, gen_prefix, max_new, sample, temperature], [output],
          notice)
 
+    def on_generate_side_by_side(text, ids, n_beams, n_new, with_bare):
+        lines = [t.strip() for t in (text or "").splitlines() if t.strip()]
+        if not lines:
+            raise gr.Error("Type at least one input.")
+        if not ids:
+            raise gr.Error("Pick at least one generation run (train one on a CSV with a "
+                           "target column).")
+        first = workbench.open(ids[0]).config.generation
+        decode = DecodeConfig(max_new_tokens=int(n_new), num_beams=int(n_beams),
+                              length_penalty=first.length_penalty, stop=first.stop)
+        return shown(workbench.generate_side_by_side(lines, list(ids), bare=with_bare,
+                                                     decode=decode))
+
+    wire(gen_go.click, on_generate_side_by_side,
+         [gen_inputs, gen_runs, beams, gen_max, gen_bare], [gen_table], notice)
+
     def on_batch(path, ids):
         if not path:
             raise gr.Error("Upload a CSV with a text column.")
@@ -152,7 +190,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         return str(result.path), batch_summary(result)
 
     wire(batch_go.click, on_batch, [batch_file, batch_prefix], [batch_out, batch_msg], notice)
-    lists = [prefixes, gen_prefix, batch_prefix, what_runs]
+    lists = [prefixes, gen_prefix, batch_prefix, what_runs, gen_runs]
     for dd in lists:
         wire(dd.focus, refresh_choices, [], lists, notice, clears=False)
     return [LoadHook(refresh_choices, [], lists)]

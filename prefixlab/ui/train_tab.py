@@ -48,11 +48,37 @@ def last_evaluation_html(records: list[dict]) -> str:
     return html + "".join(f"<div><b>Warning:</b> {escape(w)}</div>" for w in e["warnings"])
 
 
+def generation_report_outputs(report: dict):
+    """A generation run's scores beside the bare model's, and inputs / references / outputs."""
+    bare = report["baselines"]["bare_model"]
+    beams = report.get("decoding", {}).get("num_beams", 1)
+    how = "greedy" if beams == 1 else f"beam search, {beams} beams"
+    lines = [
+        f"### Held-out results on {report['n']} distinct inputs ({report['rows']} references; "
+        f"{how})",
+        "| | BLEU | ROUGE-L | chrF | target loss |", "|---|---|---|---|---|",
+        f"| **prefix** | **{report['bleu']:.1f}** | **{report['rouge_l']:.1f}** | "
+        f"**{report['chrf']:.1f}** | **{report['loss']:.3f}** |",
+        f"| bare model (same prompt, no prefix) | {bare['bleu']:.1f} | {bare['rouge_l']:.1f} | "
+        f"{bare['chrf']:.1f} | {bare['loss']:.3f} |",
+    ]
+    table = pd.DataFrame([
+        {"input": s["input"], "references": "\n".join(s["references"]),
+         "prefix output": s["prefix"], "bare model output": s["bare"]}
+        for s in report.get("samples", [])
+    ], columns=["input", "references", "prefix output", "bare model output"])
+    rows = {**shown(table), "label": "Held-out inputs: references and outputs"}
+    return "\n".join(lines), rows, shown(None), shown(charts.generation_bars(report))
+
+
 def report_outputs(report: dict | None):
     """Markdown summary, per-class table, confusion heatmap and baseline bars (updates that
-    hide the table and charts while there is no report)."""
+    hide the table and charts while there is no report); for a generation run: its scores,
+    a table of outputs, and the bars."""
     if not report:
         return "", shown(None), shown(None), shown(None)
+    if report.get("task") == "generation":
+        return generation_report_outputs(report)
     lines = [
         f"### Held-out results on {report['n']} rows",
         "| | macro-F1 | accuracy |", "|---|---|---|",
@@ -74,8 +100,8 @@ def report_outputs(report: dict | None):
          "f1": round(v["f1"], 3), "support": v["support"]}
         for k, v in report["per_class"].items()
     ])
-    return ("\n".join(lines), shown(per_class), shown(charts.confusion_heatmap(report)),
-            shown(charts.baseline_bars(report)))
+    return ("\n".join(lines), {**shown(per_class), "label": "Per class"},
+            shown(charts.confusion_heatmap(report)), shown(charts.baseline_bars(report)))
 
 
 def readiness(workbench: Workbench, state: dict | None, settings: dict) -> tuple[str, bool]:
@@ -83,7 +109,7 @@ def readiness(workbench: Workbench, state: dict | None, settings: dict) -> tuple
     if not state:
         return "Choose a CSV in the Data tab first (or the bundled example).", False
     cfg = run_config(state["path"], state.get("text"), state.get("label"), settings,
-                     model=workbench.default_model)
+                     model=workbench.default_model, target_column=state.get("target"))
     try:
         prepared = workbench.check_start(cfg)
     except DataError as e:
@@ -91,6 +117,10 @@ def readiness(workbench: Workbench, state: dict | None, settings: dict) -> tuple
             False
     except TemplateError as e:
         return f"**Cannot start:** {escape(e)}", False
+    if cfg.is_generation:
+        return (f"Ready: {escape(state['name'])}, a generation task: {len(prepared.train)} "
+                f"training rows, {prepared.validation.distinct_inputs()} validation inputs "
+                f"({len(prepared.validation)} references)."), True
     return (f"Ready: {escape(state['name'])}, {len(prepared.train)} training rows, "
             f"{len(prepared.validation)} validation rows, {len(prepared.labels)} labels."), True
 
@@ -236,7 +266,7 @@ def build(workbench: Workbench, dataset: gr.State, notice,
             raise gr.Error("Choose a CSV in the Data tab first (or the bundled example).")
         cfg = run_config(state["path"], state.get("text"), state.get("label"),
                          as_settings(*values), model=workbench.default_model, task=task_text,
-                         processes=n_processes)
+                         processes=n_processes, target_column=state.get("target"))
         rid = workbench.start_run(cfg, name=run_name or None, data_name=state["name"])
         workbench.refresh()
         return render(rid, 0, [])
