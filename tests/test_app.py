@@ -26,7 +26,7 @@ from prefixlab.data import DataError  # noqa: E402
 from prefixlab.experiment import RunError, execute_run  # noqa: E402
 from prefixlab.ui import CSS, build_ui  # noqa: E402
 from prefixlab.ui.common import guard  # noqa: E402
-from prefixlab.ui.data_tab import describe  # noqa: E402
+from prefixlab.ui.data_tab import NO_TARGET, describe  # noqa: E402
 from prefixlab.workbench import (  # noqa: E402
     EXAMPLE_CSV,
     PRESETS,
@@ -345,22 +345,23 @@ def value(update):
 
 
 def test_the_example_button_fills_state_columns_preview_and_chart(demo):
-    (state, message, text_col, label_col, preview, chart, memory,
+    (state, message, text_col, label_col, target_col, preview, chart, memory,
      notice) = handler(demo, "use-example", "click")()
     assert state == {"path": str(EXAMPLE_CSV), "name": EXAMPLE_CSV.name, "text": "text",
-                     "label": "label"}
+                     "label": "label", "target": None}
+    assert target_col["value"] == NO_TARGET  # short repeated labels: not a generation task
     assert "54 usable rows" in message and "3 labels" in message
     assert text_col["value"] == "text" and label_col["value"] == "label"
     assert text_col["choices"] == ["text", "label"]
     assert len(value(preview)) == 20 and preview["visible"] and chart["visible"]
     assert memory == {"name": EXAMPLE_CSV.name, "key": "example", "text": "text",
-                      "label": "label"}
+                      "label": "label", "target": None}
     assert notice == ""
 
 
 def test_uploading_a_bad_file_shows_its_problems_and_clears_the_columns(demo):
-    state, message, text_col, label_col, preview, chart, _, _ = handler(demo, "csv", "upload")(
-        str(BAD_INPUTS / "image.csv"))
+    state, message, text_col, label_col, _, preview, chart, _, _ = handler(
+        demo, "csv", "upload")(str(BAD_INPUTS / "image.csv"))
     assert state is None and "This file cannot be used" in message and "PNG image" in message
     assert text_col["choices"] == [] and not preview["visible"] and not chart["visible"]
 
@@ -383,7 +384,8 @@ def test_an_upload_is_kept_and_a_reloaded_page_shows_it_again(demo, workbench, t
 
 def test_the_same_column_for_text_and_label_is_refused(demo):
     state = {"path": str(EXAMPLE_CSV), "name": EXAMPLE_CSV.name}
-    _, message, _, chart, _, _ = handler(demo, "text-col", "input")(state, "text", "text")
+    _, message, _, chart, _, _ = handler(demo, "text-col", "input")(state, "text", "text",
+                                                                    NO_TARGET)
     assert "must differ" in message and not chart["visible"]
 
 

@@ -70,7 +70,7 @@ def test_a_generation_run_reports_beside_the_bare_model(generated):
     frame = table["value"]
     assert list(frame.columns) == ["input", "references", "prefix output", "bare model output"]
     assert len(frame) == 2 and confusion["visible"] is False
-    assert [t.name for t in bars.data] == ["BLEU", "ROUGE-L", "chrF"]
+    assert [t.name for t in bars["value"].data] == ["BLEU", "ROUGE-L", "chrF"]
     records, _ = workbench.metrics(run_id)
     evals = [r for r in records if r["type"] == "eval"]
     assert evals and "bleu" in evals[-1] and "val_loss" in evals[-1]
@@ -79,8 +79,10 @@ def test_a_generation_run_reports_beside_the_bare_model(generated):
 def test_the_playground_generates_with_several_prefixes_side_by_side(generated):
     workbench, run_id, _ = generated
     demo = build_ui(workbench)
-    frame = handler(demo, "gen2-run", "click")(f"{MRS[0]}\n{MRS[1]}", [run_id, run_id], 2, 5,
-                                               True)
+    table, notice = handler(demo, "gen2-run", "click")(f"{MRS[0]}\n{MRS[1]}",
+                                                       [run_id, run_id], 2, 5, True)
+    assert notice == ""
+    frame = table["value"]
     assert list(frame.columns) == ["input", "source", "output"]
     assert len(frame) == 2 * 2 * 2  # inputs x runs x (prefix, bare)
     assert set(frame["source"]) == {"prefix: gen", "bare model, gen's prompt"}
@@ -88,7 +90,8 @@ def test_the_playground_generates_with_several_prefixes_side_by_side(generated):
 
 def test_batch_generation_and_downloads(generated, tmp_path):
     workbench, run_id, csv = generated
-    out = pd.read_csv(workbench.predict_csv(run_id, csv), keep_default_na=False)
+    result = workbench.predict_csv(run_id, csv)
+    out = pd.read_csv(result.path, keep_default_na=False)
     assert list(out.columns) == ["mr", "ref", "generated"] and len(out) == 15
     peft = workbench.download(run_id, "peft")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(
@@ -99,3 +102,13 @@ def test_inspect_works_on_a_generation_run(generated):
     workbench, run_id, _ = generated
     ins = workbench.inspection(run_id)
     assert ins.nearest.token_ids.shape[0] == 2  # the tiny model's layers
+
+
+def test_the_data_tab_offers_the_guessed_target_column(generated, tmp_path):
+    workbench, _, csv = generated
+    demo = build_ui(workbench)
+    (state, message, text_col, label_col, target_col, preview, chart, memory,
+     notice) = handler(demo, "csv", "upload")(str(csv))
+    assert (text_col["value"], label_col["value"], target_col["value"]) == ("mr", None, "ref")
+    assert state["target"] == "ref" and memory["target"] == "ref"
+    assert "Generation task" in message and not chart["visible"] and notice == ""
