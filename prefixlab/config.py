@@ -54,7 +54,7 @@ class RunConfig:
     """The CSV column holding the label; unset (None), it is guessed."""
     target_column: str | None = None
     """A column of texts to generate from text_column: makes this a generation run (loss on
-    the target's tokens, scored by BLEU/chrF/ROUGE-L); label_column is then unused."""
+    the target's tokens, scored by BLEU and related metrics); label_column is then unused."""
     validation_csv: str | None = None
     """Held-out data; without it a stratified share of train_csv is held out."""
     validation_share: float = 0.2
@@ -63,7 +63,7 @@ class RunConfig:
     """A stratified, seeded sample of the training rows; a CPU step costs ~0.3 s per example."""
     max_eval_examples: int | None = 500
     """Held-out rows scored per evaluation: each costs one forward pass per label set. In a
-    generation run: held-out distinct inputs (with all their references)."""
+    generation run: the distinct inputs held out (with all their references)."""
     model: str = DEFAULT_MODEL
     """A local folder or hub id of the frozen base model; the default is embedded."""
     template: str = DEFAULT_TEMPLATE

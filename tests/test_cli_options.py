@@ -14,7 +14,7 @@ from prefixlab.config import RunConfig
 from prefixlab.prefix import PrefixConfig
 from prefixlab.train import TrainConfig
 
-NESTED = ("train_csv", "prefix", "training")
+NESTED = ("train_csv", "prefix", "training", "generation")
 
 
 def _train_args(*extra: str) -> argparse.Namespace:
