@@ -67,9 +67,11 @@ def test_a_generation_run_reports_beside_the_bare_model(generated):
     assert report["task"] == "generation" and report["n"] == 2  # 0.35 of 6 inputs
     summary, table, confusion, bars = report_outputs(report)
     assert "BLEU" in summary and "bare model" in summary
-    frame = table["value"]
-    assert list(frame.columns) == ["input", "references", "prefix output", "bare model output"]
-    assert len(frame) == 2 and confusion["visible"] is False
+    assert "| input | references | prefix output | bare model output |" in summary
+    sample = report["samples"][0]
+    assert f"| {sample['input']} | " in summary
+    assert "<br>".join(sample["references"]) in summary  # every reference of the input
+    assert table["visible"] is False and confusion["visible"] is False
     assert [t.name for t in bars["value"].data] == ["BLEU", "ROUGE-L", "chrF"]
     records, _ = workbench.metrics(run_id)
     evals = [r for r in records if r["type"] == "eval"]

@@ -62,13 +62,20 @@ def generation_report_outputs(report: dict):
         f"| bare model (same prompt, no prefix) | {bare['bleu']:.1f} | {bare['rouge_l']:.1f} | "
         f"{bare['chrf']:.1f} | {bare['loss']:.3f} |",
     ]
-    table = pd.DataFrame([
-        {"input": s["input"], "references": "\n".join(s["references"]),
-         "prefix output": s["prefix"], "bare model output": s["bare"]}
-        for s in report.get("samples", [])
-    ], columns=["input", "references", "prefix output", "bare model output"])
-    rows = {**shown(table), "label": "Held-out inputs: references and outputs"}
-    return "\n".join(lines), rows, shown(None), shown(charts.generation_bars(report))
+    samples = report.get("samples", [])
+    if samples:
+        # A Markdown table: the page's full width for four columns of sentences.
+        lines += ["", f"#### {len(samples)} held-out inputs: references and outputs", "",
+                  "| input | references | prefix output | bare model output |",
+                  "|---|---|---|---|"]
+        lines += [f"| {_cell(s['input'])} | {'<br>'.join(_cell(r) for r in s['references'])} | "
+                  f"{_cell(s['prefix'])} | {_cell(s['bare'])} |" for s in samples]
+    return "\n".join(lines), shown(None), shown(None), shown(charts.generation_bars(report))
+
+
+def _cell(text: str) -> str:
+    """Text for one Markdown table cell: escaped, pipes and line breaks kept inside it."""
+    return escape(text).replace("|", "\\|").replace("\n", "<br>") or "(empty)"
 
 
 def report_outputs(report: dict | None):

@@ -1,0 +1,100 @@
+"""A generation run in a real browser, offline, on a tiny model: the Data tab guesses the
+target column, the Train tab trains (BLEU drawn live) and shows the report beside the bare
+model with its table of outputs, the Playground generates with the prefix and the bare model
+side by side, and Inspect opens the run. Screenshots go where test_browser.py puts its own."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from tests.test_browser import (  # noqa: F401  (module-scoped fixtures, reused here)
+    TRAIN_TIMEOUT_MS,
+    browser,
+    open_tab,
+    page,
+    screenshots,
+    shoot,
+    url,
+    wait_for_points,
+    workbench,
+    workdir,
+)
+
+pytestmark = [
+    pytest.mark.slow, pytest.mark.browser,
+    pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
+]
+
+NAMES = ["Aromi", "Cotto", "Zizzi", "Alimentum", "Strada", "Wildwood", "Fitzbillies", "Loch Fyne",
+         "The Punter", "Giraffe"]
+FOODS = ["Italian", "French", "Chinese", "English", "Indian"]
+
+
+def write_mrs_csv(path):
+    """E2E-like meaning representations, two or three references each."""
+    rows = []
+    for i, name in enumerate(NAMES):
+        mr = f"name[{name}], food[{FOODS[i % 5]}], area[{'riverside' if i % 2 else 'city centre'}]"
+        for k in range(2 + i % 2):
+            rows.append({"mr": mr, "ref": f"{name} serves {FOODS[i % 5]} food, reference {k}."})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_a_generation_run_in_the_browser(page, workdir, screenshots, workbench):  # noqa: F811
+    from playwright.sync_api import expect
+
+    csv = write_mrs_csv(workdir / "mrs.csv")
+    page.locator("#csv input[type=file]").set_input_files(str(csv))
+    expect(page.locator("#data-msg")).to_contain_text("Generation task: 25 usable rows")
+    expect(page.locator("#data-msg")).to_contain_text("10 distinct inputs")
+    expect(page.get_by_role("combobox", name="Text column")).to_have_value("mr")
+    expect(page.get_by_role("combobox", name="Target column (texts to generate)")) \
+        .to_have_value("ref")
+    expect(page.locator("#label-chart")).to_be_hidden()
+    shoot(page, screenshots, "g1-data-generation")
+
+    open_tab(page, "Train")
+    expect(page.locator("#start-check")).to_contain_text("a generation task")
+    page.get_by_role("textbox", name="Run name (optional)").fill("gen run")
+    page.locator("#start").click()
+    expect(page.locator("#train-status")).to_contain_text("gen run")
+    expect(page.locator("#train-status")).to_contain_text("completed", timeout=TRAIN_TIMEOUT_MS)
+    report = page.locator("#report")
+    expect(report).to_contain_text("Held-out results on 2 distinct inputs")
+    expect(report).to_contain_text("BLEU")
+    expect(report).to_contain_text("bare model (same prompt, no prefix)")
+    expect(report).to_contain_text("prefix output")
+    expect(report).to_contain_text("bare model output")
+    expect(report).to_contain_text("reference 1")
+    wait_for_points(page, "eval-plot", 1, TRAIN_TIMEOUT_MS)  # BLEU at each evaluation
+    traces = page.evaluate("() => document.querySelector('#eval-plot .js-plotly-plot')"
+                           ".data.map(t => t.name)")
+    assert traces == ["BLEU", "ROUGE-L", "chrF"]
+    page.locator("#baselines .js-plotly-plot").wait_for()
+    expect(page.locator("#confusion")).to_be_hidden()
+    shoot(page, screenshots, "g2-train-generation")
+
+    open_tab(page, "Playground")
+    page.get_by_role("combobox", name="Generation runs").click()
+    page.get_by_role("option", name=re.compile(r"^gen run · completed")).click()
+    page.keyboard.press("Escape")
+    page.locator("#gen2-inputs textarea").fill(
+        "name[The Eagle], eatType[coffee shop]\nname[Cotto], food[Italian]")
+    page.locator("#gen2-run").click()
+    outputs = page.locator("#gen2-results")
+    expect(outputs).to_contain_text("prefix: gen run")
+    expect(outputs).to_contain_text("bare model, gen run's prompt")
+    expect(outputs).to_contain_text("name[The Eagle]")
+    outputs.scroll_into_view_if_needed()
+    shoot(page, screenshots, "g3-playground-generation")
+
+    open_tab(page, "Inspect")
+    page.locator("#inspect-run").get_by_role("combobox").click()
+    page.get_by_role("option", name=re.compile(r"^gen run · completed")).click()
+    page.locator("#inspect-open").click()
+    expect(page.locator("#inspect-msg")).to_contain_text("gen run")
+    shoot(page, screenshots, "g4-inspect-generation")
