@@ -600,7 +600,8 @@ def execute_run(
         done = best_eval["report"] if best_eval.get("step") == kept else None
     if writer:
         save_prefix(folder.prefix_path, kv, loaded.name, step=str(kept))
-        folder.set_status("running", phase="evaluating", step=result.steps)
+        folder.set_status("running", phase="evaluating", step=result.steps,
+                          processes=processes)
     note({"type": "event", "message": "evaluating", "step": kept, "stop_reason": result.reason})
     if generating:
         report = generation_report(loaded.model, encoder, kv, prepared.validation,
