@@ -339,8 +339,8 @@ def train(
     tuner = ThreadTuner(device)
     workspace = Workspace()
     chunk_tokens = CUDA_CHUNK_TOKENS if device.type == "cuda" else CHUNK_TOKENS
-    reason = f"budget of {cfg.epochs} epochs" if cfg.max_steps is None or total < cfg.max_steps \
-        else f"max_steps {cfg.max_steps}"
+    reason = (f"budget of {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
+              if cfg.max_steps is None or total < cfg.max_steps else f"max_steps {cfg.max_steps}")
     try:
         while step < total:
             if should_stop is not None and should_stop():

@@ -53,3 +53,7 @@ def test_prefix_beats_zero_shot_on_real_labeled_data(default_model, shared_data,
     zero = report["baselines"]["zero_shot"]
     assert report["n"] == 120
     assert report["macro_f1"] > zero["macro_f1"] + 0.05, (report["macro_f1"], zero["macro_f1"])
+    # the step kept is the best of the evaluations (two per epoch), and the report says why
+    # training ended; the majority class stands beside the other baselines
+    assert report["kept_step"] in (10, 20) and report["stop_reason"] == "budget of 1 epoch"
+    assert report["baselines"]["majority"]["predicted"]["offensive"] == 120
