@@ -167,8 +167,8 @@ class Batcher:
             return None
         served = self.store.get(r.key)
         if r.kind == "score" and served.encoder is None:
-            raise ServeError(f"prefix {r.key!r} has no labels to score (an imported adapter): "
-                             "import it with `python -m prefixlab import-peft --labels ...`")
+            raise ServeError(f"prefix {r.key!r} has no labels to score (a generation run, or "
+                             "an adapter imported without --labels): generate with it instead")
         return served
 
     @staticmethod

@@ -123,3 +123,17 @@ def test_cli_predicts_a_csv_under_several_runs(tmp_path, capsys):
         loaded.model, loaded.tokenizer, "x", 2), model="some-other-model")
     assert main(["predict", "--run", str(runs[0]), "--run", str(foreign), "--text", "x"]) == 2
     assert "some-other-model" in capsys.readouterr().err
+
+
+def test_scoring_a_prefix_without_labels_is_refused_but_it_generates(served, tmp_path):
+    from prefixlab.peft_interop import export_peft
+
+    loaded, store, batcher, keys = served
+    kv = store.get(keys[0]).kv
+    export_peft(kv, loaded.model.config, tmp_path / "adapter", loaded.name)
+    scored = batcher.submit_score(str(tmp_path / "adapter"), TEXTS[:1])
+    written = batcher.submit_generate(str(tmp_path / "adapter"), TEXTS[:1], 3)
+    with pytest.raises(ServeError, match="no labels to score"):
+        scored.result(timeout=60)
+    assert written.result(timeout=60) == generate(loaded.model, loaded.tokenizer, kv,
+                                                  TEXTS[:1], 3)
