@@ -498,17 +498,26 @@ class Workbench:
         return self.serving(self.store.get(run_id).model)  # RunError for an unknown id
 
     def compare(self, texts: list[str], run_ids: list[str], bare: bool = True) -> pd.DataFrame:
-        """One row per text and source (each prefix, and the bare model on each run's prompt):
+        """One row per text and source (each prefix, and the bare model once per distinct
+        prompt and label set):
         the predicted label and every label's probability. All runs' requests go in at once,
         so they share mixed batches."""
-        pending = []
+        pending, bare_runs = [], {}
         for run_id in run_ids:
             batcher = self._batcher_of(run_id)
             name = self.store.get(run_id).name
             pending.append((f"prefix: {name}", batcher.submit_score(run_id, texts)))
-            if bare:
-                pending.append((f"bare model, {name}'s prompt",
-                                batcher.submit_score(run_id, texts, with_prefix=False)))
+            # Runs that share model, prompt and labels give the bare model the same input:
+            # it is scored (and shown) once for them.
+            info = self.store.folder(run_id).read_config()
+            prompt = (info["run"]["model"], info["run"].get("template"),
+                      info["run"].get("max_length"), tuple(info["labels"]))
+            bare_runs.setdefault(prompt, (run_id, batcher, name))
+        if bare:
+            for run_id, batcher, name in bare_runs.values():
+                source = ("bare model (zero-shot)" if len(bare_runs) == 1
+                          else f"bare model, {name}'s prompt")
+                pending.append((source, batcher.submit_score(run_id, texts, with_prefix=False)))
         rows = []
         for source, future in pending:
             scored = future.result()

@@ -580,6 +580,28 @@ def test_a_trained_run_is_evaluated_on_a_test_csv_from_the_runs_tab(trained_benc
     assert "Upload a labeled test CSV" in notice
 
 
+def test_two_prefixes_share_one_bare_model_row_and_the_chart_has_every_text(trained_bench):
+    workbench, run_id = trained_bench
+    folder = workbench.folder(run_id)
+    cfg = folder.run_config()
+    cfg.train_csv = str(folder.path / "data" / "train.csv")
+    cfg.training.epochs = 1
+    second = workbench.store.create(cfg, workbench.model_info(), name="second")
+    assert execute_run(workbench.folder(second), workbench.model()) is not None
+    texts = ["the movie was great", "the movie was bad"]
+    frame = workbench.compare(texts, [run_id, second], bare=True)
+    assert list(dict.fromkeys(frame["source"])) == ["prefix: trained", "prefix: second",
+                                                    "bare model (zero-shot)"]
+    assert len(frame) == 3 * len(texts)  # the bare model once, not once per prefix
+    from prefixlab.ui.playground_tab import probability_figure
+
+    fig = probability_figure(frame)
+    assert [a.text for a in fig.layout.annotations] == texts  # a panel per text
+    assert len(fig.data) == 3 * len(texts)
+    assert sum(t.showlegend for t in fig.data) == 3  # one legend entry per source
+    workbench.store.delete(second)
+
+
 def test_the_playground_scores_and_generates_with_a_trained_prefix(trained_bench):
     workbench, run_id = trained_bench
     demo = build_ui(workbench)
@@ -587,7 +609,7 @@ def test_the_playground_scores_and_generates_with_a_trained_prefix(trained_bench
                                                                 True)
     frame = value(frame)
     assert notice == ""
-    assert list(frame["source"]) == ["prefix: trained", "bare model, trained's prompt"]
+    assert list(frame["source"]) == ["prefix: trained", "bare model (zero-shot)"]
     assert (frame["p(negative)"] + frame["p(positive)"]).round(3).eq(1).all()
     assert chart["visible"]
     rows = api_fn(demo, "score")(["good", " ", "bad"], [run_id])

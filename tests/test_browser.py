@@ -77,10 +77,10 @@ def walk_data(workdir: Path, real: bool) -> tuple[Path, Path]:
     if not source.is_file():
         pytest.skip(f"the real walk uses {source}")
     frame = pd.read_csv(source)
-    frame = frame.groupby("label", group_keys=False).apply(
-        lambda g: g.sample(n=180, random_state=0))
-    test = frame.groupby("label", group_keys=False).head(30)
-    train = frame.drop(test.index)
+    parts = [frame[frame["label"] == label].sample(n=180, random_state=0)
+             for label in sorted(frame["label"].unique())]
+    test = pd.concat([p.head(30) for p in parts])
+    train = pd.concat([p.iloc[30:] for p in parts]).sample(frac=1.0, random_state=0)
     train.to_csv(workdir / "reviews.csv", index=False)
     test.to_csv(workdir / "test.csv", index=False)
     return workdir / "reviews.csv", workdir / "test.csv"

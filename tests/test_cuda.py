@@ -379,7 +379,7 @@ def test_workbench_compares_and_generates_with_a_run_trained_on_cuda(
     texts = ["the movie was great", "the movie was bad 4"]
     table = bench.compare(texts, [run_id])
     assert len(table) == 2 * len(texts)
-    assert set(table["source"]) == {"prefix: gpu", "bare model, gpu's prompt"}
+    assert set(table["source"]) == {"prefix: gpu", "bare model (zero-shot)"}
     labels = bench.open(run_id).labels
     probs = table[[f"p({label})" for label in labels]].to_numpy(dtype=float)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-3)  # rounded to 4 places

@@ -8,27 +8,51 @@ from __future__ import annotations
 
 import gradio as gr
 import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
 
 from prefixlab.decode import DecodeConfig
 from prefixlab.ui.common import LoadHook, escape, run_choices, shown, wire
 from prefixlab.workbench import BatchPrediction, Workbench
 
 NO_PREFIX = "(no prefix: the bare model)"
+PALETTE = qualitative.Plotly
+
+
+CHART_TEXTS = 8  # panels drawn; more texts stay in the table
 
 
 def probability_figure(frame) -> go.Figure | None:
-    """For the first text: each source's probability per label."""
+    """One panel per text (the first CHART_TEXTS): each source's probability per label."""
     if frame is None or frame.empty:
         return None
-    first = frame[frame["text"] == frame["text"].iloc[0]]
-    fig = go.Figure()
+    texts = list(dict.fromkeys(frame["text"]))
+    shown_texts = texts[:CHART_TEXTS]
     labels = [c for c in frame.columns if c.startswith("p(")]
-    for _, row in first.iterrows():
-        fig.add_trace(go.Bar(name=row["source"], x=[c[2:-1] for c in labels],
-                             y=[float(row[c]) if row[c] == row[c] else 0.0 for c in labels]))
-    fig.update_layout(barmode="group", yaxis={"range": [0, 1]}, height=320,
-                      title="Probabilities for the first text", template="plotly_white",
-                      margin={"l": 40, "r": 10, "t": 40, "b": 40})
+    sources = list(dict.fromkeys(frame["source"]))
+    fig = make_subplots(rows=len(shown_texts), cols=1, shared_xaxes=True,
+                        vertical_spacing=0.35 / max(len(shown_texts), 1),
+                        subplot_titles=[t if len(t) <= 90 else t[:89] + "…"
+                                        for t in shown_texts])
+    for row, text in enumerate(shown_texts, start=1):
+        part = frame[frame["text"] == text]
+        for i, source in enumerate(sources):
+            hit = part[part["source"] == source]
+            if hit.empty:
+                continue
+            values = [float(hit.iloc[0][c]) if hit.iloc[0][c] == hit.iloc[0][c] else 0.0
+                      for c in labels]
+            fig.add_trace(go.Bar(name=source, x=[c[2:-1] for c in labels], y=values,
+                                 legendgroup=source, showlegend=row == 1,
+                                 marker_color=PALETTE[i % len(PALETTE)]), row=row, col=1)
+    fig.update_yaxes(range=[0, 1], title_text="p")
+    fig.update_annotations(font_size=12)
+    more = f" (first {CHART_TEXTS} of {len(texts)} texts)" if len(texts) > CHART_TEXTS else ""
+    fig.update_layout(barmode="group", height=150 + 170 * len(shown_texts),
+                      title={"text": f"Label probabilities per text{more}", "x": 0.01},
+                      template="plotly_white", margin={"l": 50, "r": 10, "t": 60, "b": 80},
+                      legend={"orientation": "h", "yref": "container", "y": 0.0,
+                              "yanchor": "bottom", "x": 0})
     return fig
 
 
