@@ -258,7 +258,8 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     page.locator("#test-csv input[type=file]").set_input_files(str(test_csv))
     expect(page.locator("#test-csv")).to_contain_text(re.compile(r"test\s*\.csv"))
     page.locator("#test-run").click()
-    expect(page.locator("#test-report")).to_contain_text("browser run on the test file")
+    expect(page.locator("#test-report")).to_contain_text("browser run on the test file",
+                                                         timeout=TRAIN_TIMEOUT_MS)
     expect(page.locator("#test-report")).to_contain_text("zero-shot")
     page.locator("#test-confusion .js-plotly-plot").wait_for()
     expect(page.locator("#notice")).to_have_text("")
@@ -280,7 +281,8 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     page.get_by_role("option", name=re.compile(r"^browser run · completed")).click()
     page.keyboard.press("Escape")
     page.locator("#batch-run").click()
-    expect(page.locator("#batch-msg")).to_contain_text("gold labels in")
+    expect(page.locator("#batch-msg")).to_contain_text("gold labels in",
+                                                       timeout=TRAIN_TIMEOUT_MS)
     expect(page.locator("#batch-msg")).to_contain_text("macro-F1")
     expect(page.locator("#batch-out")).to_contain_text("test-predictions")
     shoot(page, screenshots, "4-playground")
