@@ -377,6 +377,7 @@ def test_an_upload_is_kept_and_a_reloaded_page_shows_it_again(demo, workbench, t
     state, message, text_col, *_ = restore({**memory, "label": "label", "text": "text"})
     assert state["path"] == str(kept) and state["name"] == "my reviews.csv"
     assert "40 usable rows" in message and text_col["value"] == "text"
+    assert message.startswith("**my reviews.csv** (kept from your last visit)")
     # A remembered value is a name, never a path: anything else is ignored.
     for bad in ({"key": "../../etc/passwd"}, {"key": str(kept)}, "x", None):
         assert restore(bad)[0] is None

@@ -193,7 +193,9 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     page.reload()
     expect(page.locator("#data-msg")).to_contain_text("2 labels")
     expect(page.get_by_role("combobox", name="Label column")).to_have_value("label")
+    expect(page.locator("#data-msg")).to_contain_text("reviews.csv (kept from your last visit)")
     expect(page.locator("#preview")).to_contain_text("positive")
+    page.locator("#label-chart .js-plotly-plot").wait_for()
     shoot(page, screenshots, "1-data")
 
     # Start: the phases show, then training.

@@ -52,8 +52,9 @@ def describe_pairs(pairs) -> str:
 
 
 def preview_frame(frame: pd.DataFrame, text: str | None, label: str | None) -> pd.DataFrame:
-    """The chosen text and label columns first (the label must be in view), long cells cut."""
-    first = [c for c in (text, label) if c in frame.columns]
+    """The chosen label and text columns first (the short label before the long text, so
+    both are in view), the others after; long cells cut."""
+    first = [c for c in (label, text) if c in frame.columns]
     out = frame[first + [c for c in frame.columns if c not in first]].copy()
     return out.map(lambda v: v if len(str(v)) <= PREVIEW_CHARS
                    else str(v)[:PREVIEW_CHARS - 1] + "…")
@@ -76,7 +77,7 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
                                  value=NO_TARGET, elem_id="target-col",
                                  info="a column of texts makes this a generation task")
     with gr.Row():
-        preview = gr.Dataframe(label="Preview (first 20 rows; the chosen text and label first)",
+        preview = gr.Dataframe(label="Preview (first 20 rows; the chosen label and text first)",
                                interactive=False, wrap=True, max_height=360, elem_id="preview",
                                visible=False, scale=3)
         chart = gr.Plot(label="Label distribution", show_label=False, elem_id="label-chart",
@@ -145,7 +146,10 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
         path = workbench.kept_upload(memory.get("key")) if isinstance(memory, dict) else None
         if path is None:
             return load(None)[:-1] + (gr.skip(),)
-        return load(str(path), memory.get("name"), memory.get("text"), memory.get("label"),
-                    memory.get("target"))
+        state, summary, *rest = load(str(path), memory.get("name"), memory.get("text"),
+                                     memory.get("label"), memory.get("target"))
+        if state:  # the file box cannot show a kept file again: the message names it
+            summary = f"**{escape(state['name'])}** (kept from your last visit): {summary}"
+        return (state, summary, *rest)
 
     return [LoadHook(restore, [remembered], outputs)]
