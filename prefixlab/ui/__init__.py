@@ -18,6 +18,7 @@ CSS = """
 /* Table headers wrap between words only; cells never break a word in two. */
 .readable-table th, .readable-table td, #runs-table th, #preview th {word-break: normal;
     overflow-wrap: normal; hyphens: none}
+.readable-table th:first-child, .readable-table td:first-child {min-width: 4.5em}
 """
 
 
