@@ -40,7 +40,9 @@ def register(workbench: Workbench) -> None:
         Parameters:
             run_id: a run id; empty for every run, newest first
         """
-        rows = [workbench.store.get(run_id)] if run_id else workbench.runs()
+        rows = workbench.runs()  # folds the workers' progress in (throttled), for one run too
+        if run_id:
+            rows = [workbench.store.get(run_id)]  # RunError for an unknown id
         return [{"id": r.id, "name": r.name, "state": r.state, "step": r.step,
                  "total_steps": r.total_steps, "macro_f1": r.macro_f1, "accuracy": r.accuracy,
                  "error": r.error} for r in rows]
