@@ -175,6 +175,8 @@ def generation_bars(report: Mapping) -> go.Figure:
         fig.add_trace(go.Bar(y=[n for n, _ in rows], x=[m[key] for _, m in rows], name=name,
                              orientation="h", text=[f"{m[key]:.1f}" for _, m in rows],
                              textposition="outside", cliponaxis=False))
+    # ticksuffix: room between a name and a zero-length bar's value drawn beside it
     return _titled(fig, "Prefix vs bare model (held-out inputs)", barmode="group",
                    xaxis={"range": [0, 112], "title": "score"},
-                   yaxis={"autorange": "reversed", "automargin": True}, height=300)
+                   yaxis={"autorange": "reversed", "automargin": True, "ticksuffix": "    "},
+                   height=300)

@@ -36,5 +36,6 @@ def test_a_few_dozen_steps_on_e2e_raise_bleu_over_the_bare_model(shared_data):
                                       decode), test.references)
     bare = generation_scores(generate(loaded.model, encoder, None, test.inputs, decode),
                              test.references)
+    print(f"E2E, 30 steps: prefix {ours}, bare model {bare}")
     assert ours["bleu"] > bare["bleu"] + 5, (ours, bare)
     assert ours["rouge_l"] > bare["rouge_l"], (ours, bare)
