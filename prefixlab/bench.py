@@ -21,7 +21,6 @@ that use it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -34,7 +33,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -45,8 +44,7 @@ from torch import nn
 
 from prefixlab import cpu
 from prefixlab import data as datamod
-from prefixlab import train as trainmod
-from prefixlab.encode import DEFAULT_TEMPLATE, Encoder, Example, Template
+from prefixlab.encode import DEFAULT_TEMPLATE, Encoder, Example, Template, bucketed_batches
 from prefixlab.evaluate import classification_report, predictions_from_probs
 from prefixlab.models import LoadedModel, autocast
 from prefixlab.predict import score_labels
@@ -299,17 +297,20 @@ def run_ours(loaded: LoadedModel, task: Task, cfg: BenchConfig) -> dict:
         losses.append(info.loss)
         threads.append(torch.get_num_threads())  # what train()'s thread tuner ran this step
 
+    # One speed-up switched off for an ablation row (see VARIANTS); the loss and gradient,
+    # and everything else, stay as shipped.
+    batch_order = random_batches if cfg.variant == "unbucketed" else bucketed_batches
     # Token counts of the batches train() will form (a pure function of seed and epoch);
     # padded to each batch's longest row, an upper bound: train() pads each chunk to its own.
     lengths = [len(e) for e in task.examples]
     padded = real = 0
     for epoch in range(cfg.epochs):
-        for idx in trainmod.bucketed_batches(lengths, cfg.batch_size, cfg.train_seed, epoch):
+        for idx in batch_order(lengths, cfg.batch_size, cfg.train_seed, epoch):
             padded += len(idx) * max(lengths[i] for i in idx)
             real += sum(lengths[i] for i in idx)
     cpu = time.process_time()
     train(loaded.model, prefix, task.examples, tcfg, loaded.tokenizer.pad_token_id,
-          on_step=on_step)
+          on_step=on_step, fast_path=cfg.variant != "generic", batch_order=batch_order)
     cpu = time.process_time() - cpu
     per_epoch = -(-len(task.examples) // cfg.batch_size)
     result = {"train": _train_summary(len(task.examples) * cfg.epochs, step_ends, losses, real,
@@ -492,8 +493,7 @@ def run_worker(contender: str, cfg: BenchConfig, loaded: LoadedModel | None = No
         data = datamod.load_labeled_csv(Path(cfg.data_dir) / cfg.csv)
     task = build_task(loaded, cfg, data)
     run = {"ours": run_ours, "peft": run_peft}[contender]
-    with _variant(cfg.variant if contender == "ours" else "full"):
-        result = run(loaded, task, cfg)
+    result = run(loaded, task, cfg)
     result.update({
         "contender": contender,
         "load_s": load_s,
@@ -512,21 +512,6 @@ def random_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: in
     order = list(range(len(lengths)))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-@contextlib.contextmanager
-def _variant(name: str) -> Iterator[None]:
-    """PrefixLab's training with one speed-up switched off (see VARIANTS), for the ablation
-    rows; everything else, the loss and the gradient included, stays as shipped."""
-    saved = trainmod.lean_supported, trainmod.bucketed_batches
-    if name == "generic":
-        trainmod.lean_supported = lambda model: False
-    elif name == "unbucketed":
-        trainmod.bucketed_batches = random_batches
-    try:
-        yield
-    finally:
-        trainmod.lean_supported, trainmod.bucketed_batches = saved
 
 
 def spawn_worker(contender: str, cfg: BenchConfig, timeout: float | None = None) -> dict:

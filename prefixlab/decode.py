@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from prefixlab.errors import ConfigError
+from prefixlab.families import cache_keyword, returned_cache
 from prefixlab.models import autocast
-from prefixlab.prefix import cache_keyword, prefix_inputs
+from prefixlab.prefix import prefix_inputs
 
 
 class DecodeError(ConfigError):
@@ -77,10 +78,6 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def _cache_of(out):
-    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-
-
 def _prefill(model: nn.Module, kv: torch.Tensor | None, prompts: Sequence[Sequence[int]],
              pad_id: int, repeat: int):
     """Read the prompts after the prefix once: (log p of the next token (B*repeat, V), cache,
@@ -96,7 +93,7 @@ def _prefill(model: nn.Module, kv: torch.Tensor | None, prompts: Sequence[Sequen
     with autocast(device):
         out = model(input_ids=ids, logits_to_keep=1, use_cache=True, **kwargs)
     logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
-    cache = _cache_of(out)
+    cache = returned_cache(out)
     full_mask = kwargs["attention_mask"]  # (B, P+T)
     if repeat > 1:  # the prefix + prompt cache copied once per beam, never re-read
         cache.batch_repeat_interleave(repeat)

@@ -48,8 +48,9 @@ import numpy as np
 import torch
 
 from prefixlab.errors import PrefixLabError
-from prefixlab.models import LoadedModel, architecture, get_module
-from prefixlab.prefix import build_cache, cache_keyword, prefix_inputs
+from prefixlab.families import cache_keyword, family_of
+from prefixlab.models import LoadedModel, get_module
+from prefixlab.prefix import build_cache, prefix_inputs
 
 CAVEAT = (
     "These readouts describe where the prefix sits among real tokens' keys and values; they do "
@@ -113,16 +114,15 @@ def _named(prefixes: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, tor
 
 
 def _rotary(model: torch.nn.Module) -> torch.nn.Module:
-    """The rotary embedding module next to the decoder blocks (model.rotary_emb in Llama)."""
-    arch = architecture(model.config)
-    parent_path = arch.layers.rsplit(".", 1)[0]
-    rotary = getattr(get_module(model, parent_path), "rotary_emb", None)
-    if rotary is None:
+    """The rotary embedding module at the path the model's family names."""
+    family = family_of(model.config)
+    try:
+        return get_module(model, family.rotary)
+    except AttributeError as e:
         raise InterpretError(
-            f"{type(model).__name__} is marked as RoPE but has no {parent_path}.rotary_emb; "
-            f"keys cannot be put in a common frame"
-        )
-    return rotary
+            f"{type(model).__name__} is listed with RoPE but has no {family.rotary}; "
+            f"keys cannot be put in a common frame (fix its row in prefixlab/families.py)"
+        ) from e
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -136,22 +136,29 @@ def unrotate_keys(loaded: LoadedModel, keys: torch.Tensor, positions: torch.Tens
     """Undo RoPE on keys (..., T, D) cached at positions[t]: the key frame, as at position 0.
 
     inverse=True applies the rotation instead (frame -> the key cached at that position).
-    The identity for models without RoPE. Uses the model's own rotary module, so RoPE
+    The identity for models without RoPE; with partial RoPE only the first
+    `rotary_dim` dimensions turn. Uses the model's own rotary module, so RoPE
     scaling variants are undone exactly as they were applied.
     """
     model = loaded.model
-    if not architecture(model.config).rope:
+    family = family_of(model.config)
+    if family.rope == "none":
         return keys.clone()
     positions = torch.as_tensor(positions, dtype=torch.long).view(1, -1)  # (1, T)
     probe = torch.zeros(1, dtype=torch.float32, device=loaded.device)
-    cos, sin = _rotary(model)(probe, positions.to(loaded.device))  # (1, T, D)
+    cos, sin = _rotary(model)(probe, positions.to(loaded.device))  # (1, T, R)
     zero_cos, _ = _rotary(model)(probe, torch.zeros_like(positions[:, :1]).to(loaded.device))
-    scale = zero_cos[0, 0]  # (D,): rope's attention_scaling, 1.0 for plain RoPE
-    cos = (cos[0] / scale).to(keys.device, keys.dtype)  # (T, D)
+    scale = zero_cos[0, 0]  # (R,): rope's attention_scaling, 1.0 for plain RoPE
+    cos = (cos[0] / scale).to(keys.device, keys.dtype)  # (T, R)
     sin = (sin[0] / scale).to(keys.device, keys.dtype)
-    if inverse:
-        return keys * cos + _rotate_half(keys) * sin
-    return keys * cos - _rotate_half(keys) * sin
+    R = family.rotary_dim(model.config)  # partial RoPE rotates the first R of D dimensions
+    if cos.shape[-1] != R:
+        raise InterpretError(
+            f"{type(model).__name__} rotates {cos.shape[-1]} dimensions per head where its "
+            f"family row says {R}: fix its row in prefixlab/families.py")
+    rotated, kept = keys[..., :R], keys[..., R:]
+    sign = 1 if inverse else -1
+    return torch.cat([rotated * cos + sign * _rotate_half(rotated) * sin, kept], dim=-1)
 
 
 def key_frame(loaded: LoadedModel, kv: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -227,9 +234,9 @@ def first_layer_references(loaded: LoadedModel, token_ids: Sequence[int],
 
     model = loaded.model
     base = model.base_model
-    arch = architecture(model.config)
-    reads = 1 if arch.rope else length
-    attention = getattr(get_module(model, arch.layers)[0], arch.attention)
+    family = family_of(model.config)
+    reads = length if family.rope == "none" else 1
+    attention = getattr(get_module(model, family.layers)[0], family.attention)
 
     caller = threading.get_ident()
 
@@ -256,7 +263,7 @@ def first_layer_references(loaded: LoadedModel, token_ids: Sequence[int],
     finally:
         hook.remove()
     refs = torch.cat(parts, dim=1)  # (2, n, H, reads, D)
-    if arch.rope:
+    if family.rope != "none":
         refs = refs.expand(-1, -1, -1, length, -1).clone()  # (2, n, H, length, D)
         refs[0] = unrotate_keys(loaded, refs[0], torch.arange(length), inverse=True)
     return refs.permute(0, 1, 3, 2, 4).contiguous()  # (2, n, length, H, D)
@@ -490,8 +497,8 @@ def value_logits(loaded: LoadedModel, kv: torch.Tensor) -> torch.Tensor:
     """
     _check_kv(loaded, kv)
     model = loaded.model
-    arch = architecture(model.config)
-    blocks = get_module(model, arch.layers)
+    family = family_of(model.config)
+    blocks = get_module(model, family.layers)
     heads = model.config.num_attention_heads
     L, _, H_kv, P, D = kv.shape
     group = heads // H_kv
@@ -500,9 +507,9 @@ def value_logits(loaded: LoadedModel, kv: torch.Tensor) -> torch.Tensor:
         values = kv[layer, 1].to(loaded.device, torch.float32)  # (H_kv, P, D)
         per_head = values.repeat_interleave(group, dim=0)  # (H, P, D)
         merged = per_head.permute(1, 0, 2).reshape(P, heads * D)  # (P, H*D)
-        out_proj = getattr(getattr(block, arch.attention), arch.out_proj)
+        out_proj = getattr(getattr(block, family.attention), family.out_proj)
         written.append(out_proj(merged))  # (P, hidden)
-    normed = get_module(model, arch.final_norm)(torch.stack(written))  # (L, P, hidden)
+    normed = get_module(model, family.final_norm)(torch.stack(written))  # (L, P, hidden)
     return model.get_output_embeddings()(normed).float().cpu()  # (L, P, V)
 
 

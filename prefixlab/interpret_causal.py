@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from prefixlab.families import family_of
 from prefixlab.interpret import InterpretError, _check_kv, value_logits, weight_sharing_copy
-from prefixlab.models import LoadedModel, architecture, get_module
+from prefixlab.models import LoadedModel, get_module
 
 Score = Callable[[torch.nn.Module], np.ndarray]  # model -> (N, K) log-likelihoods per row
 
@@ -75,9 +76,9 @@ def _twin(model: torch.nn.Module) -> torch.nn.Module:
         twin = _TWINS.get(model)
         if twin is None:
             twin = weight_sharing_copy(model)
-            arch = architecture(twin.config)
-            for i, block in enumerate(get_module(twin, arch.layers)):
-                attention = getattr(block, arch.attention)
+            family = family_of(twin.config)
+            for i, block in enumerate(get_module(twin, family.layers)):
+                attention = getattr(block, family.attention)
                 attention.register_forward_pre_hook(_hide_slots(i), with_kwargs=True)
             twin._prefixlab_lock = threading.Lock()  # one knockout at a time per twin
             _TWINS[model] = twin
@@ -91,10 +92,10 @@ def knocked_out(loaded: LoadedModel, hidden: Mapping[int, Sequence[int]]):
     Yields the model to score with; the shared model is never changed.
     """
     twin = _twin(loaded.model)
-    arch = architecture(twin.config)
-    blocks = get_module(twin, arch.layers)
+    family = family_of(twin.config)
+    blocks = get_module(twin, family.layers)
     with twin._prefixlab_lock:
-        attentions = [getattr(b, arch.attention) for b in blocks]
+        attentions = [getattr(b, family.attention) for b in blocks]
         for i, attention in enumerate(attentions):
             setattr(attention, _HIDDEN, {i: list(hidden.get(i, ()))})
         try:

@@ -15,7 +15,8 @@ All decoder layers are one autograd node (`_LlamaStack`) with a hand-written bac
 - the last layer's output projection and MLP run only at the positions the loss reads;
 - frozen weights get no gradient: each linear layer's backward is one matmul.
 
-`train()` takes this step for a model `lean_supported` accepts.
+Registered with the llama family in `prefixlab.families` (`lean_training_loss`), which
+`train()` asks for its loss.
 """
 
 from __future__ import annotations
@@ -28,13 +29,11 @@ from torch import nn
 
 from prefixlab.cpu import linear
 
-_LEAN_TYPES = {"llama"}  # model families whose decoder layer `_LlamaStack` reproduces exactly
-
 
 def lean_supported(model: nn.Module) -> bool:
-    """Whether `lean_loss` computes exactly what batch_loss computes for this model."""
-    config = model.config
-    if config.model_type not in _LEAN_TYPES or getattr(config, "hidden_act", None) != "silu":
+    """Whether `lean_loss` computes exactly what batch_loss computes for this model: a model of
+    a family that registers this step (prefixlab.families), frozen, float32, on CPU."""
+    if getattr(model.config, "hidden_act", None) != "silu":
         return False
     if next(model.parameters()).device.type != "cpu" or model.training:
         return False
@@ -389,3 +388,24 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, rstd = ctx.saved_tensors
         return _rms_backward(grad, x, rstd, ctx.weight), None, None
+
+
+class LeanLoss:
+    """`lean_loss` with a workspace kept across batches: a family's `TrainingLoss`."""
+
+    def __init__(self) -> None:
+        self.workspace = Workspace()
+
+    def __call__(self, model: nn.Module, kv: torch.Tensor, batch) -> torch.Tensor:
+        return lean_loss(model, kv, batch, self.workspace)
+
+    def release(self) -> None:
+        self.workspace.reset()
+
+    def close(self) -> None:
+        self.workspace.close()
+
+
+def lean_training_loss(model: nn.Module) -> LeanLoss | None:
+    """The lean step for `model`, or None where it does not apply (see `lean_supported`)."""
+    return LeanLoss() if lean_supported(model) else None

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from prefixlab.encode import Encoder
+from prefixlab.families import cache_keyword, returned_cache
 from prefixlab.models import autocast
-from prefixlab.prefix import cache_keyword
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def mixed_label_log_likelihoods(
     # Continue every prompt with each of its labels: continuation row c reads prompt row[c].
     row = torch.tensor([i for i in range(B) for _ in label_ids[i]], device=device)  # (C,)
     labels = [t for i in range(B) for t in label_ids[i]]
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache = returned_cache(out)
     cache.batch_select_indices(row)
     lab, lab_mask = _pad(labels, pad_id)  # (C, M)
     lab, lab_mask = lab.to(device), lab_mask.to(device)

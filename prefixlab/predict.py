@@ -18,8 +18,9 @@ from torch import nn
 
 from prefixlab.cpu import ThreadTuner
 from prefixlab.encode import Encoder
+from prefixlab.families import cache_keyword, returned_cache
 from prefixlab.models import autocast
-from prefixlab.prefix import build_cache, cache_keyword, prefix_inputs
+from prefixlab.prefix import build_cache, prefix_inputs
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -68,7 +69,7 @@ def label_log_likelihoods(
         return scores.cpu()
 
     # Continue every prompt with every label at once: the prompt cache repeated K times.
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache = returned_cache(out)
     cache.batch_repeat_interleave(K)
     lab, lab_mask = _pad_right(label_ids, pad_id)  # (K, M)
     lab, lab_mask = lab.to(device), lab_mask.to(device)

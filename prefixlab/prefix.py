@@ -15,7 +15,6 @@ Two parameterizations:
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from prefixlab.errors import ConfigError, PrefixLabError
+from prefixlab.families import cache_keyword, returned_cache
 from prefixlab.files import atomic_save_tensors
 from prefixlab.models import PrefixShape
 
@@ -123,18 +123,6 @@ class Prefix(nn.Module):
 # --- injecting the prefix -------------------------------------------------------------------
 
 
-_CACHE_KEYWORD: dict[type, str] = {}
-
-
-def cache_keyword(model: nn.Module) -> str:
-    """`cache` on transformers >= 5.24, `past_key_values` before (where `cache` is ignored)."""
-    cls = type(model)
-    if cls not in _CACHE_KEYWORD:
-        params = inspect.signature(model.forward).parameters
-        _CACHE_KEYWORD[cls] = "cache" if "cache" in params else "past_key_values"
-    return _CACHE_KEYWORD[cls]
-
-
 def build_cache(kv: torch.Tensor, batch_size: int, model: nn.Module):
     """A fresh DynamicCache holding the prefix for `batch_size` rows.
 
@@ -208,7 +196,7 @@ def text_key_values(model: nn.Module, tokenizer, text: str, length: int) -> torc
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     out = model(input_ids=input_ids, use_cache=True)
-    cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
+    cache = returned_cache(out)
     kv = torch.stack(
         [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
     )  # (L, 2, H, P, D)

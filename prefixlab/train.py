@@ -6,9 +6,9 @@ function of (seed, epoch), and the learning rate a pure function of the step, so
 from a checkpoint continues exactly where it stopped.
 
 Speed and memory on CPU (measured by `python -m prefixlab.bench`): a batch is read in chunks of
-at most CHUNK_TOKENS padded tokens (CUDA_CHUNK_TOKENS on a GPU), Llama-family models go through
-a lean step with a hand-written backward (same loss and gradient as batch_loss, tested), and
-ThreadTuner picks the CPU thread count from what each step measures.
+at most CHUNK_TOKENS padded tokens (CUDA_CHUNK_TOKENS on a GPU), a model whose family has a
+fast step takes it (the lean Llama step in llama_cpu.py: same loss and gradient as batch_loss,
+tested), and ThreadTuner (cpu.py) picks the CPU thread count from what each step measures.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from prefixlab.balance import epoch_order
 from prefixlab.cpu import ThreadTuner, trim_heap
 from prefixlab.encode import Example, bucketed_batches, collate
 from prefixlab.errors import ConfigError
-from prefixlab.llama_cpu import Workspace, lean_loss, lean_supported
+from prefixlab.families import TrainingLoss, family_of
 from prefixlab.models import autocast
 from prefixlab.prefix import Prefix, forward
 
@@ -232,7 +232,7 @@ def _chunks(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]
 
 def _backward(
     model: nn.Module, kv: torch.Tensor, examples: Sequence[Example], pad_id: int,
-    device: torch.device, max_tokens: int, workspace: Workspace | None = None,
+    device: torch.device, max_tokens: int, fast_loss: TrainingLoss | None = None,
     n_targets: int | None = None,
 ) -> tuple[float, int, int]:
     """The batch's mean loss, its gradient accumulated through `kv`.
@@ -242,24 +242,24 @@ def _backward(
     The batch is read in chunks of at most `max_tokens` padded tokens, so activation memory
     is bounded whatever the rows' lengths. Each chunk's mean is weighted by its share of the
     batch's label tokens: the sum is the whole batch's mean loss, and so is the gradient.
+    `fast_loss`: the model family's fast step (e.g. the lean Llama step on CPU), or None for
+    autograd through the model's own modules (`batch_loss`).
     `n_targets`: the label tokens of the whole batch when `examples` are one rank's share of
     it (distributed.share), so the ranks' losses and gradients add up to the batch's.
-    Llama-family models on CPU take the lean path (`lean_loss`), with `workspace` reused.
     """
     if not examples:  # an empty share of a small batch: no loss, no gradient
         return 0.0, 0, 0
     leaf = kv if kv.is_leaf else kv.detach().requires_grad_()  # chunks add their grads here
     n_targets = n_targets or sum(len(e.target) for e in examples)
     total, real, padded = 0.0, 0, 0
-    lean = lean_supported(model)
-    ws = workspace or Workspace()
     for chunk in _chunks(examples, max_tokens):
         batch = collate(chunk, pad_id).to(device)
         with autocast(device), _attention_backends(device):
-            loss = lean_loss(model, leaf, batch, ws) if lean else batch_loss(model, leaf, batch)
+            loss = (fast_loss or batch_loss)(model, leaf, batch)
             loss = loss * (batch.targets.numel() / n_targets)
         loss.backward()
-        ws.reset()
+        if fast_loss is not None:
+            fast_loss.release()
         total += float(loss.detach())
         real += batch.real_tokens
         padded += batch.input_ids.numel()
@@ -293,6 +293,8 @@ def train(
     evaluate: Callable[[int], str | None] | None = None,
     on_checkpoint: Callable[[Checkpoint], None] | None = None,
     resume: Checkpoint | None = None,
+    fast_path: bool = True,
+    batch_order: Callable[[Sequence[int], int, int, int], list[list[int]]] = bucketed_batches,
 ) -> TrainResult:
     """Train `prefix` on `examples` with `model` frozen.
 
@@ -300,6 +302,9 @@ def train(
     and when the time budget runs out; it returns a reason to end training (e.g. patience
     ran out) or None to go on. `on_checkpoint` gets a checkpoint every `checkpoint_every`
     steps and at the end.
+    `fast_path=False` trains without the model family's fast step (same loss and gradient,
+    through autograd), and `batch_order(lengths, batch_size, seed, epoch)` replaces length
+    bucketing: the benchmark's ablations, each showing what one speed-up buys.
 
     In a process group (torchrun, see distributed.py) every rank calls this with the same
     arguments: each reads its share of every batch, gradients are summed across ranks, and
@@ -337,7 +342,7 @@ def train(
     step = start
     epoch_batches: dict[int, list[list[Example]]] = {}
     tuner = ThreadTuner(device)
-    workspace = Workspace()
+    fast_loss = family_of(model.config).fast_training_loss(model) if fast_path else None
     chunk_tokens = CUDA_CHUNK_TOKENS if device.type == "cuda" else CHUNK_TOKENS
     reason = (f"budget of {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
               if cfg.max_steps is None or total < cfg.max_steps else f"max_steps {cfg.max_steps}")
@@ -349,8 +354,8 @@ def train(
             epoch, index = divmod(step, per_epoch)
             if epoch not in epoch_batches:
                 order = epoch_order(labels, cfg.class_balance, cfg.seed, epoch)
-                batches = bucketed_batches([len(examples[i]) for i in order], cfg.batch_size,
-                                           cfg.seed, epoch)
+                batches = batch_order([len(examples[i]) for i in order], cfg.batch_size,
+                                      cfg.seed, epoch)
                 epoch_batches = {epoch: [[examples[order[i]] for i in b] for b in batches]}
             rows = epoch_batches[epoch][index]
 
@@ -361,7 +366,7 @@ def train(
             tuner.start()
             loss_value, real, padded = _backward(
                 model, prefix.key_values(), distributed.share(rows), pad_id, device,
-                chunk_tokens, workspace, sum(len(e.target) for e in rows))  # the batch's
+                chunk_tokens, fast_loss, sum(len(e.target) for e in rows))  # the batch's
             loss_value, real = distributed.reduce_step(params, loss_value, real)
             real = int(real)
             if cfg.grad_clip:
@@ -402,4 +407,5 @@ def train(
         return TrainResult(step, False, loss_value, reason)
     finally:
         tuner.close()
-        workspace.close()
+        if fast_loss is not None:
+            fast_loss.close()

@@ -41,8 +41,25 @@ def make_tokenizer():
     return fast
 
 
-def tiny_model(kind: str, vocab_size: int = 300):
+TINY_FAMILIES: dict[str, dict] = {
+    # Beyond the sizes every tiny model shares (see tiny_model): what each family needs.
+    "gpt2": {},  # built from GPT2Config's own names, below
+    "llama": {"num_key_value_heads": 2, "tie_word_embeddings": True},
+    "mistral": {"num_key_value_heads": 2},
+    "qwen2": {"num_key_value_heads": 2},  # biases on q, k and v
+    "qwen3": {"num_key_value_heads": 2, "head_dim": 8},  # norms on q and k
+    "phi": {"num_key_value_heads": 2},  # partial RoPE: half of each head's 8 dimensions
+    "gpt_neox": {},  # partial RoPE: a quarter of each head's 8 dimensions
+}
+"""One tiny configuration per model family PrefixLab supports (prefixlab.families)."""
+
+
+def tiny_model(kind: str, vocab_size: int = 300, layers: int = 2):
+    """A random model of family `kind`: hidden 32, 4 query heads (2 key/value heads for GQA
+    families), `layers` decoder layers, seeded."""
     from transformers import (
+        CONFIG_MAPPING,
+        AutoModelForCausalLM,
         GPT2Config,
         GPT2LMHeadModel,
         LlamaConfig,
@@ -51,19 +68,18 @@ def tiny_model(kind: str, vocab_size: int = 300):
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab_size, n_layer=2, n_embd=32, n_head=4, n_positions=256,
-                         eos_token_id=0, bos_token_id=0, pad_token_id=0,
+        cfg = GPT2Config(vocab_size=vocab_size, n_layer=layers, n_embd=32, n_head=4,
+                         n_positions=256, eos_token_id=0, bos_token_id=0, pad_token_id=0,
                          initializer_range=0.2)
-        model = GPT2LMHeadModel(cfg)
-    elif kind == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=256, eos_token_id=0, bos_token_id=0,
-                          pad_token_id=0, tie_word_embeddings=True, initializer_range=0.2)
-        model = LlamaForCausalLM(cfg)
-    else:
+        return GPT2LMHeadModel(cfg)
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=256,
+                  eos_token_id=0, bos_token_id=0, pad_token_id=0, initializer_range=0.2)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common, **TINY_FAMILIES["llama"]))
+    if kind not in TINY_FAMILIES:
         raise ValueError(kind)
-    return model
+    return AutoModelForCausalLM.from_config(CONFIG_MAPPING[kind](**common, **TINY_FAMILIES[kind]))
 
 
 TEXTS = ["good great", "bad awful terrible horrible boring", "fine",

@@ -27,6 +27,7 @@ from prefixlab.__main__ import main
 from prefixlab.config import RunConfig
 from prefixlab.encode import Encoder, Template
 from prefixlab.experiment import RunFolder, execute_run, open_run
+from prefixlab.families import family_of
 from prefixlab.models import LoadedModel, autocast, pick_device, prepare_model
 from prefixlab.predict import generate, score_labels
 from prefixlab.prefix import (
@@ -229,8 +230,9 @@ def test_prefix_gradient_on_cuda_matches_cpu(twins):
     grads, losses = [], []
     for loaded in (cpu, gpu):
         leaf = kv.detach().clone().to(loaded.device).requires_grad_()
+        fast = family_of(loaded.model.config).fast_training_loss(loaded.model)  # as train()
         loss, real, padded = _backward(loaded.model, leaf, examples, 0, loaded.device,
-                                       CHUNK_TOKENS)
+                                       CHUNK_TOKENS, fast)
         assert leaf.grad is not None and leaf.grad.device.type == loaded.device.type
         assert real > 0 and padded > 0
         grads.append(leaf.grad.float().cpu())  # (L, 2, H_kv, P, D)

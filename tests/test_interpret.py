@@ -17,7 +17,8 @@ from prefixlab import interpret_bank as B
 from prefixlab import interpret_maps as M
 from prefixlab.config import RunConfig
 from prefixlab.experiment import RunFolder
-from prefixlab.models import architecture, get_module
+from prefixlab.families import family_of
+from prefixlab.models import get_module
 from prefixlab.prefix import save_prefix, text_key_values
 
 TEXT = "the movie was"  # 10 distinct tokens with the test tokenizer
@@ -114,7 +115,7 @@ def test_key_frame_undoes_rope_and_layer_zero_matches_the_bank(loaded):
     framed = I.key_frame(loaded, kv)
     torch.testing.assert_close(I.key_frame(loaded, framed, inverse=True), kv,
                                atol=1e-5, rtol=1e-5)
-    if architecture(loaded.model.config).rope:
+    if family_of(loaded.model.config).rope != "none":
         assert not torch.allclose(framed[:, 0, :, 1:], kv[:, 0, :, 1:])
     torch.testing.assert_close(framed[:, 1], kv[:, 1])  # values are never rotated
     # Layer 0 reads no context: at position 1, where the bank reads its tokens, the text's
@@ -126,7 +127,7 @@ def test_key_frame_undoes_rope_and_layer_zero_matches_the_bank(loaded):
     close = dict(atol=2e-2, rtol=2e-3)
     torch.testing.assert_close(keys[1], bank.keys[0, rows[1]], **close)
     torch.testing.assert_close(values[1], bank.values[0, rows[1]], **close)
-    if architecture(loaded.model.config).rope:
+    if family_of(loaded.model.config).rope != "none":
         torch.testing.assert_close(keys, bank.keys[0, rows], **close)
         torch.testing.assert_close(values, bank.values[0, rows], **close)
 
@@ -168,9 +169,9 @@ def test_value_readout_equals_a_hand_computation(loaded):
     H, H_kv = cfg.num_attention_heads, loaded.shape.num_kv_heads
     v = kv[layer, 1, :, p]  # (H_kv, D)
     merged = torch.cat([v[h // (H // H_kv)] for h in range(H)])  # (H*D,): head h -> kv h//g
-    arch = architecture(cfg)
-    attn = getattr(get_module(model, arch.layers)[layer], arch.attention)
-    norm = get_module(model, arch.final_norm)
+    family = family_of(cfg)
+    attn = getattr(get_module(model, family.layers)[layer], family.attention)
+    norm = get_module(model, family.final_norm)
     if cfg.model_type == "gpt2":
         out = merged @ attn.c_proj.weight + attn.c_proj.bias  # Conv1D: x W + b
         hidden = torch.nn.functional.layer_norm(out, (out.shape[-1],), norm.weight, norm.bias,

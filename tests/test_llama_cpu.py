@@ -82,15 +82,15 @@ def test_lean_step_reuses_its_workspace_without_mixing_batches(tokenizer):
     loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
     examples, kv = sentiment_batch(loaded)
     pad = loaded.tokenizer.pad_token_id
-    ws = llama_cpu.Workspace()
+    lean = llama_cpu.lean_training_loss(loaded.model)
     grads = []
     for rows in (examples, examples[::-1][:3], examples):  # the middle batch: other shapes
         leaf = kv.detach().clone().requires_grad_(True)
-        _backward(loaded.model, leaf, rows, pad, torch.device("cpu"), 10_000, ws)
+        _backward(loaded.model, leaf, rows, pad, torch.device("cpu"), 10_000, lean)
         grads.append(leaf.grad)
-    assert len(ws.blocks) == 1  # one block, reused
+    assert len(lean.workspace.blocks) == 1  # one block, reused
     torch.testing.assert_close(grads[2], grads[0], atol=0, rtol=0)
-    ws.close()
+    lean.close()
 
 
 @pytest.mark.parametrize("vocab", [64, 67])  # sliced backward, and the plain one

@@ -214,10 +214,11 @@ def test_attention_maps_equal_the_shared_model_switched_to_eager(loaded):
 def test_the_first_layer_stop_hook_stops_only_its_own_thread(loaded):
     """first_layer_references stops the shared model after layer 0 with a hook: a forward
     from another thread meanwhile must run whole."""
-    from prefixlab.models import architecture, get_module
+    from prefixlab.families import family_of
+    from prefixlab.models import get_module
 
-    arch = architecture(loaded.model.config)
-    attention = getattr(get_module(loaded.model, arch.layers)[0], arch.attention)
+    family = family_of(loaded.model.config)
+    attention = getattr(get_module(loaded.model, family.layers)[0], family.attention)
     in_hook, release = threading.Event(), threading.Event()
     other: list = []
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prefixlab.encode import Encoder, Template, bucketed_batches, collate
+from prefixlab.families import family_of
 from prefixlab.predict import score_labels
 from prefixlab.prefix import Prefix, PrefixConfig, init_prefix
 from prefixlab.train import Checkpoint, TrainConfig, _backward, _chunks, batch_loss, train
@@ -156,9 +157,9 @@ def test_chunked_backward_gives_the_whole_batch_loss_and_gradient(loaded):
     leaf = kv.detach().clone().requires_grad_(True)
     longest = max(len(e) for e in examples)
     assert len(_chunks(examples, 2 * longest)) == 3  # 6 rows, 2 per chunk
-    loss, real, padded = _backward(loaded.model, leaf, examples,
-                                            loaded.tokenizer.pad_token_id,
-                                            torch.device("cpu"), 2 * longest)
+    fast = family_of(loaded.model.config).fast_training_loss(loaded.model)  # Llama: lean
+    loss, real, padded = _backward(loaded.model, leaf, examples, loaded.tokenizer.pad_token_id,
+                                   torch.device("cpu"), 2 * longest, fast)
     assert real == sum(len(e) for e in examples) <= padded <= len(examples) * longest
     assert loss == pytest.approx(float(want_loss), rel=1e-5)
     torch.testing.assert_close(leaf.grad, want_grad, atol=1e-6, rtol=1e-5)
