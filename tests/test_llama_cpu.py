@@ -1,5 +1,9 @@
 """The lean Llama CPU step gives batch_loss's loss and gradient, with less memory.
 
+Its loss-and-gradient tests use 3-layer models: the first, a middle and the last layer take
+different branches (the last reads only scored positions; the lead's queries get a gradient
+only where a later layer reads the lead).
+
 Its pieces (head cross-entropy, RoPE written in place) match autograd; its workspace is reused
 batch after batch without mixing them; it is not used where it does not apply.
 """
@@ -21,7 +25,8 @@ from .conftest import LABELS, TEXTS, loss_and_grad, sentiment_batch, tiny_model
 def test_lean_forward_matches_batch_loss_with_padding_and_multi_token_labels(tokenizer):
     from prefixlab.models import prepare_model
 
-    loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
+    loaded = prepare_model(tiny_model("llama", layers=3), tokenizer, "tiny-llama",
+                           torch.device("cpu"))
     assert llama_cpu.lean_supported(loaded.model)
     # a two-token label, so the loss reads two positions in some rows
     gold = ["positive", "negative neither", "positive", "positive", "negative neither",
@@ -45,7 +50,8 @@ def test_lean_step_reads_a_shared_lead_once_with_the_same_loss_and_gradient(
         tokenizer, template, texts, lead):
     from prefixlab.models import prepare_model
 
-    loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
+    loaded = prepare_model(tiny_model("llama", layers=3), tokenizer, "tiny-llama",
+                           torch.device("cpu"))
     enc = Encoder(loaded.tokenizer, Template(template), ["negative", "positive"], max_length=64)
     examples = enc.examples(texts, LABELS)
     prefix = Prefix(loaded.shape, PrefixConfig(prefix_length=4))

@@ -1,11 +1,10 @@
 """PEFT interop: our (L, 2, H_kv, P, D) prefix against PEFT's PREFIX_TUNING adapters.
 
-Reference for "our" logits: the cache injection PrefixLab uses (fresh DynamicCache, mask
-ones(B, P) + input mask, positions starting at P), written out here so the test stands alone.
+"Our" logits come from `prefixlab.prefix.forward`, the injection every run uses; PEFT's
+own forward is the independent reference it must agree with.
 Models are built from configs in-process; conftest.py sets HF_HUB_OFFLINE=1.
 """
 
-import inspect
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import save_file
 
 from prefixlab.peft_interop import PeftFormatError, export_peft, import_peft
+from prefixlab.prefix import forward
 
 P = 3  # prefix length
 CONFIGS = {
@@ -57,18 +57,8 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def logits_after_prefix(model, kv, input_ids, attention_mask) -> torch.Tensor:
-    B, n = input_ids.shape[0], kv.shape[3]
-    cache = transformers.DynamicCache(
-        [(kv[i, 0].expand(B, -1, -1, -1), kv[i, 1].expand(B, -1, -1, -1)) for i in range(len(kv))],
-        config=model.config,
-    )
-    params = inspect.signature(model.forward).parameters
-    keyword = "cache" if "cache" in params else "past_key_values"  # 5.24 renamed it
-    full_mask = torch.cat([torch.ones(B, n, dtype=attention_mask.dtype), attention_mask], dim=1)
-    position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, n:]
-    out = model(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
-                **{keyword: cache})
-    return out.logits
+    """Our logits: PrefixLab's own injection, the code every run uses."""
+    return forward(model, kv, input_ids, attention_mask)
 
 
 @torch.no_grad()
