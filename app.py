@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from prefixlab.cpu import pin_threads
 from prefixlab.experiment import RunError
 from prefixlab.models import DEFAULT_MODEL
 from prefixlab.ui import CSS, build_ui
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         workbench = Workbench(Path(args.data_dir), model=args.model)
     except RunError as e:
         raise SystemExit(f"error: {e}") from None
+    pin_threads()  # request threads share torch's thread count: no tuner may change it
     demo = build_ui(workbench)
     workbench.warm_up()  # the page is served while the model loads (or converts, once)
     if auth:

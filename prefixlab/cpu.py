@@ -7,7 +7,8 @@
 - `trim_heap` hands free heap pages back to the OS after a step.
 
 These change the whole process, so they belong to the process that trains or scores in a
-loop (the run worker, the benchmark), not to request threads of the app.
+loop (the run worker, the benchmark), not to request threads of the app: the app calls
+`pin_threads` once at its start, which keeps every tuner in its process inactive.
 """
 
 from __future__ import annotations
@@ -38,6 +39,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+_pinned: int | None = None  # set once by pin_threads: this process's thread count is fixed
+
+
+def pin_threads(count: int | None = None) -> int:
+    """Fix torch's CPU thread count for the whole process, once, at its start: `count`, or
+    torch's default. For a process serving requests on many threads (the app): torch's thread
+    count is process-wide, so a tuner in one request thread would change it under another's
+    matmuls. Every ThreadTuner made afterwards in this process stays inactive; the worker
+    processes that train do not call this and keep tuning. Returns the count."""
+    global _pinned
+    if count is not None:
+        torch.set_num_threads(count)
+    _pinned = torch.get_num_threads()
+    return _pinned
+
+
 class ThreadTuner:
     """Picks torch's CPU thread count step by step, from what each step measures.
 
@@ -50,7 +67,8 @@ class ThreadTuner:
     then). A try is kept if its step ran faster per padded token. A try that loses waits
     twice as long before the next.
 
-    Inactive (a no-op) on CUDA, with one thread, or when OMP_NUM_THREADS pins the count.
+    Inactive (a no-op) on CUDA, with one thread, when OMP_NUM_THREADS pins the count, or in
+    a process that called `pin_threads` (the app, whose requests run on many threads).
     """
 
     BUSY = 0.8  # CPU seconds per wall second per thread below which our threads were starved
@@ -65,7 +83,7 @@ class ThreadTuner:
         self.clock, self.cpu_clock = clock, cpu_clock
         self.machine_cpu = machine_cpu or machine_cpu_ticks
         self.initial = torch.get_num_threads()
-        self.active = (device.type == "cpu" and self.initial > 1
+        self.active = (device.type == "cpu" and self.initial > 1 and _pinned is None
                        and "OMP_NUM_THREADS" not in os.environ)
         self.current = self.initial
         self.cost: dict[int, float] = {}  # threads -> seconds per padded token, recent

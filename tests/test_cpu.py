@@ -1,10 +1,12 @@
-"""The thread tuner picks the faster thread count and leaves a pinned one alone."""
+"""The thread tuner picks the faster thread count and leaves a pinned one alone (by
+OMP_NUM_THREADS, or by pin_threads in a process serving requests on many threads)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from prefixlab import cpu
 from prefixlab.cpu import ThreadTuner
 
 
@@ -55,3 +57,20 @@ def test_thread_tuner_leaves_a_pinned_count_alone(monkeypatch):
     tuner.stop(100)
     tuner.close()
     assert not tuner.active and torch.get_num_threads() == before
+
+
+def test_a_process_that_pins_its_threads_keeps_every_tuner_inactive(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpu, "_pinned", None)
+    before = torch.get_num_threads()
+    if before < 2:
+        pytest.skip("torch runs one thread here: a tuner is inactive anyway")
+    assert ThreadTuner(torch.device("cpu")).active  # not pinned: the worker's case
+    try:
+        assert cpu.pin_threads(before) == before
+        tuner = ThreadTuner(torch.device("cpu"), clock=lambda: 0.0, cpu_clock=lambda: 0.0)
+        tuner.want_try, tuner.since_try = True, 99  # would try one thread if it were active
+        tuner.start()
+        assert not tuner.active and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
