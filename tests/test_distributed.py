@@ -114,6 +114,21 @@ def test_process_counts_default_to_every_gpu_and_one_cpu_process(monkeypatch):
         RunConfig(train_csv="x.csv", nproc=0)
 
 
+def test_the_benchmark_rate_leaves_out_the_first_steps():
+    from prefixlab.bench_ddp import Layout, steady_rate
+
+    # 8 examples a step: 1 s for each of the first two steps, then 0.5 s
+    elapsed = [1.0, 2.0, 2.5, 3.0, 3.5]
+    records = [{"type": "event"}] + [
+        {"type": "step", "step": i + 1, "elapsed_s": t, "examples_per_s": 8 * (i + 1) / t}
+        for i, t in enumerate(elapsed)]
+    assert steady_rate(records) == pytest.approx(16.0)
+    assert steady_rate(records, warm=0) == pytest.approx(40 / 3.5)
+    with pytest.raises(ValueError, match="only 5 steps"):
+        steady_rate(records, warm=5)
+    assert Layout(2, 1).name == "2 processes x 1 thread"
+
+
 def test_the_app_offers_every_gpu_and_one_cpu_process(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert process_range()[0] == 1 and process_range()[1] >= 1
