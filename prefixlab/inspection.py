@@ -195,6 +195,23 @@ def _held_out(run: Run, rows: int) -> tuple[list[str], list[int]]:
     return [t for t, _ in known], [g for _, g in known]
 
 
+def _stored(run: Run) -> dict | None:
+    """knockout.json of the run folder when it was measured on the current prefix file."""
+    path = run.folder.path / KNOCKOUT_FILE
+    try:
+        found = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None  # unreadable: measured again and rewritten
+    stamp = run.folder.prefix_path.stat().st_mtime
+    return found if isinstance(found, dict) and found.get("prefix_mtime") == stamp else None
+
+
+def stored_knockout_rows(run: Run) -> int | None:
+    """How many rows the run folder's knockout was measured on (None: none for this prefix)."""
+    found = _stored(run)
+    return found.get("rows") if found else None
+
+
 def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool = True,
                  progress: Callable[[float, str], None] | None = None) -> CausalReadout:
     """Knock out each slot and each layer on `rows` held-out rows; cached in the run folder
@@ -207,13 +224,12 @@ def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool
     texts, gold = _held_out(run, rows)
     push = label_push(loaded, kv, run.labels, run.encoder.label_ids)
     attention = prefix_attention(loaded, kv, texts[:8])
-    if use_cache and cached.is_file():
+    found = _stored(run) if use_cache else None
+    if found is not None and found.get("rows") == len(texts):
         try:
-            found = json.loads(cached.read_text())
-            if found.get("prefix_mtime") == stamp and found.get("rows") == len(texts):
-                return CausalReadout(Knockout.from_json(found), push, attention)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable or from another version: measured again and rewritten
+            return CausalReadout(Knockout.from_json(found), push, attention)
+        except (KeyError, TypeError, ValueError):
+            pass  # from another version: measured again and rewritten
 
     def score(model):
         return score_log_likelihoods(model, kv, run.encoder, texts)
@@ -293,4 +309,5 @@ def inspect_run(
 
 __all__ = ["DEFAULT_KNOCKOUT_ROWS", "KNOCKOUT_FILE", "CausalReadout", "inspect_run",
            "load_snapshots", "nearest_tokens_json", "pca_json", "run_knockout", "run_words",
+           "stored_knockout_rows",
            "word_ids"]

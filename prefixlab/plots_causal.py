@@ -37,17 +37,17 @@ def knockout_figure(result: Knockout, attention: AttentionMass | None = None) ->
         fig.update_xaxes(title_text="Δ log-prob of the correct label", row=1, col=col)
     if attention is not None:
         share = attention.mass[-1].mean(-1)  # (L,) mean over heads, the trained prefix
-        L = len(share)
+        order = np.argsort(result.layer_log_prob, kind="stable")  # rows as in "layers by effect"
         fig.add_trace(go.Bar(
-            x=_lists(share), y=[f"layer {i}" for i in range(L)], orientation="h",
+            x=_lists(share[order]), y=[f"layer {i}" for i in order], orientation="h",
             marker_color="#7f7f7f", showlegend=False,
             hovertemplate="%{y}: %{x:.0%} of attention on the prefix<extra></extra>"),
             row=1, col=3)
         fig.update_yaxes(autorange="reversed", row=1, col=3, type="category")
         fig.update_xaxes(title_text="share (mean over heads)", tickformat=".0%", row=1, col=3)
     rows = max(result.prefix_length, result.num_layers)
-    return _layout(fig, f"What each part does: hidden from attention on {result.rows} held-out "
-                        f"rows (red: hiding it hurts)", height=max(420, 16 * rows + 140))
+    return _layout(fig, f"Hidden from attention, on {result.rows} held-out rows (red: hiding "
+                        f"it hurts)", height=max(420, 16 * rows + 140))
 
 
 def label_push_figure(result: LabelPush) -> go.Figure:
@@ -58,10 +58,9 @@ def label_push_figure(result: LabelPush) -> go.Figure:
         z=_lists(result.push), x=result.labels, y=list(range(L)), zmin=-top, zmax=top,
         colorscale="RdBu", reversescale=True, colorbar=dict(thickness=8, title="logit"),
         hovertemplate="layer %{y} → %{x}: %{z:+.2f}<extra></extra>"))
-    fig.update_yaxes(title_text="layer", autorange="reversed")
-    fig.update_xaxes(title_text="label")
-    return _layout(fig, "Which label each layer's prefix values push (value readout on the "
-                        "labels, centered per layer)", height=max(420, 14 * L + 140))
+    fig.update_yaxes(title_text="layer", autorange="reversed", dtick=1 if L <= 40 else None)
+    fig.update_xaxes(title_text="label (logit of its first token, centered per layer)")
+    return _layout(fig, "Label each layer's prefix values push", height=max(420, 14 * L + 140))
 
 
 __all__ = ["knockout_figure", "label_push_figure"]

@@ -151,6 +151,8 @@ class Inspection:
     readout: object  # interpret.ValueReadout
     movement: object | None  # interpret_maps.Movement, when snapshots exist
     initial_kv: torch.Tensor | None  # the first snapshot: the prefix before training
+    figures: dict = field(default_factory=dict)  # the tab's figures by view, made once each
+    causal: object | None = None  # inspection.CausalReadout once the knockout is measured
 
 
 def process_range() -> tuple[int, int]:
@@ -724,6 +726,22 @@ class Workbench:
                               snapshots[0][1] if snapshots else None)
 
         return self._inspections.get(key, inspect)
+
+    def knockout(self, run_id: str, rows: int | None, progress=None):
+        """The run's knockout on `rows` held-out rows (inspection.run_knockout), kept with its
+        inspection. rows=None: only what is already measured for this prefix (None if none)."""
+        from prefixlab.inspection import run_knockout, stored_knockout_rows
+
+        ins = self.inspection(run_id)
+        if rows is None:
+            if ins.causal is not None:
+                return ins.causal
+            rows = stored_knockout_rows(ins.run)
+            if rows is None:
+                return None
+        if ins.causal is None or ins.causal.knockout.rows != rows:
+            ins.causal = run_knockout(ins.run, rows, progress=progress)
+        return ins.causal
 
     def bank(self, run: Run, extra_ids: list[int] | None = None):
         """The reference bank for a run: the model's frequent tokens plus the run's own words

@@ -315,6 +315,49 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     shoot(page, screenshots, "5-inspect-3d")
 
 
+def test_inspect_a_run_change_views_and_run_the_knockout(page, workbench, workdir, screenshots):
+    from playwright.sync_api import expect
+
+    from prefixlab.experiment import execute_run
+
+    csv = write_reviews_csv(workdir / "inspect-reviews.csv", rows=40)
+    model = workbench.default_model
+    cfg = run_config(str(csv), "text", "label", {"epochs": 2}, model=model)
+    run_id = workbench.store.create(cfg, workbench.model_info(model), name="inspected run")
+    execute_run(workbench.folder(run_id), workbench.model(model))
+    workbench.store.refresh()
+
+    open_tab(page, "Inspect")
+    page.get_by_role("combobox", name="Run", exact=True).click()
+    page.get_by_role("option", name=re.compile(r"^inspected run · completed")).click()
+    page.keyboard.press("Escape")
+    page.locator("#inspect-open").click()
+    summary = page.locator("#inspect-summary")
+    expect(summary).to_contain_text("Movement")
+    expect(summary).to_contain_text("run the knockout")
+    page.locator("#inspect-pca .js-plotly-plot").wait_for()
+
+    # Change the layer and the vectors: the kept figures come back.
+    slider = page.locator("#inspect-layer input[type=number]")
+    slider.fill("1")
+    slider.press("Enter")
+    page.get_by_label("value", exact=True).check()
+    expect(page.locator("#inspect-table")).to_be_visible()
+    page.wait_for_function(
+        "document.querySelector('#inspect-pca .js-plotly-plot')?.layout?.title?.text"
+        "?.includes('Layer 1 values')", timeout=TIMEOUT_MS, polling=250)
+
+    # The knockout: bars for slots and layers, the label push, and the summary names them.
+    page.locator("#inspect-knockout").click()
+    page.locator("#inspect-knockout-plot .js-plotly-plot").wait_for(timeout=TRAIN_TIMEOUT_MS)
+    page.locator("#inspect-push .js-plotly-plot").wait_for()
+    expect(summary).to_contain_text("Slots that cost most when hidden")
+    expect(summary).to_contain_text("Layers that cost most when hidden")
+    expect(summary).to_contain_text("Prompt Waywardness")
+    assert (workbench.folder(run_id).path / "knockout.json").is_file()
+    shoot(page, screenshots, "5-inspect")
+
+
 def test_page_and_api_answer_within_a_second_while_a_run_trains(page, workbench, workdir,
                                                                  screenshots, url):
     from gradio_client import Client

@@ -1,13 +1,19 @@
-"""Inspect tab: where a trained prefix sits among real tokens' keys and values (PCA maps,
-nearest tokens with random baselines, the value readout), how it moved during training,
-how much attention inputs pay it, and how several prefixes compare."""
+"""Inspect tab: a summary first; what each slot and layer does (knockout, label push); where
+a trained prefix sits among real tokens' keys and values (PCA maps, nearest tokens with random
+baselines, the value readout); how it moved during training; how much attention inputs pay
+it; how several prefixes compare. Figures are made once per view and kept with the run's
+inspection, and the maps of every layer are made in the background after a run opens, so
+changing the layer or the view only shows a kept figure."""
 
 from __future__ import annotations
+
+import threading
 
 import gradio as gr
 import pandas as pd
 
-from prefixlab import interpret, interpret_maps, plots
+from prefixlab import interpret, interpret_causal, interpret_maps, plots, plots_causal
+from prefixlab.inspect_summary import glossary_markdown, summary_markdown
 from prefixlab.ui.common import LoadHook, run_choices, shown, wire
 from prefixlab.workbench import Workbench
 
@@ -18,11 +24,23 @@ def _table(headers_rows) -> pd.DataFrame:
 
 
 def build(workbench: Workbench, notice) -> list[LoadHook]:
-    gr.Markdown(f"<div class='caveat'>{interpret.CAVEAT}<br><br>{interpret.METHOD}</div>")
     with gr.Row():
         pick = gr.Dropdown(label="Run", choices=[], elem_id="inspect-run", scale=3)
         open_btn = gr.Button("Inspect", variant="primary", elem_id="inspect-open")
     message = gr.Markdown(elem_id="inspect-msg")
+    summary = gr.Markdown(elem_id="inspect-summary")
+    with gr.Accordion("Glossary: ␣, ⏎ and the terms used here", open=False):
+        gr.Markdown(glossary_markdown())
+    gr.Markdown("### What each part does")
+    with gr.Row():
+        ko_rows = gr.Slider(10, 500, value=100, step=10, label="Held-out rows", scale=3,
+                            elem_id="inspect-knockout-rows")
+        ko_btn = gr.Button("Run the knockout", elem_id="inspect-knockout")
+    with gr.Row():
+        ko_plot = gr.Plot(show_label=False, elem_id="inspect-knockout-plot", visible=False,
+                          scale=3)
+        push_plot = gr.Plot(show_label=False, elem_id="inspect-push", visible=False, scale=2)
+    gr.Markdown("### Where the prefix sits")
     with gr.Row():
         layer = gr.Slider(0, 1, step=1, value=0, label="Layer", elem_id="inspect-layer")
         kind = gr.Radio(["key", "value"], value="key", label="Vectors")
@@ -57,39 +75,85 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         similarity = gr.Plot(show_label=False, visible=False)
         joint_pca = gr.Plot(show_label=False, visible=False)
 
+    with gr.Accordion("Method and caveat", open=False):
+        gr.Markdown(f"{interpret.CAVEAT}\n\n{interpret.METHOD}\n\n{interpret_causal.METHOD}")
+
     current = gr.State(None)
+
+    def figure(ins, key, make):
+        """A view's figure, made once per inspection (the background warm-up fills these)."""
+        if key not in ins.figures:
+            ins.figures[key] = make()
+        return ins.figures[key]
+
+    def pca_view(ins, layer_i, kind_s, dims_s):
+        dims_n = 3 if dims_s == "3-D" else 2
+        return figure(ins, ("pca", layer_i, kind_s, dims_n), lambda: plots.pca_figure(
+            interpret_maps.pca_map(ins.run.loaded, ins.bank, ins.run.kv, layer_i, kind_s,
+                                   dims=dims_n), dims_n))
+
+    def warm_up(ins, first_kind):
+        """Every layer's maps, the shown kind first, so later view changes find them made."""
+        L = ins.nearest.token_ids.shape[0]
+        for kind_s in (first_kind, *[k for k in interpret.KINDS if k != first_kind]):
+            for dims_s in ("2-D", "3-D"):
+                for layer_i in range(L):
+                    pca_view(ins, layer_i, kind_s, dims_s)
 
     def layer_views(rid, layer_i, kind_s, dims_s):
         ins = workbench.inspection(rid)
         layer_i = min(int(layer_i), ins.nearest.token_ids.shape[0] - 1)
-        pca = interpret_maps.pca_map(ins.run.loaded, ins.bank, ins.run.kv, layer_i, kind_s,
-                                dims=3 if dims_s == "3-D" else 2)
-        return (shown(plots.pca_figure(pca, 3 if dims_s == "3-D" else 2)),
-                shown(plots.layers_figure(interpret_maps.layers_map(ins.run.loaded, ins.bank,
-                                                               ins.run.kv, kind_s))),
-                shown(plots.nearest_tokens_figure(ins.nearest, kind_s)),
+        return (shown(pca_view(ins, layer_i, kind_s, dims_s)),
+                shown(figure(ins, ("layers", kind_s), lambda: plots.layers_figure(
+                    interpret_maps.layers_map(ins.run.loaded, ins.bank, ins.run.kv, kind_s)))),
+                shown(figure(ins, ("nearest", kind_s),
+                             lambda: plots.nearest_tokens_figure(ins.nearest, kind_s))),
                 shown(_table(plots.nearest_tokens_table(ins.nearest, layer_i, kind_s))),
                 shown(_table(plots.value_readout_table(ins.readout, layer_i))))
+
+    def causal_views(ins):
+        if ins.causal is None:
+            return shown(None), shown(None)
+        return (shown(plots_causal.knockout_figure(ins.causal.knockout, ins.causal.attention)),
+                shown(plots_causal.label_push_figure(ins.causal.push)))
+
+    def summary_text(ins):
+        return summary_markdown(ins.nearest, ins.run.kv, ins.initial_kv,
+                                ins.causal.knockout if ins.causal else None)
 
     def on_open(rid, layer_i, kind_s, dims_s):
         if not rid:
             raise gr.Error("Pick a trained run.")
         ins = workbench.inspection(rid)
+        workbench.knockout(rid, None)  # shown when already measured for this prefix
         L = ins.nearest.token_ids.shape[0]
         movement = ins.movement
         note = (f"**{ins.run.folder.read_config().get('name', rid)}**: {L} layers, "
-                f"{ins.run.kv.shape[3]} prefix positions, reference bank of "
-                f"{len(ins.bank.token_ids)} tokens.")
+                f"{ins.run.kv.shape[3]} prefix positions; layer 0 ranked among "
+                f"{int(ins.nearest.ranked_among[0].max())} tokens, deeper layers among "
+                f"shortlists of ~{int(ins.nearest.ranked_among[1:].mean()) if L > 1 else 0}.")
         if movement is None:
             note += " No training snapshots: movement is not available."
-        return (rid, note, gr.update(maximum=L - 1, value=min(int(layer_i), L - 1)),
-                *layer_views(rid, min(int(layer_i), L - 1), kind_s, dims_s),
+        views = layer_views(rid, min(int(layer_i), L - 1), kind_s, dims_s)
+        threading.Thread(target=warm_up, args=(ins, kind_s), daemon=True).start()
+        return (rid, note, summary_text(ins), gr.update(maximum=L - 1, value=min(int(layer_i),
+                                                                                 L - 1)),
+                *views, *causal_views(ins),
                 shown(plots.trajectory_figure(movement) if movement else None),
                 shown(plots.distance_figure(movement) if movement else None))
 
     wire(open_btn.click, on_open, [pick, layer, kind, dims],
-         [current, message, layer, pca_plot, layers_plot, nearest_plot, nearest_table,
-          readout_table, trajectory, distance], notice)
+         [current, message, summary, layer, pca_plot, layers_plot, nearest_plot, nearest_table,
+          readout_table, ko_plot, push_plot, trajectory, distance], notice)
+
+    def on_knockout(rid, rows, progress=gr.Progress()):  # noqa: B008 (gradio injects it)
+        if not rid:
+            raise gr.Error("Inspect a run first.")
+        ins = workbench.inspection(rid)
+        workbench.knockout(rid, int(rows), progress=lambda f, m: progress(f, desc=m))
+        return (summary_text(ins), *causal_views(ins))
+
+    wire(ko_btn.click, on_knockout, [current, ko_rows], [summary, ko_plot, push_plot], notice)
 
     def on_view(rid, layer_i, kind_s, dims_s):
         if not rid:
