@@ -1,0 +1,49 @@
+"""The quality benchmark's splits: fixed, stratified, and never a near-duplicate on both sides."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from prefixlab.quality import fixed_split, group_key, sample_rows, summarize
+
+
+def _frame() -> pd.DataFrame:
+    rows = []
+    for i in range(300):
+        label = "disaster" if i % 3 == 0 else "calm"
+        rows.append((f"tweet number {i} about {label}", label))
+        if i % 10 == 0:  # retweets of the same text, with a link and a mention
+            rows.append((f"RT @someone: tweet number {i} about {label} http://t.co/x{i}", label))
+    return pd.DataFrame(rows, columns=["text", "label"])
+
+
+def test_near_duplicates_share_a_key():
+    assert group_key("RT @a: Fire in the hills! http://t.co/1") == group_key("fire in the HILLS")
+    assert group_key("fire in the hills") != group_key("fire in the valley")
+
+
+def test_fixed_split_is_stratified_seeded_and_keeps_groups_on_one_side():
+    frame = _frame()
+    pool, test = fixed_split(frame, test_rows=60)
+    test_keys = set(test["text"].map(group_key))
+    assert len(test) == len(test_keys) == 60  # one row per group in the test
+    assert set(pool["text"].map(group_key)).isdisjoint(test_keys)
+    assert len(pool) == sum(group_key(t) not in test_keys for t in frame["text"])
+    assert test["label"].value_counts().to_dict() == {"calm": 40, "disaster": 20}
+    again, test_again = fixed_split(frame, test_rows=60)
+    assert test_again.equals(test) and again.equals(pool)
+    rows = sample_rows(pool, 30, seed=1)
+    assert len(rows) == 30 and rows["label"].value_counts().to_dict() == {"calm": 20,
+                                                                         "disaster": 10}
+
+
+def test_summary_line_counts_wins_and_missed_classes():
+    def row(prefix, tfidf, missed=()):
+        m = {"macro_f1": prefix, "accuracy": 0.5, "missed": list(missed)}
+        base = {"macro_f1": tfidf, "accuracy": 0.5, "missed": []}
+        return {"prefix": m, "prefix_content_free": m, "prefix_prior": m, "tfidf": base,
+                "majority": base, "zero_shot": base, "train_s": 100.0}
+
+    line = summarize([row(0.7, 0.6), row(0.5, 0.6, ["hate"])])
+    assert line.startswith("quality: cases=2 prefix_beats_tfidf=1/2 prefix_f1=0.600")
+    assert "missed_classes=1" in line and "max_train_s=100" in line
