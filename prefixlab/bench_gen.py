@@ -75,7 +75,9 @@ def hf_generate(model: nn.Module, tokenizer, kv: torch.Tensor | None,
                 prompts: Sequence[Sequence[int]], num_beams: int, max_new_tokens: int
                 ) -> list[list[int]]:
     """transformers' `generate` after the prefix, passed as a prefilled cache built at
-    B * num_beams rows (generate expands inputs and mask to the beams, not a given cache)."""
+    B * num_beams rows (generate expands inputs and mask to the beams, not a given cache).
+    early_stopping="never" is the exact stopping rule decode.beam_search uses, so both do the
+    same search and should give the same outputs."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     ids, mask = _left_pad(prompts, pad)
@@ -90,7 +92,7 @@ def hf_generate(model: nn.Module, tokenizer, kv: torch.Tensor | None,
         out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, num_beams=num_beams,
                              do_sample=False, pad_token_id=pad,
                              eos_token_id=tokenizer.eos_token_id, length_penalty=1.0,
-                             early_stopping=False, **kwargs)
+                             early_stopping="never", **kwargs)
     rows = []
     for row in out[:, ids.shape[1]:].tolist():
         kept = []
