@@ -604,8 +604,9 @@ def execute_run(
                           processes=processes)
     note({"type": "event", "message": "evaluating", "step": kept, "stop_reason": result.reason})
     if generating:
+        # Its own loss on every held-out row: the live one read one reference per input.
         report = generation_report(loaded.model, encoder, kv, prepared.validation,
-                                   cfg.generation, prefix_loss=done["loss"] if done else None)
+                                   cfg.generation)
     else:
         report = full_report(loaded, kv, encoder, prepared.train if writer else None,
                              prepared.validation, cfg.training.seed, prefix_report=done)
