@@ -45,6 +45,7 @@ from torch import nn
 from prefixlab import cpu
 from prefixlab import data as datamod
 from prefixlab.encode import DEFAULT_TEMPLATE, Encoder, Example, Template, bucketed_batches
+from prefixlab.errors import ConfigError
 from prefixlab.evaluate import classification_report, predictions_from_probs
 from prefixlab.models import LoadedModel, autocast
 from prefixlab.predict import score_labels
@@ -132,7 +133,7 @@ class BenchConfig:
         if self.rows + self.eval_rows < 6:
             problems.append("rows + eval_rows must be at least 6 for a stratified sample")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError(problems)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(learning_rate=self.learning_rate, epochs=self.epochs,
