@@ -10,11 +10,11 @@ import fcntl
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
-import psutil
 import pytest
 
 from prefixlab.config import RunConfig
@@ -32,6 +32,16 @@ INFO = ModelInfo("tiny-model", PrefixShape(2, 2, 8), 10_000)
 def store(tmp_path) -> RunStore:
     store = RunStore(tmp_path / "data")
     store.worker_command = [sys.executable, str(STAND_IN)]
+    # Keep each worker's Popen: without a holder, subprocess reaps an exited child at its
+    # next Popen anywhere in the process, and its pid would be gone before the test waits.
+    store.spawned = []
+
+    def spawn(*args, **kwargs):
+        proc = type(store)._spawn(store, *args, **kwargs)  # looked up now: tests patch it
+        store.spawned.append(proc)
+        return proc
+
+    store._spawn = spawn
     return store
 
 
@@ -61,8 +71,11 @@ class Release:
         self.file.close()
 
 
-def _worker(store: RunStore, run_id: str) -> psutil.Process:
-    return psutil.Process(store.get(run_id).pid)
+def _worker(store: RunStore, run_id: str) -> subprocess.Popen:
+    """The last worker started (its pid is the one the registry holds)."""
+    proc = store.spawned[-1]
+    assert store.get(run_id).pid == proc.pid
+    return proc
 
 
 def _state(store: RunStore, run_id: str) -> tuple[str, str]:
@@ -265,7 +278,7 @@ def test_a_killed_worker_is_interrupted_and_the_run_resumes(store, run_id):
     store.start(run_id)
     worker = _worker(store, run_id)
     os.kill(worker.pid, signal.SIGKILL)
-    worker.wait(timeout=30)
+    assert worker.wait(timeout=30) == -signal.SIGKILL
     store.refresh()
     assert _state(store, run_id) == ("interrupted", "interrupted")
     store.start(run_id, resume=True)  # the lock is free again: a resume starts
