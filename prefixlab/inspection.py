@@ -206,6 +206,32 @@ def _stored(run: Run) -> dict | None:
     return found if isinstance(found, dict) and found.get("prefix_mtime") == stamp else None
 
 
+NEAREST_CACHE = "nearest_cache.json"
+
+
+def cached_nearest_tokens(run: Run, bank, top_k: int, candidates: Sequence[int],
+                          progress: Callable[[str], None] | None = None) -> NearestTokens:
+    """nearest_tokens for the run's prefix, kept in the run folder (nearest_cache.json) while
+    the prefix file, the bank (its cache file names its token list and weights), top_k and
+    the candidates are unchanged: ranking deeper layers reads ~1,000 tokens through every
+    layer, the slowest part of opening a run."""
+    stamp = run.folder.prefix_path.stat().st_mtime
+    key = {"prefix_mtime": stamp, "bank": bank.path.name if bank.path else None,
+           "top_k": top_k, "candidates": [int(i) for i in candidates]}
+    path = run.folder.path / NEAREST_CACHE
+    try:
+        found = json.loads(path.read_text()) if path.is_file() else None
+        if found and found.get("key") == key:
+            return NearestTokens.from_dict(found["nearest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # unreadable or from another version: ranked again and rewritten
+    nearest = nearest_tokens(run.loaded, run.kv, bank, top_k, candidates=candidates,
+                             progress=progress)
+    if key["bank"] is not None:
+        atomic_write_json(path, {"key": key, "nearest": nearest.to_dict()})
+    return nearest
+
+
 def stored_knockout_rows(run: Run) -> int | None:
     """How many rows the run folder's knockout was measured on (None: none for this prefix)."""
     found = _stored(run)
@@ -307,7 +333,6 @@ def inspect_run(
     return output
 
 
-__all__ = ["DEFAULT_KNOCKOUT_ROWS", "KNOCKOUT_FILE", "CausalReadout", "inspect_run",
-           "load_snapshots", "nearest_tokens_json", "pca_json", "run_knockout", "run_words",
-           "stored_knockout_rows",
-           "word_ids"]
+__all__ = ["DEFAULT_KNOCKOUT_ROWS", "KNOCKOUT_FILE", "NEAREST_CACHE", "CausalReadout",
+           "cached_nearest_tokens", "inspect_run", "load_snapshots", "nearest_tokens_json",
+           "pca_json", "run_knockout", "run_words", "stored_knockout_rows", "word_ids"]

@@ -324,6 +324,22 @@ class NearestTokens:
         """(L, 2, P): top-1 score minus the random baseline."""
         return self.scores[..., 0] - self.baseline
 
+    def to_dict(self) -> dict:
+        """Plain lists (JSON): what a run folder keeps so a later open need not rank again."""
+        return {"token_ids": self.token_ids.tolist(), "scores": self.scores.tolist(),
+                "baseline": self.baseline.tolist(), "baseline_std": self.baseline_std.tolist(),
+                "ranked_among": self.ranked_among.tolist(),
+                "labels": {str(k): v for k, v in self.labels.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NearestTokens:
+        return cls(np.asarray(d["token_ids"], dtype=np.int64),
+                   np.asarray(d["scores"], dtype=np.float32),
+                   np.asarray(d["baseline"], dtype=np.float32),
+                   np.asarray(d["baseline_std"], dtype=np.float32),
+                   np.asarray(d["ranked_among"], dtype=np.int64),
+                   {int(k): v for k, v in d["labels"].items()})
+
     def top(self, layer: int, kind: str, position: int) -> list[tuple[str, int, float]]:
         i = _kind_index(kind)
         return [(self.labels[int(t)], int(t), float(s)) for t, s in

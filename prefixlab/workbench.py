@@ -708,7 +708,12 @@ class Workbench:
         """Nearest tokens, value readout and movement of a run's prefix; cached per prefix
         file. The reference bank is computed once per base model and kept on disk."""
         from prefixlab import interpret, interpret_maps
-        from prefixlab.inspection import load_snapshots, run_words, word_ids
+        from prefixlab.inspection import (
+            cached_nearest_tokens,
+            load_snapshots,
+            run_words,
+            word_ids,
+        )
 
         run = self.open(run_id)
         mtime = run.folder.prefix_path.stat().st_mtime
@@ -718,7 +723,7 @@ class Workbench:
         def inspect() -> Inspection:
             words = word_ids(run_words(run))
             bank = self.bank(run, words)
-            nearest = interpret.nearest_tokens(run.loaded, run.kv, bank, top_k, candidates=words)
+            nearest = cached_nearest_tokens(run, bank, top_k, words)
             readout = interpret.value_readout(run.loaded, run.kv, top_k)
             snapshots = load_snapshots(run.folder.path)
             movement = interpret_maps.prefix_movement(snapshots) if len(snapshots) > 1 else None

@@ -102,3 +102,26 @@ def test_knockout_of_a_trained_run_is_cached_and_written_by_inspect(tmp_path, mo
     assert written["format"] == "prefixlab-knockout/1" and "label_push" in written
     page = (out / "inspection.html").read_text()
     assert page.index("Summary") < page.index("Slots by effect") < page.index("Method and")
+
+
+def test_a_reopened_run_reads_its_nearest_tokens_from_the_run_folder(tmp_path, model_dir,
+                                                                     monkeypatch):
+    import numpy as np
+
+    from prefixlab import inspection, interpret
+
+    monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
+    wb = Workbench(tmp_path / "data", model=str(model_dir))
+    run_id = _trained_run(wb, tmp_path, model_dir, ("negative", "positive"), "n")
+    first = wb.inspection(run_id)
+    assert (first.run.folder.path / inspection.NEAREST_CACHE).is_file()
+
+    def never(*args, **kwargs):
+        raise AssertionError("ranked again instead of read from the run folder")
+
+    monkeypatch.setattr(interpret, "nearest_tokens", never)
+    monkeypatch.setattr(inspection, "nearest_tokens", never)
+    again = Workbench(tmp_path / "data", model=str(model_dir)).inspection(run_id)
+    np.testing.assert_array_equal(again.nearest.token_ids, first.nearest.token_ids)
+    np.testing.assert_allclose(again.nearest.scores, first.nearest.scores)
+    assert again.nearest.labels == first.nearest.labels
