@@ -291,12 +291,13 @@ def generate_texts(model: nn.Module, tokenizer, kv: torch.Tensor | None,
     stop_check = None
     if config.stop:
         def stop_check(ids: list[int]) -> bool:
-            # Only the last few tokens can complete a stop string that was not there before.
-            text = tokenizer.decode(ids[-16:], skip_special_tokens=True)
+            # Leading whitespace is not an answer's end: a model that opens with a newline
+            # (a bare model after "Output:") is not cut to nothing by a "\n" stop.
+            text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
             return any(s in text for s in config.stop)
     eos = tokenizer.eos_token_id
     ids = generate_ids(model, kv, prompts, eos, tokenizer.pad_token_id, config, stop_check)
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
     # One line-break convention: a lone carriage return would end a row in a CSV reader.
     texts = [t.replace("\r\n", "\n").replace("\r", "\n") for t in texts]
-    return [cut_at_stop(t, config.stop).strip() for t in texts]
+    return [cut_at_stop(t.lstrip(), config.stop).strip() for t in texts]

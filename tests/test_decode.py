@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from prefixlab.decode import DecodeConfig, beam_search, generate_texts, greedy
+from prefixlab.decode import DecodeConfig, beam_search, cut_at_stop, generate_texts, greedy
 from prefixlab.errors import ConfigError
 from prefixlab.prefix import forward
 from tests.conftest import tiny_model
@@ -143,3 +143,13 @@ def test_decode_config_lists_every_problem():
         DecodeConfig(max_new_tokens=0, num_beams=0, stop=[""])
     assert "max_new_tokens" in str(e.value) and "num_beams" in str(e.value)
     assert "stop" in str(e.value)
+
+
+def test_a_stop_string_at_the_first_character_leaves_an_empty_output(loaded, tokenizer):
+    model = loaded.model
+    prompt = tokenizer("the movie was", add_special_tokens=False)["input_ids"]
+    free = generate_texts(model, tokenizer, None, [prompt], DecodeConfig(max_new_tokens=12))[0]
+    cut = generate_texts(model, tokenizer, None, [prompt],
+                         DecodeConfig(max_new_tokens=12, stop=[free[0]]))[0]
+    assert cut == ""
+    assert cut_at_stop("The Eagle is a pub.\nMore", ["\n"]) == "The Eagle is a pub."
