@@ -88,7 +88,8 @@ def knockout_lines(result: Knockout, top: int = 3) -> list[str]:
         name = "P" if kind == "slot" else "layer "
         return ", ".join(f"{name}{i} ({c:+.2f})" for i, c in costly)
 
-    f1 = "" if result.f1 is None else f", macro-F1 {result.f1:.2f}"
+    f1 = (" per target token" if result.f1 is None  # a generation run's targets
+          else f", macro-F1 {result.f1:.2f}")
     whole = ("" if result.all_f1 is None else f", macro-F1 {result.all_f1:+.2f}")
     return [
         f"**What matters** (knockout on {result.rows} held-out rows; intact: log-prob "

@@ -40,7 +40,13 @@ from prefixlab.interpret_bank import (
     reference_bank,
     text_token_ids,
 )
-from prefixlab.interpret_causal import Knockout, LabelPush, knockout, label_push
+from prefixlab.interpret_causal import (
+    Knockout,
+    LabelPush,
+    knockout,
+    label_push,
+    target_log_likelihoods,
+)
 from prefixlab.interpret_maps import (
     LayersMap,
     Movement,
@@ -168,13 +174,13 @@ class CausalReadout:
     """What a run's prefix does: knockouts, the attention share per layer, the label push."""
 
     knockout: Knockout
-    push: LabelPush
+    push: LabelPush | None  # None for a generation run (no labels)
     attention: AttentionMass | None  # share of attention on the prefix (None: no texts)
 
     def to_json(self, run_name: str, stamp: float) -> dict:
         out = {"run": run_name, "prefix_mtime": stamp, **self.knockout.to_json(),
-               "label_push": {"labels": self.push.labels,
-                              "push": _round(self.push.push)}}
+               "label_push": None if self.push is None else {
+                   "labels": self.push.labels, "push": _round(self.push.push)}}
         if self.attention is not None:
             out["attention_share"] = _round(self.attention.mass[-1].mean(-1))
         return out
@@ -247,8 +253,26 @@ def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool
     loaded, kv = run.loaded, run.kv
     stamp = run.folder.prefix_path.stat().st_mtime
     cached = run.folder.path / KNOCKOUT_FILE
-    texts, gold = _held_out(run, rows)
-    push = label_push(loaded, kv, run.labels, run.encoder.label_ids)
+    if run.is_generation:  # the score is each held-out target's mean token log-probability
+        from prefixlab.generation import prepare_pairs
+
+        try:
+            pairs = prepare_pairs(run.config)[1]
+        except (datamod.DataError, OSError) as e:
+            raise InterpretError(f"the knockout needs the run's data to score held-out rows, "
+                                 f"but {run.config.train_csv} cannot be read: {e}") from e
+        texts, targets, gold = pairs.inputs[:rows], pairs.targets[:rows], None
+        push = None  # no labels to push toward
+
+        def score(model):
+            return target_log_likelihoods(model, kv, run.encoder, texts, targets)
+    else:
+        texts, gold = _held_out(run, rows)
+        push = label_push(loaded, kv, run.labels, run.encoder.label_ids)
+
+        def score(model):
+            return score_log_likelihoods(model, kv, run.encoder, texts)
+
     attention = prefix_attention(loaded, kv, texts[:8])
     found = _stored(run) if use_cache else None
     if found is not None and found.get("rows") == len(texts):
@@ -256,9 +280,6 @@ def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool
             return CausalReadout(Knockout.from_json(found), push, attention)
         except (KeyError, TypeError, ValueError):
             pass  # from another version: measured again and rewritten
-
-    def score(model):
-        return score_log_likelihoods(model, kv, run.encoder, texts)
 
     result = CausalReadout(knockout(loaded, kv, score, gold, progress), push, attention)
     atomic_write_json(cached, result.to_json(run.folder.path.name, stamp))
@@ -317,8 +338,9 @@ def inspect_run(
     if causal is not None:
         stamp = run.folder.prefix_path.stat().st_mtime
         atomic_write_json(output / KNOCKOUT_FILE, causal.to_json(run.folder.path.name, stamp))
-        extra = [("What each part does", knockout_figure(causal.knockout, causal.attention)),
-                 ("Which label each layer pushes", label_push_figure(causal.push))]
+        extra = [("What each part does", knockout_figure(causal.knockout, causal.attention))]
+        if causal.push is not None:
+            extra.append(("Which label each layer pushes", label_push_figure(causal.push)))
     else:
         extra = []
     initial = snapshots[0][1] if snapshots else None

@@ -200,6 +200,7 @@ def knockout(loaded: LoadedModel, kv: torch.Tensor, score: Score, gold: Sequence
     variants += [{layer: list(range(P))} for layer in range(L)]
     variants += [{layer: list(range(P)) for layer in range(L)}]
     results = []
+    n_rows = 0
     for i, hidden in enumerate(variants):
         if progress:
             what = ("intact" if i == 0 else f"slot {i - 1}" if i <= P
@@ -209,6 +210,7 @@ def knockout(loaded: LoadedModel, kv: torch.Tensor, score: Score, gold: Sequence
             ll = np.asarray(score(model), dtype=np.float64)
         if gold_a is not None and ll.shape[0] != len(gold_a):
             raise InterpretError(f"the score gave {ll.shape[0]} rows for {len(gold_a)} gold labels")
+        n_rows = ll.shape[0]
         results.append(_measure(ll, gold_a))
     if progress:
         progress(1.0, "knockout: done")
@@ -216,11 +218,35 @@ def knockout(loaded: LoadedModel, kv: torch.Tensor, score: Score, gold: Sequence
     lp = np.array([r[0] for r in results]) - base_lp
     f1 = None if base_f1 is None else np.array([r[1] for r in results]) - base_f1
     return Knockout(
-        rows=len(gold_a) if gold_a is not None else -1, prefix_length=P, num_layers=L,
+        rows=n_rows, prefix_length=P, num_layers=L,
         log_prob=base_lp, f1=base_f1, slot_log_prob=lp[1:P + 1],
         slot_f1=None if f1 is None else f1[1:P + 1], layer_log_prob=lp[P + 1:P + 1 + L],
         layer_f1=None if f1 is None else f1[P + 1:P + 1 + L], all_log_prob=float(lp[-1]),
         all_f1=None if f1 is None else float(f1[-1]))
+
+
+@torch.inference_mode()
+def target_log_likelihoods(model: torch.nn.Module, kv: torch.Tensor, encoder, inputs:
+                           Sequence[str], targets: Sequence[str],
+                           batch_size: int = 16) -> np.ndarray:
+    """A generation run's score: mean log-probability per target token (EOS included), one
+    row per (input, target) pair: (N, 1). encoder: the run's encode.PairEncoder."""
+    from prefixlab.encode import collate
+    from prefixlab.prefix import forward
+
+    examples = encoder.examples(list(inputs), list(targets))
+    pad = encoder.tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    out = np.zeros((len(examples), 1))
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad).to(device)
+        logits = forward(model, kv.to(device), batch.input_ids, batch.attention_mask,
+                         batch.loss_mask)  # (n_target_tokens, V), rows in order
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, batch.targets[:, None])[:, 0]
+        counts = batch.loss_mask.sum(1).tolist()  # target tokens per row
+        for i, part in enumerate(logp.split(counts)):
+            out[start + i, 0] = float(part.mean())
+    return out
 
 
 @dataclass
@@ -248,4 +274,4 @@ def label_push(loaded: LoadedModel, kv: torch.Tensor, labels: Sequence[str],
 
 
 __all__ = ["METHOD", "Knockout", "LabelPush", "knockout", "knocked_out", "label_push",
-           "macro_f1"]
+           "macro_f1", "target_log_likelihoods"]

@@ -108,7 +108,7 @@ def main(data_dir: str, run_id: str, shot: str | None) -> None:
 def re_run(run_id: str):
     import re
 
-    return re.compile(rf".*{re.escape(run_id)}$")
+    return re.compile(re.escape(run_id))
 
 
 if __name__ == "__main__":

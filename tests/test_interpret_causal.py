@@ -151,3 +151,28 @@ def test_the_summary_names_the_slot_and_layer_that_matter(loaded):
     noise = torch.randn(words.shape, generator=torch.Generator().manual_seed(0)) * words.std()
     near_noise = nearest_tokens(loaded, noise, reference_bank(loaded, 50), top_k=2)
     assert "none stands clearly above" in summary_markdown(near_noise, noise, None, None)
+
+
+def test_a_generation_target_is_scored_per_row_and_knocked_out(loaded):
+    from prefixlab.encode import PairEncoder
+    from prefixlab.generation import target_loss
+    from prefixlab.pairs import TextPairs
+
+    encoder = PairEncoder(loaded.tokenizer, Template("{text} ->"), 48, 8)
+    inputs, targets = ["the movie was", "great fun"], [" great", " bad acting"]
+    kv = _signal_in(loaded, slot=1, scale=5.0)
+    per_row = C.target_log_likelihoods(loaded.model, kv, encoder, inputs, targets)
+    assert per_row.shape == (2, 1)
+    # Each row alone: its mean log-probability is minus its own target loss.
+    for i in range(2):
+        pair = TextPairs([inputs[i]], [targets[i]], [i + 1], "input", "target")
+        assert per_row[i, 0] == pytest.approx(-target_loss(loaded.model, kv, encoder, pair),
+                                              abs=1e-4)
+
+    def score(model):
+        return C.target_log_likelihoods(model, kv, encoder, inputs, targets)
+
+    result = C.knockout(loaded, kv, score, None)
+    assert result.f1 is None and result.slot_log_prob.shape == (kv.shape[3],)
+    # Slot 1 holds the only large values: hiding it moves the target most.
+    assert int(np.argmax(np.abs(result.slot_log_prob))) == 1

@@ -115,7 +115,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         if ins.causal is None:
             return shown(None), shown(None)
         return (shown(plots_causal.knockout_figure(ins.causal.knockout, ins.causal.attention)),
-                shown(plots_causal.label_push_figure(ins.causal.push)))
+                shown(plots_causal.label_push_figure(ins.causal.push)
+                      if ins.causal.push is not None else None))
 
     def summary_text(ins):
         return summary_markdown(ins.nearest, ins.run.kv, ins.initial_kv,
