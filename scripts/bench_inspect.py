@@ -61,6 +61,7 @@ def main(data_dir: str, run_id: str, shot: str | None) -> None:
             expect(page.locator("#inspect-summary")).to_contain_text("Movement")
             page.locator("#inspect-pca .js-plotly-plot").wait_for()
             figures["first open"] = [time.perf_counter() - start]
+            print("first open", figures["first open"], flush=True)
 
             def title_has(text: str) -> None:
                 page.wait_for_function(
@@ -88,6 +89,7 @@ def main(data_dir: str, run_id: str, shot: str | None) -> None:
             changes.append(time.perf_counter() - start)
             page.get_by_label("2-D", exact=True).check()
             figures["view change"] = changes
+            print("view change", changes, flush=True)
 
             start = time.perf_counter()
             page.locator("#inspect-knockout").click()
