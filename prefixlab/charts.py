@@ -93,8 +93,8 @@ def eval_curves(records: Sequence[dict], title: str = "Validation metrics") -> g
     generation run BLEU, ROUGE-L and chrF (0 to 100) on its sample of held-out inputs."""
     evals = [r for r in records if r.get("type") == "eval"]
     if not evals:
-        return empty_figure(title, "The prefix is scored on the validation rows at the end "
-                                   "of each epoch;<br>the first scores appear then.")
+        return empty_figure(title, "The prefix is scored on the validation rows every half "
+                                   "epoch;<br>the first scores appear then.")
     generation = any("bleu" in r for r in evals)
     series = ((("bleu", "BLEU", "{:.1f}"), ("rouge_l", "ROUGE-L", "{:.1f}"),
                ("chrf", "chrF", "{:.1f}")) if generation

@@ -19,7 +19,7 @@ def test_nothing_yet_says_so_instead_of_empty_axes():
     for fig in (charts.loss_curves([]), charts.eval_curves(STEPS)):
         assert not fig.data and not fig.layout.xaxis.visible
         assert fig.layout.annotations and fig.layout.title.text
-    assert "end of each epoch" in charts.eval_curves(STEPS).layout.annotations[0].text
+    assert "every half epoch" in charts.eval_curves(STEPS).layout.annotations[0].text
 
 
 def test_one_evaluation_sits_on_a_step_axis_from_zero_with_its_values_written():
