@@ -91,6 +91,8 @@ PRESETS: dict[str, dict] = {
     },
 }
 SETTING_NAMES = tuple(PRESETS["Quick look"])
+RUNS_COLUMNS = ("name", "status", "progress", "data", "base model", "macro-F1", "accuracy",
+                "prefix size", "model size", "processes", "created", "id")
 _UPLOAD_KEY = re.compile(r"^[0-9a-f]{16}-[A-Za-z0-9._-]{1,80}$")  # what keep_upload names
 EXAMPLE_KEY = "example"
 REFRESH_INTERVAL_S = 0.5  # how stale a polled run list may be (the Train tab polls every 1.5 s)
@@ -446,9 +448,7 @@ class Workbench:
                 "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)),
                 "id": r.id,
             })
-        columns = ["name", "status", "progress", "data", "base model", "macro-F1", "accuracy",
-                   "prefix size", "model size", "processes", "created", "id"]
-        return pd.DataFrame(rows, columns=columns)
+        return pd.DataFrame(rows, columns=list(RUNS_COLUMNS))
 
     def phase(self, run_id: str) -> str | None:
         """What an active run is doing, in words (its worker writes it; None when over)."""

@@ -200,6 +200,15 @@ def test_runs_table_has_its_columns_when_empty_and_a_row_per_run(workbench, revi
     assert row["progress"] == "" and row["prefix size"] == "" and row["processes"] == ""
 
 
+def test_the_runs_table_has_a_width_for_every_column_and_the_id_the_widest():
+    """The widths were one short once a column was added: the id column was cut off."""
+    from prefixlab.ui.runs_tab import RUNS_COLUMN_WIDTHS
+
+    assert len(RUNS_COLUMN_WIDTHS) == len(RUNS_COLUMNS)
+    assert sum(int(w[:-1]) for w in RUNS_COLUMN_WIDTHS) == 100
+    assert max(RUNS_COLUMN_WIDTHS, key=lambda w: int(w[:-1])) == RUNS_COLUMN_WIDTHS[-1]
+
+
 def test_pollers_share_one_registry_refresh(workbench, reviews, monkeypatch):
     from prefixlab import workbench as workbench_module
 

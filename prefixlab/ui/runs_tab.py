@@ -10,10 +10,11 @@ from prefixlab import charts
 from prefixlab.runs import ACTIVE
 from prefixlab.ui.common import LoadHook, escape, run_choices, shown, wire
 from prefixlab.ui.train_tab import PER_CLASS_WIDTHS, report_outputs
-from prefixlab.workbench import Workbench
+from prefixlab.workbench import RUNS_COLUMNS, Workbench
 
 # Shares of the table's width: the id must show whole, headers must not break mid-word.
-RUNS_COLUMN_WIDTHS = ["13%", "8%", "7%", "10%", "12%", "7%", "7%", "6%", "6%", "9%", "15%"]
+_WIDTHS = {"name": 12, "status": 8, "data": 9, "base model": 11, "created": 9, "id": 15}
+RUNS_COLUMN_WIDTHS = [f"{_WIDTHS.get(c, 6)}%" for c in RUNS_COLUMNS]  # one per column
 
 
 def build(workbench: Workbench, notice) -> list[LoadHook]:
