@@ -13,8 +13,11 @@ from prefixlab.ui.train_tab import PER_CLASS_WIDTHS, report_outputs
 from prefixlab.workbench import RUNS_COLUMNS, Workbench
 
 # Shares of the table's width: the id must show whole, headers must not break mid-word.
-_WIDTHS = {"name": 12, "status": 8, "data": 9, "base model": 11, "created": 9, "id": 15}
-RUNS_COLUMN_WIDTHS = [f"{_WIDTHS.get(c, 6)}%" for c in RUNS_COLUMNS]  # one per column
+# A one-word header needs ~8% of the table ("accuracy", "processes" in the header font);
+# two-word ones wrap between their words; the id, the widest, wraps at its dashes.
+_WIDTHS = {"name": 10, "data": 8, "base model": 10, "prefix size": 6, "model size": 6,
+           "id": 12}
+RUNS_COLUMN_WIDTHS = [f"{_WIDTHS.get(c, 8)}%" for c in RUNS_COLUMNS]  # one per column
 
 
 def build(workbench: Workbench, notice) -> list[LoadHook]:

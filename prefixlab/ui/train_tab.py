@@ -97,8 +97,8 @@ def report_outputs(report: dict | None):
     # Said above the numbers: a prefix that predicts one class for (nearly) every row can
     # still show a fair accuracy on a skewed set.
     warnings = [f"> ⚠️ **{escape(w)}**" for w in report.get("warnings", [])]
-    if warnings:
-        lines[1:1] = ["", *warnings, ""]
+    if warnings:  # one quoted paragraph each ("> " lines in a row would run together)
+        lines[1:1] = ["", "\n>\n".join(warnings), ""]
     if "kept_step" in report:
         lines.append(f"\nKept the prefix of step {report['kept_step']} of {report['steps']} "
                      f"({report['selection']}); training ended: {report['stop_reason']}.")
