@@ -341,6 +341,9 @@ def test_inspect_a_run_change_views_and_run_the_knockout(page, workbench, workdi
     slider = page.locator("#inspect-layer input[type=number]")
     slider.fill("1")
     slider.press("Enter")
+    page.wait_for_function(  # typing a layer redraws its map
+        "document.querySelector('#inspect-pca .js-plotly-plot')?.layout?.title?.text"
+        "?.includes('Layer 1 keys')", timeout=TIMEOUT_MS, polling=250)
     page.get_by_label("value", exact=True).check()
     expect(page.locator("#inspect-table")).to_be_visible()
     page.wait_for_function(

@@ -163,7 +163,9 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
 
     view_inputs = [current, layer, kind, dims]
     view_outputs = [pca_plot, layers_plot, nearest_plot, nearest_table, readout_table]
-    wire(layer.release, on_view, view_inputs, view_outputs, notice)  # not on every drag tick
+    # Typing a layer into the slider's box fires `input`, not `release`; always_last drops
+    # the intermediate ticks of a drag, so only the layer let go on is drawn.
+    wire(layer.input, on_view, view_inputs, view_outputs, notice, trigger_mode="always_last")
     wire(kind.change, on_view, view_inputs, view_outputs, notice)
     wire(dims.change, on_view, view_inputs, view_outputs, notice)
 
