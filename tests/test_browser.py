@@ -70,7 +70,10 @@ def walk_data(workdir: Path, real: bool) -> tuple[Path, Path]:
     """A training CSV and a held-out test CSV, both named as the walk expects: short
     synthetic reviews for the tiny model; real movie-review sentences for the default one."""
     if not real:
-        return (write_reviews_csv(workdir / "reviews.csv", rows=40),
+        # 160 training rows x 40 epochs at batch 1: longer than the preset's 1.5-minute time
+        # budget on any machine, so the run is still training when the second one queues
+        # (with 40 rows it finished within one status poll on an idle machine)
+        return (write_reviews_csv(workdir / "reviews.csv", rows=200),
                 write_reviews_csv(workdir / "test.csv", rows=12))
     from tests.conftest import SHARED_DATA
 
@@ -205,7 +208,7 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     if not real:  # the tiny model needs a longer run for a second one to queue behind it
         page.get_by_role("button", name=re.compile(r"^Settings ▼")).click()
         set_slider(page, "epochs", 40)
-        set_slider(page, "batch-size", 2)
+        set_slider(page, "batch-size", 1)
         patience = page.get_by_label(re.compile(r"^Patience"))
         patience.fill("0")  # no early stop: it must still train when the second run starts
         patience.press("Enter")
