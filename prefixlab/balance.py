@@ -4,7 +4,8 @@ A prefix trained on skewed labels learns the skew: the label log-likelihoods car
 training prior, and argmax over them rarely picks a rare class. Two levers, measured by
 `python -m prefixlab.quality`:
 - training: `epoch_order(..., "sampled")` draws each epoch's rows with every class equally
-  likely, so the loss weighs classes alike without touching the loss itself;
+  likely, so the loss weighs classes alike without touching the loss itself; "weighted"
+  reads every row once and weights each row's loss by `class_weights` (train.py);
 - deciding: `calibrate` subtracts a per-label offset from the log-likelihoods before argmax,
   either the mean log-probability on content-free inputs (Zhao et al. 2021, "Calibrate
   Before Use") or the log of the training label frequencies (prior correction).
@@ -37,10 +38,10 @@ def epoch_order(labels: Sequence[int], balance: str, seed: int, epoch: int) -> l
     `class_weights`, so each class is drawn equally often in expectation. Deterministic for
     (seed, epoch), so a resumed run reads the same rows.
     """
-    if balance == "none":
+    if balance in ("none", "weighted"):  # weighted: every row once, the loss weighs them
         return list(range(len(labels)))
     if balance != "sampled":
-        raise ValueError(f"unknown class balance {balance!r}; use none or sampled")
+        raise ValueError(f"unknown class balance {balance!r}; use none, sampled or weighted")
     weights = class_weights(labels, max(labels) + 1)
     rng = random.Random(seed * 7_919 + epoch * 104_729 + 1)
     return rng.choices(range(len(labels)), weights=[weights[y] for y in labels], k=len(labels))

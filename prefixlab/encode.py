@@ -153,6 +153,7 @@ class Example:
     prompt: list[int]
     target: list[int]  # the label's tokens, or a generation target's tokens and EOS
     label: int  # 0 in generation runs
+    weight: float = 1.0  # each target token's weight in the loss (class-weighted training)
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.target)
@@ -191,12 +192,32 @@ class Batch:
     targets: torch.Tensor  # (n_target_tokens,) in row-major order of loss_mask
     labels: torch.Tensor  # (B,) label index per row
     real_tokens: int  # the examples' tokens (last target token included), for throughput
+    weights: torch.Tensor | None = None
+    """(n_target_tokens,) per-token loss weights, or None when all are 1 (a plain mean)."""
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
             self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
             self.targets.to(device), self.labels.to(device), self.real_tokens,
+            None if self.weights is None else self.weights.to(device),
         )
+
+    @property
+    def mass(self) -> float:
+        """The sum of the target tokens' weights: what the batch's loss is a mean over."""
+        return float(self.weights.sum()) if self.weights is not None else self.targets.numel()
+
+
+def target_mass(examples: Sequence[Example]) -> float:
+    """The summed loss weight of the examples' target tokens (their count when unweighted)."""
+    return sum(e.weight * len(e.target) for e in examples)
+
+
+def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Per-token losses (n,) to the batch's loss: their mean, or weighted mean."""
+    if weights is None:
+        return losses.mean()
+    return (losses * weights).sum() / weights.sum()
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
@@ -207,7 +228,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(B, T, dtype=torch.long)
     loss_mask = torch.zeros(B, T, dtype=torch.bool)
-    targets = []
+    targets: list[int] = []
+    weights: list[float] = []
     for row, e in enumerate(examples):
         seq = (e.prompt + e.target)[:-1]
         input_ids[row, : len(seq)] = torch.tensor(seq)
@@ -215,7 +237,10 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         start = len(e.prompt)
         loss_mask[row, start - 1 : start - 1 + len(e.target)] = True  # logit j-1 scores token j
         targets += e.target
+        weights += [e.weight] * len(e.target)
+    weighted = any(w != 1.0 for w in weights)
     return Batch(
         input_ids, attention_mask, loss_mask, torch.tensor(targets, dtype=torch.long),
         torch.tensor([e.label for e in examples]), sum(len(e) for e in examples),
+        torch.tensor(weights, dtype=torch.float32) if weighted else None,
     )

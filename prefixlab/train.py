@@ -17,7 +17,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, get_args
 
 import torch
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefixlab import distributed
-from prefixlab.balance import epoch_order
+from prefixlab.balance import class_weights, epoch_order
 from prefixlab.cpu import ThreadTuner, trim_heap
-from prefixlab.encode import Example, bucketed_batches, collate
+from prefixlab.encode import Example, bucketed_batches, collate, target_mass, weighted_mean
 from prefixlab.errors import ConfigError
 from prefixlab.families import TrainingLoss, family_of
 from prefixlab.models import autocast
@@ -40,7 +40,7 @@ gradients add up to the batch's, so activation memory stays bounded for any max_
 with the model. Larger chunks run matmuls closer to their peak, but 512 gained only ~4% with
 oneDNN's matmuls (`prefixlab.cpu.linear`) and took the benchmark's peak RSS to ~1.53 GB."""
 Monitor = Literal["macro_f1", "accuracy", "val_loss"]
-ClassBalance = Literal["none", "sampled"]
+ClassBalance = Literal["none", "sampled", "weighted"]
 MONITORS: tuple[str, ...] = get_args(Monitor)
 CLASS_BALANCE: tuple[str, ...] = get_args(ClassBalance)
 
@@ -89,8 +89,9 @@ class TrainConfig:
     """Training time budget in minutes (resumes included); 0 has none. At the budget, the
     current step is evaluated and the run ends."""
     class_balance: ClassBalance = "none"
-    """none, or sampled: each epoch draws its rows with every class equally likely (with
-    replacement), so rare classes weigh as much in the loss as common ones."""
+    """none; sampled: each epoch draws its rows with every class equally likely (with
+    replacement); weighted: every row once, its loss weighted by its class's inverse
+    frequency. Both make rare classes weigh as much in the loss as common ones."""
     checkpoint_every: int = 25
     """Checkpoint (prefix + optimizer) every N steps, so a crash loses at most that much."""
     seed: int = 0
@@ -210,9 +211,13 @@ def learning_rate_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def batch_loss(model: nn.Module, kv: torch.Tensor, batch) -> torch.Tensor:
-    """Mean cross-entropy over the label tokens; logits only where the loss reads them."""
+    """Mean (or weighted mean) cross-entropy over the label tokens; logits only where the loss
+    reads them."""
     logits = forward(model, kv, batch.input_ids, batch.attention_mask, batch.loss_mask)
-    return F.cross_entropy(logits.float(), batch.targets)  # logits: (n_target_tokens, V)
+    if batch.weights is None:
+        return F.cross_entropy(logits.float(), batch.targets)  # logits: (n_target_tokens, V)
+    return weighted_mean(F.cross_entropy(logits.float(), batch.targets, reduction="none"),
+                         batch.weights)
 
 
 def _chunks(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]:
@@ -233,7 +238,7 @@ def _chunks(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]
 def _backward(
     model: nn.Module, kv: torch.Tensor, examples: Sequence[Example], pad_id: int,
     device: torch.device, max_tokens: int, fast_loss: TrainingLoss | None = None,
-    n_targets: int | None = None,
+    n_targets: float | None = None,
 ) -> tuple[float, int, int]:
     """The batch's mean loss, its gradient accumulated through `kv`.
 
@@ -241,22 +246,24 @@ def _backward(
 
     The batch is read in chunks of at most `max_tokens` padded tokens, so activation memory
     is bounded whatever the rows' lengths. Each chunk's mean is weighted by its share of the
-    batch's label tokens: the sum is the whole batch's mean loss, and so is the gradient.
+    batch's label tokens (of their summed loss weights, when weighted): the sum is the whole
+    batch's mean loss, and so is the gradient.
     `fast_loss`: the model family's fast step (e.g. the lean Llama step on CPU), or None for
     autograd through the model's own modules (`batch_loss`).
-    `n_targets`: the label tokens of the whole batch when `examples` are one rank's share of
-    it (distributed.share), so the ranks' losses and gradients add up to the batch's.
+    `n_targets`: the label tokens (`target_mass`) of the whole batch when `examples` are one
+    rank's share of it (distributed.share), so the ranks' losses and gradients add up to the
+    batch's.
     """
     if not examples:  # an empty share of a small batch: no loss, no gradient
         return 0.0, 0, 0
     leaf = kv if kv.is_leaf else kv.detach().requires_grad_()  # chunks add their grads here
-    n_targets = n_targets or sum(len(e.target) for e in examples)
+    n_targets = n_targets or target_mass(examples)
     total, real, padded = 0.0, 0, 0
     for chunk in _chunks(examples, max_tokens):
         batch = collate(chunk, pad_id).to(device)
         with autocast(device), _attention_backends(device):
             loss = (fast_loss or batch_loss)(model, leaf, batch)
-            loss = loss * (batch.targets.numel() / n_targets)
+            loss = loss * (batch.mass / n_targets)
         loss.backward()
         if fast_loss is not None:
             fast_loss.release()
@@ -324,6 +331,9 @@ def train(
     should_stop = distributed.agreed(should_stop)  # all ranks stop at the same step
 
     labels = [e.label for e in examples]
+    if cfg.class_balance == "weighted":
+        weights = class_weights(labels, max(labels) + 1)
+        examples = [replace(e, weight=weights[e.label]) for e in examples]
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = cfg.total_steps(len(examples))
     interval = cfg.evaluation_interval(per_epoch)
@@ -366,7 +376,7 @@ def train(
             tuner.start()
             loss_value, real, padded = _backward(
                 model, prefix.key_values(), distributed.share(rows), pad_id, device,
-                chunk_tokens, fast_loss, sum(len(e.target) for e in rows))  # the batch's
+                chunk_tokens, fast_loss, target_mass(rows))  # the whole batch's
             loss_value, real = distributed.reduce_step(params, loss_value, real)
             real = int(real)
             if cfg.grad_clip:

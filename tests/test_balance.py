@@ -4,9 +4,11 @@ decisions, the majority baseline, and the warning when a prefix predicts one cla
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from prefixlab.balance import (
     calibrate,
@@ -16,6 +18,7 @@ from prefixlab.balance import (
     prior_offset,
 )
 from prefixlab.data import LabeledData
+from prefixlab.encode import collate
 from prefixlab.evaluate import classification_report, majority_baseline, prediction_warnings
 from prefixlab.train import TrainConfig, train
 from tests.test_train import _setup, toy_task
@@ -39,8 +42,9 @@ def test_sampled_epochs_draw_classes_equally_and_deterministically():
     assert order == epoch_order(labels, "sampled", seed=3, epoch=1)
     assert order != epoch_order(labels, "sampled", seed=3, epoch=2)
     assert epoch_order(labels, "none", seed=3, epoch=1) == list(range(1000))
+    assert epoch_order(labels, "weighted", seed=3, epoch=1) == list(range(1000))
     with pytest.raises(ValueError, match="sampled"):
-        epoch_order(labels, "weighted", 0, 0)
+        epoch_order(labels, "bogus", 0, 0)
 
 
 def test_sampled_training_reads_the_rare_class_more_often(loaded):
@@ -109,3 +113,76 @@ def test_a_prefix_that_predicts_one_class_is_reported_as_collapsed(loaded):
     assert report["predicted"]["positive"] >= 38  # (nearly) all rows
     assert any("predicts 'positive' for" in w and "collapsed" in w for w in report["warnings"])
     assert report["baselines"]["majority"]["predicted"] == {"negative": 0, "positive": 40}
+
+
+def _per_token_losses(model, kv, batch):
+    from prefixlab.prefix import forward
+
+    logits = forward(model, kv, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    return torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="none")
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_weighted_loss_is_the_weighted_mean_of_token_losses_on_both_paths(loaded, fast):
+    """The class-weighted loss, through autograd or the family's fast step, is
+    sum(w_i * loss_i) / sum(w_i), and so is its gradient."""
+    from prefixlab.families import family_of
+    from prefixlab.train import batch_loss
+
+    from .conftest import loss_and_grad, sentiment_batch
+
+    examples, kv = sentiment_batch(loaded)
+    weights = class_weights([e.label for e in examples], 2)
+    weighted = [replace(e, weight=weights[e.label]) for e in examples]
+    assert len(set(weights)) == 2  # the six rows are not balanced: the weights differ
+    batch = collate(weighted, loaded.tokenizer.pad_token_id)
+    w = batch.weights
+    assert w is not None and collate(examples, loaded.tokenizer.pad_token_id).weights is None
+
+    def manual(model, kv, batch):
+        return (_per_token_losses(model, kv, batch) * w).sum() / w.sum()
+
+    fn = family_of(loaded.model.config).fast_training_loss(loaded.model) if fast else None
+    if fast and fn is None:
+        pytest.skip("no fast step for this family")
+    want = loss_and_grad(manual, loaded.model, kv, batch)
+    got = loss_and_grad(fn or batch_loss, loaded.model, kv, batch)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+    plain = loss_and_grad(fn or batch_loss, loaded.model, kv,
+                          collate(examples, loaded.tokenizer.pad_token_id))
+    assert not torch.allclose(plain[0], got[0])  # the weights do change the loss
+
+
+def test_weighted_chunks_add_up_to_the_whole_batch(loaded):
+    """Read in small chunks, a weighted batch has the loss and gradient of one chunk."""
+    from prefixlab.train import _backward
+
+    from .conftest import sentiment_batch
+
+    examples, kv = sentiment_batch(loaded)
+    weights = class_weights([e.label for e in examples], 2)
+    weighted = [replace(e, weight=weights[e.label]) for e in examples]
+    pad = loaded.tokenizer.pad_token_id
+    grads = []
+    for max_tokens in (10_000, 8):
+        leaf = kv.detach().clone().requires_grad_()
+        loss, _, _ = _backward(loaded.model, leaf, weighted, pad, torch.device("cpu"), max_tokens)
+        grads.append((loss, leaf.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-5)
+
+
+def test_weighted_training_on_balanced_labels_is_plain_training(loaded):
+    """With every class equally frequent the weights are all 1: the same run exactly."""
+    enc, _, _, texts, labels = _setup(loaded)
+    keep = [i for i, y in enumerate(labels) if y == "negative"][:8]
+    keep += [i for i, y in enumerate(labels) if y == "positive"][:8]
+    examples = enc.examples([texts[i] for i in keep], [labels[i] for i in keep])
+    results = []
+    for balance in ("none", "weighted"):
+        _, prefix, _, _, _ = _setup(loaded)
+        train(loaded.model, prefix, examples, TrainConfig(epochs=2, batch_size=4, patience=0,
+                                                          class_balance=balance), 0)
+        results.append(prefix.folded())
+    torch.testing.assert_close(results[0], results[1], atol=0, rtol=0)
