@@ -6,7 +6,8 @@ that says, for every problem, where it is, what was found and what was expected.
 
 Pipeline: bytes -> `read_table` (size limit, binary sniffing, encoding, delimiter, CSV
 structure) -> `load_labeled_csv` (column choice, row cleaning, warnings) -> `stratified_split`.
-`write_csv` is the way back out: every string cell is neutralized against formula injection.
+`write_csv` is the way back out: every string cell is neutralized against formula injection,
+and every cell holding a line break is quoted (`csv_text`).
 
 Row numbers in messages count data rows from 1 (the header is not a row); blank lines are
 skipped and not counted, the same way pandas would read the file.
@@ -889,8 +890,29 @@ def write_csv(frame: pd.DataFrame, path: str | Path) -> int:
     changed = int(frame.map(lambda v: isinstance(v, str) and neutralize_cell(v) != v)
                   .to_numpy().sum()) + sum(
         a != b for a, b in zip(safe.columns, frame.columns, strict=True))
-    atomic_write_text(path, safe.to_csv(index=False, lineterminator="\n"))
+    atomic_write_text(path, csv_text(safe))
     return changed
+
+
+def csv_text(frame: pd.DataFrame) -> str:
+    """`frame` as CSV text without its index: rows end in "\n", and a cell that holds a line
+    break ("\r" or "\n") is quoted, so every CSV reader gets the same rows back.
+
+    The csv module quotes a cell only for a character of its line terminator: with "\n" alone a
+    lone "\r" (old Mac line ends, tweets) goes out bare and readers split the row there. So pandas
+    formats the values (numbers, NaN) with "\r\n", which quotes both, and each parsed row is
+    written again with that terminator, swapped for "\n".
+    """
+    rows = csv.reader(io.StringIO(frame.to_csv(index=False, lineterminator="\r\n"), newline=""))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    lines = []
+    for row in rows:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(row)
+        lines.append(buffer.getvalue()[:-2])  # the row's own "\r\n"; quoted ones stay inside
+    return "".join(line + "\n" for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------

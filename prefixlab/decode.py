@@ -298,6 +298,7 @@ def generate_texts(model: nn.Module, tokenizer, kv: torch.Tensor | None,
     eos = tokenizer.eos_token_id
     ids = generate_ids(model, kv, prompts, eos, tokenizer.pad_token_id, config, stop_check)
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
-    # One line-break convention: a lone carriage return would end a row in a CSV reader.
+    # One line-break convention for what shows the text: a lone carriage return breaks a
+    # Markdown table row in the report and moves the cursor in a terminal.
     texts = [t.replace("\r\n", "\n").replace("\r", "\n") for t in texts]
     return [cut_at_stop(t.lstrip(), config.stop).strip() for t in texts]

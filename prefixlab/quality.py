@@ -131,13 +131,16 @@ def run_case(case: Case, loaded, workdir: Path, overrides: dict, zero_cache: dic
     """Train with the default recipe on the case's rows; score everything on its test rows."""
     from prefixlab.balance import CONTENT_FREE, calibrate, content_free_offset, prior_offset
     from prefixlab.config import RunConfig
+    from prefixlab.data import csv_text
     from prefixlab.evaluate import majority_baseline, tfidf_baseline
     from prefixlab.experiment import create_run, execute_run, open_run, prepare_data
     from prefixlab.predict import score_log_likelihoods
 
     folder = workdir / f"{case.name.replace('->', '_to_')}_{case.n}_{case.seed}"
     csv = folder.with_suffix(".csv")
-    case.train[["text", "label"]].to_csv(csv, index=False)
+    # csv_text quotes every cell holding a lone "\r" (sentiment_tweets has 415 such texts); pandas'
+    # to_csv writes one bare unless a comma or quote in it forces quotes, and the row breaks.
+    csv.write_text(csv_text(case.train[["text", "label"]]), encoding="utf-8")
     cfg = RunConfig(train_csv=str(csv), text_column="text", label_column="label")
     cfg.training.seed = case.seed
     _apply(cfg, overrides)

@@ -95,6 +95,13 @@ def test_batch_generation_and_downloads(generated, tmp_path):
     result = workbench.predict_csv(run_id, csv)
     out = pd.read_csv(result.path, keep_default_na=False)
     assert list(out.columns) == ["mr", "ref", "generated"] and len(out) == 15
+    crlf = tmp_path / "cr.csv"  # a cell holding a lone "\r" comes back as one cell of one row
+    pd.DataFrame({"mr": ["name[Aromi],\reatType[pub]", MRS[1]]}).to_csv(crlf, index=False,
+                                                                       lineterminator="\r\n")
+    # (pandas reads it back: the random model's outputs hold control characters that our own
+    # reader takes for a binary file)
+    back = pd.read_csv(workbench.predict_csv(run_id, crlf).path, keep_default_na=False)
+    assert back["mr"].tolist() == ["name[Aromi],\reatType[pub]", MRS[1]]
     peft = workbench.download(run_id, "peft")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(
         zipfile.ZipFile(peft).namelist())

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from prefixlab.__main__ import main
+from prefixlab.data import read_table
 from tests.conftest import make_tokenizer, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,11 +71,13 @@ def test_train_evaluate_predict_export(tmp_path, csv_file, model_dir, capsys):
     assert sum(line["probabilities"].values()) == pytest.approx(1.0)
 
     src = tmp_path / "in.csv"
-    src.write_text("text\n=cmd|' /C calc'!A0\nthe movie was great\n")
+    src.write_text("text\n=cmd|' /C calc'!A0\nthe movie was great\n\"an old\rmac file\"\n")
     out = tmp_path / "out.csv"
     assert main(["predict", str(run), "--csv", str(src), "--output", str(out)]) == 0
     written = out.read_text()
     assert "'=cmd" in written and "predicted_label" in written and "p_positive" in written
+    # A cell holding a lone carriage return stays one cell of one row.
+    assert read_table(out).frame["text"].tolist()[1:] == ["the movie was great", "an old\rmac file"]
 
     assert main(["export", str(run), "--format", "peft", "--output",
                  str(tmp_path / "adapter")]) == 0

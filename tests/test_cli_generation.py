@@ -59,6 +59,13 @@ def test_generation_train_evaluate_predict(tmp_path, pairs_csv, model_dir, capsy
     frame = pd.read_csv(out, keep_default_na=False)
     assert list(frame.columns) == ["input", "target", "generated"] and len(frame) == 16
 
+    src, out = tmp_path / "cr.csv", tmp_path / "cr-gen.csv"  # an input holding a lone "\r"
+    pd.DataFrame({"input": [MRS[0] + "\rnear[river]", MRS[1]]}).to_csv(src, index=False,
+                                                                         lineterminator="\r\n")
+    assert main(["predict", str(run), "--csv", str(src), "--output", str(out)]) == 0
+    back = pd.read_csv(out, keep_default_na=False)  # (outputs may hold control characters)
+    assert back["input"].tolist() == [MRS[0] + "\rnear[river]", MRS[1]] and len(back) == 2
+
 
 def test_a_generation_run_without_an_input_column_is_refused(tmp_path, pairs_csv,
                                                             model_dir, capsys):  # noqa: F811

@@ -3,6 +3,7 @@ generated cases (a 1 MB cell, an over-limit file), column guessing, splitting an
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
 import pickle
@@ -452,6 +453,29 @@ def test_write_csv_round_trips_markup_and_keeps_other_cells(tmp_path: Path):
     raw = out.read_bytes()
     assert raw.startswith(b"text,label,'=score\n") and b"\r" not in raw
     assert pd.read_csv(out)["'=score"].tolist()[:3] == [1, -2, 3.5]  # numbers stay numbers
+
+
+LINE_BREAK_CELLS = ["old mac\rline end", "unix\nline end", "windows\r\nline end",
+                    "\rleads with one", "ends with one\r", 'quoted "\r" and, comma']
+
+
+def test_write_csv_round_trips_cells_that_hold_line_breaks(tmp_path: Path):
+    # A lone "\r" used to go out unquoted (rows end in "\n"), and every reader split the row.
+    frame = pd.DataFrame({"text": LINE_BREAK_CELLS, "label": ["a\rb", "x", "y", "z", "w", "v"],
+                          "score": [1, 2.5, None, 4, 5, 6]})
+    out = tmp_path / "out.csv"
+    write_csv(frame, out)
+    expected = [neutralize_cell(t) for t in LINE_BREAK_CELLS]  # "\r..." gets its leading "'"
+    table = read_table(out)
+    assert table.frame["text"].tolist() == expected
+    assert table.frame["label"].tolist() == ["a\rb", "x", "y", "z", "w", "v"]
+    back = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert back["text"].tolist() == expected and back["score"].tolist()[:3] == ["1.0", "2.5", ""]
+    with open(out, newline="", encoding="utf-8") as f:
+        assert [row[0] for row in csv.reader(f)][1:] == expected
+    raw = out.read_bytes()
+    assert raw.startswith(b"text,label,score\n") and raw.count(b"\n") == 7 + 2  # 7 rows, 2 in cells
+    assert raw.count(b"\r") == 6  # the cells' own: no row ends in "\r\n"
 
 
 def test_write_csv_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
