@@ -348,8 +348,9 @@ def cmd_predict(args) -> int:
 
 def _predict_many(args, runs: list[str]) -> int:
     """Several runs at once: every text is read under every prefix in shared mixed batches."""
+    from prefixlab.decode import mixed_generate
     from prefixlab.experiment import RunFolder, text_column_of
-    from prefixlab.mixed import ScoreItem, mixed_generate, mixed_score_labels
+    from prefixlab.mixed import ScoreItem, mixed_score_labels
     from prefixlab.models import load_model
     from prefixlab.serve import predict_frame
     from prefixlab.store import PrefixStore

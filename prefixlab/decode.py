@@ -10,21 +10,32 @@ Beam search ranks live beams by their summed log-probability and finished ones b
 divided by length**length_penalty (the length counts the EOS token). It stops a row only when
 no live beam can still beat the worst of `num_beams` finished ones: with log-probabilities <= 0
 that bound is exact, so with enough beams the result equals an exhaustive search (tested).
+
+Every loop takes one prefix for the whole batch or one per row (`Prefixes`): rows of different
+prefixes share a batch through prefixlab.mixed's stacked cache, each row reading exactly what it
+reads alone. `decode_rows` also gives each row its own token budget and its own way to pick
+tokens (greedy, or drawn with a generator of its own seed: `Sampling`), so requests of many
+clients, greedy and sampled, decode together and each row's text depends on its own seed only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from prefixlab.errors import ConfigError
 from prefixlab.families import cache_keyword, returned_cache
+from prefixlab.mixed import mixed_inputs, stack_prefixes
 from prefixlab.models import autocast
 from prefixlab.prefix import prefix_inputs
+
+Prefixes = torch.Tensor | Sequence[torch.Tensor | None] | None
+"""One prefix (L, 2, H_kv, P, D) for every row, one per row (None: that row has none), or
+None: the bare model for every row."""
 
 
 class DecodeError(ConfigError):
@@ -78,7 +89,7 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def _prefill(model: nn.Module, kv: torch.Tensor | None, prompts: Sequence[Sequence[int]],
+def _prefill(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]],
              pad_id: int, repeat: int):
     """Read the prompts after the prefix once: (log p of the next token (B*repeat, V), cache,
     attention mask over prefix + prompt (B*repeat, P+T)), rows repeated `repeat` times."""
@@ -87,8 +98,13 @@ def _prefill(model: nn.Module, kv: torch.Tensor | None, prompts: Sequence[Sequen
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
-    kwargs = prefix_inputs(model, kv.to(device) if kv is not None else None, mask)
-    if kv is None:
+    if isinstance(kv, torch.Tensor) or kv is None:
+        kwargs = prefix_inputs(model, kv.to(device) if kv is not None else None, mask)
+    else:  # one prefix per row: stacked, shorter ones padded with masked slots
+        if len(kv) != len(prompts):
+            raise ValueError(f"{len(kv)} prefixes for {len(prompts)} prompts: give one per row")
+        kwargs = mixed_inputs(model, stack_prefixes(kv, device), mask)
+    if cache_keyword(model) not in kwargs:  # the bare model: generate a cache from nothing
         kwargs[cache_keyword(model)] = DynamicCache(config=model.config)
     with autocast(device):
         out = model(input_ids=ids, logits_to_keep=1, use_cache=True, **kwargs)
@@ -113,7 +129,7 @@ def _step(model: nn.Module, cache, tokens: torch.Tensor, mask: torch.Tensor):
 
 
 @torch.inference_mode()
-def greedy(model: nn.Module, kv: torch.Tensor | None, prompts: Sequence[Sequence[int]],
+def greedy(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]],
            eos_id: int, pad_id: int, max_new_tokens: int,
            stop_check: StopCheck | None = None) -> list[list[int]]:
     """The most likely next token until EOS (left out), a stop string or max_new_tokens.
@@ -121,26 +137,32 @@ def greedy(model: nn.Module, kv: torch.Tensor | None, prompts: Sequence[Sequence
     Rows that finish leave the batch (and the cache), so the rest run on fewer rows.
     """
     return _decode(model, kv, prompts, eos_id, pad_id, max_new_tokens,
-                   lambda logp: logp.argmax(-1), stop_check)
+                   lambda logp, rows: logp.argmax(-1), stop_check)
 
 
-@torch.inference_mode()
-def sample(model: nn.Module, kv: torch.Tensor | None, prompts: Sequence[Sequence[int]],
-           eos_id: int, pad_id: int, max_new_tokens: int, generator: torch.Generator,
-           temperature: float = 1.0, top_p: float = 1.0,
-           stop_check: StopCheck | None = None) -> list[list[int]]:
-    """Like `greedy`, drawing each token from the temperature-scaled distribution, cut to its
-    smallest set of tokens holding `top_p` of the mass (nucleus sampling).
+@dataclass(frozen=True)
+class Sampling:
+    """How one row draws its tokens: from the temperature-scaled distribution, cut to its
+    smallest set of tokens holding `top_p` of the mass (nucleus sampling), with a CPU
+    torch.Generator seeded with `seed` (never torch's global RNG: concurrent requests neither
+    disturb each other's seeded results nor anything else that uses the global RNG)."""
 
-    Draws come from `generator` (a CPU torch.Generator) alone, never torch's global RNG:
-    concurrent generations in one process neither disturb each other's seeded results nor
-    anything else that uses the global RNG.
-    """
-    if temperature <= 0 or not 0 < top_p <= 1:
-        raise DecodeError(f"temperature must be > 0 and top_p in (0, 1], got {temperature} and "
-                          f"{top_p}")
-    return _decode(model, kv, prompts, eos_id, pad_id, max_new_tokens,
-                   lambda logp: draw_tokens(logp, generator, temperature, top_p), stop_check)
+    seed: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise DecodeError(f"temperature must be > 0 and top_p in (0, 1], got "
+                              f"{self.temperature} and {self.top_p}")
+        if not 0 <= self.seed < 2**63:
+            raise DecodeError(f"seed must be 0..2**63-1, got {self.seed}")
+
+    def for_row(self, j: int) -> Sampling:
+        """The sampling of a request's row j: its own stream, row 0 on the request's seed.
+        Rows of one request differ (two identical prompts get two draws); adding the golden
+        ratio's 64 bits per row keeps them apart from other requests' seeds."""
+        return replace(self, seed=(self.seed + j * 0x9E3779B97F4A7C15) % 2**63)
 
 
 def draw_tokens(logp: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
@@ -157,26 +179,55 @@ def draw_tokens(logp: torch.Tensor, generator: torch.Generator, temperature: flo
     return tokens.to(logp.device)
 
 
-def _decode(model: nn.Module, kv: torch.Tensor | None, prompts: Sequence[Sequence[int]],
-            eos_id: int, pad_id: int, max_new_tokens: int,
-            pick: Callable[[torch.Tensor], torch.Tensor],
+@torch.inference_mode()
+def decode_rows(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]],
+                eos_id: int, pad_id: int, max_new_tokens: int | Sequence[int],
+                sampling: Sequence[Sampling | None] | None = None,
+                stop_check: StopCheck | None = None) -> list[list[int]]:
+    """Like `greedy`, with a token budget per row and, per row, greedy (None) or drawn tokens
+    (`Sampling`, one generator per row). A row's tokens depend on its prompt, prefix, budget
+    and seed alone, not on the rows it shares the batch with (up to float rounding)."""
+    rows = sampling or [None] * len(prompts)
+    if len(rows) != len(prompts):
+        raise ValueError(f"{len(rows)} samplings for {len(prompts)} prompts: give one per row")
+    generators = [None if s is None else torch.Generator().manual_seed(s.seed) for s in rows]
+
+    def pick(logp: torch.Tensor, alive: list[int]) -> torch.Tensor:
+        tokens = logp.argmax(-1)  # (N,)
+        for i, row in enumerate(alive):
+            s = rows[row]
+            if s is not None:  # row by row: each row's draws come from its own generator
+                tokens[i] = draw_tokens(logp[i:i + 1], generators[row], s.temperature,
+                                        s.top_p)[0]
+        return tokens
+
+    return _decode(model, kv, prompts, eos_id, pad_id, max_new_tokens, pick, stop_check)
+
+
+def _decode(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]],
+            eos_id: int, pad_id: int, max_new_tokens: int | Sequence[int],
+            pick: Callable[[torch.Tensor, list[int]], torch.Tensor],
             stop_check: StopCheck | None) -> list[list[int]]:
-    """One token per row at a time, chosen by `pick` from log p (N, V), until EOS (left
-    out), a stop string or max_new_tokens; finished rows leave the batch and the cache."""
+    """One token per row at a time, chosen by `pick` from log p (N, V) of the rows still
+    alive, until EOS (left out), a stop string or the row's budget; finished rows leave the
+    batch and the cache."""
+    budgets = ([int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int)
+               else [int(n) for n in max_new_tokens])
     logp, cache, mask = _prefill(model, kv, prompts, pad_id, 1)
     out: list[list[int]] = [[] for _ in prompts]
     alive = list(range(len(prompts)))  # the prompt each cache row belongs to
-    for t in range(max_new_tokens):
-        tokens = pick(logp)  # (N,)
+    for _ in range(max(budgets)):
+        tokens = pick(logp, alive)  # (N,)
         finished = []
         for i, (row, tok) in enumerate(zip(alive, tokens.tolist(), strict=True)):
             if tok == eos_id:
                 finished.append(i)
                 continue
             out[row].append(tok)
-            if stop_check is not None and stop_check(out[row]):
+            if len(out[row]) >= budgets[row] or (stop_check is not None
+                                                 and stop_check(out[row])):
                 finished.append(i)
-        if t == max_new_tokens - 1 or len(finished) == len(alive):
+        if len(finished) == len(alive):
             break
         if finished:
             gone = set(finished)
@@ -194,7 +245,7 @@ def _normalized(score: float, length: int, length_penalty: float) -> float:
 
 
 @torch.inference_mode()
-def beam_search(model: nn.Module, kv: torch.Tensor | None, prompts: Sequence[Sequence[int]],
+def beam_search(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]],
                 eos_id: int, pad_id: int, max_new_tokens: int, num_beams: int,
                 length_penalty: float = 1.0,
                 stop_check: StopCheck | None = None) -> list[list[int]]:
@@ -277,6 +328,26 @@ def generate_ids(model: nn.Module, kv: torch.Tensor | None,
         for i, ids in zip(idx, new, strict=True):
             out[i] = ids
     return out
+
+
+def mixed_generate(model: nn.Module, tokenizer, kvs: Sequence[torch.Tensor | None],
+                   prompts: Sequence[str], max_new_tokens: int | Sequence[int] = 40,
+                   sampling: Sequence[Sampling | None] | None = None, num_beams: int = 1,
+                   length_penalty: float = 1.0) -> list[str]:
+    """The continuation of each prompt (text) after its own prefix, only the new text per row,
+    all rows in one batch: greedy or sampled per row (`decode_rows`), or beam search for every
+    row (rows then share `max_new_tokens`, an int)."""
+    rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) or [tokenizer.eos_token_id]
+            for p in prompts]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if num_beams > 1:
+        if not isinstance(max_new_tokens, int) or sampling is not None:
+            raise ValueError("beam search rows share one max_new_tokens and draw nothing")
+        ids = beam_search(model, list(kvs), rows, eos, pad, max_new_tokens, num_beams,
+                          length_penalty)
+    else:
+        ids = decode_rows(model, list(kvs), rows, eos, pad, max_new_tokens, sampling)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

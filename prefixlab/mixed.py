@@ -8,8 +8,8 @@ cumulative sum minus one: row i's input starts at position P_i, exactly as when 
 A row with no prefix (the bare model) is all padding slots.
 
 Scoring follows predict.label_log_likelihoods, except that every row carries its own label
-set (runs differ in labels and templates). Generation is greedy through `generate`, which
-derives positions from the (B, P_max + T) mask itself.
+set (runs differ in labels and templates). Generation (greedy, sampled or beam search, every
+row its own prefix) is prefixlab.decode's, on the same stacked cache.
 """
 
 from __future__ import annotations
@@ -196,39 +196,3 @@ def mixed_score_labels(model: nn.Module, items: Sequence[ScoreItem], batch_size:
         for i, ll in zip(idx, lls, strict=True):
             out[i] = torch.softmax(ll.double(), -1).numpy()
     return out
-
-
-@torch.inference_mode()
-def mixed_generate(
-    model: nn.Module,
-    tokenizer,
-    kvs: Sequence[torch.Tensor | None],
-    prompts: Sequence[str],
-    max_new_tokens: int | Sequence[int] = 40,
-) -> list[str]:
-    """Greedy continuation of each prompt after its own prefix; only the new text per row.
-
-    `max_new_tokens` may differ per row: the batch runs to the largest and each row is cut to
-    its own, which greedy decoding makes identical to stopping there.
-    """
-    device = _device(model)
-    budgets = ([int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int)
-               else [int(n) for n in max_new_tokens])
-    rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) or [tokenizer.eos_token_id]
-            for p in prompts]
-    pad = tokenizer.pad_token_id
-    ids, mask = _pad(rows, pad, left=True)  # left padding: new tokens follow each prompt
-    ids, mask = ids.to(device), mask.to(device)
-    T = ids.shape[1]
-    stacked = stack_prefixes(kvs, device)
-    kwargs: dict = {"attention_mask": mask}
-    if stacked is not None:
-        # generate derives per-row positions from this (B, P_max + T) mask.
-        kwargs["attention_mask"] = torch.cat([stacked.mask.to(mask.dtype), mask], 1)
-        kwargs[cache_keyword(model)] = stacked.cache(model)
-    with autocast(device):
-        out = model.generate(input_ids=ids, max_new_tokens=max(budgets), do_sample=False,
-                             pad_token_id=pad, **kwargs)
-    new = out[:, T:]
-    return [tokenizer.decode(row[:n], skip_special_tokens=True)
-            for row, n in zip(new, budgets, strict=True)]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from prefixlab.cpu import ThreadTuner
+from prefixlab.decode import Sampling, decode_rows
 from prefixlab.encode import Encoder
 from prefixlab.families import cache_keyword, returned_cache
 from prefixlab.models import autocast
@@ -149,19 +150,19 @@ def generate(
     Greedy continuations go through transformers' generate. The prefix goes in through
     generate's current cache keyword with a (B, P+T) mask, so generate derives positions
     itself (a T-long mask would silently drop P input tokens). Sampling runs our own loop
-    (decode.sample) on a torch.Generator seeded with `seed`: transformers' generate draws
-    from torch's global RNG, which a request thread of the app must not reseed.
+    (decode.decode_rows), prompt j on a torch.Generator of its own seeded from `seed`
+    (`Sampling.for_row`): transformers' generate draws from torch's global RNG, which a
+    request thread of the app must not reseed, and with a generator per row a prompt's text
+    is the same alone or in a mixed batch with other requests.
     """
     device = _device(model)
     rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) or [tokenizer.eos_token_id]
             for p in prompts]
     pad = tokenizer.pad_token_id
     if do_sample:
-        from prefixlab.decode import sample
-
-        generator = torch.Generator().manual_seed(seed)
-        new_ids = sample(model, kv, rows, tokenizer.eos_token_id, pad, max_new_tokens, generator,
-                         temperature=temperature, top_p=top_p)
+        sampling = Sampling(seed, temperature, top_p)
+        new_ids = decode_rows(model, kv, rows, tokenizer.eos_token_id, pad, max_new_tokens,
+                              [sampling.for_row(j) for j in range(len(rows))])
         return [tokenizer.decode(row, skip_special_tokens=True) for row in new_ids]
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad, dtype=torch.long)

@@ -4,8 +4,11 @@ batches, and batch prediction of a table under several prefixes at once.
 Requests (score some texts, or continue some prompts, under a named prefix) go into a queue.
 One worker thread takes the first, waits a short window (a few ms) for more, up to a maximum
 number of rows, and runs all of them as one mixed batch (prefixlab.mixed): throughput grows
-with load instead of queueing per prefix. A request whose prefix is missing, unreadable or made
-for another model fails alone, with the store's message; the rest of its batch runs.
+with load instead of queueing per prefix. Greedy and sampled generation requests decode
+together (each sampled row on a generator of its own seed, so its text is what it would be
+alone); beam search requests decode together when they share beams, length penalty and budget.
+A request whose prefix is missing, unreadable or made for another model fails alone, with the
+store's message; the rest of its batch runs.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from prefixlab.decode import Sampling, mixed_generate
 from prefixlab.errors import PrefixLabError
-from prefixlab.mixed import ScoreItem, mixed_generate, mixed_score_labels
+from prefixlab.mixed import ScoreItem, mixed_score_labels
 from prefixlab.models import LoadedModel
 from prefixlab.store import PrefixStore, ServedPrefix
 
@@ -49,6 +53,9 @@ class _Request:
     texts: list[str]
     with_prefix: bool = True
     max_new_tokens: int = 40
+    sampling: Sampling | None = None  # None: greedy (or beam search)
+    num_beams: int = 1
+    length_penalty: float = 1.0
     future: Future = field(default_factory=Future)
 
 
@@ -87,20 +94,31 @@ class Batcher:
         """A future of `Scored` for `texts` under prefix `key` (or its bare prompt)."""
         return self._submit(_Request("score", key, list(texts), with_prefix=with_prefix))
 
-    def submit_generate(self, key: str | None, prompts: Sequence[str], max_new_tokens: int = 40
-                        ) -> Future:
-        """A future of the greedy continuations (list[str]) of `prompts` after prefix `key`."""
+    def submit_generate(self, key: str | None, prompts: Sequence[str], max_new_tokens: int = 40,
+                        sampling: Sampling | None = None, num_beams: int = 1,
+                        length_penalty: float = 1.0) -> Future:
+        """A future of the continuations (list[str]) of `prompts` after prefix `key`: greedy,
+        drawn (`sampling`: prompt j on its own generator, `sampling.for_row(j)`), or the best
+        of `num_beams` beams."""
         if not 1 <= int(max_new_tokens) <= 1024:
             raise ServeError(f"max_new_tokens must be 1..1024, got {max_new_tokens}")
+        if not 1 <= int(num_beams) <= 16:
+            raise ServeError(f"num_beams must be 1..16, got {num_beams}")
+        if sampling is not None and num_beams > 1:
+            raise ServeError("choose sampling or beam search, not both")
         return self._submit(_Request("generate", key, list(prompts),
-                                     max_new_tokens=int(max_new_tokens)))
+                                     max_new_tokens=int(max_new_tokens), sampling=sampling,
+                                     num_beams=int(num_beams),
+                                     length_penalty=float(length_penalty)))
 
     def score(self, key: str, texts: Sequence[str], with_prefix: bool = True) -> Scored:
         return self.submit_score(key, texts, with_prefix).result()
 
-    def generate(self, key: str | None, prompts: Sequence[str], max_new_tokens: int = 40
-                 ) -> list[str]:
-        return self.submit_generate(key, prompts, max_new_tokens).result()
+    def generate(self, key: str | None, prompts: Sequence[str], max_new_tokens: int = 40,
+                 sampling: Sampling | None = None, num_beams: int = 1,
+                 length_penalty: float = 1.0) -> list[str]:
+        return self.submit_generate(key, prompts, max_new_tokens, sampling, num_beams,
+                                    length_penalty).result()
 
     def close(self) -> None:
         """Stop the worker after the requests already queued."""
@@ -154,8 +172,14 @@ class Batcher:
         writing = [(r, p) for r, p in ready if r.kind == "generate"]
         if scoring:
             self._guarded(scoring, self._score)
-        if writing:
-            self._guarded(writing, self._generate)
+        # Greedy and sampled rows decode together; beam search, one batch per setting.
+        settings: dict[tuple, list] = {}
+        for r, p in writing:
+            setting = (1,) if r.num_beams == 1 else (r.num_beams, r.length_penalty,
+                                                     r.max_new_tokens)
+            settings.setdefault(setting, []).append((r, p))
+        for group in settings.values():
+            self._guarded(group, self._generate)
         self.stats.batches += 1
         self.stats.requests += len(batch)
         self.stats.rows += sum(len(r.texts) for r, _ in ready)
@@ -193,8 +217,17 @@ class Batcher:
     def _generate(self, group: list[tuple[_Request, ServedPrefix | None]]) -> None:
         kvs = [None if p is None else p.kv for r, p in group for _ in r.texts]
         prompts = [t for r, _ in group for t in r.texts]
-        budgets = [r.max_new_tokens for r, _ in group for _ in r.texts]
-        out = mixed_generate(self.loaded.model, self.loaded.tokenizer, kvs, prompts, budgets)
+        first = group[0][0]
+        if first.num_beams > 1:  # the group shares beams, penalty and budget
+            out = mixed_generate(self.loaded.model, self.loaded.tokenizer, kvs, prompts,
+                                 first.max_new_tokens, num_beams=first.num_beams,
+                                 length_penalty=first.length_penalty)
+        else:
+            budgets = [r.max_new_tokens for r, _ in group for _ in r.texts]
+            sampling = [None if r.sampling is None else r.sampling.for_row(j)
+                        for r, _ in group for j in range(len(r.texts))]
+            out = mixed_generate(self.loaded.model, self.loaded.tokenizer, kvs, prompts,
+                                 budgets, sampling)
         start = 0
         for r, _ in group:
             r.future.set_result(out[start:start + len(r.texts)])

@@ -29,7 +29,7 @@ import torch
 
 from prefixlab import data as datamod
 from prefixlab.config import RunConfig
-from prefixlab.decode import DecodeConfig
+from prefixlab.decode import DecodeConfig, Sampling
 from prefixlab.encode import Encoder, Template
 from prefixlab.evaluate import classification_report
 from prefixlab.experiment import (
@@ -551,31 +551,27 @@ class Workbench:
         return pd.DataFrame(rows, columns=["run", "predicted", "probability", "continuation",
                                            "id"])
 
-    def generate_texts(self, prompts: list[str], run_ids: list[str],
-                       max_new_tokens: int = 40) -> list[dict]:
-        """Greedy continuations of every prompt under every run (none: the bare model)."""
+    def generate_texts(self, prompts: list[str], run_ids: list[str], max_new_tokens: int = 40,
+                       sampling: Sampling | None = None, num_beams: int = 1) -> list[dict]:
+        """Continuations of every prompt under every run (none: the bare model): greedy,
+        drawn (`sampling`, each prompt on its own seeded generator) or by beam search. All
+        runs' requests share mixed batches, with other clients' too."""
         pending = []
         for run_id in run_ids or [None]:
             batcher = self._batcher_of(run_id) if run_id else self.serving()
-            pending.append((run_id, batcher.submit_generate(run_id, prompts, max_new_tokens)))
+            pending.append((run_id, batcher.submit_generate(run_id, prompts, max_new_tokens,
+                                                            sampling, num_beams)))
         return [{"run_id": run_id or "", "prompt": prompt, "generated": out}
                 for run_id, future in pending
                 for prompt, out in zip(prompts, future.result(), strict=True)]
 
     def generate(self, prompt: str, run_id: str | None, max_new_tokens: int = 40,
-                 do_sample: bool = False, temperature: float = 1.0) -> str:
-        if not do_sample:  # greedy requests share mixed batches with everyone else's
-            return self.generate_texts([prompt], [run_id] if run_id else [], max_new_tokens)[0][
-                "generated"]
-        from prefixlab.predict import generate
-
-        if run_id:
-            run = self.open(run_id)
-            loaded, kv = run.loaded, run.kv
-        else:
-            loaded, kv = self.model(), None
-        return generate(loaded.model, loaded.tokenizer, kv, [prompt], max_new_tokens,
-                        do_sample=do_sample, temperature=temperature)[0]
+                 do_sample: bool = False, temperature: float = 1.0, seed: int = 0) -> str:
+        """One continuation, greedy or drawn (seeded: the same seed gives the same text); it
+        shares a mixed batch with everyone else's requests either way."""
+        sampling = Sampling(int(seed), float(temperature)) if do_sample else None
+        return self.generate_texts([prompt], [run_id] if run_id else [], max_new_tokens,
+                                   sampling)[0]["generated"]
 
     def predict_csv(self, run_ids: str | list[str], path: str | Path,
                     text_column: str | None = None, name: str | None = None

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prefixlab.decode import Sampling, beam_search, mixed_generate
 from prefixlab.encode import Encoder, Template
 from prefixlab.mixed import (
     ScoreItem,
-    mixed_generate,
     mixed_label_log_likelihoods,
     mixed_score_labels,
     stack_prefixes,
@@ -84,6 +84,55 @@ def test_mixed_greedy_generation_equals_each_row_alone(loaded):
         alone = generate(loaded.model, loaded.tokenizer, kv, [text], max_new_tokens=n)[0]
         assert got == alone
     assert len({*mixed}) > 1  # the rows really differ
+
+
+def test_sampled_rows_equal_each_row_alone_and_leave_the_global_rng_alone(loaded):
+    """Sampled rows (each its own seed), greedy rows, different prefixes and budgets in one
+    batch: every row's text is its text alone; torch's global RNG is neither read nor set."""
+    kvs = [*_prefixes(loaded), None]
+    rows = [(kvs[i % len(kvs)], t) for i, t in enumerate(TEXTS)]
+    sampling = [Sampling(11, 1.3, 0.95), None, Sampling(5, 0.8), Sampling(11, 1.3, 0.95), None]
+    budgets = [6, 4, 5, 6, 3]
+    state = torch.random.get_rng_state()
+    mixed = mixed_generate(loaded.model, loaded.tokenizer, [r[0] for r in rows],
+                           [r[1] for r in rows], budgets, sampling)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for (kv, text), n, s, got in zip(rows, budgets, sampling, mixed, strict=True):
+        if s is None:
+            alone = generate(loaded.model, loaded.tokenizer, kv, [text], max_new_tokens=n)
+        else:
+            alone = generate(loaded.model, loaded.tokenizer, kv, [text], max_new_tokens=n,
+                             do_sample=True, temperature=s.temperature, top_p=s.top_p,
+                             seed=s.seed)
+        assert got == alone[0]
+    # The seed reaches the draws: other seeds, other texts (6 tokens of a random model).
+    others = mixed_generate(loaded.model, loaded.tokenizer, [rows[0][0]] * 3,
+                            [rows[0][1]] * 3, 6, [Sampling(s, 1.3, 0.95) for s in (12, 13, 14)])
+    assert any(o != mixed[0] for o in others)
+
+
+def test_rows_of_one_request_draw_from_streams_of_their_own(loaded):
+    kv = _prefixes(loaded, (3,))[0]
+    twice = generate(loaded.model, loaded.tokenizer, kv, ["hello world"] * 2, 6,
+                     do_sample=True, temperature=1.5, seed=3)
+    assert twice[0] != twice[1]  # one prompt twice: two draws, not one repeated
+    second = generate(loaded.model, loaded.tokenizer, kv, ["hello world"], 6, do_sample=True,
+                      temperature=1.5, seed=Sampling(3).for_row(1).seed)
+    assert second[0] == twice[1]
+
+
+def test_mixed_beam_search_equals_each_row_alone(loaded):
+    kvs = [*_prefixes(loaded), None]
+    tok = loaded.tokenizer
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS[:4]]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    mixed = beam_search(loaded.model, kvs, rows, eos, pad, 5, num_beams=3)
+    for kv, row, got in zip(kvs, rows, mixed, strict=True):
+        assert got == beam_search(loaded.model, kv, [row], eos, pad, 5, num_beams=3)[0]
+    texts = mixed_generate(loaded.model, tok, kvs, TEXTS[:4], 5, num_beams=3)
+    assert texts == [tok.decode(r, skip_special_tokens=True) for r in mixed]
+    with pytest.raises(ValueError, match="one per row"):
+        beam_search(loaded.model, kvs[:2], rows, eos, pad, 5, num_beams=3)
 
 
 @pytest.mark.slow

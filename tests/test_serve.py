@@ -7,7 +7,9 @@ import threading
 
 import pandas as pd
 import pytest
+import torch
 
+from prefixlab.decode import Sampling, mixed_generate
 from prefixlab.predict import generate, score_labels
 from prefixlab.prefix import text_key_values
 from prefixlab.serve import Batcher, ServeError, predict_frame
@@ -54,6 +56,45 @@ def test_concurrent_clients_share_batches_and_get_their_own_answers(served):
             for row, want in zip(got.probabilities, alone, strict=True):
                 assert row == pytest.approx(want, abs=1e-5)
             assert got.prefix.key == keys[i % 4]
+
+
+def test_sampled_greedy_and_beam_requests_share_batches_and_keep_their_own_texts(served):
+    """Clients sampling with their own seeds, greedy clients and beam-search clients at once:
+    sampled and greedy rows share batches; every answer is the request's text alone, so a
+    seed gives the same text whoever else is batched."""
+    loaded, store, batcher, keys = served
+    requests = [(keys[i % 4], TEXTS[: 1 + i % 2], Sampling(seed=i % 3, temperature=1.4)
+                 if i % 3 else None, 2 if i == 3 else 1) for i in range(9)]
+    results: dict[int, list[str]] = {}
+    barrier = threading.Barrier(len(requests))
+
+    def client(i: int) -> None:
+        key, texts, sampling, beams = requests[i]
+        barrier.wait()
+        results[i] = batcher.generate(key, texts, 5, sampling, num_beams=beams)
+
+    state = torch.random.get_rng_state()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert len(results) == len(requests)
+    assert batcher.stats.batches < len(requests) // 2
+    for i, (key, texts, sampling, beams) in enumerate(requests):
+        kv = store.get(key).kv
+        if beams > 1:
+            want = mixed_generate(loaded.model, loaded.tokenizer, [kv] * len(texts), texts, 5,
+                                  num_beams=beams)
+        elif sampling is None:
+            want = generate(loaded.model, loaded.tokenizer, kv, texts, 5)
+        else:
+            want = generate(loaded.model, loaded.tokenizer, kv, texts, 5, do_sample=True,
+                            temperature=sampling.temperature, seed=sampling.seed)
+        assert results[i] == want, i
+    with pytest.raises(ServeError, match="not both"):
+        batcher.submit_generate(keys[0], TEXTS[:1], 4, Sampling(1), num_beams=2)
 
 
 def test_missing_and_foreign_prefixes_fail_alone_without_poisoning_the_batch(served, tmp_path):

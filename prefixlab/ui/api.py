@@ -15,6 +15,7 @@ from pathlib import Path
 import gradio as gr
 from gradio import FileData
 
+from prefixlab.decode import Sampling
 from prefixlab.errors import ConfigError
 from prefixlab.models import DEFAULT_MODEL
 from prefixlab.ui.common import guard
@@ -62,16 +63,24 @@ def register(workbench: Workbench) -> None:
         return workbench.compare(lines, list(run_ids), bare=bare).to_dict("records")
 
     @guard
-    def generate(prompts: list[str], run_ids: list[str], max_new_tokens: int = 40) -> list[dict]:
-        """Greedy continuation of each prompt after each run's prefix, in one mixed batch.
+    def generate(prompts: list[str], run_ids: list[str], max_new_tokens: int = 40,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 0, num_beams: int = 1) -> list[dict]:
+        """Continuation of each prompt after each run's prefix, in one mixed batch.
 
         Parameters:
             prompts: the prompts to continue
             run_ids: runs whose prefixes to use; empty for the bare model
             max_new_tokens: new tokens per continuation, 1..1024
+            do_sample: draw tokens instead of taking the most likely (greedy)
+            temperature: sampling temperature, > 0
+            top_p: nucleus sampling's share of the probability mass, in (0, 1]
+            seed: the draws' seed: the same seed gives the same text, whatever else is batched
+            num_beams: beam search with this many beams (1: greedy or sampling)
         """
+        sampling = Sampling(int(seed), float(temperature), float(top_p)) if do_sample else None
         return workbench.generate_texts(_texts(prompts, "prompt"), list(run_ids or []),
-                                        int(max_new_tokens))
+                                        int(max_new_tokens), sampling, int(num_beams))
 
     @guard
     def predict_csv(csv: FileData, run_ids: list[str], text_column: str = "") -> FileData:
