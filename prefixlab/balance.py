@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
+
+Decision = Literal["prior", "raw"]
+DECISIONS: tuple[str, ...] = get_args(Decision)
+LabelScores = Literal["sum", "mean"]
+LABEL_SCORES: tuple[str, ...] = get_args(LabelScores)
 
 CONTENT_FREE = ("N/A", "", "[MASK]")
 """Inputs with no content (Zhao et al. 2021): what the model says about them is its bias."""
@@ -64,11 +71,52 @@ def calibrate(ll: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
 
 def prior_offset(labels: Sequence[int], num_classes: int) -> np.ndarray:
     """log of the training label frequencies (a class never seen counts as one row)."""
-    counts = np.bincount(np.asarray(labels, dtype=int), minlength=num_classes).astype(float)
-    counts = np.maximum(counts, 1.0)
-    return np.log(counts / counts.sum())
+    return prior_from_counts(np.bincount(np.asarray(labels, dtype=int), minlength=num_classes))
+
+
+def prior_from_counts(counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """log of label frequencies from their counts (a count of 0 counts as 1)."""
+    c = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
+    return np.log(c / c.sum())
 
 
 def content_free_offset(content_free_ll: np.ndarray) -> np.ndarray:
     """Mean label log-probability over content-free inputs (M, K) -> (K,)."""
     return np.log(np.exp(log_softmax(content_free_ll)).mean(0))
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """How a run turns label log-likelihoods (N, K) into label probabilities, and so into its
+    decision; the same rule in validation, the final report, prediction and serving.
+
+    `lengths`: each label's token count, to compare labels by their mean log-probability per
+    token (a long label is not penalized for its length); None sums over the tokens.
+    `offset`: subtracted per label after that (prior correction: log training frequencies);
+    None leaves the scores as the model gives them.
+    """
+
+    lengths: tuple[int, ...] | None = None
+    offset: tuple[float, ...] | None = None
+
+    def log_probs(self, ll: np.ndarray) -> np.ndarray:
+        scores = np.asarray(ll, dtype=np.float64)
+        if self.lengths is not None:
+            scores = scores / np.asarray(self.lengths, dtype=np.float64)[None, :]
+        return calibrate(scores, None if self.offset is None else np.asarray(self.offset))
+
+    def probs(self, ll: np.ndarray) -> np.ndarray:
+        return np.exp(self.log_probs(ll))
+
+
+def label_rule(decision: str, label_scores: str, labels: Sequence[str],
+               label_ids: Sequence[Sequence[int]], label_counts: Mapping[str, int] | None
+               ) -> LabelRule:
+    """The rule a run's settings ask for. Prior correction needs the training label counts;
+    a run without them (an imported adapter) decides on the raw scores."""
+    lengths = tuple(len(t) for t in label_ids) if label_scores == "mean" else None
+    offset = None
+    if decision == "prior" and label_counts:
+        counts = [int(label_counts.get(name, 0)) for name in labels]
+        offset = tuple(float(x) for x in prior_from_counts(counts))
+    return LabelRule(lengths, offset)

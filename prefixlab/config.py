@@ -8,12 +8,14 @@ CLI, the app) gathers the problems of every part and raises once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from prefixlab.balance import DECISIONS, LABEL_SCORES, Decision, LabelScores, label_rule
 from prefixlab.decode import DecodeConfig
 from prefixlab.distributed import MAX_PROCESSES
-from prefixlab.encode import DEFAULT_GENERATION_TEMPLATE, DEFAULT_TEMPLATE, Template
+from prefixlab.encode import DEFAULT_GENERATION_TEMPLATE, DEFAULT_TEMPLATE, Encoder, Template
 from prefixlab.errors import ConfigError
 from prefixlab.models import DEFAULT_MODEL
 from prefixlab.prefix import PrefixConfig
@@ -88,6 +90,14 @@ class RunConfig:
     eval_generate_inputs: int = 24
     """Generation runs: held-out inputs generated (greedy) at each evaluation for a live BLEU;
     the final report generates every held-out input with `generation`'s settings."""
+    decision: Decision = "prior"
+    """How label scores become a decision, in validation, reports and predictions: prior
+    subtracts the log of each label's training frequency first (a prefix trained on skewed
+    labels learns the skew, and would otherwise rarely pick a rare label); raw takes the
+    label the prefixed model finds likeliest."""
+    label_scores: LabelScores = "sum"
+    """How a label of several tokens is scored: sum (its total log probability) or mean (per token,
+    so long label names are not penalized for their length)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -101,6 +111,12 @@ class RunConfig:
                 and self.training.monitor in ("macro_f1", "accuracy")):
             # A generation run has no labels: its validation loss picks the step to keep.
             self.training.monitor = "val_loss"
+        if self.decision not in DECISIONS:
+            problems.append(f"decision must be one of {', '.join(DECISIONS)}, "
+                            f"got {self.decision!r}")
+        if self.label_scores not in LABEL_SCORES:
+            problems.append(f"label_scores must be one of {', '.join(LABEL_SCORES)}, "
+                            f"got {self.label_scores!r}")
         if self.eval_generate_inputs < 0:
             problems.append(f"eval_generate_inputs must be 0 or more, got "
                             f"{self.eval_generate_inputs}")
@@ -125,6 +141,16 @@ class RunConfig:
     def is_generation(self) -> bool:
         return self.target_column is not None
 
+    def label_encoder(self, tokenizer, labels: Sequence[str],
+                      label_counts: Mapping[str, int] | None = None) -> Encoder:
+        """The classification encoder with this run's decision rule; `label_counts` are the
+        training rows per label (config.json's data.label_counts), which prior correction
+        needs (without them the decision is raw)."""
+        encoder = Encoder(tokenizer, Template(self.template), labels, self.max_length)
+        encoder.rule = label_rule(self.decision, self.label_scores, encoder.labels,
+                                  encoder.label_ids, label_counts)
+        return encoder
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -134,6 +160,8 @@ class RunConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown settings in config: {', '.join(unknown)}")
+        # run folders written before decision rules existed decided on raw scores: keep that
+        data = {"decision": "raw", **data}
         try:
             return cls(**data)
         except TypeError as e:  # e.g. a number given as text

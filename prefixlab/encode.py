@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefixlab.balance import LabelRule
 from prefixlab.errors import ConfigError
 
 DEFAULT_TEMPLATE = "Text: {text}\nCategory ({labels}):"
@@ -78,9 +79,12 @@ class Encoder(_Prompts):
     Every label's tokens are the same in training and scoring.
     """
 
-    def __init__(self, tokenizer, template: Template, labels: Sequence[str], max_length: int):
+    def __init__(self, tokenizer, template: Template, labels: Sequence[str], max_length: int,
+                 rule: LabelRule | None = None):
         self.tokenizer = tokenizer
         self.labels = list(labels)
+        self.rule = rule or LabelRule()
+        """How label log-likelihoods become probabilities (a run's decision rule)."""
         head, tail = template.parts(self.labels)
         self.head_ids = self._ids(head)
         self.tail_ids = self._ids(tail)

@@ -36,7 +36,7 @@ from prefixlab import data as datamod
 from prefixlab import distributed
 from prefixlab.config import RunConfig
 from prefixlab.decode import DecodeConfig
-from prefixlab.encode import Encoder, PairEncoder, Template
+from prefixlab.encode import Encoder, PairEncoder
 from prefixlab.errors import ConfigError, PrefixLabError
 from prefixlab.evaluate import (
     classification_report,
@@ -368,8 +368,9 @@ def open_run(path: str | Path, loaded: LoadedModel | None = None) -> Run:
         raise RunError(f"run {folder.path.name} was trained on {cfg.model!r}, "
                        f"not on the loaded {loaded.name!r}")
     prefix = load_prefix(folder.prefix_path, loaded.shape)
+    counts = (info.get("data") or {}).get("label_counts")
     encoder = (pair_encoder(loaded.tokenizer, cfg) if cfg.is_generation else
-               Encoder(loaded.tokenizer, Template(cfg.template), labels, cfg.max_length))
+               cfg.label_encoder(loaded.tokenizer, labels, counts))
     return Run(folder, cfg, labels, loaded, prefix.kv, encoder)
 
 
@@ -383,8 +384,7 @@ def evaluate_prefix(
     """
     ll = distributed.gather_rows(  # (N, K); in a process group each rank scores a share
         lambda texts: score_log_likelihoods(loaded.model, kv, encoder, texts), data.texts)
-    probs = np.exp(ll - ll.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
+    probs = encoder.rule.probs(ll)
     report = classification_report(data.labels, predictions_from_probs(probs, encoder.labels),
                                    encoder.labels)
     gold = [encoder.labels.index(y) for y in data.labels]
@@ -515,7 +515,7 @@ def execute_run(
         encoder = pair_encoder(loaded.tokenizer, cfg)
         examples = encoder.examples(prepared.train.inputs, prepared.train.targets)
     else:
-        encoder = Encoder(loaded.tokenizer, Template(cfg.template), labels, cfg.max_length)
+        encoder = cfg.label_encoder(loaded.tokenizer, labels, prepared.train.label_counts())
         examples = encoder.examples(prepared.train.texts, prepared.train.labels)
     prefix = Prefix(loaded.shape, cfg.prefix).to(loaded.device)
     checkpoint = folder.load_checkpoint() if resume else None

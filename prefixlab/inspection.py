@@ -270,8 +270,9 @@ def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool
         texts, gold = _held_out(run, rows)
         push = label_push(loaded, kv, run.labels, run.encoder.label_ids)
 
-        def score(model):
-            return score_log_likelihoods(model, kv, run.encoder, texts)
+        def score(model):  # the run's decision rule: the F1 its predictions would have
+            return run.encoder.rule.log_probs(score_log_likelihoods(model, kv, run.encoder,
+                                                                    texts))
 
     attention = prefix_attention(loaded, kv, texts[:8])
     found = _stored(run) if use_cache else None

@@ -180,7 +180,8 @@ class ScoreItem:
 
 def mixed_score_labels(model: nn.Module, items: Sequence[ScoreItem], batch_size: int = 32
                        ) -> list[np.ndarray]:
-    """Label probabilities per item, in its encoder's label order; items of any prefixes share
+    """Label probabilities per item, in its encoder's label order and by its decision rule;
+    items of any prefixes share
     batches (sorted by prompt length so little compute goes to padding)."""
     if not items:
         return []
@@ -194,5 +195,5 @@ def mixed_score_labels(model: nn.Module, items: Sequence[ScoreItem], batch_size:
             model, [items[i].kv for i in idx], [prompts[i] for i in idx],
             [items[i].encoder.label_ids for i in idx], pad)
         for i, ll in zip(idx, lls, strict=True):
-            out[i] = torch.softmax(ll.double(), -1).numpy()
+            out[i] = items[i].encoder.rule.probs(ll.double().numpy()[None, :])[0]
     return out

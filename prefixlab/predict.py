@@ -128,9 +128,9 @@ def score_labels(
     texts: Sequence[str],
     batch_size: int = 16,
 ) -> np.ndarray:
-    """Label probabilities (N, K) in `encoder.labels` order; kv None scores the bare model."""
-    ll = torch.from_numpy(score_log_likelihoods(model, kv, encoder, texts, batch_size))
-    return torch.softmax(ll, dim=-1).numpy()
+    """Label probabilities (N, K) in `encoder.labels` order, by the encoder's decision rule;
+    kv None scores the bare model."""
+    return encoder.rule.probs(score_log_likelihoods(model, kv, encoder, texts, batch_size))
 
 
 @torch.no_grad()

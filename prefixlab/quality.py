@@ -162,7 +162,10 @@ def run_case(case: Case, loaded, workdir: Path, overrides: dict, zero_cache: dic
     for rule, offset in rules.items():
         pred = [labels[i] for i in calibrate(ll, offset).argmax(1)]
         row[f"prefix_{rule}"] = _macro_f1(gold, pred, labels)
-    row["prefix"] = row["prefix_raw"]
+    # the recipe's own decision (the run's rule, as predict and the report use it)
+    row["prefix"] = _macro_f1(gold, [labels[i] for i in run.encoder.rule.log_probs(ll).argmax(1)],
+                              labels)
+    row["decision"] = f"{cfg.decision}/{cfg.label_scores}"
     tfidf = tfidf_baseline(case.train["text"].tolist(), case.train["label"].tolist(), texts,
                            case.seed)
     row["tfidf"] = _macro_f1(gold, tfidf, labels)
@@ -214,7 +217,8 @@ def summarize(rows: list[dict]) -> str:
     wins = sum(r["prefix"]["macro_f1"] > r["tfidf"]["macro_f1"] for r in rows)
     missed = sum(len(r["prefix"]["missed"]) for r in rows)
     return (f"quality: cases={len(rows)} prefix_beats_tfidf={wins}/{len(rows)} "
-            f"prefix_f1={mean('prefix'):.3f} content_free_f1={mean('prefix_content_free'):.3f} "
+            f"prefix_f1={mean('prefix'):.3f} raw_f1={mean('prefix_raw'):.3f} "
+            f"content_free_f1={mean('prefix_content_free'):.3f} "
             f"prior_f1={mean('prefix_prior'):.3f} tfidf_f1={mean('tfidf'):.3f} "
             f"majority_f1={mean('majority'):.3f} zero_shot_f1={mean('zero_shot'):.3f} "
             f"missed_classes={missed} "
@@ -223,7 +227,8 @@ def summarize(rows: list[dict]) -> str:
 
 def format_row(r: dict) -> str:
     return (f"{r['case']:<18} {r['n']:>5} {r['seed']:>4}  prefix {r['prefix']['macro_f1']:.3f} "
-            f"(cf {r['prefix_content_free']['macro_f1']:.3f}, prior "
+            f"(raw {r['prefix_raw']['macro_f1']:.3f}, "
+            f"cf {r['prefix_content_free']['macro_f1']:.3f}, prior "
             f"{r['prefix_prior']['macro_f1']:.3f})  tfidf {r['tfidf']['macro_f1']:.3f}  "
             f"majority {r['majority']['macro_f1']:.3f}  zero-shot "
             f"{r['zero_shot']['macro_f1']:.3f}  acc {r['prefix']['accuracy']:.3f}/"

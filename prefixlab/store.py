@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from prefixlab.config import ConfigError, RunConfig
-from prefixlab.encode import Encoder, Template
+from prefixlab.encode import Encoder
 from prefixlab.errors import PrefixLabError
 from prefixlab.files import read_json
 from prefixlab.models import LoadedModel, model_source
@@ -140,8 +140,8 @@ class PrefixStore:
         except PrefixFileError as e:
             raise PrefixStoreError(f"prefix {key!r}: {e}") from e
         # A generation run has no labels: like an imported adapter, it generates but not scores.
-        encoder = (Encoder(self.loaded.tokenizer, Template(cfg.template), labels, cfg.max_length)
-                   if labels else None)
+        counts = (info.get("data") or {}).get("label_counts")
+        encoder = cfg.label_encoder(self.loaded.tokenizer, labels, counts) if labels else None
         name = str(info.get("name") or folder.name)
         return ServedPrefix(key, name, kv, labels, encoder, folder, mtime, 0.0,
                             text_column=cfg.text_column)

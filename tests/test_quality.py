@@ -41,7 +41,8 @@ def test_summary_line_counts_wins_and_missed_classes():
     def row(prefix, tfidf, missed=()):
         m = {"macro_f1": prefix, "accuracy": 0.5, "missed": list(missed)}
         base = {"macro_f1": tfidf, "accuracy": 0.5, "missed": []}
-        return {"prefix": m, "prefix_content_free": m, "prefix_prior": m, "tfidf": base,
+        return {"prefix": m, "prefix_raw": m, "prefix_content_free": m, "prefix_prior": m,
+                "tfidf": base,
                 "majority": base, "zero_shot": base, "train_s": 100.0}
 
     line = summarize([row(0.7, 0.6), row(0.5, 0.6, ["hate"])])
