@@ -3,7 +3,8 @@
 - `ThreadTuner` picks torch's thread count step by step from what each step measures (cores
   shared with other processes make more threads slower, not faster).
 - `linear` multiplies through oneDNN where torch has it; importing this module caps oneDNN's
-  primitive cache (an environment variable oneDNN reads once).
+  primitive cache (an environment variable oneDNN reads once). `onednn_inference` makes a
+  model's linear layers use it whenever no gradient is recorded (scoring, generation).
 - `trim_heap` hands free heap pages back to the OS after a step.
 
 These change the whole process, so they belong to the process that trains or scores in a
@@ -20,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # oneDNN caches a primitive, with its own packed-weight scratch memory, per matmul shape, up to
@@ -37,6 +39,35 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if ONEDNN:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
     return F.linear(x, weight, bias)
+
+
+class InferenceLinear(nn.Linear):
+    """nn.Linear that multiplies through oneDNN (`linear`) when no gradient is recorded on a
+    float32 CPU input: scoring, evaluation and generation. With autograd on (training, maps
+    that need gradients) it is nn.Linear. The result equals nn.Linear's up to float rounding
+    (the two libraries sum in different orders); a mixed scoring batch of SmolLM2-135M ran
+    ~1.5x faster with it here (26 rows of ~16 tokens, 1 thread)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
+                or self.weight.dtype != torch.float32):
+            return super().forward(x)
+        return linear(x, self.weight, self.bias)
+
+
+def onednn_inference(model: nn.Module, on: bool = True) -> int:
+    """Make every plain nn.Linear of `model` an InferenceLinear (on) or plain again (off), in
+    place: only the class changes, parameters and state dict stay. Subclasses (a LoRA layer,
+    a quantized linear) are left alone. Returns how many layers changed; 0 without oneDNN."""
+    if not ONEDNN:
+        return 0
+    old, new = (nn.Linear, InferenceLinear) if on else (InferenceLinear, nn.Linear)
+    changed = 0
+    for module in model.modules():
+        if type(module) is old:
+            module.__class__ = new
+            changed += 1
+    return changed
 
 
 _pinned: int | None = None  # set once by pin_threads: this process's thread count is fixed

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prefixlab.cpu import onednn_inference
 from prefixlab.errors import PrefixLabError
 from prefixlab.families import family_of
 
@@ -238,6 +239,8 @@ def prepare_model(model: nn.Module, tokenizer, name: str, device: torch.device) 
     model.requires_grad_(False)
     model.eval()  # no dropout: prefix training is deterministic for a seed
     model.to(device)
+    if device.type == "cpu":  # scoring and generation multiply through oneDNN (cpu.py)
+        onednn_inference(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, name, device)

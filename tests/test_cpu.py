@@ -74,3 +74,34 @@ def test_a_process_that_pins_its_threads_keeps_every_tuner_inactive(monkeypatch)
         assert not tuner.active and torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not cpu.ONEDNN, reason="this torch has no oneDNN linear")
+def test_onednn_inference_keeps_logits_and_autograd_and_can_be_undone():
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama").eval()
+    ids = torch.tensor([[5, 9, 2, 7, 1], [3, 3, 8, 4, 6]])
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+    want_autograd = model(input_ids=ids).logits.detach()
+    keys = list(model.state_dict())
+    assert cpu.onednn_inference(model) == 2 * 7 + 1  # q k v o gate up down per layer, head
+    assert type(model.model.layers[0].self_attn.q_proj) is cpu.InferenceLinear
+    assert list(model.state_dict()) == keys
+    calls = []
+    real = cpu.linear
+    try:
+        cpu.linear = lambda *a: calls.append(1) or real(*a)
+        with torch.inference_mode():
+            got = model(input_ids=ids).logits
+        assert calls  # oneDNN ran
+        calls.clear()
+        grads = model(input_ids=ids).logits  # autograd on: nn.Linear's own product
+        assert not calls
+    finally:
+        cpu.linear = real
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(grads.detach(), want_autograd)  # the very same products as before
+    assert cpu.onednn_inference(model, on=False) == 15
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
