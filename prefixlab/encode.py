@@ -8,9 +8,10 @@ A generation run's sequence is `[prompt(x); y; EOS]` (`PairEncoder`), the loss o
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -104,6 +105,12 @@ class Encoder(_Prompts):
                 f"{prompt + longest_label + 4 * MIN_TEXT_TOKENS}, or use fewer or shorter labels"
             )
         self.max_length = max_length
+
+    def without_prior(self) -> Encoder:
+        """This encoder deciding without a training prior (e.g. for the bare model)."""
+        other = copy.copy(self)
+        other.rule = replace(self.rule, offset=None)
+        return other
 
     def examples(self, texts: Sequence[str], labels: Sequence[str]) -> list[Example]:
         index = {name: i for i, name in enumerate(self.labels)}

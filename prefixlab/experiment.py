@@ -405,7 +405,8 @@ def full_report(
     """
     report = dict(prefix_report) if prefix_report else evaluate_prefix(loaded, kv, encoder,
                                                                        data)[0]
-    zero, _ = evaluate_prefix(loaded, None, encoder, data)
+    # the bare model decides on its own scores: the training prior is knowledge it lacks
+    zero, _ = evaluate_prefix(loaded, None, encoder.without_prior(), data)
     baselines: dict = {"zero_shot": zero}
     if train_data is not None:
         preds = tfidf_baseline(train_data.texts, train_data.labels, data.texts, seed)
@@ -610,6 +611,8 @@ def execute_run(
     else:
         report = full_report(loaded, kv, encoder, prepared.train if writer else None,
                              prepared.validation, cfg.training.seed, prefix_report=done)
+    if not generating:
+        report.update(decision=cfg.decision, label_scores=cfg.label_scores)
     report.update(steps=result.steps, kept_step=kept, stop_reason=result.reason,
                   selection=(f"the step with the best validation {tc.monitor}"
                              if tc.keep_best and rule.best_step is not None else "the last step"))

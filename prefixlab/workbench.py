@@ -78,16 +78,19 @@ PRESETS: dict[str, dict] = {
         "prefix_length": 8, "init": "text", "reparameterize": False, "learning_rate": 5e-3,
         "epochs": 2, "batch_size": 8, "max_length": 96, "validation_share": 0.2, "seed": 0,
         "max_train_examples": 200, "max_eval_examples": 100, "patience": 2, "max_minutes": 1.5,
+        "class_balance": "none", "decision": "prior",
     },
     "Balanced": {
         "prefix_length": 10, "init": "text", "reparameterize": False, "learning_rate": 5e-3,
         "epochs": 8, "batch_size": 8, "max_length": 128, "validation_share": 0.2, "seed": 0,
         "max_train_examples": 2000, "max_eval_examples": 300, "patience": 4, "max_minutes": 10,
+        "class_balance": "none", "decision": "prior",
     },
     "Thorough": {
         "prefix_length": 10, "init": "text", "reparameterize": False, "learning_rate": 5e-3,
         "epochs": 20, "batch_size": 8, "max_length": 128, "validation_share": 0.2, "seed": 0,
         "max_train_examples": 0, "max_eval_examples": 500, "patience": 6, "max_minutes": 60,
+        "class_balance": "none", "decision": "prior",
     },
 }
 SETTING_NAMES = tuple(PRESETS["Quick look"])
@@ -196,7 +199,9 @@ def run_config(csv_path: str, text_column: str | None, label_column: str | None,
                     reparameterize=bool(s["reparameterize"])),
         training=dict(learning_rate=float(s["learning_rate"]), epochs=int(s["epochs"]),
                       batch_size=int(s["batch_size"]), seed=int(s["seed"]),
-                      patience=int(s["patience"]), max_minutes=float(s["max_minutes"])),
+                      patience=int(s["patience"]), max_minutes=float(s["max_minutes"]),
+                      class_balance=s["class_balance"]),
+        decision=s["decision"],
     )
 
 

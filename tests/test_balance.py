@@ -243,8 +243,13 @@ def test_predictions_and_reports_follow_the_runs_decision_rule(loaded, tmp_path)
                     training={"epochs": 1, "batch_size": 8, "patience": 0})
     prepared = prepare_data(cfg)
     folder = create_run(cfg, tmp_path / "run", prepared, loaded)
-    execute_run(folder, loaded, prepared=prepared)
+    report = execute_run(folder, loaded, prepared=prepared)
+    assert report["decision"] == "prior" and report["label_scores"] == "sum"
     run = open_run(tmp_path / "run", loaded)
+    # the bare model's baseline decides on its own scores, without the training prior
+    bare = score_log_likelihoods(loaded.model, None, run.encoder, prepared.validation.texts)
+    picked = Counter(run.labels[i] for i in bare.argmax(1))
+    assert report["baselines"]["zero_shot"]["predicted"] == {y: picked[y] for y in run.labels}
     counts = prepared.train.label_counts()
     want_offset = np.log(np.array([counts[y] for y in run.labels]) / sum(counts.values()))
     assert run.encoder.rule.offset == pytest.approx(tuple(want_offset))

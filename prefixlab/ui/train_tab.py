@@ -102,6 +102,10 @@ def report_outputs(report: dict | None):
     if "kept_step" in report:
         lines.append(f"\nKept the prefix of step {report['kept_step']} of {report['steps']} "
                      f"({report['selection']}); training ended: {report['stop_reason']}.")
+    if report.get("decision") == "prior":
+        lines.append("Decisions are prior-corrected: each label's score less the log of its "
+                     "share of the training rows, so a rare label is not out-voted by the "
+                     "training skew (the bare model decides on its own scores).")
     per_class = pd.DataFrame([
         {"label": k, "precision": round(v["precision"], 3), "recall": round(v["recall"], 3),
          "f1": round(v["f1"], 3), "support": v["support"]}
@@ -178,10 +182,22 @@ def build(workbench: Workbench, dataset: gr.State, notice,
                 visible=most_processes > 1, elem_id="processes",
                 info="Data-parallel workers, one per GPU; on CPU more than one pays only on "
                      "idle cores. The result is the same.")
+        with gr.Row():
+            class_balance = gr.Radio(
+                ["none", "weighted", "sampled"], value=quick["class_balance"],
+                label="Class balance in training", elem_id="class-balance",
+                info="weighted: each row's loss weighted by its class's inverse frequency; "
+                     "sampled: each epoch draws classes equally often")
+            decision = gr.Radio(
+                ["prior", "raw"], value=quick["decision"], label="Decision rule",
+                elem_id="decision",
+                info="prior: each label's score less the log of its training share, so rare "
+                     "labels are not out-voted by the skew; raw: the likeliest label")
         task = gr.Textbox(label="Task description (optional, starts the prefix)", max_lines=1,
                           placeholder="e.g. Is this tweet hateful, offensive or neither")
     settings = [prefix_length, init, reparameterize, learning_rate, epochs, batch_size,
-                max_length, validation_share, seed, max_train, max_eval, patience, max_minutes]
+                max_length, validation_share, seed, max_train, max_eval, patience, max_minutes,
+                class_balance, decision]
     size = gr.Markdown(elem_id="prefix-size")
     ready = gr.Markdown(elem_id="start-check")
     with gr.Row():
