@@ -222,7 +222,7 @@ def cached_nearest_tokens(run: Run, bank, top_k: int, candidates: Sequence[int],
     the candidates are unchanged: ranking deeper layers reads ~1,000 tokens through every
     layer, the slowest part of opening a run."""
     stamp = run.folder.prefix_path.stat().st_mtime
-    key = {"prefix_mtime": stamp, "bank": bank.path.name if bank.path else None,
+    key = {"prefix_mtime": stamp, "bank": bank.key, "extra_ids": list(bank.extra_ids),
            "top_k": top_k, "candidates": [int(i) for i in candidates]}
     path = run.folder.path / NEAREST_CACHE
     try:
@@ -328,7 +328,7 @@ def inspect_run(
                       {"run": run.folder.path.name, "model": loaded.name, "top_k": top_k,
                        **nearest_tokens_json(nearest, readout)})
     atomic_write_json(output / "pca.json", {"run": run.folder.path.name,
-                                            **pca_json(maps, layers, movement)})
+                                            **pca_json(maps, layers, movement), "words": words})
     causal, note = None, ""
     if knockout_rows > 0:
         try:
@@ -350,7 +350,7 @@ def inspect_run(
         title=f"Inside the prefix of {run.folder.path.name}",
         model=loaded.name, nearest=nearest, readout=readout, maps=maps, layers=layers,
         movement=movement, attention=attention, summary=summary + (f"\n\n{note}" * bool(note)),
-        glossary=GLOSSARY, extra=extra,
+        glossary=GLOSSARY, extra=extra, words=words,
     )
     atomic_write_text(output / "inspection.html", page)
     return output

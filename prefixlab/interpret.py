@@ -16,10 +16,12 @@ token, read in this slot after the same preceding virtual tokens, would the mode
 to this vector?" -- not "what the prefix means".
 
 Cost and the shortlist. Layer 0's keys/values do not depend on context, so layer 0 is ranked
-against the whole reference bank (N tokens) in one cheap pass. Deeper layers need a forward
-pass of every candidate in every slot (N x P token reads, minutes for N=2000, P=10 on a 2-core
-CPU with SmolLM2-135M), so by default they rank a shortlist per position: the position's
-top layer-0 matches for keys and values, the extra ids (label words) and a fixed spread of
+against the whole vocabulary. For RoPE models the bank keeps every token's layer-0 key (in the
+key frame) and value once per model (`VocabularyFrame`), and ranking is one matmul; models
+with learned positions read the vocabulary slot by slot. Deeper layers need a forward pass of
+every candidate in every slot (N x P token reads, minutes for N=2000, P=10 on a 2-core CPU
+with SmolLM2-135M), so by default they rank a shortlist per position: the position's top
+layer-0 matches for keys and values, the extra ids (the run's words) and a fixed spread of
 anchor tokens. `shortlist=None` ranks every bank token at every layer (fast on a GPU). Each
 result says how many tokens it was ranked among.
 
@@ -273,6 +275,21 @@ def first_layer_references(loaded: LoadedModel, token_ids: Sequence[int],
 
 
 @dataclass
+class VocabularyFrame:
+    """Layer-0 keys (in the key frame) and values of every ordinary token of a RoPE model.
+
+    Layer 0 reads no context and RoPE only turns keys, so in the key frame these are the
+    layer-0 slot references of *every* slot of *any* prefix: ranking a prefix's layer 0
+    against the whole vocabulary is then one matmul (see nearest_tokens).
+    """
+
+    token_ids: list[int]  # ordinary_token_ids of the model, in order
+    keys: torch.Tensor  # (V, H_kv*D) in the key frame
+    values: torch.Tensor  # (V, H_kv*D)
+    path: Path | None = None  # the cache file, when there is one
+
+
+@dataclass
 class ReferenceBank:
     """Real tokens' keys and values per layer, read in a neutral slot (see the module doc)."""
 
@@ -283,11 +300,24 @@ class ReferenceBank:
     keys: torch.Tensor  # (L, N, H_kv*D) in the key frame (RoPE undone)
     values: torch.Tensor  # (L, N, H_kv*D)
     context_id: int  # the token read before each bank token
-    path: Path | None = None  # the cache file, when there is one
-    loaded_from_disk: bool = False
+    path: Path | None = None  # the cache file of the frequent tokens (one per model), if any
+    loaded_from_disk: bool = False  # nothing had to be computed
+    words_path: Path | None = None  # the cache file of the extra ids' part, if any
+    vocabulary: VocabularyFrame | None = None  # RoPE models: layer 0 of the whole vocabulary
 
     def vectors(self, kind: str) -> torch.Tensor:
         return self.keys if _kind_index(kind) == 0 else self.values
+
+    @property
+    def key(self) -> str | None:
+        """Names what the bank holds (its cache files name model, weights and token lists);
+        None when it is not cached."""
+        if self.path is None:
+            return None
+        parts = [self.path.name, self.words_path.name if self.words_path else ""]
+        if self.vocabulary is not None and self.vocabulary.path is not None:
+            parts.append(self.vocabulary.path.name)
+        return "|".join(parts)
 
 
 # --- nearest tokens ---------------------------------------------------------------------------
@@ -396,6 +426,49 @@ def _vocabulary_layer_zero(loaded: LoadedModel, vectors: torch.Tensor, ids: Sequ
     return best_ids, best_scores, random_top1
 
 
+def frame_references(loaded: LoadedModel, token_ids: Sequence[int]) -> torch.Tensor:
+    """Layer-0 keys in the key frame and values of each token: (2, n, H_kv*D), RoPE models.
+
+    Read at position 0, where RoPE turns nothing but its attention scaling, which
+    unrotate_keys divides out as it does for the prefix's keys.
+    """
+    if family_of(loaded.model.config).rope == "none":
+        raise InterpretError(f"{loaded.name} has learned positions: layer 0 depends on the slot")
+    refs = first_layer_references(loaded, token_ids, 1)[:, :, 0]  # (2, n, H, D)
+    keys = unrotate_keys(loaded, refs[0].transpose(0, 1), [0]).transpose(0, 1)  # (n, H, D)
+    return torch.stack([keys, refs[1]]).flatten(2)  # (2, n, H*D)
+
+
+def _frame_layer_zero(loaded: LoadedModel, vectors: torch.Tensor, vocab: VocabularyFrame,
+                      anchor_ids: Sequence[int], shortlist: int, noise: torch.Tensor):
+    """_vocabulary_layer_zero from the whole vocabulary's layer 0 kept in the key frame.
+
+    vectors: (2, P, F) the prefix's layer-0 keys/values as cached. Its keys are moved to the
+    frame; RoPE is a rotation (scaled alike for every token) and centered cosines do not
+    change when both sides turn together, so a score here equals the score against the
+    tokens read in slot p. The center (the anchors' mean) is then one vector per kind.
+    """
+    P = vectors.shape[1]
+    H, D = loaded.shape.num_kv_heads, loaded.shape.head_dim
+    keys = unrotate_keys(loaded, vectors[0].view(P, H, D).transpose(0, 1), torch.arange(P))
+    frame = torch.stack([keys.transpose(0, 1).flatten(1), vectors[1]])  # (2, P, F)
+    center = frame_references(loaded, anchor_ids).mean(1)  # (2, F)
+    query = _unit(frame - center[:, None])  # (2, P, F)
+    randoms = _unit(noise[None, None] * frame.norm(dim=-1, keepdim=True)[..., None, :]
+                    - center[:, None, None])  # (2, P, R, F)
+    R = randoms.shape[2]
+    scores, random_top1 = [], torch.full((2, P, R), -2.0)
+    ids = torch.tensor(vocab.token_ids)
+    for kind, table in enumerate((vocab.keys, vocab.values)):
+        refs = _unit(table - center[kind])  # (V, F)
+        scores.append(query[kind] @ refs.T)  # (P, V)
+        for start in range(0, len(refs), 8192):  # bounds the (P*R, chunk) block to ~10 MB
+            block = randoms[kind].flatten(0, 1) @ refs[start:start + 8192].T  # (P*R, n)
+            random_top1[kind] = torch.maximum(random_top1[kind], block.amax(-1).view(P, R))
+    top = torch.stack(scores).topk(min(shortlist, len(ids)), dim=-1)  # (2, P, s)
+    return ids[top.indices], top.values, random_top1
+
+
 @torch.no_grad()
 def nearest_tokens(
     loaded: LoadedModel,
@@ -403,7 +476,7 @@ def nearest_tokens(
     bank: ReferenceBank,
     top_k: int = 10,
     *,
-    shortlist: int | None = 16,
+    shortlist: int | None = 10,
     candidates: Sequence[int] = (),
     vocabulary: bool = True,
     anchors: int = 16,
@@ -453,8 +526,13 @@ def nearest_tokens(
 
     vectors = kv.permute(0, 1, 3, 2, 4).flatten(3)  # (L, 2, P, H*D): heads concatenated
     wide = k if shortlist is None else max(shortlist, k)
-    first_ids, first_scores, first_random = _vocabulary_layer_zero(
-        loaded, vectors[0], layer0_ids, anchor_ids, wide, noise, progress)
+    frame = bank.vocabulary
+    if vocabulary and frame is not None and frame.token_ids == layer0_ids:
+        first_ids, first_scores, first_random = _frame_layer_zero(
+            loaded, vectors[0], frame, anchor_ids, wide, noise)
+    else:  # learned positions, or no vocabulary kept with the bank: read it slot by slot
+        first_ids, first_scores, first_random = _vocabulary_layer_zero(
+            loaded, vectors[0], layer0_ids, anchor_ids, wide, noise, progress)
     common = set(anchor_ids) | set(bank.extra_ids) | {int(i) for i in candidates}
     pools: list[list[int]] = []  # per position: token ids read in that slot for layers >= 1
     for p in range(P):
@@ -619,8 +697,8 @@ def prefix_attention(loaded: LoadedModel, prefixes: Mapping[str, torch.Tensor] |
 
 __all__ = [
     "CAVEAT", "KINDS", "METHOD", "AttentionMass", "InterpretError", "NearestTokens",
-    "ReferenceBank", "ValueReadout", "attention_maps", "eager_twin",
-    "first_layer_references", "key_frame", "nearest_tokens", "ordinary_token_ids",
-    "prefix_attention",
-    "slot_references", "unrotate_keys", "value_logits", "value_readout", "weight_sharing_copy",
+    "ReferenceBank", "ValueReadout", "VocabularyFrame", "attention_maps", "eager_twin",
+    "first_layer_references", "frame_references", "key_frame", "nearest_tokens",
+    "ordinary_token_ids", "prefix_attention", "slot_references", "unrotate_keys", "value_logits",
+    "value_readout", "weight_sharing_copy",
 ]

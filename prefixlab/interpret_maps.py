@@ -36,14 +36,62 @@ def _layer_vectors(loaded: LoadedModel, kv: torch.Tensor, layer: int, kind: str)
     return x.transpose(0, 1).flatten(1).numpy()  # (P, H*D)
 
 
-def _fit_pca(x: np.ndarray, dims: int):
-    from sklearn.decomposition import PCA
+@dataclass
+class _PCA:
+    """A fitted PCA: what sklearn's PCA gives the maps (mean, components, variance ratios)."""
 
+    mean: np.ndarray  # (F,)
+    components: np.ndarray  # (k, F), largest variance first
+    explained_variance_ratio_: np.ndarray  # (k,)
+
+    @property
+    def n_components_(self) -> int:
+        return self.components.shape[0]
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.mean) @ self.components.T
+
+
+def _signed(components: np.ndarray) -> np.ndarray:
+    """sklearn's sign convention: each component's largest-magnitude loading is positive."""
+    idx = np.abs(components).argmax(-1)[..., None]
+    sign = np.sign(np.take_along_axis(components, idx, -1))
+    return components * np.where(sign == 0, 1.0, sign)
+
+
+def _fit_pcas(x: torch.Tensor, dims: int) -> list[_PCA]:
+    """One PCA per batch item of x (B, n, F), n >= F, fitted together through the (F, F)
+    covariances: one batched matmul and one batched eigh for every layer of a map. The
+    covariance is summed in float32 (a map, not a measurement), the eigh runs in float64.
+    Fitting layer by layer through sklearn took ~3 s for the default model's 30 layers on 2
+    busy cores, mostly thread start-up per small call; batched it is a fraction of that."""
+    x = x.float()
+    B, n, F = x.shape
+    mean = x.mean(1, keepdim=True)  # (B, 1, F)
+    xc = x - mean
+    cov = (xc.transpose(1, 2) @ xc).double() / max(n - 1, 1)  # (B, F, F)
+    var, vecs = torch.linalg.eigh(cov)  # ascending
+    var, vecs = var.flip(-1).clamp_min(0).numpy(), vecs.flip(-1).numpy()
+    k = min(dims, n, F)
+    total = var.sum(-1, keepdims=True)  # (B, 1)
+    ratio = np.divide(var[:, :k], total, out=np.zeros((B, k)), where=total > 0)
+    components = _signed(vecs[:, :, :k].transpose(0, 2, 1))  # (B, k, F)
+    return [_PCA(mean[b, 0].double().numpy(), components[b], ratio[b]) for b in range(B)]
+
+
+def _fit_pca(x: np.ndarray, dims: int) -> _PCA:
     # Exact either way: through the (F, F) covariance when samples outnumber features (a
-    # token cloud: ~30x faster than a full SVD on CPU), else a full SVD (a few snapshots).
+    # token cloud), else a thin SVD (a few snapshots of a large prefix).
     x = np.asarray(x, dtype=np.float64)
-    solver = "covariance_eigh" if x.shape[1] <= x.shape[0] else "full"
-    return PCA(n_components=min(dims, *x.shape), svd_solver=solver).fit(x)
+    if x.shape[1] <= x.shape[0]:
+        return _fit_pcas(torch.from_numpy(x)[None], dims)[0]
+    mean = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    var = s ** 2 / max(len(x) - 1, 1)
+    k = min(dims, *x.shape)
+    total = var.sum()
+    ratio = var[:k] / total if total > 0 else np.zeros(k)
+    return _PCA(mean, _signed(vt[:k]), ratio)
 
 
 def _pad(coords: np.ndarray, dims: int) -> np.ndarray:
@@ -94,6 +142,29 @@ def pca_map(
     )
 
 
+def layer_pca_maps(loaded: LoadedModel, bank: ReferenceBank, kv: torch.Tensor,
+                   kind: str = "key", dims: int = 3) -> list[PCAMap]:
+    """pca_map of every layer for one prefix (named "prefix"), fitted in one batch: what the
+    Inspect tab makes when a run opens, so a change of layer or of 2-D/3-D only draws."""
+    _check_kv(loaded, kv)
+    clouds = bank.vectors(kind)  # (L, N, H*D)
+    L = kv.shape[0]
+    points = torch.stack([torch.from_numpy(_layer_vectors(loaded, kv, layer, kind))
+                          for layer in range(L)])  # (L, P, H*D)
+    if clouds.shape[-1] > clouds.shape[1] + points.shape[1]:  # fewer samples than features
+        return [pca_map(loaded, bank, kv, layer, kind, dims) for layer in range(L)]
+    fits = _fit_pcas(torch.cat([clouds.float(), points], 1), dims)
+    maps = []
+    for layer, pca in enumerate(fits):
+        ratio = np.zeros(dims)
+        ratio[: pca.n_components_] = pca.explained_variance_ratio_
+        maps.append(PCAMap(
+            layer, kind, list(bank.tokens), list(bank.token_ids),
+            _pad(pca.transform(clouds[layer].numpy()), dims),
+            {"prefix": _pad(pca.transform(points[layer].numpy()), dims)}, ratio))
+    return maps
+
+
 @dataclass
 class LayersMap:
     """Every layer's prefix positions in that layer's own 2-D PCA, in units of the cloud."""
@@ -106,7 +177,8 @@ class LayersMap:
 
 
 def layers_map(loaded: LoadedModel, bank: ReferenceBank, kv: torch.Tensor,
-               kind: str = "key", cloud_points: int = 200) -> LayersMap:
+               kind: str = "key", cloud_points: int = 200,
+               maps: Sequence[PCAMap] | None = None) -> LayersMap:
     """One point per layer and position, fitted per layer.
 
     Layers have unrelated bases (each its own W_k, W_v), so one PCA across layers would mostly
@@ -115,26 +187,29 @@ def layers_map(loaded: LoadedModel, bank: ReferenceBank, kv: torch.Tensor,
     are divided by the cloud's spread on each axis, so "2" means two standard deviations of
     real tokens at every layer; each axis is signed so the prefix's mean is positive (PCA
     signs are arbitrary). `cloud_points` tokens of the cloud come along for context.
+    maps: this prefix's layer_pca_maps (2 or more dimensions) when already made; their first
+    two axes are the same fit.
     """
     _check_kv(loaded, kv)
     L, P = kv.shape[0], kv.shape[3]
     N = len(bank.token_ids)
+    if maps is None:
+        maps = layer_pca_maps(loaded, bank, kv, kind, dims=2)
+    if len(maps) != L or any(m.kind != kind or m.cloud.shape[1] < 2 for m in maps):
+        raise InterpretError(f"layers_map needs one {kind} map of 2+ dimensions per layer")
     sample = np.unique(np.linspace(0, N - 1, min(cloud_points, N)).round().astype(int))
     coords = np.zeros((L, P, 2))
     clouds = np.zeros((L, len(sample), 2))
     ratios = np.zeros((L, 2))
-    for layer in range(L):
-        cloud = bank.vectors(kind)[layer].numpy()
-        points = _layer_vectors(loaded, kv, layer, kind)
-        pca = _fit_pca(np.vstack([cloud, points]), 2)
-        cloud_xy = _pad(pca.transform(cloud), 2)
+    for layer, m in enumerate(maps):
+        cloud_xy = m.cloud[:, :2]
         spread = cloud_xy.std(axis=0)
         spread = np.where(spread > 0, spread, 1.0)
-        xy = _pad(pca.transform(points), 2) / spread
+        xy = next(iter(m.prefixes.values()))[:, :2] / spread
         sign = np.where(xy.mean(axis=0) < 0, -1.0, 1.0)
         coords[layer] = xy * sign
         clouds[layer] = cloud_xy[sample] / spread * sign
-        ratios[layer, : pca.n_components_] = pca.explained_variance_ratio_
+        ratios[layer] = m.explained_variance[:2]
     return LayersMap(kind, coords, ratios, clouds, [bank.tokens[i] for i in sample])
 
 
@@ -199,6 +274,6 @@ def compare_prefixes(prefixes: Mapping[str, torch.Tensor]) -> PrefixComparison:
 
 
 __all__ = [
-    "LayersMap", "Movement", "PCAMap", "PrefixComparison", "compare_prefixes", "layers_map",
-    "pca_map", "prefix_movement",
+    "LayersMap", "Movement", "PCAMap", "PrefixComparison", "compare_prefixes", "layer_pca_maps",
+    "layers_map", "pca_map", "prefix_movement",
 ]

@@ -45,8 +45,22 @@ def _lists(a: np.ndarray) -> list:
 # --- PCA --------------------------------------------------------------------------------------
 
 
-def pca_figure(result: PCAMap, dims: int = 2) -> go.Figure:
-    """The reference cloud (hover: token) with each prefix's P0..Pn on top: 1 + R traces."""
+# The run's own words in the cloud (inspection.run_words' groups): a colour and a symbol each,
+# symbols that 2-D and 3-D scatters both draw, so the groups read the same in either view.
+_WORD_STYLES = {"label words": ("#e08a00", "diamond"), "init text": ("#17becf", "square"),
+                "data words": ("#7b4ea3", "x")}
+_WORD_STYLE_OTHER = ("#555555", "cross")
+
+
+def pca_figure(result: PCAMap, dims: int = 2,
+               words: Mapping[str, Sequence[int]] | None = None) -> go.Figure:
+    """The reference cloud (hover: token) with each prefix's P0..Pn on top.
+
+    words: named groups of token ids (e.g. inspection.run_words: label words, init text, data
+    words) marked in the cloud, one trace each with its own colour, symbol and legend entry; a
+    token in several groups is marked in the first. Traces: the cloud, then one per group
+    with a token in the cloud, then one per prefix.
+    """
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims}")
     if result.cloud.shape[1] < dims:
@@ -65,6 +79,22 @@ def pca_figure(result: PCAMap, dims: int = 2) -> go.Figure:
         marker=dict(size=4 if dims == 2 else 3, color=_CLOUD if dims == 2 else _CLOUD_3D),
         hovertext=[show_token(t) for t in result.tokens], hoverinfo="text",
     ))
+    row_of = {int(t): i for i, t in enumerate(result.token_ids)}
+    marked: set[int] = set()
+    for group, ids in (words or {}).items():
+        rows = [row_of[int(t)] for t in dict.fromkeys(ids)
+                if int(t) in row_of and row_of[int(t)] not in marked]
+        if not rows:
+            continue
+        marked.update(rows)
+        color, symbol = _WORD_STYLES.get(group, _WORD_STYLE_OTHER)
+        fig.add_trace(scatter(
+            **coords(result.cloud[rows]), mode="markers", name=group,
+            marker=dict(size=8 if dims == 2 else 4, color=color, symbol=symbol,
+                        line=dict(width=1, color="white") if dims == 2 else None),
+            hovertext=[f"{group}: {show_token(result.tokens[r])}" for r in rows],
+            hoverinfo="text",
+        ))
     for i, (name, x) in enumerate(result.prefixes.items()):
         labels = [f"P{p}" for p in range(len(x))]
         fig.add_trace(scatter(
@@ -317,8 +347,11 @@ def inspection_html(
     summary: str = "",
     glossary: Sequence[tuple[str, str]] = (),
     extra: Sequence[tuple[str, go.Figure]] = (),
+    words: Mapping[str, Sequence[int]] | None = None,
 ) -> str:
     """One self-contained HTML page (plotly.js inlined once): works offline.
+
+    words: the run's own token groups, marked in the PCA maps (see pca_figure).
 
     summary (light markdown: **bold**, *italic*, `code`, "- " items) and the glossary come
     first; `extra` figures (the knockout) come before the maps; the method is folded.
@@ -327,7 +360,7 @@ def inspection_html(
     for kind in KINDS:
         figures.append((f"Nearest tokens: {kind}s", nearest_tokens_figure(nearest, kind)))
     for kind, m in maps.items():
-        figures.append((f"PCA map of layer {m.layer} {kind}s", pca_figure(m, 2)))
+        figures.append((f"PCA map of layer {m.layer} {kind}s", pca_figure(m, 2, words)))
     for kind, lm in layers.items():
         figures.append((f"{kind.capitalize()}s across layers", layers_figure(lm)))
     if movement is not None:

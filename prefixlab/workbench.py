@@ -158,6 +158,8 @@ class Inspection:
     initial_kv: torch.Tensor | None  # the first snapshot: the prefix before training
     figures: dict = field(default_factory=dict)  # the tab's figures by view, made once each
     causal: object | None = None  # inspection.CausalReadout once the knockout is measured
+    words: dict = field(default_factory=dict)  # inspection.run_words: groups the maps mark
+    maps: dict = field(default_factory=dict)  # kind -> every layer's 3-D interpret_maps.PCAMap
 
 
 def process_range() -> tuple[int, int]:
@@ -722,14 +724,15 @@ class Workbench:
         self._inspections.drop(lambda k: k[0] == run_id and k[1] != mtime)
 
         def inspect() -> Inspection:
-            words = word_ids(run_words(run))
+            groups = run_words(run)
+            words = word_ids(groups)
             bank = self.bank(run, words)
             nearest = cached_nearest_tokens(run, bank, top_k, words)
             readout = interpret.value_readout(run.loaded, run.kv, top_k)
             snapshots = load_snapshots(run.folder.path)
             movement = interpret_maps.prefix_movement(snapshots) if len(snapshots) > 1 else None
             return Inspection(run, bank, nearest, readout, movement,
-                              snapshots[0][1] if snapshots else None)
+                              snapshots[0][1] if snapshots else None, words=groups)
 
         return self._inspections.get(key, inspect)
 
@@ -758,9 +761,13 @@ class Workbench:
 
         if extra_ids is None:
             extra_ids = word_ids(run_words(run))
-        return self._banks.get((run.loaded.name, tuple(extra_ids)),
-                               lambda: interpret_bank.reference_bank(run.loaded,
-                                                                     extra_ids=extra_ids))
+        loaded = run.loaded
+        # The frequent tokens and the vocabulary's layer 0 are one per model (built once, on
+        # disk); only a run's own words are read per run, into a small file of their own.
+        shared = self._banks.get((loaded.name, None),
+                                 lambda: interpret_bank.model_bank(loaded))
+        return self._banks.get((loaded.name, tuple(extra_ids)),
+                               lambda: interpret_bank.with_words(shared, loaded, extra_ids))
 
     def folder(self, run_id: str) -> RunFolder:
         return self.store.folder(run_id)

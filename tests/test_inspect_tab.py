@@ -72,6 +72,10 @@ def test_runs_with_other_labels_on_one_model_never_share_label_words(tmp_path, m
         assert set(own["label words"]) <= set(ins.bank.token_ids)
     only_first = set(words[0]["label words"]) - set(word_ids(words[1]))
     assert only_first and not only_first & set(second.bank.extra_ids)
+    # One file of frequent tokens per model (the words beyond it go to a small file of their
+    # own), and the groups the maps mark are the run's own.
+    assert first.bank.path == second.bank.path
+    assert (first.words, second.words) == tuple(words)
 
 
 def test_knockout_of_a_trained_run_is_cached_and_written_by_inspect(tmp_path, model_dir,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,6 +99,24 @@ def test_words_outside_a_small_bank_read_back_from_the_whole_vocabulary(loaded):
     assert not set(bank_only.token_ids[0].ravel()) & set(ids)  # what the old bank-only view saw
 
 
+def test_layer_zero_from_the_kept_vocabulary_equals_reading_it_slot_by_slot(loaded):
+    bank = B.reference_bank(loaded, 20)
+    if family_of(loaded.model.config).rope == "none":
+        assert bank.vocabulary is None  # learned positions: layer 0 depends on the slot
+        return
+    assert bank.vocabulary is not None
+    assert bank.vocabulary.token_ids == I.ordinary_token_ids(loaded.tokenizer,
+                                                             loaded.model.config.vocab_size)
+    kv = _random_like(text_key_values(loaded.model, loaded.tokenizer, TEXT, 5), seed=4)
+    kv = 0.5 * kv + text_key_values(loaded.model, loaded.tokenizer, TEXT, 5)
+    kept = I.nearest_tokens(loaded, kv, bank, top_k=5)
+    streamed = I.nearest_tokens(loaded, kv, replace(bank, vocabulary=None), top_k=5)
+    np.testing.assert_array_equal(kept.token_ids, streamed.token_ids)
+    np.testing.assert_allclose(kept.scores, streamed.scores, atol=1e-5)
+    # the baseline draws other random directions in the frame: the same law, not the same draws
+    np.testing.assert_allclose(kept.baseline[0], streamed.baseline[0], atol=0.15)
+
+
 def test_random_prefix_scores_sit_near_the_random_baseline(loaded):
     kv = text_key_values(loaded.model, loaded.tokenizer, TEXT, 8)
     bank = B.reference_bank(loaded, 2000)
@@ -159,6 +178,37 @@ def test_layers_map_is_in_units_of_the_cloud(loaded):
     assert (result.coords.mean(axis=1) >= 0).all()  # signs fixed: the prefix mean is positive
     far = M.layers_map(loaded, bank, kv * 50, "key")
     assert np.abs(far.coords).max() > np.abs(result.coords).max()
+
+
+def test_pca_fit_matches_sklearn():
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(1)
+    for shape in [(300, 12), (5, 40)]:  # covariance path, thin-SVD path
+        x = rng.normal(size=shape) * np.linspace(3, 0.5, shape[1])
+        ours, ref = M._fit_pca(x, 3), PCA(3).fit(x)
+        np.testing.assert_allclose(ours.explained_variance_ratio_, ref.explained_variance_ratio_,
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.abs(ours.transform(x)), np.abs(ref.transform(x)),
+                                   rtol=1e-3, atol=1e-4)  # the same axes, up to sign
+
+
+def test_every_layers_map_at_once_equals_each_layer_alone(loaded):
+    bank = B.reference_bank(loaded, 300)
+    kv = _random_like(text_key_values(loaded.model, loaded.tokenizer, TEXT, 6), seed=2)
+    maps = M.layer_pca_maps(loaded, bank, kv, "value", dims=3)
+    assert len(maps) == loaded.shape.num_layers
+    for layer, m in enumerate(maps):
+        alone = M.pca_map(loaded, bank, kv, layer, "value", dims=3)
+        np.testing.assert_allclose(m.cloud, alone.cloud, atol=1e-3)
+        np.testing.assert_allclose(m.prefixes["prefix"], alone.prefixes["prefix"], atol=1e-3)
+        np.testing.assert_allclose(m.explained_variance, alone.explained_variance, atol=1e-5)
+    # layers_map from those maps is the one it makes itself
+    from_maps = M.layers_map(loaded, bank, kv, "value", maps=maps)
+    np.testing.assert_allclose(from_maps.coords, M.layers_map(loaded, bank, kv, "value").coords,
+                               atol=1e-3)
+    with pytest.raises(I.InterpretError, match="one value map"):
+        M.layers_map(loaded, bank, kv, "value", maps=maps[:1])
 
 
 def test_value_readout_equals_a_hand_computation(loaded):
@@ -256,6 +306,28 @@ def test_bank_is_cached_on_disk_and_loads_equal(loaded, tmp_path, monkeypatch):
     again = B.reference_bank(loaded, 50, extra_ids=[7])
     assert not again.loaded_from_disk
     torch.testing.assert_close(again.keys, first.keys)
+
+
+def test_runs_share_the_models_bank_and_keep_their_words_apart(loaded, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "c"))
+    base = B.model_bank(loaded, 30)
+    assert base.extra_ids == [] and base.words_path is None
+    words_a, words_b = [200, 201], [250, 201]
+    a = B.with_words(base, loaded, words_a)
+    b = B.with_words(base, loaded, words_b)
+    assert a.path == b.path == base.path  # one file of frequent tokens per model
+    assert a.words_path != b.words_path and a.key != b.key
+    assert a.extra_ids == words_a and 250 not in a.token_ids and 200 not in b.token_ids
+    # the words read alone equal the words read with the bank
+    whole = B.reference_bank(loaded, 30, extra_ids=words_a, use_cache=False)
+    assert whole.token_ids == a.token_ids
+    torch.testing.assert_close(a.keys, whole.keys, atol=2e-3, rtol=0)
+    torch.testing.assert_close(a.values, whole.values, atol=2e-3, rtol=0)
+    again = B.with_words(B.model_bank(loaded, 30), loaded, words_a)
+    assert again.loaded_from_disk and again.key == a.key
+    if base.vocabulary is not None:
+        assert base.vocabulary.path.is_file() and again.vocabulary.path == base.vocabulary.path
+        torch.testing.assert_close(again.vocabulary.keys, base.vocabulary.keys)
 
 
 def test_frequent_tokens_skip_specials_and_junk(loaded):

@@ -47,6 +47,30 @@ def test_pca_figure_puts_labeled_prefix_points_on_the_cloud(dims):
         plots.pca_figure(_pca(), 4)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_pca_figure_marks_the_runs_own_words_in_the_cloud(dims):
+    words = {"label words": [3, 7], "init text": [7, 12, 999], "data words": [20, 21]}
+    fig = plots.pca_figure(_pca(), dims, words)
+    names = [t.name for t in fig.data]
+    # the cloud, one trace per group, then the prefixes on top
+    assert names == ["real tokens", "label words", "init text", "data words", "trained", "step 0"]
+    label, init, data = fig.data[1:4]
+    assert len(label.x) == 2 and list(label.hovertext) == ["label words: t3", "label words: t7"]
+    # 7 is a label word already and 999 is not in the cloud: the init group keeps only 12
+    assert list(init.hovertext) == ["init text: t12"]
+    assert list(data.hovertext) == ["data words: t20", "data words: t21"]
+    assert len({(t.marker.color, t.marker.symbol) for t in (label, init, data)}) == 3
+    assert all(t.showlegend is not False for t in (label, init, data))
+    _plain(fig)
+
+
+def test_pca_figure_puts_each_word_on_its_own_cloud_point():
+    result = _pca()
+    fig = plots.pca_figure(result, 2, {"label words": [5]})
+    assert (fig.data[1].x[0], fig.data[1].y[0]) == tuple(result.cloud[5, :2])
+    assert len(plots.pca_figure(result, 2, {"label words": [999]}).data) == 3  # none shown
+
+
 def _layers(M=20) -> LayersMap:
     return LayersMap("value", rng.normal(size=(L, P, 2)), np.ones((L, 2)),
                      rng.normal(size=(L, M, 2)), [f"t{i}" for i in range(M)])

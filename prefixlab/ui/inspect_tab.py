@@ -7,7 +7,9 @@ changing the layer or the view only shows a kept figure."""
 
 from __future__ import annotations
 
+import os
 import threading
+from contextlib import suppress
 
 import gradio as gr
 import pandas as pd
@@ -86,28 +88,48 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
             ins.figures[key] = make()
         return ins.figures[key]
 
+    def maps_of(ins, kind_s):
+        """Every layer's 3-D map of one kind, fitted in one batch once per inspection; the 2-D
+        view is the first two axes of the same fit, so a view change only draws."""
+        if kind_s not in ins.maps:
+            ins.maps[kind_s] = interpret_maps.layer_pca_maps(ins.run.loaded, ins.bank,
+                                                             ins.run.kv, kind_s, dims=3)
+        return ins.maps[kind_s]
+
     def pca_view(ins, layer_i, kind_s, dims_s):
         dims_n = 3 if dims_s == "3-D" else 2
         return figure(ins, ("pca", layer_i, kind_s, dims_n), lambda: plots.pca_figure(
-            interpret_maps.pca_map(ins.run.loaded, ins.bank, ins.run.kv, layer_i, kind_s,
-                                   dims=dims_n), dims_n))
+            maps_of(ins, kind_s)[layer_i], dims_n, ins.words))
+
+    def layers_view(ins, kind_s):
+        return figure(ins, ("layers", kind_s), lambda: plots.layers_figure(
+            interpret_maps.layers_map(ins.run.loaded, ins.bank, ins.run.kv, kind_s,
+                                      maps=maps_of(ins, kind_s))))
+
+    def nearest_view(ins, kind_s):
+        return figure(ins, ("nearest", kind_s),
+                      lambda: plots.nearest_tokens_figure(ins.nearest, kind_s))
 
     def warm_up(ins, first_kind):
-        """Every layer's maps, the shown kind first, so later view changes find them made."""
+        """After a run opens: the other kind's maps and figures, then every layer's 2-D map of
+        the shown kind, so later view changes find them made. Niced: a person's own requests
+        come first on the shared cores."""
+        with suppress(OSError, AttributeError):  # not every platform nices one thread
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         L = ins.nearest.token_ids.shape[0]
+        for kind_s in interpret.KINDS:
+            layers_view(ins, kind_s)
+            nearest_view(ins, kind_s)
         for kind_s in (first_kind, *[k for k in interpret.KINDS if k != first_kind]):
-            for dims_s in ("2-D", "3-D"):
-                for layer_i in range(L):
-                    pca_view(ins, layer_i, kind_s, dims_s)
+            for layer_i in range(L):
+                pca_view(ins, layer_i, kind_s, "2-D")
 
     def layer_views(rid, layer_i, kind_s, dims_s):
         ins = workbench.inspection(rid)
         layer_i = min(int(layer_i), ins.nearest.token_ids.shape[0] - 1)
         return (shown(pca_view(ins, layer_i, kind_s, dims_s)),
-                shown(figure(ins, ("layers", kind_s), lambda: plots.layers_figure(
-                    interpret_maps.layers_map(ins.run.loaded, ins.bank, ins.run.kv, kind_s)))),
-                shown(figure(ins, ("nearest", kind_s),
-                             lambda: plots.nearest_tokens_figure(ins.nearest, kind_s))),
+                shown(layers_view(ins, kind_s)),
+                shown(nearest_view(ins, kind_s)),
                 shown(_table(plots.nearest_tokens_table(ins.nearest, layer_i, kind_s))),
                 shown(_table(plots.value_readout_table(ins.readout, layer_i))))
 
