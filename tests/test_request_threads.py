@@ -113,14 +113,14 @@ def test_building_a_reference_bank_does_not_stall_scoring_with_another_run(
     inspected = _run_with_a_prefix(wb, csv, "inspected", 0)
     scored = _run_with_a_prefix(wb, csv, "scored", 1)
     building, release = threading.Event(), threading.Event()
-    real_bank = interpret_bank.reference_bank
+    real_bank = interpret_bank.model_bank  # the part built once per model
 
     def slow_bank(*args, **kwargs):
         building.set()
         assert release.wait(WAIT_S)
         return real_bank(*args, **kwargs)
 
-    monkeypatch.setattr(interpret_bank, "reference_bank", slow_bank)
+    monkeypatch.setattr(interpret_bank, "model_bank", slow_bank)
     monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
     thread, out = _in_thread(lambda: wb.inspection(inspected, top_k=3))
     assert building.wait(WAIT_S)
