@@ -3,6 +3,7 @@
     python -m prefixlab.quality [--data-dir ../shared/data] [--sets davidson,polarity,disaster]
         [--sizes 300,2000] [--seeds 0,1,2] [--cross both|none|polarity-tweets|tweets-polarity]
         [--set training.class_balance=sampled ...] [--output quality.json]
+    python -m prefixlab.quality --table quality.json [more.json ...]   # the README table
 
 For every data set, a fixed test split (stratified, seed 0, near-duplicates grouped so that a
 retweet never sits on both sides) is held out once. Each case then draws N training rows from
@@ -237,6 +238,37 @@ def format_row(r: dict) -> str:
             f"missed {','.join(r['prefix']['missed']) or '-'}  [{r['stop_reason']}]")
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """One line per (case, rows): each contender's macro-F1 as the mean over seeds (with the
+    range when there are several), the recipe's decision beside the raw argmax, times and
+    classes missed — the README's table."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["case"], r["n"]), []).append(r)
+
+    def cell(rs: list[dict], key: str) -> str:
+        values = [r[key]["macro_f1"] for r in rs]
+        text = f"{np.mean(values):.3f}"
+        return text + (f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else "")
+
+    out = ["| case | train rows | seeds | prefix (default rule) | prefix, raw argmax | TF-IDF + LR "
+           "| majority | zero-shot | prefix > TF-IDF | accuracy prefix / TF-IDF | train s "
+           "(mean) | kept step / steps | classes ≥ 5% at zero recall |",
+           "|" + "---|" * 13]
+    for (case, n), rs in groups.items():
+        wins = sum(r["prefix"]["macro_f1"] > r["tfidf"]["macro_f1"] for r in rs)
+        missed = sorted({m for r in rs for m in r["prefix"]["missed"]})
+        acc = (f"{np.mean([r['prefix']['accuracy'] for r in rs]):.3f} / "
+               f"{np.mean([r['tfidf']['accuracy'] for r in rs]):.3f}")
+        kept = ", ".join(f"{r['kept_step']}/{r['steps']}" for r in rs)
+        out.append(f"| {case} | {n} | {len(rs)} | **{cell(rs, 'prefix')}** | "
+                   f"{cell(rs, 'prefix_raw')} | {cell(rs, 'tfidf')} | {cell(rs, 'majority')} | "
+                   f"{cell(rs, 'zero_shot')} | {wins}/{len(rs)} | {acc} | "
+                   f"{np.mean([r['train_s'] for r in rs]):.0f} | {kept} | "
+                   f"{', '.join(missed) or 'none'} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefixlab.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,7 +284,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a RunConfig setting, e.g. training.class_balance=sampled")
     parser.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--output", type=Path, help="write every row as JSON here")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="ROWS_JSON",
+                        help="print the markdown table and summary line of earlier --output "
+                             "files (no training)")
     args = parser.parse_args(argv)
+    if args.table:
+        rows = [r for path in args.table for r in json.loads(path.read_text())["rows"]]
+        print(markdown_table(rows))
+        print(summarize(rows))
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from prefixlab.models import DEFAULT_MODEL, load_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from prefixlab.quality import fixed_split, group_key, sample_rows, summarize
+from prefixlab.quality import fixed_split, group_key, markdown_table, sample_rows, summarize
 
 
 def _frame() -> pd.DataFrame:
@@ -48,3 +48,20 @@ def test_summary_line_counts_wins_and_missed_classes():
     line = summarize([row(0.7, 0.6), row(0.5, 0.6, ["hate"])])
     assert line.startswith("quality: cases=2 prefix_beats_tfidf=1/2 prefix_f1=0.600")
     assert "missed_classes=1" in line and "max_train_s=100" in line
+
+
+def test_markdown_table_averages_seeds_per_case():
+    def row(case, seed, prefix, tfidf, missed=()):
+        m = {"macro_f1": prefix, "accuracy": 0.8, "missed": list(missed)}
+        base = {"macro_f1": tfidf, "accuracy": 0.7, "missed": []}
+        return {"case": case, "n": 300, "seed": seed, "prefix": m, "prefix_raw": base,
+                "tfidf": base, "majority": base, "zero_shot": base, "train_s": 60.0 + seed,
+                "kept_step": 10, "steps": 20}
+
+    table = markdown_table([row("davidson", 0, 0.6, 0.5), row("davidson", 1, 0.4, 0.5, ["hate"]),
+                            row("polarity", 0, 0.7, 0.6)])
+    lines = table.splitlines()
+    assert len(lines) == 4  # header, rule, one line per case
+    assert lines[2].startswith("| davidson | 300 | 2 | **0.500 (0.40–0.60)** |")
+    assert "| 1/2 |" in lines[2] and lines[2].endswith("| hate |")
+    assert lines[3].startswith("| polarity | 300 | 1 | **0.700** |") and "none |" in lines[3]
