@@ -282,7 +282,11 @@ def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool
         except (KeyError, TypeError, ValueError):
             pass  # from another version: measured again and rewritten
 
-    result = CausalReadout(knockout(loaded, kv, score, gold, progress), push, attention)
+    # Both scores read each batch of rows in one forward call, in a fixed order (multi-token
+    # labels continue from a cache, which the replayed layers would not have filled).
+    replay = run.is_generation or all(len(t) == 1 for t in run.encoder.label_ids)
+    result = CausalReadout(knockout(loaded, kv, score, gold, progress, replay=replay), push,
+                           attention)
     atomic_write_json(cached, result.to_json(run.folder.path.name, stamp))
     return result
 

@@ -38,6 +38,7 @@ Score = Callable[[torch.nn.Module], np.ndarray]  # model -> (N, K) log-likelihoo
 _TWINS: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
 _TWINS_LOCK = threading.Lock()
 _HIDDEN = "_prefixlab_hidden_slots"  # twin attribute: {layer: [prefix slots hidden there]}
+_REPLAY = "_prefixlab_replay"  # twin decoder-layer attribute: the Replay it follows, or None
 
 
 def _hide_slots(layer: int):
@@ -70,6 +71,51 @@ def _hide_slots(layer: int):
     return hook
 
 
+class Replay:
+    """The intact pass's layer outputs, call by call, so that a pass which changes nothing
+    below layer s can start there (a layer knockout at s leaves layers 0..s-1 as they were).
+
+    `record` keeps every layer's output of each forward call (in call order) on the twin;
+    `start(s)` makes the next calls skip layers 0..s-1 and hand layer s the output layer s-1
+    gave in the same call of the recording. Exact when the scoring repeats the same forward
+    calls in the same order, each reading its whole input in one call (no cache carried to a
+    later call: the skipped layers do not append to it).
+    """
+
+    def __init__(self) -> None:
+        self.outputs: dict[int, list] = {}  # layer -> its output per forward call
+        self.recording = False
+        self.begin = 0  # first layer computed; 0: every layer runs
+        self.calls: dict[int, int] = {}  # layer -> calls seen since start()
+
+    def start(self, layer: int) -> None:
+        self.recording, self.begin, self.calls = False, layer, {}
+
+    def record(self) -> None:
+        self.outputs, self.recording, self.begin, self.calls = {}, True, 0, {}
+
+
+def _replayable(block: torch.nn.Module, index: int):
+    """The twin's forward for decoder layer `index`, which follows the twin's Replay."""
+    run = block.forward
+
+    def forward(*args, **kwargs):
+        replay = getattr(block, _REPLAY, None)
+        if replay is None:
+            return run(*args, **kwargs)
+        if replay.recording:
+            out = run(*args, **kwargs)
+            replay.outputs.setdefault(index, []).append(out)  # a fresh tensor: kept as is
+            return out
+        if index >= replay.begin:
+            return run(*args, **kwargs)
+        call = replay.calls.get(index, 0)
+        replay.calls[index] = call + 1
+        return replay.outputs[index][call]  # what this layer gave in the same call, intact
+
+    return forward
+
+
 def _twin(model: torch.nn.Module) -> torch.nn.Module:
     """The model's knockout twin: shared tensors, own modules with the masking hooks."""
     with _TWINS_LOCK:
@@ -80,16 +126,19 @@ def _twin(model: torch.nn.Module) -> torch.nn.Module:
             for i, block in enumerate(get_module(twin, family.layers)):
                 attention = getattr(block, family.attention)
                 attention.register_forward_pre_hook(_hide_slots(i), with_kwargs=True)
+                block.forward = _replayable(block, i)  # the twin's own modules: ours to change
             twin._prefixlab_lock = threading.Lock()  # one knockout at a time per twin
             _TWINS[model] = twin
         return twin
 
 
 @contextmanager
-def knocked_out(loaded: LoadedModel, hidden: Mapping[int, Sequence[int]]):
+def knocked_out(loaded: LoadedModel, hidden: Mapping[int, Sequence[int]],
+                replay: Replay | None = None):
     """A model (the twin) on which prefix slots hidden[l] are masked out of layer l's attention.
 
-    Yields the model to score with; the shared model is never changed.
+    Yields the model to score with; the shared model is never changed. replay: a Replay to
+    record into or to start from (see Replay).
     """
     twin = _twin(loaded.model)
     family = family_of(twin.config)
@@ -98,11 +147,15 @@ def knocked_out(loaded: LoadedModel, hidden: Mapping[int, Sequence[int]]):
         attentions = [getattr(b, family.attention) for b in blocks]
         for i, attention in enumerate(attentions):
             setattr(attention, _HIDDEN, {i: list(hidden.get(i, ()))})
+        for block in blocks:
+            setattr(block, _REPLAY, replay)
         try:
             yield twin
         finally:
             for attention in attentions:
                 setattr(attention, _HIDDEN, {})
+            for block in blocks:
+                setattr(block, _REPLAY, None)
 
 
 def macro_f1(gold: np.ndarray, predicted: np.ndarray, classes: int) -> float:
@@ -187,10 +240,15 @@ METHOD = (
 
 
 def knockout(loaded: LoadedModel, kv: torch.Tensor, score: Score, gold: Sequence[int] | None,
-             progress: Callable[[float, str], None] | None = None) -> Knockout:
+             progress: Callable[[float, str], None] | None = None, *,
+             replay: bool = False) -> Knockout:
     """Score intact, then with each slot hidden (all layers), each layer hidden (all slots),
     and the whole prefix hidden. `score(model)` scores the held-out rows (N, K) with `kv` on
     the given model; gold (N,) label indices, or None when K == 1 (a target's log-likelihood).
+
+    replay=True: the layer knockouts start at their layer from the intact pass's layer
+    outputs (Replay), ~(L+1)/2 layers each instead of L: a third less work for the default
+    model. Only for a `score` that reads each row in one forward call, in a fixed order.
     """
     _check_kv(loaded, kv)
     L, P = kv.shape[0], kv.shape[3]
@@ -201,13 +259,23 @@ def knockout(loaded: LoadedModel, kv: torch.Tensor, score: Score, gold: Sequence
     variants += [{layer: list(range(P)) for layer in range(L)}]
     results = []
     n_rows = 0
+    saved = Replay() if replay else None
     for i, hidden in enumerate(variants):
         if progress:
             what = ("intact" if i == 0 else f"slot {i - 1}" if i <= P
                     else f"layer {i - 1 - P}" if i <= P + L else "whole prefix")
             progress(i / len(variants), f"knockout: {what} ({i + 1}/{len(variants)})")
-        with knocked_out(loaded, hidden) as model:
+        if saved is not None:
+            if i == 0:
+                saved.record()
+            elif P < i <= P + L:  # layer i - 1 - P hidden: every layer below it is intact
+                saved.start(i - 1 - P)
+            else:
+                saved.start(0)
+        with knocked_out(loaded, hidden, saved) as model:
             ll = np.asarray(score(model), dtype=np.float64)
+        if saved is not None and i == P + L:  # the last layer knockout: the record is spent
+            saved.outputs = {}
         if gold_a is not None and ll.shape[0] != len(gold_a):
             raise InterpretError(f"the score gave {ll.shape[0]} rows for {len(gold_a)} gold labels")
         n_rows = ll.shape[0]
@@ -273,5 +341,5 @@ def label_push(loaded: LoadedModel, kv: torch.Tensor, labels: Sequence[str],
     return LabelPush(list(labels), (per_label - per_label.mean(-1, keepdim=True)).numpy())
 
 
-__all__ = ["METHOD", "Knockout", "LabelPush", "knockout", "knocked_out", "label_push",
+__all__ = ["METHOD", "Knockout", "LabelPush", "Replay", "knockout", "knocked_out", "label_push",
            "macro_f1", "target_log_likelihoods"]

@@ -76,6 +76,46 @@ def test_hiding_a_slot_equals_a_prefix_without_it(loaded):
     assert not np.allclose(hidden, score(loaded.model), atol=1e-4)
 
 
+def test_layer_knockouts_started_from_the_intact_layers_equal_full_passes(loaded):
+    kv = _signal_in(loaded, layer=1, scale=3.0) + text_key_values(
+        loaded.model, loaded.tokenizer, "the movie was", 6)
+    _, score = _scorer(loaded, kv)
+    gold = [0, 1, 1, 0, 1, 0]
+    calls = []
+
+    def counted(model):
+        calls.append(1)
+        return score(model)
+
+    full = C.knockout(loaded, kv, counted, gold)
+    fast = C.knockout(loaded, kv, counted, gold, replay=True)
+    assert len(calls) == 2 * (1 + 6 + loaded.shape.num_layers + 1)
+    np.testing.assert_allclose(fast.layer_log_prob, full.layer_log_prob, atol=1e-5)
+    np.testing.assert_allclose(fast.slot_log_prob, full.slot_log_prob, atol=1e-5)
+    assert fast.all_log_prob == pytest.approx(full.all_log_prob, abs=1e-5)
+    assert np.abs(full.layer_log_prob).max() > 1e-3  # the layers' knockouts change something
+    # A replayed pass really skips the layers below its start.
+    saved = C.Replay()
+    seen = []
+    family = C.family_of(loaded.model.config)
+    blocks = C.get_module(C._twin(loaded.model), family.layers)
+    handles = [getattr(b, family.attention).register_forward_pre_hook(
+        lambda m, a, i=i: seen.append(i)) for i, b in enumerate(blocks)]  # ran, not skipped
+    try:
+        with C.knocked_out(loaded, {}, saved) as model:
+            saved.record()
+            score(model)
+        seen.clear()
+        saved.start(loaded.shape.num_layers - 1)
+        with C.knocked_out(loaded, {}, saved) as model:
+            again = score(model)
+    finally:
+        for h in handles:
+            h.remove()
+    np.testing.assert_allclose(again, score(loaded.model), atol=1e-5)
+    assert set(seen) == {loaded.shape.num_layers - 1}
+
+
 @pytest.mark.parametrize("signal_slot", [0, 4])
 def test_the_slot_that_carries_the_signal_ranks_first(loaded, signal_slot):
     kv = _signal_in(loaded, slot=signal_slot)
