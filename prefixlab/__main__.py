@@ -350,7 +350,7 @@ def _predict_many(args, runs: list[str]) -> int:
     """Several runs at once: every text is read under every prefix in shared mixed batches."""
     from prefixlab.decode import mixed_generate
     from prefixlab.experiment import RunFolder, text_column_of
-    from prefixlab.mixed import ScoreItem, mixed_score_labels
+    from prefixlab.mixed import mixed_score_labels
     from prefixlab.models import load_model
     from prefixlab.serve import predict_frame
     from prefixlab.store import PrefixStore
@@ -369,8 +369,7 @@ def _predict_many(args, runs: list[str]) -> int:
         return 0
     if args.text:
         pairs = [(p, t) for p in prefixes for t in args.text]
-        probs = mixed_score_labels(loaded.model, [ScoreItem(p.kv, p.encoder, t)
-                                                  for p, t in pairs])
+        probs = mixed_score_labels(loaded.model, [p.score_item(t) for p, t in pairs])
         for (p, text), row in zip(pairs, probs, strict=True):
             ranked = dict(sorted(zip(p.labels, map(float, row), strict=True),
                                  key=lambda kv: -kv[1]))

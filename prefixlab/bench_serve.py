@@ -10,11 +10,17 @@ requests/s and p50/p95 latency for:
 - mixed: PrefixLab's batcher, requests for any prefixes in one mixed batch;
 - shared: the same batcher and requests, every request naming one prefix (the ceiling);
 - one-at-a-time: PrefixLab scoring each request alone with its own prefix;
-- peft: PEFT with every prefix loaded as a named adapter, `set_adapter` per request.
+- peft: PEFT with every prefix loaded as a named adapter, `set_adapter` per request, on the
+  model as transformers ships it;
+- peft-onednn: the same on PrefixLab's model, whose linear layers multiply through oneDNN
+  (prefixlab.cpu.onednn_inference): what batching gains with the matmul kernels held equal.
 
-It also reports the first-load latency of a prefix from disk (run folder into the store) and
-the memory each resident prefix takes. Targets (issue 16): mixed >= 5x peft throughput and
->= 0.8x shared. One `summary:` line ends the output. Run it on an otherwise idle machine.
+Then a sweep: mixed and peft side by side for several client counts (default 1, 4, 16, 32)
+on the first `--sweep-requests` requests: throughput grows with load only where requests
+share batches. It also reports the first-load latency of a prefix from disk (run folder into
+the store, its template head read once) and the memory each resident prefix takes. Targets
+(issue 16): mixed >= 5x peft throughput and >= 0.8x shared. One `summary:` line ends the
+output. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ import numpy as np
 import torch
 
 from prefixlab.config import RunConfig
+from prefixlab.cpu import onednn_inference
 from prefixlab.files import atomic_write_json
+from prefixlab.mixed import mixed_score_labels
 from prefixlab.models import DEFAULT_MODEL, LoadedModel, autocast, load_model
-from prefixlab.predict import label_log_likelihoods
 from prefixlab.prefix import PrefixConfig, save_prefix, text_key_values
 from prefixlab.serve import Batcher
 from prefixlab.store import PrefixStore
@@ -127,9 +134,7 @@ class OneAtATime:
     def __call__(self, key: str, texts: list[str]) -> list[np.ndarray]:
         with self.lock:
             p = self.store.get(key)
-            ll = label_log_likelihoods(self.loaded.model, p.kv, p.encoder.prompts(texts),
-                                       p.encoder.label_ids, self.loaded.tokenizer.pad_token_id)
-            return list(torch.softmax(ll, -1).numpy())
+            return mixed_score_labels(self.loaded.model, [p.score_item(t) for t in texts])
 
 
 class PeftSwitching:
@@ -137,6 +142,7 @@ class PeftSwitching:
 
     def __init__(self, loaded: LoadedModel, store: PrefixStore, keys: list[str], root: Path
                  ) -> None:
+        """`loaded`: the model PEFT wraps (adapters are written under `root` once)."""
         from peft import PeftModel
 
         from prefixlab.models import model_source
@@ -144,13 +150,17 @@ class PeftSwitching:
 
         self.loaded, self.lock = loaded, threading.Lock()
         self.encoder = store.get(keys[0]).encoder  # every prefix shares template and labels
+        if any(len(t) > 1 for t in self.encoder.label_ids):  # it reads first tokens alone
+            raise ValueError(f"the PEFT contender scores one-token labels only; "
+                             f"{self.encoder.labels} are not all one token for this model")
         self.names: dict[str, str] = {}
         self.load_s: list[float] = []
         model = None
         for i, key in enumerate(keys):
             folder = root / f"adapter{i:03d}"
-            export_peft(store.get(key).kv, loaded.model.config, folder,
-                        model_source(loaded.name))
+            if not folder.is_dir():
+                export_peft(store.get(key).kv, loaded.model.config, folder,
+                            model_source(loaded.name))
             name = f"p{i}"
             start = time.perf_counter()
             if model is None:
@@ -187,6 +197,21 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
+def replay_modes(modes: dict[str, tuple[list, Callable]], clients: int, rounds: int
+                 ) -> dict[str, ModeResult]:
+    """Modes take turns on `rounds` slices of their requests, so a change in the machine's
+    load (other processes) falls on every mode alike rather than on whichever ran then."""
+    results = {name: ModeResult(name, 0.0, []) for name in modes}
+    n = len(next(iter(modes.values()))[0])
+    size = -(-n // rounds)
+    for start in range(0, n, size):
+        for name, (reqs, serve) in modes.items():
+            part = replay(name, reqs[start:start + size], clients, serve)
+            results[name].seconds += part.seconds
+            results[name].latencies += part.latencies
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m prefixlab.bench_serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,8 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=8,
                    help="modes take turns on this many slices of the requests")
-    p.add_argument("--no-peft", action="store_true", help="skip the PEFT contender")
+    p.add_argument("--sweep", default="1,4,16,32",
+                   help="client counts for the mixed vs peft sweep (empty: no sweep)")
+    p.add_argument("--sweep-requests", type=int, default=128,
+                   help="requests replayed at each client count of the sweep")
+    p.add_argument("--no-peft", action="store_true", help="skip the PEFT contenders")
     args = p.parse_args(argv)
+    try:
+        sweep = [int(c) for c in args.sweep.split(",") if c.strip()]
+    except ValueError:
+        p.error(f"--sweep takes client counts separated by commas, got {args.sweep!r}")
+    if any(c < 1 for c in sweep):
+        p.error(f"--sweep client counts must be >= 1, got {args.sweep!r}")
     torch.manual_seed(args.seed)
 
     loaded = load_model(args.model, args.device)
@@ -215,9 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         keys = make_prefixes(loaded, root / "runs", args.prefixes, args.prefix_length)
         store = PrefixStore(loaded)
         before = rss_mb()
-        loads = [store.get(k).load_s for k in keys]  # first loads, from disk
+        firsts = [store.get(k) for k in keys]  # first loads, from disk
+        loads = [f.load_s for f in firsts]
+        heads = [f.head_s for f in firsts]
         after = rss_mb()
-        per_prefix = store.get(keys[0]).nbytes / 2**20
+        first = store.get(keys[0])
+        held_mb, kv_mb = first.nbytes / 2**20, first.kv.numel() * 4 / 2**20
         requests = make_requests(keys, args.requests, args.seed)
         shared = [(keys[0], texts) for _, texts in requests]
 
@@ -232,54 +270,77 @@ def main(argv: list[str] | None = None) -> int:
         }
         peft_load = peft_gap = None
         if not args.no_peft:
-            peft = PeftSwitching(loaded, store, keys, root / "peft")
+            # PEFT as its users run it: a model as transformers ships it (its own copy here,
+            # linear layers through torch's default kernels).
+            stock = load_model(args.model, args.device)
+            onednn_inference(stock.model, on=False)
+            peft = PeftSwitching(stock, store, keys, root / "peft")
+            peft_same = PeftSwitching(loaded, store, keys, root / "peft")
             peft_load = statistics.median(peft.load_s)
             # The contenders must agree: same prefixes, same probabilities.
             peft_gap = max(float(np.abs(np.stack(peft(k, t)) - np.stack(
                 single.score(k, t).probabilities)).max()) for k, t in requests[:16])
             modes["peft"] = (requests, peft)
-        # Modes take turns on slices of the requests, so a change in the machine's load
-        # (other processes) falls on every mode alike rather than on whichever ran then.
-        results = {name: ModeResult(name, 0.0, []) for name in modes}
-        size = -(-len(requests) // args.rounds)
+            modes["peft-onednn"] = (requests, peft_same)
         try:
-            for start in range(0, len(requests), size):
-                for name, (reqs, serve) in modes.items():
-                    part = replay(name, reqs[start:start + size], args.clients, serve)
-                    results[name].seconds += part.seconds
-                    results[name].latencies += part.latencies
+            results = replay_modes(modes, args.clients, args.rounds)
+            swept = []
+            for clients in sweep:
+                part = requests[:args.sweep_requests]
+                pair = {"mixed": (part, modes["mixed"][1])}
+                if "peft" in modes:
+                    pair["peft"] = (part, modes["peft"][1])
+                swept.append((clients, replay_modes(pair, clients, 1)))
         finally:
             mixed.close()
             single.close()
         mixed_rows = mixed.stats.mean_rows
-        results = list(results.values())
 
-    by = {r.name: r for r in results}
+    by = results
     print(f"\n{'mode':<15}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}")
-    for r in results:
+    for r in results.values():
         print(f"{r.name:<15}{r.rps:>8.1f}{r.pct(50):>9.0f}{r.pct(95):>9.0f}")
+    if swept:
+        peft_cols = "peft" in modes
+        print(f"\nthroughput by load ({min(args.sweep_requests, len(requests))} requests at "
+              "each client count)")
+        print(f"{'clients':>7}  {'mixed req/s':>11}{'p50 ms':>8}{'p95 ms':>8}"
+              + (f"  {'peft req/s':>10}{'p50 ms':>8}{'p95 ms':>8}{'mixed/peft':>12}"
+                 if peft_cols else ""))
+        for clients, res in swept:
+            m = res["mixed"]
+            line = f"{clients:>7}  {m.rps:>11.1f}{m.pct(50):>8.0f}{m.pct(95):>8.0f}"
+            if peft_cols:
+                c = res["peft"]
+                line += (f"  {c.rps:>10.1f}{c.pct(50):>8.0f}{c.pct(95):>8.0f}"
+                         f"{m.rps / c.rps:>11.2f}x")
+            print(line)
     print(f"\nmixed batches held {mixed_rows:.1f} texts on average")
     print(f"first load of a prefix from disk: median {statistics.median(loads) * 1000:.2f} ms, "
-          f"max {max(loads) * 1000:.2f} ms (PEFT load_adapter: "
+          f"max {max(loads) * 1000:.2f} ms to read its files, then median "
+          f"{statistics.median(heads) * 1000:.1f} ms to read its template head once "
+          "(PEFT load_adapter: "
           + (f"{peft_load * 1000:.0f} ms)" if peft_load is not None else "not run)"))
     if peft_gap is not None:
         print(f"PEFT and mixed batching agree: largest probability gap {peft_gap:.2e} over "
               f"{min(16, len(requests))} requests")
-    print(f"memory per resident prefix: {per_prefix:.3f} MB of key/values; RSS grew "
-          f"{(after - before) / len(keys):.3f} MB per prefix loading {len(keys)}")
+    print(f"memory per resident prefix: {held_mb:.3f} MB of key/values ({kv_mb:.3f} MB the "
+          f"prefix, the rest its template head); RSS grew {(after - before) / len(keys):.3f} "
+          f"MB per prefix loading {len(keys)}")
     ratios = {"mixed_vs_shared": by["mixed"].rps / by["shared"].rps,
               "mixed_vs_one": by["mixed"].rps / by["one-at-a-time"].rps}
     if "peft" in by:
         ratios["mixed_vs_peft"] = by["mixed"].rps / by["peft"].rps
+        ratios["mixed_vs_peft_onednn"] = by["mixed"].rps / by["peft-onednn"].rps
     print()
     for name, value in ratios.items():
         goal = TARGETS.get(name)
         verdict = "" if goal is None else (f"  target >= {goal}: "
                                            + ("met" if value >= goal else "MISSED"))
-        print(f"{name:<16}{value:>6.2f}x{verdict}")
+        print(f"{name:<22}{value:>6.2f}x{verdict}")
     print("summary: " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items())
           + f" mixed_rps={by['mixed'].rps:.1f} first_load_ms={statistics.median(loads) * 1000:.2f}"
-          f" prefix_mb={per_prefix:.3f}")
+          f" head_ms={statistics.median(heads) * 1000:.1f} prefix_mb={held_mb:.3f}")
     return 0
 
 

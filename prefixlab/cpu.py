@@ -41,16 +41,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+ONEDNN_MIN_ROWS = 8
+"""Below this many rows (tokens) torch's default matmul is as fast or faster: at 1-2 rows
+oneDNN took 1.0-3x longer for SmolLM2-135M's projections, from 8 rows on it took 1.4-2.5x
+less (1 thread, measured one shape at a time). A decoding step of a few rows stays on MKL."""
+
+
 class InferenceLinear(nn.Linear):
     """nn.Linear that multiplies through oneDNN (`linear`) when no gradient is recorded on a
-    float32 CPU input: scoring, evaluation and generation. With autograd on (training, maps
-    that need gradients) it is nn.Linear. The result equals nn.Linear's up to float rounding
-    (the two libraries sum in different orders); a mixed scoring batch of SmolLM2-135M ran
-    ~1.5x faster with it here (26 rows of ~16 tokens, 1 thread)."""
+    float32 CPU input of at least ONEDNN_MIN_ROWS rows: scoring, evaluation, reading prompts.
+    With autograd on (training, maps that need gradients) it is nn.Linear. The result equals
+    nn.Linear's up to float rounding (the libraries sum in different orders); a mixed scoring
+    batch of SmolLM2-135M ran ~1.5x faster with it here (26 rows of ~16 tokens, 1 thread)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
-                or self.weight.dtype != torch.float32):
+                or self.weight.dtype != torch.float32
+                or x.numel() < ONEDNN_MIN_ROWS * self.in_features):
             return super().forward(x)
         return linear(x, self.weight, self.bias)
 

@@ -176,6 +176,12 @@ class ScoreItem:
     kv: torch.Tensor | None  # (L, 2, H_kv, P, D)
     encoder: Encoder
     text: str
+    head_read: bool = False  # kv already holds the template's head (prefix.extend_prefix)
+
+    def prompt(self) -> list[int]:
+        """The token ids this item's row reads after kv."""
+        ids = self.encoder.prompt(self.text)[0]
+        return ids[len(self.encoder.head_ids):] if self.head_read else ids
 
 
 def mixed_score_labels(model: nn.Module, items: Sequence[ScoreItem], batch_size: int = 32
@@ -185,7 +191,7 @@ def mixed_score_labels(model: nn.Module, items: Sequence[ScoreItem], batch_size:
     batches (sorted by prompt length so little compute goes to padding)."""
     if not items:
         return []
-    prompts = [it.encoder.prompt(it.text)[0] for it in items]
+    prompts = [it.prompt() for it in items]
     pad = items[0].encoder.tokenizer.pad_token_id
     order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
     out: list[np.ndarray] = [np.empty(0)] * len(items)

@@ -15,6 +15,7 @@ Two parameterizations:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -201,6 +202,28 @@ def text_key_values(model: nn.Module, tokenizer, text: str, length: int) -> torc
         [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
     )  # (L, 2, H, P, D)
     return kv.float().cpu()
+
+
+@torch.no_grad()
+def extend_prefix(model: nn.Module, kv: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    """The prefix (L, 2, H_kv, P, D) followed by what the model caches reading token `ids`
+    after it: (L, 2, H_kv, P+S, D), float32 on kv's device; its first P slots are `kv`.
+
+    A prompt that starts with `ids`, read after the extended prefix without them, gives what
+    the whole prompt gives after `kv`: a template's head is read once per prefix, not once
+    per text (positions continue at P+S, RoPE keys are cached rotated at P..P+S-1).
+    """
+    if not ids:
+        return kv
+    device = next(model.parameters()).device
+    mask = torch.ones(1, len(ids), dtype=torch.long, device=device)
+    out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=True,
+                logits_to_keep=1, **prefix_inputs(model, kv.to(device), mask))
+    cache = returned_cache(out)
+    ext = torch.stack(
+        [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]
+    )  # (L, 2, H, P+S, D)
+    return ext.float().to(kv.device)
 
 
 def default_init_text(labels: list[str], task: str | None = None) -> str:

@@ -25,7 +25,7 @@ import pandas as pd
 
 from prefixlab.decode import Sampling, mixed_generate
 from prefixlab.errors import PrefixLabError
-from prefixlab.mixed import ScoreItem, mixed_score_labels
+from prefixlab.mixed import mixed_score_labels
 from prefixlab.models import LoadedModel
 from prefixlab.store import PrefixStore, ServedPrefix
 
@@ -205,8 +205,7 @@ class Batcher:
                     r.future.set_exception(e)
 
     def _score(self, group: list[tuple[_Request, ServedPrefix]]) -> None:
-        items = [ScoreItem(p.kv if r.with_prefix else None, p.encoder, t)
-                 for r, p in group for t in r.texts]
+        items = [p.score_item(t, r.with_prefix) for r, p in group for t in r.texts]
         probs = mixed_score_labels(self.loaded.model, items, batch_size=self.max_rows)
         start = 0
         for r, p in group:
@@ -246,7 +245,7 @@ def predict_frame(loaded: LoadedModel, prefixes: Sequence[ServedPrefix], frame: 
     if unlabeled:
         raise ServeError(f"prefixes without labels cannot predict: {', '.join(unlabeled)}")
     texts = frame[column].fillna("").astype(str).tolist()
-    items = [ScoreItem(p.kv, p.encoder, t) for p in prefixes for t in texts]
+    items = [p.score_item(t) for p in prefixes for t in texts]
     probs = mixed_score_labels(loaded.model, items, batch_size=batch_size)
     out = frame.copy()
     for i, (p, group) in enumerate(zip(prefixes, column_groups(prefixes), strict=True)):

@@ -1,7 +1,9 @@
 """A store of many prefixes for one loaded model: on disk by the thousand, in memory by budget.
 
 A prefix is found by a key (a run id, or a folder path) and loaded on demand from a run folder
-(`config.json` + `prefix.safetensors`) or a PEFT prefix-tuning adapter folder. Loaded prefixes
+(`config.json` + `prefix.safetensors`) or a PEFT prefix-tuning adapter folder. A run's prefix
+is kept with its template's head already read after it (`ServedPrefix.head_kv`), so scoring a
+text reads only the text's own tokens and the template's tail. Loaded prefixes
 stay in an LRU cache bounded by a memory budget in bytes; the least recently used are dropped
 first. A prefix made for another base model is refused with both names, never guessed.
 """
@@ -21,8 +23,9 @@ from prefixlab.config import ConfigError, RunConfig
 from prefixlab.encode import Encoder
 from prefixlab.errors import PrefixLabError
 from prefixlab.files import read_json
+from prefixlab.mixed import ScoreItem
 from prefixlab.models import LoadedModel, model_source
-from prefixlab.prefix import PrefixFileError, load_prefix
+from prefixlab.prefix import PrefixFileError, extend_prefix, load_prefix
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20  # ~550 resident 10-token prefixes of SmolLM2-135M
 
@@ -42,12 +45,26 @@ class ServedPrefix:
     encoder: Encoder | None
     source: Path
     mtime: float
-    load_s: float  # seconds it took to read from disk
+    load_s: float  # seconds it took to read from disk (files only, not head_s)
     text_column: str | None = None  # the run's text column, for predicting a table
+    # The prefix with its template's head read after it, (L, 2, H_kv, P + S, D); kv is a view
+    # of its first P slots. None without labels (nothing to score) or a head.
+    head_kv: torch.Tensor | None = None
+    head_s: float = 0.0  # seconds the model took to read the template's head
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        held = self.kv if self.head_kv is None else self.head_kv
+        return held.numel() * held.element_size()
+
+    def score_item(self, text: str, with_prefix: bool = True) -> ScoreItem:
+        """`text` to score under this prefix (or the bare model on its prompt): after the
+        head-extended prefix when there is one, so the row reads only text and tail."""
+        if not with_prefix:
+            return ScoreItem(None, self.encoder, text)
+        if self.head_kv is not None:
+            return ScoreItem(self.head_kv, self.encoder, text, head_read=True)
+        return ScoreItem(self.kv, self.encoder, text)
 
 
 def _same_model(named: str, loaded: LoadedModel) -> bool:
@@ -122,7 +139,7 @@ class PrefixStore:
             served = self._read_run(key, folder, mtime)
         else:
             served = self._read_adapter(key, folder, mtime)
-        return replace(served, load_s=time.perf_counter() - start)
+        return replace(served, load_s=time.perf_counter() - start - served.head_s)
 
     def _read_run(self, key: str, folder: Path, mtime: float) -> ServedPrefix:
         try:
@@ -142,9 +159,17 @@ class PrefixStore:
         # A generation run has no labels: like an imported adapter, it generates but not scores.
         counts = (info.get("data") or {}).get("label_counts")
         encoder = cfg.label_encoder(self.loaded.tokenizer, labels, counts) if labels else None
+        head_kv, start = None, time.perf_counter()
+        if encoder is not None and encoder.head_ids:
+            # Every text this run scores starts with the template's head: read it here, once,
+            # and texts read only their own tokens and the tail (3 of ~16 tokens per row for
+            # the default template; more for a long instruction).
+            head_kv = extend_prefix(self.loaded.model, kv, encoder.head_ids)
+            kv = head_kv[:, :, :, :kv.shape[3]]  # a view: the prefix is held once
         name = str(info.get("name") or folder.name)
         return ServedPrefix(key, name, kv, labels, encoder, folder, mtime, 0.0,
-                            text_column=cfg.text_column)
+                            text_column=cfg.text_column, head_kv=head_kv,
+                            head_s=time.perf_counter() - start)
 
     def _read_adapter(self, key: str, folder: Path, mtime: float) -> ServedPrefix:
         from prefixlab.peft_interop import PeftFormatError, import_peft

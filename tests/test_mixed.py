@@ -14,7 +14,7 @@ from prefixlab.mixed import (
     stack_prefixes,
 )
 from prefixlab.predict import generate, label_log_likelihoods, score_labels
-from prefixlab.prefix import text_key_values
+from prefixlab.prefix import extend_prefix, text_key_values
 
 TEXTS = ["the movie was great", "a terrible boring film and i", "fine", "hello world",
          "The quick brown fox jumps over the lazy dog"]
@@ -71,6 +71,31 @@ def test_mixed_score_labels_matches_score_labels(loaded):
     for it, probs in zip(items, got, strict=True):
         alone = score_labels(loaded.model, it.kv, enc, [it.text])[0]
         assert probs == pytest.approx(alone, abs=1e-5)
+
+
+@pytest.mark.parametrize("labels", [["positive", "negative"], ["great film", "bad", "dog"]])
+def test_a_template_head_read_once_per_prefix_scores_as_the_whole_prompt(loaded, labels):
+    """Rows after extend_prefix(kv, head) read only text + tail, beside rows reading their
+    whole prompt, prefixes of different lengths: each row scores as its whole prompt alone."""
+    long = Template("You are a careful annotator. Read the review and answer.\n"
+                    "Review: {text}\nVerdict ({labels}):")
+    encoders = [Encoder(loaded.tokenizer, t, labels, 128) for t in (Template(), long)]
+    kvs = _prefixes(loaded)
+    items = []
+    for i, text in enumerate(TEXTS):
+        kv, enc = kvs[i % 3], encoders[i % 2]
+        if i % 4 == 3:  # this row reads its whole prompt
+            items.append((kv, ScoreItem(kv, enc, text)))
+        else:
+            items.append((kv, ScoreItem(extend_prefix(loaded.model, kv, enc.head_ids), enc,
+                                        text, head_read=True)))
+    assert len(items[1][1].prompt()) < len(encoders[1].prompt(TEXTS[1])[0]) - 10
+    got = mixed_score_labels(loaded.model, [it for _, it in items])
+    for (kv, it), probs in zip(items, got, strict=True):
+        alone = score_labels(loaded.model, kv, it.encoder, [it.text])[0]
+        assert probs == pytest.approx(alone, abs=1e-5)
+    ext = extend_prefix(loaded.model, kvs[0], encoders[1].head_ids)
+    assert torch.equal(ext[:, :, :, :kvs[0].shape[3]], kvs[0])
 
 
 def test_mixed_greedy_generation_equals_each_row_alone(loaded):

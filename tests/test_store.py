@@ -10,7 +10,7 @@ import torch
 
 from prefixlab.config import RunConfig
 from prefixlab.files import atomic_write_json
-from prefixlab.prefix import PrefixConfig, save_prefix, text_key_values
+from prefixlab.prefix import PrefixConfig, load_prefix, save_prefix, text_key_values
 from prefixlab.store import PrefixStore, PrefixStoreError
 
 LABELS = ["positive", "negative"]
@@ -50,6 +50,29 @@ def test_loads_on_demand_and_serves_from_memory(loaded, tmp_path):
     save_prefix(Path(key) / "prefix.safetensors", first.kv + 1, loaded.name)
     again = store.get(key)
     assert again is not first and torch.equal(again.kv, first.kv + 1)
+
+
+def test_a_run_prefix_is_held_with_its_template_head_read_once(loaded, tmp_path):
+    """kv is the file's prefix (a view of head_kv's first slots, held once); scoring a text
+    after head_kv reads only the text and the tail, and gives the full prompt's scores."""
+    from prefixlab.mixed import mixed_score_labels
+    from prefixlab.predict import score_labels
+
+    key = make_prefixes(loaded, tmp_path, 1, length=5)[0]
+    served = PrefixStore(loaded).get(key)
+    head = served.encoder.head_ids
+    assert head and served.head_kv.shape[3] == 5 + len(head)
+    assert served.kv.data_ptr() == served.head_kv.data_ptr()  # one copy of the prefix
+    on_disk = load_prefix(Path(key) / "prefix.safetensors", loaded.shape).kv
+    assert torch.equal(served.kv, on_disk)
+    assert served.nbytes == served.head_kv.numel() * 4
+    item = served.score_item("the movie was great")
+    assert item.head_read and item.prompt() == served.encoder.prompt(item.text)[0][len(head):]
+    got = mixed_score_labels(loaded.model, [item, served.score_item("awful", False)])
+    want = score_labels(loaded.model, on_disk, served.encoder, ["the movie was great"])[0]
+    assert got[0] == pytest.approx(want, abs=1e-5)
+    bare = score_labels(loaded.model, None, served.encoder, ["awful"])[0]
+    assert got[1] == pytest.approx(bare, abs=1e-5)
 
 
 def test_lru_evicts_least_recently_used_under_budget(loaded, tmp_path):
