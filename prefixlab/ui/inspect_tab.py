@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from contextlib import suppress
 
 import gradio as gr
@@ -110,21 +111,34 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         return figure(ins, ("nearest", kind_s),
                       lambda: plots.nearest_tokens_figure(ins.nearest, kind_s))
 
+    last_view = [0.0]  # when a view was last asked for (time.monotonic), in this app
+
     def warm_up(ins, first_kind):
-        """After a run opens: the other kind's maps and figures, then every layer's 2-D map of
-        the shown kind, so later view changes find them made. Niced: a person's own requests
-        come first on the shared cores."""
+        """After a run opens: the other kind's maps and figures, then every layer's 2-D map,
+        so later view changes find them made. It steps aside while views are being asked
+        for (its figures are pure Python and would hold the interpreter lock against the
+        request), and is niced: a person's own requests come first on the shared cores.
+        3-D maps are made when asked for: their drawing in the browser costs more than
+        making them."""
         with suppress(OSError, AttributeError):  # not every platform nices one thread
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+        def make(view, *args):
+            while time.monotonic() - last_view[0] < 1.5:
+                time.sleep(0.2)
+            view(ins, *args)
+
         L = ins.nearest.token_ids.shape[0]
-        for kind_s in interpret.KINDS:
-            layers_view(ins, kind_s)
-            nearest_view(ins, kind_s)
-        for kind_s in (first_kind, *[k for k in interpret.KINDS if k != first_kind]):
+        kinds = (first_kind, *[k for k in interpret.KINDS if k != first_kind])
+        for kind_s in kinds:
+            make(layers_view, kind_s)
+            make(nearest_view, kind_s)
+        for kind_s in kinds:
             for layer_i in range(L):
-                pca_view(ins, layer_i, kind_s, "2-D")
+                make(pca_view, layer_i, kind_s, "2-D")
 
     def layer_views(rid, layer_i, kind_s, dims_s):
+        last_view[0] = time.monotonic()
         ins = workbench.inspection(rid)
         layer_i = min(int(layer_i), ins.nearest.token_ids.shape[0] - 1)
         return (shown(pca_view(ins, layer_i, kind_s, dims_s)),
@@ -178,18 +192,32 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
 
     wire(ko_btn.click, on_knockout, [current, ko_rows], [summary, ko_plot, push_plot], notice)
 
-    def on_view(rid, layer_i, kind_s, dims_s):
+    # Each control redraws only the views it changes: resending the layers map (30 panels)
+    # and the nearest-token heatmap on every change of layer made the browser redraw them too.
+    def on_layer(rid, layer_i, kind_s, dims_s):
         if not rid:
-            return (shown(None),) * 5
-        return layer_views(rid, layer_i, kind_s, dims_s)
+            return (shown(None),) * 3
+        pca, _, _, table, readout = layer_views(rid, layer_i, kind_s, dims_s)
+        return pca, table, readout
+
+    def on_kind(rid, layer_i, kind_s, dims_s):
+        if not rid:
+            return (shown(None),) * 4
+        return layer_views(rid, layer_i, kind_s, dims_s)[:4]
+
+    def on_dims(rid, layer_i, kind_s, dims_s):
+        if not rid:
+            return shown(None)
+        return layer_views(rid, layer_i, kind_s, dims_s)[0]
 
     view_inputs = [current, layer, kind, dims]
-    view_outputs = [pca_plot, layers_plot, nearest_plot, nearest_table, readout_table]
     # Typing a layer into the slider's box fires `input`, not `release`; always_last drops
     # the intermediate ticks of a drag, so only the layer let go on is drawn.
-    wire(layer.input, on_view, view_inputs, view_outputs, notice, trigger_mode="always_last")
-    wire(kind.change, on_view, view_inputs, view_outputs, notice)
-    wire(dims.change, on_view, view_inputs, view_outputs, notice)
+    wire(layer.input, on_layer, view_inputs, [pca_plot, nearest_table, readout_table], notice,
+         trigger_mode="always_last")
+    wire(kind.change, on_kind, view_inputs, [pca_plot, layers_plot, nearest_plot, nearest_table],
+         notice)
+    wire(dims.change, on_dims, view_inputs, [pca_plot], notice)
 
     def on_attention(rid, text):
         if not rid:
