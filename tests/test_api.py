@@ -85,6 +85,33 @@ def test_which_prefix_says_what(many_runs):
     assert len(shown["value"]) == 3 and "id" not in shown["value"].columns  # all runs
 
 
+def test_sampled_generation_through_the_api_handler_is_seeded_per_request(many_runs):
+    """/generate with do_sample: the seed gives the same text alone as in the batch the
+    handler makes for several runs; another seed, other texts."""
+    import gradio as gr
+
+    from prefixlab.decode import Sampling
+    from prefixlab.ui.api import register
+
+    workbench, ids = many_runs
+    with gr.Blocks() as demo:
+        register(workbench)
+    fn = next(f.fn for f in demo.fns.values() if f.api_name == "generate")
+    rows = fn(["the movie", "a film"], ids, 6, True, 1.4, 1.0, 9, 1)
+    assert len(rows) == 6
+    for row in rows:
+        run = workbench.open(row["run_id"])
+        j = ["the movie", "a film"].index(row["prompt"])
+        alone = generate(run.loaded.model, run.loaded.tokenizer, run.kv, [row["prompt"]], 6,
+                         do_sample=True, temperature=1.4, seed=Sampling(9).for_row(j).seed)
+        assert row["generated"] == alone[0]
+    again = fn(["the movie", "a film"], ids, 6, True, 1.4, 1.0, 9, 1)
+    other = fn(["the movie", "a film"], ids, 6, True, 1.4, 1.0, 10, 1)
+    assert again == rows and other != rows
+    with pytest.raises(gr.Error, match="temperature"):
+        fn(["the movie"], ids[:1], 6, True, 0.0, 1.0, 9, 1)
+
+
 def test_batch_prediction_with_several_runs_writes_a_column_group_each(many_runs, tmp_path):
     workbench, ids = many_runs
     csv = tmp_path / "in.csv"
