@@ -77,18 +77,6 @@ def onednn_inference(model: nn.Module, on: bool = True) -> int:
     return changed
 
 
-def route_linears(module: torch.nn.Module) -> torch.nn.Module:
-    """Make every nn.Linear of `module` multiply through `linear` (oneDNN) when it runs on
-    CPU. Only for a module tree of one's own (a twin made by interpret.weight_sharing_copy):
-    it changes those modules' forward, never the weights. Returns the module."""
-    if not ONEDNN:
-        return module
-    for m in module.modules():
-        if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu":
-            m.forward = (lambda x, m=m: linear(x, m.weight, m.bias))
-    return module
-
-
 _pinned: int | None = None  # set once by pin_threads: this process's thread count is fixed
 
 

@@ -112,28 +112,6 @@ def _named(prefixes: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, tor
     return dict(prefixes)
 
 
-# --- the model the readouts run on ------------------------------------------------------------
-
-_READERS: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = \
-    weakref.WeakKeyDictionary()
-_READERS_LOCK = threading.Lock()
-
-
-def reader(model: torch.nn.Module) -> torch.nn.Module:
-    """The model the reference reads run on: a twin over the same weights (see eager_twin)
-    whose linear layers multiply through oneDNN on CPU (prefixlab.cpu.linear; 2.3x torch's
-    default on this project's AMD CPU under load). Reading ~600 candidate tokens through
-    every layer is most of a run's first open. Made once per model."""
-    from prefixlab.cpu import route_linears
-
-    with _READERS_LOCK:
-        twin = _READERS.get(model)
-        if twin is None:
-            twin = route_linears(weight_sharing_copy(model))
-            _READERS[model] = twin
-        return twin
-
-
 # --- key frame: undoing RoPE ----------------------------------------------------------------
 
 
@@ -218,7 +196,7 @@ def slot_references(loaded: LoadedModel, context: torch.Tensor | None,
     """
     from transformers import DynamicCache
 
-    model = reader(loaded.model)
+    model = loaded.model
     base = model.base_model  # no LM head: only the cache is wanted
     C = 0 if context is None else context.shape[3]
     slots = [C] * len(token_ids) if positions is None else [int(p) for p in positions]
@@ -256,7 +234,7 @@ def first_layer_references(loaded: LoadedModel, token_ids: Sequence[int],
     """
     from transformers import DynamicCache
 
-    model = reader(loaded.model)
+    model = loaded.model
     base = model.base_model
     family = family_of(model.config)
     reads = length if family.rope == "none" else 1
@@ -721,6 +699,6 @@ __all__ = [
     "CAVEAT", "KINDS", "METHOD", "AttentionMass", "InterpretError", "NearestTokens",
     "ReferenceBank", "ValueReadout", "VocabularyFrame", "attention_maps", "eager_twin",
     "first_layer_references", "frame_references", "key_frame", "nearest_tokens",
-    "ordinary_token_ids", "prefix_attention", "reader", "slot_references", "unrotate_keys",
+    "ordinary_token_ids", "prefix_attention", "slot_references", "unrotate_keys",
     "value_logits", "value_readout", "weight_sharing_copy",
 ]

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from prefixlab.cpu import route_linears
 from prefixlab.families import family_of
 from prefixlab.interpret import InterpretError, _check_kv, value_logits, weight_sharing_copy
 from prefixlab.models import LoadedModel, get_module
@@ -122,8 +121,7 @@ def _twin(model: torch.nn.Module) -> torch.nn.Module:
     with _TWINS_LOCK:
         twin = _TWINS.get(model)
         if twin is None:
-            # oneDNN linears: each knockout is a full scoring pass (route_linears)
-            twin = route_linears(weight_sharing_copy(model))
+            twin = weight_sharing_copy(model)  # its linears are the model's (oneDNN on CPU)
             family = family_of(twin.config)
             for i, block in enumerate(get_module(twin, family.layers)):
                 attention = getattr(block, family.attention)

@@ -117,21 +117,6 @@ def test_layer_zero_from_the_kept_vocabulary_equals_reading_it_slot_by_slot(load
     np.testing.assert_allclose(kept.baseline[0], streamed.baseline[0], atol=0.15)
 
 
-def test_the_reader_twin_computes_what_the_model_computes(loaded):
-    from prefixlab.cpu import ONEDNN
-
-    ids = torch.tensor([_ids(loaded, TEXT)])
-    twin = I.reader(loaded.model)
-    assert twin is I.reader(loaded.model) and twin is not loaded.model
-    linears = [m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)]
-    assert all("forward" not in vars(m) for m in linears)  # the shared model is untouched
-    routed = [m for m in twin.modules() if isinstance(m, torch.nn.Linear)]
-    assert all(("forward" in vars(m)) == ONEDNN for m in routed)
-    with torch.no_grad():
-        torch.testing.assert_close(twin(input_ids=ids).logits, loaded.model(input_ids=ids).logits,
-                                   atol=1e-4, rtol=1e-4)
-
-
 def test_random_prefix_scores_sit_near_the_random_baseline(loaded):
     kv = text_key_values(loaded.model, loaded.tokenizer, TEXT, 8)
     bank = B.reference_bank(loaded, 2000)
