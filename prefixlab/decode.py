@@ -90,10 +90,13 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 def _prefill(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]],
-             pad_id: int, repeat: int):
-    """Read the prompts after the prefix once: (log p of the next token (B*repeat, V), cache,
-    attention mask over prefix + prompt (B*repeat, P+T)), rows repeated `repeat` times."""
+             pad_id: int, repeat: int, room: int):
+    """Read the prompts after the prefix once: (next-token logits (B*repeat, V), cache with
+    `room` free positions, attention mask over prefix + prompt (B*repeat, P+T)), rows
+    repeated `repeat` times."""
     from transformers import DynamicCache
+
+    from prefixlab.kvcache import make_room
 
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad_id)
@@ -108,24 +111,25 @@ def _prefill(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]],
         kwargs[cache_keyword(model)] = DynamicCache(config=model.config)
     with autocast(device):
         out = model(input_ids=ids, logits_to_keep=1, use_cache=True, **kwargs)
-    logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
-    cache = returned_cache(out)
+    logits = out.logits[:, -1].float()  # (B, V)
+    # Each step then writes its token in place instead of copying the whole cache (torch.cat).
+    cache = make_room(returned_cache(out), room)
     full_mask = kwargs["attention_mask"]  # (B, P+T)
     if repeat > 1:  # the prefix + prompt cache copied once per beam, never re-read
         cache.batch_repeat_interleave(repeat)
         full_mask = full_mask.repeat_interleave(repeat, 0)
-        logp = logp.repeat_interleave(repeat, 0)
-    return logp, cache, full_mask
+        logits = logits.repeat_interleave(repeat, 0)
+    return logits, cache, full_mask
 
 
 def _step(model: nn.Module, cache, tokens: torch.Tensor, mask: torch.Tensor):
-    """One new token per row (N,) against the cache: (log p (N, V), mask (N, S+1))."""
+    """One new token per row (N,) against the cache: (logits (N, V), mask (N, S+1))."""
     mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
     positions = mask.sum(-1, keepdim=True) - 1  # (N, 1): left padding and prefix counted right
     with autocast(mask.device):
         out = model(input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
                     use_cache=True, **{cache_keyword(model): cache})
-    return torch.log_softmax(out.logits[:, -1].float(), dim=-1), mask
+    return out.logits[:, -1].float(), mask
 
 
 @torch.inference_mode()
@@ -136,8 +140,9 @@ def greedy(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]],
 
     Rows that finish leave the batch (and the cache), so the rest run on fewer rows.
     """
+    # The largest logit is the most likely token: no softmax over the vocabulary needed.
     return _decode(model, kv, prompts, eos_id, pad_id, max_new_tokens,
-                   lambda logp, rows: logp.argmax(-1), stop_check)
+                   lambda logits, rows: logits.argmax(-1), stop_check)
 
 
 @dataclass(frozen=True)
@@ -192,13 +197,13 @@ def decode_rows(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]]
         raise ValueError(f"{len(rows)} samplings for {len(prompts)} prompts: give one per row")
     generators = [None if s is None else torch.Generator().manual_seed(s.seed) for s in rows]
 
-    def pick(logp: torch.Tensor, alive: list[int]) -> torch.Tensor:
-        tokens = logp.argmax(-1)  # (N,)
+    def pick(logits: torch.Tensor, alive: list[int]) -> torch.Tensor:
+        tokens = logits.argmax(-1)  # (N,)
         for i, row in enumerate(alive):
             s = rows[row]
             if s is not None:  # row by row: each row's draws come from its own generator
-                tokens[i] = draw_tokens(logp[i:i + 1], generators[row], s.temperature,
-                                        s.top_p)[0]
+                tokens[i] = draw_tokens(torch.log_softmax(logits[i:i + 1], -1),
+                                        generators[row], s.temperature, s.top_p)[0]
         return tokens
 
     return _decode(model, kv, prompts, eos_id, pad_id, max_new_tokens, pick, stop_check)
@@ -208,16 +213,16 @@ def _decode(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]],
             eos_id: int, pad_id: int, max_new_tokens: int | Sequence[int],
             pick: Callable[[torch.Tensor, list[int]], torch.Tensor],
             stop_check: StopCheck | None) -> list[list[int]]:
-    """One token per row at a time, chosen by `pick` from log p (N, V) of the rows still
+    """One token per row at a time, chosen by `pick` from the logits (N, V) of the rows still
     alive, until EOS (left out), a stop string or the row's budget; finished rows leave the
     batch and the cache."""
     budgets = ([int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int)
                else [int(n) for n in max_new_tokens])
-    logp, cache, mask = _prefill(model, kv, prompts, pad_id, 1)
+    logits, cache, mask = _prefill(model, kv, prompts, pad_id, 1, max(budgets))
     out: list[list[int]] = [[] for _ in prompts]
     alive = list(range(len(prompts)))  # the prompt each cache row belongs to
     for _ in range(max(budgets)):
-        tokens = pick(logp, alive)  # (N,)
+        tokens = pick(logits, alive)  # (N,)
         finished = []
         for i, (row, tok) in enumerate(zip(alive, tokens.tolist(), strict=True)):
             if tok == eos_id:
@@ -236,7 +241,7 @@ def _decode(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]],
             cache.batch_select_indices(index)
             mask, tokens = mask[index], tokens[index]
             alive = [alive[i] for i in keep]
-        logp, mask = _step(model, cache, tokens, mask)
+        logits, mask = _step(model, cache, tokens, mask)
     return out
 
 
@@ -251,7 +256,8 @@ def beam_search(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]]
                 stop_check: StopCheck | None = None) -> list[list[int]]:
     """The best finished beam per prompt (EOS left out); see the module docstring."""
     N = num_beams
-    logp, cache, mask = _prefill(model, kv, prompts, pad_id, N)  # (B*N, V)
+    logits, cache, mask = _prefill(model, kv, prompts, pad_id, N, max_new_tokens)  # (B*N, V)
+    logp = torch.log_softmax(logits, dim=-1)
     device = logp.device
     V = logp.shape[-1]
     alive = list(range(len(prompts)))  # prompts still searching, N cache rows each
@@ -307,7 +313,8 @@ def beam_search(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]]
         cache.reorder_cache(index)  # picks (and drops) rows: one index_select per layer
         mask = mask[index]
         alive = next_alive
-        logp, mask = _step(model, cache, torch.tensor(next_tokens, device=device), mask)
+        logits, mask = _step(model, cache, torch.tensor(next_tokens, device=device), mask)
+        logp = torch.log_softmax(logits, dim=-1)
     return [d[0][1] if d else [] for d in done]
 
 
