@@ -72,7 +72,7 @@ class GenBenchConfig:
     decode_batch_size: int = 16
     beams: list[int] = field(default_factory=lambda: [1, 5])
     speed_inputs: int = 32
-    """Test inputs decoded by both generators for the tokens/s comparison."""
+    """Test inputs decoded by both generators for the tokens/s comparison (0: none)."""
     speed_repeats: int = 2
     """Timed runs of each generator (alternating order, after a warm-up); the fastest counts."""
     speed_only: bool = False
@@ -165,6 +165,8 @@ def speed(loaded: LoadedModel, encoder: PairEncoder, kv: torch.Tensor, inputs: S
 
 def _speeds(loaded: LoadedModel, encoder: PairEncoder, kv: torch.Tensor, inputs: list[str],
             cfg: GenBenchConfig, log) -> list[dict]:
+    if not cfg.speed_inputs:
+        return []
     speeds = [speed(loaded, encoder, kv, inputs[: cfg.speed_inputs], b, cfg) for b in cfg.beams]
     for s in speeds:
         log(f"  generation, {s['num_beams']} beam(s): ours {s['ours_tokens_per_s']:.1f} tok/s, "
@@ -246,6 +248,8 @@ def run(cfg: GenBenchConfig, log=print) -> dict:
 
 
 def _speed_lines(result: dict) -> list[str]:
+    if not result["speed"]:
+        return ["generation speed: not measured (--speed-inputs 0)"]
     lines = [f"{'generation':<12} {'ours tok/s':>11} {'generate tok/s':>15} {'ratio':>6} "
              f"{'CPU-s ratio':>12} {'same outputs':>13}"]
     for s in result["speed"]:
@@ -322,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix-length", type=int, default=d.prefix_length)
     p.add_argument("--reparameterize", action="store_true")
     p.add_argument("--beams", default="1,5", help="comma-separated beam counts")
-    p.add_argument("--speed-inputs", type=int, default=d.speed_inputs)
+    p.add_argument("--speed-inputs", type=int, default=d.speed_inputs,
+                   help="inputs timed, ours against transformers' generate (0: no timing)")
     p.add_argument("--speed-repeats", type=int, default=d.speed_repeats,
                    help="timed runs of each generator, alternating; the fastest counts")
     p.add_argument("--speed-only", action="store_true",

@@ -39,6 +39,10 @@ def test_the_benchmark_prints_quality_and_speed_side_by_side(tmp_path, model_dir
     # decode.py and transformers' generate search alike: the same outputs
     assert out.count(" 100%") == 2
 
+    assert main([*args, "--speed-inputs", "0", "--beams", "1"]) == 0  # quality alone
+    out = capsys.readouterr().out
+    assert "not measured" in out and "gen_speedup" not in out and "bleu_prefix=" in out
+
     assert main([*args, "--speed-only", "--speed-repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "BLEU" not in out and "fastest of 1 runs each, 1 torch threads" in out
