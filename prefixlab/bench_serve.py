@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             modes["peft-onednn"] = (requests, peft_same)
         try:
             results = replay_modes(modes, args.clients, args.rounds)
+            mixed_rows = mixed.stats.mean_rows  # the table's batches, before the sweep's
             swept = []
             for clients in sweep:
                 part = requests[:args.sweep_requests]
@@ -294,7 +295,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             mixed.close()
             single.close()
-        mixed_rows = mixed.stats.mean_rows
 
     by = results
     print(f"\n{'mode':<15}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}")
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 line += (f"  {c.rps:>10.1f}{c.pct(50):>8.0f}{c.pct(95):>8.0f}"
                          f"{m.rps / c.rps:>11.2f}x")
             print(line)
-    print(f"\nmixed batches held {mixed_rows:.1f} texts on average")
+    print(f"\nmixed batches held {mixed_rows:.1f} texts on average at {args.clients} clients")
     print(f"first load of a prefix from disk: median {statistics.median(loads) * 1000:.2f} ms, "
           f"max {max(loads) * 1000:.2f} ms to read its files, then median "
           f"{statistics.median(heads) * 1000:.1f} ms to read its template head once "
