@@ -7,6 +7,10 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Idle OpenMP threads sleep instead of spinning: on 2 shared cores, spinning threads of one
+# test process (or its workers, which inherit this) stole whole cores from the others
+# (a greedy decode took 21-49 s spinning vs 4-8 s passive under load).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
