@@ -70,10 +70,11 @@ def walk_data(workdir: Path, real: bool) -> tuple[Path, Path]:
     """A training CSV and a held-out test CSV, both named as the walk expects: short
     synthetic reviews for the tiny model; real movie-review sentences for the default one."""
     if not real:
-        # 160 training rows x 40 epochs at batch 1: longer than the preset's 1.5-minute time
-        # budget on any machine, so the run is still training when the second one queues
-        # (with 40 rows it finished within one status poll on an idle machine)
-        return (write_reviews_csv(workdir / "reviews.csv", rows=200),
+        # 1,600 training rows (the walk lifts the preset's 200-row cap) x 40 epochs at batch
+        # 1: 64,000 steps, far past the preset's 1.5-minute time budget on any machine, so the
+        # run is still training when the second one queues (160 rows finished in under a
+        # minute once idle OpenMP threads stopped spinning; 40 rows within one status poll)
+        return (write_reviews_csv(workdir / "reviews.csv", rows=2000),
                 write_reviews_csv(workdir / "test.csv", rows=12))
     from tests.conftest import SHARED_DATA
 
@@ -212,6 +213,9 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
         patience = page.get_by_label(re.compile(r"^Patience"))
         patience.fill("0")  # no early stop: it must still train when the second run starts
         patience.press("Enter")
+        rows = page.get_by_label(re.compile(r"^Training rows"))
+        rows.fill("0")  # every row
+        rows.press("Enter")
     page.get_by_role("textbox", name="Run name (optional)").fill("browser run")
     page.locator("#start").click()
     status = page.locator("#train-status")
