@@ -119,33 +119,58 @@ def pca_figure(result: PCAMap, dims: int = 2,
 
 def layers_figure(result: LayersMap, columns: int = 6) -> go.Figure:
     """Small multiples, one panel per layer (its own PCA, in units of the token cloud):
-    a sample of real tokens in grey and the prefix positions P0..Pn. 2L traces."""
+    a sample of real tokens in grey and the prefix positions P0..Pn.
+
+    Drawn on one pair of axes, each layer's points fitted into its own cell of a grid, as two
+    traces: thirty subplots (60 traces, 60 axes) took the browser 0.3-0.5 s to redraw at
+    every key/value switch, which the Inspect tab's 1 s budget cannot afford.
+    """
     L, P, _ = result.coords.shape
     cols = min(columns, L)
     rows = -(-L // cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {i}" for i in range(L)],
-                        horizontal_spacing=0.03, vertical_spacing=0.25 / rows)
-    labels = [f"P{p}" for p in range(P)]
+    gap = 0.25  # between cells, in cell widths
+    cloud_x, cloud_y, cloud_text = [], [], []
+    pre_x, pre_y, pre_text, pre_pos = [], [], [], []
+    shapes, titles = [], []
     for layer in range(L):
-        at = dict(row=layer // cols + 1, col=layer % cols + 1)
-        cloud, xy = result.cloud[layer], result.coords[layer]
-        fig.add_trace(go.Scatter(
-            x=_lists(cloud[:, 0]), y=_lists(cloud[:, 1]), mode="markers", showlegend=False,
-            marker=dict(size=3, color=_CLOUD), hoverinfo="text",
-            hovertext=[show_token(t) for t in result.tokens],
-        ), **at)
-        fig.add_trace(go.Scatter(
-            x=_lists(xy[:, 0]), y=_lists(xy[:, 1]), mode="markers", showlegend=False,
-            marker=dict(size=6, color=list(range(P)), colorscale="Turbo", cmin=0,
-                        cmax=max(P - 1, 1)),
-            hovertext=[f"{lab} · layer {layer}" for lab in labels], hoverinfo="text",
-        ), **at)
-    fig.update_xaxes(showticklabels=False, zeroline=True)
-    fig.update_yaxes(showticklabels=False, zeroline=True)
-    fig.update_annotations(font_size=10)
+        row, col = divmod(layer, cols)
+        x0, y0 = col * (1 + gap), -row * (1 + gap)
+        both = np.concatenate([result.cloud[layer], result.coords[layer]])
+        low, high = both.min(0), both.max(0)
+        span = float(max(high - low)) or 1.0
+        mid = (low + high) / 2
+
+        def place(xy: np.ndarray, x0=x0, y0=y0, mid=mid, span=span) -> np.ndarray:
+            # same scale on both axes: a panel keeps its PCA's proportions
+            return (xy - mid) / span * 0.92 + np.array([x0 + 0.5, y0 + 0.5])
+
+        cloud, xy = place(result.cloud[layer]), place(result.coords[layer])
+        cloud_x += _lists(cloud[:, 0])
+        cloud_y += _lists(cloud[:, 1])
+        cloud_text += [f"{show_token(t)} · layer {layer}" for t in result.tokens]
+        pre_x += _lists(xy[:, 0])
+        pre_y += _lists(xy[:, 1])
+        pre_text += [f"P{p} · layer {layer}" for p in range(P)]
+        pre_pos += list(range(P))
+        shapes.append(dict(type="rect", x0=x0, x1=x0 + 1, y0=y0, y1=y0 + 1,
+                           line=dict(color="rgba(0,0,0,0.15)", width=1), layer="below"))
+        titles.append(dict(x=x0 + 0.5, y=y0 + 1, yanchor="bottom", text=f"layer {layer}",
+                           showarrow=False, font=dict(size=10)))
+    fig = go.Figure([
+        go.Scatter(x=cloud_x, y=cloud_y, mode="markers", showlegend=False, hoverinfo="text",
+                   hovertext=cloud_text, marker=dict(size=3, color=_CLOUD)),
+        go.Scatter(x=pre_x, y=pre_y, mode="markers", showlegend=False, hoverinfo="text",
+                   hovertext=pre_text,
+                   marker=dict(size=6, color=pre_pos, colorscale="Turbo", cmin=0,
+                               cmax=max(P - 1, 1))),
+    ])
+    hidden = dict(visible=False, fixedrange=True)
+    fig.update_layout(shapes=shapes, annotations=titles,
+                      xaxis=dict(range=[-0.05, cols * (1 + gap) - gap + 0.05], **hidden),
+                      yaxis=dict(range=[-(rows - 1) * (1 + gap) - 0.05, 1.2], **hidden))
     return _layout(fig, f"Prefix {result.kind}s at every layer (per-layer PCA, axes in std of "
                         f"real tokens; colour = position P0→P{P - 1})",
-                   height=max(_HEIGHT, 150 * rows + 80))
+                   height=max(_HEIGHT, 120 * rows + 100))
 
 
 # --- nearest tokens and value readout ---------------------------------------------------------

@@ -77,11 +77,24 @@ def _layers(M=20) -> LayersMap:
 
 
 def test_layers_figure_has_a_panel_per_layer():
-    fig = plots.layers_figure(_layers())
-    assert len(fig.data) == 2 * L  # per layer: the token sample, then the prefix positions
-    assert [len(t.x) for t in fig.data] == [20, P] * L
-    assert fig.data[3].hovertext[2] == "P2 · layer 1" and fig.data[2].hovertext[0] == "t0"
-    assert fig.data[5].xaxis == "x3"  # layer 2 in its own panel
+    result = _layers()
+    fig = plots.layers_figure(result, columns=2)
+    cloud, prefix = fig.data  # two traces on one pair of axes: quick for the browser to draw
+    assert len(cloud.x) == 20 * L and len(prefix.x) == P * L
+    assert prefix.hovertext[P + 2] == "P2 · layer 1" and cloud.hovertext[20] == "t0 · layer 1"
+    assert [a.text for a in fig.layout.annotations] == [f"layer {i}" for i in range(L)]
+    boxes = fig.layout.shapes
+    assert len(boxes) == L
+    for layer in range(L):  # each layer's points sit inside its own cell, none outside
+        box = boxes[layer]
+        c, p = slice(20 * layer, 20 * (layer + 1)), slice(P * layer, P * (layer + 1))
+        xs, ys = cloud.x[c] + prefix.x[p], cloud.y[c] + prefix.y[p]
+        assert box.x0 < min(xs) and max(xs) < box.x1 and box.y0 < min(ys) and max(ys) < box.y1
+    # a panel keeps its PCA's shape: distances between two prefix points scale alike on x, y
+    a, b = result.coords[0, 0], result.coords[0, 1]
+    pa, pb = np.array([prefix.x[0], prefix.y[0]]), np.array([prefix.x[1], prefix.y[1]])
+    ratio = (pb - pa) / (b - a)
+    assert ratio[0] == pytest.approx(ratio[1])
     _plain(fig)
 
 
