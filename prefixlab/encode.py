@@ -84,8 +84,8 @@ class Encoder(_Prompts):
                  rule: LabelRule | None = None):
         self.tokenizer = tokenizer
         self.labels = list(labels)
-        self.rule = rule or LabelRule()
-        """How label log-likelihoods become probabilities (a run's decision rule)."""
+        self.rule = rule or LabelRule()  # label log-likelihoods -> probabilities (a run's
+        # decision rule: RunConfig.label_encoder sets it; the identity when built directly)
         head, tail = template.parts(self.labels)
         self.head_ids = self._ids(head)
         self.tail_ids = self._ids(tail)
