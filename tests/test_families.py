@@ -20,6 +20,7 @@ from prefixlab.prefix import Prefix, PrefixConfig, forward, init_prefix, text_ke
 from prefixlab.train import TrainConfig, train
 
 from .conftest import TEXTS, TINY_FAMILIES, tiny_model
+from .test_prefix import _left_padded
 
 TEXT = "the movie was great"
 
@@ -45,11 +46,7 @@ def test_prefix_from_text_equals_reading_the_text(family_model):
     P = len(text)
     kv = text_key_values(model, tok, TEXT, P)
     rows = [_ids(tok, "a terrible boring film"), _ids(tok, "fine")]
-    T = max(len(r) for r in rows)
-    ids = torch.full((2, T), tok.pad_token_id)
-    mask = torch.zeros(2, T, dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding: positions must skip it
-        ids[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(r), 1
+    ids, mask = _left_padded(rows, tok.pad_token_id)  # left padding: positions must skip it
     got = forward(model, kv, ids, mask)
     for i, r in enumerate(rows):
         full = model(input_ids=torch.tensor([text + r])).logits[0, P:]
