@@ -456,7 +456,8 @@ def cmd_inspect(args) -> int:
     loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
                         progress=_say)
     out = inspect_run(args.run, args.output, loaded, args.top_k, texts=args.text or None,
-                      bank_size=args.bank_size, knockout_rows=args.knockout_rows, progress=_say)
+                      bank_size=args.bank_size, knockout_rows=args.knockout_rows,
+                      knockout_precision=args.knockout_precision, progress=_say)
     written = ", ".join(sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".html")))
     print(f"wrote {written} to {out}")
     return 0
@@ -544,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knockout-rows", type=int, default=DEFAULT_KNOCKOUT_ROWS,
                    help="held-out rows scored with each slot and layer hidden (knockout.json); "
                         "0 skips the knockout")
+    p.add_argument("--knockout-precision", choices=["auto", "float32", "bfloat16"],
+                   default="auto", help="auto: bfloat16 where the processor multiplies it "
+                   "natively (a GPU; a CPU with AVX512-BF16 or AMX), else float32")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("worker", help="train a registered run (started by the app)")

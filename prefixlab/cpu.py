@@ -41,6 +41,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively: CUDA with bf16, or a CPU with AVX512-BF16
+    or AMX. Without it (most laptops' AVX2) a CPU runs bf16 matmuls far slower than float32;
+    with it, SmolLM2-135M's projections ran 1.6-2x faster here (AMD EPYC, AVX512-BF16)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
 ONEDNN_MIN_ROWS = 8
 """Below this many rows (tokens) torch's default matmul is as fast or faster: at 1-2 rows
 oneDNN took 1.0-3x longer for SmolLM2-135M's projections, from 8 rows on it took 1.4-2.5x

@@ -92,7 +92,8 @@ def knockout_lines(result: Knockout, top: int = 3) -> list[str]:
           else f", macro-F1 {result.f1:.2f}")
     whole = ("" if result.all_f1 is None else f", macro-F1 {result.all_f1:+.2f}")
     return [
-        f"**What matters** (knockout on {result.rows} held-out rows; intact: log-prob "
+        f"**What matters** (knockout on {result.rows} held-out rows"
+        f"{'' if result.precision == 'float32' else f', in {result.precision}'}; intact: log-prob "
         f"{result.log_prob:.2f}{f1}): hiding the whole prefix changes the log-prob by "
         f"{result.all_log_prob:+.2f}{whole}.",
         f"- Slots that cost most when hidden: {part('slot')}.",

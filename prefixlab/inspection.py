@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from prefixlab import data as datamod
+from prefixlab.cpu import native_bf16
 from prefixlab.experiment import Run, RunFolder, open_run, prepare_data
 from prefixlab.files import atomic_write_json, atomic_write_text
 from prefixlab.inspect_summary import GLOSSARY, summary_markdown
@@ -244,13 +245,27 @@ def stored_knockout_rows(run: Run) -> int | None:
     return found.get("rows") if found else None
 
 
+def knockout_dtype(loaded: LoadedModel, precision: str = "auto") -> torch.dtype:
+    """What the knockout runs in: "auto" is bfloat16 for a float32 model on a device that
+    multiplies bf16 natively (cpu.native_bf16), else the model's own dtype."""
+    own = next(loaded.model.parameters()).dtype
+    if precision == "auto":
+        return torch.bfloat16 if own == torch.float32 and native_bf16(loaded.device) else own
+    if precision not in ("float32", "bfloat16"):
+        raise InterpretError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
+    return getattr(torch, precision)
+
+
 def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool = True,
-                 progress: Callable[[float, str], None] | None = None) -> CausalReadout:
+                 progress: Callable[[float, str], None] | None = None,
+                 precision: str = "auto") -> CausalReadout:
     """Knock out each slot and each layer on `rows` held-out rows; cached in the run folder
-    (knockout.json, valid while the prefix file and the row count are unchanged)."""
+    (knockout.json, valid while the prefix file, the row count and the precision are
+    unchanged). precision: see knockout_dtype."""
     if rows < 1:
         raise InterpretError(f"the knockout needs at least 1 held-out row, got {rows}")
     loaded, kv = run.loaded, run.kv
+    dtype = knockout_dtype(loaded, precision)
     stamp = run.folder.prefix_path.stat().st_mtime
     cached = run.folder.path / KNOCKOUT_FILE
     if run.is_generation:  # the score is each held-out target's mean token log-probability
@@ -276,7 +291,8 @@ def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool
 
     attention = prefix_attention(loaded, kv, texts[:8])
     found = _stored(run) if use_cache else None
-    if found is not None and found.get("rows") == len(texts):
+    if (found is not None and found.get("rows") == len(texts)
+            and found.get("precision", "float32") == str(dtype).removeprefix("torch.")):
         try:
             return CausalReadout(Knockout.from_json(found), push, attention)
         except (KeyError, TypeError, ValueError):
@@ -285,8 +301,8 @@ def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool
     # Both scores read each batch of rows in one forward call, in a fixed order (multi-token
     # labels continue from a cache, which the replayed layers would not have filled).
     replay = run.is_generation or all(len(t) == 1 for t in run.encoder.label_ids)
-    result = CausalReadout(knockout(loaded, kv, score, gold, progress, replay=replay), push,
-                           attention)
+    result = CausalReadout(knockout(loaded, kv, score, gold, progress, replay=replay,
+                                    dtype=dtype), push, attention)
     atomic_write_json(cached, result.to_json(run.folder.path.name, stamp))
     return result
 
@@ -300,6 +316,7 @@ def inspect_run(
     texts: Sequence[str] | None = None,
     bank_size: int = DEFAULT_BANK_SIZE,
     knockout_rows: int = DEFAULT_KNOCKOUT_ROWS,
+    knockout_precision: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write nearest_tokens.json, pca.json, knockout.json and a standalone inspection.html.
@@ -307,7 +324,8 @@ def inspect_run(
     texts: read after the prefix for the attention view; None takes up to three rows of the
     run's training CSV (the attention view is left out when it cannot be read).
     knockout_rows: held-out rows for the knockout (0: none; it is skipped, with a note on
-    the page, when the run's data cannot be read). Returns output_dir.
+    the page, when the run's data cannot be read); knockout_precision: see knockout_dtype.
+    Returns output_dir.
     """
 
     run = open_run(run_dir, loaded)
@@ -336,7 +354,7 @@ def inspect_run(
     causal, note = None, ""
     if knockout_rows > 0:
         try:
-            causal = run_knockout(run, knockout_rows, progress=(
+            causal = run_knockout(run, knockout_rows, precision=knockout_precision, progress=(
                 (lambda f, m: progress(m)) if progress else None))
         except InterpretError as e:
             note = f"The knockout was not measured: {e}"
@@ -361,5 +379,6 @@ def inspect_run(
 
 
 __all__ = ["DEFAULT_KNOCKOUT_ROWS", "KNOCKOUT_FILE", "NEAREST_CACHE", "CausalReadout",
-           "cached_nearest_tokens", "inspect_run", "load_snapshots", "nearest_tokens_json",
-           "pca_json", "run_knockout", "run_words", "stored_knockout_rows", "word_ids"]
+           "cached_nearest_tokens", "inspect_run", "knockout_dtype", "load_snapshots",
+           "nearest_tokens_json", "pca_json", "run_knockout", "run_words", "stored_knockout_rows",
+           "word_ids"]

@@ -46,8 +46,9 @@ def knockout_figure(result: Knockout, attention: AttentionMass | None = None) ->
         fig.update_yaxes(autorange="reversed", row=1, col=3, type="category")
         fig.update_xaxes(title_text="share (mean over heads)", tickformat=".0%", row=1, col=3)
     rows = max(result.prefix_length, result.num_layers)
-    return _layout(fig, f"Hidden from attention, on {result.rows} held-out rows (red: hiding "
-                        f"it hurts)", height=max(420, 16 * rows + 140))
+    how = "" if result.precision == "float32" else f", {result.precision}"
+    return _layout(fig, f"Hidden from attention, on {result.rows} held-out rows{how} (red: "
+                        f"hiding it hurts)", height=max(420, 16 * rows + 140))
 
 
 def label_push_figure(result: LabelPush) -> go.Figure:

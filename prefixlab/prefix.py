@@ -131,6 +131,9 @@ def build_cache(kv: torch.Tensor, batch_size: int, model: nn.Module):
     """
     from transformers import DynamicCache
 
+    dtype = next(model.parameters()).dtype
+    if kv.is_floating_point() and kv.dtype != dtype:  # a float32 prefix on a bf16 model
+        kv = kv.to(dtype)
     layers = []
     for layer in kv:  # (2, H, P, D)
         k = layer[0].unsqueeze(0).expand(batch_size, -1, -1, -1)  # (B, H, P, D)

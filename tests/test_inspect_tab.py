@@ -100,6 +100,11 @@ def test_knockout_of_a_trained_run_is_cached_and_written_by_inspect(tmp_path, mo
     again = inspection.run_knockout(run, 4, progress=lambda f, m: steps.append(m))
     assert not steps  # read from the run folder, not measured again
     assert again.knockout.slot_log_prob == pytest.approx(first.knockout.slot_log_prob, abs=1e-4)
+    other = "float32" if first.knockout.precision == "bfloat16" else "bfloat16"
+    inspection.run_knockout(run, 4, precision=other, progress=lambda f, m: steps.append(m))
+    assert steps  # measured in another precision: not the cached figures
+    assert json.loads((run.folder.path / inspection.KNOCKOUT_FILE).read_text())[
+        "precision"] == other
     out = inspection.inspect_run(run.folder.path, tmp_path / "out", run.loaded, top_k=2,
                                  knockout_rows=4)
     written = json.loads((out / "knockout.json").read_text())

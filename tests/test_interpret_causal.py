@@ -216,3 +216,34 @@ def test_a_generation_target_is_scored_per_row_and_knocked_out(loaded):
     assert result.f1 is None and result.slot_log_prob.shape == (kv.shape[3],)
     # Slot 1 holds the only large values: hiding it moves the target most.
     assert int(np.argmax(np.abs(result.slot_log_prob))) == 1
+
+
+def test_a_bfloat16_knockout_ranks_like_float32_and_leaves_the_model_alone(loaded):
+    """The bf16 twin holds its own bf16 weights: the shared model stays float32 (and scores as
+    before), and the knockout ranks the signal's slot first as float32 does, with changes
+    close to float32's."""
+    kv = _signal_in(loaded, slot=2)
+    _, score = _scorer(loaded, kv)
+    before = score(loaded.model)
+    gold = before.argmax(1)
+    exact = C.knockout(loaded, kv, score, gold, replay=True)
+    fast = C.knockout(loaded, kv, score, gold, replay=True, dtype=torch.bfloat16)
+    assert exact.precision == "float32" and fast.precision == "bfloat16"
+    assert fast.ranked("slot")[0][0] == exact.ranked("slot")[0][0] == 2
+    np.testing.assert_allclose(fast.slot_log_prob, exact.slot_log_prob, atol=0.05, rtol=0.05)
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    np.testing.assert_allclose(score(loaded.model), before, atol=1e-6)
+    assert C.Knockout.from_json(fast.to_json()).precision == "bfloat16"
+
+
+def test_knockout_precision_auto_follows_the_processor(loaded, monkeypatch):
+    from prefixlab import inspection
+    from prefixlab.interpret import InterpretError
+
+    monkeypatch.setattr(inspection, "native_bf16", lambda device: True)
+    assert inspection.knockout_dtype(loaded) == torch.bfloat16
+    monkeypatch.setattr(inspection, "native_bf16", lambda device: False)
+    assert inspection.knockout_dtype(loaded) == torch.float32
+    assert inspection.knockout_dtype(loaded, "bfloat16") == torch.bfloat16
+    with pytest.raises(InterpretError, match="precision"):
+        inspection.knockout_dtype(loaded, "float16")
