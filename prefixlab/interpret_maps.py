@@ -177,7 +177,7 @@ class LayersMap:
 
 
 def layers_map(loaded: LoadedModel, bank: ReferenceBank, kv: torch.Tensor,
-               kind: str = "key", cloud_points: int = 200,
+               kind: str = "key", cloud_points: int = 80,
                maps: Sequence[PCAMap] | None = None) -> LayersMap:
     """One point per layer and position, fitted per layer.
 
@@ -186,7 +186,8 @@ def layers_map(loaded: LoadedModel, bank: ReferenceBank, kv: torch.Tensor,
     unrelated coordinates. Each layer is fitted on its own cloud plus the prefix; coordinates
     are divided by the cloud's spread on each axis, so "2" means two standard deviations of
     real tokens at every layer; each axis is signed so the prefix's mean is positive (PCA
-    signs are arbitrary). `cloud_points` tokens of the cloud come along for context.
+    signs are arbitrary). `cloud_points` tokens of the cloud come along for context (80: the
+    cloud's shape in a ~120-pixel panel; 200 made the 30-panel figure 2.5x heavier to draw).
     maps: this prefix's layer_pca_maps (2 or more dimensions) when already made; their first
     two axes are the same fit.
     """

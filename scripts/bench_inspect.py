@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import app  # noqa: E402  (the repository root, for `python scripts/...`)
 from prefixlab import interpret_bank  # noqa: E402
+from prefixlab.cpu import pin_threads  # noqa: E402
 from prefixlab.inspection import KNOCKOUT_FILE, NEAREST_CACHE, run_words, word_ids  # noqa: E402
 from prefixlab.workbench import Workbench  # noqa: E402
 
@@ -64,6 +65,7 @@ def _fresh_run(workbench: Workbench, run_id: str) -> None:
 def main(data_dir: str, run_id: str, shot: str | None, views_only: bool = False) -> None:
     from playwright.sync_api import expect, sync_playwright
 
+    pin_threads()  # as app.py's main: request threads share one thread count
     workbench = Workbench(data_dir)
     workbench.store.refresh()
     workbench.model(workbench.default_model)  # loaded as the app does at its start

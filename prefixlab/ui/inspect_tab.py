@@ -26,6 +26,33 @@ def _table(headers_rows) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=headers)
 
 
+# A browser draws its first 3-D plot slowly (WebGL set-up and shader compiling: 1.3 s of
+# plotly alone here, 0.6 s for the next one), so a person's first switch to 3-D would pay it.
+# A few seconds after a run opens, a throwaway 3-D plot is drawn off screen and removed;
+# plotly (window.Plotly) is on the page by then, loaded for the maps just drawn.
+_WARM_3D = """() => { setTimeout(() => {
+  const P = window.Plotly;
+  if (!P || window.prefixlabWarm3d) return;
+  window.prefixlabWarm3d = true;
+  const div = document.createElement("div");
+  div.style.cssText = "position:fixed;left:-4000px;top:0;width:400px;height:300px";
+  document.body.appendChild(div);
+  // like the maps: labelled points, titled axes with backgrounds (3-D text is drawn from
+  // glyph outlines made on first use)
+  const axis = (t) => ({title: {text: t + " (10%)"}, showbackground: true,
+                        backgroundcolor: "#f7f7f7", exponentformat: "power"});
+  const labels = Array.from({length: 10}, (_, i) => "P" + i);
+  P.newPlot(div, [{type: "scatter3d", mode: "markers", x: [0, 1, 2], y: [0, 1, 2],
+                   z: [0, 1, 2], marker: {size: 3}},
+                  {type: "scatter3d", mode: "markers+text", text: labels,
+                   x: labels.map((_, i) => i / 10), y: labels.map((_, i) => -i / 10),
+                   z: labels.map((_, i) => i / 5 - 1), marker: {size: 5}}],
+            {scene: {xaxis: axis("PC1"), yaxis: axis("PC2"), zaxis: axis("PC3"),
+                     aspectmode: "cube"}, legend: {orientation: "h"}})
+    .then(() => { P.purge(div); div.remove(); }, () => div.remove());
+}, 3000); }"""
+
+
 def build(workbench: Workbench, notice) -> list[LoadHook]:
     with gr.Row():
         pick = gr.Dropdown(label="Run", choices=[], elem_id="inspect-run", scale=3)
@@ -39,6 +66,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         ko_rows = gr.Slider(10, 500, value=100, step=10, label="Held-out rows", scale=3,
                             elem_id="inspect-knockout-rows")
         ko_btn = gr.Button("Run the knockout", elem_id="inspect-knockout")
+    ko_note = gr.Markdown(elem_id="inspect-knockout-note")
     with gr.Row():
         ko_plot = gr.Plot(show_label=False, elem_id="inspect-knockout-plot", visible=False,
                           scale=3)
@@ -154,6 +182,14 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                 shown(plots_causal.label_push_figure(ins.causal.push)
                       if ins.causal.push is not None else None))
 
+    def knockout_note(ins, seconds: float | None = None) -> str:
+        if ins.causal is None:
+            return ("Not measured yet: each slot, then each layer, is hidden in turn and the "
+                    "held-out rows are scored again (~30 passes over them).")
+        k = ins.causal.knockout
+        took = "" if seconds is None else f" in {seconds:.0f} s"
+        return f"Measured on {k.rows} held-out rows{took}, in {k.precision}."
+
     def summary_text(ins):
         return summary_markdown(ins.nearest, ins.run.kv, ins.initial_kv,
                                 ins.causal.knockout if ins.causal else None)
@@ -175,22 +211,28 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         threading.Thread(target=warm_up, args=(ins, kind_s), daemon=True).start()
         return (rid, note, summary_text(ins), gr.update(maximum=L - 1, value=min(int(layer_i),
                                                                                  L - 1)),
-                *views, *causal_views(ins),
+                *views, *causal_views(ins), knockout_note(ins),
                 shown(plots.trajectory_figure(movement) if movement else None),
                 shown(plots.distance_figure(movement) if movement else None))
 
     wire(open_btn.click, on_open, [pick, layer, kind, dims],
          [current, message, summary, layer, pca_plot, layers_plot, nearest_plot, nearest_table,
-          readout_table, ko_plot, push_plot, trajectory, distance], notice)
+          readout_table, ko_plot, push_plot, ko_note, trajectory, distance], notice
+         ).then(None, js=_WARM_3D)
 
     def on_knockout(rid, rows, progress=gr.Progress()):  # noqa: B008 (gradio injects it)
         if not rid:
             raise gr.Error("Inspect a run first.")
         ins = workbench.inspection(rid)
+        start = time.perf_counter()
         workbench.knockout(rid, int(rows), progress=lambda f, m: progress(f, desc=m))
-        return (summary_text(ins), *causal_views(ins))
+        return (summary_text(ins), *causal_views(ins),
+                knockout_note(ins, time.perf_counter() - start))
 
-    wire(ko_btn.click, on_knockout, [current, ko_rows], [summary, ko_plot, push_plot], notice)
+    # Progress shows on the one-line note only: each output's progress overlay redraws the
+    # page every frame, and on 2 cores the browser's frames slowed the knockout by ~10%.
+    wire(ko_btn.click, on_knockout, [current, ko_rows], [summary, ko_plot, push_plot, ko_note],
+         notice, show_progress_on=[ko_note])
 
     # Each control redraws only the views it changes: resending the layers map (30 panels)
     # and the nearest-token heatmap on every change of layer made the browser redraw them too.
