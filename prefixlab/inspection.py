@@ -45,6 +45,7 @@ from prefixlab.interpret_causal import (
     Knockout,
     LabelPush,
     knockout,
+    knockout_streams,
     label_push,
     target_log_likelihoods,
 )
@@ -302,7 +303,8 @@ def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool
     # labels continue from a cache, which the replayed layers would not have filled).
     replay = run.is_generation or all(len(t) == 1 for t in run.encoder.label_ids)
     result = CausalReadout(knockout(loaded, kv, score, gold, progress, replay=replay,
-                                    dtype=dtype), push, attention)
+                                    dtype=dtype, streams=knockout_streams(loaded.device)),
+                           push, attention)
     atomic_write_json(cached, result.to_json(run.folder.path.name, stamp))
     return result
 

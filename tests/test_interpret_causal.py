@@ -247,3 +247,38 @@ def test_knockout_precision_auto_follows_the_processor(loaded, monkeypatch):
     assert inspection.knockout_dtype(loaded, "bfloat16") == torch.bfloat16
     with pytest.raises(InterpretError, match="precision"):
         inspection.knockout_dtype(loaded, "float16")
+
+
+def test_passes_in_parallel_streams_equal_one_at_a_time(loaded):
+    """Two twins, one thread each, passes handed out as they free up: the same knockout (up to
+    float rounding), progress for every pass, and torch's thread count as it was."""
+    kv = _signal_in(loaded, slot=1)
+    _, score = _scorer(loaded, kv)
+    gold = score(loaded.model).argmax(1)
+    one = C.knockout(loaded, kv, score, gold, replay=True)
+    torch.set_num_threads(2)
+    steps = []
+    two = C.knockout(loaded, kv, score, gold, replay=True, streams=2,
+                     progress=lambda f, m: steps.append(f))
+    assert torch.get_num_threads() == 2
+    np.testing.assert_allclose(two.slot_log_prob, one.slot_log_prob, atol=1e-5)
+    np.testing.assert_allclose(two.layer_log_prob, one.layer_log_prob, atol=1e-5)
+    assert two.all_log_prob == pytest.approx(one.all_log_prob, abs=1e-5)
+    n = 2 + kv.shape[3] + kv.shape[0]
+    assert len(steps) == n + 1 and steps == sorted(steps) and steps[-1] == 1.0
+    assert C.knockout_streams(torch.device("cuda")) == 1
+
+
+def test_a_failing_pass_in_a_stream_reaches_the_caller(loaded):
+    kv = _signal_in(loaded, slot=1)
+    _, score = _scorer(loaded, kv)
+    calls = []
+
+    def flaky(model):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("out of memory")
+        return score(model)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        C.knockout(loaded, kv, flaky, score(loaded.model).argmax(1), streams=2)
