@@ -391,12 +391,13 @@ def _in_streams(items: Sequence[int], run: Callable[[int, int], np.ndarray], str
 
 
 def knockout_streams(device: torch.device) -> int:
-    """How many knockout passes to run at once: on CPU one per thread torch would use (at
-    most 8), each pass on a single thread. Passes in parallel need no barrier between threads
-    at every matrix product: on 2 cores the default model's passes ran 1.77 s each, two at a
-    time, against 2.19 s one at a time on both threads (idle), and a core shared with the
-    browser stalls one pass rather than both threads. On a GPU: 1."""
-    return 1 if device.type != "cpu" else max(1, min(torch.get_num_threads(), 8))
+    """How many knockout passes to run at once: on CPU one more than the threads torch would
+    use (at most 8), each pass on a single thread. Passes in parallel need no barrier between
+    threads at every matrix product, and the extra pass takes up a core another one leaves
+    idle while it waits for it. 100 rows of the default model on 2 cores, bf16: 62 s one pass
+    at a time on both threads, 50 s two or three at a time (idle); in the browser, which
+    takes part of a core, 62-64 s two at a time, 58-59 s three, 61 s four. On a GPU: 1."""
+    return 1 if device.type != "cpu" else max(1, min(torch.get_num_threads() + 1, 8))
 
 
 @torch.inference_mode()
