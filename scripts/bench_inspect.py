@@ -104,7 +104,8 @@ def main(data_dir: str, run_id: str, shot: str | None, views_only: bool = False)
 
             def title_has(text: str) -> None:
                 page.wait_for_function(
-                    "document.querySelector('#inspect-pca .js-plotly-plot')?.layout?.title"
+                    "document.querySelector('.pca-stage > :not(.offstage) .js-plotly-plot')"
+                    "?.layout?.title"
                     f"?.text?.includes({text!r})", polling=50)
 
             def timed(label: str, act, done) -> None:
@@ -128,13 +129,13 @@ def main(data_dir: str, run_id: str, shot: str | None, views_only: bool = False)
                   lambda: title_has("Layer 29 values"))
             timed("2-D -> 3-D", lambda: page.get_by_label("3-D", exact=True).check(),
                   lambda: page.wait_for_function(
-                      "document.querySelector('#inspect-pca .js-plotly-plot')?.data?.[0]?.type"
-                      " === 'scatter3d'", polling=50))
+                      "document.querySelector('#inspect-pca3:not(.offstage) .js-plotly-plot')"
+                      "?.data?.[0]?.type === 'scatter3d'", polling=50))
             timed("layer 3 in 3-D", layer(3), lambda: title_has("Layer 3 values"))
             timed("3-D -> 2-D", lambda: page.get_by_label("2-D", exact=True).check(),
                   lambda: page.wait_for_function(
-                      "document.querySelector('#inspect-pca .js-plotly-plot')?.data?.[0]?.type"
-                      " === 'scatter'", polling=50))
+                      "document.querySelector('#inspect-pca:not(.offstage) .js-plotly-plot')"
+                      "?.data?.[0]?.type === 'scatter'", polling=50))
             timed("value -> key", lambda: page.get_by_label("key", exact=True).check(),
                   lambda: title_has("Layer 3 keys"))
 

@@ -357,6 +357,25 @@ def test_inspect_a_run_change_views_and_run_the_knockout(page, workbench, workdi
     page.wait_for_function(
         "document.querySelector('#inspect-pca .js-plotly-plot')?.layout?.title?.text"
         "?.includes('Layer 1 values')", timeout=TIMEOUT_MS, polling=250)
+    # 2-D and 3-D are two plots, one on stage: a switch moves them, a layer change redraws
+    # the one on stage.
+    page.get_by_label("3-D", exact=True).check()
+    page.wait_for_function(
+        "document.querySelector('#inspect-pca3:not(.offstage) .js-plotly-plot')?.data?.[0]"
+        "?.type === 'scatter3d' && document.querySelector('#inspect-pca.offstage')",
+        timeout=TIMEOUT_MS, polling=250)
+    slider.fill("0")
+    slider.press("Enter")
+    page.wait_for_function(
+        "document.querySelector('#inspect-pca3 .js-plotly-plot')?.layout?.title?.text"
+        "?.includes('Layer 0 values')", timeout=TIMEOUT_MS, polling=250)
+    page.get_by_label("2-D", exact=True).check()
+    page.wait_for_function(
+        "document.querySelector('#inspect-pca:not(.offstage) .js-plotly-plot')?.layout?.title"
+        "?.text?.includes('Layer 0 values') && document.querySelector('#inspect-pca3.offstage')",
+        timeout=TIMEOUT_MS, polling=250)
+    box = page.locator("#inspect-pca").bounding_box()
+    assert box and box["x"] >= 0 and box["width"] > 200  # on the page, full width
 
     # The knockout: bars for slots and layers, the label push, and the summary names them.
     page.locator("#inspect-knockout").click()

@@ -11,6 +11,7 @@ CSS = """
 #progress .bar {height: 14px; background: #e5e7eb; border-radius: 7px; overflow: hidden}
 #progress .fill {height: 100%; background: #2563eb}
 .caveat {font-size: 0.9em; color: #555}
+.offstage {position: absolute !important; left: -10000px !important; width: 600px !important}
 /* The page's one error line: stays in view while scrolling, empty when all is well. */
 #notice {position: sticky; top: 0; z-index: 50}
 #notice .notice-error {background: #fef2f2; border: 1px solid #fca5a5; color: #991b1b;

@@ -26,33 +26,6 @@ def _table(headers_rows) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=headers)
 
 
-# A browser draws its first 3-D plot slowly (WebGL set-up and shader compiling: 1.3 s of
-# plotly alone here, 0.6 s for the next one), so a person's first switch to 3-D would pay it.
-# A few seconds after a run opens, a throwaway 3-D plot is drawn off screen and removed;
-# plotly (window.Plotly) is on the page by then, loaded for the maps just drawn.
-_WARM_3D = """() => { setTimeout(() => {
-  const P = window.Plotly;
-  if (!P || window.prefixlabWarm3d) return;
-  window.prefixlabWarm3d = true;
-  const div = document.createElement("div");
-  div.style.cssText = "position:fixed;left:-4000px;top:0;width:400px;height:300px";
-  document.body.appendChild(div);
-  // like the maps: labelled points, titled axes with backgrounds (3-D text is drawn from
-  // glyph outlines made on first use)
-  const axis = (t) => ({title: {text: t + " (10%)"}, showbackground: true,
-                        backgroundcolor: "#f7f7f7", exponentformat: "power"});
-  const labels = Array.from({length: 10}, (_, i) => "P" + i);
-  P.newPlot(div, [{type: "scatter3d", mode: "markers", x: [0, 1, 2], y: [0, 1, 2],
-                   z: [0, 1, 2], marker: {size: 3}},
-                  {type: "scatter3d", mode: "markers+text", text: labels,
-                   x: labels.map((_, i) => i / 10), y: labels.map((_, i) => -i / 10),
-                   z: labels.map((_, i) => i / 5 - 1), marker: {size: 5}}],
-            {scene: {xaxis: axis("PC1"), yaxis: axis("PC2"), zaxis: axis("PC3"),
-                     aspectmode: "cube"}, legend: {orientation: "h"}})
-    .then(() => { P.purge(div); div.remove(); }, () => div.remove());
-}, 3000); }"""
-
-
 def build(workbench: Workbench, notice) -> list[LoadHook]:
     with gr.Row():
         pick = gr.Dropdown(label="Run", choices=[], elem_id="inspect-run", scale=3)
@@ -77,7 +50,12 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         kind = gr.Radio(["key", "value"], value="key", label="Vectors")
         dims = gr.Radio(["2-D", "3-D"], value="2-D", label="PCA map")
     with gr.Row():
-        pca_plot = gr.Plot(show_label=False, elem_id="inspect-pca", visible=False)
+        # The 2-D and the 3-D map are two plots; the one not chosen is drawn off stage, so a
+        # switch moves plots instead of building a WebGL scene (~1 s without a GPU).
+        with gr.Column(elem_classes=["pca-stage"]):
+            pca_plot = gr.Plot(show_label=False, elem_id="inspect-pca", visible=False)
+            pca3_plot = gr.Plot(show_label=False, elem_id="inspect-pca3", visible=False,
+                                elem_classes=["offstage"])
         layers_plot = gr.Plot(show_label=False, elem_id="inspect-layers", visible=False)
     nearest_plot = gr.Plot(show_label=False, elem_id="inspect-nearest", visible=False)
     with gr.Row():
@@ -165,11 +143,24 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                 for layer_i in range(L):
                     make(pca_view, layer_i, kind_s, dims_s)
 
-    def layer_views(rid, layer_i, kind_s, dims_s):
+    def pca_pair(ins, layer_i, kind_s, dims_s, both: bool = False):
+        """Updates of the 2-D and the 3-D plot: the chosen one drawn and on stage, the other
+        off stage (drawn too when `both`, else left as it is)."""
+        out = []
+        for d in ("2-D", "3-D"):
+            stage = [] if d == dims_s else ["offstage"]
+            if d == dims_s or both:
+                out.append(gr.update(value=pca_view(ins, layer_i, kind_s, d), visible=True,
+                                     elem_classes=stage))
+            else:
+                out.append(gr.update(elem_classes=stage))
+        return tuple(out)
+
+    def layer_views(rid, layer_i, kind_s, dims_s, both: bool = False):
         last_view[0] = time.monotonic()
         ins = workbench.inspection(rid)
         layer_i = min(int(layer_i), ins.nearest.token_ids.shape[0] - 1)
-        return (shown(pca_view(ins, layer_i, kind_s, dims_s)),
+        return (*pca_pair(ins, layer_i, kind_s, dims_s, both),
                 shown(layers_view(ins, kind_s)),
                 shown(nearest_view(ins, kind_s)),
                 shown(_table(plots.nearest_tokens_table(ins.nearest, layer_i, kind_s))),
@@ -207,7 +198,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                 f"shortlists of ~{int(ins.nearest.ranked_among[1:].mean()) if L > 1 else 0}.")
         if movement is None:
             note += " No training snapshots: movement is not available."
-        views = layer_views(rid, min(int(layer_i), L - 1), kind_s, dims_s)
+        views = layer_views(rid, min(int(layer_i), L - 1), kind_s, dims_s, both=True)
         threading.Thread(target=warm_up, args=(ins, kind_s), daemon=True).start()
         return (rid, note, summary_text(ins), gr.update(maximum=L - 1, value=min(int(layer_i),
                                                                                  L - 1)),
@@ -216,9 +207,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                 shown(plots.distance_figure(movement) if movement else None))
 
     wire(open_btn.click, on_open, [pick, layer, kind, dims],
-         [current, message, summary, layer, pca_plot, layers_plot, nearest_plot, nearest_table,
-          readout_table, ko_plot, push_plot, ko_note, trajectory, distance], notice
-         ).then(None, js=_WARM_3D)
+         [current, message, summary, layer, pca_plot, pca3_plot, layers_plot, nearest_plot,
+          nearest_table, readout_table, ko_plot, push_plot, ko_note, trajectory, distance], notice)
 
     def on_knockout(rid, rows, progress=gr.Progress()):  # noqa: B008 (gradio injects it)
         if not rid:
@@ -238,31 +228,32 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     # and the nearest-token heatmap on every change of layer made the browser redraw them too.
     def on_layer(rid, layer_i, kind_s, dims_s):
         if not rid:
-            return (shown(None),) * 3
-        pca, _, _, table, readout = layer_views(rid, layer_i, kind_s, dims_s)
-        return pca, table, readout
+            return (shown(None),) * 4
+        pca, pca3, _, _, table, readout = layer_views(rid, layer_i, kind_s, dims_s)
+        return pca, pca3, table, readout
 
     def on_kind(rid, layer_i, kind_s, dims_s):
         if not rid:
-            return (shown(None),) * 4
-        return layer_views(rid, layer_i, kind_s, dims_s)[:4]
+            return (shown(None),) * 5
+        return layer_views(rid, layer_i, kind_s, dims_s)[:5]
 
     def on_dims(rid, layer_i, kind_s, dims_s):
         if not rid:
-            return shown(None)
+            return shown(None), shown(None)
         last_view[0] = time.monotonic()
         ins = workbench.inspection(rid)
         layer_i = min(int(layer_i), ins.nearest.token_ids.shape[0] - 1)
-        return shown(pca_view(ins, layer_i, kind_s, dims_s))
+        return pca_pair(ins, layer_i, kind_s, dims_s)
 
     view_inputs = [current, layer, kind, dims]
     # Typing a layer into the slider's box fires `input`, not `release`; always_last drops
     # the intermediate ticks of a drag, so only the layer let go on is drawn.
-    wire(layer.input, on_layer, view_inputs, [pca_plot, nearest_table, readout_table], notice,
+    wire(layer.input, on_layer, view_inputs, [pca_plot, pca3_plot, nearest_table, readout_table],
+         notice,
          trigger_mode="always_last")
-    wire(kind.change, on_kind, view_inputs, [pca_plot, layers_plot, nearest_plot, nearest_table],
-         notice)
-    wire(dims.change, on_dims, view_inputs, [pca_plot], notice)
+    wire(kind.change, on_kind, view_inputs,
+         [pca_plot, pca3_plot, layers_plot, nearest_plot, nearest_table], notice)
+    wire(dims.change, on_dims, view_inputs, [pca_plot, pca3_plot], notice)
 
     def on_attention(rid, text):
         if not rid:
