@@ -323,17 +323,28 @@ def knockout(loaded: LoadedModel, kv: torch.Tensor, score: Score, gold: Sequence
                 saved.record() if i == 0 else saved.start(begin(i))
             lls[i] = run(i, saved, 0)
     else:
+        # The intact pass first, then the other full passes (the whole prefix, the slots)
+        # beside it, then layers from the bottom up (shorter and shorter): streams end close
+        # together. A layer pass replays the intact pass's record, so it waits for it.
+        order = [0, n - 1, *range(1, n - 1)]
+        recorded = threading.Event()
+
+        def one(i: int, stream: int) -> np.ndarray:
+            if i == 0:
+                if saved is not None:
+                    saved.record()
+                try:
+                    return run(0, saved, stream)
+                finally:
+                    recorded.set()
+            if saved is not None and begin(i):
+                recorded.wait()
+            return run(i, saved.view(begin(i)) if saved is not None else None, stream)
+
         if progress:
-            progress(0.0, f"knockout: intact (1/{n})")
-        if saved is not None:
-            saved.record()
-        lls[0] = run(0, saved, 0)
-        # Full passes first (the whole prefix, then slots), then layers from the bottom up
-        # (shorter and shorter): streams end close together.
-        order = [n - 1, *range(1, n - 1)]
-        done_lls = _in_streams(order, lambda i, stream: run(
-            i, saved.view(begin(i)) if saved is not None else None, stream), streams,
-            (lambda done, i: progress((1 + done) / n, f"knockout: {what(i)} done ({1 + done}/{n})"))
+            progress(0.0, f"knockout: {n} passes, {streams} at a time")
+        done_lls = _in_streams(order, one, streams, (
+            lambda done, i: progress(done / n, f"knockout: {what(i)} done ({done}/{n})"))
             if progress else None)
         for i, ll in zip(order, done_lls, strict=True):
             lls[i] = ll

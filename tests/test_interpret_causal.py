@@ -265,7 +265,7 @@ def test_passes_in_parallel_streams_equal_one_at_a_time(loaded):
     np.testing.assert_allclose(two.layer_log_prob, one.layer_log_prob, atol=1e-5)
     assert two.all_log_prob == pytest.approx(one.all_log_prob, abs=1e-5)
     n = 2 + kv.shape[3] + kv.shape[0]
-    assert len(steps) == n + 1 and steps == sorted(steps) and steps[-1] == 1.0
+    assert len(steps) == n + 2 and steps == sorted(steps) and steps[-1] == 1.0  # start, passes, end
     assert C.knockout_streams(torch.device("cuda")) == 1
 
 
