@@ -271,7 +271,7 @@ METHOD = (
     "Where the processor multiplies bfloat16 natively (a GPU, a CPU with AVX512-BF16 or AMX) "
     "every pass, the intact one included, runs in bfloat16 (~1.7x faster on 2 CPU cores); on "
     "the default model its log-probability changes were within 0.01 of float32's and ranked "
-    "the same slots and layers first (precision in knockout.json)."
+    "the same slot and the same five layers first (precision in knockout.json)."
 )
 
 
