@@ -317,7 +317,7 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     expect(page.locator("#notice")).to_have_text("")
     shoot(page, screenshots, "5-inspect")
     page.get_by_text("3-D", exact=True).click()
-    page.wait_for_function("document.querySelector('#inspect-pca .js-plotly-plot')"
+    page.wait_for_function("document.querySelector('#inspect-pca3:not(.offstage) .js-plotly-plot')"
                            "?.data?.[0]?.type === 'scatter3d'", timeout=TIMEOUT_MS)
     page.wait_for_timeout(1000)  # WebGL draws after the data is in
     shoot(page, screenshots, "5-inspect-3d")
