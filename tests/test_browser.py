@@ -346,17 +346,19 @@ def test_inspect_a_run_change_views_and_run_the_knockout(page, workbench, workdi
     page.locator("#inspect-pca .js-plotly-plot").wait_for()
 
     # Change the layer and the vectors: the kept figures come back.
+    def map_says(plot: str, text: str, also: str = "true") -> None:
+        """Wait until the map `plot` (a selector) has `text` in its title and `also` holds."""
+        page.wait_for_function(
+            f"document.querySelector('{plot} .js-plotly-plot')?.layout?.title?.text"
+            f"?.includes({text!r}) && ({also})", timeout=TIMEOUT_MS, polling=250)
+
     slider = page.locator("#inspect-layer input[type=number]")
     slider.fill("1")
     slider.press("Enter")
-    page.wait_for_function(  # typing a layer redraws its map
-        "document.querySelector('#inspect-pca .js-plotly-plot')?.layout?.title?.text"
-        "?.includes('Layer 1 keys')", timeout=TIMEOUT_MS, polling=250)
+    map_says("#inspect-pca", "Layer 1 keys")  # typing a layer redraws its map
     page.get_by_label("value", exact=True).check()
     expect(page.locator("#inspect-table")).to_be_visible()
-    page.wait_for_function(
-        "document.querySelector('#inspect-pca .js-plotly-plot')?.layout?.title?.text"
-        "?.includes('Layer 1 values')", timeout=TIMEOUT_MS, polling=250)
+    map_says("#inspect-pca", "Layer 1 values")
     # 2-D and 3-D are two plots, one on stage: a switch moves them, a layer change redraws
     # the one on stage.
     page.get_by_label("3-D", exact=True).check()
@@ -366,14 +368,10 @@ def test_inspect_a_run_change_views_and_run_the_knockout(page, workbench, workdi
         timeout=TIMEOUT_MS, polling=250)
     slider.fill("0")
     slider.press("Enter")
-    page.wait_for_function(
-        "document.querySelector('#inspect-pca3 .js-plotly-plot')?.layout?.title?.text"
-        "?.includes('Layer 0 values')", timeout=TIMEOUT_MS, polling=250)
+    map_says("#inspect-pca3", "Layer 0 values")
     page.get_by_label("2-D", exact=True).check()
-    page.wait_for_function(
-        "document.querySelector('#inspect-pca:not(.offstage) .js-plotly-plot')?.layout?.title"
-        "?.text?.includes('Layer 0 values') && document.querySelector('#inspect-pca3.offstage')",
-        timeout=TIMEOUT_MS, polling=250)
+    map_says("#inspect-pca:not(.offstage)", "Layer 0 values",
+             also="document.querySelector('#inspect-pca3.offstage')")
     box = page.locator("#inspect-pca").bounding_box()
     assert box and box["x"] >= 0 and box["width"] > 200  # on the page, full width
 
