@@ -16,6 +16,7 @@ from pathlib import Path
 from prefixlab import data as datamod
 from prefixlab.cli_options import add_options, given
 from prefixlab.errors import USER_ERRORS
+from prefixlab.presets import CLI_NAMES
 
 
 def _say(message: str) -> None:
@@ -87,9 +88,13 @@ def cmd_validate(args) -> int:
 
 def _run_config(args):
     from prefixlab.config import RunConfig
+    from prefixlab.presets import config_parts, preset
 
     names = args.setting_names
-    prefix = given(args, names["prefix"])
+    # a preset fills the settings it names; the options typed beside it win over it
+    base = config_parts(preset(args.preset)) if args.preset else {
+        "run": {}, "prefix": {}, "training": {}}
+    prefix = {**base["prefix"], **given(args, names["prefix"])}
     if prefix.get("init_text"):
         prefix["init"] = "text"  # --init-text implies a text init, whatever --init says
     # dicts: RunConfig builds the parts and reports every problem of all of them at once
@@ -97,8 +102,8 @@ def _run_config(args):
     if _stop_strings(args):
         generation["stop"] = _stop_strings(args)
     return RunConfig(train_csv=str(args.csv), prefix=prefix,
-                     training=given(args, names["training"]), generation=generation,
-                     **given(args, names["run"]))
+                     training={**base["training"], **given(args, names["training"])},
+                     generation=generation, **{**base["run"], **given(args, names["run"])})
 
 
 def cmd_train(args) -> int:
@@ -502,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a prefix on a labeled CSV into a run folder")
     p.add_argument("csv")
     p.add_argument("--output", required=True, help="run folder to create")
+    p.add_argument("--preset", choices=tuple(CLI_NAMES),
+                   help="the app's recipe of that name (rows used, budget, patience, ...); "
+                        "other options given beside it win over it. Without it: Balanced's "
+                        "recipe on every row, with no time budget")
     # every setting, with its default and help, comes from the dataclasses (cli_options.py)
     p.set_defaults(func=cmd_train, setting_names={
         "run": add_options(p, RunConfig, skip=("train_csv", "prefix", "training",

@@ -2,7 +2,8 @@
 
     python -m prefixlab.quality [--data-dir ../shared/data] [--sets davidson,polarity,disaster]
         [--sizes 300,2000] [--seeds 0,1,2] [--cross both|none|polarity-tweets|tweets-polarity]
-        [--set training.class_balance=sampled ...] [--output quality.json]
+        [--preset quick|balanced|thorough] [--set training.class_balance=sampled ...]
+        [--output quality.json]
     python -m prefixlab.quality --table quality.json [more.json ...]   # the README table
 
 For every data set, a fixed test split (stratified, seed 0, near-duplicates grouped so that a
@@ -34,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from prefixlab.presets import CLI_NAMES, config_parts, preset
 
 SETS = {
     "davidson": "davidson_hate_offensive.csv",
@@ -197,6 +200,14 @@ def build_cases(data_dir: Path, sets: Sequence[str], sizes: Sequence[int],
     return cases
 
 
+def preset_overrides(name: str) -> dict:
+    """A preset (presets.py) as dotted overrides; each case keeps its own seed."""
+    parts = config_parts(preset(name))
+    del parts["training"]["seed"]
+    return {(key if group == "run" else f"{group}.{key}"): value
+            for group, values in parts.items() for key, value in values.items()}
+
+
 def _parse_overrides(items: Sequence[str]) -> dict:
     out = {}
     for item in items:
@@ -280,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="both, none, or a comma list of " + ", ".join(CROSS))
     parser.add_argument("--test-rows", type=int, default=1000,
                         help="fixed test rows per set (scoring time grows with it)")
+    parser.add_argument("--preset", choices=tuple(CLI_NAMES),
+                        help="train with the app's recipe of that name (--set wins over it); "
+                             "default: the CLI's defaults")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a RunConfig setting, e.g. training.class_balance=sampled")
     parser.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
@@ -304,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown += sorted(set(cross) - set(CROSS))
     if unknown:
         raise SystemExit(f"unknown sets or cross cases: {', '.join(unknown)}")
-    overrides = _parse_overrides(args.set)
+    overrides = {**(preset_overrides(args.preset) if args.preset else {}),
+                 **_parse_overrides(args.set)}
     cases = build_cases(args.data_dir, sets, [int(x) for x in args.sizes.split(",")],
                         [int(x) for x in args.seeds.split(",")], cross, args.test_rows)
     loaded = load_model(args.model or DEFAULT_MODEL, "cpu")

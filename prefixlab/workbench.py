@@ -56,6 +56,7 @@ from prefixlab.models import (
 )
 from prefixlab.pairs import TextPairs, load_pairs_csv, looks_like_targets
 from prefixlab.prefix import Prefix, PrefixConfig
+from prefixlab.presets import PRESETS, config_parts
 from prefixlab.runs import RunRow, RunStore
 from prefixlab.serve import (
     DEFAULT_MAX_ROWS,
@@ -69,31 +70,6 @@ from prefixlab.store import PrefixStore
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLE_CSV = ASSETS / "example_feedback.csv"
 
-# Presets fill every training setting. Each trains until validation macro-F1 stops improving
-# (patience, in evaluations, two per epoch) or its budget ends (epochs, minutes), and keeps the
-# best step. Quick look: <= 2 min on 2 CPU cores; Balanced: the CLI's recipe, to the validation
-# optimum within ~10 min on 300-2,000 rows; Thorough: every row and a longer budget.
-PRESETS: dict[str, dict] = {
-    "Quick look": {
-        "prefix_length": 8, "init": "text", "reparameterize": False, "learning_rate": 5e-3,
-        "epochs": 2, "batch_size": 8, "max_length": 96, "validation_share": 0.2, "seed": 0,
-        "max_train_examples": 200, "max_eval_examples": 100, "patience": 2, "max_minutes": 1.5,
-        "class_balance": "none", "decision": "prior",
-    },
-    "Balanced": {
-        "prefix_length": 10, "init": "text", "reparameterize": False, "learning_rate": 5e-3,
-        "epochs": 8, "batch_size": 8, "max_length": 128, "validation_share": 0.2, "seed": 0,
-        "max_train_examples": 2000, "max_eval_examples": 300, "patience": 4, "max_minutes": 10,
-        "class_balance": "none", "decision": "prior",
-    },
-    "Thorough": {
-        "prefix_length": 10, "init": "text", "reparameterize": False, "learning_rate": 5e-3,
-        "epochs": 20, "batch_size": 8, "max_length": 128, "validation_share": 0.2, "seed": 0,
-        "max_train_examples": 0, "max_eval_examples": 500, "patience": 6, "max_minutes": 60,
-        "class_balance": "none", "decision": "prior",
-    },
-}
-SETTING_NAMES = tuple(PRESETS["Quick look"])
 RUNS_COLUMNS = ("name", "status", "progress", "data", "base model", "macro-F1", "accuracy",
                 "prefix size", "model size", "processes", "created", "id")
 _UPLOAD_KEY = re.compile(r"^[0-9a-f]{16}-[A-Za-z0-9._-]{1,80}$")  # what keep_upload names
@@ -182,28 +158,20 @@ def run_config(csv_path: str, text_column: str | None, label_column: str | None,
     tokens it may generate (`DecodeConfig.max_new_tokens`) on top, so that inputs are not
     cut to make room for sentences.
     """
-    s = {**PRESETS["Quick look"], **settings}
+    parts = config_parts(settings)
     generating = bool(target_column)
     decode = DecodeConfig()
     extra = {"generation": decode} if generating else {}
-    max_length = int(s["max_length"]) + (decode.max_new_tokens + 1 if generating else 0)
+    run = parts["run"]
+    run["max_length"] += decode.max_new_tokens + 1 if generating else 0
+    # dicts, not PrefixConfig/TrainConfig: RunConfig then reports every part's problems
     return RunConfig(
         nproc=int(processes) if processes else None,
         train_csv=csv_path, text_column=text_column or None,
         label_column=None if generating else label_column or None,
-        target_column=target_column or None, **extra,
-        validation_share=float(s["validation_share"]),
-        max_train_examples=int(s["max_train_examples"]) or None,
-        max_eval_examples=int(s["max_eval_examples"]) or None,
-        model=model or DEFAULT_MODEL, max_length=max_length, task=task or None,
-        # dicts, not PrefixConfig/TrainConfig: RunConfig then reports every part's problems
-        prefix=dict(prefix_length=int(s["prefix_length"]), init=s["init"],
-                    reparameterize=bool(s["reparameterize"])),
-        training=dict(learning_rate=float(s["learning_rate"]), epochs=int(s["epochs"]),
-                      batch_size=int(s["batch_size"]), seed=int(s["seed"]),
-                      patience=int(s["patience"]), max_minutes=float(s["max_minutes"]),
-                      class_balance=s["class_balance"]),
-        decision=s["decision"],
+        target_column=target_column or None, **extra, **run,
+        model=model or DEFAULT_MODEL, task=task or None,
+        prefix=parts["prefix"], training=parts["training"],
     )
 
 

@@ -24,16 +24,11 @@ import pytest  # noqa: E402
 import app  # noqa: E402
 from prefixlab.data import DataError  # noqa: E402
 from prefixlab.experiment import RunError, execute_run  # noqa: E402
+from prefixlab.presets import PRESETS, SETTING_NAMES  # noqa: E402
 from prefixlab.ui import CSS, build_ui  # noqa: E402
 from prefixlab.ui.common import guard  # noqa: E402
 from prefixlab.ui.data_tab import NO_TARGET, describe  # noqa: E402
-from prefixlab.workbench import (  # noqa: E402
-    EXAMPLE_CSV,
-    PRESETS,
-    SETTING_NAMES,
-    Workbench,
-    run_config,
-)
+from prefixlab.workbench import EXAMPLE_CSV, Workbench, run_config  # noqa: E402
 from tests.conftest import make_tokenizer, tiny_model  # noqa: E402
 
 BAD_INPUTS = Path(__file__).parent / "bad_inputs"

@@ -92,3 +92,17 @@ def test_field_docs_switches_and_unreadable_types():
         add_options(argparse.ArgumentParser(), _Demo)
     with pytest.raises(TypeError, match=r"_Demo\.either: the CLI cannot read"):
         add_options(argparse.ArgumentParser(), _Demo, skip=("names",))
+
+
+def test_a_preset_is_the_apps_recipe_and_typed_options_win_over_it():
+    from prefixlab.presets import PRESETS
+    from prefixlab.workbench import run_config
+
+    app = run_config("data.csv", None, None, PRESETS["Thorough"]).to_dict()
+    cli = _run_config(_train_args("--preset", "thorough")).to_dict()
+    assert cli == app
+    assert (cli["training"]["max_minutes"], cli["max_train_examples"]) == (60, None)
+    edited = _run_config(_train_args("--preset", "quick", "--epochs", "5", "--max-length", "64"))
+    assert (edited.training.epochs, edited.max_length) == (5, 64)
+    assert edited.training.max_minutes == PRESETS["Quick look"]["max_minutes"]
+    assert edited.max_train_examples == PRESETS["Quick look"]["max_train_examples"]

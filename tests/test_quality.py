@@ -65,3 +65,14 @@ def test_markdown_table_averages_seeds_per_case():
     assert lines[2].startswith("| davidson | 300 | 2 | **0.500 (0.40–0.60)** |")
     assert "| 1/2 |" in lines[2] and lines[2].endswith("| hate |")
     assert lines[3].startswith("| polarity | 300 | 1 | **0.700** |") and "none |" in lines[3]
+
+
+def test_preset_overrides_apply_a_preset_but_keep_each_cases_seed():
+    from prefixlab.config import RunConfig
+    from prefixlab.quality import _apply, preset_overrides
+
+    cfg = RunConfig(train_csv="x.csv")
+    cfg.training.seed = 2
+    _apply(cfg, preset_overrides("balanced"))
+    assert (cfg.max_train_examples, cfg.max_eval_examples, cfg.training.max_minutes,
+            cfg.training.seed) == (2000, 300, 10, 2)

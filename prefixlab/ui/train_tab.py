@@ -11,9 +11,10 @@ from prefixlab import charts
 from prefixlab.data import DataError
 from prefixlab.encode import TemplateError
 from prefixlab.experiment import RunError
+from prefixlab.presets import PRESETS, SETTING_NAMES
 from prefixlab.runs import ACTIVE
 from prefixlab.ui.common import LoadHook, bullet_list, escape, run_choices, shown, wire
-from prefixlab.workbench import PRESETS, SETTING_NAMES, Workbench, process_range, run_config
+from prefixlab.workbench import Workbench, process_range, run_config
 
 POLL_SECONDS = 1.5
 PER_CLASS_WIDTHS = ["28%", "19%", "17%", "17%", "19%"]  # label, precision, recall, f1, support
