@@ -162,6 +162,8 @@ class RunConfig:
             raise ConfigError(f"unknown settings in config: {', '.join(unknown)}")
         # run folders written before decision rules existed decided on raw scores: keep that
         data = {"decision": "raw", **data}
+        if isinstance(data.get("training"), dict):  # and before smoothing: the best evaluation
+            data["training"] = {"smoothing": 0, **data["training"]}
         try:
             return cls(**data)
         except TypeError as e:  # e.g. a number given as text

@@ -10,7 +10,7 @@ Layout of a run folder (safetensors for tensors, JSON for everything else, never
     checkpoint.safetensors   prefix parameters + AdamW moments; checkpoint.json has the step
     metrics.jsonl            append-only: one JSON object per step / evaluation / event
     snapshots/step_N.safetensors  the prefix during training (a few hundred KB each): at each
-                             checkpoint and at each new best evaluation
+                             checkpoint and at each evaluation
     report.json              the final evaluation with baselines, the kept step and why
                              training stopped
 
@@ -542,12 +542,13 @@ def execute_run(
             on_step(s)
 
     tc = cfg.training
-    rule = EarlyStopping(monitor=tc.monitor, patience=tc.patience)
+    rule = EarlyStopping(monitor=tc.monitor, patience=tc.patience, smoothing=tc.smoothing)
     if checkpoint is not None:  # decide as the uninterrupted run would have
         rule = EarlyStopping.replay(folder.read_metrics()[0], checkpoint.step,
-                                    monitor=tc.monitor, patience=tc.patience)
+                                    monitor=tc.monitor, patience=tc.patience,
+                                    smoothing=tc.smoothing)
     last_eval: dict = {}
-    best_eval: dict = {}
+    evaluated: dict[int, dict] = {}  # this process's reports by step, so the kept one is reused
 
     def evaluate(step: int) -> str | None:
         kv = prefix.folded()
@@ -563,14 +564,12 @@ def execute_run(
                       "warnings": prediction_warnings(report)}
         last_eval.clear()
         last_eval.update(step=step, report=report)
-        improved = rule.update(step, record)
-        record["best_step"] = rule.best_step
+        evaluated[step] = report
+        rule.update(step, record)
+        record["best_step"] = rule.kept_step
         note(record)
-        if improved:
-            if writer:
-                folder.save_snapshot(step, kv)  # the kept prefix, should the run end later
-            best_eval.clear()
-            best_eval.update(step=step, report=report)
+        if writer:  # any evaluated step may be the one kept when the run ends
+            folder.save_snapshot(step, kv)
         return rule.reason() if rule.exhausted else None
 
     def save(ckpt: Checkpoint) -> None:
@@ -594,11 +593,11 @@ def execute_run(
     kv, kept, done = prefix.folded(), result.steps, None
     if last_eval.get("step") == result.steps:
         done = last_eval["report"]
-    if tc.keep_best and rule.best_step is not None and rule.best_step != result.steps:
-        kept = rule.best_step
+    if tc.keep_best and rule.kept_step is not None and rule.kept_step != result.steps:
+        kept = rule.kept_step
         # rank 0 wrote it before the collectives that followed: every rank can read it
         kv = folder.load_snapshot(kept).to(kv.device)
-        done = best_eval["report"] if best_eval.get("step") == kept else None
+        done = evaluated.get(kept)
     if writer:
         save_prefix(folder.prefix_path, kv, loaded.name, step=str(kept))
         folder.set_status("running", phase="evaluating", step=result.steps,
@@ -614,8 +613,8 @@ def execute_run(
     if not generating:
         report.update(decision=cfg.decision, label_scores=cfg.label_scores)
     report.update(steps=result.steps, kept_step=kept, stop_reason=result.reason,
-                  selection=(f"the step with the best validation {tc.monitor}"
-                             if tc.keep_best and rule.best_step is not None else "the last step"))
+                  selection=(rule.selection() if tc.keep_best and rule.kept_step is not None
+                             else "the last step"))
     if writer:
         folder.write_report(report)
         folder.set_status("completed", step=result.steps, processes=processes)

@@ -85,6 +85,10 @@ class TrainConfig:
     better), val_loss (lower is better; what a generation run uses)."""
     keep_best: bool = True
     """Keep the prefix of the best evaluation, not the last step's."""
+    smoothing: int = 1
+    """Evaluations on each side averaged with one when picking the step to keep: 1 keeps the
+    step whose three evaluations score best on average, so one lucky score on a small
+    validation split does not decide; 0 keeps the single best evaluation."""
     max_minutes: float = 0.0
     """Training time budget in minutes (resumes included); 0 has none. At the budget, the
     current step is evaluated and the run ends."""
@@ -106,7 +110,7 @@ class TrainConfig:
             problems.append(f"batch_size must be 1..1024, got {self.batch_size}")
         if self.max_steps is not None and self.max_steps < 0:
             problems.append(f"max_steps must be 0 or more, got {self.max_steps}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "patience"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "patience", "smoothing"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not 0 <= self.warmup_share < 1:

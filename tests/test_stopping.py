@@ -55,6 +55,33 @@ def test_rule_minimizes_a_loss_and_respects_min_delta():
         EarlyStopping(monitor="accuracy").update(1, {"macro_f1": 0.5})
 
 
+def test_smoothing_keeps_the_centre_of_the_best_window_not_a_lone_peak():
+    curve = [0.40, 0.80, 0.40, 0.62, 0.64, 0.63, 0.50]  # a lucky 0.80 between two 0.40s
+    assert _kept(EarlyStopping(patience=0, smoothing=0), curve) == 20
+    smooth = EarlyStopping(patience=0, smoothing=1)
+    assert _kept(smooth, curve) == 50  # (0.62 + 0.64 + 0.63) / 3 beats (0.4 + 0.8 + 0.4) / 3
+    assert smooth.best_step == 20  # patience still counts on single evaluations
+    ends = EarlyStopping(patience=0, smoothing=1)
+    assert _kept(ends, [0.5, 0.6, 0.7]) == 30  # the last one's window is (0.6 + 0.7) / 2
+    loss = EarlyStopping(monitor="val_loss", patience=0, smoothing=1)
+    assert _kept(loss, curve) == 50  # _feed gives val_loss = 1 - the curve
+    assert "3 evaluations around it" in smooth.selection()
+
+
+def test_runs_made_before_smoothing_keep_the_single_best_evaluation():
+    cfg = RunConfig(train_csv="x.csv")
+    assert cfg.training.smoothing == 1
+    old = cfg.to_dict()
+    del old["training"]["smoothing"]  # a config.json written before the setting existed
+    assert RunConfig.from_dict(old).training.smoothing == 0
+    assert RunConfig.from_dict(cfg.to_dict()).training.smoothing == 1
+
+
+def _kept(rule: EarlyStopping, curve) -> int | None:
+    _feed(rule, curve)
+    return rule.kept_step
+
+
 def test_replay_of_metrics_records_equals_the_live_rule():
     live = EarlyStopping(patience=4)
     records = []
@@ -65,6 +92,11 @@ def test_replay_of_metrics_records_equals_the_live_rule():
     records += [{"type": "step", "step": 51}, {"type": "eval", "step": 50, "macro_f1": 0.61}]
     replayed = EarlyStopping.replay(records, up_to_step=60, patience=4)
     assert replayed.state_dict() == live.state_dict()
+    smooth = EarlyStopping(patience=4, smoothing=1)
+    for i, value in enumerate(CURVE[:6]):
+        smooth.update((i + 1) * 10, {"macro_f1": value})
+    again = EarlyStopping.replay(records, up_to_step=60, patience=4, smoothing=1)
+    assert again.state_dict() == smooth.state_dict() and again.kept_step == smooth.kept_step
     assert EarlyStopping.replay(records, up_to_step=35, patience=4).best_step == 30
 
 
@@ -130,7 +162,9 @@ def test_run_keeps_the_best_step_and_resume_mid_patience_ends_equal(tmp_path, cs
     whole = create_run(cfg, tmp_path / "whole", prepared, loaded)
     report = execute_run(whole, loaded, prepared=prepared)
     evals = [r for r in _records(whole) if r["type"] == "eval"]
-    best = max(evals, key=lambda r: (r["macro_f1"], -r["step"]))  # the first of equals
+    f1 = [r["macro_f1"] for r in evals]
+    mean3 = [sum(f1[max(0, i - 1):i + 2]) / len(f1[max(0, i - 1):i + 2]) for i in range(len(f1))]
+    best = evals[max(range(len(f1)), key=lambda i: (mean3[i], f1[i], -i))]  # first of equals
     assert report["kept_step"] == best["step"] < report["steps"]
     assert report["stop_reason"].startswith("no improvement of validation macro_f1 in 3")
     kept = load_file(str(whole.prefix_path))["key_values"]
@@ -153,4 +187,5 @@ def test_run_keeps_the_best_step_and_resume_mid_patience_ends_equal(tmp_path, cs
     torch.testing.assert_close(load_file(str(part.prefix_path))["key_values"], kept,
                                atol=1e-6, rtol=1e-5)
     saved = json.loads(part.report_path.read_text())
-    assert saved["selection"] == "the step with the best validation macro_f1"
+    assert saved["selection"] == ("the step whose 3 evaluations around it have the best mean "
+                                  "validation macro_f1")
