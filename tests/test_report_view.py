@@ -47,6 +47,6 @@ def test_live_view_shows_the_predicted_labels_and_warnings_of_the_last_evaluatio
          "best_step": 10, "warnings": ["the prefix never predicts 'hate', which is 8% ..."]},
     ]
     html = progress_html(records, "running")
-    assert "predicted hate 0, neither 60" in html and "best so far: step 10" in html
+    assert "predicted hate 0, neither 60" in html and "kept so far: step 10" in html
     assert "<b>Warning:</b> the prefix never predicts 'hate'" in html
     assert progress_html(records[:1], "running").count("<div>") == 1

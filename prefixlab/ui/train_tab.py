@@ -45,7 +45,7 @@ def last_evaluation_html(records: list[dict]) -> str:
     e = evals[-1]
     counts = ", ".join(f"{escape(k)} {v}" for k, v in e["predicted"].items())
     html = (f"<div>evaluation at step {e['step']}: macro-F1 {e['macro_f1']:.3f} · predicted "
-            f"{counts} · best so far: step {e.get('best_step')}</div>")
+            f"{counts} · kept so far: step {e.get('best_step')}</div>")
     return html + "".join(f"<div><b>Warning:</b> {escape(w)}</div>" for w in e["warnings"])
 
 
