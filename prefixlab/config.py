@@ -163,7 +163,8 @@ class RunConfig:
         # run folders written before decision rules existed decided on raw scores: keep that
         data = {"decision": "raw", **data}
         if isinstance(data.get("training"), dict):  # and before smoothing: the best evaluation
-            data["training"] = {"smoothing": 0, **data["training"]}
+            # and before fitted schedules: the schedule over every epoch, cut by the budget
+            data["training"] = {"smoothing": 0, "fit_schedule": False, **data["training"]}
         try:
             return cls(**data)
         except TypeError as e:  # e.g. a number given as text

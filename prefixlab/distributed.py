@@ -234,6 +234,16 @@ def agree(flag: bool) -> bool:
     return bool(value.item())
 
 
+def agree_min(value: float) -> float:
+    """The smallest of the ranks' values, on every rank: each rank's clock plans its own
+    schedule length, and they must run the same one."""
+    if not _active():
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor.item()
+
+
 def agreed(check: Callable[[], bool] | None) -> Callable[[], bool] | None:
     """`check`, asked on every rank and agreed on (`agree`); None stays None."""
     if check is None or not _active():

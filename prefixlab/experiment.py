@@ -159,7 +159,8 @@ class RunFolder:
 
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
         atomic_save_tensors(self.checkpoint_path, ckpt.tensors(),
-                            {"step": str(ckpt.step), "elapsed_s": repr(ckpt.elapsed_s)})
+                            {"step": str(ckpt.step), "elapsed_s": repr(ckpt.elapsed_s),
+                             "planned_steps": str(ckpt.planned_steps)})
         atomic_save_tensors(self.params_path, ckpt.prefix_state)
 
     def load_checkpoint(self) -> Checkpoint | None:
@@ -171,10 +172,11 @@ class RunFolder:
             with safe_open(str(self.checkpoint_path), framework="pt") as f:
                 meta = f.metadata() or {}
             step, elapsed = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+            planned = int(meta.get("planned_steps", 0))
             tensors = load_file(str(self.checkpoint_path))
         except (SafetensorError, OSError, KeyError, ValueError) as e:
             raise RunError(f"checkpoint in {self.path} is unreadable: {e}") from e
-        return Checkpoint.from_tensors(step, tensors, elapsed)
+        return Checkpoint.from_tensors(step, tensors, elapsed, planned)
 
     def save_snapshot(self, step: int, kv: torch.Tensor) -> None:
         atomic_save_tensors(self.snapshots_dir / f"step_{step:06d}.safetensors",

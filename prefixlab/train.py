@@ -92,6 +92,12 @@ class TrainConfig:
     max_minutes: float = 0.0
     """Training time budget in minutes (resumes included); 0 has none. At the budget, the
     current step is evaluated and the run ends."""
+    fit_schedule: bool = True
+    """With a time budget: once the speed is known (after 20 steps, and again at each
+    evaluation), fit the warm-up and the decay to the steps that fit in the budget rather
+    than to all `epochs`, and end there. Without it, a budget that cuts the epochs short also
+    cuts the schedule mid-way (a 60-minute run on 16,000 rows would spend 23 of its minutes
+    warming up and never decay)."""
     class_balance: ClassBalance = "none"
     """none; sampled: each epoch draws its rows with every class equally likely (with
     replacement); weighted: every row once, its loss weighted by its class's inverse
@@ -165,6 +171,7 @@ class Checkpoint:
     prefix_state: dict[str, torch.Tensor]
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
     elapsed_s: float = 0.0  # training time so far, for the time budget across resumes
+    planned_steps: int = 0  # the schedule's length fitted to the time budget; 0: not yet
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"prefix.{k}": v for k, v in self.prefix_state.items()}
@@ -173,10 +180,10 @@ class Checkpoint:
 
     @classmethod
     def from_tensors(cls, step: int, tensors: dict[str, torch.Tensor],
-                     elapsed_s: float = 0.0) -> Checkpoint:
+                     elapsed_s: float = 0.0, planned_steps: int = 0) -> Checkpoint:
         prefix = {k[7:]: v for k, v in tensors.items() if k.startswith("prefix.")}
         opt = {k[10:]: v for k, v in tensors.items() if k.startswith("optimizer.")}
-        return cls(step, prefix, opt, elapsed_s)
+        return cls(step, prefix, opt, elapsed_s, planned_steps)
 
 
 @dataclass
@@ -203,6 +210,20 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tens
     sd = optimizer.state_dict()
     sd["state"] = state
     optimizer.load_state_dict(sd)
+
+
+PLAN_AFTER_STEPS = 20
+"""Steps timed before a time budget first plans the schedule (`TrainConfig.fit_schedule`):
+enough to see the speed, a small share of any budget worth planning. Each evaluation plans
+again from the speed so far, evaluations included."""
+
+
+def planned_end(total: int, step: int, steps_timed: int, seconds: float, left_s: float) -> int:
+    """The step a schedule fitted to the time budget ends at: at `steps_timed` steps per
+    `seconds`, the steps that fit in the `left_s` seconds left after `step`; at most `total`
+    (the epochs' budget), at least one more step."""
+    fits = int(steps_timed / seconds * max(0.0, left_s)) if seconds > 0 else total
+    return max(step + 1, min(total, step + fits))
 
 
 def learning_rate_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -326,11 +347,12 @@ def train(
     params = [p for p in prefix.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     start, before = 0, 0.0
+    planned = 0  # where a schedule fitted to the time budget ends; 0: the epochs' budget
     if resume is not None:
         prefix.load_state_dict({k: v.to(device) for k, v in resume.prefix_state.items()})
         if resume.optimizer_state:
             _load_optimizer(optimizer, resume.optimizer_state)
-        start, before = resume.step, resume.elapsed_s
+        start, before, planned = resume.step, resume.elapsed_s, resume.planned_steps
     distributed.broadcast_parameters(prefix)
     should_stop = distributed.agreed(should_stop)  # all ranks stop at the same step
 
@@ -342,6 +364,9 @@ def train(
     total = cfg.total_steps(len(examples))
     interval = cfg.evaluation_interval(per_epoch)
     budget_s = cfg.max_minutes * 60
+    fitting = bool(budget_s) and cfg.fit_schedule
+    if not fitting:
+        planned = 0
 
     began = time.perf_counter()
 
@@ -349,7 +374,12 @@ def train(
         if on_checkpoint is not None:
             state = {k: v.detach().cpu().clone() for k, v in prefix.state_dict().items()}
             on_checkpoint(Checkpoint(step, state, _optimizer_tensors(optimizer),
-                                     before + time.perf_counter() - began))
+                                     before + time.perf_counter() - began, planned))
+
+    def plan(step: int) -> int:
+        elapsed = time.perf_counter() - began
+        end = planned_end(total, step, step - start, elapsed, budget_s - before - elapsed)
+        return int(distributed.agree_min(end))  # every rank runs the same schedule
 
     seen = tokens = 0
     loss_value = None
@@ -358,10 +388,11 @@ def train(
     tuner = ThreadTuner(device)
     fast_loss = family_of(model.config).fast_training_loss(model) if fast_path else None
     chunk_tokens = CUDA_CHUNK_TOKENS if device.type == "cuda" else CHUNK_TOKENS
+    time_reason = f"time budget of {cfg.max_minutes:g} min"
     reason = (f"budget of {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
               if cfg.max_steps is None or total < cfg.max_steps else f"max_steps {cfg.max_steps}")
     try:
-        while step < total:
+        while step < (planned or total):
             if should_stop is not None and should_stop():
                 checkpoint(step)
                 return TrainResult(step, True, loss_value, "cancelled")
@@ -373,7 +404,7 @@ def train(
                 epoch_batches = {epoch: [[examples[order[i]] for i in b] for b in batches]}
             rows = epoch_batches[epoch][index]
 
-            lr = learning_rate_at(step, total, cfg)
+            lr = learning_rate_at(step, planned or total, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
@@ -391,34 +422,38 @@ def train(
                 trim_heap()
 
             step += 1
+            if fitting and not planned and step - start == PLAN_AFTER_STEPS:
+                planned = plan(step)
+            end = planned or total
             seen += len(rows)
             tokens += real
             elapsed = time.perf_counter() - began
             if on_step is not None:
                 rate = (step - start) / elapsed if elapsed > 0 else 0.0
                 on_step(StepInfo(
-                    step=step, total_steps=total, epoch=step / per_epoch, loss=loss_value,
+                    step=step, total_steps=end, epoch=step / per_epoch, loss=loss_value,
                     learning_rate=lr, examples_per_s=seen / elapsed if elapsed else 0.0,
                     tokens_per_s=tokens / elapsed if elapsed else 0.0, elapsed_s=elapsed,
-                    eta_s=(total - step) / rate if rate else 0.0,
+                    eta_s=(end - step) / rate if rate else 0.0,
                 ))
             # the ranks' clocks differ: they agree, or one would wait for the others forever
             out_of_time = (bool(budget_s) and distributed.agree(before + elapsed >= budget_s)
-                           and step != total)
-            end_of_epoch = step % per_epoch == 0 or step == total
+                           and step != end)
+            end_of_epoch = step % per_epoch == 0 or step == end
             if evaluate is not None and (end_of_epoch or step % interval == 0 or out_of_time):
                 verdict = evaluate(step)
                 if verdict:
                     checkpoint(step)
                     return TrainResult(step, False, loss_value, verdict)
+                if fitting and planned and step != end and not out_of_time:
+                    planned = plan(step)  # the speed so far, evaluations included
             if out_of_time:
                 checkpoint(step)
-                return TrainResult(step, False, loss_value,
-                                   f"time budget of {cfg.max_minutes:g} min")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != total:
+                return TrainResult(step, False, loss_value, time_reason)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != end:
                 checkpoint(step)
         checkpoint(step)
-        return TrainResult(step, False, loss_value, reason)
+        return TrainResult(step, False, loss_value, time_reason if step < total else reason)
     finally:
         tuner.close()
         if fast_loss is not None:

@@ -92,8 +92,25 @@ def test_outside_a_process_group_every_helper_is_the_identity():
     assert distributed.reduce_step([p], 1.5, 7) == [1.5, 7]
     assert p.grad.tolist() == [2.0, 2.0, 2.0]
     assert distributed.agree(True) and not distributed.agree(False)
+    assert distributed.agree_min(7) == 7
     assert distributed.rank() == 0 and distributed.world_size() == 1
     assert distributed.is_writer() and distributed.share([1, 2, 3]) == [1, 2, 3]
+
+
+def _agree_min_rank(rank: int, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        Path(out, f"{rank}.txt").write_text(str(distributed.agree_min(40 - 15 * rank)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_the_shorter_planned_schedule(tmp_path):
+    # each rank's clock plans its own schedule length (train.planned_end); they run the shorter
+    torch.multiprocessing.spawn(_agree_min_rank, nprocs=2, join=True,
+                                args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)))
+    assert [float((tmp_path / f"{r}.txt").read_text()) for r in (0, 1)] == [25.0, 25.0]
 
 
 def test_process_counts_default_to_every_gpu_and_one_cpu_process(monkeypatch):

@@ -189,3 +189,89 @@ def test_run_keeps_the_best_step_and_resume_mid_patience_ends_equal(tmp_path, cs
     saved = json.loads(part.report_path.read_text())
     assert saved["selection"] == ("the step whose 3 evaluations around it have the best mean "
                                   "validation macro_f1")
+
+
+def test_planned_end_fits_the_steps_left_in_the_budget():
+    from prefixlab.train import planned_end
+
+    assert planned_end(1000, 20, 20, 10.0, 50.0) == 120  # 2 steps/s, 50 s left
+    assert planned_end(100, 20, 20, 10.0, 50.0) == 100  # never past the epochs' budget
+    assert planned_end(1000, 20, 20, 10.0, -5.0) == 21  # out of time: one more step
+    assert planned_end(1000, 20, 0, 0.0, 50.0) == 1000  # nothing timed yet
+
+
+class _StepClock:
+    """perf_counter for train(): one second passes per step (advanced by on_step)."""
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+        self.perf_counter = lambda: self.now
+
+    def tick(self, _info) -> None:
+        self.now += 1.0
+
+
+def _timed_run(loaded, monkeypatch, cfg, *, resume=None, stop_at=None, clock=None,
+               evaluate=None):
+    import prefixlab.train as train_module
+
+    enc, prefix, examples, _, _ = _setup(loaded)
+    clock = clock or _StepClock()
+    monkeypatch.setattr(train_module, "time", clock)
+    rates, saved = [], []
+
+    def on_step(info):
+        rates.append((info.step, info.learning_rate))
+        clock.tick(info)
+
+    result = train(loaded.model, prefix, examples, cfg, 0, on_step=on_step, resume=resume,
+                   evaluate=evaluate, on_checkpoint=saved.append,
+                   should_stop=(lambda: bool(rates) and rates[-1][0] == stop_at))
+    return result, rates, saved[-1], prefix
+
+
+def test_a_time_budget_fits_warmup_and_decay_into_the_steps_it_allows(loaded, monkeypatch):
+    # 48 rows, batch 8: 300 steps in 50 epochs, but the 1-minute budget fits ~60 of them
+    cfg = TrainConfig(epochs=50, batch_size=8, max_minutes=1.0, learning_rate=1.0,
+                      checkpoint_every=0)
+    for evaluate in (None, lambda s: None):  # evaluations plan again, from the same speed
+        result, rates, last, _ = _timed_run(loaded, monkeypatch, cfg, evaluate=evaluate)
+        lrs = [lr for _, lr in rates]
+        assert "time budget" in result.reason and 55 <= result.steps <= 65
+        assert max(lrs) == pytest.approx(1.0, abs=0.05)  # warmed up fully...
+        assert lrs[-1] < 0.1  # ...and decayed to near zero by the end of the budget
+        assert last.planned_steps >= result.steps > 20
+
+    unfitted = TrainConfig(**{**cfg.__dict__, "fit_schedule": False})
+    result, rates, last, _ = _timed_run(loaded, monkeypatch, unfitted)
+    assert "time budget" in result.reason and rates[-1][1] > 0.5  # cut mid-schedule
+    assert last.planned_steps == 0
+
+
+def test_resume_keeps_the_planned_schedule(loaded, monkeypatch):
+    cfg = TrainConfig(epochs=50, batch_size=8, max_minutes=1.0, checkpoint_every=0)
+    whole, whole_rates, _, whole_prefix = _timed_run(loaded, monkeypatch, cfg)
+    _, first, ckpt, _ = _timed_run(loaded, monkeypatch, cfg, stop_at=30)
+    assert ckpt.step == 30 and ckpt.planned_steps > 30
+    rest, later, _, prefix = _timed_run(loaded, monkeypatch, cfg, resume=ckpt,
+                                        clock=_StepClock(now=500.0))
+    assert first + later == whole_rates and rest.steps == whole.steps
+    assert torch.allclose(prefix.folded(), whole_prefix.folded())
+
+
+def test_run_folders_from_before_fitted_schedules_resume_unfitted():
+    old = RunConfig(train_csv="t.csv", training=TrainConfig(max_minutes=5)).to_dict()
+    del old["training"]["fit_schedule"]
+    assert RunConfig.from_dict(old).training.fit_schedule is False
+    assert RunConfig(train_csv="t.csv").training.fit_schedule is True
+
+
+def test_the_checkpoint_file_carries_the_plan(tmp_path):
+    from prefixlab.train import Checkpoint
+
+    folder = RunFolder(tmp_path)
+    state = {"weight": torch.ones(2, 3)}
+    folder.save_checkpoint(Checkpoint(30, state, {}, 31.5, 61))
+    back = folder.load_checkpoint()
+    assert (back.step, back.elapsed_s, back.planned_steps) == (30, 31.5, 61)
+    assert torch.equal(back.prefix_state["weight"], state["weight"])
