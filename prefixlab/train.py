@@ -76,7 +76,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 0
-    """Evaluate every N steps (and at the end of each epoch); 0 evaluates twice per epoch."""
+    """Evaluate every N steps of each epoch (counted from its start) and at its end; 0
+    evaluates twice per epoch."""
     patience: int = 4
     """Stop after this many evaluations in a row without a better `monitor`; 0 never stops
     early."""
@@ -440,7 +441,10 @@ def train(
             out_of_time = (bool(budget_s) and distributed.agree(before + elapsed >= budget_s)
                            and step != end)
             end_of_epoch = step % per_epoch == 0 or step == end
-            if evaluate is not None and (end_of_epoch or step % interval == 0 or out_of_time):
+            # counted within the epoch: when the interval does not divide it, `step % interval`
+            # would also evaluate a step or two from its end (1,985 and 1,986 on Davidson 80/20)
+            in_epoch = step % per_epoch or per_epoch
+            if evaluate is not None and (end_of_epoch or in_epoch % interval == 0 or out_of_time):
                 verdict = evaluate(step)
                 if verdict:
                     checkpoint(step)

@@ -109,6 +109,10 @@ def test_loop_ends_on_the_epoch_budget_on_a_verdict_or_on_the_time_budget(loaded
     assert (result.steps, result.reason) == (12, "budget of 2 epochs")
     assert seen == [3, 6, 9, 12]  # twice per epoch
 
+    seen.clear()  # 40 rows: 5 steps per epoch, every 3 steps of each epoch and at its end
+    train(loaded.model, prefix, examples[:40], cfg, 0, evaluate=seen.append)
+    assert seen == [3, 5, 8, 10]  # not 5 and 6 side by side
+
     seen.clear()
     result = train(loaded.model, prefix, examples, cfg, 0,
                    evaluate=lambda s: seen.append(s) or ("enough" if s == 9 else None))
