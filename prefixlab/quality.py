@@ -160,7 +160,8 @@ def run_case(case: Case, loaded, workdir: Path, overrides: dict, zero_cache: dic
     train_ids = [labels.index(y) for y in prepared.train.labels]
     rules = {"raw": None, "content_free": content_free_offset(cf),
              "prior": prior_offset(train_ids, len(labels))}
-    row = {"case": case.name, "n": case.n, "seed": case.seed, "test_rows": len(texts),
+    row = {"case": case.name, "n": case.n, "seed": case.seed, "train_rows": len(case.train),
+           "test_rows": len(texts),
            "train_s": train_s, "kept_step": report["kept_step"], "steps": report["steps"],
            "stop_reason": report["stop_reason"], "val_macro_f1": report["macro_f1"]}
     for rule, offset in rules.items():
@@ -252,7 +253,8 @@ def format_row(r: dict) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """One line per (case, rows): each contender's macro-F1 as the mean over seeds (with the
     range when there are several), the recipe's decision beside the raw argmax, times and
-    classes missed — the README's table."""
+    classes missed — the README's table. The better of prefix and TF-IDF is in bold; the
+    rows are those a case used (all of a set's pool when asked for more)."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["case"], r["n"]), []).append(r)
@@ -272,8 +274,13 @@ def markdown_table(rows: list[dict]) -> str:
         acc = (f"{np.mean([r['prefix']['accuracy'] for r in rs]):.3f} / "
                f"{np.mean([r['tfidf']['accuracy'] for r in rs]):.3f}")
         kept = ", ".join(f"{r['kept_step']}/{r['steps']}" for r in rs)
-        out.append(f"| {case} | {n} | {len(rs)} | **{cell(rs, 'prefix')}** | "
-                   f"{cell(rs, 'prefix_raw')} | {cell(rs, 'tfidf')} | {cell(rs, 'majority')} | "
+        used = max(r.get("train_rows", n) for r in rs)
+        prefix_wins = (np.mean([r["prefix"]["macro_f1"] for r in rs])
+                       >= np.mean([r["tfidf"]["macro_f1"] for r in rs]))
+        ours, theirs = cell(rs, "prefix"), cell(rs, "tfidf")
+        ours, theirs = (f"**{ours}**", theirs) if prefix_wins else (ours, f"**{theirs}**")
+        out.append(f"| {case} | {used} | {len(rs)} | {ours} | "
+                   f"{cell(rs, 'prefix_raw')} | {theirs} | {cell(rs, 'majority')} | "
                    f"{cell(rs, 'zero_shot')} | {wins}/{len(rs)} | {acc} | "
                    f"{np.mean([r['train_s'] for r in rs]):.0f} | {kept} | "
                    f"{', '.join(missed) or 'none'} |")

@@ -58,10 +58,13 @@ def test_markdown_table_averages_seeds_per_case():
                 "tfidf": base, "majority": base, "zero_shot": base, "train_s": 60.0 + seed,
                 "kept_step": 10, "steps": 20}
 
+    full = {**row("disaster", 0, 0.70, 0.74), "n": 100000, "train_rows": 5900}
     table = markdown_table([row("davidson", 0, 0.6, 0.5), row("davidson", 1, 0.4, 0.5, ["hate"]),
-                            row("polarity", 0, 0.7, 0.6)])
+                            row("polarity", 0, 0.7, 0.6), full])
     lines = table.splitlines()
-    assert len(lines) == 4  # header, rule, one line per case
+    assert len(lines) == 5  # header, rule, one line per case
+    # the rows the case used, and TF-IDF in bold where it wins
+    assert lines[4].startswith("| disaster | 5900 | 1 | 0.700 | 0.740 | **0.740** |")
     assert lines[2].startswith("| davidson | 300 | 2 | **0.500 (0.40–0.60)** |")
     assert "| 1/2 |" in lines[2] and lines[2].endswith("| hate |")
     assert lines[3].startswith("| polarity | 300 | 1 | **0.700** |") and "none |" in lines[3]
