@@ -3,7 +3,7 @@
     python -m prefixlab.quality [--data-dir ../shared/data] [--sets davidson,polarity,disaster]
         [--sizes 300,2000] [--seeds 0,1,2] [--cross both|none|polarity-tweets|tweets-polarity]
         [--preset quick|balanced|thorough] [--set training.class_balance=sampled ...]
-        [--output quality.json]
+        [--output quality.json] [--scores DIR]
     python -m prefixlab.quality --table quality.json [more.json ...]   # the README table
 
 For every data set, a fixed test split (stratified, seed 0, near-duplicates grouped so that a
@@ -15,8 +15,11 @@ the majority class and the bare model (zero-shot), with the training time, the k
 and why training stopped. Cross-domain cases train on movie sentences (polarity) and test on
 the positive/negative tweets of sentiment_tweets.csv, and the reverse.
 
-The prefix's decision is also read with two calibrations of its label scores (content-free
-and prior correction, balance.py), so the default decision rule is a measured choice.
+The prefix's decision is also read with the other rules of balance.py (content-free
+calibration, full prior correction, a prior strength fitted on the validation rows, per-label
+offsets fitted there), so the default decision rule is a measured choice. `--scores DIR`
+keeps each case's label scores on its validation and test rows (.npz, numbers and label
+names only) for trying a decision rule without training again.
 The last line, `quality: ...`, is for scripts. Run it on an otherwise idle machine.
 """
 
@@ -131,9 +134,18 @@ def _apply(config, overrides: dict) -> None:
         part.__post_init__()
 
 
-def run_case(case: Case, loaded, workdir: Path, overrides: dict, zero_cache: dict) -> dict:
+def run_case(case: Case, loaded, workdir: Path, overrides: dict, zero_cache: dict,
+             scores_dir: Path | None = None) -> dict:
     """Train with the default recipe on the case's rows; score everything on its test rows."""
-    from prefixlab.balance import CONTENT_FREE, calibrate, content_free_offset, prior_offset
+    from prefixlab.balance import (
+        CONTENT_FREE,
+        LabelRule,
+        calibrate,
+        content_free_offset,
+        fit_offsets,
+        fit_prior_scale,
+        prior_offset,
+    )
     from prefixlab.config import RunConfig
     from prefixlab.data import csv_text
     from prefixlab.evaluate import majority_baseline, tfidf_baseline
@@ -158,15 +170,30 @@ def run_case(case: Case, loaded, workdir: Path, overrides: dict, zero_cache: dic
     ll = score_log_likelihoods(loaded.model, run.kv, run.encoder, texts)
     cf = score_log_likelihoods(loaded.model, run.kv, run.encoder, list(CONTENT_FREE))
     train_ids = [labels.index(y) for y in prepared.train.labels]
-    rules = {"raw": None, "content_free": content_free_offset(cf),
-             "prior": prior_offset(train_ids, len(labels))}
+    prior = prior_offset(train_ids, len(labels))
+    # the validation rows the run selected its step on fit the last two rules
+    val_ll = score_log_likelihoods(loaded.model, run.kv, run.encoder, prepared.validation.texts)
+    val_gold = [labels.index(y) for y in prepared.validation.labels]
+    scores = LabelRule(run.encoder.rule.lengths).log_probs  # the run's label scores, no offset
+    scale = fit_prior_scale(scores(val_ll), val_gold, prior)
+    rules = {"raw": None, "content_free": content_free_offset(cf), "prior": prior,
+             "fitted": prior * (1.0 if scale is None else scale),
+             "offsets": (prior if scale is None else
+                         fit_offsets(scores(val_ll), val_gold, prior))}
+    if scores_dir is not None:
+        scores_dir.mkdir(parents=True, exist_ok=True)
+        np.savez(scores_dir / f"{folder.name}.npz", val_ll=val_ll, val_gold=np.array(val_gold),
+                 test_ll=ll, test_gold=np.array([labels.index(y) for y in gold]),
+                 labels=np.array(labels), prior=prior,
+                 lengths=np.array(run.encoder.rule.lengths or (), dtype=int))
     row = {"case": case.name, "n": case.n, "seed": case.seed, "train_rows": len(case.train),
            "test_rows": len(texts),
            "train_s": train_s, "kept_step": report["kept_step"], "steps": report["steps"],
            "stop_reason": report["stop_reason"], "val_macro_f1": report["macro_f1"]}
     for rule, offset in rules.items():
-        pred = [labels[i] for i in calibrate(ll, offset).argmax(1)]
+        pred = [labels[i] for i in calibrate(scores(ll), offset).argmax(1)]
         row[f"prefix_{rule}"] = _macro_f1(gold, pred, labels)
+    row["prior_scale"] = scale
     # the recipe's own decision (the run's rule, as predict and the report use it)
     row["prefix"] = _macro_f1(gold, [labels[i] for i in run.encoder.rule.log_probs(ll).argmax(1)],
                               labels)
@@ -238,11 +265,21 @@ def summarize(rows: list[dict]) -> str:
             f"max_train_s={max(r['train_s'] for r in rows):.0f}")
 
 
+def _fitted(r: dict) -> str:
+    """The rules fitted on validation rows (rows written before they existed lack them)."""
+    if "prefix_fitted" not in r:
+        return ""
+    scale = "-" if r["prior_scale"] is None else f"{r['prior_scale']:.1f}"
+    return (f", fitted {r['prefix_fitted']['macro_f1']:.3f} at {scale}, offsets "
+            f"{r['prefix_offsets']['macro_f1']:.3f}")
+
+
 def format_row(r: dict) -> str:
     return (f"{r['case']:<18} {r['n']:>5} {r['seed']:>4}  prefix {r['prefix']['macro_f1']:.3f} "
             f"(raw {r['prefix_raw']['macro_f1']:.3f}, "
             f"cf {r['prefix_content_free']['macro_f1']:.3f}, prior "
-            f"{r['prefix_prior']['macro_f1']:.3f})  tfidf {r['tfidf']['macro_f1']:.3f}  "
+            f"{r['prefix_prior']['macro_f1']:.3f}{_fitted(r)})  "
+            f"tfidf {r['tfidf']['macro_f1']:.3f}  "
             f"majority {r['majority']['macro_f1']:.3f}  zero-shot "
             f"{r['zero_shot']['macro_f1']:.3f}  acc {r['prefix']['accuracy']:.3f}/"
             f"{r['tfidf']['accuracy']:.3f}  {r['train_s']:.0f} s  kept "
@@ -305,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a RunConfig setting, e.g. training.class_balance=sampled")
     parser.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--output", type=Path, help="write every row as JSON here")
+    parser.add_argument("--scores", type=Path, metavar="DIR",
+                        help="keep each case's label scores (validation and test) here")
     parser.add_argument("--table", type=Path, nargs="+", metavar="ROWS_JSON",
                         help="print the markdown table and summary line of earlier --output "
                              "files (no training)")
@@ -334,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(cases)} cases; overrides: {overrides or 'none'}", flush=True)
     with tempfile.TemporaryDirectory(prefix="prefixlab-quality-") as tmp:
         for case in cases:
-            rows.append(run_case(case, loaded, Path(tmp), overrides, zero_cache))
+            rows.append(run_case(case, loaded, Path(tmp), overrides, zero_cache, args.scores))
             print(format_row(rows[-1]), flush=True)
             if args.output:
                 args.output.write_text(json.dumps({"overrides": overrides, "rows": rows},

@@ -260,3 +260,56 @@ def test_predictions_and_reports_follow_the_runs_decision_rule(loaded, tmp_path)
     mixed = mixed_score_labels(loaded.model, [ScoreItem(run.kv, run.encoder, t)
                                               for t in texts[:6]])
     np.testing.assert_allclose(np.stack(mixed), want, rtol=1e-4, atol=1e-6)
+
+
+def _skewed_scores(seed: int = 0, n: int = 600) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores of a model that learned the evidence and half the training skew: the rare label
+    is 10% of the rows, and the scores favour the common one by half its log prior ratio."""
+    rng = np.random.default_rng(seed)
+    gold = (rng.random(n) < 0.1).astype(int)
+    prior = np.log(np.array([0.9, 0.1]))
+    scores = rng.normal(0.0, 1.0, (n, 2))
+    scores[np.arange(n), gold] += 2.0  # the evidence
+    scores += 0.5 * prior[None, :]  # the skew it carries: half the prior
+    return scores, gold, prior
+
+
+def test_fit_prior_scale_keeps_the_strength_with_the_best_validation_macro_f1():
+    from prefixlab.balance import FIT_SCALES, fit_prior_scale
+
+    def f1(scores: np.ndarray, gold: np.ndarray, offset: np.ndarray) -> float:
+        return classification_report(gold, (scores - offset).argmax(1), [0, 1])["macro_f1"]
+
+    for seed in range(3):
+        scores, gold, prior = _skewed_scores(seed)
+        scale = fit_prior_scale(scores, gold, prior)
+        assert scale in FIT_SCALES
+        # the scores carry half the skew: the full correction over-predicts the rare label
+        assert scale < 1.0 and f1(scores, gold, scale * prior) > f1(scores, gold, prior)
+        assert f1(scores, gold, scale * prior) == max(f1(scores, gold, a * prior)
+                                                      for a in FIT_SCALES)
+
+
+def test_fit_prior_scale_needs_enough_rows_of_every_label_and_breaks_ties_towards_1():
+    from prefixlab.balance import MIN_FIT_ROWS, fit_prior_scale
+
+    scores, gold, prior = _skewed_scores(n=600)
+    rare = np.flatnonzero(gold == 1)
+    keep = np.r_[np.flatnonzero(gold == 0), rare[:MIN_FIT_ROWS - 1]]
+    assert fit_prior_scale(scores[keep], gold[keep], prior) is None  # too few rare rows
+    # balanced labels and a flat prior: every strength decides alike, so the tie goes to 1
+    flat = np.log(np.array([0.5, 0.5]))
+    assert fit_prior_scale(scores, gold, flat) == 1.0
+
+
+def test_fit_offsets_never_does_worse_than_where_it_starts():
+    from prefixlab.balance import fit_offsets
+
+    scores, gold, prior = _skewed_scores(seed=3)
+    offset = fit_offsets(scores, gold, prior)
+    assert offset.shape == (2,) and offset[0] == prior[0]  # label 0 stays where it was
+
+    def f1(o: np.ndarray) -> float:
+        return classification_report(gold, (scores - o).argmax(1), [0, 1])["macro_f1"]
+
+    assert f1(offset) >= f1(prior) and f1(offset) > f1(np.zeros(2))

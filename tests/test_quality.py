@@ -79,3 +79,33 @@ def test_preset_overrides_apply_a_preset_but_keep_each_cases_seed():
     _apply(cfg, preset_overrides("balanced"))
     assert (cfg.max_train_examples, cfg.max_eval_examples, cfg.training.max_minutes,
             cfg.training.seed) == (2000, 300, 10, 2)
+
+
+def test_a_case_reports_every_decision_rule_and_keeps_its_scores(tmp_path):
+    """One case end to end on a tiny model: the row holds each rule's test macro-F1 (the
+    fitted ones from the validation rows) and --scores keeps what they were computed from."""
+    import numpy as np
+    import torch
+
+    from prefixlab.models import prepare_model
+    from prefixlab.quality import Case, run_case
+    from tests.conftest import make_tokenizer, tiny_model
+    from tests.test_train import toy_task
+
+    loaded = prepare_model(tiny_model("gpt2"), make_tokenizer(), "tiny-gpt2",
+                           torch.device("cpu"))
+    texts, labels = toy_task(60)
+    frame = pd.DataFrame({"text": texts, "label": labels})
+    case = Case("toy", frame.iloc[:40], frame.iloc[40:], 40, 0)
+    overrides = {"model": "tiny-gpt2", "max_length": 32, "prefix.prefix_length": 4,
+                 "training.epochs": 1, "training.batch_size": 8}
+    row = run_case(case, loaded, tmp_path, overrides, {}, tmp_path / "scores")
+    for rule in ("raw", "content_free", "prior", "fitted", "offsets"):
+        assert 0.0 <= row[f"prefix_{rule}"]["macro_f1"] <= 1.0
+    # 8 validation rows are too few to fit on: both fitted rules fall back to the prior
+    assert row["prior_scale"] is None
+    assert row["prefix_fitted"] == row["prefix_offsets"] == row["prefix_prior"]
+    saved = np.load(tmp_path / "scores" / "toy_40_0.npz", allow_pickle=False)
+    assert saved["test_ll"].shape == (20, 2) and saved["val_ll"].shape == (8, 2)
+    assert list(saved["labels"]) == sorted(set(labels))
+    assert saved["test_gold"].tolist() == [sorted(set(labels)).index(y) for y in labels[40:]]
