@@ -191,6 +191,7 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
     """Train here. `claim`: take the run lock; False in ranks whose launcher holds it (the
     app's worker or `train --nproc`), which also stop when the app asks to cancel."""
     from prefixlab import distributed
+    from prefixlab.balance import describe_decision
     from prefixlab.experiment import execute_run
     from prefixlab.runs import CANCEL_FILE, RunLock
 
@@ -221,6 +222,8 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
     print(f"run saved to {folder.path}")
     print(f"kept step {report['kept_step']} of {report['steps']} ({report['selection']}); "
           f"training ended: {report['stop_reason']}")
+    if decision := describe_decision(report):
+        print(decision)
     print(_results_header(report))
     _print_report(report)
     return 0

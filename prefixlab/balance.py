@@ -173,13 +173,37 @@ class LabelRule:
 
 
 def label_rule(decision: str, label_scores: str, labels: Sequence[str],
-               label_ids: Sequence[Sequence[int]], label_counts: Mapping[str, int] | None
-               ) -> LabelRule:
+               label_ids: Sequence[Sequence[int]], label_counts: Mapping[str, int] | None,
+               prior_scale: float | None = None) -> LabelRule:
     """The rule a run's settings ask for. Prior correction needs the training label counts;
-    a run without them (an imported adapter) decides on the raw scores."""
+    a run without them (an imported adapter) decides on the raw scores. "fitted" subtracts
+    `prior_scale` times the log prior: the strength fitted on the validation rows when the
+    run ended, or the full prior until then (and when there were too few rows to fit)."""
     lengths = tuple(len(t) for t in label_ids) if label_scores == "mean" else None
     offset = None
-    if decision == "prior" and label_counts:
+    if decision in ("prior", "fitted") and label_counts:
         counts = [int(label_counts.get(name, 0)) for name in labels]
-        offset = tuple(float(x) for x in prior_from_counts(counts))
+        scale = prior_scale if decision == "fitted" and prior_scale is not None else 1.0
+        offset = tuple(float(scale * x) for x in prior_from_counts(counts))
     return LabelRule(lengths, offset)
+
+
+def describe_decision(report: dict) -> str:
+    """How a run's report decided its labels, in plain sentences (empty for raw scores)."""
+    fit = report.get("decision_fit") or {}
+    if report.get("decision") == "fitted" and fit.get("prior_scale") is not None:
+        return (f"Decisions subtract {fit['prior_scale']:.1f} × the log of each label's share "
+                f"of the training rows: the strength that decided best on the "
+                f"{fit['validation_rows']} validation rows (macro-F1 {fit['macro_f1']:.3f}; "
+                f"the full correction: {fit['macro_f1_full_prior']:.3f}). The bare model "
+                "decides on its own scores.")
+    if report.get("decision") not in ("prior", "fitted"):
+        return ""
+    text = ("Decisions are prior-corrected: each label's score less the log of its share of "
+            "the training rows, so a rare label is not out-voted by the training skew (the "
+            "bare model decides on its own scores).")
+    if few := fit.get("too_few"):
+        text += (" The strength of the correction was not fitted: the validation rows hold "
+                 f"fewer than {MIN_FIT_ROWS} rows of "
+                 + ", ".join(f"{y} ({n})" for y, n in few.items()) + ".")
+    return text

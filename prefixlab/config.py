@@ -142,13 +142,15 @@ class RunConfig:
         return self.target_column is not None
 
     def label_encoder(self, tokenizer, labels: Sequence[str],
-                      label_counts: Mapping[str, int] | None = None) -> Encoder:
+                      label_counts: Mapping[str, int] | None = None,
+                      prior_scale: float | None = None) -> Encoder:
         """The classification encoder with this run's decision rule; `label_counts` are the
         training rows per label (config.json's data.label_counts), which prior correction
-        needs (without them the decision is raw)."""
+        needs (without them the decision is raw); `prior_scale` the strength a "fitted"
+        decision chose on the validation rows (data.prior_scale; unset: full correction)."""
         encoder = Encoder(tokenizer, Template(self.template), labels, self.max_length)
         encoder.rule = label_rule(self.decision, self.label_scores, encoder.labels,
-                                  encoder.label_ids, label_counts)
+                                  encoder.label_ids, label_counts, prior_scale)
         return encoder
 
     def to_dict(self) -> dict[str, Any]:

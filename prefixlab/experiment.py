@@ -34,6 +34,13 @@ from safetensors.torch import load_file
 
 from prefixlab import data as datamod
 from prefixlab import distributed
+from prefixlab.balance import (
+    MIN_FIT_ROWS,
+    LabelRule,
+    fit_prior_scale,
+    label_rule,
+    prior_from_counts,
+)
 from prefixlab.config import RunConfig
 from prefixlab.decode import DecodeConfig
 from prefixlab.encode import Encoder, PairEncoder
@@ -370,29 +377,63 @@ def open_run(path: str | Path, loaded: LoadedModel | None = None) -> Run:
         raise RunError(f"run {folder.path.name} was trained on {cfg.model!r}, "
                        f"not on the loaded {loaded.name!r}")
     prefix = load_prefix(folder.prefix_path, loaded.shape)
-    counts = (info.get("data") or {}).get("label_counts")
+    data = info.get("data") or {}
     encoder = (pair_encoder(loaded.tokenizer, cfg) if cfg.is_generation else
-               cfg.label_encoder(loaded.tokenizer, labels, counts))
+               cfg.label_encoder(loaded.tokenizer, labels, data.get("label_counts"),
+                                 data.get("prior_scale")))
     return Run(folder, cfg, labels, loaded, prefix.kv, encoder)
 
 
 def evaluate_prefix(
     loaded: LoadedModel, kv: torch.Tensor | None, encoder: Encoder, data: datamod.LabeledData
 ) -> tuple[dict, np.ndarray]:
-    """Metrics of one prefix (or the bare model) and the label probabilities, in one pass.
+    """Metrics of one prefix (or the bare model) and the label probabilities, in one pass."""
+    ll = score_rows(loaded, kv, encoder, data)
+    return report_from_scores(encoder, data, ll), encoder.rule.probs(ll)
+
+
+def score_rows(loaded: LoadedModel, kv: torch.Tensor | None, encoder: Encoder,
+                 data: datamod.LabeledData) -> np.ndarray:
+    """Label log-likelihoods (N, K) of the rows; in a process group each rank scores a share."""
+    return distributed.gather_rows(
+        lambda texts: score_log_likelihoods(loaded.model, kv, encoder, texts), data.texts)
+
+
+def report_from_scores(encoder: Encoder, data: datamod.LabeledData, ll: np.ndarray) -> dict:
+    """Metrics of label log-likelihoods `ll` (N, K) by the encoder's decision rule.
 
     The report's `loss` is the training objective on these rows: the mean cross-entropy of
     the gold label's tokens, read from the same label log-likelihoods as the predictions.
     """
-    ll = distributed.gather_rows(  # (N, K); in a process group each rank scores a share
-        lambda texts: score_log_likelihoods(loaded.model, kv, encoder, texts), data.texts)
     probs = encoder.rule.probs(ll)
     report = classification_report(data.labels, predictions_from_probs(probs, encoder.labels),
                                    encoder.labels)
     gold = [encoder.labels.index(y) for y in data.labels]
     n_tokens = sum(len(encoder.label_ids[g]) for g in gold)
     report["loss"] = float(-ll[np.arange(len(gold)), gold].sum() / max(n_tokens, 1))
-    return report, probs
+    return report
+
+
+def fit_decision(encoder: Encoder, data: datamod.LabeledData, ll: np.ndarray,
+                 label_counts: dict[str, int]) -> dict:
+    """The prior strength that decides best on the validation rows (balance.fit_prior_scale),
+    with what it scored and, when there were too few rows to fit, which labels lacked them."""
+    prior = prior_from_counts([label_counts.get(y, 0) for y in encoder.labels])
+    scores = LabelRule(encoder.rule.lengths).log_probs(ll)
+    gold = [encoder.labels.index(y) for y in data.labels]
+    scale = fit_prior_scale(scores, gold, prior)
+
+    def f1(strength: float) -> float:
+        pred = [encoder.labels[i] for i in (scores - strength * prior).argmax(1)]
+        return classification_report(data.labels, pred, encoder.labels)["macro_f1"]
+
+    fit = {"prior_scale": scale, "validation_rows": len(gold), "macro_f1_full_prior": f1(1.0)}
+    if scale is None:
+        few = {y: data.labels.count(y) for y in encoder.labels}
+        fit["too_few"] = {y: n for y, n in few.items() if n < MIN_FIT_ROWS}
+    else:
+        fit["macro_f1"] = f1(scale)
+    return fit
 
 
 def full_report(
@@ -551,6 +592,7 @@ def execute_run(
                                     smoothing=tc.smoothing)
     last_eval: dict = {}
     evaluated: dict[int, dict] = {}  # this process's reports by step, so the kept one is reused
+    val_scores: dict[int, np.ndarray] = {}  # their validation label scores, for a fitted rule
 
     def evaluate(step: int) -> str | None:
         kv = prefix.folded()
@@ -559,7 +601,9 @@ def execute_run(
             report = {"loss": scores["val_loss"]}
             record = {"type": "eval", "step": step, **scores}
         else:
-            report, _ = evaluate_prefix(loaded, kv, encoder, prepared.validation)
+            ll = score_rows(loaded, kv, encoder, prepared.validation)
+            report = report_from_scores(encoder, prepared.validation, ll)
+            val_scores[step] = ll
             record = {"type": "eval", "step": step, "val_loss": report["loss"],
                       "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
                       "predicted": report["predicted"],
@@ -605,6 +649,22 @@ def execute_run(
         folder.set_status("running", phase="evaluating", step=result.steps,
                           processes=processes)
     note({"type": "event", "message": "evaluating", "step": kept, "stop_reason": result.reason})
+    fit: dict | None = None
+    if not generating and cfg.decision == "fitted":
+        ll = val_scores.get(kept)
+        if ll is None:  # kept before a resume: this process did not score it
+            ll = score_rows(loaded, kv, encoder, prepared.validation)
+        counts = prepared.train.label_counts()
+        fit = fit_decision(encoder, prepared.validation, ll, counts)
+        if fit["prior_scale"] is not None:
+            encoder.rule = label_rule(cfg.decision, cfg.label_scores, encoder.labels,
+                                      encoder.label_ids, counts, fit["prior_scale"])
+            done = report_from_scores(encoder, prepared.validation, ll)
+            if writer:  # what open_run and the server read to decide as this report does
+                info = folder.read_config()
+                info["data"]["prior_scale"] = fit["prior_scale"]
+                folder.write_config(info)
+        note({"type": "event", "message": "decision", **fit})
     if generating:
         # Its own loss on every held-out row: the live one read one reference per input.
         report = generation_report(loaded.model, encoder, kv, prepared.validation,
@@ -614,6 +674,8 @@ def execute_run(
                              prepared.validation, cfg.training.seed, prefix_report=done)
     if not generating:
         report.update(decision=cfg.decision, label_scores=cfg.label_scores)
+    if fit is not None:
+        report.update(decision_fit=fit)
     report.update(steps=result.steps, kept_step=kept, stop_reason=result.reason,
                   selection=(rule.selection() if tc.keep_best and rule.kept_step is not None
                              else "the last step"))

@@ -157,8 +157,9 @@ class PrefixStore:
         except PrefixFileError as e:
             raise PrefixStoreError(f"prefix {key!r}: {e}") from e
         # A generation run has no labels: like an imported adapter, it generates but not scores.
-        counts = (info.get("data") or {}).get("label_counts")
-        encoder = cfg.label_encoder(self.loaded.tokenizer, labels, counts) if labels else None
+        data = info.get("data") or {}
+        encoder = cfg.label_encoder(self.loaded.tokenizer, labels, data.get("label_counts"),
+                                    data.get("prior_scale")) if labels else None
         head_kv, start = None, time.perf_counter()
         if encoder is not None and encoder.head_ids:
             # Every text this run scores starts with the template's head: read it here, once,

@@ -313,3 +313,65 @@ def test_fit_offsets_never_does_worse_than_where_it_starts():
         return classification_report(gold, (scores - o).argmax(1), [0, 1])["macro_f1"]
 
     assert f1(offset) >= f1(prior) and f1(offset) > f1(np.zeros(2))
+
+
+def _fitted_run(loaded, tmp_path, n: int):
+    from prefixlab.config import RunConfig
+    from prefixlab.experiment import create_run, execute_run, prepare_data
+
+    texts, labels = toy_task(n)
+    csv = tmp_path / f"toy{n}.csv"
+    csv.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in
+                                              zip(texts, labels, strict=True)))
+    cfg = RunConfig(train_csv=str(csv), model=loaded.name, max_length=32, decision="fitted",
+                    max_eval_examples=None, prefix={"prefix_length": 4},
+                    training={"epochs": 1, "batch_size": 16, "patience": 0})
+    prepared = prepare_data(cfg)
+    folder = create_run(cfg, tmp_path / f"run{n}", prepared, loaded)
+    return execute_run(folder, loaded, prepared=prepared), prepared, folder
+
+
+def test_a_fitted_decision_is_fitted_on_validation_and_used_wherever_the_run_decides(
+        loaded, tmp_path):
+    """decision="fitted": the prior strength that decides best on the validation rows is in
+    the report and config.json, and the report, Run.score and the server decide with it."""
+    from prefixlab.balance import FIT_SCALES, LabelRule, describe_decision, prior_from_counts
+    from prefixlab.experiment import open_run
+    from prefixlab.predict import score_log_likelihoods
+    from prefixlab.store import PrefixStore
+
+    report, prepared, folder = _fitted_run(loaded, tmp_path, 480)  # 24 negative validation rows
+    fit = report["decision_fit"]
+    assert fit["prior_scale"] in FIT_SCALES and fit["validation_rows"] == len(prepared.validation)
+    assert fit["macro_f1"] >= fit["macro_f1_full_prior"]
+    assert folder.read_config()["data"]["prior_scale"] == fit["prior_scale"]
+    run = open_run(folder.path, loaded)
+    counts = prepared.train.label_counts()
+    prior = prior_from_counts([counts[y] for y in run.labels])
+    assert run.encoder.rule.offset == pytest.approx(tuple(fit["prior_scale"] * prior))
+    # the report's numbers are those of the fitted rule on the kept prefix
+    val = prepared.validation
+    ll = score_log_likelihoods(loaded.model, run.kv, run.encoder, val.texts)
+    pred = [run.labels[i] for i in (LabelRule().log_probs(ll)
+                                    - fit["prior_scale"] * prior).argmax(1)]
+    assert report["macro_f1"] == pytest.approx(
+        classification_report(val.labels, pred, run.labels)["macro_f1"])
+    assert report["macro_f1"] == pytest.approx(fit["macro_f1"])
+    served = PrefixStore(loaded).get(str(folder.path))
+    assert served.encoder.rule == run.encoder.rule
+    assert f"Decisions subtract {fit['prior_scale']:.1f} ×" in describe_decision(report)
+
+
+def test_a_fitted_decision_keeps_the_full_prior_when_validation_is_too_small(loaded, tmp_path):
+    from prefixlab.balance import describe_decision
+    from prefixlab.experiment import open_run
+
+    report, prepared, folder = _fitted_run(loaded, tmp_path, 80)  # 4 negative validation rows
+    fit = report["decision_fit"]
+    assert fit["prior_scale"] is None and fit["too_few"] == {"negative": 4, "positive": 12}
+    assert "prior_scale" not in folder.read_config()["data"]
+    counts = prepared.train.label_counts()
+    run = open_run(folder.path, loaded)
+    assert run.encoder.rule.offset == pytest.approx(
+        tuple(np.log([counts[y] / sum(counts.values()) for y in run.labels])))
+    assert "not fitted" in describe_decision(report) and "negative (4)" in describe_decision(report)

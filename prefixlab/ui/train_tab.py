@@ -8,6 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from prefixlab import charts
+from prefixlab.balance import describe_decision
 from prefixlab.data import DataError
 from prefixlab.encode import TemplateError
 from prefixlab.experiment import RunError
@@ -103,10 +104,8 @@ def report_outputs(report: dict | None):
     if "kept_step" in report:
         lines.append(f"\nKept the prefix of step {report['kept_step']} of {report['steps']} "
                      f"({report['selection']}); training ended: {report['stop_reason']}.")
-    if report.get("decision") == "prior":
-        lines.append("Decisions are prior-corrected: each label's score less the log of its "
-                     "share of the training rows, so a rare label is not out-voted by the "
-                     "training skew (the bare model decides on its own scores).")
+    if text := describe_decision(report):
+        lines.append(escape(text))
     per_class = pd.DataFrame([
         {"label": k, "precision": round(v["precision"], 3), "recall": round(v["recall"], 3),
          "f1": round(v["f1"], 3), "support": v["support"]}
@@ -190,10 +189,11 @@ def build(workbench: Workbench, dataset: gr.State, notice,
                 info="weighted: each row's loss weighted by its class's inverse frequency; "
                      "sampled: each epoch draws classes equally often")
             decision = gr.Radio(
-                ["prior", "raw"], value=quick["decision"], label="Decision rule",
+                ["fitted", "prior", "raw"], value=quick["decision"], label="Decision rule",
                 elem_id="decision",
                 info="prior: each label's score less the log of its training share, so rare "
-                     "labels are not out-voted by the skew; raw: the likeliest label")
+                     "labels are not out-voted by the skew; fitted: as much of that share "
+                     "as decides best on the validation rows; raw: the likeliest label")
         task = gr.Textbox(label="Task description (optional, starts the prefix)", max_lines=1,
                           placeholder="e.g. Is this tweet hateful, offensive or neither")
     settings = [prefix_length, init, reparameterize, learning_rate, epochs, batch_size,
