@@ -216,6 +216,7 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
         rows = page.get_by_label(re.compile(r"^Training rows"))
         rows.fill("0")  # every row
         rows.press("Enter")
+        page.locator("#decision").get_by_label("fitted").check()
     page.get_by_role("textbox", name="Run name (optional)").fill("browser run")
     page.locator("#start").click()
     status = page.locator("#train-status")
@@ -249,6 +250,9 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     expect(status).to_contain_text("completed", timeout=TRAIN_TIMEOUT_MS * 2)
     expect(page.locator("#report")).to_contain_text("macro-F1")
     expect(page.locator("#report")).to_contain_text("Held-out results on")
+    if not real:  # the fitted decision rule: the report says which strength it chose and why
+        expect(page.locator("#report")).to_contain_text(
+            re.compile(r"Decisions subtract \d\.\d × the log .* best on the 100 validation rows"))
     page.locator("#confusion .js-plotly-plot").wait_for()
     page.locator("#baselines .js-plotly-plot").wait_for()
     run = workbench.store.get(first.id)
