@@ -90,7 +90,7 @@ class RunConfig:
     eval_generate_inputs: int = 24
     """Generation runs: held-out inputs generated (greedy) at each evaluation for a live BLEU;
     the final report generates every held-out input with `generation`'s settings."""
-    decision: Decision = "prior"
+    decision: Decision = "fitted"
     """How label scores become a decision, in validation, reports and predictions: prior
     subtracts the log of each label's training frequency first (a prefix trained on skewed
     labels learns the skew, and would otherwise rarely pick a rare label); raw takes the

@@ -215,12 +215,12 @@ def test_run_configs_carry_the_decision_rule_and_old_runs_keep_raw(tokenizer):
     from prefixlab.errors import ConfigError
 
     cfg = RunConfig(train_csv="x.csv")
-    assert cfg.decision == "prior" and cfg.label_scores == "sum"
+    assert cfg.decision == "fitted" and cfg.label_scores == "sum"
     old = cfg.to_dict()
     del old["decision"], old["label_scores"]  # a config.json written before they existed
     assert RunConfig.from_dict(old).decision == "raw"
-    assert RunConfig.from_dict(cfg.to_dict()).decision == "prior"
-    with pytest.raises(ConfigError, match="decision must be one of prior, raw"):
+    assert RunConfig.from_dict(cfg.to_dict()).decision == "fitted"
+    with pytest.raises(ConfigError, match="decision must be one of fitted, prior, raw"):
         RunConfig(train_csv="x.csv", decision="bayes")
     enc = cfg.label_encoder(tokenizer, ["negative", "positive"], {"negative": 3, "positive": 1})
     assert enc.rule.offset == pytest.approx((np.log(0.75), np.log(0.25)))
@@ -238,7 +238,7 @@ def test_predictions_and_reports_follow_the_runs_decision_rule(loaded, tmp_path)
     csv = tmp_path / "toy.csv"
     csv.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in
                                               zip(texts, labels, strict=True)))
-    cfg = RunConfig(train_csv=str(csv), model=loaded.name, max_length=32,
+    cfg = RunConfig(train_csv=str(csv), model=loaded.name, max_length=32, decision="prior",
                     prefix={"prefix_length": 4},
                     training={"epochs": 1, "batch_size": 8, "patience": 0})
     prepared = prepare_data(cfg)
