@@ -272,7 +272,7 @@ def test_two_gloo_processes_train_the_prefix_one_process_trains(tmp_path, csv_fi
     steps = [r["step"] for r in records if r["type"] == "step"]
     assert steps == list(range(1, 13))  # 26 train rows: 5 batches of 5 and 1 of 1, 2 epochs
     assert [r["message"] for r in records if r["type"] == "event"] == [
-        "started", "evaluating", "completed"]
+        "started", "evaluating", "decision", "completed"]
     assert records[0]["processes"] == 2
     status = ours.status()
     assert status["state"] == "completed" and status["processes"] == 2
