@@ -93,8 +93,9 @@ class RunConfig:
     decision: Decision = "fitted"
     """How label scores become a decision, in validation, reports and predictions: prior
     subtracts the log of each label's training frequency first (a prefix trained on skewed
-    labels learns the skew, and would otherwise rarely pick a rare label); raw takes the
-    label the prefixed model finds likeliest."""
+    labels learns the skew, and would otherwise rarely pick a rare label); fitted subtracts
+    the share of it that decides best on the validation rows, chosen when training ends
+    (balance.fit_prior_scale); raw takes the label the prefixed model finds likeliest."""
     label_scores: LabelScores = "sum"
     """How a label of several tokens is scored: sum (its total log probability) or mean (per token,
     so long label names are not penalized for their length)."""

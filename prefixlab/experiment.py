@@ -393,7 +393,7 @@ def evaluate_prefix(
 
 
 def score_rows(loaded: LoadedModel, kv: torch.Tensor | None, encoder: Encoder,
-                 data: datamod.LabeledData) -> np.ndarray:
+               data: datamod.LabeledData) -> np.ndarray:
     """Label log-likelihoods (N, K) of the rows; in a process group each rank scores a share."""
     return distributed.gather_rows(
         lambda texts: score_log_likelihoods(loaded.model, kv, encoder, texts), data.texts)
