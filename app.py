@@ -11,9 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from prefixlab.cpu import pin_threads
-from prefixlab.experiment import RunError
-from prefixlab.models import DEFAULT_MODEL
+from prefixlab.engine.cpu import pin_threads
+from prefixlab.engine.models import DEFAULT_MODEL
+from prefixlab.runs.experiment import RunError
 from prefixlab.ui import CSS, build_ui
 from prefixlab.workbench import Workbench
 

@@ -27,12 +27,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from prefixlab import data as datamod
-from prefixlab.config import RunConfig
-from prefixlab.decode import DecodeConfig, Sampling
-from prefixlab.encode import Encoder, Template
-from prefixlab.evaluate import classification_report
-from prefixlab.experiment import (
+from prefixlab.data import tables as datamod
+from prefixlab.data.pairs import TextPairs, load_pairs_csv, looks_like_targets
+from prefixlab.engine.decode import DecodeConfig, Sampling
+from prefixlab.engine.encode import Encoder, Template
+from prefixlab.engine.models import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    ModelInfo,
+    describe_model,
+    load_model,
+    model_provenance,
+    portable_model_id,
+)
+from prefixlab.engine.prefix import Prefix, PrefixConfig
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.evaluate import classification_report
+from prefixlab.runs.experiment import (
     PreparedData,
     Run,
     RunError,
@@ -44,28 +55,17 @@ from prefixlab.experiment import (
     prepare_data,
     text_column_of,
 )
-from prefixlab.generation import evaluate_pairs_csv, pair_encoder
-from prefixlab.models import (
-    DEFAULT_MODEL,
-    LoadedModel,
-    ModelInfo,
-    describe_model,
-    load_model,
-    model_provenance,
-    portable_model_id,
-)
-from prefixlab.pairs import TextPairs, load_pairs_csv, looks_like_targets
-from prefixlab.prefix import Prefix, PrefixConfig
-from prefixlab.presets import PRESETS, config_parts
-from prefixlab.runs import RunRow, RunStore
-from prefixlab.serve import (
+from prefixlab.runs.generation import evaluate_pairs_csv, pair_encoder
+from prefixlab.runs.presets import PRESETS, config_parts
+from prefixlab.runs.registry import RunRow, RunStore
+from prefixlab.serve.batcher import (
     DEFAULT_MAX_ROWS,
     DEFAULT_WINDOW_S,
     Batcher,
     column_groups,
     predict_frame,
 )
-from prefixlab.store import PrefixStore
+from prefixlab.serve.store import PrefixStore
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLE_CSV = ASSETS / "example_feedback.csv"
@@ -127,15 +127,15 @@ class Inspection:
     """What the Inspect tab shows for one run (the interpret modules' results)."""
 
     run: Run
-    bank: object  # interpret.ReferenceBank
-    nearest: object  # interpret.NearestTokens
-    readout: object  # interpret.ValueReadout
-    movement: object | None  # interpret_maps.Movement, when snapshots exist
+    bank: object  # readouts.ReferenceBank
+    nearest: object  # readouts.NearestTokens
+    readout: object  # readouts.ValueReadout
+    movement: object | None  # maps.Movement, when snapshots exist
     initial_kv: torch.Tensor | None  # the first snapshot: the prefix before training
     figures: dict = field(default_factory=dict)  # the tab's figures by view, made once each
     causal: object | None = None  # inspection.CausalReadout once the knockout is measured
     words: dict = field(default_factory=dict)  # inspection.run_words: groups the maps mark
-    maps: dict = field(default_factory=dict)  # kind -> every layer's 3-D interpret_maps.PCAMap
+    maps: dict = field(default_factory=dict)  # kind -> every layer's 3-D maps.PCAMap
 
 
 def process_range() -> tuple[int, int]:
@@ -460,7 +460,7 @@ class Workbench:
 
     def serving(self, model: str | None = None) -> Batcher:
         """The batcher of one base model: requests naming any of its runs meet in mixed
-        batches (prefixlab.serve); prefixes load on demand into the store's LRU."""
+        batches (prefixlab.serve.batcher); prefixes load on demand into the store's LRU."""
         name = model or self.default_model
 
         def start() -> Batcher:
@@ -637,8 +637,8 @@ class Workbench:
 
     def download(self, run_id: str, kind: str) -> Path:
         """A zip of the run's prefix + config ("prefix") or its PEFT adapter ("peft")."""
-        from prefixlab.peft_interop import export_peft
-        from prefixlab.prefix import load_prefix
+        from prefixlab.engine.peft_interop import export_peft
+        from prefixlab.engine.prefix import load_prefix
 
         folder = self.store.folder(run_id)
         info = folder.read_config()
@@ -678,8 +678,8 @@ class Workbench:
     def inspection(self, run_id: str, top_k: int = 10) -> Inspection:
         """Nearest tokens, value readout and movement of a run's prefix; cached per prefix
         file. The reference bank is computed once per base model and kept on disk."""
-        from prefixlab import interpret, interpret_maps
-        from prefixlab.inspection import (
+        from prefixlab.interpret import maps, readouts
+        from prefixlab.runs.inspection import (
             cached_nearest_tokens,
             load_snapshots,
             run_words,
@@ -696,9 +696,9 @@ class Workbench:
             words = word_ids(groups)
             bank = self.bank(run, words)
             nearest = cached_nearest_tokens(run, bank, top_k, words)
-            readout = interpret.value_readout(run.loaded, run.kv, top_k)
+            readout = readouts.value_readout(run.loaded, run.kv, top_k)
             snapshots = load_snapshots(run.folder.path)
-            movement = interpret_maps.prefix_movement(snapshots) if len(snapshots) > 1 else None
+            movement = maps.prefix_movement(snapshots) if len(snapshots) > 1 else None
             return Inspection(run, bank, nearest, readout, movement,
                               snapshots[0][1] if snapshots else None, words=groups)
 
@@ -707,7 +707,7 @@ class Workbench:
     def knockout(self, run_id: str, rows: int | None, progress=None):
         """The run's knockout on `rows` held-out rows (inspection.run_knockout), kept with its
         inspection. rows=None: only what is already measured for this prefix (None if none)."""
-        from prefixlab.inspection import run_knockout, stored_knockout_rows
+        from prefixlab.runs.inspection import run_knockout, stored_knockout_rows
 
         ins = self.inspection(run_id)
         if rows is None:
@@ -724,8 +724,8 @@ class Workbench:
         """The reference bank for a run: the model's frequent tokens plus the run's own words
         (labels, init text, data words; inspection.run_words). Kept per model *and* words, so
         runs with different labels on one model never share label words."""
-        from prefixlab import interpret_bank
-        from prefixlab.inspection import run_words, word_ids
+        from prefixlab.interpret import bank
+        from prefixlab.runs.inspection import run_words, word_ids
 
         if extra_ids is None:
             extra_ids = word_ids(run_words(run))
@@ -733,9 +733,9 @@ class Workbench:
         # The frequent tokens and the vocabulary's layer 0 are one per model (built once, on
         # disk); only a run's own words are read per run, into a small file of their own.
         shared = self._banks.get((loaded.name, None),
-                                 lambda: interpret_bank.model_bank(loaded))
+                                 lambda: bank.model_bank(loaded))
         return self._banks.get((loaded.name, tuple(extra_ids)),
-                               lambda: interpret_bank.with_words(shared, loaded, extra_ids))
+                               lambda: bank.with_words(shared, loaded, extra_ids))
 
     def folder(self, run_id: str) -> RunFolder:
         return self.store.folder(run_id)

@@ -28,9 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import app  # noqa: E402  (the repository root, for `python scripts/...`)
-from prefixlab import interpret_bank  # noqa: E402
-from prefixlab.cpu import pin_threads  # noqa: E402
-from prefixlab.inspection import KNOCKOUT_FILE, NEAREST_CACHE, run_words, word_ids  # noqa: E402
+from prefixlab.engine.cpu import pin_threads  # noqa: E402
+from prefixlab.interpret import bank as reference_bank  # noqa: E402
+from prefixlab.runs.inspection import KNOCKOUT_FILE, NEAREST_CACHE, run_words, word_ids  # noqa: E402
 from prefixlab.workbench import Workbench  # noqa: E402
 
 TARGETS = {"first open": 10.0, "view change": 1.0, "knockout (100 rows)": 60.0}
@@ -50,14 +50,14 @@ def _fresh_run(workbench: Workbench, run_id: str) -> None:
     """The model's bank on disk; nothing of this run's inspection anywhere."""
     run = workbench.open(run_id)
     start = time.perf_counter()
-    bank = interpret_bank.model_bank(run.loaded, progress=print)
+    bank = reference_bank.model_bank(run.loaded, progress=print)
     print(f"model bank ready ({time.perf_counter() - start:.1f} s, not timed; "
           f"from disk: {bank.loaded_from_disk})", flush=True)
-    words = interpret_bank.with_words(bank, run.loaded, word_ids(run_words(run)),
+    words = reference_bank.with_words(bank, run.loaded, word_ids(run_words(run)),
                                       use_cache=False)
     extras = words.token_ids[len(bank.token_ids):]
     if extras:
-        interpret_bank.bank_path(run.loaded, extras, bank.context_id).unlink(missing_ok=True)
+        reference_bank.bank_path(run.loaded, extras, bank.context_id).unlink(missing_ok=True)
     for name in (NEAREST_CACHE, KNOCKOUT_FILE):
         (run.folder.path / name).unlink(missing_ok=True)
 

@@ -40,6 +40,6 @@ for f in src.iterdir():
 print("random-weight model:", dst, sum(p.numel() for p in model.parameters()) / 1e6, "M params")
 PY
 
-python3 -m prefixlab.bench --device cuda --no-app --model "$out/random-model" \
+python3 -m prefixlab.bench.speed --device cuda --no-app --model "$out/random-model" \
   --data-dir "$data_dir" 2>&1 | tee "$out/bench_cuda.log" || status=1
 exit $status

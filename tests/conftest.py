@@ -55,7 +55,7 @@ TINY_FAMILIES: dict[str, dict] = {
     "phi": {"num_key_value_heads": 2},  # partial RoPE: half of each head's 8 dimensions
     "gpt_neox": {},  # partial RoPE: a quarter of each head's 8 dimensions
 }
-"""One tiny configuration per model family PrefixLab supports (prefixlab.families)."""
+"""One tiny configuration per model family PrefixLab supports (prefixlab.engine.families)."""
 
 
 def tiny_model(kind: str, vocab_size: int = 300, layers: int = 2):
@@ -93,8 +93,8 @@ LABELS = ["positive", "negative", "positive", "positive", "negative", "positive"
 
 def sentiment_batch(loaded, labels=("negative", "positive"), gold=LABELS):
     """Six sentiment rows of different lengths and a text-initialized prefix's kv (P = 4)."""
-    from prefixlab.encode import Encoder, Template
-    from prefixlab.prefix import Prefix, PrefixConfig, init_prefix
+    from prefixlab.engine.encode import Encoder, Template
+    from prefixlab.engine.prefix import Prefix, PrefixConfig, init_prefix
 
     enc = Encoder(loaded.tokenizer, Template(), list(labels), max_length=64)
     examples = enc.examples(TEXTS, list(gold))
@@ -118,7 +118,7 @@ def tokenizer():
 @pytest.fixture(params=["gpt2", "llama"])
 def loaded(request, tokenizer):
     """A LoadedModel with a tiny random GPT-2 or GQA Llama, frozen, on CPU."""
-    from prefixlab.models import prepare_model
+    from prefixlab.engine.models import prepare_model
 
     return prepare_model(tiny_model(request.param), tokenizer, f"tiny-{request.param}",
                          torch.device("cpu"))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from prefixlab.predict import generate, score_labels
-from prefixlab.prefix import save_prefix, text_key_values
+from prefixlab.engine.predict import generate, score_labels
+from prefixlab.engine.prefix import save_prefix, text_key_values
 from prefixlab.ui import build_ui
 from prefixlab.ui.api import PUBLIC_ENDPOINTS, build_api
 from prefixlab.workbench import Workbench, run_config
@@ -90,7 +90,7 @@ def test_sampled_generation_through_the_api_handler_is_seeded_per_request(many_r
     handler makes for several runs; another seed, other texts."""
     import gradio as gr
 
-    from prefixlab.decode import Sampling
+    from prefixlab.engine.decode import Sampling
     from prefixlab.ui.api import register
 
     workbench, ids = many_runs

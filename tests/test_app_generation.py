@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from prefixlab.experiment import execute_run
+from prefixlab.runs.experiment import execute_run
 from prefixlab.ui import build_ui
 from prefixlab.ui.data_tab import describe
 from prefixlab.ui.train_tab import report_outputs

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from prefixlab.balance import (
+from prefixlab.data.tables import LabeledData
+from prefixlab.engine.balance import (
     calibrate,
     class_weights,
     content_free_offset,
     epoch_order,
     prior_offset,
 )
-from prefixlab.data import LabeledData
-from prefixlab.encode import collate
-from prefixlab.evaluate import classification_report, majority_baseline, prediction_warnings
-from prefixlab.train import TrainConfig, train
+from prefixlab.engine.encode import collate
+from prefixlab.engine.train import TrainConfig, train
+from prefixlab.runs.evaluate import classification_report, majority_baseline, prediction_warnings
 from tests.test_train import _setup, toy_task
 
 
@@ -52,7 +52,7 @@ def test_sampled_training_reads_the_rare_class_more_often(loaded):
     read = Counter()
     cfg = TrainConfig(epochs=4, batch_size=8, class_balance="sampled", patience=0)
 
-    import prefixlab.train as trainmod
+    import prefixlab.engine.train as trainmod
 
     real = trainmod._backward
 
@@ -97,7 +97,7 @@ def test_majority_baseline_and_warnings_on_degenerate_predictions():
 
 
 def test_a_prefix_that_predicts_one_class_is_reported_as_collapsed(loaded):
-    from prefixlab.experiment import full_report
+    from prefixlab.runs.experiment import full_report
 
     enc, prefix, _, _, _ = _setup(loaded)
     texts, _ = toy_task(48)
@@ -116,7 +116,7 @@ def test_a_prefix_that_predicts_one_class_is_reported_as_collapsed(loaded):
 
 
 def _per_token_losses(model, kv, batch):
-    from prefixlab.prefix import forward
+    from prefixlab.engine.prefix import forward
 
     logits = forward(model, kv, batch.input_ids, batch.attention_mask, batch.loss_mask)
     return torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="none")
@@ -126,8 +126,8 @@ def _per_token_losses(model, kv, batch):
 def test_weighted_loss_is_the_weighted_mean_of_token_losses_on_both_paths(loaded, fast):
     """The class-weighted loss, through autograd or the family's fast step, is
     sum(w_i * loss_i) / sum(w_i), and so is its gradient."""
-    from prefixlab.families import family_of
-    from prefixlab.train import batch_loss
+    from prefixlab.engine.families import family_of
+    from prefixlab.engine.train import batch_loss
 
     from .conftest import loss_and_grad, sentiment_batch
 
@@ -156,7 +156,7 @@ def test_weighted_loss_is_the_weighted_mean_of_token_losses_on_both_paths(loaded
 
 def test_weighted_chunks_add_up_to_the_whole_batch(loaded):
     """Read in small chunks, a weighted batch has the loss and gradient of one chunk."""
-    from prefixlab.train import _backward
+    from prefixlab.engine.train import _backward
 
     from .conftest import sentiment_batch
 
@@ -190,7 +190,7 @@ def test_weighted_training_on_balanced_labels_is_plain_training(loaded):
 
 
 def test_label_rule_prior_and_per_token_mean():
-    from prefixlab.balance import LabelRule, label_rule
+    from prefixlab.engine.balance import LabelRule, label_rule
 
     # the prefix learned a 9:1 prior: argmax says "common" where the likelihood ratio
     # is below the prior ratio; prior correction decides on the evidence
@@ -211,8 +211,8 @@ def test_label_rule_prior_and_per_token_mean():
 
 
 def test_run_configs_carry_the_decision_rule_and_old_runs_keep_raw(tokenizer):
-    from prefixlab.config import RunConfig
     from prefixlab.errors import ConfigError
+    from prefixlab.runs.config import RunConfig
 
     cfg = RunConfig(train_csv="x.csv")
     assert cfg.decision == "fitted" and cfg.label_scores == "sum"
@@ -229,10 +229,10 @@ def test_run_configs_carry_the_decision_rule_and_old_runs_keep_raw(tokenizer):
 def test_predictions_and_reports_follow_the_runs_decision_rule(loaded, tmp_path):
     """A run trained on 3:1 labels: its report, Run.score and mixed scoring all decide by
     the prior-corrected scores, and those are the raw scores less the log prior."""
-    from prefixlab.config import RunConfig
-    from prefixlab.experiment import create_run, execute_run, open_run, prepare_data
-    from prefixlab.mixed import ScoreItem, mixed_score_labels
-    from prefixlab.predict import score_log_likelihoods
+    from prefixlab.engine.mixed import ScoreItem, mixed_score_labels
+    from prefixlab.engine.predict import score_log_likelihoods
+    from prefixlab.runs.config import RunConfig
+    from prefixlab.runs.experiment import create_run, execute_run, open_run, prepare_data
 
     texts, labels = toy_task(40)
     csv = tmp_path / "toy.csv"
@@ -275,7 +275,7 @@ def _skewed_scores(seed: int = 0, n: int = 600) -> tuple[np.ndarray, np.ndarray,
 
 
 def test_fit_prior_scale_keeps_the_strength_with_the_best_validation_macro_f1():
-    from prefixlab.balance import FIT_SCALES, fit_prior_scale
+    from prefixlab.engine.balance import FIT_SCALES, fit_prior_scale
 
     def f1(scores: np.ndarray, gold: np.ndarray, offset: np.ndarray) -> float:
         return classification_report(gold, (scores - offset).argmax(1), [0, 1])["macro_f1"]
@@ -291,7 +291,7 @@ def test_fit_prior_scale_keeps_the_strength_with_the_best_validation_macro_f1():
 
 
 def test_fit_prior_scale_needs_enough_rows_of_every_label_and_breaks_ties_towards_1():
-    from prefixlab.balance import MIN_FIT_ROWS, fit_prior_scale
+    from prefixlab.engine.balance import MIN_FIT_ROWS, fit_prior_scale
 
     scores, gold, prior = _skewed_scores(n=600)
     rare = np.flatnonzero(gold == 1)
@@ -303,7 +303,7 @@ def test_fit_prior_scale_needs_enough_rows_of_every_label_and_breaks_ties_toward
 
 
 def test_fit_offsets_never_does_worse_than_where_it_starts():
-    from prefixlab.balance import fit_offsets
+    from prefixlab.engine.balance import fit_offsets
 
     scores, gold, prior = _skewed_scores(seed=3)
     offset = fit_offsets(scores, gold, prior)
@@ -316,8 +316,8 @@ def test_fit_offsets_never_does_worse_than_where_it_starts():
 
 
 def _fitted_run(loaded, tmp_path, n: int):
-    from prefixlab.config import RunConfig
-    from prefixlab.experiment import create_run, execute_run, prepare_data
+    from prefixlab.runs.config import RunConfig
+    from prefixlab.runs.experiment import create_run, execute_run, prepare_data
 
     texts, labels = toy_task(n)
     csv = tmp_path / f"toy{n}.csv"
@@ -335,10 +335,10 @@ def test_a_fitted_decision_is_fitted_on_validation_and_used_wherever_the_run_dec
         loaded, tmp_path):
     """decision="fitted": the prior strength that decides best on the validation rows is in
     the report and config.json, and the report, Run.score and the server decide with it."""
-    from prefixlab.balance import FIT_SCALES, LabelRule, describe_decision, prior_from_counts
-    from prefixlab.experiment import open_run
-    from prefixlab.predict import score_log_likelihoods
-    from prefixlab.store import PrefixStore
+    from prefixlab.engine.balance import FIT_SCALES, LabelRule, describe_decision, prior_from_counts
+    from prefixlab.engine.predict import score_log_likelihoods
+    from prefixlab.runs.experiment import open_run
+    from prefixlab.serve.store import PrefixStore
 
     report, prepared, folder = _fitted_run(loaded, tmp_path, 480)  # 24 negative validation rows
     fit = report["decision_fit"]
@@ -363,8 +363,8 @@ def test_a_fitted_decision_is_fitted_on_validation_and_used_wherever_the_run_dec
 
 
 def test_a_fitted_decision_keeps_the_full_prior_when_validation_is_too_small(loaded, tmp_path):
-    from prefixlab.balance import describe_decision
-    from prefixlab.experiment import open_run
+    from prefixlab.engine.balance import describe_decision
+    from prefixlab.runs.experiment import open_run
 
     report, prepared, folder = _fitted_run(loaded, tmp_path, 80)  # 4 negative validation rows
     fit = report["decision_fit"]

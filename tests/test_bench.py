@@ -15,8 +15,9 @@ import sys
 import pytest
 import torch
 
-from prefixlab import bench, llama_cpu
-from prefixlab.data import LabeledData
+from prefixlab.bench import speed
+from prefixlab.data.tables import LabeledData
+from prefixlab.engine import llama_cpu
 
 from .conftest import LABELS, TEXTS, tiny_model
 
@@ -38,16 +39,16 @@ def _tiny_data(n: int = 40) -> LabeledData:
 
 @tolerate_peft
 def test_both_contenders_run_and_score_the_same_prefix_alike(tokenizer):
-    from prefixlab.models import prepare_model
+    from prefixlab.engine.models import prepare_model
 
-    cfg = bench.BenchConfig(rows=16, eval_rows=12, epochs=2, batch_size=4, prefix_length=4,
+    cfg = speed.BenchConfig(rows=16, eval_rows=12, epochs=2, batch_size=4, prefix_length=4,
                             max_length=48, warmup_steps=2, score_batch_size=5)
     data = _tiny_data()
     runs = {}
-    for name in bench.CONTENDERS:  # a fresh model each: PEFT wraps the one it gets
+    for name in speed.CONTENDERS:  # a fresh model each: PEFT wraps the one it gets
         loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama",
                                torch.device("cpu"))
-        runs[name] = [bench.run_worker(name, cfg, loaded=loaded, data=data)]
+        runs[name] = [speed.run_worker(name, cfg, loaded=loaded, data=data)]
         json.dumps(runs[name][0])  # what a worker prints must be JSON
     ours, peft = runs["ours"][0], runs["peft"][0]
     assert ours["train_rows"] == peft["train_rows"] == 16
@@ -59,7 +60,7 @@ def test_both_contenders_run_and_score_the_same_prefix_alike(tokenizer):
     assert peft["agreement"]["labels"] == 1.0
     assert peft["agreement"]["max_abs_prob_diff"] < 1e-4
 
-    report = bench.format_report(cfg, runs, [100.0, 110.0, 90.0])
+    report = speed.format_report(cfg, runs, [100.0, 110.0, 90.0])
     last = report.strip().splitlines()[-1]
     assert re.fullmatch(
         r"summary: train_speedup=\d+\.\d\d score_speedup=\d+\.\d\d flop_utilization=\d+\.\d\d "
@@ -70,7 +71,7 @@ def test_both_contenders_run_and_score_the_same_prefix_alike(tokenizer):
 
     # one speed-up switched off per ablation row; the same rows, the same loss function
     loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
-    ablations = {v: bench.run_worker("ours", bench.BenchConfig(**{**vars(cfg), "variant": v}),
+    ablations = {v: speed.run_worker("ours", speed.BenchConfig(**{**vars(cfg), "variant": v}),
                                      loaded=loaded, data=data)
                  for v in ("generic", "unbucketed")}
     assert llama_cpu.lean_supported(loaded.model)  # switched back on after the variant
@@ -80,7 +81,7 @@ def test_both_contenders_run_and_score_the_same_prefix_alike(tokenizer):
     # generic and lean steps are the same maths: the same batches give the same losses
     assert abs(ablations["generic"]["train"]["final_loss"]
                - ours["train"]["final_loss"]) < 1e-4
-    report = bench.format_report(cfg, runs, [100.0], ablations, [20.0, 5.5])
+    report = speed.format_report(cfg, runs, [100.0], ablations, [20.0, 5.5])
     assert "without the lean Llama step" in report and "without length bucketing" in report
     assert "5.5 s (second start" in report and re.search(r"app_start_s +5\.500 +<= 8 +met",
                                                           report)
@@ -97,29 +98,29 @@ def test_app_start_is_timed_to_a_served_page(tmp_path):
         "time.sleep(0.5)\n"
         "http.server.HTTPServer(('127.0.0.1', a.port),"
         " http.server.SimpleHTTPRequestHandler).serve_forever()\n")
-    seconds = bench._app_start_seconds(server, tmp_path, None, timeout=30)
+    seconds = speed._app_start_seconds(server, tmp_path, None, timeout=30)
     assert 0.5 <= seconds < 30
     broken = tmp_path / "broken.py"
     broken.write_text("raise SystemExit('no model here')\n")
     with pytest.raises(RuntimeError, match="exited with 1 before serving:\n.*no model here"):
-        bench._app_start_seconds(broken, tmp_path, None, timeout=30)
+        speed._app_start_seconds(broken, tmp_path, None, timeout=30)
 
 
 def test_peft_layout_round_trips():
     kv = torch.randn(3, 2, 2, 5, 4)  # (L, 2, H_kv, P, D)
-    flat = bench.peft_embeddings(kv)
+    flat = speed.peft_embeddings(kv)
     assert flat.shape == (5, 3 * 2 * 2 * 4)
-    torch.testing.assert_close(bench.peft_key_values(flat, kv), kv)
+    torch.testing.assert_close(speed.peft_key_values(flat, kv), kv)
 
 
 def test_config_refuses_impossible_sizes():
     with pytest.raises(ValueError, match="rows must be at least 1.*epochs must be at least 1"):
-        bench.BenchConfig(rows=0, epochs=0)
+        speed.BenchConfig(rows=0, epochs=0)
 
 
 @pytest.mark.slow
 def test_quick_bench_prints_a_machine_readable_last_line(shared_data):
-    cmd = [sys.executable, "-m", "prefixlab.bench", "--quick", "--rows", "16", "--eval-rows",
+    cmd = [sys.executable, "-m", "prefixlab.bench.speed", "--quick", "--rows", "16", "--eval-rows",
            "12", "--data-dir", str(shared_data), "--no-app"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout
     last = out.strip().splitlines()[-1]
@@ -131,7 +132,7 @@ def test_quick_bench_prints_a_machine_readable_last_line(shared_data):
 
 
 def test_a_disturbed_machine_is_named_in_the_report():
-    assert bench._disturbance_warning([180.0, 185.0, 176.0, 190.0]) == []
-    (line,) = bench._disturbance_warning([180.0, 47.0, 176.0, 190.0])
+    assert speed._disturbance_warning([180.0, 185.0, 176.0, 190.0]) == []
+    (line,) = speed._disturbance_warning([180.0, 47.0, 176.0, 190.0])
     assert line.startswith("WARNING: the matmul peak fell to 26% of its median")
 

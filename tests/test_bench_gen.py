@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from prefixlab.bench_gen import main
+from prefixlab.bench.generation import main
 from tests.test_cli import model_dir  # noqa: F401  (a module-scoped fixture)
 from tests.test_cli_generation import MRS
 

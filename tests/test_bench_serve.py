@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from prefixlab import bench_serve
-from prefixlab.bench_serve import main
+from prefixlab.bench import serving
+from prefixlab.bench.serving import main
 from tests.conftest import tiny_model
 from tests.test_peft_interop import tolerate_peft_deprecations
 
@@ -14,7 +14,7 @@ from tests.test_peft_interop import tolerate_peft_deprecations
 @tolerate_peft_deprecations
 def test_bench_serve_prints_every_mode_and_the_sweep(tmp_path, tokenizer, capsys,
                                                      monkeypatch):
-    monkeypatch.setattr(bench_serve, "LABELS", ["positive", "negative"])  # one token each
+    monkeypatch.setattr(serving, "LABELS", ["positive", "negative"])  # one token each
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -20,7 +20,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from prefixlab.models import DEFAULT_MODEL
+from prefixlab.engine.models import DEFAULT_MODEL
 from prefixlab.workbench import Workbench, run_config
 from tests.test_app import BAD_INPUTS, save_tiny_model, served, wait_for_run, write_reviews_csv
 
@@ -330,7 +330,7 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
 def test_inspect_a_run_change_views_and_run_the_knockout(page, workbench, workdir, screenshots):
     from playwright.sync_api import expect
 
-    from prefixlab.experiment import execute_run
+    from prefixlab.runs.experiment import execute_run
 
     csv = write_reviews_csv(workdir / "inspect-reviews.csv", rows=40)
     model = workbench.default_model

@@ -1,9 +1,9 @@
-"""prefixlab.charts: the training and evaluation figures read well in the states a user sees
+"""prefixlab.figures.charts: the training and evaluation figures read well in the states a user sees
 them in (nothing yet, one evaluation, a finished report)."""
 
 from __future__ import annotations
 
-from prefixlab import charts
+from prefixlab.figures import charts
 
 STEPS = [{"type": "step", "step": s, "total_steps": 4, "loss": 7 - s / 4} for s in (1, 2, 3, 4)]
 ONE_EVAL = [{"type": "eval", "step": 4, "val_loss": 6.9, "macro_f1": 0.33, "accuracy": 0.5}]

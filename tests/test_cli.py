@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from prefixlab.__main__ import main
-from prefixlab.data import read_table
+from prefixlab.cli.commands import main
+from prefixlab.data.tables import read_table
 from tests.conftest import make_tokenizer, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,11 +8,11 @@ from dataclasses import dataclass, fields
 
 import pytest
 
-from prefixlab.__main__ import _run_config, build_parser
-from prefixlab.cli_options import add_options, field_docs, given
-from prefixlab.config import RunConfig
-from prefixlab.prefix import PrefixConfig
-from prefixlab.train import TrainConfig
+from prefixlab.cli.commands import _run_config, build_parser
+from prefixlab.cli.options import add_options, field_docs, given
+from prefixlab.engine.prefix import PrefixConfig
+from prefixlab.engine.train import TrainConfig
+from prefixlab.runs.config import RunConfig
 
 NESTED = ("train_csv", "prefix", "training", "generation")
 
@@ -95,7 +95,7 @@ def test_field_docs_switches_and_unreadable_types():
 
 
 def test_a_preset_is_the_apps_recipe_and_typed_options_win_over_it():
-    from prefixlab.presets import PRESETS
+    from prefixlab.runs.presets import PRESETS
     from prefixlab.workbench import run_config
 
     app = run_config("data.csv", None, None, PRESETS["Thorough"]).to_dict()

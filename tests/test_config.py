@@ -9,17 +9,17 @@ import pkgutil
 
 import pytest
 
-from prefixlab.__main__ import main
-from prefixlab.config import RunConfig
-from prefixlab.data import DataError
-from prefixlab.encode import Template, TemplateError
+from prefixlab.cli.commands import main
+from prefixlab.data.tables import DataError
+from prefixlab.engine.encode import Template, TemplateError
+from prefixlab.engine.models import ModelLoadError
+from prefixlab.engine.peft_interop import PeftFormatError
+from prefixlab.engine.prefix import PrefixConfig, PrefixFileError
+from prefixlab.engine.train import TrainConfig
 from prefixlab.errors import USER_ERRORS, ConfigError, PrefixLabError
-from prefixlab.experiment import RunError
-from prefixlab.interpret import InterpretError
-from prefixlab.models import ModelLoadError
-from prefixlab.peft_interop import PeftFormatError
-from prefixlab.prefix import PrefixConfig, PrefixFileError
-from prefixlab.train import TrainConfig
+from prefixlab.interpret.readouts import InterpretError
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.experiment import RunError
 
 
 def test_every_user_error_is_a_prefixlab_error():
@@ -41,7 +41,7 @@ def test_every_public_exception_in_prefixlab_is_a_prefixlab_error():
             if (isinstance(obj, type) and issubclass(obj, BaseException)
                     and obj.__module__ == info.name and not name.startswith("_")):
                 found[f"{info.name}.{name}"] = obj
-    assert "prefixlab.data.DataError" in found  # the walk saw the package
+    assert "prefixlab.data.tables.DataError" in found  # the walk saw the package
     outside = sorted(name for name, obj in found.items() if not issubclass(obj, PrefixLabError))
     assert not outside, f"not derived from PrefixLabError: {outside}"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixlab import cpu
-from prefixlab.cpu import ThreadTuner
+from prefixlab.engine import cpu
+from prefixlab.engine.cpu import ThreadTuner
 
 
 def test_thread_tuner_follows_the_faster_thread_count(monkeypatch):

@@ -20,24 +20,24 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from prefixlab import interpret as I
-from prefixlab import interpret_bank as B
-from prefixlab import interpret_maps as M
-from prefixlab.__main__ import main
-from prefixlab.config import RunConfig
-from prefixlab.encode import Encoder, Template
-from prefixlab.experiment import RunFolder, execute_run, open_run
-from prefixlab.families import family_of
-from prefixlab.models import LoadedModel, autocast, pick_device, prepare_model
-from prefixlab.predict import generate, score_labels
-from prefixlab.prefix import (
+from prefixlab.cli.commands import main
+from prefixlab.engine.encode import Encoder, Template
+from prefixlab.engine.families import family_of
+from prefixlab.engine.models import LoadedModel, autocast, pick_device, prepare_model
+from prefixlab.engine.predict import generate, score_labels
+from prefixlab.engine.prefix import (
     Prefix,
     PrefixConfig,
     init_prefix,
     load_prefix,
     text_key_values,
 )
-from prefixlab.train import CHUNK_TOKENS, Checkpoint, TrainConfig, _backward, train
+from prefixlab.engine.train import CHUNK_TOKENS, Checkpoint, TrainConfig, _backward, train
+from prefixlab.interpret import bank as B
+from prefixlab.interpret import maps as M
+from prefixlab.interpret import readouts as I
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.experiment import RunFolder, execute_run, open_run
 from tests.conftest import make_tokenizer, tiny_model
 from tests.test_train import toy_task
 

@@ -1,4 +1,4 @@
-"""prefixlab.data: every file in tests/bad_inputs/ is one test with its expected outcome, plus
+"""data.tables: every file in tests/bad_inputs/ is one test with its expected outcome, plus
 generated cases (a 1 MB cell, an over-limit file), column guessing, splitting and writing."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import train_test_split
 
-from prefixlab.data import (
+from prefixlab.data.tables import (
     DataError,
     LabeledData,
     guess_columns,

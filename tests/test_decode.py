@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from prefixlab.decode import DecodeConfig, beam_search, cut_at_stop, generate_texts, greedy
+from prefixlab.engine.decode import DecodeConfig, beam_search, cut_at_stop, generate_texts, greedy
+from prefixlab.engine.prefix import forward
 from prefixlab.errors import ConfigError
-from prefixlab.prefix import forward
 from tests.conftest import tiny_model
 
 

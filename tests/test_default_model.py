@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from prefixlab.models import DEFAULT_MODEL, embedded_model_dir, load_model
+from prefixlab.engine.models import DEFAULT_MODEL, embedded_model_dir, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def test_default_model_loads_offline_from_the_converted_cache(default_model):
 
 
 def test_text_prefix_equals_reading_the_text_on_the_real_model(default_model):
-    from prefixlab.prefix import forward, text_key_values
+    from prefixlab.engine.prefix import forward, text_key_values
 
     model, tok = default_model.model, default_model.tokenizer
     text = tok("Classify the tweet:", add_special_tokens=False)["input_ids"]
@@ -38,9 +38,9 @@ def test_text_prefix_equals_reading_the_text_on_the_real_model(default_model):
 
 
 def test_prefix_beats_zero_shot_on_real_labeled_data(default_model, shared_data, tmp_path):
-    from prefixlab.config import RunConfig
-    from prefixlab.experiment import create_run, execute_run, prepare_data
-    from prefixlab.train import TrainConfig
+    from prefixlab.engine.train import TrainConfig
+    from prefixlab.runs.config import RunConfig
+    from prefixlab.runs.experiment import create_run, execute_run, prepare_data
 
     cfg = RunConfig(
         train_csv=str(shared_data / "davidson_hate_offensive.csv"), text_column="text",

@@ -17,15 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefixlab import distributed
-from prefixlab.__main__ import main
-from prefixlab.config import ConfigError, RunConfig
-from prefixlab.encode import Encoder, Template
-from prefixlab.experiment import RunFolder, create_run, execute_run, prepare_data
-from prefixlab.models import prepare_model
-from prefixlab.prefix import Prefix, PrefixConfig, init_prefix
-from prefixlab.runs import RunStore
-from prefixlab.train import TrainConfig, _backward
+from prefixlab.cli.commands import main
+from prefixlab.engine import distributed
+from prefixlab.engine.encode import Encoder, Template
+from prefixlab.engine.models import prepare_model
+from prefixlab.engine.prefix import Prefix, PrefixConfig, init_prefix
+from prefixlab.engine.train import TrainConfig, _backward
+from prefixlab.runs.config import ConfigError, RunConfig
+from prefixlab.runs.experiment import RunFolder, create_run, execute_run, prepare_data
+from prefixlab.runs.registry import RunStore
 from prefixlab.workbench import Workbench, process_range
 from tests.conftest import make_tokenizer, tiny_model
 from tests.test_train import toy_task
@@ -132,7 +132,7 @@ def test_process_counts_default_to_every_gpu_and_one_cpu_process(monkeypatch):
 
 
 def test_the_benchmark_rate_leaves_out_the_first_steps():
-    from prefixlab.bench_ddp import Layout, steady_rate
+    from prefixlab.bench.ddp import Layout, steady_rate
 
     # 8 examples a step: 1 s for each of the first two steps, then 0.5 s
     elapsed = [1.0, 2.0, 2.5, 3.0, 3.5]

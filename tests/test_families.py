@@ -2,7 +2,7 @@
 (logits, label scores, generation), inspection's key frame undoes its RoPE, a few training
 steps move only the prefix, and an unlisted family is refused by name.
 
-Adding a family: its row in prefixlab/families.py, and its tiny config in conftest's
+Adding a family: its row in prefixlab/engine/families.py, and its tiny config in conftest's
 TINY_FAMILIES (the first test fails until both exist).
 """
 
@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixlab import interpret as I
-from prefixlab.encode import Encoder, Template
-from prefixlab.families import FAMILIES, UnknownFamilyError, family_of
-from prefixlab.models import prepare_model
-from prefixlab.predict import generate, score_log_likelihoods
-from prefixlab.prefix import Prefix, PrefixConfig, forward, init_prefix, text_key_values
-from prefixlab.train import TrainConfig, train
+from prefixlab.engine.encode import Encoder, Template
+from prefixlab.engine.families import FAMILIES, UnknownFamilyError, family_of
+from prefixlab.engine.models import prepare_model
+from prefixlab.engine.predict import generate, score_log_likelihoods
+from prefixlab.engine.prefix import Prefix, PrefixConfig, forward, init_prefix, text_key_values
+from prefixlab.engine.train import TrainConfig, train
+from prefixlab.interpret import readouts as I
 
 from .conftest import TEXTS, TINY_FAMILIES, tiny_model
 from .test_prefix import _left_padded
@@ -135,7 +135,7 @@ def test_an_unlisted_family_is_refused_with_the_supported_ones(tokenizer):
     model = tiny_model("llama")
     model.config.model_type = "made_up"
     with pytest.raises(UnknownFamilyError, match="'made_up' is not supported; supported: "
-                       "gpt2, gpt_neox, llama.*prefixlab/families.py"):
+                       "gpt2, gpt_neox, llama.*prefixlab/engine/families.py"):
         family_of(model.config)
     with pytest.raises(UnknownFamilyError, match="made_up"):  # refused at load
         prepare_model(model, tokenizer, "made-up", torch.device("cpu"))

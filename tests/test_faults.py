@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixlab.experiment import RunError, RunFolder
-from prefixlab.models import describe_model, prepare_model
-from prefixlab.prefix import PrefixFileError, load_prefix, save_prefix
-from prefixlab.runs import RunStore
+from prefixlab.engine.models import describe_model, prepare_model
+from prefixlab.engine.prefix import PrefixFileError, load_prefix, save_prefix
+from prefixlab.runs.experiment import RunError, RunFolder
+from prefixlab.runs.registry import RunStore
 from tests.conftest import make_tokenizer, tiny_model
 from tests.test_runs import _config, _wait
 

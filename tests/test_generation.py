@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefixlab.data import DataError
-from prefixlab.decode import DecodeConfig
-from prefixlab.encode import PairEncoder, Template, TemplateError, collate
-from prefixlab.generation import generation_report, target_loss
-from prefixlab.pairs import group_split, load_pairs_csv, looks_like_targets
-from prefixlab.prefix import Prefix, PrefixConfig, forward
-from prefixlab.train import TrainConfig, batch_loss, train
+from prefixlab.data.pairs import group_split, load_pairs_csv, looks_like_targets
+from prefixlab.data.tables import DataError
+from prefixlab.engine.decode import DecodeConfig
+from prefixlab.engine.encode import PairEncoder, Template, TemplateError, collate
+from prefixlab.engine.prefix import Prefix, PrefixConfig, forward
+from prefixlab.engine.train import TrainConfig, batch_loss, train
+from prefixlab.runs.generation import generation_report, target_loss
 
 PAIRS = [
     ("name[Blue Spice], area[riverside]", "Blue Spice is by the riverside."),
@@ -69,7 +69,7 @@ def test_only_target_positions_carry_the_loss(loaded, tokenizer):
 
 
 def load_pairs_from(pairs):
-    from prefixlab.pairs import TextPairs
+    from prefixlab.data.pairs import TextPairs
 
     return TextPairs([x for x, _ in pairs], [y for _, y in pairs], list(range(1, len(pairs) + 1)),
                      "input", "target")

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from prefixlab.decode import DecodeConfig
-from prefixlab.encode import DEFAULT_GENERATION_TEMPLATE, PairEncoder, Template
-from prefixlab.generation import default_generation_init_text, generate
-from prefixlab.genmetrics import generation_scores, group_references
-from prefixlab.models import DEFAULT_MODEL, load_model
-from prefixlab.pairs import group_split, load_pairs_csv, sample_inputs, sample_rows
-from prefixlab.prefix import Prefix, PrefixConfig, init_prefix
-from prefixlab.train import TrainConfig, train
+from prefixlab.data.pairs import group_split, load_pairs_csv, sample_inputs, sample_rows
+from prefixlab.engine.decode import DecodeConfig
+from prefixlab.engine.encode import DEFAULT_GENERATION_TEMPLATE, PairEncoder, Template
+from prefixlab.engine.models import DEFAULT_MODEL, load_model
+from prefixlab.engine.prefix import Prefix, PrefixConfig, init_prefix
+from prefixlab.engine.train import TrainConfig, train
+from prefixlab.runs.generation import default_generation_init_text, generate
+from prefixlab.runs.genmetrics import generation_scores, group_references
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prefixlab.genmetrics import generation_scores, group_references
+from prefixlab.runs.genmetrics import generation_scores, group_references
 
 
 def test_rows_that_share_an_input_become_one_with_several_references():

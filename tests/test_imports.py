@@ -114,3 +114,60 @@ def test_the_check_finds_a_circle_hidden_in_a_function(tmp_path):
     graph = import_graph(pkg)
     assert graph["pkg.sub.c"] == {"pkg.a"} and graph["pkg.d"] == {"pkg.a"}
     assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"]]
+
+
+# The wings and what each may import besides itself and the root modules (errors, files).
+# (`prefixlab serve` launches the API app, so cli may import ui.)
+# Imports flow one way: ui/cli/bench -> workbench -> serve -> runs -> figures -> interpret
+# -> engine -> data. A row says what a wing may use, so a new arrow is a decision made here.
+ROOT_MODULES = {"prefixlab", "prefixlab.errors", "prefixlab.files"}
+WINGS: dict[str, set[str]] = {
+    "data": set(),
+    "engine": {"data"},
+    "interpret": {"engine", "data"},
+    "figures": {"interpret"},
+    "runs": {"figures", "interpret", "engine", "data"},
+    "serve": {"runs", "engine", "data"},
+    "workbench": {"serve", "runs", "figures", "interpret", "engine", "data"},
+    "ui": {"workbench", "serve", "runs", "figures", "interpret", "engine", "data"},
+    "cli": {"ui", "workbench", "serve", "runs", "interpret", "figures", "engine", "data"},
+    "bench": {"serve", "runs", "figures", "interpret", "engine", "data"},
+    "__main__": {"cli"},
+}
+
+
+def wing_of(module: str) -> str | None:
+    """prefixlab.engine.prefix -> engine; the root modules belong to no wing."""
+    if module in ROOT_MODULES:
+        return None
+    return module.split(".")[1]
+
+
+def imports_against_wings(graph: dict[str, set[str]]) -> list[str]:
+    wrong = []
+    for module, targets in sorted(graph.items()):
+        wing = wing_of(module)
+        for target in sorted(targets):
+            other = wing_of(target)
+            if wing is None and other is not None:
+                wrong.append(f"{module} -> {target} (a root module imports no wing)")
+            elif wing is not None and other not in (None, wing) and other not in WINGS[wing]:
+                wrong.append(f"{module} -> {target} ({wing} may import {sorted(WINGS[wing])})")
+    return wrong
+
+
+def test_every_module_sits_in_a_known_wing():
+    unknown = {m for m in import_graph(PACKAGE) if wing_of(m) not in (None, *WINGS)}
+    assert not unknown, f"modules outside the wing table: {sorted(unknown)}"
+
+
+def test_imports_follow_the_wing_table():
+    wrong = imports_against_wings(import_graph(PACKAGE))
+    assert not wrong, "imports against the wing table:\n" + "\n".join(wrong)
+
+
+def test_the_wing_check_finds_an_upward_import():
+    graph = {"prefixlab.engine.train": {"prefixlab.runs.config", "prefixlab.errors"},
+             "prefixlab.runs.config": {"prefixlab.engine.train"}, "prefixlab.errors": set()}
+    assert imports_against_wings(graph) == [
+        "prefixlab.engine.train -> prefixlab.runs.config (engine may import ['data'])"]

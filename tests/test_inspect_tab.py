@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixlab.experiment import execute_run
+from prefixlab.runs.experiment import execute_run
 from prefixlab.workbench import Workbench
 from tests.conftest import make_tokenizer, tiny_model
 from tests.test_runs import _config
@@ -22,7 +22,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def test_inspection_of_a_trained_run(tmp_path, model_dir, monkeypatch):
-    from prefixlab import plots
+    from prefixlab.figures import plots
 
     monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
     csv = tmp_path / "data.csv"
@@ -57,7 +57,7 @@ def _trained_run(wb: Workbench, tmp_path: Path, model_dir: Path, labels: tuple[s
 
 def test_runs_with_other_labels_on_one_model_never_share_label_words(tmp_path, model_dir,
                                                                       monkeypatch):
-    from prefixlab.inspection import run_words, word_ids
+    from prefixlab.runs.inspection import run_words, word_ids
 
     monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
     wb = Workbench(tmp_path / "data", model=str(model_dir))
@@ -82,7 +82,7 @@ def test_knockout_of_a_trained_run_is_cached_and_written_by_inspect(tmp_path, mo
                                                                     monkeypatch):
     import json
 
-    from prefixlab import inspection
+    from prefixlab.runs import inspection
 
     monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
     wb = Workbench(tmp_path / "data", model=str(model_dir))
@@ -117,7 +117,8 @@ def test_a_reopened_run_reads_its_nearest_tokens_from_the_run_folder(tmp_path, m
                                                                      monkeypatch):
     import numpy as np
 
-    from prefixlab import inspection, interpret
+    from prefixlab.interpret import readouts
+    from prefixlab.runs import inspection
 
     monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
     wb = Workbench(tmp_path / "data", model=str(model_dir))
@@ -128,7 +129,7 @@ def test_a_reopened_run_reads_its_nearest_tokens_from_the_run_folder(tmp_path, m
     def never(*args, **kwargs):
         raise AssertionError("ranked again instead of read from the run folder")
 
-    monkeypatch.setattr(interpret, "nearest_tokens", never)
+    monkeypatch.setattr(readouts, "nearest_tokens", never)
     monkeypatch.setattr(inspection, "nearest_tokens", never)
     again = Workbench(tmp_path / "data", model=str(model_dir)).inspection(run_id)
     np.testing.assert_array_equal(again.nearest.token_ids, first.nearest.token_ids)

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from prefixlab import inspection
-from prefixlab import interpret as I
-from prefixlab import interpret_bank as B
-from prefixlab import interpret_maps as M
-from prefixlab.config import RunConfig
-from prefixlab.experiment import RunFolder
-from prefixlab.families import family_of
-from prefixlab.models import get_module
-from prefixlab.prefix import save_prefix, text_key_values
+from prefixlab.engine.families import family_of
+from prefixlab.engine.models import get_module
+from prefixlab.engine.prefix import save_prefix, text_key_values
+from prefixlab.interpret import bank as B
+from prefixlab.interpret import maps as M
+from prefixlab.interpret import readouts as I
+from prefixlab.runs import inspection
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.experiment import RunFolder
 
 TEXT = "the movie was"  # 10 distinct tokens with the test tokenizer
 _USER_CACHE = os.environ.get("PREFIXLAB_CACHE")
@@ -389,7 +389,7 @@ def test_inspect_run_writes_the_three_files(loaded, tmp_path):
 
 @pytest.mark.slow
 def test_default_model_text_prefix_projects_back_at_every_layer(monkeypatch, tmp_path):
-    from prefixlab.models import load_model
+    from prefixlab.engine.models import load_model
 
     if _USER_CACHE:
         monkeypatch.setenv("PREFIXLAB_CACHE", _USER_CACHE)  # where the model is converted
@@ -421,7 +421,7 @@ def test_default_model_text_prefix_projects_back_at_every_layer(monkeypatch, tmp
 def test_default_model_reads_back_words_far_beyond_the_bank(monkeypatch):
     """`train --init-text " elephant volcano banana" --max-steps 0` starts from exactly these
     key/values; none of the three words is among the bank's 2,000 frequent tokens."""
-    from prefixlab.models import load_model
+    from prefixlab.engine.models import load_model
 
     if _USER_CACHE:
         monkeypatch.setenv("PREFIXLAB_CACHE", _USER_CACHE)  # the converted model, a warm bank

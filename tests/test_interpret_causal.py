@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from prefixlab import interpret_causal as C
-from prefixlab.encode import Encoder, Template
-from prefixlab.predict import score_log_likelihoods
-from prefixlab.prefix import text_key_values
+from prefixlab.engine.encode import Encoder, Template
+from prefixlab.engine.predict import score_log_likelihoods
+from prefixlab.engine.prefix import text_key_values
+from prefixlab.interpret import knockout as C
 
 TEXTS = ["the movie was great", "the movie was bad", "a terrible boring film", "great fun",
          "bad acting", "the film was fun"]
@@ -54,7 +54,7 @@ def test_hiding_a_slot_equals_a_prefix_without_it(loaded):
         hidden = score(model)
     # The same prefix with slot 0 hidden through the plain 2-D attention mask instead.
     encoder = Encoder(loaded.tokenizer, Template(), LABELS, 48)
-    from prefixlab.prefix import build_cache
+    from prefixlab.engine.prefix import build_cache
 
     rows = []
     for prompt in encoder.prompts(TEXTS):
@@ -152,7 +152,7 @@ def test_generation_targets_knock_out_through_the_same_score(loaded):
 
 
 def test_label_push_is_the_value_readout_on_the_labels(loaded):
-    from prefixlab.interpret import value_logits
+    from prefixlab.interpret.readouts import value_logits
 
     kv = text_key_values(loaded.model, loaded.tokenizer, "the movie was", 4)
     encoder = Encoder(loaded.tokenizer, Template(), LABELS, 48)
@@ -172,9 +172,9 @@ def test_macro_f1():
 
 
 def test_the_summary_names_the_slot_and_layer_that_matter(loaded):
-    from prefixlab.inspect_summary import knockout_lines, summary_markdown
-    from prefixlab.interpret import nearest_tokens
-    from prefixlab.interpret_bank import reference_bank
+    from prefixlab.interpret.bank import reference_bank
+    from prefixlab.interpret.readouts import nearest_tokens
+    from prefixlab.interpret.summary import knockout_lines, summary_markdown
 
     kv = _signal_in(loaded, slot=3)
     _, score = _scorer(loaded, kv)
@@ -194,9 +194,9 @@ def test_the_summary_names_the_slot_and_layer_that_matter(loaded):
 
 
 def test_a_generation_target_is_scored_per_row_and_knocked_out(loaded):
-    from prefixlab.encode import PairEncoder
-    from prefixlab.generation import target_loss
-    from prefixlab.pairs import TextPairs
+    from prefixlab.data.pairs import TextPairs
+    from prefixlab.engine.encode import PairEncoder
+    from prefixlab.runs.generation import target_loss
 
     encoder = PairEncoder(loaded.tokenizer, Template("{text} ->"), 48, 8)
     inputs, targets = ["the movie was", "great fun"], [" great", " bad acting"]
@@ -237,8 +237,8 @@ def test_a_bfloat16_knockout_ranks_like_float32_and_leaves_the_model_alone(loade
 
 
 def test_knockout_precision_auto_follows_the_processor(loaded, monkeypatch):
-    from prefixlab import inspection
-    from prefixlab.interpret import InterpretError
+    from prefixlab.interpret.readouts import InterpretError
+    from prefixlab.runs import inspection
 
     monkeypatch.setattr(inspection, "native_bf16", lambda device: True)
     assert inspection.knockout_dtype(loaded) == torch.bfloat16

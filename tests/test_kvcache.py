@@ -1,4 +1,4 @@
-"""prefixlab.kvcache: a RoomyLayer holds what transformers' DynamicLayer holds, step by step."""
+"""engine.kvcache: a RoomyLayer holds what transformers' DynamicLayer holds, step by step."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from prefixlab.kvcache import RoomyLayer, make_room
+from prefixlab.engine.kvcache import RoomyLayer, make_room
 
 
 def _kv(B: int, S: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,16 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prefixlab import llama_cpu
-from prefixlab.encode import Encoder, Template, collate
-from prefixlab.prefix import Prefix, PrefixConfig, init_prefix
-from prefixlab.train import _backward, batch_loss
+from prefixlab.engine import llama_cpu
+from prefixlab.engine.encode import Encoder, Template, collate
+from prefixlab.engine.prefix import Prefix, PrefixConfig, init_prefix
+from prefixlab.engine.train import _backward, batch_loss
 
 from .conftest import LABELS, TEXTS, loss_and_grad, sentiment_batch, tiny_model
 
 
 def test_lean_forward_matches_batch_loss_with_padding_and_multi_token_labels(tokenizer):
-    from prefixlab.models import prepare_model
+    from prefixlab.engine.models import prepare_model
 
     loaded = prepare_model(tiny_model("llama", layers=3), tokenizer, "tiny-llama",
                            torch.device("cpu"))
@@ -48,7 +48,7 @@ def test_lean_forward_matches_batch_loss_with_padding_and_multi_token_labels(tok
 ])
 def test_lean_step_reads_a_shared_lead_once_with_the_same_loss_and_gradient(
         tokenizer, template, texts, lead):
-    from prefixlab.models import prepare_model
+    from prefixlab.engine.models import prepare_model
 
     loaded = prepare_model(tiny_model("llama", layers=3), tokenizer, "tiny-llama",
                            torch.device("cpu"))
@@ -73,7 +73,7 @@ def test_lean_step_reads_a_shared_lead_once_with_the_same_loss_and_gradient(
 
 
 def test_lean_forward_is_not_used_where_it_does_not_apply(tokenizer):
-    from prefixlab.models import prepare_model
+    from prefixlab.engine.models import prepare_model
 
     gpt2 = prepare_model(tiny_model("gpt2"), tokenizer, "tiny-gpt2", torch.device("cpu"))
     assert not llama_cpu.lean_supported(gpt2.model)
@@ -83,7 +83,7 @@ def test_lean_forward_is_not_used_where_it_does_not_apply(tokenizer):
 
 
 def test_lean_step_reuses_its_workspace_without_mixing_batches(tokenizer):
-    from prefixlab.models import prepare_model
+    from prefixlab.engine.models import prepare_model
 
     loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
     examples, kv = sentiment_batch(loaded)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixlab.decode import Sampling, beam_search, mixed_generate
-from prefixlab.encode import Encoder, Template
-from prefixlab.mixed import (
+from prefixlab.engine.decode import Sampling, beam_search, mixed_generate
+from prefixlab.engine.encode import Encoder, Template
+from prefixlab.engine.mixed import (
     ScoreItem,
     mixed_label_log_likelihoods,
     mixed_score_labels,
     stack_prefixes,
 )
-from prefixlab.predict import generate, label_log_likelihoods, score_labels
-from prefixlab.prefix import extend_prefix, text_key_values
+from prefixlab.engine.predict import generate, label_log_likelihoods, score_labels
+from prefixlab.engine.prefix import extend_prefix, text_key_values
 
 TEXTS = ["the movie was great", "a terrible boring film and i", "fine", "hello world",
          "The quick brown fox jumps over the lazy dog"]
@@ -162,7 +162,7 @@ def test_mixed_beam_search_equals_each_row_alone(loaded):
 
 @pytest.mark.slow
 def test_mixed_batch_on_the_default_model():
-    from prefixlab.models import load_model
+    from prefixlab.engine.models import load_model
 
     loaded = load_model(device="cpu")
     kvs = [text_key_values(loaded.model, loaded.tokenizer, s, n) for s, n in

@@ -1,6 +1,6 @@
 """PEFT interop: our (L, 2, H_kv, P, D) prefix against PEFT's PREFIX_TUNING adapters.
 
-"Our" logits come from `prefixlab.prefix.forward`, the injection every run uses; PEFT's
+"Our" logits come from `prefixlab.engine.prefix.forward`, the injection every run uses; PEFT's
 own forward is the independent reference it must agree with.
 Models are built from configs in-process; conftest.py sets HF_HUB_OFFLINE=1.
 """
@@ -14,8 +14,8 @@ import transformers
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import save_file
 
-from prefixlab.peft_interop import PeftFormatError, export_peft, import_peft
-from prefixlab.prefix import forward
+from prefixlab.engine.peft_interop import PeftFormatError, export_peft, import_peft
+from prefixlab.engine.prefix import forward
 
 P = 3  # prefix length
 CONFIGS = {
@@ -216,7 +216,7 @@ def test_export_refuses_non_empty_folder_unless_overwrite(tmp_path):
 
 
 def test_the_default_model_exports_under_its_hub_id_and_says_where_weights_came_from(tmp_path):
-    from prefixlab.models import DEFAULT_MODEL, model_provenance, portable_model_id
+    from prefixlab.engine.models import DEFAULT_MODEL, model_provenance, portable_model_id
 
     config = CONFIGS["llama-gqa"]()
     kv = torch.randn(kv_shape(config))

@@ -6,9 +6,9 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from prefixlab import plots
-from prefixlab.interpret import AttentionMass, NearestTokens, ValueReadout
-from prefixlab.interpret_maps import LayersMap, Movement, PCAMap, PrefixComparison
+from prefixlab.figures import plots
+from prefixlab.interpret.maps import LayersMap, Movement, PCAMap, PrefixComparison
+from prefixlab.interpret.readouts import AttentionMass, NearestTokens, ValueReadout
 
 L, P, K, N = 3, 4, 5, 30
 rng = np.random.default_rng(0)

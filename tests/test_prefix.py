@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixlab.encode import Encoder, Template
-from prefixlab.predict import generate, score_labels
-from prefixlab.prefix import (
+from prefixlab.engine.encode import Encoder, Template
+from prefixlab.engine.predict import generate, score_labels
+from prefixlab.engine.prefix import (
     Prefix,
     PrefixConfig,
     PrefixFileError,
@@ -133,7 +133,7 @@ def test_prefix_file_round_trip_gives_identical_logits(loaded, tmp_path):
 
 
 def test_mismatched_or_corrupt_prefix_is_refused(loaded, tmp_path):
-    from prefixlab.models import PrefixShape
+    from prefixlab.engine.models import PrefixShape
 
     kv = torch.zeros(3, 2, 2, 4, 8)
     save_prefix(tmp_path / "p.safetensors", kv, "other-model")

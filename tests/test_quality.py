@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from prefixlab.quality import fixed_split, group_key, markdown_table, sample_rows, summarize
+from prefixlab.bench.quality import fixed_split, group_key, markdown_table, sample_rows, summarize
 
 
 def _frame() -> pd.DataFrame:
@@ -71,8 +71,8 @@ def test_markdown_table_averages_seeds_per_case():
 
 
 def test_preset_overrides_apply_a_preset_but_keep_each_cases_seed():
-    from prefixlab.config import RunConfig
-    from prefixlab.quality import _apply, preset_overrides
+    from prefixlab.bench.quality import _apply, preset_overrides
+    from prefixlab.runs.config import RunConfig
 
     cfg = RunConfig(train_csv="x.csv")
     cfg.training.seed = 2
@@ -87,8 +87,8 @@ def test_a_case_reports_every_decision_rule_and_keeps_its_scores(tmp_path):
     import numpy as np
     import torch
 
-    from prefixlab.models import prepare_model
-    from prefixlab.quality import Case, run_case
+    from prefixlab.bench.quality import Case, run_case
+    from prefixlab.engine.models import prepare_model
     from tests.conftest import make_tokenizer, tiny_model
     from tests.test_train import toy_task
 

@@ -3,8 +3,8 @@ baselines, the kept step and why training ended, and the warnings."""
 
 from __future__ import annotations
 
-from prefixlab import charts
-from prefixlab.evaluate import classification_report, majority_baseline, prediction_warnings
+from prefixlab.figures import charts
+from prefixlab.runs.evaluate import classification_report, majority_baseline, prediction_warnings
 
 
 def _report() -> dict:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixlab import interpret
-from prefixlab.predict import generate
-from prefixlab.prefix import save_prefix
+from prefixlab.engine.predict import generate
+from prefixlab.engine.prefix import save_prefix
+from prefixlab.interpret import readouts
 from prefixlab.workbench import Memo, Workbench, run_config
 from tests.conftest import make_tokenizer, tiny_model
 
@@ -103,7 +103,7 @@ def test_building_a_reference_bank_does_not_stall_scoring_with_another_run(
     tmp_path, model_dir, monkeypatch
 ):
     """One lock over every cache once made each request wait for a bank being built."""
-    from prefixlab import interpret_bank
+    from prefixlab.interpret import bank
 
     csv = tmp_path / "data.csv"
     csv.write_text("text,label\n" + "".join(
@@ -113,14 +113,14 @@ def test_building_a_reference_bank_does_not_stall_scoring_with_another_run(
     inspected = _run_with_a_prefix(wb, csv, "inspected", 0)
     scored = _run_with_a_prefix(wb, csv, "scored", 1)
     building, release = threading.Event(), threading.Event()
-    real_bank = interpret_bank.model_bank  # the part built once per model
+    real_bank = bank.model_bank  # the part built once per model
 
     def slow_bank(*args, **kwargs):
         building.set()
         assert release.wait(WAIT_S)
         return real_bank(*args, **kwargs)
 
-    monkeypatch.setattr(interpret_bank, "model_bank", slow_bank)
+    monkeypatch.setattr(bank, "model_bank", slow_bank)
     monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
     thread, out = _in_thread(lambda: wb.inspection(inspected, top_k=3))
     assert building.wait(WAIT_S)
@@ -176,26 +176,26 @@ def test_attention_maps_leave_the_shared_model_as_it_is(loaded):
     hook = torch.nn.modules.module.register_module_forward_pre_hook(
         lambda *_: seen.add(model.config._attn_implementation))
     try:
-        maps = interpret.attention_maps(loaded, None, "the movie was great")
+        maps = readouts.attention_maps(loaded, None, "the movie was great")
     finally:
         hook.remove()
     assert seen == {before}
     assert maps.shape[0] == loaded.shape.num_layers
     torch.testing.assert_close(torch.from_numpy(maps).sum(-1),
                                torch.ones(maps.shape[:-1]), atol=1e-5, rtol=0)
-    twin = interpret.eager_twin(model)
-    assert twin is interpret.eager_twin(model)  # made once per model
+    twin = readouts.eager_twin(model)
+    assert twin is readouts.eager_twin(model)  # made once per model
     assert twin.config._attn_implementation == "eager"
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert a.data_ptr() == b.data_ptr()  # the same weights, not a copy
 
 
 def test_attention_maps_equal_the_shared_model_switched_to_eager(loaded):
-    from prefixlab.prefix import prefix_inputs
+    from prefixlab.engine.prefix import prefix_inputs
 
     kv = torch.randn(loaded.shape.num_layers, 2, loaded.shape.num_kv_heads, 3,
                      loaded.shape.head_dim, generator=torch.Generator().manual_seed(0))
-    maps = interpret.attention_maps(loaded, kv, "a terrible boring film")
+    maps = readouts.attention_maps(loaded, kv, "a terrible boring film")
     model = loaded.model
     original = model.config._attn_implementation
     ids = torch.tensor([loaded.tokenizer("a terrible boring film",
@@ -214,8 +214,8 @@ def test_attention_maps_equal_the_shared_model_switched_to_eager(loaded):
 def test_the_first_layer_stop_hook_stops_only_its_own_thread(loaded):
     """first_layer_references stops the shared model after layer 0 with a hook: a forward
     from another thread meanwhile must run whole."""
-    from prefixlab.families import family_of
-    from prefixlab.models import get_module
+    from prefixlab.engine.families import family_of
+    from prefixlab.engine.models import get_module
 
     family = family_of(loaded.model.config)
     attention = getattr(get_module(loaded.model, family.layers)[0], family.attention)
@@ -230,7 +230,7 @@ def test_the_first_layer_stop_hook_stops_only_its_own_thread(loaded):
     pause_hook = attention.register_forward_hook(pause, prepend=True)
     try:
         def references():
-            return interpret.first_layer_references(loaded, [5, 6], 2)
+            return readouts.first_layer_references(loaded, [5, 6], 2)
 
         thread = threading.Thread(target=lambda: other.append(references()), name="references")
         thread.start()

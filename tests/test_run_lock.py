@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from prefixlab.config import RunConfig
-from prefixlab.experiment import RunFolder
-from prefixlab.models import ModelInfo, PrefixShape
-from prefixlab.prefix import PrefixConfig
-from prefixlab.runs import RunBusy, RunLock, RunStore, run_lock_held, run_worker
-from prefixlab.train import TrainConfig
+from prefixlab.engine.models import ModelInfo, PrefixShape
+from prefixlab.engine.prefix import PrefixConfig
+from prefixlab.engine.train import TrainConfig
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.experiment import RunFolder
+from prefixlab.runs.registry import RunBusy, RunLock, RunStore, run_lock_held, run_worker
 
 STAND_IN = Path(__file__).resolve().parent / "stand_in_worker.py"
 INFO = ModelInfo("tiny-model", PrefixShape(2, 2, 8), 10_000)
@@ -196,7 +196,7 @@ class ObservedSteps:
     trying the run lock and reading the status."""
 
     def __init__(self, monkeypatch) -> None:
-        import prefixlab.runs as runs
+        import prefixlab.runs.registry as runs
 
         self.before = lambda: None
         try_lock, status = runs._try_lock, RunFolder.status

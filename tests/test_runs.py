@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefixlab.config import RunConfig
-from prefixlab.experiment import RunError
-from prefixlab.models import prepare_model
-from prefixlab.prefix import PrefixConfig
-from prefixlab.runs import RunBusy, RunStore, slugify
-from prefixlab.train import TrainConfig
+from prefixlab.engine.models import prepare_model
+from prefixlab.engine.prefix import PrefixConfig
+from prefixlab.engine.train import TrainConfig
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.experiment import RunError
+from prefixlab.runs.registry import RunBusy, RunStore, slugify
 from tests.conftest import make_tokenizer, tiny_model
 
 pytestmark = pytest.mark.slow  # real subprocess workers
@@ -81,7 +81,7 @@ def test_worker_trains_a_run_to_completion(tmp_path, csv_file, model_dir, loaded
 
 
 def test_bad_data_creates_no_run(tmp_path, model_dir, loaded):
-    from prefixlab.data import DataError
+    from prefixlab.data.tables import DataError
 
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nonly,one\n")

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from prefixlab.decode import Sampling, mixed_generate
-from prefixlab.predict import generate, score_labels
-from prefixlab.prefix import text_key_values
-from prefixlab.serve import Batcher, ServeError, predict_frame
-from prefixlab.store import PrefixStore, PrefixStoreError
+from prefixlab.engine.decode import Sampling, mixed_generate
+from prefixlab.engine.predict import generate, score_labels
+from prefixlab.engine.prefix import text_key_values
+from prefixlab.serve.batcher import Batcher, ServeError, predict_frame
+from prefixlab.serve.store import PrefixStore, PrefixStoreError
 from tests.test_store import make_prefixes, write_run_folder
 
 TEXTS = ["the movie was great", "a terrible boring film", "fine", "hello world"]
@@ -141,8 +141,8 @@ def test_predict_frame_writes_one_column_group_per_prefix(loaded, tmp_path):
 
 
 def test_cli_predicts_a_csv_under_several_runs(tmp_path, capsys):
-    from prefixlab.__main__ import main
-    from prefixlab.models import load_model
+    from prefixlab.cli.commands import main
+    from prefixlab.engine.models import load_model
     from tests.test_app import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "model", "llama")
@@ -167,7 +167,7 @@ def test_cli_predicts_a_csv_under_several_runs(tmp_path, capsys):
 
 
 def test_scoring_a_prefix_without_labels_is_refused_but_it_generates(served, tmp_path):
-    from prefixlab.peft_interop import export_peft
+    from prefixlab.engine.peft_interop import export_peft
 
     loaded, store, batcher, keys = served
     kv = store.get(keys[0]).kv

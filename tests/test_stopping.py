@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefixlab.config import RunConfig
-from prefixlab.experiment import RunFolder, create_run, execute_run, prepare_data
-from prefixlab.prefix import PrefixConfig
-from prefixlab.stopping import EarlyStopping
-from prefixlab.train import TrainConfig, train
+from prefixlab.engine.prefix import PrefixConfig
+from prefixlab.engine.stopping import EarlyStopping
+from prefixlab.engine.train import TrainConfig, train
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.experiment import RunFolder, create_run, execute_run, prepare_data
 from tests.test_train import _setup
 
 CURVE = [0.40, 0.55, 0.61, 0.60, 0.61, 0.58, 0.57, 0.70, 0.50]  # macro-F1 per evaluation
@@ -126,7 +126,7 @@ def test_loop_ends_on_the_epoch_budget_on_a_verdict_or_on_the_time_budget(loaded
 
 
 def test_warmup_is_a_share_of_the_steps():
-    from prefixlab.train import learning_rate_at
+    from prefixlab.engine.train import learning_rate_at
 
     cfg = TrainConfig(learning_rate=1.0, warmup_share=0.1)
     assert cfg.warmup(200) == 20
@@ -196,7 +196,7 @@ def test_run_keeps_the_best_step_and_resume_mid_patience_ends_equal(tmp_path, cs
 
 
 def test_planned_end_fits_the_steps_left_in_the_budget():
-    from prefixlab.train import planned_end
+    from prefixlab.engine.train import planned_end
 
     assert planned_end(1000, 20, 20, 10.0, 50.0) == 120  # 2 steps/s, 50 s left
     assert planned_end(100, 20, 20, 10.0, 50.0) == 100  # never past the epochs' budget
@@ -217,7 +217,7 @@ class _StepClock:
 
 def _timed_run(loaded, monkeypatch, cfg, *, resume=None, stop_at=None, clock=None,
                evaluate=None):
-    import prefixlab.train as train_module
+    import prefixlab.engine.train as train_module
 
     enc, prefix, examples, _, _ = _setup(loaded)
     clock = clock or _StepClock()
@@ -271,7 +271,7 @@ def test_run_folders_from_before_fitted_schedules_resume_unfitted():
 
 
 def test_the_checkpoint_file_carries_the_plan(tmp_path):
-    from prefixlab.train import Checkpoint
+    from prefixlab.engine.train import Checkpoint
 
     folder = RunFolder(tmp_path)
     state = {"weight": torch.ones(2, 3)}

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixlab.config import RunConfig
+from prefixlab.engine.prefix import PrefixConfig, load_prefix, save_prefix, text_key_values
 from prefixlab.files import atomic_write_json
-from prefixlab.prefix import PrefixConfig, load_prefix, save_prefix, text_key_values
-from prefixlab.store import PrefixStore, PrefixStoreError
+from prefixlab.runs.config import RunConfig
+from prefixlab.serve.store import PrefixStore, PrefixStoreError
 
 LABELS = ["positive", "negative"]
 
@@ -55,8 +55,8 @@ def test_loads_on_demand_and_serves_from_memory(loaded, tmp_path):
 def test_a_run_prefix_is_held_with_its_template_head_read_once(loaded, tmp_path):
     """kv is the file's prefix (a view of head_kv's first slots, held once); scoring a text
     after head_kv reads only the text and the tail, and gives the full prompt's scores."""
-    from prefixlab.mixed import mixed_score_labels
-    from prefixlab.predict import score_labels
+    from prefixlab.engine.mixed import mixed_score_labels
+    from prefixlab.engine.predict import score_labels
 
     key = make_prefixes(loaded, tmp_path, 1, length=5)[0]
     served = PrefixStore(loaded).get(key)
@@ -117,7 +117,7 @@ def test_missing_prefix_is_named(loaded, tmp_path):
 
 
 def test_peft_adapter_folder_is_served_and_foreign_adapter_refused(loaded, tmp_path):
-    from prefixlab.peft_interop import export_peft
+    from prefixlab.engine.peft_interop import export_peft
 
     kv = text_key_values(loaded.model, loaded.tokenizer, "good great", 5)
     export_peft(kv, loaded.model.config, tmp_path / "mine", loaded.name)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from prefixlab.encode import Encoder, Template, bucketed_batches, collate
-from prefixlab.families import family_of
-from prefixlab.predict import score_labels
-from prefixlab.prefix import Prefix, PrefixConfig, init_prefix
-from prefixlab.train import Checkpoint, TrainConfig, _backward, _chunks, batch_loss, train
+from prefixlab.engine.encode import Encoder, Template, bucketed_batches, collate
+from prefixlab.engine.families import family_of
+from prefixlab.engine.predict import score_labels
+from prefixlab.engine.prefix import Prefix, PrefixConfig, init_prefix
+from prefixlab.engine.train import Checkpoint, TrainConfig, _backward, _chunks, batch_loss, train
 
 from .conftest import loss_and_grad, sentiment_batch
 
@@ -134,10 +134,10 @@ def test_max_steps_zero_trains_nothing(loaded):
 
 def test_evaluation_loss_is_the_training_objective(loaded):
     """The validation loss read from label scores equals the training loss on those rows."""
-    from prefixlab.data import LabeledData
-    from prefixlab.encode import collate
-    from prefixlab.experiment import evaluate_prefix
-    from prefixlab.train import batch_loss
+    from prefixlab.data.tables import LabeledData
+    from prefixlab.engine.encode import collate
+    from prefixlab.engine.train import batch_loss
+    from prefixlab.runs.experiment import evaluate_prefix
 
     enc, prefix, examples, texts, labels = _setup(loaded)
     kv = prefix.folded()
@@ -155,9 +155,9 @@ def test_batch_loss_equals_the_loss_over_whole_sequences(loaded):
     """collate leaves out each target's last token; the loss is that of the whole rows."""
     import torch.nn.functional as F
 
-    from prefixlab.encode import collate
-    from prefixlab.prefix import forward
-    from prefixlab.train import batch_loss
+    from prefixlab.engine.encode import collate
+    from prefixlab.engine.prefix import forward
+    from prefixlab.engine.train import batch_loss
 
     enc, prefix, examples, _, _ = _setup(loaded)
     kv = prefix.folded()
@@ -192,7 +192,7 @@ def test_chunked_backward_gives_the_whole_batch_loss_and_gradient(loaded):
 
 
 def test_chunks_keep_to_the_budget_and_every_row():
-    from prefixlab.encode import Example
+    from prefixlab.engine.encode import Example
 
     rows = [Example([1] * n, [2], 0) for n in (5, 40, 9, 12, 3, 30, 7, 20)]
     for budget in (1, 16, 64, 100, 10_000):

@@ -15,9 +15,9 @@ from pathlib import Path
 import gradio as gr
 from gradio import FileData
 
-from prefixlab.decode import Sampling
+from prefixlab.engine.decode import Sampling
+from prefixlab.engine.models import DEFAULT_MODEL
 from prefixlab.errors import ConfigError
-from prefixlab.models import DEFAULT_MODEL
 from prefixlab.ui.common import guard
 from prefixlab.workbench import Workbench
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from prefixlab import charts
-from prefixlab.data import DataError
+from prefixlab.data.tables import DataError
+from prefixlab.figures import charts
 from prefixlab.ui.common import LoadHook, bullet_list, escape, shown, wire
 from prefixlab.workbench import EXAMPLE_CSV, Workbench
 

@@ -15,8 +15,9 @@ from contextlib import suppress
 import gradio as gr
 import pandas as pd
 
-from prefixlab import interpret, interpret_causal, interpret_maps, plots, plots_causal
-from prefixlab.inspect_summary import glossary_markdown, summary_markdown
+from prefixlab.figures import causal, plots
+from prefixlab.interpret import knockout, maps, readouts
+from prefixlab.interpret.summary import glossary_markdown, summary_markdown
 from prefixlab.ui.common import LoadHook, run_choices, shown, wire
 from prefixlab.workbench import Workbench
 
@@ -85,7 +86,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         joint_pca = gr.Plot(show_label=False, visible=False)
 
     with gr.Accordion("Method and caveat", open=False):
-        gr.Markdown(f"{interpret.CAVEAT}\n\n{interpret.METHOD}\n\n{interpret_causal.METHOD}")
+        gr.Markdown(f"{readouts.CAVEAT}\n\n{readouts.METHOD}\n\n{knockout.METHOD}")
 
     current = gr.State(None)
 
@@ -99,7 +100,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         """Every layer's 3-D map of one kind, fitted in one batch once per inspection; the 2-D
         view is the first two axes of the same fit, so a view change only draws."""
         if kind_s not in ins.maps:
-            ins.maps[kind_s] = interpret_maps.layer_pca_maps(ins.run.loaded, ins.bank,
+            ins.maps[kind_s] = maps.layer_pca_maps(ins.run.loaded, ins.bank,
                                                              ins.run.kv, kind_s, dims=3)
         return ins.maps[kind_s]
 
@@ -110,7 +111,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
 
     def layers_view(ins, kind_s):
         return figure(ins, ("layers", kind_s), lambda: plots.layers_figure(
-            interpret_maps.layers_map(ins.run.loaded, ins.bank, ins.run.kv, kind_s,
+            maps.layers_map(ins.run.loaded, ins.bank, ins.run.kv, kind_s,
                                       maps=maps_of(ins, kind_s))))
 
     def nearest_view(ins, kind_s):
@@ -134,7 +135,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
             view(ins, *args)
 
         L = ins.nearest.token_ids.shape[0]
-        kinds = (first_kind, *[k for k in interpret.KINDS if k != first_kind])
+        kinds = (first_kind, *[k for k in readouts.KINDS if k != first_kind])
         for kind_s in kinds:
             make(layers_view, kind_s)
             make(nearest_view, kind_s)
@@ -169,8 +170,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     def causal_views(ins):
         if ins.causal is None:
             return shown(None), shown(None)
-        return (shown(plots_causal.knockout_figure(ins.causal.knockout, ins.causal.attention)),
-                shown(plots_causal.label_push_figure(ins.causal.push)
+        return (shown(causal.knockout_figure(ins.causal.knockout, ins.causal.attention)),
+                shown(causal.label_push_figure(ins.causal.push)
                       if ins.causal.push is not None else None))
 
     def knockout_note(ins, seconds: float | None = None) -> str:
@@ -265,7 +266,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         prefixes = {"trained": ins.run.kv}
         if ins.initial_kv is not None:
             prefixes = {"before training": ins.initial_kv, **prefixes}
-        return shown(plots.attention_heatmap(interpret.prefix_attention(ins.run.loaded, prefixes,
+        return shown(plots.attention_heatmap(readouts.prefix_attention(ins.run.loaded, prefixes,
                                                                         lines[:8])))
 
     wire(attn_btn.click, on_attention, [current, attn_texts], [attn_plot], notice)
@@ -283,8 +284,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         first = next(iter(runs.values()))
         bank = workbench.bank(first)
         layer_i = min(int(layer_i), first.kv.shape[0] - 1)
-        return (shown(plots.similarity_heatmap(interpret_maps.compare_prefixes(prefixes))),
-                shown(plots.pca_figure(interpret_maps.pca_map(first.loaded, bank, prefixes, layer_i,
+        return (shown(plots.similarity_heatmap(maps.compare_prefixes(prefixes))),
+                shown(plots.pca_figure(maps.pca_map(first.loaded, bank, prefixes, layer_i,
                                                          kind_s, dims=2), 2)))
 
     wire(compare_btn.click, on_compare, [compare, layer, kind], [similarity, joint_pca], notice)

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from prefixlab.decode import DecodeConfig
+from prefixlab.engine.decode import DecodeConfig
 from prefixlab.ui.common import LoadHook, escape, run_choices, shown, wire
 from prefixlab.workbench import BatchPrediction, Workbench
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from prefixlab import charts
-from prefixlab.runs import ACTIVE
+from prefixlab.figures import charts
+from prefixlab.runs.registry import ACTIVE
 from prefixlab.ui.common import LoadHook, escape, run_choices, shown, wire
 from prefixlab.ui.train_tab import PER_CLASS_WIDTHS, report_outputs
 from prefixlab.workbench import RUNS_COLUMNS, Workbench

@@ -7,13 +7,13 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from prefixlab import charts
-from prefixlab.balance import describe_decision
-from prefixlab.data import DataError
-from prefixlab.encode import TemplateError
-from prefixlab.experiment import RunError
-from prefixlab.presets import PRESETS, SETTING_NAMES
-from prefixlab.runs import ACTIVE
+from prefixlab.data.tables import DataError
+from prefixlab.engine.balance import describe_decision
+from prefixlab.engine.encode import TemplateError
+from prefixlab.figures import charts
+from prefixlab.runs.experiment import RunError
+from prefixlab.runs.presets import PRESETS, SETTING_NAMES
+from prefixlab.runs.registry import ACTIVE
 from prefixlab.ui.common import LoadHook, bullet_list, escape, run_choices, shown, wire
 from prefixlab.workbench import Workbench, process_range, run_config
 

@@ -1,0 +1,209 @@
+"""Class imbalance: inverse-frequency class weights, balanced epochs, and decision rules.
+
+A prefix trained on skewed labels learns the skew: the label log-likelihoods carry the
+training prior, and argmax over them rarely picks a rare class. Two levers, measured by
+`python -m prefixlab.bench.quality`:
+- training: `epoch_order(..., "sampled")` draws each epoch's rows with every class equally
+  likely, so the loss weighs classes alike without touching the loss itself; "weighted"
+  reads every row once and weights each row's loss by `class_weights` (train.py);
+- deciding: `calibrate` subtracts a per-label offset from the log-likelihoods before argmax,
+  either the mean log-probability on content-free inputs (Zhao et al. 2021, "Calibrate
+  Before Use") or the log of the training label frequencies (prior correction);
+  `fit_prior_scale` sets how much of that prior to subtract from the validation rows, when
+  they hold enough rows of every label to measure it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+
+Decision = Literal["fitted", "prior", "raw"]
+DECISIONS: tuple[str, ...] = get_args(Decision)
+LabelScores = Literal["sum", "mean"]
+LABEL_SCORES: tuple[str, ...] = get_args(LabelScores)
+
+FIT_SCALES: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(16))
+"""Prior strengths tried by `fit_prior_scale`: 0 is the raw argmax, 1 full prior correction."""
+MIN_FIT_ROWS = 20
+"""Validation rows every label needs before a prior strength is fitted: with fewer, one row
+of a rare label moves its F1 by several points and the fit follows the noise."""
+
+CONTENT_FREE = ("N/A", "", "[MASK]")
+"""Inputs with no content (Zhao et al. 2021): what the model says about them is its bias."""
+
+
+def class_weights(labels: Sequence[int], num_classes: int) -> list[float]:
+    """Inverse-frequency weights n / (K * n_k): 1 for every class when balanced; a class
+    absent from `labels` gets 0 (nothing to weigh)."""
+    counts = Counter(labels)
+    n = len(labels)
+    return [n / (num_classes * counts[k]) if counts[k] else 0.0 for k in range(num_classes)]
+
+
+def epoch_order(labels: Sequence[int], balance: str, seed: int, epoch: int) -> list[int]:
+    """The row indices one epoch reads, in no particular order (batching shuffles them).
+
+    "none": every row once. "sampled": as many rows, drawn with replacement with weights
+    `class_weights`, so each class is drawn equally often in expectation. Deterministic for
+    (seed, epoch), so a resumed run reads the same rows.
+    """
+    if balance in ("none", "weighted"):  # weighted: every row once, the loss weighs them
+        return list(range(len(labels)))
+    if balance != "sampled":
+        raise ValueError(f"unknown class balance {balance!r}; use none, sampled or weighted")
+    weights = class_weights(labels, max(labels) + 1)
+    rng = random.Random(seed * 7_919 + epoch * 104_729 + 1)
+    return rng.choices(range(len(labels)), weights=[weights[y] for y in labels], k=len(labels))
+
+
+def log_softmax(ll: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities of label log-likelihoods (N, K)."""
+    z = ll - ll.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def calibrate(ll: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
+    """Label log-likelihoods (N, K) less a per-label offset (K,), renormalized: the argmax of
+    the result is the calibrated decision."""
+    out = log_softmax(ll)
+    if offset is not None:
+        out = log_softmax(out - offset[None, :])
+    return out
+
+
+def prior_offset(labels: Sequence[int], num_classes: int) -> np.ndarray:
+    """log of the training label frequencies (a class never seen counts as one row)."""
+    return prior_from_counts(np.bincount(np.asarray(labels, dtype=int), minlength=num_classes))
+
+
+def prior_from_counts(counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """log of label frequencies from their counts (a count of 0 counts as 1)."""
+    c = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
+    return np.log(c / c.sum())
+
+
+def content_free_offset(content_free_ll: np.ndarray) -> np.ndarray:
+    """Mean label log-probability over content-free inputs (M, K) -> (K,)."""
+    return np.log(np.exp(log_softmax(content_free_ll)).mean(0))
+
+
+def _macro_f1(gold: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
+    f1 = []
+    for k in range(num_classes):
+        tp = np.sum((pred == k) & (gold == k))
+        denom = np.sum(pred == k) + np.sum(gold == k)
+        f1.append(2.0 * tp / denom if denom else 0.0)
+    return float(np.mean(f1))
+
+
+def fit_prior_scale(scores: np.ndarray, gold: Sequence[int], prior: np.ndarray
+                    ) -> float | None:
+    """The prior strength a in FIT_SCALES whose decision, argmax(scores - a * prior), scores
+    the best macro-F1 on these (validation) rows; ties go to the strength nearest 1.
+
+    Full prior correction (a = 1) is right when the model's scores carry the training skew
+    exactly; a long run on many rows learns the evidence well enough that subtracting the
+    whole prior over-predicts rare labels, and a short one may need more than 1. None when a
+    label has fewer than MIN_FIT_ROWS rows here: too few to measure (keep a = 1).
+    """
+    gold_arr = np.asarray(gold, dtype=int)
+    k = scores.shape[1]
+    if len(gold_arr) == 0 or np.bincount(gold_arr, minlength=k).min() < MIN_FIT_ROWS:
+        return None
+    base = log_softmax(np.asarray(scores, dtype=np.float64))
+    prior = np.asarray(prior, dtype=np.float64)
+    best = max(FIT_SCALES, key=lambda a: (
+        round(_macro_f1(gold_arr, (base - a * prior[None, :]).argmax(1), k), 9), -abs(a - 1)))
+    return float(best)
+
+
+def fit_offsets(scores: np.ndarray, gold: Sequence[int], start: np.ndarray,
+                rounds: int = 3) -> np.ndarray:
+    """Per-label offsets (K,) fitted to these rows' macro-F1 by coordinate search from
+    `start` (a step of 0.1 in [-3, 3] around it, label by label). Measured in the quality
+    benchmark beside `fit_prior_scale`: K - 1 free numbers instead of one."""
+    gold_arr = np.asarray(gold, dtype=int)
+    base = log_softmax(np.asarray(scores, dtype=np.float64))
+    k = base.shape[1]
+    offset = np.asarray(start, dtype=np.float64).copy()
+    steps = np.round(np.arange(-3.0, 3.01, 0.1), 1)
+
+    def f1(o: np.ndarray) -> float:
+        return round(_macro_f1(gold_arr, (base - o[None, :]).argmax(1), k), 9)
+
+    for _ in range(rounds):
+        for j in range(1, k):  # label 0 fixed: only differences between offsets matter
+            tried = []
+            for d in steps:
+                o = offset.copy()
+                o[j] = start[j] + d
+                tried.append((f1(o), -abs(o[j] - offset[j]), o))
+            offset = max(tried, key=lambda t: t[:2])[2]
+    return offset
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """How a run turns label log-likelihoods (N, K) into label probabilities, and so into its
+    decision; the same rule in validation, the final report, prediction and serving.
+
+    `lengths`: each label's token count, to compare labels by their mean log-probability per
+    token (a long label is not penalized for its length); None sums over the tokens.
+    `offset`: subtracted per label after that (prior correction: log training frequencies);
+    None leaves the scores as the model gives them.
+    """
+
+    lengths: tuple[int, ...] | None = None
+    offset: tuple[float, ...] | None = None
+
+    def log_probs(self, ll: np.ndarray) -> np.ndarray:
+        scores = np.asarray(ll, dtype=np.float64)
+        if self.lengths is not None:
+            scores = scores / np.asarray(self.lengths, dtype=np.float64)[None, :]
+        return calibrate(scores, None if self.offset is None else np.asarray(self.offset))
+
+    def probs(self, ll: np.ndarray) -> np.ndarray:
+        return np.exp(self.log_probs(ll))
+
+
+def label_rule(decision: str, label_scores: str, labels: Sequence[str],
+               label_ids: Sequence[Sequence[int]], label_counts: Mapping[str, int] | None,
+               prior_scale: float | None = None) -> LabelRule:
+    """The rule a run's settings ask for. Prior correction needs the training label counts;
+    a run without them (an imported adapter) decides on the raw scores. "fitted" subtracts
+    `prior_scale` times the log prior: the strength fitted on the validation rows when the
+    run ended, or the full prior until then (and when there were too few rows to fit)."""
+    lengths = tuple(len(t) for t in label_ids) if label_scores == "mean" else None
+    offset = None
+    if decision in ("prior", "fitted") and label_counts:
+        counts = [int(label_counts.get(name, 0)) for name in labels]
+        scale = prior_scale if decision == "fitted" and prior_scale is not None else 1.0
+        offset = tuple(float(scale * x) for x in prior_from_counts(counts))
+    return LabelRule(lengths, offset)
+
+
+def describe_decision(report: dict) -> str:
+    """How a run's report decided its labels, in plain sentences (empty for raw scores)."""
+    fit = report.get("decision_fit") or {}
+    if report.get("decision") == "fitted" and fit.get("prior_scale") is not None:
+        return (f"Decisions subtract {fit['prior_scale']:.1f} × the log of each label's share "
+                f"of the training rows: the strength that decided best on the "
+                f"{fit['validation_rows']} validation rows (macro-F1 {fit['macro_f1']:.3f}; "
+                f"the full correction: {fit['macro_f1_full_prior']:.3f}). The bare model "
+                "decides on its own scores.")
+    if report.get("decision") not in ("prior", "fitted"):
+        return ""
+    text = ("Decisions are prior-corrected: each label's score less the log of its share of "
+            "the training rows, so a rare label is not out-voted by the training skew (the "
+            "bare model decides on its own scores).")
+    if few := fit.get("too_few"):
+        text += (" The strength of the correction was not fitted: the validation rows hold "
+                 f"fewer than {MIN_FIT_ROWS} rows of "
+                 + ", ".join(f"{y} ({n})" for y, n in few.items()) + ".")
+    return text

@@ -1,0 +1,464 @@
+"""The training loop: a plain loop over length-bucketed batches that reports through callbacks.
+
+It knows nothing about files, databases or a UI. The caller listens through `on_step`,
+`evaluate` and `on_checkpoint`, and stops it through `should_stop`. Batch order is a pure
+function of (seed, epoch), and the learning rate a pure function of the step, so a run resumed
+from a checkpoint continues exactly where it stopped.
+
+Speed and memory on CPU (`python -m prefixlab.bench.speed`): a batch is read in chunks of
+at most CHUNK_TOKENS padded tokens (CUDA_CHUNK_TOKENS on a GPU), a model whose family has a
+fast step takes it (the lean Llama step in llama_cpu.py: same loss and gradient as batch_loss,
+tested), and ThreadTuner (cpu.py) picks the CPU thread count from what each step measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prefixlab.engine import distributed
+from prefixlab.engine.balance import class_weights, epoch_order
+from prefixlab.engine.cpu import ThreadTuner, trim_heap
+from prefixlab.engine.encode import Example, bucketed_batches, collate, target_mass, weighted_mean
+from prefixlab.engine.families import TrainingLoss, family_of
+from prefixlab.engine.models import autocast
+from prefixlab.engine.prefix import Prefix, forward
+from prefixlab.errors import ConfigError
+
+CHUNK_TOKENS = 384
+"""Most padded tokens one forward/backward holds on CPU. A bigger batch is read in chunks whose
+gradients add up to the batch's, so activation memory stays bounded for any max_length:
+~0.7 MB per token for SmolLM2-135M on the lean path, so training peaks at ~1.4 GB resident
+with the model. Larger chunks run matmuls closer to their peak, but 512 gained only ~4% with
+oneDNN's matmuls (`prefixlab.engine.cpu.linear`) and took the benchmark's peak RSS to ~1.53 GB."""
+Monitor = Literal["macro_f1", "accuracy", "val_loss"]
+ClassBalance = Literal["none", "sampled", "weighted"]
+MONITORS: tuple[str, ...] = get_args(Monitor)
+CLASS_BALANCE: tuple[str, ...] = get_args(ClassBalance)
+
+CUDA_CHUNK_TOKENS = 16384
+"""The same on CUDA, where memory is plentiful and a step of a small model is bound by kernel
+launches, which each chunk repeats: at 384 tokens, ours trained at 0.6x PEFT's speed on an
+H100 (benchmark, SmolLM2-135M shape)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimization settings. Stored in every run's config.json.
+
+    How long to train is chosen on the validation rows: the loop evaluates at regular
+    intervals, the caller keeps the best prefix by `monitor` (stopping.EarlyStopping) and
+    ends the run after `patience` evaluations without improvement, within a budget of
+    `epochs` and `max_minutes`.
+    """
+
+    learning_rate: float = 5e-3
+    """AdamW step size for the prefix; prefixes tolerate far larger steps than full weights."""
+    epochs: int = 8
+    """The budget in epochs; with patience the run usually stops before (the learning rate
+    decays over this budget, so it also sets the schedule)."""
+    batch_size: int = 8
+    max_steps: int | None = None
+    """Stop after this many steps (0 saves the initialized prefix); None runs all epochs."""
+    warmup_share: float = 0.06
+    """Linear warm-up over this share of the budget's steps."""
+    warmup_steps: int = 0
+    """A fixed warm-up length instead of `warmup_share` when above 0 (runs made before
+    warmup_share existed stored 10 here, and resume with it)."""
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 0
+    """Evaluate every N steps of each epoch (counted from its start) and at its end; 0
+    evaluates twice per epoch."""
+    patience: int = 4
+    """Stop after this many evaluations in a row without a better `monitor`; 0 never stops
+    early."""
+    monitor: Monitor = "macro_f1"
+    """The validation metric that picks the step to keep: macro_f1 or accuracy (higher is
+    better), val_loss (lower is better; what a generation run uses)."""
+    keep_best: bool = True
+    """Keep the prefix of the best evaluation, not the last step's."""
+    smoothing: int = 1
+    """Evaluations on each side averaged with one when picking the step to keep: 1 keeps the
+    step whose three evaluations score best on average, so one lucky score on a small
+    validation split does not decide; 0 keeps the single best evaluation."""
+    max_minutes: float = 0.0
+    """Training time budget in minutes (resumes included); 0 has none. At the budget, the
+    current step is evaluated and the run ends."""
+    fit_schedule: bool = True
+    """With a time budget: once the speed is known (after 20 steps, and again at each
+    evaluation), fit the warm-up and the decay to the steps that fit in the budget rather
+    than to all `epochs`, and end there. Without it, a budget that cuts the epochs short also
+    cuts the schedule mid-way (a 60-minute run on 16,000 rows would spend 23 of its minutes
+    warming up and never decay)."""
+    class_balance: ClassBalance = "none"
+    """none; sampled: each epoch draws its rows with every class equally likely (with
+    replacement); weighted: every row once, its loss weighted by its class's inverse
+    frequency. Both make rare classes weigh as much in the loss as common ones."""
+    checkpoint_every: int = 25
+    """Checkpoint (prefix + optimizer) every N steps, so a crash loses at most that much."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 < self.learning_rate < 10:
+            problems.append(f"learning_rate must be in (0, 10), got {self.learning_rate}")
+        if self.epochs < 1:
+            problems.append(f"epochs must be at least 1, got {self.epochs}")
+        if not 1 <= self.batch_size <= 1024:
+            problems.append(f"batch_size must be 1..1024, got {self.batch_size}")
+        if self.max_steps is not None and self.max_steps < 0:
+            problems.append(f"max_steps must be 0 or more, got {self.max_steps}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "patience", "smoothing"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.warmup_share < 1:
+            problems.append(f"warmup_share must be in [0, 1), got {self.warmup_share}")
+        if self.max_minutes < 0:
+            problems.append(f"max_minutes must be 0 or more, got {self.max_minutes}")
+        if self.monitor not in MONITORS:
+            problems.append(f"monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
+        if self.class_balance not in CLASS_BALANCE:
+            problems.append(f"class_balance must be one of {', '.join(CLASS_BALANCE)}, "
+                            f"got {self.class_balance!r}")
+        if problems:
+            raise ConfigError(problems)
+
+    def total_steps(self, num_examples: int) -> int:
+        per_epoch = math.ceil(num_examples / self.batch_size)
+        total = per_epoch * self.epochs
+        return total if self.max_steps is None else min(self.max_steps, total)
+
+    def warmup(self, total: int) -> int:
+        """Warm-up steps for a run of `total` steps."""
+        return self.warmup_steps or round(self.warmup_share * total)
+
+    def evaluation_interval(self, per_epoch: int) -> int:
+        """Steps between evaluations (besides the end of each epoch)."""
+        return self.eval_every or max(1, math.ceil(per_epoch / 2))
+
+
+@dataclass
+class StepInfo:
+    """What one optimizer step reports."""
+
+    step: int  # 1-based, steps done so far
+    total_steps: int
+    epoch: float  # fractional epochs done
+    loss: float
+    learning_rate: float
+    examples_per_s: float
+    tokens_per_s: float  # non-padding tokens
+    elapsed_s: float
+    eta_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to continue: the prefix parameters, AdamW's moments, the step."""
+
+    step: int
+    prefix_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    elapsed_s: float = 0.0  # training time so far, for the time budget across resumes
+    planned_steps: int = 0  # the schedule's length fitted to the time budget; 0: not yet
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"prefix.{k}": v for k, v in self.prefix_state.items()}
+        out.update({f"optimizer.{k}": v for k, v in self.optimizer_state.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, step: int, tensors: dict[str, torch.Tensor],
+                     elapsed_s: float = 0.0, planned_steps: int = 0) -> Checkpoint:
+        prefix = {k[7:]: v for k, v in tensors.items() if k.startswith("prefix.")}
+        opt = {k[10:]: v for k, v in tensors.items() if k.startswith("optimizer.")}
+        return cls(step, prefix, opt, elapsed_s, planned_steps)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    stopped: bool  # should_stop asked to end early
+    last_loss: float | None
+    reason: str = ""  # why training ended, in words (budget, patience, time, cancelled)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    flat = {}
+    for idx, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            flat[f"{idx}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
+    return flat
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in flat.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    sd = optimizer.state_dict()
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+
+
+PLAN_AFTER_STEPS = 20
+"""Steps timed before a time budget first plans the schedule (`TrainConfig.fit_schedule`):
+enough to see the speed, a small share of any budget worth planning. Each evaluation plans
+again from the speed so far, evaluations included."""
+
+
+def planned_end(total: int, step: int, steps_timed: int, seconds: float, left_s: float) -> int:
+    """The step a schedule fitted to the time budget ends at: at `steps_timed` steps per
+    `seconds`, the steps that fit in the `left_s` seconds left after `step`; at most `total`
+    (the epochs' budget), at least one more step."""
+    fits = int(steps_timed / seconds * max(0.0, left_s)) if seconds > 0 else total
+    return max(step + 1, min(total, step + fits))
+
+
+def learning_rate_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then linear decay to zero (Li & Liang's schedule)."""
+    warmup = cfg.warmup(total)
+    if warmup and step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    span = max(1, total - warmup)
+    return cfg.learning_rate * max(0.0, 1 - (step - warmup) / span)
+
+
+def batch_loss(model: nn.Module, kv: torch.Tensor, batch) -> torch.Tensor:
+    """Mean (or weighted mean) cross-entropy over the label tokens; logits only where the loss
+    reads them."""
+    logits = forward(model, kv, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    if batch.weights is None:
+        return F.cross_entropy(logits.float(), batch.targets)  # logits: (n_target_tokens, V)
+    return weighted_mean(F.cross_entropy(logits.float(), batch.targets, reduction="none"),
+                         batch.weights)
+
+
+def _chunks(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]:
+    """Rows in length order, cut into chunks of at most `max_tokens` padded tokens each
+    (a row longer than that is a chunk of its own). Balanced: as few chunks as the budget
+    allows, of similar size."""
+    rows = sorted(examples, key=len)
+    padded = len(rows) * len(rows[-1])
+    count = max(1, -(-padded // max_tokens))
+    while True:
+        size = -(-len(rows) // count)  # rows per chunk
+        parts = [rows[i : i + size] for i in range(0, len(rows), size)]
+        if size == 1 or all(len(p) * len(p[-1]) <= max_tokens for p in parts):
+            return parts
+        count += 1
+
+
+def _backward(
+    model: nn.Module, kv: torch.Tensor, examples: Sequence[Example], pad_id: int,
+    device: torch.device, max_tokens: int, fast_loss: TrainingLoss | None = None,
+    n_targets: float | None = None,
+) -> tuple[float, int, int]:
+    """The batch's mean loss, its gradient accumulated through `kv`.
+
+    Returns (loss, non-padding tokens, padded tokens).
+
+    The batch is read in chunks of at most `max_tokens` padded tokens, so activation memory
+    is bounded whatever the rows' lengths. Each chunk's mean is weighted by its share of the
+    batch's label tokens (of their summed loss weights, when weighted): the sum is the whole
+    batch's mean loss, and so is the gradient.
+    `fast_loss`: the model family's fast step (e.g. the lean Llama step on CPU), or None for
+    autograd through the model's own modules (`batch_loss`).
+    `n_targets`: the label tokens (`target_mass`) of the whole batch when `examples` are one
+    rank's share of it (distributed.share), so the ranks' losses and gradients add up to the
+    batch's.
+    """
+    if not examples:  # an empty share of a small batch: no loss, no gradient
+        return 0.0, 0, 0
+    leaf = kv if kv.is_leaf else kv.detach().requires_grad_()  # chunks add their grads here
+    n_targets = n_targets or target_mass(examples)
+    total, real, padded = 0.0, 0, 0
+    for chunk in _chunks(examples, max_tokens):
+        batch = collate(chunk, pad_id).to(device)
+        with autocast(device), _attention_backends(device):
+            loss = (fast_loss or batch_loss)(model, leaf, batch)
+            loss = loss * (batch.mass / n_targets)
+        loss.backward()
+        if fast_loss is not None:
+            fast_loss.release()
+        total += float(loss.detach())
+        real += batch.real_tokens
+        padded += batch.input_ids.numel()
+    if leaf is not kv:  # e.g. through the reparameterization MLP, once per batch
+        kv.backward(leaf.grad)
+    return total, real, padded
+
+
+def _attention_backends(device: torch.device):
+    """On CUDA, SDPA without cuDNN's kernels: cuDNN builds a plan for each new sequence length,
+    and length-bucketed batches bring many. On an H100 the first epoch of the benchmark took
+    19.6 s where the second took 7.7 s; PEFT's batches, padded to the longest of random rows,
+    repeat fewer lengths."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
+def train(
+    model: nn.Module,
+    prefix: Prefix,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    pad_id: int,
+    *,
+    on_step: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    evaluate: Callable[[int], str | None] | None = None,
+    on_checkpoint: Callable[[Checkpoint], None] | None = None,
+    resume: Checkpoint | None = None,
+    fast_path: bool = True,
+    batch_order: Callable[[Sequence[int], int, int, int], list[list[int]]] = bucketed_batches,
+) -> TrainResult:
+    """Train `prefix` on `examples` with `model` frozen.
+
+    `evaluate(step)` runs every `cfg.evaluation_interval` steps, at the end of each epoch
+    and when the time budget runs out; it returns a reason to end training (e.g. patience
+    ran out) or None to go on. `on_checkpoint` gets a checkpoint every `checkpoint_every`
+    steps and at the end.
+    `fast_path=False` trains without the model family's fast step (same loss and gradient,
+    through autograd), and `batch_order(lengths, batch_size, seed, epoch)` replaces length
+    bucketing: the benchmark's ablations, each showing what one speed-up buys.
+
+    In a process group (torchrun, see distributed.py) every rank calls this with the same
+    arguments: each reads its share of every batch, gradients are summed across ranks, and
+    the callbacks run on every rank (rank 0 alone should write).
+    """
+    device = next(model.parameters()).device
+    prefix.to(device)
+    params = [p for p in prefix.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    start, before = 0, 0.0
+    planned = 0  # where a schedule fitted to the time budget ends; 0: the epochs' budget
+    if resume is not None:
+        prefix.load_state_dict({k: v.to(device) for k, v in resume.prefix_state.items()})
+        if resume.optimizer_state:
+            _load_optimizer(optimizer, resume.optimizer_state)
+        start, before, planned = resume.step, resume.elapsed_s, resume.planned_steps
+    distributed.broadcast_parameters(prefix)
+    should_stop = distributed.agreed(should_stop)  # all ranks stop at the same step
+
+    labels = [e.label for e in examples]
+    if cfg.class_balance == "weighted":
+        weights = class_weights(labels, max(labels) + 1)
+        examples = [replace(e, weight=weights[e.label]) for e in examples]
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = cfg.total_steps(len(examples))
+    interval = cfg.evaluation_interval(per_epoch)
+    budget_s = cfg.max_minutes * 60
+    fitting = bool(budget_s) and cfg.fit_schedule
+    if not fitting:
+        planned = 0
+
+    began = time.perf_counter()
+
+    def checkpoint(step: int) -> None:
+        if on_checkpoint is not None:
+            state = {k: v.detach().cpu().clone() for k, v in prefix.state_dict().items()}
+            on_checkpoint(Checkpoint(step, state, _optimizer_tensors(optimizer),
+                                     before + time.perf_counter() - began, planned))
+
+    def plan(step: int) -> int:
+        elapsed = time.perf_counter() - began
+        end = planned_end(total, step, step - start, elapsed, budget_s - before - elapsed)
+        return int(distributed.agree_min(end))  # every rank runs the same schedule
+
+    seen = tokens = 0
+    loss_value = None
+    step = start
+    epoch_batches: dict[int, list[list[Example]]] = {}
+    tuner = ThreadTuner(device)
+    fast_loss = family_of(model.config).fast_training_loss(model) if fast_path else None
+    chunk_tokens = CUDA_CHUNK_TOKENS if device.type == "cuda" else CHUNK_TOKENS
+    time_reason = f"time budget of {cfg.max_minutes:g} min"
+    reason = (f"budget of {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
+              if cfg.max_steps is None or total < cfg.max_steps else f"max_steps {cfg.max_steps}")
+    try:
+        while step < (planned or total):
+            if should_stop is not None and should_stop():
+                checkpoint(step)
+                return TrainResult(step, True, loss_value, "cancelled")
+            epoch, index = divmod(step, per_epoch)
+            if epoch not in epoch_batches:
+                order = epoch_order(labels, cfg.class_balance, cfg.seed, epoch)
+                batches = batch_order([len(examples[i]) for i in order], cfg.batch_size,
+                                      cfg.seed, epoch)
+                epoch_batches = {epoch: [[examples[order[i]] for i in b] for b in batches]}
+            rows = epoch_batches[epoch][index]
+
+            lr = learning_rate_at(step, planned or total, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            tuner.start()
+            loss_value, real, padded = _backward(
+                model, prefix.key_values(), distributed.share(rows), pad_id, device,
+                chunk_tokens, fast_loss, target_mass(rows))  # the whole batch's
+            loss_value, real = distributed.reduce_step(params, loss_value, real)
+            real = int(real)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            tuner.stop(padded)
+            if device.type == "cpu":
+                trim_heap()
+
+            step += 1
+            if fitting and not planned and step - start == PLAN_AFTER_STEPS:
+                planned = plan(step)
+            end = planned or total
+            seen += len(rows)
+            tokens += real
+            elapsed = time.perf_counter() - began
+            if on_step is not None:
+                rate = (step - start) / elapsed if elapsed > 0 else 0.0
+                on_step(StepInfo(
+                    step=step, total_steps=end, epoch=step / per_epoch, loss=loss_value,
+                    learning_rate=lr, examples_per_s=seen / elapsed if elapsed else 0.0,
+                    tokens_per_s=tokens / elapsed if elapsed else 0.0, elapsed_s=elapsed,
+                    eta_s=(end - step) / rate if rate else 0.0,
+                ))
+            # the ranks' clocks differ: they agree, or one would wait for the others forever
+            out_of_time = (bool(budget_s) and distributed.agree(before + elapsed >= budget_s)
+                           and step != end)
+            end_of_epoch = step % per_epoch == 0 or step == end
+            # counted within the epoch: when the interval does not divide it, `step % interval`
+            # would also evaluate a step or two from its end (1,985 and 1,986 on Davidson 80/20)
+            in_epoch = step % per_epoch or per_epoch
+            if evaluate is not None and (end_of_epoch or in_epoch % interval == 0 or out_of_time):
+                verdict = evaluate(step)
+                if verdict:
+                    checkpoint(step)
+                    return TrainResult(step, False, loss_value, verdict)
+                if fitting and planned and step != end and not out_of_time:
+                    planned = plan(step)  # the speed so far, evaluations included
+            if out_of_time:
+                checkpoint(step)
+                return TrainResult(step, False, loss_value, time_reason)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != end:
+                checkpoint(step)
+        checkpoint(step)
+        return TrainResult(step, False, loss_value, time_reason if step < total else reason)
+    finally:
+        tuner.close()
+        if fast_loss is not None:
+            fast_loss.close()

@@ -1,0 +1,172 @@
+"""A generation run's steps: its data, its validation loss, its outputs and their scores.
+
+A generation run trains on input -> target pairs (`pairs.py`) with the loss on the target's
+tokens (`encode.PairEncoder`). Held-out inputs are generated once each (rows sharing an input
+are its references) and scored with BLEU, chrF and ROUGE-L (`genmetrics.py`), beside the bare
+model reading the same prompt template: what the prefix buys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prefixlab.runs.config import RunConfig
+from prefixlab.data.tables import DataError
+from prefixlab.engine.decode import DecodeConfig, generate_texts
+from prefixlab.engine.encode import PairEncoder, Template, bucketed_batches, collate
+from prefixlab.runs.genmetrics import Grouped, generation_scores, group_references
+from prefixlab.engine.models import autocast
+from prefixlab.data.pairs import TextPairs, group_split, load_pairs_csv, sample_inputs, sample_rows
+from prefixlab.engine.prefix import forward
+
+SAMPLE_ROWS = 20
+"""Inputs shown in a report's table of references and outputs."""
+
+
+def prepare_pairs(cfg: RunConfig) -> tuple[TextPairs, TextPairs, list[str]]:
+    """(train, validation, warnings) of a generation run, split by distinct input."""
+    if cfg.text_column is None:
+        raise DataError("a generation run needs the input column named (--text-column) "
+                        "beside the target column")
+    full = load_pairs_csv(cfg.train_csv, cfg.text_column, cfg.target_column)
+    warnings = list(full.warnings)
+    seed = cfg.training.seed
+    if cfg.validation_csv:
+        val = load_pairs_csv(cfg.validation_csv, full.input_column, full.target_column)
+        warnings += [f"validation file: {w}" for w in val.warnings]
+        train_part = full
+        shared = set(train_part.inputs) & set(val.inputs)
+        if shared:
+            warnings.append(f"{len(shared)} validation inputs also occur in training; their "
+                            "scores say little about new inputs")
+    else:
+        train_part, val = group_split(full, cfg.validation_share, seed)
+    train_part = sample_rows(train_part, cfg.max_train_examples, seed)
+    val = sample_inputs(val, cfg.max_eval_examples, seed)
+    return train_part, val, warnings
+
+
+def pair_encoder(tokenizer, cfg: RunConfig) -> PairEncoder:
+    """The run's encoder: targets cut to the tokens it generates (EOS included)."""
+    return PairEncoder(tokenizer, Template(cfg.template), cfg.max_length,
+                       cfg.generation.max_new_tokens + 1)
+
+
+def live_scores(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
+                validation: TextPairs, cfg: RunConfig) -> dict:
+    """What a training run logs at each evaluation: the validation loss on each held-out
+    input's first reference, and greedy BLEU/chrF/ROUGE-L on the first `eval_generate_inputs`
+    inputs. Cheap enough to run often: E2E has ~8.5 references per input, and the loss on all
+    of them cost minutes per evaluation on CPU; the final report reads every row and decodes
+    every input as configured."""
+    first: dict[str, int] = {}
+    for i, x in enumerate(validation.inputs):
+        first.setdefault(x, i)
+    one_each = validation.subset(sorted(first.values()))
+    record: dict = {"val_loss": target_loss(model, kv, encoder, one_each)}
+    if cfg.eval_generate_inputs:
+        grouped = group_references(validation.inputs, validation.targets)
+        grouped = grouped.head(cfg.eval_generate_inputs)
+        greedy = DecodeConfig(max_new_tokens=cfg.generation.max_new_tokens,
+                              stop=cfg.generation.stop,
+                              batch_size=cfg.generation.batch_size)
+        record.update(evaluate_generation(model, encoder, kv, grouped, greedy).scores)
+    return record
+
+
+def default_generation_init_text(task: str | None = None) -> str:
+    """Real words to start a generation prefix from (as for labels, but none to name)."""
+    head = task.strip() if task and task.strip() else "Write a fluent text"
+    return f"{head}. Say everything in the input, in complete sentences."
+
+
+@torch.inference_mode()
+def target_loss(model: nn.Module, kv: torch.Tensor | None, encoder: PairEncoder,
+                pairs: TextPairs, batch_size: int = 16) -> float:
+    """Mean cross-entropy per target token (EOS included) over every pair: the training
+    objective on held-out rows, logits computed only at target positions."""
+    examples = encoder.examples(pairs.inputs, pairs.targets)
+    device = next(model.parameters()).device
+    pad = encoder.tokenizer.pad_token_id
+    total, count = 0.0, 0
+    for idx in bucketed_batches([len(e) for e in examples], batch_size, 0, 0, shuffle=False):
+        batch = collate([examples[i] for i in idx], pad).to(device)
+        with autocast(device):
+            logits = forward(model, kv.to(device) if kv is not None else None, batch.input_ids,
+                             batch.attention_mask, batch.loss_mask)  # (n_target_tokens, V)
+        total += float(F.cross_entropy(logits.float(), batch.targets, reduction="sum"))
+        count += batch.targets.numel()
+    return total / max(count, 1)
+
+
+def generate(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor | None,
+             inputs: Sequence[str], config: DecodeConfig) -> list[str]:
+    """One output per input, after the prefix (or from the bare model when kv is None)."""
+    if not inputs:
+        return []
+    return generate_texts(model, encoder.tokenizer, kv, encoder.prompts(inputs), config)
+
+
+@dataclass
+class GenerationResult:
+    """Scores of one prefix (or the bare model) on grouped inputs, with its outputs."""
+
+    scores: dict  # bleu, chrf, rouge_l, n (+ loss when computed)
+    outputs: list[str]  # one per grouped input
+
+
+def evaluate_generation(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor | None,
+                        grouped: Grouped, config: DecodeConfig) -> GenerationResult:
+    outputs = generate(model, encoder, kv, grouped.inputs, config)
+    return GenerationResult(generation_scores(outputs, grouped.references), outputs)
+
+
+def generation_report(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
+                      data: TextPairs, config: DecodeConfig, *, max_inputs: int | None = None,
+                      prefix_loss: float | None = None) -> dict:
+    """The prefix's scores at the top level, the bare model's beside them, and a table.
+
+    Every distinct input of `data` (at most `max_inputs`) is generated once by each; `loss`
+    is the target cross-entropy (`prefix_loss` when the caller already has it).
+    """
+    grouped = group_references(data.inputs, data.targets)
+    if max_inputs is not None:
+        grouped = grouped.head(max_inputs)
+    ours = evaluate_generation(model, encoder, kv, grouped, config)
+    bare = evaluate_generation(model, encoder, None, grouped, config)
+    report = dict(ours.scores)
+    report["task"] = "generation"
+    report["rows"] = len(data)
+    report["decoding"] = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens,
+                          "length_penalty": config.length_penalty, "stop": list(config.stop)}
+    report["loss"] = (prefix_loss if prefix_loss is not None
+                      else target_loss(model, kv, encoder, data))
+    bare_scores = dict(bare.scores)
+    bare_scores["loss"] = target_loss(model, None, encoder, data)
+    report["baselines"] = {"bare_model": bare_scores}
+    report["samples"] = [
+        {"input": x, "references": refs, "prefix": p, "bare": b}
+        for x, refs, p, b in zip(grouped.inputs[:SAMPLE_ROWS], grouped.references[:SAMPLE_ROWS],
+                                 ours.outputs, bare.outputs, strict=False)
+    ]
+    return report
+
+
+def evaluate_pairs_csv(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
+                       cfg: RunConfig, path: str, input_column: str | None = None,
+                       target_column: str | None = None, decode: dict | None = None, *,
+                       max_inputs: int | None = None) -> dict:
+    """A run's prefix on a held-out CSV of pairs, beside the bare model: every distinct input
+    generated once, its rows its references. Columns default to the run's own; `decode`
+    overrides some of the run's decoding settings."""
+    data = load_pairs_csv(path, input_column or cfg.text_column,
+                          target_column or cfg.target_column)
+    settings = DecodeConfig(**{**asdict(cfg.generation), **(decode or {})})
+    report = generation_report(model, encoder, kv, data, settings, max_inputs=max_inputs)
+    report["columns"] = {"text": data.input_column, "target": data.target_column}
+    return report

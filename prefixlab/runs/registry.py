@@ -1,0 +1,606 @@
+"""The run registry (SQLite, WAL) and the worker processes that train runs.
+
+A data directory holds `registry.sqlite3` and `runs/<run id>/` folders (see experiment.py).
+Each run trains in its own child process (`python -m prefixlab worker RUN_DIR`, no shell),
+started in a new session so closing the app or the browser does not stop it. Workers queue
+on a per-device lock file: one run trains at a time per device. A worker reports through its
+run folder (status.json, metrics.jsonl); `RunStore.refresh` folds that into the registry
+and marks runs whose worker died as interrupted, so nothing shows "running" forever.
+
+One writer per run: a run folder's `run.lock` (an flock) is held by its worker for the
+worker's whole life, and only the holder of that lock writes status.json. A worker is alive
+exactly while the lock is held; the OS releases it when the worker exits or is killed, so
+there is no pid to compare and no gap between "read the status" and "check the worker".
+Starting a worker takes the lock first (a second start is refused while it is held) and
+hands it to the child as an inherited file descriptor, so it is never free in between.
+A refresh that finds the lock free takes it, re-reads the status, and only then marks a
+run that still says queued/running as interrupted. Starts and refreshes of one run pass
+through a second, momentary lock (`claim.lock`), so a refresh looking at a free run lock
+never makes a concurrent start fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import traceback
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from prefixlab.engine import distributed
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.experiment import (
+    CANCEL_FILE,
+    RunError,
+    RunFolder,
+    create_run,
+    execute_run,
+    prepare_data,
+)
+from prefixlab.engine.models import LoadedModel, ModelInfo
+
+ACTIVE = ("queued", "running")
+FINISHED = ("completed", "failed", "cancelled", "interrupted")
+_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[a-z0-9-]{1,40}$")
+LOCK_FILE = "run.lock"  # held by the run's worker (or a CLI training it) for its whole life
+CLAIM_FILE = "claim.lock"  # held for a moment by whoever starts a run or checks its lock
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    data_name TEXT NOT NULL,
+    model TEXT NOT NULL,
+    pid INTEGER,
+    pid_started REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    accuracy REAL,
+    macro_f1 REAL,
+    error TEXT
+)
+"""
+
+
+def slugify(name: str) -> str:
+    """A safe folder-name part: lowercase ASCII letters, digits and dashes, at most 40."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")
+    return slug[:40].strip("-") or "run"
+
+
+class RunBusy(RunError):
+    """The run already has a live worker (or a CLI process training it)."""
+
+
+def _open_lock(path: Path) -> int:
+    # O_CLOEXEC (Python's default): no other child of this process inherits the lock; a
+    # worker gets it only through Popen's pass_fds.
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
+@contextlib.contextmanager
+def _claim(run_dir: Path) -> Iterator[None]:
+    """Serialize starting and checking one run (held for milliseconds, so callers wait)."""
+    fd = _open_lock(run_dir / CLAIM_FILE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _try_lock(run_dir: Path) -> int | None:
+    """The run lock's file descriptor if it was free and is now ours, else None (held).
+
+    flock locks belong to an open file description, so two threads of one process
+    exclude each other just as two processes do.
+    """
+    fd = _open_lock(run_dir / LOCK_FILE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class RunLock:
+    """The lock that makes its holder the run's only writer, held until `close`.
+
+    `close` closes the descriptor and never unlocks explicitly: a worker started with
+    `pass_fds` shares the starter's open file description, and the OS keeps the lock until
+    the last process holding that description closes it or exits (or is killed).
+    """
+
+    def __init__(self, run_dir: str | Path, fd: int) -> None:
+        self.run_dir = Path(run_dir)
+        self._fd: int | None = fd
+
+    @classmethod
+    def claim(cls, run_dir: str | Path) -> RunLock:
+        """Take a run's lock, or raise RunBusy when a live process holds it."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise RunError(f"{run_dir} is not a run folder")
+        with _claim(run_dir):
+            fd = _try_lock(run_dir)
+        if fd is None:
+            raise RunBusy(f"{run_dir.name} is already being trained by another process (its "
+                          "run lock is held); cancel that run or wait for it to finish")
+        return cls(run_dir, fd)
+
+    @classmethod
+    def adopt(cls, run_dir: str | Path, fd: int) -> RunLock:
+        """Take over the lock a starter passed down as descriptor `fd` (see RunStore.start)."""
+        try:
+            # On the description that already holds the lock this succeeds at once; on a
+            # stray descriptor it fails rather than letting two writers run.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise RunBusy(f"descriptor {fd} does not hold the run lock of {run_dir}: {e}") from e
+        os.set_inheritable(fd, False)  # pass_fds made it inheritable; nothing below needs it
+        return cls(run_dir, fd)
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise RunError("the run lock was already closed")
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_lock_held(run_dir: str | Path) -> bool:
+    """Is a live process (a worker, or a CLI training) holding this run's lock?"""
+    run_dir = Path(run_dir)
+    if not (run_dir / LOCK_FILE).is_file():
+        return False  # never started
+    with _claim(run_dir):
+        fd = _try_lock(run_dir)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+@dataclass
+class RunRow:
+    id: str
+    name: str
+    state: str
+    created: float
+    updated: float
+    data_name: str
+    model: str
+    pid: int | None
+    pid_started: float | None
+    step: int
+    total_steps: int
+    accuracy: float | None
+    macro_f1: float | None
+    error: str | None
+
+
+class RunStore:
+    """Runs of one data directory: registry rows plus run folders."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve()
+        self.runs_dir = self.data_dir / "runs"
+        try:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            (self.data_dir / "locks").mkdir(exist_ok=True)
+        except OSError as e:
+            raise RunError(f"the data directory {self.data_dir} is not writable: {e}") from e
+        self.db_path = self.data_dir / "registry.sqlite3"
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+        # The worker program; it is called with the run folder, `--lock-fd N` and maybe
+        # `--resume`, and must keep descriptor N open for as long as it may write the run.
+        self.worker_command = [sys.executable, "-m", "prefixlab", "worker"]
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.db_path, timeout=10)
+        db.row_factory = sqlite3.Row
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    # --- lookup ------------------------------------------------------------------------------
+
+    def folder(self, run_id: str) -> RunFolder:
+        """The folder of a run id; ids are ours, so anything else is refused (no traversal)."""
+        if not _ID.match(run_id or ""):
+            raise RunError(f"not a run id: {run_id!r}")
+        return RunFolder(self.runs_dir / run_id)
+
+    def get(self, run_id: str) -> RunRow:
+        with self._db() as db:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise RunError(f"no run {run_id!r} in {self.data_dir}")
+        return RunRow(**dict(row))
+
+    def list(self) -> list[RunRow]:
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM runs ORDER BY created DESC").fetchall()
+        return [RunRow(**dict(r)) for r in rows]
+
+    def active(self) -> list[RunRow]:
+        return [r for r in self.list() if r.state in ACTIVE]
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def create(
+        self, cfg: RunConfig, loaded: LoadedModel | ModelInfo, name: str | None = None,
+        data_name: str | None = None,
+    ) -> str:
+        """Validate the data, copy it into a new run folder and register the run.
+
+        Raises DataError (nothing is written) when the data cannot be used.
+        """
+        prepared = prepare_data(cfg)
+        label = name or Path(cfg.train_csv).stem
+        data_name = data_name or Path(cfg.train_csv).name  # before it points at our copy
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_id = f"{stamp}-{slugify(label)}"
+        n = 1
+        while (self.runs_dir / run_id).exists():
+            n += 1
+            run_id = f"{stamp}-{slugify(label)[:36]}-{n}"
+        folder = RunFolder(self.runs_dir / run_id)
+        data_dir = folder.path / "data"
+        try:
+            data_dir.mkdir(parents=True)
+            # The run keeps its own copy: uploads live in temp folders that get cleaned up.
+            train_copy = data_dir / "train.csv"
+            shutil.copyfile(cfg.train_csv, train_copy)
+            cfg.train_csv = str(train_copy)
+            if cfg.validation_csv:
+                val_copy = data_dir / "validation.csv"
+                shutil.copyfile(cfg.validation_csv, val_copy)
+                cfg.validation_csv = str(val_copy)
+            create_run(cfg, folder.path, prepared, loaded, name=label)
+        except OSError as e:
+            shutil.rmtree(folder.path, ignore_errors=True)
+            raise RunError(f"could not write the run folder in {self.data_dir}: {e}") from e
+        now = time.time()
+        with self._db() as db:
+            # A refresh in another process may have adopted the new folder already.
+            db.execute(
+                "INSERT INTO runs (id, name, state, created, updated, data_name, model) "
+                "VALUES (?, ?, 'created', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "name=excluded.name, data_name=excluded.data_name, model=excluded.model",
+                (run_id, label, now, now, data_name, loaded.name),
+            )
+        return run_id
+
+    def start(self, run_id: str, resume: bool = False) -> None:
+        """Start the run's worker process; it queues until the device is free.
+
+        Raises RunBusy when the run already has a live worker: of two quick clicks on
+        Resume, one starts the worker and the other gets that message.
+        """
+        row = self.get(run_id)
+        folder = self.folder(run_id)
+        with _claim(folder.path):
+            fd = _try_lock(folder.path)
+            if fd is None:
+                raise RunBusy(f"run {row.name!r} is already queued or running; cancel it "
+                              "before starting it again")
+            try:
+                # We hold the lock, so these writes are the run's only ones; "queued" stands
+                # until the worker writes its own status, and if the worker dies before that,
+                # the next refresh finds the lock free and the run still queued: interrupted.
+                (folder.path / CANCEL_FILE).unlink(missing_ok=True)
+                folder.set_status("queued", pid=None, pid_started=None,
+                                  phase="starting the worker")
+                proc = self._spawn(folder, fd, resume)
+                try:
+                    started = psutil.Process(proc.pid).create_time()
+                except psutil.Error:  # already gone: the next refresh says why
+                    started = None
+                with self._db() as db:
+                    db.execute(
+                        "UPDATE runs SET state='queued', pid=?, pid_started=?, updated=?, "
+                        "error=NULL WHERE id=?", (proc.pid, started, time.time(), run_id),
+                    )
+            finally:
+                os.close(fd)  # the worker's inherited copy holds the lock from here on
+
+    def _spawn(self, folder: RunFolder, fd: int, resume: bool) -> subprocess.Popen:
+        """The worker process, handed the run lock as descriptor `fd` (the same number)."""
+        cmd = [*self.worker_command, str(folder.path), "--lock-fd", str(fd)]
+        if resume:
+            cmd.append("--resume")
+        log = open(folder.path / "worker.log", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            return subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=str(self.data_dir), pass_fds=(fd,),
+                env=_worker_env(self.data_dir),
+            )
+        except OSError as e:
+            folder.set_status("failed", error=f"could not start the worker: {e}")
+            raise RunError(f"could not start a worker for {folder.path.name}: {e}") from e
+        finally:
+            log.close()
+
+    def cancel(self, run_id: str) -> None:
+        """Ask the worker to stop after its current step; it keeps its last checkpoint."""
+        row = self.get(run_id)
+        if row.state not in ACTIVE:
+            raise RunError(f"run {row.name!r} is {row.state}, not running")
+        (self.folder(run_id).path / CANCEL_FILE).write_text("cancel\n")
+
+    def delete(self, run_id: str) -> None:
+        row = self.get(run_id)
+        path = self.folder(run_id).path
+        if not path.is_dir():  # the folder is gone already: forget the row
+            with self._db() as db:
+                db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+            return
+        with _claim(path):
+            fd = _try_lock(path)
+            if fd is None:
+                raise RunBusy(f"run {row.name!r} is {row.state}; cancel it before deleting")
+            try:  # holding the lock: no worker can start on the folder while it goes
+                shutil.rmtree(path, ignore_errors=True)
+                with self._db() as db:
+                    db.execute("DELETE FROM runs WHERE id=?", (run_id,))
+            finally:
+                os.close(fd)
+
+    def kill(self, run_id: str) -> None:
+        """Stop a worker at once (SIGKILL); the run becomes interrupted on the next refresh."""
+        row = self.get(run_id)
+        if row.pid and _alive(row.pid, row.pid_started):
+            os.kill(row.pid, signal.SIGKILL)
+
+    def refresh(self) -> list[RunRow]:
+        """Fold run folders' status into the registry; mark dead workers' runs interrupted.
+
+        Also registers run folders the registry does not know (e.g. after a lost database).
+        """
+        rows = {r.id: r for r in self.list()}
+        for path in sorted(self.runs_dir.iterdir()) if self.runs_dir.is_dir() else []:
+            if path.name not in rows and _ID.match(path.name) and RunFolder(path).exists():
+                self._adopt(RunFolder(path))
+        for row in self.list():
+            if row.state in FINISHED and row.state != "interrupted":
+                continue
+            self._sync(row)
+        return self.list()
+
+    def _adopt(self, folder: RunFolder) -> None:
+        try:
+            info = folder.read_config()
+        except (RunError, ValueError):
+            return
+        now = time.time()
+        with self._db() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO runs (id, name, state, created, updated, data_name, model) "
+                "VALUES (?, ?, 'created', ?, ?, ?, ?)",
+                (folder.path.name, info.get("name", folder.path.name), info.get("created", now),
+                 now, Path(info["run"]["train_csv"]).name, info["run"]["model"]),
+            )
+
+    def _sync(self, row: RunRow) -> None:
+        """Fold a run's status into the registry; mark it interrupted if its worker is gone.
+
+        Liveness is checked first and the status read after: a worker that writes its last
+        status and exits just before the check leaves the lock free and that status on disk,
+        which is then read as it is. A free lock is taken before anything is written.
+        """
+        folder = self.folder(row.id)
+        if not folder.path.is_dir():
+            return
+        with _claim(folder.path):
+            fd = _try_lock(folder.path)
+            try:
+                status = folder.status()
+                state = status.get("state", "created")
+                error = status.get("error")
+                if fd is not None and state in ACTIVE:  # the lock is ours: no worker lives
+                    state = "interrupted"
+                    error = error or ("the worker process ended without finishing (killed or "
+                                      "crashed)")
+                    if tail := _log_tail(folder):
+                        error += f"; its log ends with: {tail}"
+                    folder.set_status("interrupted", error=error, step=_last_step(folder))
+                step, total = _progress(folder)
+                report = folder.read_report() if state == "completed" else None
+                # Under the claim lock, so no start of this run lands between the read
+                # above and this write (a finished state written over a new start's
+                # "queued" would never be refreshed again).
+                with self._db() as db:
+                    db.execute(
+                        "UPDATE runs SET state=?, updated=?, step=?, total_steps=?, "
+                        "accuracy=?, macro_f1=?, error=? WHERE id=?",
+                        (state, time.time(), step, total,
+                         # a generation run's report has no accuracy or macro-F1
+                         report and report.get("accuracy"), report and report.get("macro_f1"),
+                         error, row.id),
+                    )
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+
+def _worker_env(data_dir: Path) -> dict[str, str]:
+    """The app's environment, with this package importable from the worker's folder."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    paths = [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths),
+            "PREFIXLAB_DATA_DIR": str(data_dir)}
+
+
+def _log_tail(folder: RunFolder) -> str:
+    """The worker log's last line, which says why a worker died before reporting."""
+    log = folder.path / "worker.log"
+    if not log.is_file():
+        return ""
+    lines = [x for x in log.read_text(errors="replace").splitlines()[-20:] if x.strip()]
+    return lines[-1].strip()[:300] if lines else ""
+
+
+def _alive(pid: int | None, started: float | None) -> bool:
+    """Is this exact process still running (and not a new one that reused its pid)?"""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if started is not None and abs(proc.create_time() - started) > 1.0:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _progress(folder: RunFolder) -> tuple[int, int]:
+    """The last step and total steps written to the metrics log (reads only its tail)."""
+    path = folder.metrics_path
+    if not path.is_file():
+        return 0, 0
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - 8192))
+        tail = f.read().splitlines()
+    for line in reversed(tail):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("type") == "step":
+            return int(record["step"]), int(record["total_steps"])
+    return 0, 0
+
+
+def _last_step(folder: RunFolder) -> int:
+    return _progress(folder)[0]
+
+
+# --- the worker ----------------------------------------------------------------------------
+
+
+DEVICE_POLL_S = 0.25  # how often a queued worker looks at the device lock and for a cancel
+
+
+def _try_flock(f) -> bool:
+    """Take an exclusive flock on `f` without waiting; released by the OS if we are killed."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def run_worker(run_dir: str | Path, resume: bool = False, lock_fd: int | None = None) -> int:
+    """Body of a worker process: hold the run lock, wait for the device, train, record the
+    outcome. `lock_fd` is the run lock handed down by RunStore.start; without it the worker
+    takes the lock itself (and refuses to run while another process holds it)."""
+    folder = RunFolder(run_dir)
+    try:
+        lock = (RunLock.adopt(folder.path, lock_fd) if lock_fd is not None
+                else RunLock.claim(folder.path))
+    except RunError as e:  # not ours to write: another process owns this run
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    with lock:
+        return _work(folder, resume)
+
+
+def _work(folder: RunFolder, resume: bool) -> int:
+    from prefixlab.engine.models import load_model, pick_device
+
+    try:
+        cfg = folder.run_config()
+        device = pick_device(cfg.device)
+        locks = Path(os.environ.get("PREFIXLAB_DATA_DIR", folder.path.parent.parent)) / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        cancel = folder.path / CANCEL_FILE
+        with open(locks / f"{device.type}.lock", "w") as lock:
+            # Polled rather than blocking, so a queued run is cancelled at once instead of
+            # after the run ahead of it; "waiting" is said only when someone holds the device.
+            waiting = False
+            while not _try_flock(lock):
+                if cancel.exists():
+                    folder.set_status("cancelled")
+                    return 0
+                if not waiting:
+                    folder.set_status("queued", phase="waiting for the device: another run "
+                                      "is training")
+                    waiting = True
+                time.sleep(DEVICE_POLL_S)
+            if cancel.exists():
+                folder.set_status("cancelled")
+                return 0
+            processes = distributed.process_count(cfg.nproc, device)
+            folder.set_status("running", phase="loading the model", processes=processes)
+            if processes > 1:
+                return launch_ranks(folder, processes, resume)
+            loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
+            report = execute_run(folder, loaded, resume=resume, should_stop=cancel.exists)
+            if report is None:
+                folder.set_status("cancelled", step=_last_step(folder))
+        return 0
+    except distributed.LaunchError as e:
+        folder.set_status("failed", error=str(e))
+        return 1
+    except MemoryError:
+        folder.set_status("failed", error="out of memory: try a smaller batch size or max "
+                          "length")
+        return 1
+    except Exception as e:  # the worker's last word: record why, keep the traceback in its log
+        traceback.print_exc()
+        message = " ".join(str(e).split()) or type(e).__name__
+        with contextlib.suppress(OSError):
+            folder.set_status("failed", error=f"{type(e).__name__}: {message}")
+        return 1
+
+
+def launch_ranks(folder: RunFolder, processes: int, resume: bool) -> int:
+    """Train on `processes` ranks started by torch's launcher in this process, which holds
+    the run lock: rank 0 writes the run's progress on its behalf (one writer at a time);
+    when a rank dies the launcher stops the others and this process records which one and
+    how."""
+    try:
+        distributed.launch(["rank", str(folder.path), *(["--resume"] if resume else [])],
+                           processes)
+    except distributed.WorkerFailed as e:
+        folder.set_status("interrupted" if e.killed else "failed", error=str(e),
+                          step=_last_step(folder), processes=processes)
+        return 1
+    return 0
