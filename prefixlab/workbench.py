@@ -27,8 +27,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from prefixlab.data import tables as datamod
+from prefixlab.data.columns import guess_columns
+from prefixlab.data.labeled import LabeledData, load_labeled_csv
 from prefixlab.data.pairs import TextPairs, load_pairs_csv, looks_like_targets
+from prefixlab.data.reading import DataError, read_table
+from prefixlab.data.writing import write_csv
 from prefixlab.engine.decode import DecodeConfig, Sampling
 from prefixlab.engine.encode import Encoder, Template
 from prefixlab.engine.models import (
@@ -118,7 +121,7 @@ class BatchPrediction:
     label_column: str | None  # gold labels found in the file, if any
     report: dict | None  # metrics against that column (rows with a label the run knows)
     skipped: int  # rows whose gold label is empty or unknown to the run (not in the metrics)
-    neutralized: int  # cells written with a leading ' (see data.write_csv)
+    neutralized: int  # cells written with a leading ' (see data.writing.write_csv)
     reports: dict[str, dict] = field(default_factory=dict)  # several runs: metrics per run name
 
 
@@ -295,9 +298,9 @@ class Workbench:
     # --- data --------------------------------------------------------------------------------
 
     def preview_csv(self, path: str | Path, rows: int = 20) -> CsvPreview:
-        table = datamod.read_table(path)
+        table = read_table(path)
         frame = table.frame
-        text, label = datamod.guess_columns(list(frame.columns), frame)
+        text, label = guess_columns(list(frame.columns), frame)
         target = None
         if text is not None:
             rest = [c for c in frame.columns if c != text]
@@ -316,12 +319,12 @@ class Workbench:
                           len(frame), list(table.warnings), target)
 
     def check_columns(self, path: str | Path, text: str | None,
-                      label: str | None) -> datamod.LabeledData:
-        return datamod.load_labeled_csv(path, text, label)
+                      label: str | None) -> LabeledData:
+        return load_labeled_csv(path, text, label)
 
     def check_pairs(self, path: str | Path, text: str | None, target: str) -> TextPairs:
         if not text:
-            raise datamod.DataError("choose the input column beside the target column")
+            raise DataError("choose the input column beside the target column")
         return load_pairs_csv(path, text, target)
 
     def keep_upload(self, path: str | Path, name: str) -> Path:
@@ -571,7 +574,7 @@ class Workbench:
                                + ", ".join(sorted(models)))
             batcher = self._batcher_of(ids[0])
             prefixes = [batcher.store.get(i) for i in ids]
-            frame = datamod.read_table(path).frame
+            frame = read_table(path).frame
             column = text_column_of(frame, text_column or runs[0].config.text_column, path,
                                     guess=not text_column)
             out = predict_frame(batcher.loaded, prefixes, frame, column)
@@ -595,7 +598,7 @@ class Workbench:
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name or path).stem)[:60] or "data"
         folder = self.exports_dir / f"predictions-{int(time.time())}-{uuid.uuid4().hex[:8]}"
         target = folder / f"{stem}-predictions.csv"
-        neutralized = datamod.write_csv(out, target)
+        neutralized = write_csv(out, target)
         report = next(iter(reports.values()), None)
         return BatchPrediction(target, len(out), gold_column, report, skipped, neutralized,
                                reports if len(runs) > 1 else {})

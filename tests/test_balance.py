@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from prefixlab.data.tables import LabeledData
+from prefixlab.data.labeled import LabeledData
 from prefixlab.engine.balance import (
     calibrate,
     class_weights,

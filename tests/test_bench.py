@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from prefixlab.bench import speed
-from prefixlab.data.tables import LabeledData
+from prefixlab.data.labeled import LabeledData
 from prefixlab.engine import llama_cpu
 
 from .conftest import LABELS, TEXTS, tiny_model

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from prefixlab.cli.commands import main
-from prefixlab.data.tables import read_table
+from prefixlab.data.reading import read_table
 from tests.conftest import make_tokenizer, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

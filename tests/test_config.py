@@ -10,7 +10,7 @@ import pkgutil
 import pytest
 
 from prefixlab.cli.commands import main
-from prefixlab.data.tables import DataError
+from prefixlab.data.reading import DataError
 from prefixlab.engine.encode import Template, TemplateError
 from prefixlab.engine.models import ModelLoadError
 from prefixlab.engine.peft_interop import PeftFormatError
@@ -41,7 +41,7 @@ def test_every_public_exception_in_prefixlab_is_a_prefixlab_error():
             if (isinstance(obj, type) and issubclass(obj, BaseException)
                     and obj.__module__ == info.name and not name.startswith("_")):
                 found[f"{info.name}.{name}"] = obj
-    assert "prefixlab.data.tables.DataError" in found  # the walk saw the package
+    assert "prefixlab.data.reading.DataError" in found  # the walk saw the package
     outside = sorted(name for name, obj in found.items() if not issubclass(obj, PrefixLabError))
     assert not outside, f"not derived from PrefixLabError: {outside}"
 

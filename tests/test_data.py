@@ -1,4 +1,4 @@
-"""data.tables: every file in tests/bad_inputs/ is one test with its expected outcome, plus
+"""data: every file in tests/bad_inputs/ is one test with its expected outcome, plus
 generated cases (a 1 MB cell, an over-limit file), column guessing, splitting and writing."""
 
 from __future__ import annotations
@@ -14,16 +14,11 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import train_test_split
 
-from prefixlab.data.tables import (
-    DataError,
-    LabeledData,
-    guess_columns,
-    load_labeled_csv,
-    neutralize_cell,
-    read_table,
-    stratified_split,
-    write_csv,
-)
+from prefixlab.data.columns import guess_columns
+from prefixlab.data.labeled import LabeledData, load_labeled_csv
+from prefixlab.data.reading import DataError, read_table
+from prefixlab.data.splits import stratified_split
+from prefixlab.data.writing import neutralize_cell, write_csv
 
 CORPUS = Path(__file__).resolve().parent / "bad_inputs"
 NOT_CORPUS = {"make_binary.py", ".gitattributes"}

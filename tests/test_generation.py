@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from prefixlab.data.pairs import group_split, load_pairs_csv, looks_like_targets
-from prefixlab.data.tables import DataError
+from prefixlab.data.reading import DataError
 from prefixlab.engine.decode import DecodeConfig
 from prefixlab.engine.encode import PairEncoder, Template, TemplateError, collate
 from prefixlab.engine.prefix import Prefix, PrefixConfig, forward

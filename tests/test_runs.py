@@ -81,7 +81,7 @@ def test_worker_trains_a_run_to_completion(tmp_path, csv_file, model_dir, loaded
 
 
 def test_bad_data_creates_no_run(tmp_path, model_dir, loaded):
-    from prefixlab.data.tables import DataError
+    from prefixlab.data.reading import DataError
 
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nonly,one\n")

@@ -134,7 +134,7 @@ def test_max_steps_zero_trains_nothing(loaded):
 
 def test_evaluation_loss_is_the_training_objective(loaded):
     """The validation loss read from label scores equals the training loss on those rows."""
-    from prefixlab.data.tables import LabeledData
+    from prefixlab.data.labeled import LabeledData
     from prefixlab.engine.encode import collate
     from prefixlab.engine.train import batch_loss
     from prefixlab.runs.experiment import evaluate_prefix

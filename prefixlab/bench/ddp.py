@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefixlab.bench.speed import DEFAULT_CSV, default_data_dir, sample_split
-from prefixlab.data import tables as datamod
+from prefixlab.data.labeled import LabeledData, load_labeled_csv
 from prefixlab.runs.experiment import RunFolder
 
 WARM_STEPS = 2  # steps left out of the rate: the first ones pay for lazy allocations
@@ -57,7 +57,7 @@ def steady_rate(records: list[dict], warm: int = WARM_STEPS) -> float:
     return (seen_last - seen_first) / (last["elapsed_s"] - first["elapsed_s"])
 
 
-def _write_csv(path: Path, data: datamod.LabeledData) -> None:
+def _write_csv(path: Path, data: LabeledData) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cores % args.nproc:
         parser.error(f"--cores {args.cores} does not split into {args.nproc} processes")
 
-    data = datamod.load_labeled_csv(Path(args.data_dir) / args.csv)
+    data = load_labeled_csv(Path(args.data_dir) / args.csv)
     train_part, held_out = sample_split(data, args.rows, args.eval_rows, args.seed)
     layouts = [Layout(1, args.cores), Layout(args.nproc, args.cores // args.nproc)]
     results: dict[str, list[dict]] = {layout.name: [] for layout in layouts}

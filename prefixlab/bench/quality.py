@@ -138,7 +138,7 @@ def _apply(config, overrides: dict) -> None:
 def run_case(case: Case, loaded, workdir: Path, overrides: dict, zero_cache: dict,
              scores_dir: Path | None = None) -> dict:
     """Train with the default recipe on the case's rows; score everything on its test rows."""
-    from prefixlab.data.tables import csv_text
+    from prefixlab.data.writing import csv_text
     from prefixlab.engine.balance import (
         CONTENT_FREE,
         LabelRule,

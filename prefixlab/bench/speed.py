@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefixlab.data import tables as datamod
+from prefixlab.data.labeled import LabeledData, load_labeled_csv
+from prefixlab.data.splits import stratified_split
 from prefixlab.engine import cpu
 from prefixlab.engine.encode import DEFAULT_TEMPLATE, Encoder, Example, Template, bucketed_batches
 from prefixlab.engine.models import LoadedModel, autocast
@@ -218,13 +219,13 @@ def non_embedding_parameters(model: nn.Module) -> int:
 
 
 def sample_split(
-    data: datamod.LabeledData, rows: int, eval_rows: int, seed: int
-) -> tuple[datamod.LabeledData, datamod.LabeledData]:
+    data: LabeledData, rows: int, eval_rows: int, seed: int
+) -> tuple[LabeledData, LabeledData]:
     """A fixed stratified sample of rows + eval_rows examples, split into (train, held-out)."""
     wanted = rows + eval_rows
     if wanted < len(data):
-        _, data = datamod.stratified_split(data, wanted / len(data), seed)
-    train_part, held_out = datamod.stratified_split(data, eval_rows / len(data), seed)
+        _, data = stratified_split(data, wanted / len(data), seed)
+    train_part, held_out = stratified_split(data, eval_rows / len(data), seed)
     return train_part, held_out
 
 
@@ -233,13 +234,13 @@ class Task:
     """What both contenders train and score on, built the same way in every worker."""
 
     encoder: Encoder
-    train: datamod.LabeledData
-    held_out: datamod.LabeledData
+    train: LabeledData
+    held_out: LabeledData
     examples: list[Example]
     init_kv: torch.Tensor  # (L, 2, H_kv, P, D): the text initialization both start from
 
 
-def build_task(loaded: LoadedModel, cfg: BenchConfig, data: datamod.LabeledData) -> Task:
+def build_task(loaded: LoadedModel, cfg: BenchConfig, data: LabeledData) -> Task:
     train_part, held_out = sample_split(data, cfg.rows, cfg.eval_rows, cfg.seed)
     encoder = Encoder(loaded.tokenizer, Template(cfg.template), data.label_names, cfg.max_length)
     examples = encoder.examples(train_part.texts, train_part.labels)
@@ -479,7 +480,7 @@ def run_peft(loaded: LoadedModel, task: Task, cfg: BenchConfig) -> dict:
 
 
 def run_worker(contender: str, cfg: BenchConfig, loaded: LoadedModel | None = None,
-               data: datamod.LabeledData | None = None) -> dict:
+               data: LabeledData | None = None) -> dict:
     """One contender end to end: load model and data, train, score. Returns a JSON-able dict."""
     from prefixlab.engine.models import load_model
 
@@ -491,7 +492,7 @@ def run_worker(contender: str, cfg: BenchConfig, loaded: LoadedModel | None = No
     load_s = time.perf_counter() - began
     rss_after_load = peak_rss_bytes()
     if data is None:
-        data = datamod.load_labeled_csv(Path(cfg.data_dir) / cfg.csv)
+        data = load_labeled_csv(Path(cfg.data_dir) / cfg.csv)
     task = build_task(loaded, cfg, data)
     run = {"ours": run_ours, "peft": run_peft}[contender]
     result = run(loaded, task, cfg)

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 from prefixlab.cli.options import add_options, given
-from prefixlab.data import tables as datamod
+from prefixlab.data.labeled import load_labeled_csv
+from prefixlab.data.reading import DataError, read_table
+from prefixlab.data.writing import write_csv
 from prefixlab.errors import USER_ERRORS
 from prefixlab.runs.presets import CLI_NAMES
 
@@ -76,7 +78,7 @@ def _stop_strings(args) -> list[str] | None:
 
 
 def cmd_validate(args) -> int:
-    data = datamod.load_labeled_csv(args.csv, args.text_column, args.label_column)
+    data = load_labeled_csv(args.csv, args.text_column, args.label_column)
     print(f"{args.csv}: {len(data)} usable rows, text column {data.text_column!r}, "
           f"label column {data.label_column!r}")
     for label, count in sorted(data.label_counts().items(), key=lambda kv: -kv[1]):
@@ -317,10 +319,10 @@ def cmd_predict(args) -> int:
     from prefixlab.runs.experiment import open_run, predict_table
 
     if not args.text and not args.csv:
-        raise datamod.DataError("give --text TEXT (repeatable) or --csv IN --output OUT")
+        raise DataError("give --text TEXT (repeatable) or --csv IN --output OUT")
     runs = ([args.run] if args.run else []) + args.runs
     if not runs:
-        raise datamod.DataError("name a run folder: predict RUN or --run RUN (repeatable)")
+        raise DataError("name a run folder: predict RUN or --run RUN (repeatable)")
     if len(runs) > 1:
         return _predict_many(args, runs)
     run = open_run(runs[0])
@@ -346,9 +348,9 @@ def cmd_predict(args) -> int:
                               "probabilities": ranked}))
     if args.csv:
         if not args.output:
-            raise datamod.DataError("--csv needs --output OUT.csv")
+            raise DataError("--csv needs --output OUT.csv")
         frame = predict_table(run, args.csv, args.text_column)
-        datamod.write_csv(frame, args.output)
+        write_csv(frame, args.output)
         what = "generations" if run.is_generation else "predictions"
         _say(f"wrote {len(frame)} {what} to {args.output}")
     return 0
@@ -385,12 +387,12 @@ def _predict_many(args, runs: list[str]) -> int:
                               "probabilities": ranked}))
     if args.csv:
         if not args.output:
-            raise datamod.DataError("--csv needs --output OUT.csv")
-        frame = datamod.read_table(args.csv).frame
+            raise DataError("--csv needs --output OUT.csv")
+        frame = read_table(args.csv).frame
         column = text_column_of(frame, args.text_column or prefixes[0].text_column, args.csv,
                                 guess=not args.text_column)
         out = predict_frame(loaded, prefixes, frame, column)
-        datamod.write_csv(out, args.output)
+        write_csv(out, args.output)
         _say(f"wrote {len(out)} predictions under {len(prefixes)} prefixes to {args.output}")
     return 0
 
@@ -442,7 +444,7 @@ def cmd_import_peft(args) -> int:
 
     labels = sorted({x.strip() for x in args.labels.split(",") if x.strip()})
     if len(labels) < 2:
-        raise datamod.DataError("--labels needs at least two comma-separated labels")
+        raise DataError("--labels needs at least two comma-separated labels")
     folder = RunFolder(args.output)
     if folder.path.exists() and any(folder.path.iterdir()):
         raise FileExistsError(f"{folder.path} already exists and is not empty")

@@ -1,6 +1,6 @@
 """Input -> target pairs from a CSV, for generation runs (data-to-text, rewrites, replies).
 
-The file goes through the same reader as labeled data (`data.read_table`: size limit,
+The file goes through the same reader as labeled data (`data.reading.read_table`: size limit,
 encoding, delimiter, CSV structure) and the same kind of messages: rows with an empty input or
 target are dropped with a warning naming them; a file that cannot be used raises one
 `DataError` that lists every problem. Splits keep rows that share an input together
@@ -17,15 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from prefixlab.data.tables import (
-    MAX_FILE_BYTES,
-    DataError,
-    _join,
-    _resolve_column,
-    _rows_phrase,
-    _strings,
-    read_table,
-)
+from prefixlab.data.columns import column_strings, resolve_column
+from prefixlab.data.messages import joined, rows_phrase
+from prefixlab.data.reading import MAX_FILE_BYTES, DataError, read_table
 
 
 @dataclass
@@ -64,7 +58,7 @@ def looks_like_targets(frame: pd.DataFrame, column: str, min_chars: float = 25.0
 
     Labels repeat a few short values; generation targets are sentences, most of them unique.
     """
-    values = _strings(frame.head(1000), column)
+    values = column_strings(frame.head(1000), column)
     if len(values) < 2:
         return False
     mean_chars = sum(map(len, values)) / len(values)
@@ -80,11 +74,11 @@ def load_pairs_csv(path: str | Path, input_column: str, target_column: str, *,
     problems: list[str] = []
     if len(frame) == 0:
         problems.append(
-            f"the file has a header ({_join(map(repr, columns))}) but no data rows below it"
+            f"the file has a header ({joined(map(repr, columns))}) but no data rows below it"
         )
     chosen = []
     for requested, role in ((input_column, "input"), (target_column, "target")):
-        column, problem = _resolve_column(requested, columns, role)
+        column, problem = resolve_column(requested, columns, role)
         problems += [problem] if problem else []
         chosen.append(column)
     inp, tgt = chosen
@@ -116,11 +110,11 @@ def load_pairs_csv(path: str | Path, input_column: str, target_column: str, *,
             targets.append(y[:max_text_chars])
             rows.append(i + 1)
     if blank:
-        warnings.append(f"ignored {_rows_phrase(blank)} with neither input nor target")
+        warnings.append(f"ignored {rows_phrase(blank)} with neither input nor target")
     if empty_input:
-        warnings.append(f"dropped {_rows_phrase(empty_input)} with an empty input ({inp!r})")
+        warnings.append(f"dropped {rows_phrase(empty_input)} with an empty input ({inp!r})")
     if empty_target:
-        warnings.append(f"dropped {_rows_phrase(empty_target)} with an empty target ({tgt!r})")
+        warnings.append(f"dropped {rows_phrase(empty_target)} with an empty target ({tgt!r})")
     dropped = "; ".join(warnings[len(table.warnings):])
     if not inputs:
         raise DataError(f"no usable rows: {dropped}" if dropped else "no usable rows", path)
@@ -134,7 +128,7 @@ def load_pairs_csv(path: str | Path, input_column: str, target_column: str, *,
             repeats.append(row)
         seen.add((x, y))
     if repeats:
-        warnings.append(f"{_rows_phrase(repeats)} repeat an earlier row's input and target "
+        warnings.append(f"{rows_phrase(repeats)} repeat an earlier row's input and target "
                         "exactly")
     distinct = len(set(inputs))
     if distinct < 2:

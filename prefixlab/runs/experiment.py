@@ -32,7 +32,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from prefixlab.data import tables as datamod
+from prefixlab.data.columns import guess_columns
+from prefixlab.data.labeled import LabeledData, load_labeled_csv
+from prefixlab.data.reading import DataError, read_table
+from prefixlab.data.splits import stratified_split
 from prefixlab.engine import distributed
 from prefixlab.engine.balance import (
     MIN_FIT_ROWS,
@@ -216,16 +219,16 @@ class RunFolder:
 
 @dataclass
 class PreparedData:
-    train: datamod.LabeledData | TextPairs  # TextPairs in a generation run
-    validation: datamod.LabeledData | TextPairs
+    train: LabeledData | TextPairs  # TextPairs in a generation run
+    validation: LabeledData | TextPairs
     labels: list[str]  # empty in a generation run
     warnings: list[str]
 
 
-def _sample(data: datamod.LabeledData, n: int | None, seed: int) -> datamod.LabeledData:
+def _sample(data: LabeledData, n: int | None, seed: int) -> LabeledData:
     if n is None or len(data) <= n:
         return data
-    keep, _ = datamod.stratified_split(data, 1 - n / len(data), seed)
+    keep, _ = stratified_split(data, 1 - n / len(data), seed)
     return keep
 
 
@@ -234,25 +237,25 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     if cfg.is_generation:
         train_part, val, warnings = prepare_pairs(cfg)
         return PreparedData(train_part, val, [], warnings)
-    full = datamod.load_labeled_csv(cfg.train_csv, cfg.text_column, cfg.label_column)
+    full = load_labeled_csv(cfg.train_csv, cfg.text_column, cfg.label_column)
     warnings = list(full.warnings)
     seed = cfg.training.seed
     if cfg.validation_csv:
-        val = datamod.load_labeled_csv(cfg.validation_csv, full.text_column, full.label_column)
+        val = load_labeled_csv(cfg.validation_csv, full.text_column, full.label_column)
         warnings += [f"validation file: {w}" for w in val.warnings]
         unknown = sorted(set(val.label_names) - set(full.label_names))
         if unknown:
-            raise datamod.DataError(
+            raise DataError(
                 f"the validation file has labels that training never sees: {', '.join(unknown)}"
             )
         train_part = full
     else:
-        train_part, val = datamod.stratified_split(full, cfg.validation_share, seed)
+        train_part, val = stratified_split(full, cfg.validation_share, seed)
         warnings += train_part.warnings[len(full.warnings):]
     train_part = _sample(train_part, cfg.max_train_examples, seed)
     val = _sample(val, cfg.max_eval_examples, seed)
     if len(val) == 0:
-        raise datamod.DataError("no rows are left for validation; add rows or a validation file")
+        raise DataError("no rows are left for validation; add rows or a validation file")
     return PreparedData(train_part, val, list(full.label_names), warnings)
 
 
@@ -300,18 +303,18 @@ def evaluate_csv(run: Run, path: str | Path, text_column: str | None = None,
     Columns: as given, else the run's own names when the file has them, else guessed. A label
     the run never trained on is refused (the prefix cannot predict it).
     """
-    columns = datamod.read_table(path).frame.columns
-    data = datamod.load_labeled_csv(path, text_column or _present(run.config.text_column, columns),
-                                    label_column or _present(run.config.label_column, columns))
+    columns = read_table(path).frame.columns
+    data = load_labeled_csv(path, text_column or _present(run.config.text_column, columns),
+                            label_column or _present(run.config.label_column, columns))
     unknown = sorted(set(data.label_names) - set(run.labels))
     if unknown:
-        raise datamod.DataError(
+        raise DataError(
             f"{Path(path).name} has labels the run was not trained on: {', '.join(unknown)} "
             f"(run labels: {', '.join(run.labels)})"
         )
     try:
         train_data = prepare_data(run.config).train
-    except (datamod.DataError, OSError):
+    except (DataError, OSError):
         train_data = None  # the training file moved: no TF-IDF baseline
     report = full_report(run.loaded, run.kv, run.encoder, train_data, data,
                          run.config.training.seed)
@@ -336,9 +339,9 @@ def text_column_of(frame, wanted: str | None, path: str | Path, guess: bool = Tr
     """The column to read texts from: `wanted` if present, else (when `guess`) the guess."""
     column = wanted
     if column not in frame.columns and guess:
-        column = datamod.guess_columns(list(frame.columns), frame)[0]
+        column = guess_columns(list(frame.columns), frame)[0]
     if column is None or column not in frame.columns:
-        raise datamod.DataError(
+        raise DataError(
             f"{Path(path).name} has no text column {column or ''!r}; "
             f"columns: {', '.join(map(str, frame.columns))}"
         )
@@ -347,7 +350,7 @@ def text_column_of(frame, wanted: str | None, path: str | Path, guess: bool = Tr
 
 def predict_table(run: Run, path: str | Path, text_column: str | None = None):
     """A CSV's rows with the predicted label and every label's probability appended."""
-    frame = datamod.read_table(path).frame
+    frame = read_table(path).frame
     column = text_column_of(frame, text_column or run.config.text_column, path,
                             guess=not text_column)
     texts = frame[column].fillna("").astype(str).tolist()
@@ -385,7 +388,7 @@ def open_run(path: str | Path, loaded: LoadedModel | None = None) -> Run:
 
 
 def evaluate_prefix(
-    loaded: LoadedModel, kv: torch.Tensor | None, encoder: Encoder, data: datamod.LabeledData
+    loaded: LoadedModel, kv: torch.Tensor | None, encoder: Encoder, data: LabeledData
 ) -> tuple[dict, np.ndarray]:
     """Metrics of one prefix (or the bare model) and the label probabilities, in one pass."""
     ll = score_rows(loaded, kv, encoder, data)
@@ -393,13 +396,13 @@ def evaluate_prefix(
 
 
 def score_rows(loaded: LoadedModel, kv: torch.Tensor | None, encoder: Encoder,
-               data: datamod.LabeledData) -> np.ndarray:
+               data: LabeledData) -> np.ndarray:
     """Label log-likelihoods (N, K) of the rows; in a process group each rank scores a share."""
     return distributed.gather_rows(
         lambda texts: score_log_likelihoods(loaded.model, kv, encoder, texts), data.texts)
 
 
-def report_from_scores(encoder: Encoder, data: datamod.LabeledData, ll: np.ndarray) -> dict:
+def report_from_scores(encoder: Encoder, data: LabeledData, ll: np.ndarray) -> dict:
     """Metrics of label log-likelihoods `ll` (N, K) by the encoder's decision rule.
 
     The report's `loss` is the training objective on these rows: the mean cross-entropy of
@@ -414,7 +417,7 @@ def report_from_scores(encoder: Encoder, data: datamod.LabeledData, ll: np.ndarr
     return report
 
 
-def fit_decision(encoder: Encoder, data: datamod.LabeledData, ll: np.ndarray,
+def fit_decision(encoder: Encoder, data: LabeledData, ll: np.ndarray,
                  label_counts: dict[str, int]) -> dict:
     """The prior strength that decides best on the validation rows (balance.fit_prior_scale),
     with what it scored and, when there were too few rows to fit, which labels lacked them."""
@@ -437,8 +440,8 @@ def fit_decision(encoder: Encoder, data: datamod.LabeledData, ll: np.ndarray,
 
 
 def full_report(
-    loaded: LoadedModel, kv: torch.Tensor, encoder: Encoder, train_data: datamod.LabeledData | None,
-    data: datamod.LabeledData, seed: int, prefix_report: dict | None = None,
+    loaded: LoadedModel, kv: torch.Tensor, encoder: Encoder, train_data: LabeledData | None,
+    data: LabeledData, seed: int, prefix_report: dict | None = None,
 ) -> dict:
     """The prefix's metrics at the top level, the baselines beside them, and warnings when
     its predictions collapse onto one label or miss one.

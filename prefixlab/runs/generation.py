@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefixlab.runs.config import RunConfig
-from prefixlab.data.tables import DataError
+from prefixlab.data.reading import DataError
 from prefixlab.engine.decode import DecodeConfig, generate_texts
 from prefixlab.engine.encode import PairEncoder, Template, bucketed_batches, collate
 from prefixlab.runs.genmetrics import Grouped, generation_scores, group_references

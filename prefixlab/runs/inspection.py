@@ -16,7 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from prefixlab.data import tables as datamod
+from prefixlab.data.labeled import load_labeled_csv
+from prefixlab.data.reading import DataError
 from prefixlab.engine.cpu import native_bf16
 from prefixlab.runs.experiment import Run, RunFolder, open_run, prepare_data
 from prefixlab.files import atomic_write_json, atomic_write_text
@@ -133,8 +134,8 @@ def pca_json(maps: Mapping[str, PCAMap], layers: Mapping[str, LayersMap],
 def _training_texts(run: Run) -> list[str]:
     cfg = run.config
     try:
-        data = datamod.load_labeled_csv(cfg.train_csv, cfg.text_column, cfg.label_column)
-    except (datamod.DataError, OSError):
+        data = load_labeled_csv(cfg.train_csv, cfg.text_column, cfg.label_column)
+    except (DataError, OSError):
         return []  # the CSV moved or changed: the readouts that need it are left out
     return [t for t in data.texts if t.strip()]
 
@@ -192,7 +193,7 @@ def _held_out(run: Run, rows: int) -> tuple[list[str], list[int]]:
     """The run's own validation rows (the split it was evaluated on), first `rows` of them."""
     try:
         validation = prepare_data(run.config).validation
-    except (datamod.DataError, OSError) as e:
+    except (DataError, OSError) as e:
         raise InterpretError(f"the knockout needs the run's data to score held-out rows, but "
                              f"{run.config.train_csv} cannot be read: {e}") from e
     known = [(t, run.labels.index(y)) for t, y in zip(validation.texts, validation.labels,
@@ -274,7 +275,7 @@ def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool
 
         try:
             pairs = prepare_pairs(run.config)[1]
-        except (datamod.DataError, OSError) as e:
+        except (DataError, OSError) as e:
             raise InterpretError(f"the knockout needs the run's data to score held-out rows, "
                                  f"but {run.config.train_csv} cannot be read: {e}") from e
         texts, targets, gold = pairs.inputs[:rows], pairs.targets[:rows], None

@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from prefixlab.data.tables import DataError
+from prefixlab.data.reading import DataError
 from prefixlab.figures import charts
 from prefixlab.ui.common import LoadHook, bullet_list, escape, shown, wire
 from prefixlab.workbench import EXAMPLE_CSV, Workbench

@@ -7,7 +7,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from prefixlab.data.tables import DataError
+from prefixlab.data.reading import DataError
 from prefixlab.engine.balance import describe_decision
 from prefixlab.engine.encode import TemplateError
 from prefixlab.figures import charts
