@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from prefixlab.bench import speed
+from prefixlab.bench import contenders, machine, speed, task
+from prefixlab.bench.report import disturbance_warning, format_report
 from prefixlab.data.labeled import LabeledData
 from prefixlab.engine import llama_cpu
 
@@ -41,11 +42,11 @@ def _tiny_data(n: int = 40) -> LabeledData:
 def test_both_contenders_run_and_score_the_same_prefix_alike(tokenizer):
     from prefixlab.engine.models import prepare_model
 
-    cfg = speed.BenchConfig(rows=16, eval_rows=12, epochs=2, batch_size=4, prefix_length=4,
-                            max_length=48, warmup_steps=2, score_batch_size=5)
+    cfg = task.BenchConfig(rows=16, eval_rows=12, epochs=2, batch_size=4, prefix_length=4,
+                           max_length=48, warmup_steps=2, score_batch_size=5)
     data = _tiny_data()
     runs = {}
-    for name in speed.CONTENDERS:  # a fresh model each: PEFT wraps the one it gets
+    for name in task.CONTENDERS:  # a fresh model each: PEFT wraps the one it gets
         loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama",
                                torch.device("cpu"))
         runs[name] = [speed.run_worker(name, cfg, loaded=loaded, data=data)]
@@ -60,7 +61,7 @@ def test_both_contenders_run_and_score_the_same_prefix_alike(tokenizer):
     assert peft["agreement"]["labels"] == 1.0
     assert peft["agreement"]["max_abs_prob_diff"] < 1e-4
 
-    report = speed.format_report(cfg, runs, [100.0, 110.0, 90.0])
+    report = format_report(cfg, runs, [100.0, 110.0, 90.0])
     last = report.strip().splitlines()[-1]
     assert re.fullmatch(
         r"summary: train_speedup=\d+\.\d\d score_speedup=\d+\.\d\d flop_utilization=\d+\.\d\d "
@@ -71,7 +72,7 @@ def test_both_contenders_run_and_score_the_same_prefix_alike(tokenizer):
 
     # one speed-up switched off per ablation row; the same rows, the same loss function
     loaded = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"))
-    ablations = {v: speed.run_worker("ours", speed.BenchConfig(**{**vars(cfg), "variant": v}),
+    ablations = {v: speed.run_worker("ours", task.BenchConfig(**{**vars(cfg), "variant": v}),
                                      loaded=loaded, data=data)
                  for v in ("generic", "unbucketed")}
     assert llama_cpu.lean_supported(loaded.model)  # switched back on after the variant
@@ -81,7 +82,7 @@ def test_both_contenders_run_and_score_the_same_prefix_alike(tokenizer):
     # generic and lean steps are the same maths: the same batches give the same losses
     assert abs(ablations["generic"]["train"]["final_loss"]
                - ours["train"]["final_loss"]) < 1e-4
-    report = speed.format_report(cfg, runs, [100.0], ablations, [20.0, 5.5])
+    report = format_report(cfg, runs, [100.0], ablations, [20.0, 5.5])
     assert "without the lean Llama step" in report and "without length bucketing" in report
     assert "5.5 s (second start" in report and re.search(r"app_start_s +5\.500 +<= 8 +met",
                                                           report)
@@ -98,24 +99,24 @@ def test_app_start_is_timed_to_a_served_page(tmp_path):
         "time.sleep(0.5)\n"
         "http.server.HTTPServer(('127.0.0.1', a.port),"
         " http.server.SimpleHTTPRequestHandler).serve_forever()\n")
-    seconds = speed._app_start_seconds(server, tmp_path, None, timeout=30)
+    seconds = machine._app_start_seconds(server, tmp_path, None, timeout=30)
     assert 0.5 <= seconds < 30
     broken = tmp_path / "broken.py"
     broken.write_text("raise SystemExit('no model here')\n")
     with pytest.raises(RuntimeError, match="exited with 1 before serving:\n.*no model here"):
-        speed._app_start_seconds(broken, tmp_path, None, timeout=30)
+        machine._app_start_seconds(broken, tmp_path, None, timeout=30)
 
 
 def test_peft_layout_round_trips():
     kv = torch.randn(3, 2, 2, 5, 4)  # (L, 2, H_kv, P, D)
-    flat = speed.peft_embeddings(kv)
+    flat = contenders.peft_embeddings(kv)
     assert flat.shape == (5, 3 * 2 * 2 * 4)
-    torch.testing.assert_close(speed.peft_key_values(flat, kv), kv)
+    torch.testing.assert_close(contenders.peft_key_values(flat, kv), kv)
 
 
 def test_config_refuses_impossible_sizes():
     with pytest.raises(ValueError, match="rows must be at least 1.*epochs must be at least 1"):
-        speed.BenchConfig(rows=0, epochs=0)
+        task.BenchConfig(rows=0, epochs=0)
 
 
 @pytest.mark.slow
@@ -132,7 +133,7 @@ def test_quick_bench_prints_a_machine_readable_last_line(shared_data):
 
 
 def test_a_disturbed_machine_is_named_in_the_report():
-    assert speed._disturbance_warning([180.0, 185.0, 176.0, 190.0]) == []
-    (line,) = speed._disturbance_warning([180.0, 47.0, 176.0, 190.0])
+    assert disturbance_warning([180.0, 185.0, 176.0, 190.0]) == []
+    (line,) = disturbance_warning([180.0, 47.0, 176.0, 190.0])
     assert line.startswith("WARNING: the matmul peak fell to 26% of its median")
 

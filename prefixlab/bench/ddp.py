@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefixlab.bench.speed import DEFAULT_CSV, default_data_dir, sample_split
+from prefixlab.bench.machine import default_data_dir
+from prefixlab.bench.task import DEFAULT_CSV, sample_split
 from prefixlab.data.labeled import LabeledData, load_labeled_csv
 from prefixlab.runs.experiment import RunFolder
 

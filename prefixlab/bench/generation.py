@@ -22,7 +22,7 @@ It measures time: run it on an otherwise idle machine (`flock /work/bench.lock .
 several people share one). Each generator is warmed up, then timed `--speed-repeats` times in
 alternating order, and its fastest run counts: other processes only ever slow a run down. On
 a shared machine note that torch's OpenMP threads spin while they wait: with more threads than
-free cores a run can take ten times as long (`--threads 1`, or OMP_WAIT_POLICY=PASSIVE).
+free cores a run can take many times as long (`--threads 1`, or OMP_WAIT_POLICY=PASSIVE).
 The last line is a machine-readable `summary: ...`.
 """
 
@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from prefixlab.bench.speed import default_data_dir, peak_rss_bytes
+from prefixlab.bench.machine import default_data_dir, peak_rss_bytes
 from prefixlab.data.pairs import group_split, load_pairs_csv, sample_inputs, sample_rows
 from prefixlab.engine.decode import DecodeConfig, _left_pad
 from prefixlab.engine.encode import DEFAULT_GENERATION_TEMPLATE, PairEncoder, Template
