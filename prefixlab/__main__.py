@@ -1,6 +1,6 @@
 """`python -m prefixlab <command>`: the command line lives in prefixlab/cli/."""
 
-from prefixlab.cli.commands import main
+from prefixlab.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

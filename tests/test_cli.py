@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from prefixlab.cli.commands import main
+from prefixlab.cli.main import main
 from prefixlab.data.reading import read_table
 from tests.conftest import make_tokenizer, tiny_model
 

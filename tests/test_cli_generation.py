@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from prefixlab.cli.commands import main
+from prefixlab.cli.main import main
 from tests.test_cli import model_dir  # noqa: F401  (a module-scoped fixture)
 
 MRS = ["name[Aromi], eatType[pub]", "name[Cotto], food[Italian]", "name[Zizzi], area[riverside]",

@@ -8,8 +8,9 @@ from dataclasses import dataclass, fields
 
 import pytest
 
-from prefixlab.cli.commands import _run_config, build_parser
+from prefixlab.cli.main import build_parser
 from prefixlab.cli.options import add_options, field_docs, given
+from prefixlab.cli.training import _run_config
 from prefixlab.engine.prefix import PrefixConfig
 from prefixlab.engine.train import TrainConfig
 from prefixlab.runs.config import RunConfig

@@ -9,7 +9,7 @@ import pkgutil
 
 import pytest
 
-from prefixlab.cli.commands import main
+from prefixlab.cli.main import main
 from prefixlab.data.reading import DataError
 from prefixlab.engine.encode import Template, TemplateError
 from prefixlab.engine.models import ModelLoadError

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from prefixlab.cli.commands import main
+from prefixlab.cli.main import main
 from prefixlab.engine.encode import Encoder, Template
 from prefixlab.engine.families import family_of
 from prefixlab.engine.models import LoadedModel, autocast, pick_device, prepare_model

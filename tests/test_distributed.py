@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefixlab.cli.commands import main
+from prefixlab.cli.main import main
 from prefixlab.engine import distributed
 from prefixlab.engine.encode import Encoder, Template
 from prefixlab.engine.models import prepare_model

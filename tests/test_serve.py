@@ -141,7 +141,7 @@ def test_predict_frame_writes_one_column_group_per_prefix(loaded, tmp_path):
 
 
 def test_cli_predicts_a_csv_under_several_runs(tmp_path, capsys):
-    from prefixlab.cli.commands import main
+    from prefixlab.cli.main import main
     from prefixlab.engine.models import load_model
     from tests.test_app import save_tiny_model
 

@@ -56,7 +56,7 @@ def _argument(cls: type, f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     raise TypeError(
         f"{cls.__name__}.{f.name}: the CLI cannot read a {hint!r} from the command line; give "
         f"the field a plain type (bool, int, float, str, a Literal, or one of them | None), "
-        f"or list it in the `skip` of its add_options call in __main__.py"
+        f"or list it in the `skip` of its add_options call in cli/main.py"
     )
 
 
@@ -81,3 +81,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: Iterable[str] 
 def given(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
     """The options among `names` that the user gave, as dataclass keywords."""
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def stop_strings(args) -> list[str] | None:
+    """--stop values, with the escapes a shell makes hard to type ("\\n", "\\t") read."""
+    stops = [x.replace("\\n", "\n").replace("\\t", "\t") for x in getattr(args, "stop", [])]
+    return stops or None

@@ -1,0 +1,77 @@
+"""Commands that move a prefix in or out of a run folder: export (PEFT or safetensors),
+import-peft, and inspect (a prefix's readouts as JSON files and an HTML page)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefixlab.cli.options import given
+from prefixlab.cli.output import say
+from prefixlab.data.reading import DataError
+
+
+def cmd_export(args) -> int:
+    from prefixlab.engine.models import PrefixShape, model_provenance, portable_model_id
+    from prefixlab.engine.peft_interop import export_peft
+    from prefixlab.engine.prefix import load_prefix
+    from prefixlab.runs.experiment import RunFolder
+
+    folder = RunFolder(args.run)
+    info = folder.read_config()
+    m = info["model"]
+    shape = PrefixShape(m["num_layers"], m["num_kv_heads"], m["head_dim"])
+    kv = load_prefix(folder.prefix_path, shape).kv
+    if args.format == "peft":
+        from prefixlab.engine.models import load_model
+
+        config = load_model(info["run"]["model"], "cpu").model.config
+        export_peft(kv, config, args.output, portable_model_id(info["run"]["model"]),
+                    notes=model_provenance(info["run"]["model"]))
+    else:
+        import shutil
+
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(folder.prefix_path, Path(args.output) / "prefix.safetensors")
+        shutil.copy2(folder.config_path, Path(args.output) / "config.json")
+    print(f"exported {args.format} prefix to {args.output}")
+    return 0
+
+
+def cmd_import_peft(args) -> int:
+    """A run folder from a PEFT prefix-tuning adapter, ready for predict and evaluate."""
+    from dataclasses import replace
+
+    from prefixlab.engine.models import load_model
+    from prefixlab.engine.peft_interop import import_peft
+    from prefixlab.runs.config import RunConfig
+    from prefixlab.runs.experiment import RunFolder, import_run
+
+    labels = sorted({x.strip() for x in args.labels.split(",") if x.strip()})
+    if len(labels) < 2:
+        raise DataError("--labels needs at least two comma-separated labels")
+    folder = RunFolder(args.output)
+    if folder.path.exists() and any(folder.path.iterdir()):
+        raise FileExistsError(f"{folder.path} already exists and is not empty")
+    cfg = RunConfig(train_csv="", **given(args, args.setting_names))  # checked before loading
+    loaded = load_model(cfg.model, "cpu", progress=say)
+    kv = import_peft(args.adapter, loaded.model.config)
+    cfg = replace(cfg, prefix={"prefix_length": kv.shape[3]})
+    import_run(cfg, folder.path, labels, loaded, kv, imported_from=str(args.adapter))
+    print(f"imported a {kv.shape[3]}-token PEFT prefix into {folder.path}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from prefixlab.engine.models import load_model
+    from prefixlab.runs.experiment import RunFolder
+    from prefixlab.runs.inspection import inspect_run
+
+    cfg = RunFolder(args.run).run_config()
+    loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
+                        progress=say)
+    out = inspect_run(args.run, args.output, loaded, args.top_k, texts=args.text or None,
+                      bank_size=args.bank_size, knockout_rows=args.knockout_rows,
+                      knockout_precision=args.knockout_precision, progress=say)
+    written = ", ".join(sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".html")))
+    print(f"wrote {written} to {out}")
+    return 0

@@ -1,0 +1,173 @@
+"""The command line: `python -m prefixlab <command>`, on the same functions the app calls.
+
+This module builds the parser (one subcommand per `cmd_*` function of `training`, `scoring`
+and `exchange`) and runs the chosen one. Exit codes: 0 success; 2 a user error (bad file, bad
+setting), with one line on stderr; 1 an unexpected failure. No traceback for user errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from prefixlab.cli.exchange import cmd_export, cmd_import_peft, cmd_inspect
+from prefixlab.cli.options import add_options
+from prefixlab.cli.output import say
+from prefixlab.cli.scoring import cmd_evaluate, cmd_predict, cmd_serve
+from prefixlab.cli.training import cmd_rank, cmd_resume, cmd_train, cmd_validate, cmd_worker
+from prefixlab.errors import USER_ERRORS
+from prefixlab.runs.presets import CLI_NAMES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prefixlab.engine.decode import DecodeConfig
+    from prefixlab.engine.prefix import PrefixConfig
+    from prefixlab.engine.train import TrainConfig
+    from prefixlab.interpret.bank import DEFAULT_BANK_SIZE
+    from prefixlab.runs.config import RunConfig
+    from prefixlab.runs.inspection import DEFAULT_KNOCKOUT_ROWS
+
+    parser = argparse.ArgumentParser(prog="python -m prefixlab",
+                                     description="Prefix tuning of a frozen causal LM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def columns(p):
+        p.add_argument("--text-column", help="column holding the text (guessed when omitted)")
+        p.add_argument("--label-column", help="column holding the label (guessed when omitted)")
+
+    p = sub.add_parser("validate", help="check a labeled CSV and report every problem")
+    p.add_argument("csv")
+    columns(p)
+    p.set_defaults(func=cmd_validate)
+
+    def decoding(p, max_new_help: str) -> None:
+        """Decoding options of evaluate and predict (the run's own settings otherwise)."""
+        p.add_argument("--num-beams", type=int,
+                       help="generation runs: 1 decodes greedily, 5 as the paper")
+        p.add_argument("--max-new-tokens", type=int, help=max_new_help)
+        p.add_argument("--stop", action="append", default=[],
+                       help="generation runs: a string that ends an output (repeatable; "
+                            "'\\n' for a newline)")
+
+    p = sub.add_parser("train", help="train a prefix on a labeled CSV into a run folder")
+    p.add_argument("csv")
+    p.add_argument("--output", required=True, help="run folder to create")
+    p.add_argument("--preset", choices=tuple(CLI_NAMES),
+                   help="the app's recipe of that name (rows used, budget, patience, ...); "
+                        "other options given beside it win over it. Without it: Balanced's "
+                        "recipe on every row, with no time budget")
+    # every setting, with its default and help, comes from the dataclasses (cli/options.py)
+    p.set_defaults(func=cmd_train, setting_names={
+        "run": add_options(p, RunConfig, skip=("train_csv", "prefix", "training",
+                                               "generation")),
+        "prefix": add_options(p, PrefixConfig),
+        "training": add_options(p, TrainConfig),
+        # batch_size is TrainConfig's option; stop (a list) is read by --stop below
+        "generation": add_options(p, DecodeConfig, skip=("batch_size", "stop")),
+    })
+    p.add_argument("--stop", action="append", default=[],
+                   help="generation runs: a string that ends an output (repeatable; "
+                        "'\\n' for a newline)")
+
+    p = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    p.add_argument("run")
+    p.add_argument("--nproc", type=int,
+                   help="processes for this continuation (the result does not depend on it); "
+                        "default: the run's setting")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("rank", help="one process of a data-parallel run (started by torchrun)")
+    p.add_argument("run")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_rank)
+
+    p = sub.add_parser("import-peft", help="make a run folder from a PEFT prefix adapter")
+    p.add_argument("adapter", help="folder with adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--output", required=True, help="run folder to create")
+    p.add_argument("--labels", required=True, help="comma-separated label names to score")
+    p.set_defaults(func=cmd_import_peft,
+                   setting_names=add_options(p, RunConfig, only=("model", "template")))
+
+    p = sub.add_parser("inspect", help="nearest tokens, PCA maps and an HTML page of a prefix")
+    p.add_argument("run")
+    p.add_argument("--output", required=True, help="folder for the JSON files and HTML page")
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--bank-size", type=int, default=DEFAULT_BANK_SIZE,
+                   help="reference tokens per layer (frequent tokens + label words)")
+    p.add_argument("--text", action="append", default=[],
+                   help="an input for the attention view (repeatable)")
+    p.add_argument("--knockout-rows", type=int, default=DEFAULT_KNOCKOUT_ROWS,
+                   help="held-out rows scored with each slot and layer hidden (knockout.json); "
+                        "0 skips the knockout")
+    p.add_argument("--knockout-precision", choices=["auto", "float32", "bfloat16"],
+                   default="auto", help="auto: bfloat16 where the processor multiplies it "
+                   "natively (a GPU; a CPU with AVX512-BF16 or AMX), else float32")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("worker", help="train a registered run (started by the app)")
+    p.add_argument("run")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)  # the run lock, from the app
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("evaluate", help="metrics of a run's prefix and baselines on a CSV")
+    p.add_argument("run")
+    p.add_argument("csv")
+    columns(p)
+    p.add_argument("--target-column", help="generation runs: the references' column")
+    p.add_argument("--max-inputs", type=int, help="generation runs: score the first N inputs")
+    decoding(p, "generation runs: most tokens generated (default: the run's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label probabilities (or generation) with runs' prefixes")
+    p.add_argument("run", nargs="?", help="a run folder (or give --run, repeatable)")
+    p.add_argument("--run", dest="runs", action="append", default=[],
+                   help="a run folder; several runs write one column group each")
+    p.add_argument("--text", action="append", default=[], help="a text (repeatable)")
+    p.add_argument("--csv", help="batch prediction: input CSV")
+    p.add_argument("--output", help="batch prediction: output CSV")
+    p.add_argument("--text-column")
+    p.add_argument("--generate", action="store_true",
+                   help="classification runs: free generation after the prefix")
+    decoding(p, "most tokens generated (default: the run's; 40 for free generation)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="serve the API alone: score/generate with any run's prefix")
+    p.add_argument("--data-dir", required=True, help="the app's data directory (runs)")
+    p.add_argument("--model", default=None,
+                   help="the default base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7861)
+    p.add_argument("--auth", default=os.environ.get("PREFIXLAB_AUTH"),
+                   help="user:password, required when listening beyond this machine")
+    p.add_argument("--window-ms", type=float, default=5.0,
+                   help="how long a request waits for others to share its batch")
+    p.add_argument("--max-rows", type=int, default=32, help="texts per mixed batch at most")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a run's prefix")
+    p.add_argument("run")
+    p.add_argument("--format", choices=["peft", "safetensors"], default="peft")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        say(f"error: {message}")
+        return 2
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Commands that use a trained run: evaluate on a CSV, predict (one run or several in
+shared mixed batches), and serve the public API alone."""
+
+from __future__ import annotations
+
+import json
+
+from prefixlab.cli.options import stop_strings
+from prefixlab.cli.output import print_report, results_header, say
+from prefixlab.data.reading import DataError, read_table
+from prefixlab.data.writing import write_csv
+
+
+def cmd_evaluate(args) -> int:
+    from prefixlab.runs.experiment import evaluate_csv, open_run
+
+    run = open_run(args.run)
+    if run.is_generation:
+        report = _evaluate_generation(run, args)
+    else:
+        report = evaluate_csv(run, args.csv, args.text_column, args.label_column)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(results_header(report))
+        print_report(report)
+    return 0
+
+
+def _evaluate_generation(run, args) -> dict:
+    """Every distinct input of the CSV generated once (its rows are its references)."""
+    from prefixlab.runs.generation import evaluate_pairs_csv
+
+    return evaluate_pairs_csv(run.loaded.model, run.encoder, run.kv, run.config, args.csv,
+                              args.text_column, args.target_column,
+                              _decode_settings(args), max_inputs=args.max_inputs)
+
+
+def _decode_settings(args) -> dict:
+    """Decoding options given on the command line (the run's own settings fill the rest)."""
+    given_ = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+              "stop": stop_strings(args)}
+    return {k: v for k, v in given_.items() if v is not None}
+
+
+def cmd_predict(args) -> int:
+    from prefixlab.engine.predict import generate
+    from prefixlab.runs.experiment import open_run, predict_table
+
+    if not args.text and not args.csv:
+        raise DataError("give --text TEXT (repeatable) or --csv IN --output OUT")
+    runs = ([args.run] if args.run else []) + args.runs
+    if not runs:
+        raise DataError("name a run folder: predict RUN or --run RUN (repeatable)")
+    if len(runs) > 1:
+        return _predict_many(args, runs)
+    run = open_run(runs[0])
+    if run.is_generation:
+        from prefixlab.engine.decode import DecodeConfig
+
+        settings = {**run.config.to_dict()["generation"], **_decode_settings(args)}
+        run.config.generation = DecodeConfig(**settings)
+        for out in run.generate(args.text):
+            print(out)
+    elif args.generate:
+        new = args.max_new_tokens or 40
+        for text, out in zip(args.text, generate(run.loaded.model, run.loaded.tokenizer, run.kv,
+                                                 args.text, new), strict=True):
+            print(json.dumps({"text": text, "generated": out}))
+        return 0
+    if args.text and not run.is_generation:
+        probs = run.score(args.text)
+        for text, row in zip(args.text, probs, strict=True):
+            ranked = dict(sorted(zip(run.labels, map(float, row), strict=True),
+                                 key=lambda kv: -kv[1]))
+            print(json.dumps({"text": text, "label": next(iter(ranked)),
+                              "probabilities": ranked}))
+    if args.csv:
+        if not args.output:
+            raise DataError("--csv needs --output OUT.csv")
+        frame = predict_table(run, args.csv, args.text_column)
+        write_csv(frame, args.output)
+        what = "generations" if run.is_generation else "predictions"
+        say(f"wrote {len(frame)} {what} to {args.output}")
+    return 0
+
+
+def _predict_many(args, runs: list[str]) -> int:
+    """Several runs at once: every text is read under every prefix in shared mixed batches."""
+    from prefixlab.engine.decode import mixed_generate
+    from prefixlab.engine.mixed import mixed_score_labels
+    from prefixlab.engine.models import load_model
+    from prefixlab.runs.experiment import RunFolder, text_column_of
+    from prefixlab.serve.batcher import predict_frame
+    from prefixlab.serve.store import PrefixStore
+
+    cfg = RunFolder(runs[0]).run_config()
+    loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
+                        progress=say)
+    store = PrefixStore(loaded)
+    prefixes = [store.get(str(r)) for r in runs]  # refuses a run of another base model
+    if args.generate:
+        pairs = [(p, t) for p in prefixes for t in args.text]
+        outs = mixed_generate(loaded.model, loaded.tokenizer, [p.kv for p, _ in pairs],
+                              [t for _, t in pairs], args.max_new_tokens or 40)
+        for (p, text), out in zip(pairs, outs, strict=True):
+            print(json.dumps({"run": p.key, "text": text, "generated": out}))
+        return 0
+    if args.text:
+        pairs = [(p, t) for p in prefixes for t in args.text]
+        probs = mixed_score_labels(loaded.model, [p.score_item(t) for p, t in pairs])
+        for (p, text), row in zip(pairs, probs, strict=True):
+            ranked = dict(sorted(zip(p.labels, map(float, row), strict=True),
+                                 key=lambda kv: -kv[1]))
+            print(json.dumps({"run": p.key, "text": text, "label": next(iter(ranked)),
+                              "probabilities": ranked}))
+    if args.csv:
+        if not args.output:
+            raise DataError("--csv needs --output OUT.csv")
+        frame = read_table(args.csv).frame
+        column = text_column_of(frame, args.text_column or prefixes[0].text_column, args.csv,
+                                guess=not args.text_column)
+        out = predict_frame(loaded, prefixes, frame, column)
+        write_csv(out, args.output)
+        say(f"wrote {len(out)} predictions under {len(prefixes)} prefixes to {args.output}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve the public API alone (no UI) over a data directory's runs."""
+    from prefixlab.ui.api import serve_api
+
+    serve_api(args.data_dir, args.model, args.host, args.port, args.auth,
+              window_ms=args.window_ms, max_rows=args.max_rows)
+    return 0
