@@ -1,10 +1,10 @@
 """Data: reading tables, guessing columns, labeled sets and input/target pairs, splits,
 writing CSVs.
 
-Rooms: `reading` (bytes -> `Table`, `DataError`), `columns` (which column holds what),
-`labeled` (`LabeledData`, `load_labeled_csv`), `pairs` (input/target pairs for generation),
-`splits` (`stratified_split`), `writing` (`write_csv`, `csv_text`), `messages` (the phrases
-their messages share).
+A labeled CSV goes bytes -> `reading.read_table` -> `labeled.load_labeled_csv` (columns
+chosen by `columns`) -> `splits.stratified_split`; `writing.write_csv` is the way back out.
+`pairs` reads input/target CSVs for generation runs; `messages` holds the phrases their
+messages share (rows named by number, lists joined with "and").
 
 Imports only the root modules (`errors`, `files`); everything else builds on it.
 """
