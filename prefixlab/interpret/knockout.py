@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from prefixlab.engine.balance import macro_f1
 from prefixlab.engine.families import family_of
 from prefixlab.engine.models import LoadedModel, get_module
 from prefixlab.interpret.readouts import (
@@ -193,18 +194,6 @@ def knocked_out(loaded: LoadedModel, hidden: Mapping[int, Sequence[int]],
                 setattr(block, _REPLAY, None)
 
 
-def macro_f1(gold: np.ndarray, predicted: np.ndarray, classes: int) -> float:
-    """Macro-averaged F1 over `classes` labels (a label never gold nor predicted is skipped)."""
-    scores = []
-    for c in range(classes):
-        tp = int(((predicted == c) & (gold == c)).sum())
-        fp = int(((predicted == c) & (gold != c)).sum())
-        fn = int(((predicted != c) & (gold == c)).sum())
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else 0.0
-
-
 def _measure(ll: np.ndarray, gold: np.ndarray | None) -> tuple[float, float | None]:
     """Mean log-probability of the correct answer, and macro-F1 (None without classes).
 
@@ -215,7 +204,7 @@ def _measure(ll: np.ndarray, gold: np.ndarray | None) -> tuple[float, float | No
         return float(ll[:, 0].mean()), None
     logp = torch.log_softmax(torch.from_numpy(ll), dim=-1).numpy()
     return (float(logp[np.arange(len(gold)), gold].mean()),
-            macro_f1(gold, ll.argmax(1), ll.shape[1]))
+            macro_f1(gold, ll.argmax(1), range(ll.shape[1])))
 
 
 @dataclass
@@ -465,4 +454,4 @@ def label_push(loaded: LoadedModel, kv: torch.Tensor, labels: Sequence[str],
 
 
 __all__ = ["METHOD", "Knockout", "LabelPush", "Replay", "knockout", "knockout_streams",
-           "knocked_out", "label_push", "macro_f1", "target_log_likelihoods"]
+           "knocked_out", "label_push", "target_log_likelihoods"]
