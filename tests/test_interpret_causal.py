@@ -166,9 +166,27 @@ def test_label_push_is_the_value_readout_on_the_labels(loaded):
 
 
 def test_macro_f1():
-    assert C.macro_f1(np.array([0, 1, 1]), np.array([0, 1, 1]), 2) == 1.0
-    assert C.macro_f1(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 2) == pytest.approx(
+    from prefixlab.engine.balance import macro_f1
+
+    assert macro_f1(np.array([0, 1, 1]), np.array([0, 1, 1]), range(2)) == 1.0
+    assert macro_f1(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), range(2)) == pytest.approx(
         (2 / 3 + 0.8) / 2)
+
+
+def test_the_knockout_and_the_report_agree_on_a_label_absent_from_the_rows():
+    """Label 2 is neither gold nor predicted on these rows: both count it as 0, so the
+    knockout's intact macro-F1 is the report's on the same rows."""
+    from prefixlab.engine.balance import macro_f1
+    from prefixlab.runs.evaluate import classification_report
+
+    gold = np.array([0, 0, 1, 1])
+    ll = np.log(np.array([[.8, .1, .1], [.3, .6, .1], [.2, .7, .1], [.1, .8, .1]]))
+    _, intact = C._measure(ll, gold)
+    names = ["a", "b", "c"]
+    report = classification_report([names[g] for g in gold], [names[p] for p in ll.argmax(1)],
+                                   names)
+    assert intact == pytest.approx(report["macro_f1"]) == pytest.approx((2 / 3 + 0.8 + 0) / 3)
+    assert macro_f1(gold, ll.argmax(1), range(3)) == pytest.approx(intact)
 
 
 def test_the_summary_names_the_slot_and_layer_that_matter(loaded):

@@ -177,3 +177,27 @@ def test_mixed_batch_on_the_default_model():
     mixed = mixed_generate(loaded.model, loaded.tokenizer, [kvs[1], None], prompts, 12)
     assert mixed[0] == generate(loaded.model, loaded.tokenizer, kvs[1], prompts[:1], 12)[0]
     assert mixed[1] == generate(loaded.model, loaded.tokenizer, None, prompts[1:], 12)[0]
+
+
+@pytest.mark.parametrize("labels", [["positive", "negative"],
+                                    ["great film", "bad", "lazy dog jumps"]])
+def test_label_scores_equal_a_plain_forward_over_prompt_and_label(loaded, labels):
+    """The one scoring path, for one prefix or none, against the definition: one forward over
+    prefix + prompt + label, summing the label tokens' log-probabilities."""
+    from prefixlab.engine.prefix import prefix_inputs
+
+    kv = _prefixes(loaded, (4,))[0]
+    enc = Encoder(loaded.tokenizer, Template(), labels, 128)
+    prompts = [enc.prompt(t)[0] for t in TEXTS[:3]]
+    pad = loaded.tokenizer.pad_token_id
+    for prefix in (kv, None):
+        got = label_log_likelihoods(loaded.model, prefix, prompts, enc.label_ids, pad)
+        for b, prompt in enumerate(prompts):
+            for k, label in enumerate(enc.label_ids):
+                ids = torch.tensor([prompt + list(label)])
+                with torch.no_grad():
+                    out = loaded.model(input_ids=ids, **prefix_inputs(
+                        loaded.model, prefix, torch.ones_like(ids)))
+                logp = torch.log_softmax(out.logits[0].float(), -1)  # (T, V)
+                want = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(label))
+                torch.testing.assert_close(got[b, k], want, atol=2e-5, rtol=1e-5)

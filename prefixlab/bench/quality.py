@@ -111,7 +111,7 @@ class Case:
     seed: int
 
 
-def _macro_f1(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict:
+def _scores(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict:
     from prefixlab.runs.evaluate import classification_report
 
     r = classification_report(gold, pred, labels)
@@ -193,21 +193,21 @@ def run_case(case: Case, loaded, workdir: Path, overrides: dict, zero_cache: dic
            "stop_reason": report["stop_reason"], "val_macro_f1": report["macro_f1"]}
     for rule, offset in rules.items():
         pred = [labels[i] for i in calibrate(scores(ll), offset).argmax(1)]
-        row[f"prefix_{rule}"] = _macro_f1(gold, pred, labels)
+        row[f"prefix_{rule}"] = _scores(gold, pred, labels)
     row["prior_scale"] = scale
     # the recipe's own decision (the run's rule, as predict and the report use it)
-    row["prefix"] = _macro_f1(gold, [labels[i] for i in run.encoder.rule.log_probs(ll).argmax(1)],
+    row["prefix"] = _scores(gold, [labels[i] for i in run.encoder.rule.log_probs(ll).argmax(1)],
                               labels)
     row["decision"] = f"{cfg.decision}/{cfg.label_scores}"
     tfidf = tfidf_baseline(case.train["text"].tolist(), case.train["label"].tolist(), texts,
                            case.seed)
-    row["tfidf"] = _macro_f1(gold, tfidf, labels)
-    row["majority"] = _macro_f1(gold, majority_baseline(case.train["label"].tolist(),
+    row["tfidf"] = _scores(gold, tfidf, labels)
+    row["majority"] = _scores(gold, majority_baseline(case.train["label"].tolist(),
                                                         len(texts)), labels)
     key = (case.name, tuple(labels))
     if key not in zero_cache:
         zero = score_log_likelihoods(loaded.model, None, run.encoder, texts)
-        zero_cache[key] = _macro_f1(gold, [labels[i] for i in zero.argmax(1)], labels)
+        zero_cache[key] = _scores(gold, [labels[i] for i in zero.argmax(1)], labels)
     row["zero_shot"] = zero_cache[key]
     return row
 

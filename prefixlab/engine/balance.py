@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
+from sklearn.metrics import f1_score
 
 Decision = Literal["fitted", "prior", "raw"]
 DECISIONS: tuple[str, ...] = get_args(Decision)
@@ -93,13 +94,15 @@ def content_free_offset(content_free_ll: np.ndarray) -> np.ndarray:
     return np.log(np.exp(log_softmax(content_free_ll)).mean(0))
 
 
-def _macro_f1(gold: np.ndarray, pred: np.ndarray, num_classes: int) -> float:
-    f1 = []
-    for k in range(num_classes):
-        tp = np.sum((pred == k) & (gold == k))
-        denom = np.sum(pred == k) + np.sum(gold == k)
-        f1.append(2.0 * tp / denom if denom else 0.0)
-    return float(np.mean(f1))
+def macro_f1(gold: Sequence, predicted: Sequence, labels: Sequence) -> float:
+    """Macro-averaged F1 over every label in `labels` (scikit-learn's): the one definition
+    that reports, decision fits and knockouts share.
+
+    A label that is neither gold nor predicted on these rows counts as 0, not skipped, so a
+    score always averages over the run's whole label set and two scores of one run compare.
+    """
+    return float(f1_score(gold, predicted, labels=list(labels), average="macro",
+                          zero_division=0))
 
 
 def fit_prior_scale(scores: np.ndarray, gold: Sequence[int], prior: np.ndarray
@@ -119,7 +122,7 @@ def fit_prior_scale(scores: np.ndarray, gold: Sequence[int], prior: np.ndarray
     base = log_softmax(np.asarray(scores, dtype=np.float64))
     prior = np.asarray(prior, dtype=np.float64)
     best = max(FIT_SCALES, key=lambda a: (
-        round(_macro_f1(gold_arr, (base - a * prior[None, :]).argmax(1), k), 9), -abs(a - 1)))
+        round(macro_f1(gold_arr, (base - a * prior[None, :]).argmax(1), range(k)), 9), -abs(a - 1)))
     return float(best)
 
 
@@ -135,7 +138,7 @@ def fit_offsets(scores: np.ndarray, gold: Sequence[int], start: np.ndarray,
     steps = np.round(np.arange(-3.0, 3.01, 0.1), 1)
 
     def f1(o: np.ndarray) -> float:
-        return round(_macro_f1(gold_arr, (base - o[None, :]).argmax(1), k), 9)
+        return round(macro_f1(gold_arr, (base - o[None, :]).argmax(1), range(k)), 9)
 
     for _ in range(rounds):
         for j in range(1, k):  # label 0 fixed: only differences between offsets matter

@@ -25,17 +25,16 @@ from torch import nn
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # oneDNN caches a primitive, with its own packed-weight scratch memory, per matmul shape, up to
-# 1024 of them: length-bucketed batches bring a new row count each, and the cache grew the
-# benchmark's peak RSS by ~0.2 GB. 16 holds what one batch uses. Read when oneDNN makes its
+# 1024 of them: length-bucketed batches bring a new row count each, and a full cache grows
+# peak memory for nothing. 16 holds what one batch uses. Read when oneDNN makes its
 # first primitive, so this takes effect unless something ran oneDNN before this import.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """x @ weight^T + bias through oneDNN where torch has it (any layout of `weight`: the
-    backward passes weight^T as a view). On this project's AMD EPYC (AVX-512) oneDNN ran
-    SmolLM2's float32 products at 185-210 GFLOP/s where torch's default (MKL, which takes
-    its AVX2 path on AMD) ran 117-177."""
+    backward passes weight^T as a view). MKL, torch's default, takes its AVX2 path on AMD
+    processors, where oneDNN uses AVX-512."""
     if ONEDNN:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
     return F.linear(x, weight, bias)
@@ -44,7 +43,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 natively: CUDA with bf16, or a CPU with AVX512-BF16
     or AMX. Without it (most laptops' AVX2) a CPU runs bf16 matmuls far slower than float32;
-    with it, SmolLM2-135M's projections ran 1.6-2x faster here (AMD EPYC, AVX512-BF16)."""
+    with it, faster."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
@@ -55,17 +54,15 @@ def native_bf16(device: torch.device) -> bool:
 
 
 ONEDNN_MIN_ROWS = 8
-"""Below this many rows (tokens) torch's default matmul is as fast or faster: at 1-2 rows
-oneDNN took 1.0-3x longer for SmolLM2-135M's projections, from 8 rows on it took 1.4-2.5x
-less (1 thread, measured one shape at a time). A decoding step of a few rows stays on MKL."""
+"""Below this many rows (tokens) torch's default matmul is as fast or faster than oneDNN's
+(measured one shape at a time). A decoding step of a few rows stays on MKL."""
 
 
 class InferenceLinear(nn.Linear):
     """nn.Linear that multiplies through oneDNN (`linear`) when no gradient is recorded on a
     float32 CPU input of at least ONEDNN_MIN_ROWS rows: scoring, evaluation, reading prompts.
     With autograd on (training, maps that need gradients) it is nn.Linear. The result equals
-    nn.Linear's up to float rounding (the libraries sum in different orders); a mixed scoring
-    batch of SmolLM2-135M ran ~1.5x faster with it here (26 rows of ~16 tokens, 1 thread)."""
+    nn.Linear's up to float rounding (the libraries sum in different orders)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
@@ -110,8 +107,8 @@ class ThreadTuner:
     """Picks torch's CPU thread count step by step, from what each step measures.
 
     On cores that other processes also use, every parallel op waits at an OpenMP barrier for
-    a thread the scheduler has not run yet: on 2 shared cores we measured a training step 6x
-    slower with 2 threads than with 1. On idle cores, 2 threads are ~1.8x faster than 1. So
+    a thread the scheduler has not run yet, so on shared cores more threads can be far slower
+    than one, while on idle cores they are faster. So
     the tuner runs torch's thread count while its threads get the CPU time they ask for, and
     tries one thread for a step when they do not; it runs one thread while no core is idle,
     and tries the full count for a step when one is (from /proc/stat; without it, now and
@@ -206,8 +203,7 @@ def _load_trim() -> Callable[[], None]:
 trim_heap = _load_trim()
 """Hands the heap's free pages back to the OS. Called after each CPU step: matmul scratch
 memory freed between the tensors the step kept leaves holes the next batch's shapes do not
-fit, and trimming them took the peak RSS of a 2-epoch run from 1.44 to 1.40 GB for 3 ms a
-step."""
+fit; trimming them lowers the peak for little time per step."""
 
 
 def machine_cpu_ticks() -> tuple[int, int] | None:

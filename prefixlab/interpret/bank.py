@@ -96,7 +96,7 @@ def data_word_ids(tokenizer, texts: Sequence[str], count: int = 20,
     """
     counts: dict[int, int] = {}
     rows = list(texts[:max_texts])
-    # one batched call: a fast tokenizer reads the rows together (1 s -> 0.2 s for 2,000 tweets)
+    # one batched call: a fast tokenizer reads the rows together, far faster than one by one
     for ids in (tokenizer(rows, add_special_tokens=False)["input_ids"] if rows else []):
         for i in ids:
             counts[i] = counts.get(i, 0) + 1
@@ -191,9 +191,9 @@ def _token_vectors(loaded: LoadedModel, token_ids: list[int], context_id: int, u
 def vocabulary_frame(loaded: LoadedModel, *, use_cache: bool = True,
                      progress: Callable[[str], None] | None = None) -> VocabularyFrame | None:
     """Layer 0 of every ordinary token in the key frame (interpret.VocabularyFrame), computed
-    once per model and kept on disk (float32: ~75 MB for SmolLM2-135M; float16 would move
-    near-tied scores). None for models with learned positions, whose layer 0 depends on the
-    slot: their vocabulary is read slot by slot instead."""
+    once per model and kept on disk (float32: float16 would move near-tied scores). None for
+    models with learned positions, whose layer 0 depends on the slot: their vocabulary is
+    read slot by slot instead."""
     if family_of(loaded.model.config).rope == "none":
         return None
     vocab = min(len(loaded.tokenizer), loaded.model.config.vocab_size)
@@ -291,7 +291,7 @@ def reference_bank(
     chat markers, not neutral).
 
     The frequent tokens are computed once per base model and weights and cached as
-    safetensors (float16, ~46 MB for SmolLM2-135M at N=2000) under cache_root()/banks/; the
+    safetensors (float16) under cache_root()/banks/; the
     extra ids in a small file of their own (model_bank, with_words).
     """
     vocab = min(len(loaded.tokenizer), loaded.model.config.vocab_size)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from prefixlab.engine.balance import macro_f1
 from prefixlab.engine.families import family_of
 from prefixlab.engine.models import LoadedModel, get_module
 from prefixlab.interpret.readouts import (
@@ -193,18 +194,6 @@ def knocked_out(loaded: LoadedModel, hidden: Mapping[int, Sequence[int]],
                 setattr(block, _REPLAY, None)
 
 
-def macro_f1(gold: np.ndarray, predicted: np.ndarray, classes: int) -> float:
-    """Macro-averaged F1 over `classes` labels (a label never gold nor predicted is skipped)."""
-    scores = []
-    for c in range(classes):
-        tp = int(((predicted == c) & (gold == c)).sum())
-        fp = int(((predicted == c) & (gold != c)).sum())
-        fn = int(((predicted != c) & (gold == c)).sum())
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else 0.0
-
-
 def _measure(ll: np.ndarray, gold: np.ndarray | None) -> tuple[float, float | None]:
     """Mean log-probability of the correct answer, and macro-F1 (None without classes).
 
@@ -215,7 +204,7 @@ def _measure(ll: np.ndarray, gold: np.ndarray | None) -> tuple[float, float | No
         return float(ll[:, 0].mean()), None
     logp = torch.log_softmax(torch.from_numpy(ll), dim=-1).numpy()
     return (float(logp[np.arange(len(gold)), gold].mean()),
-            macro_f1(gold, ll.argmax(1), ll.shape[1]))
+            macro_f1(gold, ll.argmax(1), range(ll.shape[1])))
 
 
 @dataclass
@@ -274,9 +263,9 @@ METHOD = (
     "layer; a layer knockout hides every virtual token at one layer. Shown: the change in the "
     "mean log-probability of the correct label (negative: that part helps) and in macro-F1. "
     "Where the processor multiplies bfloat16 natively (a GPU, a CPU with AVX512-BF16 or AMX) "
-    "every pass, the intact one included, runs in bfloat16 (~1.7x faster on 2 CPU cores); on "
-    "the default model its log-probability changes were within 0.01 of float32's and ranked "
-    "the same slot and the same five layers first (precision in knockout.json)."
+    "every pass, the intact one included, runs in bfloat16, which is faster; knockout.json "
+    "records the precision used, and docs/benchmarks.md how bfloat16's ranking compared with "
+    "float32's on the default model."
 )
 
 
@@ -410,9 +399,7 @@ def knockout_streams(device: torch.device) -> int:
     """How many knockout passes to run at once: on CPU one more than the threads torch would
     use (at most 8), each pass on a single thread. Passes in parallel need no barrier between
     threads at every matrix product, and the extra pass takes up a core another one leaves
-    idle while it waits for it. 100 rows of the default model on 2 cores, bf16: 62 s one pass
-    at a time on both threads, 50 s two or three at a time (idle); in the browser, which
-    takes part of a core, 62-64 s two at a time, 58-59 s three, 61 s four. On a GPU: 1."""
+    idle while it waits for it. On a GPU: 1."""
     return 1 if device.type != "cpu" else max(1, min(torch.get_num_threads() + 1, 8))
 
 
@@ -465,4 +452,4 @@ def label_push(loaded: LoadedModel, kv: torch.Tensor, labels: Sequence[str],
 
 
 __all__ = ["METHOD", "Knockout", "LabelPush", "Replay", "knockout", "knockout_streams",
-           "knocked_out", "label_push", "macro_f1", "target_log_likelihoods"]
+           "knocked_out", "label_push", "target_log_likelihoods"]

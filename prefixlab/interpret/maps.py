@@ -64,8 +64,8 @@ def _fit_pcas(x: torch.Tensor, dims: int) -> list[_PCA]:
     """One PCA per batch item of x (B, n, F), n >= F, fitted together through the (F, F)
     covariances: one batched matmul and one batched eigh for every layer of a map. The
     covariance is summed in float32 (a map, not a measurement), the eigh runs in float64.
-    Fitting layer by layer through sklearn took ~3 s for the default model's 30 layers on 2
-    busy cores, mostly thread start-up per small call; batched it is a fraction of that."""
+    Fitting layer by layer through sklearn spends most of its time starting threads for
+    each small call; batched, that cost is paid once."""
     x = x.float()
     B, n, F = x.shape
     mean = x.mean(1, keepdim=True)  # (B, 1, F)
@@ -187,8 +187,8 @@ def layers_map(loaded: LoadedModel, bank: ReferenceBank, kv: torch.Tensor,
     unrelated coordinates. Each layer is fitted on its own cloud plus the prefix; coordinates
     are divided by the cloud's spread on each axis, so "2" means two standard deviations of
     real tokens at every layer; each axis is signed so the prefix's mean is positive (PCA
-    signs are arbitrary). `cloud_points` tokens of the cloud come along for context (80: the
-    cloud's shape in a ~120-pixel panel; 200 made the 30-panel figure 2.5x heavier to draw).
+    signs are arbitrary). `cloud_points` tokens of the cloud come along for context (enough
+    to show the cloud's shape in a small panel; more make a many-panel figure slow to draw).
     maps: this prefix's layer_pca_maps (2 or more dimensions) when already made; their first
     two axes are the same fit.
     """

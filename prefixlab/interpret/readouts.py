@@ -638,8 +638,7 @@ def eager_twin(model: torch.nn.Module) -> torch.nn.Module:
     A second module tree over the *same* parameter and buffer tensors, with its own config set
     to eager: switching the shared model instead (as this once did) changed the attention of
     every request running on it meanwhile. The twin costs module objects and a config copy, no
-    weights: +1 MB of RSS and 0.8 s, once, for the default 135M model, where a second loaded
-    copy would take 513 MB. Made once per model and kept while the model lives.
+    weights. Made once per model and kept while the model lives.
     """
     if model.config._attn_implementation == "eager":
         return model

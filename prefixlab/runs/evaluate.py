@@ -18,9 +18,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
-    f1_score,
     precision_recall_fscore_support,
 )
+
+from prefixlab.engine.balance import macro_f1
 
 
 def classification_report(
@@ -35,8 +36,7 @@ def classification_report(
     return {
         "n": len(gold),
         "accuracy": float(accuracy_score(gold, predicted)) if len(gold) else 0.0,
-        "macro_f1": float(f1_score(gold, predicted, labels=labels, average="macro",
-                                   zero_division=0)),
+        "macro_f1": macro_f1(gold, predicted, labels),
         "per_class": {
             label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                     "support": int(s[i])}
