@@ -16,10 +16,10 @@ from prefixlab.engine.balance import DECISIONS, LABEL_SCORES, Decision, LabelSco
 from prefixlab.engine.decode import DecodeConfig
 from prefixlab.engine.distributed import MAX_PROCESSES
 from prefixlab.engine.encode import DEFAULT_GENERATION_TEMPLATE, DEFAULT_TEMPLATE, Encoder, Template
-from prefixlab.errors import ConfigError
 from prefixlab.engine.models import DEFAULT_MODEL
 from prefixlab.engine.prefix import PrefixConfig
 from prefixlab.engine.train import TrainConfig
+from prefixlab.errors import ConfigError
 
 __all__ = ["ConfigError", "RunConfig"]  # ConfigError is defined in errors.py
 

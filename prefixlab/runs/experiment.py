@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from prefixlab.data import tables as datamod
+from prefixlab.data.pairs import TextPairs
 from prefixlab.engine import distributed
 from prefixlab.engine.balance import (
     MIN_FIT_ROWS,
@@ -41,28 +42,9 @@ from prefixlab.engine.balance import (
     label_rule,
     prior_from_counts,
 )
-from prefixlab.runs.config import RunConfig
 from prefixlab.engine.decode import DecodeConfig
 from prefixlab.engine.encode import Encoder, PairEncoder
-from prefixlab.errors import ConfigError, PrefixLabError
-from prefixlab.runs.evaluate import (
-    classification_report,
-    majority_baseline,
-    prediction_warnings,
-    predictions_from_probs,
-    tfidf_baseline,
-)
-from prefixlab.files import atomic_save_tensors, atomic_write_json, read_json
-from prefixlab.runs.generation import (
-    default_generation_init_text,
-    generate,
-    generation_report,
-    live_scores,
-    pair_encoder,
-    prepare_pairs,
-)
 from prefixlab.engine.models import LoadedModel, ModelInfo, load_model
-from prefixlab.data.pairs import TextPairs
 from prefixlab.engine.predict import score_labels, score_log_likelihoods
 from prefixlab.engine.prefix import (
     Prefix,
@@ -73,6 +55,24 @@ from prefixlab.engine.prefix import (
 )
 from prefixlab.engine.stopping import EarlyStopping
 from prefixlab.engine.train import Checkpoint, StepInfo, train
+from prefixlab.errors import ConfigError, PrefixLabError
+from prefixlab.files import atomic_save_tensors, atomic_write_json, read_json
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.evaluate import (
+    classification_report,
+    majority_baseline,
+    prediction_warnings,
+    predictions_from_probs,
+    tfidf_baseline,
+)
+from prefixlab.runs.generation import (
+    default_generation_init_text,
+    generate,
+    generation_report,
+    live_scores,
+    pair_encoder,
+    prepare_pairs,
+)
 
 CANCEL_FILE = "cancel.request"  # its presence asks the run's worker to stop
 STATES = ("created", "queued", "running", "completed", "failed", "cancelled", "interrupted")

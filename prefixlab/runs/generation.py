@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefixlab.runs.config import RunConfig
+from prefixlab.data.pairs import TextPairs, group_split, load_pairs_csv, sample_inputs, sample_rows
 from prefixlab.data.tables import DataError
 from prefixlab.engine.decode import DecodeConfig, generate_texts
 from prefixlab.engine.encode import PairEncoder, Template, bucketed_batches, collate
-from prefixlab.runs.genmetrics import Grouped, generation_scores, group_references
 from prefixlab.engine.models import autocast
-from prefixlab.data.pairs import TextPairs, group_split, load_pairs_csv, sample_inputs, sample_rows
 from prefixlab.engine.prefix import forward
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.genmetrics import Grouped, generation_scores, group_references
 
 SAMPLE_ROWS = 20
 """Inputs shown in a report's table of references and outputs."""

@@ -18,22 +18,12 @@ from safetensors.torch import load_file
 
 from prefixlab.data import tables as datamod
 from prefixlab.engine.cpu import native_bf16
-from prefixlab.runs.experiment import Run, RunFolder, open_run, prepare_data
+from prefixlab.engine.models import LoadedModel
+from prefixlab.engine.predict import score_log_likelihoods
+from prefixlab.engine.prefix import default_init_text
+from prefixlab.figures.causal import knockout_figure, label_push_figure
+from prefixlab.figures.plots import inspection_html
 from prefixlab.files import atomic_write_json, atomic_write_text
-from prefixlab.interpret.summary import GLOSSARY, summary_markdown
-from prefixlab.interpret.readouts import (
-    CAVEAT,
-    KINDS,
-    METHOD,
-    AttentionMass,
-    InterpretError,
-    NearestTokens,
-    ValueReadout,
-    _kind_index,
-    nearest_tokens,
-    prefix_attention,
-    value_readout,
-)
 from prefixlab.interpret.bank import (
     DEFAULT_BANK_SIZE,
     data_word_ids,
@@ -57,11 +47,21 @@ from prefixlab.interpret.maps import (
     pca_map,
     prefix_movement,
 )
-from prefixlab.engine.models import LoadedModel
-from prefixlab.figures.plots import inspection_html
-from prefixlab.figures.causal import knockout_figure, label_push_figure
-from prefixlab.engine.predict import score_log_likelihoods
-from prefixlab.engine.prefix import default_init_text
+from prefixlab.interpret.readouts import (
+    CAVEAT,
+    KINDS,
+    METHOD,
+    AttentionMass,
+    InterpretError,
+    NearestTokens,
+    ValueReadout,
+    _kind_index,
+    nearest_tokens,
+    prefix_attention,
+    value_readout,
+)
+from prefixlab.interpret.summary import GLOSSARY, summary_markdown
+from prefixlab.runs.experiment import Run, RunFolder, open_run, prepare_data
 
 
 def load_snapshots(run_dir: str | Path) -> list[tuple[int, torch.Tensor]]:

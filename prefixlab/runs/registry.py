@@ -41,6 +41,7 @@ from pathlib import Path
 import psutil
 
 from prefixlab.engine import distributed
+from prefixlab.engine.models import LoadedModel, ModelInfo
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.experiment import (
     CANCEL_FILE,
@@ -50,7 +51,6 @@ from prefixlab.runs.experiment import (
     execute_run,
     prepare_data,
 )
-from prefixlab.engine.models import LoadedModel, ModelInfo
 
 ACTIVE = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled", "interrupted")
