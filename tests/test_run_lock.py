@@ -21,7 +21,7 @@ from prefixlab.engine.models import ModelInfo, PrefixShape
 from prefixlab.engine.prefix import PrefixConfig
 from prefixlab.engine.train import TrainConfig
 from prefixlab.runs.config import RunConfig
-from prefixlab.runs.experiment import RunFolder
+from prefixlab.runs.folder import RunFolder
 from prefixlab.runs.registry import RunBusy, RunLock, RunStore, run_lock_held, run_worker
 
 STAND_IN = Path(__file__).resolve().parent / "stand_in_worker.py"

@@ -16,7 +16,7 @@ from prefixlab.engine.models import prepare_model
 from prefixlab.engine.prefix import PrefixConfig
 from prefixlab.engine.train import TrainConfig
 from prefixlab.runs.config import RunConfig
-from prefixlab.runs.experiment import RunError
+from prefixlab.runs.folder import RunError
 from prefixlab.runs.registry import RunBusy, RunStore, slugify
 from tests.conftest import make_tokenizer, tiny_model
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from prefixlab.bench.speed import DEFAULT_CSV, default_data_dir, sample_split
 from prefixlab.data import tables as datamod
-from prefixlab.runs.experiment import RunFolder
+from prefixlab.runs.folder import RunFolder
 
 WARM_STEPS = 2  # steps left out of the rate: the first ones pay for lazy allocations
 

@@ -109,7 +109,7 @@ def _run_config(args):
 def cmd_train(args) -> int:
     from prefixlab.engine import distributed
     from prefixlab.engine.models import describe_model, load_model, pick_device
-    from prefixlab.runs.experiment import RunFolder
+    from prefixlab.runs.folder import RunFolder
 
     cfg = _run_config(args)
     ranks = distributed.Ranks.from_env()
@@ -232,7 +232,7 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
 def cmd_resume(args) -> int:
     from prefixlab.engine import distributed
     from prefixlab.engine.models import load_model, pick_device
-    from prefixlab.runs.experiment import RunFolder
+    from prefixlab.runs.folder import RunFolder
 
     folder = RunFolder(args.run)
     cfg = folder.run_config()
@@ -265,7 +265,7 @@ def cmd_rank(args) -> int:
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
     from prefixlab.engine import distributed
-    from prefixlab.runs.experiment import RunError, RunFolder
+    from prefixlab.runs.folder import RunError, RunFolder
 
     ranks = distributed.Ranks.from_env()
     if ranks is None:
@@ -281,7 +281,7 @@ def cmd_rank(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from prefixlab.runs.experiment import evaluate_csv, open_run
+    from prefixlab.runs.finished import evaluate_csv, open_run
 
     run = open_run(args.run)
     if run.is_generation:
@@ -314,7 +314,7 @@ def _decode_settings(args) -> dict:
 
 def cmd_predict(args) -> int:
     from prefixlab.engine.predict import generate
-    from prefixlab.runs.experiment import open_run, predict_table
+    from prefixlab.runs.finished import open_run, predict_table
 
     if not args.text and not args.csv:
         raise datamod.DataError("give --text TEXT (repeatable) or --csv IN --output OUT")
@@ -359,7 +359,8 @@ def _predict_many(args, runs: list[str]) -> int:
     from prefixlab.engine.decode import mixed_generate
     from prefixlab.engine.mixed import mixed_score_labels
     from prefixlab.engine.models import load_model
-    from prefixlab.runs.experiment import RunFolder, text_column_of
+    from prefixlab.runs.finished import text_column_of
+    from prefixlab.runs.folder import RunFolder
     from prefixlab.serve.batcher import predict_frame
     from prefixlab.serve.store import PrefixStore
 
@@ -408,7 +409,7 @@ def cmd_export(args) -> int:
     from prefixlab.engine.models import PrefixShape, model_provenance, portable_model_id
     from prefixlab.engine.peft_interop import export_peft
     from prefixlab.engine.prefix import load_prefix
-    from prefixlab.runs.experiment import RunFolder
+    from prefixlab.runs.folder import RunFolder
 
     folder = RunFolder(args.run)
     info = folder.read_config()
@@ -438,7 +439,8 @@ def cmd_import_peft(args) -> int:
     from prefixlab.engine.models import load_model
     from prefixlab.engine.peft_interop import import_peft
     from prefixlab.runs.config import RunConfig
-    from prefixlab.runs.experiment import RunFolder, import_run
+    from prefixlab.runs.experiment import import_run
+    from prefixlab.runs.folder import RunFolder
 
     labels = sorted({x.strip() for x in args.labels.split(",") if x.strip()})
     if len(labels) < 2:
@@ -457,7 +459,7 @@ def cmd_import_peft(args) -> int:
 
 def cmd_inspect(args) -> int:
     from prefixlab.engine.models import load_model
-    from prefixlab.runs.experiment import RunFolder
+    from prefixlab.runs.folder import RunFolder
     from prefixlab.runs.inspection import inspect_run
 
     cfg = RunFolder(args.run).run_config()

@@ -1,7 +1,8 @@
 """A run's inspection: the readouts of its prefix, written as JSON and a standalone page.
 
-The orchestration over interpret.py, interpret_bank.py and interpret_maps.py (the math) and
-plots.py (the figures); the CLI's `inspect` and the app call it.
+The orchestration over the `interpret` wing (readouts, bank, maps, knockout, summary: the
+math) and the `figures` wing (plots, causal: the figures); the CLI's `inspect` and the app
+call it.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ from prefixlab.interpret.readouts import (
     value_readout,
 )
 from prefixlab.interpret.summary import GLOSSARY, summary_markdown
-from prefixlab.runs.experiment import Run, RunFolder, open_run, prepare_data
+from prefixlab.runs.experiment import prepare_data
+from prefixlab.runs.finished import Run, open_run
+from prefixlab.runs.folder import RunFolder
 
 
 def load_snapshots(run_dir: str | Path) -> list[tuple[int, torch.Tensor]]:

@@ -1,6 +1,6 @@
 """The run registry (SQLite, WAL) and the worker processes that train runs.
 
-A data directory holds `registry.sqlite3` and `runs/<run id>/` folders (see experiment.py).
+A data directory holds `registry.sqlite3` and `runs/<run id>/` folders (see folder.py).
 Each run trains in its own child process (`python -m prefixlab worker RUN_DIR`, no shell),
 started in a new session so closing the app or the browser does not stop it. Workers queue
 on a per-device lock file: one run trains at a time per device. A worker reports through its
@@ -43,14 +43,8 @@ import psutil
 from prefixlab.engine import distributed
 from prefixlab.engine.models import LoadedModel, ModelInfo
 from prefixlab.runs.config import RunConfig
-from prefixlab.runs.experiment import (
-    CANCEL_FILE,
-    RunError,
-    RunFolder,
-    create_run,
-    execute_run,
-    prepare_data,
-)
+from prefixlab.runs.experiment import create_run, execute_run, prepare_data
+from prefixlab.runs.folder import CANCEL_FILE, RunError, RunFolder
 
 ACTIVE = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled", "interrupted")
