@@ -4,7 +4,7 @@ Layout (safetensors for tensors, JSON for everything else, never pickle):
     config.json              RunConfig + labels, template, base model, data summary
     status.json              state (created/queued/running/completed/failed/cancelled/
                              interrupted), written only by the holder of run.lock
-    run.lock, claim.lock     empty lock files: a live worker holds run.lock (see registry.py)
+    run.lock, claim.lock     empty lock files: a live worker holds run.lock (see locks.py)
     cancel.request           present while someone asks the run's worker to stop
     prefix.safetensors       folded key/values (L, 2, H_kv, P, D) for inference and export
     prefix_params.safetensors the full parameterization (MLP included), for resume/inspection
