@@ -62,7 +62,7 @@ class RunConfig:
     validation_share: float = 0.2
     """The share of train_csv held out when there is no validation_csv."""
     max_train_examples: int | None = None
-    """A stratified, seeded sample of the training rows; a CPU step costs ~0.3 s per example."""
+    """A stratified, seeded sample of the training rows, to bound an epoch's time."""
     max_eval_examples: int | None = 500
     """Held-out rows scored per evaluation: each costs one forward pass per label set. In a
     generation run: the distinct inputs held out (with all their references)."""

@@ -61,9 +61,9 @@ def live_scores(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
                 validation: TextPairs, cfg: RunConfig) -> dict:
     """What a training run logs at each evaluation: the validation loss on each held-out
     input's first reference, and greedy BLEU/chrF/ROUGE-L on the first `eval_generate_inputs`
-    inputs. Cheap enough to run often: E2E has ~8.5 references per input, and the loss on all
-    of them cost minutes per evaluation on CPU; the final report reads every row and decodes
-    every input as configured."""
+    inputs. Cheap enough to run often: a data set like E2E has several references per input,
+    and the loss on all of them would multiply the cost of every evaluation; the final report
+    reads every row and decodes every input as configured."""
     first: dict[str, int] = {}
     for i, x in enumerate(validation.inputs):
         first.setdefault(x, i)
