@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefixlab.engine.cpu import pin_threads
 from prefixlab.engine.models import DEFAULT_MODEL
-from prefixlab.runs.experiment import RunError
+from prefixlab.runs.folder import RunError
 from prefixlab.ui import CSS, build_ui
 from prefixlab.workbench import Workbench
 

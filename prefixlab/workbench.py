@@ -46,18 +46,16 @@ from prefixlab.engine.models import (
 from prefixlab.engine.prefix import Prefix, PrefixConfig
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.evaluate import classification_report
-from prefixlab.runs.experiment import (
-    PreparedData,
+from prefixlab.runs.experiment import PreparedData, prepare_data
+from prefixlab.runs.finished import (
     Run,
-    RunError,
-    RunFolder,
     evaluate_csv,
     label_column_of,
     open_run,
     predict_table,
-    prepare_data,
     text_column_of,
 )
+from prefixlab.runs.folder import RunError, RunFolder
 from prefixlab.runs.generation import evaluate_pairs_csv, pair_encoder
 from prefixlab.runs.presets import PRESETS, config_parts
 from prefixlab.runs.registry import RunRow, RunStore

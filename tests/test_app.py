@@ -23,7 +23,8 @@ import pytest  # noqa: E402
 
 import app  # noqa: E402
 from prefixlab.data.reading import DataError  # noqa: E402
-from prefixlab.runs.experiment import RunError, execute_run  # noqa: E402
+from prefixlab.runs.experiment import execute_run  # noqa: E402
+from prefixlab.runs.folder import RunError  # noqa: E402
 from prefixlab.runs.presets import PRESETS, SETTING_NAMES  # noqa: E402
 from prefixlab.ui import CSS, build_ui  # noqa: E402
 from prefixlab.ui.common import guard  # noqa: E402

@@ -97,7 +97,7 @@ def test_majority_baseline_and_warnings_on_degenerate_predictions():
 
 
 def test_a_prefix_that_predicts_one_class_is_reported_as_collapsed(loaded):
-    from prefixlab.runs.experiment import full_report
+    from prefixlab.runs.scoring import full_report
 
     enc, prefix, _, _, _ = _setup(loaded)
     texts, _ = toy_task(48)
@@ -232,7 +232,8 @@ def test_predictions_and_reports_follow_the_runs_decision_rule(loaded, tmp_path)
     from prefixlab.engine.mixed import ScoreItem, mixed_score_labels
     from prefixlab.engine.predict import score_log_likelihoods
     from prefixlab.runs.config import RunConfig
-    from prefixlab.runs.experiment import create_run, execute_run, open_run, prepare_data
+    from prefixlab.runs.experiment import create_run, execute_run, prepare_data
+    from prefixlab.runs.finished import open_run
 
     texts, labels = toy_task(40)
     csv = tmp_path / "toy.csv"
@@ -337,7 +338,7 @@ def test_a_fitted_decision_is_fitted_on_validation_and_used_wherever_the_run_dec
     the report and config.json, and the report, Run.score and the server decide with it."""
     from prefixlab.engine.balance import FIT_SCALES, LabelRule, describe_decision, prior_from_counts
     from prefixlab.engine.predict import score_log_likelihoods
-    from prefixlab.runs.experiment import open_run
+    from prefixlab.runs.finished import open_run
     from prefixlab.serve.store import PrefixStore
 
     report, prepared, folder = _fitted_run(loaded, tmp_path, 480)  # 24 negative validation rows
@@ -364,7 +365,7 @@ def test_a_fitted_decision_is_fitted_on_validation_and_used_wherever_the_run_dec
 
 def test_a_fitted_decision_keeps_the_full_prior_when_validation_is_too_small(loaded, tmp_path):
     from prefixlab.engine.balance import describe_decision
-    from prefixlab.runs.experiment import open_run
+    from prefixlab.runs.finished import open_run
 
     report, prepared, folder = _fitted_run(loaded, tmp_path, 80)  # 4 negative validation rows
     fit = report["decision_fit"]

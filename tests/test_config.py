@@ -19,7 +19,7 @@ from prefixlab.engine.train import TrainConfig
 from prefixlab.errors import USER_ERRORS, ConfigError, PrefixLabError
 from prefixlab.interpret.readouts import InterpretError
 from prefixlab.runs.config import RunConfig
-from prefixlab.runs.experiment import RunError
+from prefixlab.runs.folder import RunError
 
 
 def test_every_user_error_is_a_prefixlab_error():

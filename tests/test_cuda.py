@@ -37,7 +37,9 @@ from prefixlab.interpret import bank as B
 from prefixlab.interpret import maps as M
 from prefixlab.interpret import readouts as I
 from prefixlab.runs.config import RunConfig
-from prefixlab.runs.experiment import RunFolder, execute_run, open_run
+from prefixlab.runs.experiment import execute_run
+from prefixlab.runs.finished import open_run
+from prefixlab.runs.folder import RunFolder
 from tests.conftest import make_tokenizer, tiny_model
 from tests.test_train import toy_task
 

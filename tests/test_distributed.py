@@ -24,7 +24,8 @@ from prefixlab.engine.models import prepare_model
 from prefixlab.engine.prefix import Prefix, PrefixConfig, init_prefix
 from prefixlab.engine.train import TrainConfig, _backward
 from prefixlab.runs.config import ConfigError, RunConfig
-from prefixlab.runs.experiment import RunFolder, create_run, execute_run, prepare_data
+from prefixlab.runs.experiment import create_run, execute_run, prepare_data
+from prefixlab.runs.folder import RunFolder
 from prefixlab.runs.registry import RunStore
 from prefixlab.workbench import Workbench, process_range
 from tests.conftest import make_tokenizer, tiny_model

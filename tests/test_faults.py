@@ -12,7 +12,7 @@ import torch
 
 from prefixlab.engine.models import describe_model, prepare_model
 from prefixlab.engine.prefix import PrefixFileError, load_prefix, save_prefix
-from prefixlab.runs.experiment import RunError, RunFolder
+from prefixlab.runs.folder import RunError, RunFolder
 from prefixlab.runs.registry import RunStore
 from tests.conftest import make_tokenizer, tiny_model
 from tests.test_runs import _config, _wait

@@ -20,7 +20,7 @@ from prefixlab.interpret import maps as M
 from prefixlab.interpret import readouts as I
 from prefixlab.runs import inspection
 from prefixlab.runs.config import RunConfig
-from prefixlab.runs.experiment import RunFolder
+from prefixlab.runs.folder import RunFolder
 
 TEXT = "the movie was"  # 10 distinct tokens with the test tokenizer
 _USER_CACHE = os.environ.get("PREFIXLAB_CACHE")

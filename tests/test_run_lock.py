@@ -21,8 +21,10 @@ from prefixlab.engine.models import ModelInfo, PrefixShape
 from prefixlab.engine.prefix import PrefixConfig
 from prefixlab.engine.train import TrainConfig
 from prefixlab.runs.config import RunConfig
-from prefixlab.runs.experiment import RunFolder
-from prefixlab.runs.registry import RunBusy, RunLock, RunStore, run_lock_held, run_worker
+from prefixlab.runs.folder import RunFolder
+from prefixlab.runs.locks import RunBusy, RunLock, run_lock_held
+from prefixlab.runs.registry import RunStore
+from prefixlab.runs.worker import run_worker
 
 STAND_IN = Path(__file__).resolve().parent / "stand_in_worker.py"
 INFO = ModelInfo("tiny-model", PrefixShape(2, 2, 8), 10_000)
@@ -199,7 +201,7 @@ class ObservedSteps:
         import prefixlab.runs.registry as runs
 
         self.before = lambda: None
-        try_lock, status = runs._try_lock, RunFolder.status
+        try_lock, status = runs.try_run_lock, RunFolder.status
 
         def observed_try_lock(*a, **k):
             self.before()
@@ -209,7 +211,7 @@ class ObservedSteps:
             self.before()
             return status(folder)
 
-        monkeypatch.setattr(runs, "_try_lock", observed_try_lock)
+        monkeypatch.setattr(runs, "try_run_lock", observed_try_lock)
         monkeypatch.setattr(RunFolder, "status", observed_status)
 
     def count(self, refresh) -> int:

@@ -16,8 +16,9 @@ from prefixlab.engine.models import prepare_model
 from prefixlab.engine.prefix import PrefixConfig
 from prefixlab.engine.train import TrainConfig
 from prefixlab.runs.config import RunConfig
-from prefixlab.runs.experiment import RunError
-from prefixlab.runs.registry import RunBusy, RunStore, slugify
+from prefixlab.runs.folder import RunError
+from prefixlab.runs.locks import RunBusy
+from prefixlab.runs.registry import RunStore, slugify
 from tests.conftest import make_tokenizer, tiny_model
 
 pytestmark = pytest.mark.slow  # real subprocess workers

@@ -13,7 +13,8 @@ from prefixlab.engine.prefix import PrefixConfig
 from prefixlab.engine.stopping import EarlyStopping
 from prefixlab.engine.train import TrainConfig, train
 from prefixlab.runs.config import RunConfig
-from prefixlab.runs.experiment import RunFolder, create_run, execute_run, prepare_data
+from prefixlab.runs.experiment import create_run, execute_run, prepare_data
+from prefixlab.runs.folder import RunFolder
 from tests.test_train import _setup
 
 CURVE = [0.40, 0.55, 0.61, 0.60, 0.61, 0.58, 0.57, 0.70, 0.50]  # macro-F1 per evaluation

@@ -137,7 +137,7 @@ def test_evaluation_loss_is_the_training_objective(loaded):
     from prefixlab.data.labeled import LabeledData
     from prefixlab.engine.encode import collate
     from prefixlab.engine.train import batch_loss
-    from prefixlab.runs.experiment import evaluate_prefix
+    from prefixlab.runs.scoring import evaluate_prefix
 
     enc, prefix, examples, texts, labels = _setup(loaded)
     kv = prefix.folded()

@@ -28,7 +28,7 @@ from pathlib import Path
 from prefixlab.bench.machine import default_data_dir
 from prefixlab.bench.task import DEFAULT_CSV, sample_split
 from prefixlab.data.labeled import LabeledData, load_labeled_csv
-from prefixlab.runs.experiment import RunFolder
+from prefixlab.runs.folder import RunFolder
 
 WARM_STEPS = 2  # steps left out of the rate: the first ones pay for lazy allocations
 

@@ -151,7 +151,8 @@ def run_case(case: Case, loaded, workdir: Path, overrides: dict, zero_cache: dic
     from prefixlab.engine.predict import score_log_likelihoods
     from prefixlab.runs.config import RunConfig
     from prefixlab.runs.evaluate import majority_baseline, tfidf_baseline
-    from prefixlab.runs.experiment import create_run, execute_run, open_run, prepare_data
+    from prefixlab.runs.experiment import create_run, execute_run, prepare_data
+    from prefixlab.runs.finished import open_run
 
     folder = workdir / f"{case.name.replace('->', '_to_')}_{case.n}_{case.seed}"
     csv = folder.with_suffix(".csv")

@@ -14,7 +14,7 @@ def cmd_export(args) -> int:
     from prefixlab.engine.models import PrefixShape, model_provenance, portable_model_id
     from prefixlab.engine.peft_interop import export_peft
     from prefixlab.engine.prefix import load_prefix
-    from prefixlab.runs.experiment import RunFolder
+    from prefixlab.runs.folder import RunFolder
 
     folder = RunFolder(args.run)
     info = folder.read_config()
@@ -44,7 +44,8 @@ def cmd_import_peft(args) -> int:
     from prefixlab.engine.models import load_model
     from prefixlab.engine.peft_interop import import_peft
     from prefixlab.runs.config import RunConfig
-    from prefixlab.runs.experiment import RunFolder, import_run
+    from prefixlab.runs.experiment import import_run
+    from prefixlab.runs.folder import RunFolder
 
     labels = sorted({x.strip() for x in args.labels.split(",") if x.strip()})
     if len(labels) < 2:
@@ -63,7 +64,7 @@ def cmd_import_peft(args) -> int:
 
 def cmd_inspect(args) -> int:
     from prefixlab.engine.models import load_model
-    from prefixlab.runs.experiment import RunFolder
+    from prefixlab.runs.folder import RunFolder
     from prefixlab.runs.inspection import inspect_run
 
     cfg = RunFolder(args.run).run_config()

@@ -12,7 +12,7 @@ from prefixlab.data.writing import write_csv
 
 
 def cmd_evaluate(args) -> int:
-    from prefixlab.runs.experiment import evaluate_csv, open_run
+    from prefixlab.runs.finished import evaluate_csv, open_run
 
     run = open_run(args.run)
     if run.is_generation:
@@ -45,7 +45,7 @@ def _decode_settings(args) -> dict:
 
 def cmd_predict(args) -> int:
     from prefixlab.engine.predict import generate
-    from prefixlab.runs.experiment import open_run, predict_table
+    from prefixlab.runs.finished import open_run, predict_table
 
     if not args.text and not args.csv:
         raise DataError("give --text TEXT (repeatable) or --csv IN --output OUT")
@@ -90,7 +90,8 @@ def _predict_many(args, runs: list[str]) -> int:
     from prefixlab.engine.decode import mixed_generate
     from prefixlab.engine.mixed import mixed_score_labels
     from prefixlab.engine.models import load_model
-    from prefixlab.runs.experiment import RunFolder, text_column_of
+    from prefixlab.runs.finished import text_column_of
+    from prefixlab.runs.folder import RunFolder
     from prefixlab.serve.batcher import predict_frame
     from prefixlab.serve.store import PrefixStore
 

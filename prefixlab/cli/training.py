@@ -49,7 +49,7 @@ def _run_config(args):
 def cmd_train(args) -> int:
     from prefixlab.engine import distributed
     from prefixlab.engine.models import describe_model, load_model, pick_device
-    from prefixlab.runs.experiment import RunFolder
+    from prefixlab.runs.folder import RunFolder
 
     cfg = _run_config(args)
     ranks = distributed.Ranks.from_env()
@@ -105,7 +105,9 @@ def _launch(folder, processes: int, resume: bool) -> int:
     """Train the run in `folder` on `processes` ranks started by torch's launcher here. This
     process holds the run lock for them (rank 0 writes), and records a failure after they
     are all gone."""
-    from prefixlab.runs.registry import CANCEL_FILE, RunLock, launch_ranks
+    from prefixlab.runs.folder import CANCEL_FILE
+    from prefixlab.runs.locks import RunLock
+    from prefixlab.runs.worker import launch_ranks
 
     with RunLock.claim(folder.path):
         (folder.path / CANCEL_FILE).unlink(missing_ok=True)  # an old request from the app
@@ -133,7 +135,8 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
     from prefixlab.engine import distributed
     from prefixlab.engine.balance import describe_decision
     from prefixlab.runs.experiment import execute_run
-    from prefixlab.runs.registry import CANCEL_FILE, RunLock
+    from prefixlab.runs.folder import CANCEL_FILE
+    from prefixlab.runs.locks import RunLock
 
     writer = distributed.is_writer()
     # The run lock makes this process the run's only writer (an app's worker on the same
@@ -172,7 +175,7 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
 def cmd_resume(args) -> int:
     from prefixlab.engine import distributed
     from prefixlab.engine.models import load_model, pick_device
-    from prefixlab.runs.experiment import RunFolder
+    from prefixlab.runs.folder import RunFolder
 
     folder = RunFolder(args.run)
     cfg = folder.run_config()
@@ -205,7 +208,7 @@ def cmd_rank(args) -> int:
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
     from prefixlab.engine import distributed
-    from prefixlab.runs.experiment import RunError, RunFolder
+    from prefixlab.runs.folder import RunError, RunFolder
 
     ranks = distributed.Ranks.from_env()
     if ranks is None:
@@ -221,6 +224,6 @@ def cmd_rank(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from prefixlab.runs.registry import run_worker
+    from prefixlab.runs.worker import run_worker
 
     return run_worker(args.run, resume=args.resume, lock_fd=args.lock_fd)

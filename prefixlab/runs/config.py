@@ -16,10 +16,10 @@ from prefixlab.engine.balance import DECISIONS, LABEL_SCORES, Decision, LabelSco
 from prefixlab.engine.decode import DecodeConfig
 from prefixlab.engine.distributed import MAX_PROCESSES
 from prefixlab.engine.encode import DEFAULT_GENERATION_TEMPLATE, DEFAULT_TEMPLATE, Encoder, Template
-from prefixlab.errors import ConfigError
 from prefixlab.engine.models import DEFAULT_MODEL
 from prefixlab.engine.prefix import PrefixConfig
 from prefixlab.engine.train import TrainConfig
+from prefixlab.errors import ConfigError
 
 __all__ = ["ConfigError", "RunConfig"]  # ConfigError is defined in errors.py
 
@@ -62,7 +62,7 @@ class RunConfig:
     validation_share: float = 0.2
     """The share of train_csv held out when there is no validation_csv."""
     max_train_examples: int | None = None
-    """A stratified, seeded sample of the training rows; a CPU step costs ~0.3 s per example."""
+    """A stratified, seeded sample of the training rows, to bound an epoch's time."""
     max_eval_examples: int | None = 500
     """Held-out rows scored per evaluation: each costs one forward pass per label set. In a
     generation run: the distinct inputs held out (with all their references)."""

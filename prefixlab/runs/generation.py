@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefixlab.runs.config import RunConfig
+from prefixlab.data.pairs import TextPairs, group_split, load_pairs_csv, sample_inputs, sample_rows
 from prefixlab.data.reading import DataError
 from prefixlab.engine.decode import DecodeConfig, generate_texts
 from prefixlab.engine.encode import PairEncoder, Template, bucketed_batches, collate
-from prefixlab.runs.genmetrics import Grouped, generation_scores, group_references
 from prefixlab.engine.models import autocast
-from prefixlab.data.pairs import TextPairs, group_split, load_pairs_csv, sample_inputs, sample_rows
 from prefixlab.engine.prefix import forward
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.genmetrics import Grouped, generation_scores, group_references
 
 SAMPLE_ROWS = 20
 """Inputs shown in a report's table of references and outputs."""
@@ -61,9 +61,9 @@ def live_scores(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
                 validation: TextPairs, cfg: RunConfig) -> dict:
     """What a training run logs at each evaluation: the validation loss on each held-out
     input's first reference, and greedy BLEU/chrF/ROUGE-L on the first `eval_generate_inputs`
-    inputs. Cheap enough to run often: E2E has ~8.5 references per input, and the loss on all
-    of them cost minutes per evaluation on CPU; the final report reads every row and decodes
-    every input as configured."""
+    inputs. Cheap enough to run often: a data set like E2E has several references per input,
+    and the loss on all of them would multiply the cost of every evaluation; the final report
+    reads every row and decodes every input as configured."""
     first: dict[str, int] = {}
     for i, x in enumerate(validation.inputs):
         first.setdefault(x, i)

@@ -1,7 +1,8 @@
 """A run's inspection: the readouts of its prefix, written as JSON and a standalone page.
 
-The orchestration over interpret.py, interpret_bank.py and interpret_maps.py (the math) and
-plots.py (the figures); the CLI's `inspect` and the app call it.
+The orchestration over the `interpret` wing (readouts, bank, maps, knockout, summary: the
+math) and the `figures` wing (plots, causal: the figures); the CLI's `inspect` and the app
+call it.
 """
 
 from __future__ import annotations
@@ -19,22 +20,12 @@ from safetensors.torch import load_file
 from prefixlab.data.labeled import load_labeled_csv
 from prefixlab.data.reading import DataError
 from prefixlab.engine.cpu import native_bf16
-from prefixlab.runs.experiment import Run, RunFolder, open_run, prepare_data
+from prefixlab.engine.models import LoadedModel
+from prefixlab.engine.predict import score_log_likelihoods
+from prefixlab.engine.prefix import default_init_text
+from prefixlab.figures.causal import knockout_figure, label_push_figure
+from prefixlab.figures.plots import inspection_html
 from prefixlab.files import atomic_write_json, atomic_write_text
-from prefixlab.interpret.summary import GLOSSARY, summary_markdown
-from prefixlab.interpret.readouts import (
-    CAVEAT,
-    KINDS,
-    METHOD,
-    AttentionMass,
-    InterpretError,
-    NearestTokens,
-    ValueReadout,
-    _kind_index,
-    nearest_tokens,
-    prefix_attention,
-    value_readout,
-)
 from prefixlab.interpret.bank import (
     DEFAULT_BANK_SIZE,
     data_word_ids,
@@ -58,11 +49,23 @@ from prefixlab.interpret.maps import (
     pca_map,
     prefix_movement,
 )
-from prefixlab.engine.models import LoadedModel
-from prefixlab.figures.plots import inspection_html
-from prefixlab.figures.causal import knockout_figure, label_push_figure
-from prefixlab.engine.predict import score_log_likelihoods
-from prefixlab.engine.prefix import default_init_text
+from prefixlab.interpret.readouts import (
+    CAVEAT,
+    KINDS,
+    METHOD,
+    AttentionMass,
+    InterpretError,
+    NearestTokens,
+    ValueReadout,
+    _kind_index,
+    nearest_tokens,
+    prefix_attention,
+    value_readout,
+)
+from prefixlab.interpret.summary import GLOSSARY, summary_markdown
+from prefixlab.runs.experiment import prepare_data
+from prefixlab.runs.finished import Run, open_run
+from prefixlab.runs.folder import RunFolder
 
 
 def load_snapshots(run_dir: str | Path) -> list[tuple[int, torch.Tensor]]:

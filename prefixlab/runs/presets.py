@@ -5,8 +5,9 @@ field by field); `config_parts` sorts it into the keyword groups RunConfig takes
 preset trains until validation macro-F1 stops improving (patience, in evaluations, two per
 epoch) or its budget ends (epochs, minutes), and keeps the best step.
 
-- Quick look: <= 2 min on 2 CPU cores, a first look at whether the labels are learnable.
-- Balanced: the validation optimum within ~10 min on 300-2,000 rows.
+- Quick look: a budget of a minute and a half, a first look at whether the labels are
+  learnable.
+- Balanced: the validation optimum within a 10-minute budget on 300-2,000 rows.
 - Thorough: every row and a longer budget, for larger sets and slower convergence.
 
 The CLI without `--preset` uses the dataclasses' defaults: Balanced's recipe on every row with

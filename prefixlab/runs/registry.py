@@ -1,29 +1,20 @@
-"""The run registry (SQLite, WAL) and the worker processes that train runs.
+"""The run registry: one SQLite database (WAL) of the runs in a data directory.
 
-A data directory holds `registry.sqlite3` and `runs/<run id>/` folders (see experiment.py).
-Each run trains in its own child process (`python -m prefixlab worker RUN_DIR`, no shell),
-started in a new session so closing the app or the browser does not stop it. Workers queue
-on a per-device lock file: one run trains at a time per device. A worker reports through its
-run folder (status.json, metrics.jsonl); `RunStore.refresh` folds that into the registry
-and marks runs whose worker died as interrupted, so nothing shows "running" forever.
+A data directory holds `registry.sqlite3`, `runs/<run id>/` folders (folder.py) and `locks/`
+(one lock file per device, on which workers queue). RunStore creates runs, starts each in its
+own worker process (worker.py, started by command, never imported here), cancels, kills and
+deletes them. A worker reports only through its run folder; `RunStore.refresh` folds that
+into the registry and marks runs whose worker died as interrupted, so nothing shows
+"running" forever.
 
-One writer per run: a run folder's `run.lock` (an flock) is held by its worker for the
-worker's whole life, and only the holder of that lock writes status.json. A worker is alive
-exactly while the lock is held; the OS releases it when the worker exits or is killed, so
-there is no pid to compare and no gap between "read the status" and "check the worker".
-Starting a worker takes the lock first (a second start is refused while it is held) and
-hands it to the child as an inherited file descriptor, so it is never free in between.
-A refresh that finds the lock free takes it, re-reads the status, and only then marks a
-run that still says queued/running as interrupted. Starts and refreshes of one run pass
-through a second, momentary lock (`claim.lock`), so a refresh looking at a free run lock
-never makes a concurrent start fail.
+A worker is alive exactly while it holds its run's lock (locks.py). A refresh that finds the
+lock free takes it, re-reads the status, and only then marks a run that still says
+queued/running as interrupted.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import re
 import shutil
@@ -32,7 +23,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import traceback
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,23 +30,15 @@ from pathlib import Path
 
 import psutil
 
-from prefixlab.engine import distributed
-from prefixlab.runs.config import RunConfig
-from prefixlab.runs.experiment import (
-    CANCEL_FILE,
-    RunError,
-    RunFolder,
-    create_run,
-    execute_run,
-    prepare_data,
-)
 from prefixlab.engine.models import LoadedModel, ModelInfo
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.experiment import create_run, prepare_data
+from prefixlab.runs.folder import CANCEL_FILE, RunError, RunFolder
+from prefixlab.runs.locks import RunBusy, claim_lock, try_run_lock
 
 ACTIVE = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled", "interrupted")
 _ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[a-z0-9-]{1,40}$")
-LOCK_FILE = "run.lock"  # held by the run's worker (or a CLI training it) for its whole life
-CLAIM_FILE = "claim.lock"  # held for a moment by whoever starts a run or checks its lock
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -83,112 +65,6 @@ def slugify(name: str) -> str:
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
     slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")
     return slug[:40].strip("-") or "run"
-
-
-class RunBusy(RunError):
-    """The run already has a live worker (or a CLI process training it)."""
-
-
-def _open_lock(path: Path) -> int:
-    # O_CLOEXEC (Python's default): no other child of this process inherits the lock; a
-    # worker gets it only through Popen's pass_fds.
-    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-
-
-@contextlib.contextmanager
-def _claim(run_dir: Path) -> Iterator[None]:
-    """Serialize starting and checking one run (held for milliseconds, so callers wait)."""
-    fd = _open_lock(run_dir / CLAIM_FILE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _try_lock(run_dir: Path) -> int | None:
-    """The run lock's file descriptor if it was free and is now ours, else None (held).
-
-    flock locks belong to an open file description, so two threads of one process
-    exclude each other just as two processes do.
-    """
-    fd = _open_lock(run_dir / LOCK_FILE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-class RunLock:
-    """The lock that makes its holder the run's only writer, held until `close`.
-
-    `close` closes the descriptor and never unlocks explicitly: a worker started with
-    `pass_fds` shares the starter's open file description, and the OS keeps the lock until
-    the last process holding that description closes it or exits (or is killed).
-    """
-
-    def __init__(self, run_dir: str | Path, fd: int) -> None:
-        self.run_dir = Path(run_dir)
-        self._fd: int | None = fd
-
-    @classmethod
-    def claim(cls, run_dir: str | Path) -> RunLock:
-        """Take a run's lock, or raise RunBusy when a live process holds it."""
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise RunError(f"{run_dir} is not a run folder")
-        with _claim(run_dir):
-            fd = _try_lock(run_dir)
-        if fd is None:
-            raise RunBusy(f"{run_dir.name} is already being trained by another process (its "
-                          "run lock is held); cancel that run or wait for it to finish")
-        return cls(run_dir, fd)
-
-    @classmethod
-    def adopt(cls, run_dir: str | Path, fd: int) -> RunLock:
-        """Take over the lock a starter passed down as descriptor `fd` (see RunStore.start)."""
-        try:
-            # On the description that already holds the lock this succeeds at once; on a
-            # stray descriptor it fails rather than letting two writers run.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            raise RunBusy(f"descriptor {fd} does not hold the run lock of {run_dir}: {e}") from e
-        os.set_inheritable(fd, False)  # pass_fds made it inheritable; nothing below needs it
-        return cls(run_dir, fd)
-
-    def fileno(self) -> int:
-        if self._fd is None:
-            raise RunError("the run lock was already closed")
-        return self._fd
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def run_lock_held(run_dir: str | Path) -> bool:
-    """Is a live process (a worker, or a CLI training) holding this run's lock?"""
-    run_dir = Path(run_dir)
-    if not (run_dir / LOCK_FILE).is_file():
-        return False  # never started
-    with _claim(run_dir):
-        fd = _try_lock(run_dir)
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
 
 
 @dataclass
@@ -315,8 +191,8 @@ class RunStore:
         """
         row = self.get(run_id)
         folder = self.folder(run_id)
-        with _claim(folder.path):
-            fd = _try_lock(folder.path)
+        with claim_lock(folder.path):
+            fd = try_run_lock(folder.path)
             if fd is None:
                 raise RunBusy(f"run {row.name!r} is already queued or running; cancel it "
                               "before starting it again")
@@ -372,8 +248,8 @@ class RunStore:
             with self._db() as db:
                 db.execute("DELETE FROM runs WHERE id=?", (run_id,))
             return
-        with _claim(path):
-            fd = _try_lock(path)
+        with claim_lock(path):
+            fd = try_run_lock(path)
             if fd is None:
                 raise RunBusy(f"run {row.name!r} is {row.state}; cancel it before deleting")
             try:  # holding the lock: no worker can start on the folder while it goes
@@ -428,8 +304,8 @@ class RunStore:
         folder = self.folder(row.id)
         if not folder.path.is_dir():
             return
-        with _claim(folder.path):
-            fd = _try_lock(folder.path)
+        with claim_lock(folder.path):
+            fd = try_run_lock(folder.path)
             try:
                 status = folder.status()
                 state = status.get("state", "created")
@@ -440,8 +316,8 @@ class RunStore:
                                       "crashed)")
                     if tail := _log_tail(folder):
                         error += f"; its log ends with: {tail}"
-                    folder.set_status("interrupted", error=error, step=_last_step(folder))
-                step, total = _progress(folder)
+                    folder.set_status("interrupted", error=error, step=folder.progress()[0])
+                step, total = folder.progress()
                 report = folder.read_report() if state == "completed" else None
                 # Under the claim lock, so no start of this run lands between the read
                 # above and this write (a finished state written over a new start's
@@ -488,119 +364,3 @@ def _alive(pid: int | None, started: float | None) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-def _progress(folder: RunFolder) -> tuple[int, int]:
-    """The last step and total steps written to the metrics log (reads only its tail)."""
-    path = folder.metrics_path
-    if not path.is_file():
-        return 0, 0
-    with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - 8192))
-        tail = f.read().splitlines()
-    for line in reversed(tail):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("type") == "step":
-            return int(record["step"]), int(record["total_steps"])
-    return 0, 0
-
-
-def _last_step(folder: RunFolder) -> int:
-    return _progress(folder)[0]
-
-
-# --- the worker ----------------------------------------------------------------------------
-
-
-DEVICE_POLL_S = 0.25  # how often a queued worker looks at the device lock and for a cancel
-
-
-def _try_flock(f) -> bool:
-    """Take an exclusive flock on `f` without waiting; released by the OS if we are killed."""
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def run_worker(run_dir: str | Path, resume: bool = False, lock_fd: int | None = None) -> int:
-    """Body of a worker process: hold the run lock, wait for the device, train, record the
-    outcome. `lock_fd` is the run lock handed down by RunStore.start; without it the worker
-    takes the lock itself (and refuses to run while another process holds it)."""
-    folder = RunFolder(run_dir)
-    try:
-        lock = (RunLock.adopt(folder.path, lock_fd) if lock_fd is not None
-                else RunLock.claim(folder.path))
-    except RunError as e:  # not ours to write: another process owns this run
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    with lock:
-        return _work(folder, resume)
-
-
-def _work(folder: RunFolder, resume: bool) -> int:
-    from prefixlab.engine.models import load_model, pick_device
-
-    try:
-        cfg = folder.run_config()
-        device = pick_device(cfg.device)
-        locks = Path(os.environ.get("PREFIXLAB_DATA_DIR", folder.path.parent.parent)) / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        cancel = folder.path / CANCEL_FILE
-        with open(locks / f"{device.type}.lock", "w") as lock:
-            # Polled rather than blocking, so a queued run is cancelled at once instead of
-            # after the run ahead of it; "waiting" is said only when someone holds the device.
-            waiting = False
-            while not _try_flock(lock):
-                if cancel.exists():
-                    folder.set_status("cancelled")
-                    return 0
-                if not waiting:
-                    folder.set_status("queued", phase="waiting for the device: another run "
-                                      "is training")
-                    waiting = True
-                time.sleep(DEVICE_POLL_S)
-            if cancel.exists():
-                folder.set_status("cancelled")
-                return 0
-            processes = distributed.process_count(cfg.nproc, device)
-            folder.set_status("running", phase="loading the model", processes=processes)
-            if processes > 1:
-                return launch_ranks(folder, processes, resume)
-            loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
-            report = execute_run(folder, loaded, resume=resume, should_stop=cancel.exists)
-            if report is None:
-                folder.set_status("cancelled", step=_last_step(folder))
-        return 0
-    except distributed.LaunchError as e:
-        folder.set_status("failed", error=str(e))
-        return 1
-    except MemoryError:
-        folder.set_status("failed", error="out of memory: try a smaller batch size or max "
-                          "length")
-        return 1
-    except Exception as e:  # the worker's last word: record why, keep the traceback in its log
-        traceback.print_exc()
-        message = " ".join(str(e).split()) or type(e).__name__
-        with contextlib.suppress(OSError):
-            folder.set_status("failed", error=f"{type(e).__name__}: {message}")
-        return 1
-
-
-def launch_ranks(folder: RunFolder, processes: int, resume: bool) -> int:
-    """Train on `processes` ranks started by torch's launcher in this process, which holds
-    the run lock: rank 0 writes the run's progress on its behalf (one writer at a time);
-    when a rank dies the launcher stops the others and this process records which one and
-    how."""
-    try:
-        distributed.launch(["rank", str(folder.path), *(["--resume"] if resume else [])],
-                           processes)
-    except distributed.WorkerFailed as e:
-        folder.set_status("interrupted" if e.killed else "failed", error=str(e),
-                          step=_last_step(folder), processes=processes)
-        return 1
-    return 0

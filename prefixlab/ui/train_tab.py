@@ -11,7 +11,7 @@ from prefixlab.data.reading import DataError
 from prefixlab.engine.balance import describe_decision
 from prefixlab.engine.encode import TemplateError
 from prefixlab.figures import charts
-from prefixlab.runs.experiment import RunError
+from prefixlab.runs.folder import RunError
 from prefixlab.runs.presets import PRESETS, SETTING_NAMES
 from prefixlab.runs.registry import ACTIVE
 from prefixlab.ui.common import LoadHook, bullet_list, escape, run_choices, shown, wire

@@ -1,0 +1,156 @@
+"""A run opened for use: score or generate with its prefix, predict a table, evaluate it on a
+held-out CSV beside the baselines.
+
+`open_run` opens a finished, checkpointed or imported run folder with its base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prefixlab.data.columns import guess_columns
+from prefixlab.data.labeled import load_labeled_csv
+from prefixlab.data.reading import DataError, read_table
+from prefixlab.engine.decode import DecodeConfig
+from prefixlab.engine.encode import Encoder, PairEncoder
+from prefixlab.engine.models import LoadedModel, load_model
+from prefixlab.engine.predict import score_labels
+from prefixlab.engine.prefix import load_prefix
+from prefixlab.errors import ConfigError
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.experiment import prepare_data
+from prefixlab.runs.folder import RunError, RunFolder
+from prefixlab.runs.generation import generate, pair_encoder
+from prefixlab.runs.scoring import full_report
+
+
+@dataclass
+class Run:
+    """A run folder opened for use: its settings, labels, model and folded prefix."""
+
+    folder: RunFolder
+    config: RunConfig
+    labels: list[str]  # empty in a generation run
+    loaded: LoadedModel
+    kv: torch.Tensor  # (L, 2, H_kv, P, D)
+    encoder: Encoder | PairEncoder
+
+    @property
+    def is_generation(self) -> bool:
+        return isinstance(self.encoder, PairEncoder)
+
+    def score(self, texts: list[str], with_prefix: bool = True) -> np.ndarray:
+        if self.is_generation:
+            raise RunError(f"run {self.folder.path.name} generates text; it has no labels to "
+                           "score")
+        return score_labels(self.loaded.model, self.kv if with_prefix else None, self.encoder,
+                            texts)
+
+    def generate(self, texts: list[str], with_prefix: bool = True,
+                 decode: DecodeConfig | None = None) -> list[str]:
+        """One output per text with the run's template (and decoding, unless given)."""
+        if not self.is_generation:
+            raise RunError(f"run {self.folder.path.name} classifies; use score, or free "
+                           "generation")
+        return generate(self.loaded.model, self.encoder, self.kv if with_prefix else None,
+                        texts, decode or self.config.generation)
+
+
+def open_run(path: str | Path, loaded: LoadedModel | None = None) -> Run:
+    """Open a finished (or checkpointed) run; the base model is loaded unless given."""
+    folder = RunFolder(path)
+    info = folder.read_config()
+    try:
+        cfg = RunConfig.from_dict(info["run"])
+        labels = list(info["labels"])
+    except (KeyError, ConfigError) as e:
+        raise RunError(f"{folder.config_path} is not a valid run config: {e}") from e
+    if loaded is None:
+        loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
+    elif loaded.name != cfg.model:
+        raise RunError(f"run {folder.path.name} was trained on {cfg.model!r}, "
+                       f"not on the loaded {loaded.name!r}")
+    prefix = load_prefix(folder.prefix_path, loaded.shape)
+    data = info.get("data") or {}
+    encoder = (pair_encoder(loaded.tokenizer, cfg) if cfg.is_generation else
+               cfg.label_encoder(loaded.tokenizer, labels, data.get("label_counts"),
+                                 data.get("prior_scale")))
+    return Run(folder, cfg, labels, loaded, prefix.kv, encoder)
+
+
+def _present(name: str | None, columns) -> str | None:
+    """The run's column name when this file has it (else None: guess the file's own)."""
+    return name if name in [str(c) for c in columns] else None
+
+
+def evaluate_csv(run: Run, path: str | Path, text_column: str | None = None,
+                 label_column: str | None = None) -> dict:
+    """The run's prefix on a held-out labeled CSV, beside both baselines on the same rows.
+
+    Columns: as given, else the run's own names when the file has them, else guessed. A label
+    the run never trained on is refused (the prefix cannot predict it).
+    """
+    columns = read_table(path).frame.columns
+    data = load_labeled_csv(path, text_column or _present(run.config.text_column, columns),
+                                    label_column or _present(run.config.label_column, columns))
+    unknown = sorted(set(data.label_names) - set(run.labels))
+    if unknown:
+        raise DataError(
+            f"{Path(path).name} has labels the run was not trained on: {', '.join(unknown)} "
+            f"(run labels: {', '.join(run.labels)})"
+        )
+    try:
+        train_data = prepare_data(run.config).train
+    except (DataError, OSError):
+        train_data = None  # the training file moved: no TF-IDF baseline
+    report = full_report(run.loaded, run.kv, run.encoder, train_data, data,
+                         run.config.training.seed)
+    report["columns"] = {"text": data.text_column, "label": data.label_column}
+    return report
+
+
+def label_column_of(run: Run, frame) -> str | None:
+    """A column of gold labels in a file to predict: the run's label column, else one whose
+    filled cells are (nearly) all labels the run knows."""
+    if run.config.label_column in frame.columns:
+        return run.config.label_column
+    known = set(run.labels)
+    for column in frame.columns:
+        values = [v.strip() for v in frame[column].dropna().astype(str) if v.strip()]
+        if values and sum(v in known for v in values) >= 0.9 * len(values):
+            return column
+    return None
+
+
+def text_column_of(frame, wanted: str | None, path: str | Path, guess: bool = True) -> str:
+    """The column to read texts from: `wanted` if present, else (when `guess`) the guess."""
+    column = wanted
+    if column not in frame.columns and guess:
+        column = guess_columns(list(frame.columns), frame)[0]
+    if column is None or column not in frame.columns:
+        raise DataError(
+            f"{Path(path).name} has no text column {column or ''!r}; "
+            f"columns: {', '.join(map(str, frame.columns))}"
+        )
+    return column
+
+
+def predict_table(run: Run, path: str | Path, text_column: str | None = None):
+    """A CSV's rows with the predicted label and every label's probability appended."""
+    frame = read_table(path).frame
+    column = text_column_of(frame, text_column or run.config.text_column, path,
+                            guess=not text_column)
+    texts = frame[column].fillna("").astype(str).tolist()
+    out = frame.copy()
+    if run.is_generation:
+        out["generated"] = run.generate(texts)
+        return out
+    probs = run.score(texts)
+    out["predicted_label"] = [run.labels[i] for i in probs.argmax(1)]
+    for j, label in enumerate(run.labels):
+        out[f"p_{label}"] = probs[:, j].round(6)
+    return out
