@@ -1,9 +1,10 @@
 """User errors: one base class, so the CLI and the app tell a mistake a user can fix from a bug.
 
-Each module keeps its own error type next to the code that raises it (DataError in data/reading.py,
-PrefixFileError in prefix.py, ...); they all derive from PrefixLabError. ConfigError lives here
-because the nested settings (TrainConfig, PrefixConfig, Template) raise it and RunConfig, which
-sits above them, collects their problems.
+Each module keeps its own error type next to the code that raises it (DataError in
+data/reading.py, PrefixFileError in engine/prefix.py, ...); they all derive from
+PrefixLabError. ConfigError lives here because the nested settings (TrainConfig,
+PrefixConfig, Template) raise it and RunConfig, which sits above them, collects their
+problems.
 """
 
 from __future__ import annotations

@@ -87,12 +87,22 @@ def test_config_error_survives_a_process_boundary():
     assert error.problems == ["a is wrong", "b is wrong"] and str(error) == "a is wrong; b is wrong"
 
 
-def test_cli_reports_every_settings_problem_in_one_line(tmp_path, capsys):
+def test_cli_reports_every_settings_problem_on_a_line_of_its_own(tmp_path, capsys):
     code = main(["train", str(tmp_path / "x.csv"), "--output", str(tmp_path / "run"),
-                 "--epochs", "0", "--prefix-length", "0", "--max-length", "4"])
+                 "--epochs", "0", "--prefix-length", "0", "--max-length", "4",
+                 "--weight-decay", "-1", "--grad-clip", "-1"])
     assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
-    for expected in ("epochs must be", "prefix_length must be", "max_length must be"):
-        assert expected in err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 5 and all(line.startswith("error: ") for line in lines)
+    for expected in ("epochs must be", "prefix_length must be", "max_length must be",
+                     "weight_decay must be", "grad_clip must be"):
+        assert sum(expected in line for line in lines) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting", [{"weight_decay": -1.0}, {"weight_decay": float("nan")},
+                                     {"grad_clip": -1.0}, {"grad_clip": float("inf")},
+                                     {"max_minutes": float("nan")}])
+def test_numeric_settings_out_of_range_are_refused(setting):
+    with pytest.raises(ConfigError, match=next(iter(setting))):
+        TrainConfig(**setting)

@@ -153,3 +153,34 @@ def test_a_stop_string_at_the_first_character_leaves_an_empty_output(loaded, tok
                          DecodeConfig(max_new_tokens=12, stop=[free[0]]))[0]
     assert cut == ""
     assert cut_at_stop("The Eagle is a pub.\nMore", ["\n"]) == "The Eagle is a pub."
+
+
+def test_beam_search_equals_transformers_where_beams_often_end():
+    """Against transformers' beam search (early_stopping="never": the same stopping rule), with
+    EOS made one of the likeliest tokens, so many of the best candidates end a beam. Beam
+    search must then look past them (2N candidates per step) to keep N beams alive."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", vocab_size=40).eval()
+    eos, pad, N, max_new = 7, 0, 3, 8
+
+    def likelier_eos(module, inputs, logits):  # EOS near the top everywhere, rarely certain
+        logits = logits.clone()
+        logits[..., eos] += 2.0
+        return logits
+
+    model.lm_head.register_forward_hook(likelier_eos)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 40, (int(n),), generator=g).tolist()
+               for n in torch.randint(2, 7, (45,), generator=g)]
+    got = beam_search(model, None, prompts, eos, pad, max_new, num_beams=N)
+    want = []
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=max_new,
+                                 num_beams=N, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=eos, length_penalty=1.0, early_stopping="never")
+        row = out[0, len(p):].tolist()
+        want.append(row[:row.index(eos)] if eos in row else row)
+    ended_early = sum(len(w) < max_new for w in want)
+    assert ended_early >= 10  # the case this test is about: beams that end
+    assert got == want

@@ -16,7 +16,7 @@ from prefixlab.cli.options import add_options
 from prefixlab.cli.output import say
 from prefixlab.cli.scoring import cmd_evaluate, cmd_predict, cmd_serve
 from prefixlab.cli.training import cmd_rank, cmd_resume, cmd_train, cmd_validate, cmd_worker
-from prefixlab.errors import USER_ERRORS
+from prefixlab.errors import USER_ERRORS, ConfigError
 from prefixlab.runs.presets import CLI_NAMES
 
 
@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ConfigError as e:  # every settings problem on a line of its own
+        for problem in e.problems:
+            say(f"error: {' '.join(problem.split())}")
+        return 2
     except USER_ERRORS as e:
         message = " ".join(str(e).split()) or type(e).__name__
         say(f"error: {message}")

@@ -120,8 +120,13 @@ class TrainConfig:
                 problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not 0 <= self.warmup_share < 1:
             problems.append(f"warmup_share must be in [0, 1), got {self.warmup_share}")
-        if self.max_minutes < 0:
+        if not (math.isfinite(self.max_minutes) and self.max_minutes >= 0):
             problems.append(f"max_minutes must be 0 or more, got {self.max_minutes}")
+        if not 0 <= self.weight_decay <= 1:
+            problems.append(f"weight_decay must be in [0, 1], got {self.weight_decay}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            # a negative norm would flip the gradient: training would climb the loss
+            problems.append(f"grad_clip must be 0 (off) or more, got {self.grad_clip}")
         if self.monitor not in MONITORS:
             problems.append(f"monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
         if self.class_balance not in CLASS_BALANCE:

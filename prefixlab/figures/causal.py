@@ -1,6 +1,6 @@
 """Figures of the causal readouts: knockout effects, attention share, label push.
 
-Kept apart from plots.py (the maps and tables): these read interpret_causal's results.
+Kept apart from plots.py (the maps and tables): these read interpret/knockout.py's results.
 """
 
 from __future__ import annotations

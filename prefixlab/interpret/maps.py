@@ -1,7 +1,7 @@
 """Where prefixes sit as a whole: PCA maps among real tokens, movement over training, similarity.
 
-Arrays and dataclasses only; figures are in plots.py. Keys are put in the key frame (see
-interpret.py) so that positions share one map.
+Arrays and dataclasses only; figures are in figures/plots.py. Keys are put in the key frame
+(see readouts.py) so that positions share one map.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from prefixlab.engine.models import LoadedModel
 
-# the interpret modules share interpret.py's input checks
+# the interpret modules share readouts.py's input checks
 from prefixlab.interpret.readouts import (
     InterpretError,
     ReferenceBank,

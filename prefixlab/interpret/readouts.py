@@ -1,6 +1,6 @@
 """Look inside a prefix: the key frame, slot references, nearest tokens, value readout, attention.
 
-Arrays and dataclasses only; figures are in plots.py. Every readout here compares the prefix
+Arrays and dataclasses only; figures are in figures/plots.py. Every readout here compares the prefix
 with *reference* key/values: what the frozen model itself caches when it reads real tokens.
 
 The frame (what "the reference of a token" means)
@@ -31,9 +31,9 @@ direction), which would make every match look strong. The random baseline runs t
 readout on random vectors of the same norm, so a score means something only well above it.
 
 The modules: this one holds the frame and the readouts that rank or read the prefix
-(nearest tokens, value readout, attention); interpret_bank.py builds and caches the reference
-bank; interpret_maps.py places prefixes in PCA maps, follows them over training and compares
-them; inspection.py writes a run's inspection (JSON and the standalone page).
+(nearest tokens, value readout, attention); bank.py builds and caches the reference
+bank; maps.py places prefixes in PCA maps, follows them over training and compares
+them; runs/inspection.py writes a run's inspection (JSON and the standalone page).
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def first_layer_references(loaded: LoadedModel, token_ids: Sequence[int],
     return refs.permute(0, 1, 3, 2, 4).contiguous()  # (2, n, length, H, D)
 
 
-# --- the reference bank (built and cached by interpret_bank.py) ------------------------------
+# --- the reference bank (built and cached by bank.py) -----------------------------------------
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The inspection's summary in plain words: what moved, what matters, what it resembles.
 
-Built from the readouts (interpret*, interpret_causal) only; the Inspect tab and
+Built from the readouts (readouts, maps, knockout) only; the Inspect tab and
 inspection.html show it first, before any chart.
 """
 
