@@ -14,7 +14,8 @@ import pandas as pd
 from prefixlab.data.tables import DataError
 from prefixlab.figures import charts
 from prefixlab.ui.common import LoadHook, bullet_list, escape, shown, wire
-from prefixlab.workbench import EXAMPLE_CSV, Workbench
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.datasets import EXAMPLE_CSV
 
 PREVIEW_CHARS = 160  # a preview cell longer than this is cut, so the label column stays in view
 NO_TARGET = "(none: classify with the label column)"

@@ -11,9 +11,9 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from prefixlab.engine.decode import DecodeConfig
 from prefixlab.ui.common import LoadHook, escape, run_choices, shown, wire
-from prefixlab.workbench import BatchPrediction, Workbench
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.serving import BatchPrediction
 
 NO_PREFIX = "(no prefix: the bare model)"
 PALETTE = qualitative.Plotly
@@ -196,11 +196,9 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         if not ids:
             raise gr.Error("Pick at least one generation run (train one on a CSV with a "
                            "target column).")
-        first = workbench.open(ids[0]).config.generation
-        decode = DecodeConfig(max_new_tokens=int(n_new), num_beams=int(n_beams),
-                              length_penalty=first.length_penalty, stop=first.stop)
         return shown(workbench.generate_side_by_side(lines, list(ids), bare=with_bare,
-                                                     decode=decode))
+                                                     max_new_tokens=int(n_new),
+                                                     num_beams=int(n_beams)))
 
     wire(gen_go.click, on_generate_side_by_side,
          [gen_inputs, gen_runs, beams, gen_max, gen_bare], [gen_table], notice)

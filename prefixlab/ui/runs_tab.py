@@ -10,7 +10,8 @@ from prefixlab.figures import charts
 from prefixlab.runs.registry import ACTIVE
 from prefixlab.ui.common import LoadHook, escape, run_choices, shown, wire
 from prefixlab.ui.train_tab import PER_CLASS_WIDTHS, report_outputs
-from prefixlab.workbench import RUNS_COLUMNS, Workbench
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.runs import RUNS_COLUMNS
 
 # Shares of the table's width: the id must show whole, headers must not break mid-word.
 # A one-word header needs ~8% of the table ("accuracy", "processes" in the header font);

@@ -15,7 +15,8 @@ from prefixlab.runs.experiment import RunError
 from prefixlab.runs.presets import PRESETS, SETTING_NAMES
 from prefixlab.runs.registry import ACTIVE
 from prefixlab.ui.common import LoadHook, bullet_list, escape, run_choices, shown, wire
-from prefixlab.workbench import Workbench, process_range, run_config
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.runs import process_range, run_config
 
 POLL_SECONDS = 1.5
 PER_CLASS_WIDTHS = ["28%", "19%", "17%", "17%", "19%"]  # label, precision, recall, f1, support
