@@ -16,8 +16,8 @@ import gradio as gr
 from gradio import FileData
 
 from prefixlab.engine.decode import Sampling
-from prefixlab.engine.models import DEFAULT_MODEL
 from prefixlab.errors import ConfigError
+from prefixlab.serve.access import MAX_UPLOAD, credentials
 from prefixlab.ui.common import guard
 from prefixlab.workbench import Workbench
 
@@ -123,32 +123,23 @@ def build_api(workbench: Workbench) -> gr.Blocks:
     return demo
 
 
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-
-
 def serve_api(data_dir: str | Path, model: str | None = None, host: str = "127.0.0.1",
               port: int = 7861, auth: str | None = None, window_ms: float = 5.0,
               max_rows: int = 32) -> None:
-    """`python -m prefixlab serve`: the public endpoints over a data directory, blocking."""
-    credentials = None
-    if auth:
-        user, sep, password = auth.partition(":")
-        if not sep or not user or not password:
-            raise ConfigError("--auth must look like user:password")
-        credentials = (user, password)
-    elif host not in LOCAL_HOSTS:
-        raise ConfigError(f"listening on {host} exposes your runs to others; give --auth "
-                          "user:password (or PREFIXLAB_AUTH) to require a login")
+    """`python -m prefixlab serve`: the public endpoints over a data directory, blocking.
+    Who may connect and how large an upload may be follow the app's rule
+    (prefixlab.serve.access)."""
+    login = credentials(auth, host)
     if window_ms < 0 or max_rows < 1:
         raise ConfigError(f"--window-ms must be >= 0 and --max-rows >= 1, got {window_ms} and "
                           f"{max_rows}")
-    workbench = Workbench(Path(data_dir), model=model or DEFAULT_MODEL)
+    workbench = Workbench(Path(data_dir), model=model)
     workbench.batch_window_s, workbench.batch_max_rows = window_ms / 1000, max_rows
     demo = build_api(workbench)
     workbench.warm_up()
     print(f"PrefixLab API on http://{host}:{port}/ (runs in {workbench.store.data_dir})",
           file=sys.stderr)
     demo.queue(default_concurrency_limit=4).launch(
-        server_name=host, server_port=port, auth=credentials, show_error=True,
-        allowed_paths=[str(workbench.exports_dir)], max_file_size="50mb",
+        server_name=host, server_port=port, auth=login, show_error=True,
+        allowed_paths=[str(workbench.exports_dir)], max_file_size=MAX_UPLOAD,
     )
