@@ -130,7 +130,7 @@ WINGS: dict[str, set[str]] = {
     "serve": {"runs", "engine", "data"},
     "workbench": {"serve", "runs", "figures", "interpret", "engine", "data"},
     # The UI talks to the workbench; from lower wings only run settings, states and errors
-    # (runs), training charts (figures) and who may connect (serve).
+    # (runs), charts of the data and of training (figures) and who may connect (serve).
     "ui": {"workbench", "serve", "runs", "figures"},
     "cli": {"ui", "workbench", "serve", "runs", "interpret", "figures", "engine", "data"},
     "bench": {"serve", "runs", "figures", "interpret", "engine", "data"},

@@ -5,7 +5,7 @@ values in, the outputs' values out), tested without a page; its build() lays out
 and wires them to those handlers. What belongs to one browser lives in gr.State.
 
 Imports `workbench`, `serve` (who may connect), `runs` (settings, states, errors) and
-`figures` (training charts); never `engine`, `interpret` or `data`.
+`figures` (charts of the data and of training); never `engine`, `interpret` or `data`.
 """
 
 from __future__ import annotations
