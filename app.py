@@ -13,12 +13,11 @@ from pathlib import Path
 
 from prefixlab.engine.cpu import pin_threads
 from prefixlab.engine.models import DEFAULT_MODEL
+from prefixlab.errors import ConfigError
 from prefixlab.runs.folder import RunError
+from prefixlab.serve.access import MAX_UPLOAD, credentials
 from prefixlab.ui import CSS, build_ui
 from prefixlab.workbench import Workbench
-
-MAX_UPLOAD = "50mb"
-LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,18 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def access(args: argparse.Namespace) -> tuple[str, str] | None:
-    """The credentials to demand, or None for a local-only app; refuses an open exposure."""
-    exposed = args.share or args.host not in LOCAL_HOSTS
-    if args.auth:
-        user, sep, password = args.auth.partition(":")
-        if not sep or not user or not password:
-            raise SystemExit("error: --auth must look like user:password")
-        return user, password
-    if exposed:
-        where = "a public share link" if args.share else f"{args.host}"
-        raise SystemExit(f"error: listening on {where} exposes your runs and data to others; "
-                         "give --auth user:password (or PREFIXLAB_AUTH) to require a login")
-    return None
+    """The credentials to demand, or None for a local-only app; refuses an open exposure
+    (the rule in prefixlab.serve.access, which the API server follows too)."""
+    try:
+        return credentials(args.auth, args.host, share=args.share)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,8 @@ from prefixlab.engine.predict import generate, score_labels
 from prefixlab.engine.prefix import save_prefix, text_key_values
 from prefixlab.ui import build_ui
 from prefixlab.ui.api import PUBLIC_ENDPOINTS, build_api
-from prefixlab.workbench import Workbench, run_config
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.runs import run_config
 from tests.test_app import handler, model_dirs, served, write_reviews_csv  # noqa: F401
 
 INITS = [("good great wonderful", 4), ("bad awful terrible", 7), ("hello world", 5)]

@@ -29,7 +29,9 @@ from prefixlab.runs.presets import PRESETS, SETTING_NAMES  # noqa: E402
 from prefixlab.ui import CSS, build_ui  # noqa: E402
 from prefixlab.ui.common import guard  # noqa: E402
 from prefixlab.ui.data_tab import NO_TARGET, describe  # noqa: E402
-from prefixlab.workbench import EXAMPLE_CSV, Workbench, run_config  # noqa: E402
+from prefixlab.workbench import Workbench  # noqa: E402
+from prefixlab.workbench.datasets import EXAMPLE_CSV  # noqa: E402
+from prefixlab.workbench.runs import run_config  # noqa: E402
 from tests.conftest import make_tokenizer, tiny_model  # noqa: E402
 
 BAD_INPUTS = Path(__file__).parent / "bad_inputs"
@@ -206,7 +208,7 @@ def test_the_runs_table_has_a_width_for_every_column_and_the_id_the_widest():
 
 
 def test_pollers_share_one_registry_refresh(workbench, reviews, monkeypatch):
-    from prefixlab import workbench as workbench_module
+    from prefixlab.workbench import runs as workbench_runs
 
     refreshes = []
     refresh = workbench.store.refresh
@@ -216,7 +218,7 @@ def test_pollers_share_one_registry_refresh(workbench, reviews, monkeypatch):
     run_id = workbench.store.create(cfg, workbench.model_info(), name="new")
     # Within the interval the registry is read, not refreshed; a new run is there at once.
     assert [r.id for r in workbench.runs()] == [run_id] and len(refreshes) == 1
-    monkeypatch.setattr(workbench_module, "REFRESH_INTERVAL_S", 0.0)
+    monkeypatch.setattr(workbench_runs, "REFRESH_INTERVAL_S", 0.0)
     workbench.runs()
     assert len(refreshes) == 2
 

@@ -21,7 +21,8 @@ import pandas as pd
 import pytest
 
 from prefixlab.engine.models import DEFAULT_MODEL
-from prefixlab.workbench import Workbench, run_config
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.runs import run_config
 from tests.test_app import BAD_INPUTS, save_tiny_model, served, wait_for_run, write_reviews_csv
 
 pytestmark = [

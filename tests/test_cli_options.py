@@ -97,7 +97,7 @@ def test_field_docs_switches_and_unreadable_types():
 
 def test_a_preset_is_the_apps_recipe_and_typed_options_win_over_it():
     from prefixlab.runs.presets import PRESETS
-    from prefixlab.workbench import run_config
+    from prefixlab.workbench.runs import run_config
 
     app = run_config("data.csv", None, None, PRESETS["Thorough"]).to_dict()
     cli = _run_config(_train_args("--preset", "thorough")).to_dict()

@@ -27,7 +27,8 @@ from prefixlab.runs.config import ConfigError, RunConfig
 from prefixlab.runs.experiment import create_run, execute_run, prepare_data
 from prefixlab.runs.folder import RunFolder
 from prefixlab.runs.registry import RunStore
-from prefixlab.workbench import Workbench, process_range
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.runs import process_range
 from tests.conftest import make_tokenizer, tiny_model
 from tests.test_train import toy_task
 

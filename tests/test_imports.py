@@ -129,7 +129,9 @@ WINGS: dict[str, set[str]] = {
     "runs": {"figures", "interpret", "engine", "data"},
     "serve": {"runs", "engine", "data"},
     "workbench": {"serve", "runs", "figures", "interpret", "engine", "data"},
-    "ui": {"workbench", "serve", "runs", "figures", "interpret", "engine", "data"},
+    # The UI talks to the workbench; from lower wings only run settings, states and errors
+    # (runs), charts of the data and of training (figures) and who may connect (serve).
+    "ui": {"workbench", "serve", "runs", "figures"},
     "cli": {"ui", "workbench", "serve", "runs", "interpret", "figures", "engine", "data"},
     "bench": {"serve", "runs", "figures", "interpret", "engine", "data"},
     "__main__": {"cli"},

@@ -24,7 +24,8 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from prefixlab.workbench import Workbench, run_config
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.runs import run_config
 from tests.test_app import save_tiny_model, served, wait_for_run, write_reviews_csv
 
 pytestmark = [

@@ -15,7 +15,9 @@ import torch
 from prefixlab.engine.predict import generate
 from prefixlab.engine.prefix import save_prefix
 from prefixlab.interpret import readouts
-from prefixlab.workbench import Memo, Workbench, run_config
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.memo import Memo
+from prefixlab.workbench.runs import run_config
 from tests.conftest import make_tokenizer, tiny_model
 
 WAIT_S = 60  # an upper bound that only a broken test reaches: events release every wait

@@ -1,10 +1,18 @@
-"""The Gradio app, one module per tab; every handler calls the core through a Workbench."""
+"""The Gradio app, one module per tab; every handler calls the core through a Workbench.
+
+Each tab module holds its handlers as module-level functions (the workbench and the event's
+values in, the outputs' values out), tested without a page; its build() lays out components
+and wires them to those handlers. What belongs to one browser lives in gr.State.
+
+Imports `workbench`, `serve` (who may connect), `runs` (settings, states, errors) and
+`figures` (charts of the data and of training); never `engine`, `interpret` or `data`.
+"""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from prefixlab.ui.common import wire
+from prefixlab.ui.common import bind, wire
 from prefixlab.workbench import Workbench
 
 CSS = """
@@ -21,6 +29,11 @@ CSS = """
     overflow-wrap: normal; hyphens: none}
 .readable-table th:first-child, .readable-table td:first-child {min-width: 4.5em}
 """
+
+
+def model_line(workbench: Workbench) -> str:
+    """The page's status line about the default model: loading, ready, or why not."""
+    return f"Model: {workbench.model_status}"
 
 
 def build_ui(workbench: Workbench) -> gr.Blocks:
@@ -44,8 +57,7 @@ def build_ui(workbench: Workbench) -> gr.Blocks:
                 hooks += playground_tab.build(workbench, notice)
             with gr.Tab("Inspect", id="inspect"):
                 hooks += inspect_tab.build(workbench, notice)
-        demo.load(lambda: f"Model: {workbench.model_status}", outputs=model_status,
-                  api_visibility="private")
+        demo.load(bind(model_line, workbench), outputs=model_status, api_visibility="private")
         for hook in hooks:
             wire(demo.load, hook.fn, hook.inputs, hook.outputs, notice, clears=False)
         api.register(workbench)

@@ -1,5 +1,5 @@
 """What every tab shares: the page's one notice line for errors, turning core errors into
-one readable message, and escaping.
+one readable message, giving a module-level handler its workbench, and escaping.
 
 A handler wired with `wire` never raises into Gradio: a user error becomes one line in the
 notice at the top of the page (Gradio would otherwise mark every output of the event with an
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import html
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,18 @@ def guard(fn: Callable) -> Callable:
             raise gr.Error(user_message(e), print_exception=False) from e
 
     return wrapper
+
+
+def bind(fn: Callable, *first) -> Callable:
+    """`fn` with its first arguments given (a tab's handler with the app's workbench), for
+    `build()` to wire. It keeps fn's name, docstring and the signature of the arguments left:
+    Gradio names the event after the function, reads the signature to inject gr.Progress, and
+    gr.api reads types and docs from it."""
+    bound = functools.partial(fn, *first)
+    signature = inspect.signature(bound)
+    functools.update_wrapper(bound, fn)
+    bound.__signature__ = signature
+    return bound
 
 
 @dataclass(frozen=True)

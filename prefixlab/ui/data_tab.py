@@ -11,10 +11,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from prefixlab.data.reading import DataError
 from prefixlab.figures import charts
-from prefixlab.ui.common import LoadHook, bullet_list, escape, shown, wire
-from prefixlab.workbench import EXAMPLE_CSV, Workbench
+from prefixlab.ui.common import LoadHook, bind, bullet_list, escape, shown, wire
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.datasets import EXAMPLE_CSV
 
 PREVIEW_CHARS = 160  # a preview cell longer than this is cut, so the label column stays in view
 NO_TARGET = "(none: classify with the label column)"
@@ -28,12 +28,12 @@ def describe(workbench: Workbench, path: str, text: str | None, label: str | Non
              target: str | None = None):
     """Validate the chosen columns: a summary, warnings, and the label chart (no chart for a
     generation task: a target column instead of labels)."""
-    try:
-        if target:
-            return describe_pairs(workbench.check_pairs(path, text, target)), None
-        data = workbench.check_columns(path, text, label)
-    except DataError as e:
-        return f"**This file cannot be used yet:**\n\n{bullet_list(e.problems)}", None
+    check = workbench.check_choice(path, text, label, target)
+    if check.problems:
+        return f"**This file cannot be used yet:**\n\n{bullet_list(check.problems)}", None
+    if check.pairs is not None:
+        return describe_pairs(check.pairs), None
+    data = check.data
     counts = data.label_counts()
     lines = [f"**{len(data)} usable rows**, {len(counts)} labels: "
              + ", ".join(f"{escape(k)} ({v})" for k, v in counts.items())]
@@ -60,6 +60,87 @@ def preview_frame(frame: pd.DataFrame, text: str | None, label: str | None) -> p
                    else str(v)[:PREVIEW_CHARS - 1] + "…")
 
 
+# --- handlers: values in, values out; build() below wires them -----------------------------
+
+
+def load(workbench: Workbench, path: str | None, name: str | None = None,
+         text: str | None = None, label: str | None = None, target: str | None = None):
+    """Show a file: (dataset state, message, the three column dropdowns, preview, chart, what
+    the browser remembers). `text`/`label`/`target`: the columns chosen before (a reload),
+    else guessed."""
+    empty = gr.update(choices=[], value=None)
+    no_target = gr.update(choices=[NO_TARGET], value=NO_TARGET)
+    if not path:
+        return None, "", empty, empty, no_target, shown(None), shown(None), None
+    info, problems = workbench.try_preview(path)
+    if info is None:
+        return (None, f"**This file cannot be used:**\n\n{bullet_list(problems)}",
+                empty, empty, no_target, shown(None), shown(None), None)
+    if text not in info.columns:  # nothing remembered: every column guessed together
+        text, label, target = info.text_column, info.label_column, info.target_column
+    label = label if label in info.columns else None
+    target = target if target in info.columns else None
+    summary, fig = describe(workbench, path, text, label, target)
+    state = {"path": path, "name": name or Path(path).name, "text": text, "label": label,
+             "target": target}
+    return (state, summary, gr.update(choices=info.columns, value=text),
+            gr.update(choices=info.columns, value=label),
+            gr.update(choices=[NO_TARGET, *info.columns], value=target or NO_TARGET),
+            shown(preview_frame(info.frame, text, target or label)), shown(fig),
+            {"name": state["name"], "key": workbench.upload_key(path), "text": text,
+             "label": label, "target": target})
+
+
+def on_upload(workbench: Workbench, path: str | None):
+    """A file uploaded: kept in the data directory (Gradio's temp copy goes), then shown."""
+    if not path:
+        return load(workbench, None)
+    name = Path(path).name
+    return load(workbench, str(workbench.keep_upload(path, name)), name)
+
+
+def on_clear(workbench: Workbench):
+    return load(workbench, None)
+
+
+def on_example(workbench: Workbench):
+    return load(workbench, str(EXAMPLE_CSV), EXAMPLE_CSV.name)
+
+
+def columns_changed(workbench: Workbench, state: dict | None, text: str | None,
+                    label: str | None, target: str | None):
+    """Another column chosen: (state, message, preview, chart, what the browser remembers)."""
+    if not state:
+        return state, "", shown(None), shown(None), gr.skip()
+    target = _target(target)
+    state = {**state, "text": text, "label": label, "target": target}
+    memory = {"name": state["name"], "key": workbench.upload_key(state["path"]),
+              "text": text, "label": label, "target": target}
+    frame = workbench.preview_csv(state["path"]).frame
+    second = target or label
+    if text and text == second:
+        what = "input and target" if target else "text and label"
+        return (state, f"**The {what} columns must differ.**",
+                shown(preview_frame(frame, text, second)), shown(None), memory)
+    summary, fig = describe(workbench, state["path"], text, label, target)
+    return state, summary, shown(preview_frame(frame, text, second)), shown(fig), memory
+
+
+def restore(workbench: Workbench, memory):
+    """A reloaded page shows the file this browser had chosen, if it is still kept."""
+    path = workbench.kept_upload(memory.get("key")) if isinstance(memory, dict) else None
+    if path is None:
+        return load(workbench, None)[:-1] + (gr.skip(),)
+    state, summary, *rest = load(workbench, str(path), memory.get("name"), memory.get("text"),
+                                 memory.get("label"), memory.get("target"))
+    if state:  # the file box cannot show a kept file again: the message names it
+        summary = f"**{escape(state['name'])}** (kept from your last visit): {summary}"
+    return (state, summary, *rest)
+
+
+# --- the page ------------------------------------------------------------------------------
+
+
 def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
     remembered = gr.BrowserState(None, storage_key="prefixlab-dataset")
     with gr.Row():
@@ -83,73 +164,12 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
         chart = gr.Plot(label="Label distribution", show_label=False, elem_id="label-chart",
                         visible=False, scale=2)
 
-    def load(path: str | None, name: str | None = None, text: str | None = None,
-             label: str | None = None, target: str | None = None):
-        """Show a file; `text`/`label`/`target`: the columns chosen before (a reload), else
-        guessed."""
-        empty = gr.update(choices=[], value=None)
-        no_target = gr.update(choices=[NO_TARGET], value=NO_TARGET)
-        if not path:
-            return None, "", empty, empty, no_target, shown(None), shown(None), None
-        try:
-            info = workbench.preview_csv(path)
-        except DataError as e:
-            return (None, f"**This file cannot be used:**\n\n{bullet_list(e.problems)}",
-                    empty, empty, no_target, shown(None), shown(None), None)
-        if text not in info.columns:  # nothing remembered: every column guessed together
-            text, label, target = info.text_column, info.label_column, info.target_column
-        label = label if label in info.columns else None
-        target = target if target in info.columns else None
-        summary, fig = describe(workbench, path, text, label, target)
-        state = {"path": path, "name": name or Path(path).name, "text": text, "label": label,
-                 "target": target}
-        return (state, summary, gr.update(choices=info.columns, value=text),
-                gr.update(choices=info.columns, value=label),
-                gr.update(choices=[NO_TARGET, *info.columns], value=target or NO_TARGET),
-                shown(preview_frame(info.frame, text, target or label)), shown(fig),
-                {"name": state["name"], "key": workbench.upload_key(path), "text": text,
-                 "label": label, "target": target})
-
-    def on_upload(path):
-        if not path:
-            return load(None)
-        name = Path(path).name
-        return load(str(workbench.keep_upload(path, name)), name)
-
     outputs = [dataset, message, text_col, label_col, target_col, preview, chart, remembered]
-    wire(upload.upload, on_upload, [upload], outputs, notice)
-    wire(upload.clear, lambda: load(None), [], outputs, notice)
-    wire(example.click, lambda: load(str(EXAMPLE_CSV), EXAMPLE_CSV.name), [], outputs, notice)
-
-    def columns_changed(state, text, label, target):
-        if not state:
-            return state, "", shown(None), shown(None), gr.skip()
-        target = _target(target)
-        state = {**state, "text": text, "label": label, "target": target}
-        memory = {"name": state["name"], "key": workbench.upload_key(state["path"]),
-                  "text": text, "label": label, "target": target}
-        frame = workbench.preview_csv(state["path"]).frame
-        second = target or label
-        if text and text == second:
-            what = "input and target" if target else "text and label"
-            return (state, f"**The {what} columns must differ.**",
-                    shown(preview_frame(frame, text, second)), shown(None), memory)
-        summary, fig = describe(workbench, state["path"], text, label, target)
-        return state, summary, shown(preview_frame(frame, text, second)), shown(fig), memory
-
+    wire(upload.upload, bind(on_upload, workbench), [upload], outputs, notice)
+    wire(upload.clear, bind(on_clear, workbench), [], outputs, notice)
+    wire(example.click, bind(on_example, workbench), [], outputs, notice)
     for dd in (text_col, label_col, target_col):
-        wire(dd.input, columns_changed, [dataset, text_col, label_col, target_col],
+        wire(dd.input, bind(columns_changed, workbench),
+             [dataset, text_col, label_col, target_col],
              [dataset, message, preview, chart, remembered], notice)
-
-    def restore(memory):
-        """A reloaded page shows the file this browser had chosen, if it is still kept."""
-        path = workbench.kept_upload(memory.get("key")) if isinstance(memory, dict) else None
-        if path is None:
-            return load(None)[:-1] + (gr.skip(),)
-        state, summary, *rest = load(str(path), memory.get("name"), memory.get("text"),
-                                     memory.get("label"), memory.get("target"))
-        if state:  # the file box cannot show a kept file again: the message names it
-            summary = f"**{escape(state['name'])}** (kept from your last visit): {summary}"
-        return (state, summary, *rest)
-
-    return [LoadHook(restore, [remembered], outputs)]
+    return [LoadHook(bind(restore, workbench), [remembered], outputs)]

@@ -11,9 +11,9 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from prefixlab.engine.decode import DecodeConfig
-from prefixlab.ui.common import LoadHook, escape, run_choices, shown, wire
-from prefixlab.workbench import BatchPrediction, Workbench
+from prefixlab.ui.common import LoadHook, bind, escape, run_choices, shown, wire
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.serving import BatchPrediction
 
 NO_PREFIX = "(no prefix: the bare model)"
 PALETTE = qualitative.Plotly
@@ -84,6 +84,80 @@ def batch_summary(result: BatchPrediction) -> str:
     return "\n\n".join(lines)
 
 
+def _lines(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").splitlines() if t.strip()]
+
+
+# --- handlers: values in, values out; build() below wires them -----------------------------
+
+
+def refresh_choices(workbench: Workbench):
+    """The run pickers, in build()'s order: the finished runs to score with, the prefix to
+    generate with (or none), batch prediction, which-says-what, and the generation runs."""
+    finished = workbench.finished_runs()
+    choices = run_choices(finished)
+    generating = run_choices([r for r in finished if workbench.is_generation(r.id)])
+    return (gr.update(choices=choices), gr.update(choices=[NO_PREFIX, *choices]),
+            gr.update(choices=choices), gr.update(choices=choices),
+            gr.update(choices=generating))
+
+
+def on_score(workbench: Workbench, text: str | None, ids: list[str] | None, with_bare: bool):
+    """Each text's label probabilities under each prefix (and the bare model): table, chart."""
+    lines = _lines(text)
+    if not lines:
+        raise gr.Error("Type at least one text.")
+    if not ids:
+        raise gr.Error("Pick at least one trained prefix (train one in the Train tab).")
+    frame = workbench.compare(lines, list(ids), bare=with_bare)
+    return shown(frame), shown(probability_figure(frame))
+
+
+def on_says_what(workbench: Workbench, text: str | None, ids: list[str] | None, n: int):
+    """Each prefix's label and continuation of one text (no pick: every classification run)."""
+    if not (text or "").strip():
+        raise gr.Error("Type a text.")
+    ids = list(ids or []) or [r.id for r in workbench.finished_runs()
+                              if not workbench.is_generation(r.id)]
+    if not ids:
+        raise gr.Error("No trained prefix yet: train one in the Train tab.")
+    return shown(workbench.says_what(text.strip(), ids, int(n)).drop(columns="id"))
+
+
+def on_generate(workbench: Workbench, text: str | None, rid: str | None, n: int,
+                do_sample: bool, temp: float) -> str:
+    if not (text or "").strip():
+        raise gr.Error("Type a prompt.")
+    run = None if rid in (None, "", NO_PREFIX) else rid
+    return workbench.generate(text, run, int(n), do_sample, float(temp))
+
+
+def on_generate_side_by_side(workbench: Workbench, text: str | None, ids: list[str] | None,
+                             n_beams: int, n_new: int, with_bare: bool):
+    lines = _lines(text)
+    if not lines:
+        raise gr.Error("Type at least one input.")
+    if not ids:
+        raise gr.Error("Pick at least one generation run (train one on a CSV with a "
+                       "target column).")
+    return shown(workbench.generate_side_by_side(lines, list(ids), bare=with_bare,
+                                                 max_new_tokens=int(n_new),
+                                                 num_beams=int(n_beams)))
+
+
+def on_batch(workbench: Workbench, path: str | None, ids: list[str] | str | None):
+    """The predicted CSV to download, and what to know about it."""
+    if not path:
+        raise gr.Error("Upload a CSV with a text column.")
+    if not ids:
+        raise gr.Error("Pick at least one prefix.")
+    result = workbench.predict_csv([ids] if isinstance(ids, str) else list(ids), path)
+    return str(result.path), batch_summary(result)
+
+
+# --- the page ------------------------------------------------------------------------------
+
+
 def build(workbench: Workbench, notice) -> list[LoadHook]:
     gr.Markdown("### Classify")
     with gr.Row():
@@ -148,73 +222,19 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         batch_out = gr.File(label="Predictions (CSV)", interactive=False, elem_id="batch-out")
     batch_msg = gr.Markdown(elem_id="batch-msg")
 
-    def refresh_choices():
-        finished = workbench.finished_runs()
-        choices = run_choices(finished)
-        generating = run_choices([r for r in finished if workbench.is_generation(r.id)])
-        return (gr.update(choices=choices), gr.update(choices=[NO_PREFIX, *choices]),
-                gr.update(choices=choices), gr.update(choices=choices),
-                gr.update(choices=generating))
-
-    def on_score(text, ids, with_bare):
-        lines = [t.strip() for t in (text or "").splitlines() if t.strip()]
-        if not lines:
-            raise gr.Error("Type at least one text.")
-        if not ids:
-            raise gr.Error("Pick at least one trained prefix (train one in the Train tab).")
-        frame = workbench.compare(lines, list(ids), bare=with_bare)
-        return shown(frame), shown(probability_figure(frame))
-
     for trigger in (score.click, texts.submit):
-        wire(trigger, on_score, [texts, prefixes, bare], [results, chart], notice)
-
-    def on_says_what(text, ids, n):
-        if not (text or "").strip():
-            raise gr.Error("Type a text.")
-        ids = list(ids or []) or [r.id for r in workbench.finished_runs()
-                                  if not workbench.is_generation(r.id)]
-        if not ids:
-            raise gr.Error("No trained prefix yet: train one in the Train tab.")
-        return shown(workbench.says_what(text.strip(), ids, int(n)).drop(columns="id"))
-
+        wire(trigger, bind(on_score, workbench), [texts, prefixes, bare], [results, chart],
+             notice)
     for trigger in (what_go.click, what_text.submit):
-        wire(trigger, on_says_what, [what_text, what_runs, what_new], [what_out], notice)
-
-    def on_generate(text, rid, n, do_sample, temp):
-        if not (text or "").strip():
-            raise gr.Error("Type a prompt.")
-        run = None if rid in (None, "", NO_PREFIX) else rid
-        return workbench.generate(text, run, int(n), do_sample, float(temp))
-
-    wire(gen.click, on_generate, [prompt, gen_prefix, max_new, sample, temperature], [output],
-         notice)
-
-    def on_generate_side_by_side(text, ids, n_beams, n_new, with_bare):
-        lines = [t.strip() for t in (text or "").splitlines() if t.strip()]
-        if not lines:
-            raise gr.Error("Type at least one input.")
-        if not ids:
-            raise gr.Error("Pick at least one generation run (train one on a CSV with a "
-                           "target column).")
-        first = workbench.open(ids[0]).config.generation
-        decode = DecodeConfig(max_new_tokens=int(n_new), num_beams=int(n_beams),
-                              length_penalty=first.length_penalty, stop=first.stop)
-        return shown(workbench.generate_side_by_side(lines, list(ids), bare=with_bare,
-                                                     decode=decode))
-
-    wire(gen_go.click, on_generate_side_by_side,
+        wire(trigger, bind(on_says_what, workbench), [what_text, what_runs, what_new],
+             [what_out], notice)
+    wire(gen.click, bind(on_generate, workbench),
+         [prompt, gen_prefix, max_new, sample, temperature], [output], notice)
+    wire(gen_go.click, bind(on_generate_side_by_side, workbench),
          [gen_inputs, gen_runs, beams, gen_max, gen_bare], [gen_table], notice)
-
-    def on_batch(path, ids):
-        if not path:
-            raise gr.Error("Upload a CSV with a text column.")
-        if not ids:
-            raise gr.Error("Pick at least one prefix.")
-        result = workbench.predict_csv([ids] if isinstance(ids, str) else list(ids), path)
-        return str(result.path), batch_summary(result)
-
-    wire(batch_go.click, on_batch, [batch_file, batch_prefix], [batch_out, batch_msg], notice)
+    wire(batch_go.click, bind(on_batch, workbench), [batch_file, batch_prefix],
+         [batch_out, batch_msg], notice)
     lists = [prefixes, gen_prefix, batch_prefix, what_runs, gen_runs]
     for dd in lists:
-        wire(dd.focus, refresh_choices, [], lists, notice, clears=False)
-    return [LoadHook(refresh_choices, [], lists)]
+        wire(dd.focus, bind(refresh_choices, workbench), [], lists, notice, clears=False)
+    return [LoadHook(bind(refresh_choices, workbench), [], lists)]

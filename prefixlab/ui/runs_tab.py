@@ -8,9 +8,10 @@ import gradio as gr
 
 from prefixlab.figures import charts
 from prefixlab.runs.registry import ACTIVE
-from prefixlab.ui.common import LoadHook, escape, run_choices, shown, wire
+from prefixlab.ui.common import LoadHook, bind, escape, run_choices, shown, wire
 from prefixlab.ui.train_tab import PER_CLASS_WIDTHS, report_outputs
-from prefixlab.workbench import RUNS_COLUMNS, Workbench
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.runs import RUNS_COLUMNS
 
 # Shares of the table's width: the id must show whole, headers must not break mid-word.
 # A one-word header needs ~8% of the table ("accuracy", "processes" in the header font);
@@ -18,6 +19,99 @@ from prefixlab.workbench import RUNS_COLUMNS, Workbench
 _WIDTHS = {"name": 10, "data": 8, "base model": 10, "prefix size": 6, "model size": 6,
            "id": 12}
 RUNS_COLUMN_WIDTHS = [f"{_WIDTHS.get(c, 8)}%" for c in RUNS_COLUMNS]  # one per column
+
+
+# --- handlers: values in, values out; build() below wires them -----------------------------
+
+
+def list_runs(workbench: Workbench, current: str | None = None):
+    """The runs table, the run picker (keeping `current` if it still exists), the compare list."""
+    frame = workbench.runs_table()
+    choices = run_choices(workbench.store.list())
+    ids = {c[1] for c in choices}
+    value = current if current in ids else None
+    return frame, gr.update(choices=choices, value=value), gr.update(choices=choices)
+
+
+def need(rid: str | None) -> str:
+    if not rid:
+        raise gr.Error("Pick a run first.")
+    return rid
+
+
+def open_run(workbench: Workbench, rid: str | None):
+    """A run's state, curves and report."""
+    records, _ = workbench.metrics(need(rid), 0)
+    row = workbench.store.get(rid)
+    text = f"**{escape(row.name)}**: {row.state}"
+    if row.error:
+        text += f" — {escape(row.error)}"
+    return (text, shown(charts.loss_curves(records)), shown(charts.eval_curves(records)),
+            *report_outputs(workbench.report(rid)))
+
+
+def picked(rid: str | None):
+    """Another run chosen: what was said and shown about the previous one goes."""
+    return ("", shown(None), shown(None), *report_outputs(None), "",
+            *report_outputs(None)[1:], gr.update(value=None, visible=False))
+
+
+def resume(workbench: Workbench, rid: str | None) -> str:
+    row = workbench.store.get(need(rid))
+    if row.state in ACTIVE or row.state == "completed":
+        raise gr.Error(f"Run {row.name} is {row.state}; only stopped runs resume.")
+    workbench.store.start(rid, resume=True)
+    return f"Resuming **{escape(row.name)}** from its last checkpoint; follow it in Train."
+
+
+def cancel(workbench: Workbench, rid: str | None) -> str:
+    workbench.store.cancel(need(rid))
+    return "Cancelling after the current step; the last checkpoint is kept."
+
+
+def delete(workbench: Workbench, rid: str | None) -> str:
+    name = workbench.store.get(need(rid)).name
+    workbench.store.delete(rid)
+    return f"Deleted **{escape(name)}**."
+
+
+def fetch(workbench: Workbench, rid: str | None, kind: str) -> dict:
+    """The download box showing the run's zip of this kind ("prefix" or "peft")."""
+    if not workbench.has_prefix(need(rid)):
+        raise gr.Error("This run has no prefix yet.")
+    return gr.update(value=str(workbench.download(rid, kind)), visible=True)
+
+
+def download_prefix(workbench: Workbench, rid: str | None) -> dict:
+    return fetch(workbench, rid, "prefix")
+
+
+def download_peft(workbench: Workbench, rid: str | None) -> dict:
+    return fetch(workbench, rid, "peft")
+
+
+def evaluate_test(workbench: Workbench, rid: str | None, path: str | None):
+    """The run, its baselines and the bare model on a held-out test CSV."""
+    if not workbench.has_prefix(need(rid)):
+        raise gr.Error("This run has no prefix yet: evaluate a finished run.")
+    if not path:
+        raise gr.Error("Upload a labeled test CSV first.")
+    report = workbench.evaluate_csv(rid, path)
+    md, table_, cm, bars = report_outputs(report)
+    name = escape(workbench.store.get(rid).name)
+    md = md.replace("### Held-out results on", f"### {name} on the test file:", 1)
+    return md, table_, cm, bars
+
+
+def compare_runs(workbench: Workbench, ids: list[str] | None, which: str):
+    """One curve per run of the metric `which`."""
+    if not ids:
+        return shown(None)
+    curves = {workbench.store.get(i).name: workbench.metrics(i, 0)[0] for i in ids}
+    return shown(charts.compare_runs(curves, which))
+
+
+# --- the page ------------------------------------------------------------------------------
 
 
 def build(workbench: Workbench, notice) -> list[LoadHook]:
@@ -70,93 +164,21 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                           label="Curve")
     compare_plot = gr.Plot(show_label=False, elem_id="compare-plot", visible=False)
 
-    def list_runs(current=None):
-        frame = workbench.runs_table()
-        choices = run_choices(workbench.store.list())
-        ids = {c[1] for c in choices}
-        value = current if current in ids else None
-        return frame, gr.update(choices=choices, value=value), gr.update(choices=choices)
-
-    wire(refresh.click, list_runs, [pick], [table, pick, compare], notice)
-
-
-    def need(rid):
-        if not rid:
-            raise gr.Error("Pick a run first.")
-        return rid
-
-    def open_run(rid):
-        records, _ = workbench.metrics(need(rid), 0)
-        row = workbench.store.get(rid)
-        text = f"**{escape(row.name)}**: {row.state}"
-        if row.error:
-            text += f" — {escape(row.error)}"
-        return (text, shown(charts.loss_curves(records)), shown(charts.eval_curves(records)),
-                *report_outputs(workbench.report(rid)))
-
+    listed = [table, pick, compare]
     opened = [message, loss_plot, eval_plot, report_md, per_class, confusion, baselines]
-    wire(open_btn.click, open_run, [pick], opened, notice)
-
-    def picked(rid):
-        """Another run chosen: what was said and shown about the previous one goes."""
-        return ("", shown(None), shown(None), *report_outputs(None), "",
-                *report_outputs(None)[1:], gr.update(value=None, visible=False))
-
+    wire(refresh.click, bind(list_runs, workbench), [pick], listed, notice)
+    wire(open_btn.click, bind(open_run, workbench), [pick], opened, notice)
     wire(pick.input, picked, [pick],
          [*opened, test_md, test_per_class, test_confusion, test_baselines, download], notice)
-
-    def resume(rid):
-        row = workbench.store.get(need(rid))
-        if row.state in ACTIVE or row.state == "completed":
-            raise gr.Error(f"Run {row.name} is {row.state}; only stopped runs resume.")
-        workbench.store.start(rid, resume=True)
-        return f"Resuming **{escape(row.name)}** from its last checkpoint; follow it in Train."
-
-    wire(resume_btn.click, resume, [pick], [message], notice).then(
-        list_runs, inputs=pick, outputs=[table, pick, compare], api_visibility="private")
-
-    def cancel(rid):
-        workbench.store.cancel(need(rid))
-        return "Cancelling after the current step; the last checkpoint is kept."
-
-    wire(cancel_btn.click, cancel, [pick], [message], notice)
-
-    def delete(rid):
-        name = workbench.store.get(need(rid)).name
-        workbench.store.delete(rid)
-        return f"Deleted **{escape(name)}**."
-
-    wire(delete_btn.click, delete, [pick], [message], notice).then(
-        list_runs, inputs=pick, outputs=[table, pick, compare], api_visibility="private")
-
-    def fetch(rid, kind):
-        if not workbench.folder(need(rid)).prefix_path.is_file():
-            raise gr.Error("This run has no prefix yet.")
-        return gr.update(value=str(workbench.download(rid, kind)), visible=True)
-
-    wire(dl_prefix.click, lambda rid: fetch(rid, "prefix"), [pick], [download], notice)
-    wire(dl_peft.click, lambda rid: fetch(rid, "peft"), [pick], [download], notice)
-
-    def evaluate_test(rid, path):
-        if not workbench.folder(need(rid)).prefix_path.is_file():
-            raise gr.Error("This run has no prefix yet: evaluate a finished run.")
-        if not path:
-            raise gr.Error("Upload a labeled test CSV first.")
-        report = workbench.evaluate_csv(rid, path)
-        md, table_, cm, bars = report_outputs(report)
-        name = escape(workbench.store.get(rid).name)
-        md = md.replace("### Held-out results on", f"### {name} on the test file:", 1)
-        return md, table_, cm, bars
-
-    wire(test_btn.click, evaluate_test, [pick, test_file],
+    wire(resume_btn.click, bind(resume, workbench), [pick], [message], notice).then(
+        bind(list_runs, workbench), inputs=pick, outputs=listed, api_visibility="private")
+    wire(cancel_btn.click, bind(cancel, workbench), [pick], [message], notice)
+    wire(delete_btn.click, bind(delete, workbench), [pick], [message], notice).then(
+        bind(list_runs, workbench), inputs=pick, outputs=listed, api_visibility="private")
+    wire(dl_prefix.click, bind(download_prefix, workbench), [pick], [download], notice)
+    wire(dl_peft.click, bind(download_peft, workbench), [pick], [download], notice)
+    wire(test_btn.click, bind(evaluate_test, workbench), [pick, test_file],
          [test_md, test_per_class, test_confusion, test_baselines], notice)
-
-    def compare_runs(ids, which):
-        if not ids:
-            return shown(None)
-        curves = {workbench.store.get(i).name: workbench.metrics(i, 0)[0] for i in ids}
-        return shown(charts.compare_runs(curves, which))
-
-    wire(compare.change, compare_runs, [compare, metric], [compare_plot], notice)
-    wire(metric.change, compare_runs, [compare, metric], [compare_plot], notice)
-    return [LoadHook(list_runs, [], [table, pick, compare])]
+    for trigger in (compare.change, metric.change):
+        wire(trigger, bind(compare_runs, workbench), [compare, metric], [compare_plot], notice)
+    return [LoadHook(bind(list_runs, workbench), [], listed)]

@@ -7,15 +7,13 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from prefixlab.data.reading import DataError
-from prefixlab.engine.balance import describe_decision
-from prefixlab.engine.encode import TemplateError
 from prefixlab.figures import charts
 from prefixlab.runs.folder import RunError
 from prefixlab.runs.presets import PRESETS, SETTING_NAMES
 from prefixlab.runs.registry import ACTIVE
-from prefixlab.ui.common import LoadHook, bullet_list, escape, run_choices, shown, wire
-from prefixlab.workbench import Workbench, process_range, run_config
+from prefixlab.ui.common import LoadHook, bind, bullet_list, escape, run_choices, shown, wire
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.runs import decision_sentence, process_range, run_config
 
 POLL_SECONDS = 1.5
 PER_CLASS_WIDTHS = ["28%", "19%", "17%", "17%", "19%"]  # label, precision, recall, f1, support
@@ -104,7 +102,7 @@ def report_outputs(report: dict | None):
     if "kept_step" in report:
         lines.append(f"\nKept the prefix of step {report['kept_step']} of {report['steps']} "
                      f"({report['selection']}); training ended: {report['stop_reason']}.")
-    if text := describe_decision(report):
+    if text := decision_sentence(report):
         lines.append(escape(text))
     per_class = pd.DataFrame([
         {"label": k, "precision": round(v["precision"], 3), "recall": round(v["recall"], 3),
@@ -121,19 +119,122 @@ def readiness(workbench: Workbench, state: dict | None, settings: dict) -> tuple
         return "Choose a CSV in the Data tab first (or the bundled example).", False
     cfg = run_config(state["path"], state.get("text"), state.get("label"), settings,
                      model=workbench.default_model, target_column=state.get("target"))
-    try:
-        prepared = workbench.check_start(cfg)
-    except DataError as e:
-        return f"**Cannot start with {escape(state['name'])}:**\n\n{bullet_list(e.problems)}", \
-            False
-    except TemplateError as e:
-        return f"**Cannot start:** {escape(e)}", False
+    check = workbench.start_check(cfg)
+    if check.data_problems:
+        return (f"**Cannot start with {escape(state['name'])}:**\n\n"
+                f"{bullet_list(check.data_problems)}"), False
+    if not check.ok:
+        return f"**Cannot start:** {escape(check.prompt_problem)}", False
+    prepared = check.prepared
     if cfg.is_generation:
         return (f"Ready: {escape(state['name'])}, a generation task: {len(prepared.train)} "
                 f"training rows, {prepared.validation.distinct_inputs()} validation inputs "
                 f"({len(prepared.validation)} references)."), True
     return (f"Ready: {escape(state['name'])}, {len(prepared.train)} training rows, "
             f"{len(prepared.validation)} validation rows, {len(prepared.labels)} labels."), True
+
+
+def as_settings(*values) -> dict:
+    """The settings form's values (in SETTING_NAMES order) by name."""
+    return dict(zip(SETTING_NAMES, values, strict=True))
+
+
+def apply_preset(choice: str) -> list:
+    p = PRESETS[choice]
+    return [p[k] for k in SETTING_NAMES]
+
+
+def show_size(workbench: Workbench, *values) -> str:
+    """The prefix-size line for these settings."""
+    try:
+        s = workbench.prefix_size(as_settings(*values))
+    except (RunError, ValueError, OSError) as e:
+        return f"Prefix size unavailable: {escape(e)}"
+    return (f"**{s['trainable']:,} trainable parameters** = {s['share']:.4%} of the "
+            f"model's {s['model_parameters']:,}; the saved prefix is "
+            f"{s['file_bytes'] / 1024:,.0f} KB.")
+
+
+def check(workbench: Workbench, state: dict | None, *values):
+    """The line above Start, and whether Start is on."""
+    text, ok = readiness(workbench, state, as_settings(*values))
+    return text, gr.update(interactive=ok)
+
+
+def follow_choices(workbench: Workbench, rid: str | None) -> dict:
+    """Every active run (and the one shown, whatever its state) to pick from."""
+    rows = [r for r in workbench.store.list() if r.state in ACTIVE or r.id == rid]
+    return gr.update(choices=run_choices(rows), value=rid)
+
+
+def render(workbench: Workbench, rid: str | None, off: int, recs: list[dict]) -> list:
+    """The followed run's view, one value per poll output of build(): read what is new in
+    its log; switch the timer off once the run is over."""
+    if not rid:
+        return [None, 0, [], follow_choices(workbench, None), "", "", shown(None), shown(None),
+                *report_outputs(None), gr.Timer(active=False)]
+    new, off = workbench.metrics(rid, off)
+    recs = recs + new
+    row = workbench.store.get(rid)
+    state = row.state
+    phase = workbench.phase(rid)
+    text = f"**{escape(row.name)}**: {state}"
+    if phase:
+        text += f" — {escape(phase)}"
+    if row.error:
+        text += f" — {escape(row.error)}"
+    done = state not in ACTIVE
+    report = workbench.report(rid) if state == "completed" else None
+    return [rid, off, recs, follow_choices(workbench, rid), text,
+            progress_html(recs, state, phase), shown(charts.loss_curves(recs)),
+            shown(charts.eval_curves(recs)), *report_outputs(report),
+            gr.Timer(active=not done)]
+
+
+def on_start(workbench: Workbench, state: dict | None, run_name: str, task_text: str,
+             n_processes, *values) -> list:
+    if not state:
+        raise gr.Error("Choose a CSV in the Data tab first (or the bundled example).")
+    cfg = run_config(state["path"], state.get("text"), state.get("label"),
+                     as_settings(*values), model=workbench.default_model, task=task_text,
+                     processes=n_processes, target_column=state.get("target"))
+    rid = workbench.start_run(cfg, name=run_name or None, data_name=state["name"])
+    workbench.refresh()
+    return render(workbench, rid, 0, [])
+
+
+def on_tick(workbench: Workbench, rid: str | None, off: int, recs: list[dict]) -> list:
+    workbench.refresh()
+    return render(workbench, rid, off, recs)
+
+
+def on_follow(workbench: Workbench, rid: str | None) -> list:
+    """Another run picked: its log is read from the start."""
+    return render(workbench, rid, 0, [])
+
+
+def on_cancel(workbench: Workbench, rid: str | None) -> list:
+    if not rid:
+        raise gr.Error("No run is open.")
+    workbench.store.cancel(rid)
+    workbench.refresh()
+    return render(workbench, rid, 0, [])
+
+
+def reattach(workbench: Workbench, rid: str | None = None, off: int = 0,
+             recs: list[dict] | None = None) -> list:
+    """Follow the run shown while it is active; else the one training (or queued)."""
+    rows = workbench.refresh()
+    if rid and any(r.id == rid and r.state in ACTIVE for r in rows):
+        return render(workbench, rid, off, recs or [])
+    active = sorted((r for r in rows if r.state in ACTIVE),
+                    key=lambda r: (r.state != "running", -r.created))
+    if active:
+        return render(workbench, active[0].id, 0, [])
+    return render(workbench, rid, 0, [])
+
+
+# --- the page ------------------------------------------------------------------------------
 
 
 def build(workbench: Workbench, dataset: gr.State, notice,
@@ -227,107 +328,26 @@ def build(workbench: Workbench, dataset: gr.State, notice,
     records = gr.State([])
     timer = gr.Timer(POLL_SECONDS, active=False)
 
-    def as_settings(*values) -> dict:
-        return dict(zip(SETTING_NAMES, values, strict=True))
-
-    def apply_preset(choice: str):
-        p = PRESETS[choice]
-        return [p[k] for k in SETTING_NAMES]
-
     wire(preset.change, apply_preset, [preset], settings, notice, clears=False)
-
-    def show_size(*values):
-        try:
-            s = workbench.prefix_size(as_settings(*values))
-        except (RunError, ValueError, OSError) as e:
-            return f"Prefix size unavailable: {escape(e)}"
-        return (f"**{s['trainable']:,} trainable parameters** = {s['share']:.4%} of the "
-                f"model's {s['model_parameters']:,}; the saved prefix is "
-                f"{s['file_bytes'] / 1024:,.0f} KB.")
-
     for comp in (prefix_length, reparameterize):
-        wire(comp.change, show_size, settings, [size], notice, clears=False)
-
-    def check(state, *values):
-        text, ok = readiness(workbench, state, as_settings(*values))
-        return text, gr.update(interactive=ok)
-
+        wire(comp.change, bind(show_size, workbench), settings, [size], notice, clears=False)
     for trigger in (dataset.change, max_length.change, validation_share.change,
                     max_train.change, max_eval.change):
-        wire(trigger, check, [dataset, *settings], [ready, start], notice, clears=False)
+        wire(trigger, bind(check, workbench), [dataset, *settings], [ready, start], notice,
+             clears=False)
 
     poll_outputs = [run_id, offset, records, follow, status, progress, loss_plot, eval_plot,
                     report_md, per_class, confusion, baselines, timer]
-
-    def follow_choices(rid: str | None) -> dict:
-        """Every active run (and the one shown, whatever its state) to pick from."""
-        rows = [r for r in workbench.store.list() if r.state in ACTIVE or r.id == rid]
-        return gr.update(choices=run_choices(rows), value=rid)
-
-    def render(rid, off, recs):
-        """Read what is new in the run's log; switch the timer off once the run is over."""
-        if not rid:
-            return [None, 0, [], follow_choices(None), "", "", shown(None), shown(None),
-                    *report_outputs(None), gr.Timer(active=False)]
-        new, off = workbench.metrics(rid, off)
-        recs = recs + new
-        row = workbench.store.get(rid)
-        state = row.state
-        phase = workbench.phase(rid)
-        text = f"**{escape(row.name)}**: {state}"
-        if phase:
-            text += f" — {escape(phase)}"
-        if row.error:
-            text += f" — {escape(row.error)}"
-        done = state not in ACTIVE
-        report = workbench.report(rid) if state == "completed" else None
-        return [rid, off, recs, follow_choices(rid), text, progress_html(recs, state, phase),
-                shown(charts.loss_curves(recs)), shown(charts.eval_curves(recs)),
-                *report_outputs(report), gr.Timer(active=not done)]
-
-    def on_start(state, run_name, task_text, n_processes, *values):
-        if not state:
-            raise gr.Error("Choose a CSV in the Data tab first (or the bundled example).")
-        cfg = run_config(state["path"], state.get("text"), state.get("label"),
-                         as_settings(*values), model=workbench.default_model, task=task_text,
-                         processes=n_processes, target_column=state.get("target"))
-        rid = workbench.start_run(cfg, name=run_name or None, data_name=state["name"])
-        workbench.refresh()
-        return render(rid, 0, [])
-
-    wire(start.click, on_start, [dataset, name, task, processes, *settings], poll_outputs,
-         notice)
-
-    def on_tick(rid, off, recs):
-        workbench.refresh()
-        return render(rid, off, recs)
-
-    wire(timer.tick, on_tick, [run_id, offset, records], poll_outputs, notice, clears=False)
-    # Another run picked: its log is read from the start.
-    wire(follow.input, lambda rid: render(rid, 0, []), [follow], poll_outputs, notice)
-
-    def on_cancel(rid):
-        if not rid:
-            raise gr.Error("No run is open.")
-        workbench.store.cancel(rid)
-        workbench.refresh()
-        return render(rid, 0, [])
-
-    wire(cancel.click, on_cancel, [run_id], poll_outputs, notice)
-
-    def reattach(rid=None, off=0, recs=None):
-        """Follow the run shown while it is active; else the one training (or queued)."""
-        rows = workbench.refresh()
-        if rid and any(r.id == rid and r.state in ACTIVE for r in rows):
-            return render(rid, off, recs or [])
-        active = sorted((r for r in rows if r.state in ACTIVE),
-                        key=lambda r: (r.state != "running", -r.created))
-        if active:
-            return render(active[0].id, 0, [])
-        return render(rid, 0, []) if rid else render(None, 0, [])
-
+    wire(start.click, bind(on_start, workbench), [dataset, name, task, processes, *settings],
+         poll_outputs, notice)
+    wire(timer.tick, bind(on_tick, workbench), [run_id, offset, records], poll_outputs, notice,
+         clears=False)
+    wire(follow.input, bind(on_follow, workbench), [follow], poll_outputs, notice)
+    wire(cancel.click, bind(on_cancel, workbench), [run_id], poll_outputs, notice)
     if shown_on is not None:  # the tab opened again (e.g. after Resume in Runs)
-        wire(shown_on, reattach, [run_id, offset, records], poll_outputs, notice, clears=False)
+        wire(shown_on, bind(reattach, workbench), [run_id, offset, records], poll_outputs,
+             notice, clears=False)
 
-    return [LoadHook(lambda: reattach(), [], poll_outputs), LoadHook(show_size, settings, [size]),
-            LoadHook(check, [dataset, *settings], [ready, start])]
+    return [LoadHook(bind(reattach, workbench), [], poll_outputs),
+            LoadHook(bind(show_size, workbench), settings, [size]),
+            LoadHook(bind(check, workbench), [dataset, *settings], [ready, start])]

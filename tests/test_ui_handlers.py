@@ -1,0 +1,286 @@
+"""The tabs' handlers called directly, as plain functions, with a Workbench on a tiny model:
+no page is built. Each handler takes the workbench and the event's values and returns the
+outputs' values (plain, or gr.update dicts)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+
+from prefixlab.engine.prefix import save_prefix
+from prefixlab.runs.folder import RunError
+from prefixlab.runs.presets import PRESETS, SETTING_NAMES
+from prefixlab.ui import api, data_tab, inspect_tab, playground_tab, runs_tab, train_tab
+from prefixlab.ui.common import bind
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.datasets import EXAMPLE_CSV
+from prefixlab.workbench.runs import run_config
+from tests.test_app import (  # noqa: F401  (module-scoped fixtures, reused here)
+    BAD_INPUTS,
+    model_dirs,
+    trained_bench,
+    write_reviews_csv,
+)
+
+
+def quick(**changes) -> list:
+    """The Train tab's settings values, in order: the Quick look preset with `changes`."""
+    return [{**PRESETS["Quick look"], **changes}[k] for k in SETTING_NAMES]
+
+
+def value(update):
+    return update["value"] if isinstance(update, dict) and "__type__" in update else update
+
+
+def random_prefix_run(wb: Workbench, csv: Path, name: str, length: int, seed: int) -> str:
+    """A registered run with a random prefix file: enough to score, inspect and compare."""
+    cfg = run_config(str(csv), "text", "label", {"prefix_length": length},
+                     model=wb.default_model)
+    run_id = wb.store.create(cfg, wb.model_info(), name=name)
+    shape = wb.model().shape
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(shape.num_layers, 2, shape.num_kv_heads, length, shape.head_dim,
+                     generator=g)
+    save_prefix(wb.folder(run_id).prefix_path, kv, wb.default_model)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def bench(trained_bench, tmp_path_factory, monkeypatch_module):  # noqa: F811
+    """The trained run, and two runs with random prefixes of the trained one's length and of
+    another length."""
+    workbench, trained = trained_bench
+    monkeypatch_module.setenv("PREFIXLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    csv = write_reviews_csv(tmp_path_factory.mktemp("random") / "reviews.csv")
+    length = workbench.open(trained).kv.shape[3]
+    alike = random_prefix_run(workbench, csv, "alike", length, 1)
+    longer = random_prefix_run(workbench, csv, "longer", length + 2, 2)
+    workbench.refresh()
+    return workbench, trained, alike, longer
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+# --- common ----------------------------------------------------------------------------------
+
+
+def test_bind_gives_the_workbench_and_keeps_what_gradio_reads(bench):
+    workbench = bench[0]
+    bound = bind(inspect_tab.on_knockout, workbench)
+    assert bound.__name__ == "on_knockout"
+    params = inspect.signature(bound).parameters
+    assert list(params) == ["rid", "rows", "progress"]  # gr.Progress found by its default
+    assert isinstance(params["progress"].default, gr.Progress)
+    assert inspect.getdoc(bound) == inspect.getdoc(inspect_tab.on_knockout)
+
+
+# --- Data ------------------------------------------------------------------------------------
+
+
+def test_a_bad_file_lists_its_problems_and_a_good_one_guesses_its_columns(bench):
+    workbench = bench[0]
+    state, message, text_col, *_ = data_tab.load(workbench, str(BAD_INPUTS / "image.csv"))
+    assert state is None and "This file cannot be used" in message and "PNG image" in message
+    assert text_col["choices"] == []
+    state, message, text_col, label_col, target_col, preview, chart, memory = \
+        data_tab.on_example(workbench)
+    assert (state["text"], state["label"], state["target"]) == ("text", "label", None)
+    assert "54 usable rows" in message and chart["visible"] and memory["key"] == "example"
+    # A target column makes a generation task; the label column of short labels will do.
+    state2, message, _, chart, memory = data_tab.columns_changed(workbench, state, "text",
+                                                                 "label", "label")
+    assert state2["target"] == "label" and memory["target"] == "label"
+    assert "Generation task: 54 usable rows" in message and not chart["visible"]
+    message = data_tab.columns_changed(workbench, state, "text", "label", "text")[1]
+    assert "input and target columns must differ" in message
+    # A label column with one label: the problem, in the file's own words.
+    _, message, _, chart, _ = data_tab.columns_changed(workbench, state, "label", "text",
+                                                       data_tab.NO_TARGET)
+    assert message.startswith("**This file cannot be used yet:**") and not chart["visible"]
+
+
+def test_an_upload_is_kept_and_restored_by_its_key_only(bench, tmp_path):
+    workbench = bench[0]
+    src = write_reviews_csv(tmp_path / "my file.csv")
+    *_, memory = data_tab.on_upload(workbench, str(src))
+    src.unlink()
+    state, message, *_ = data_tab.restore(workbench, memory)
+    assert Path(state["path"]).parent == workbench.uploads_dir
+    assert message.startswith("**my file.csv** (kept from your last visit)")
+    assert data_tab.restore(workbench, {"key": str(EXAMPLE_CSV)})[0] is None
+
+
+# --- Train -----------------------------------------------------------------------------------
+
+
+def test_start_is_off_without_data_and_on_with_a_good_file(bench, tmp_path):
+    workbench = bench[0]
+    message, start = train_tab.check(workbench, None, *quick())
+    assert "Choose a CSV in the Data tab first" in message and start["interactive"] is False
+    with pytest.raises(gr.Error, match="Choose a CSV"):
+        train_tab.on_start(workbench, None, "", "", 1, *quick())
+    csv = write_reviews_csv(tmp_path / "r.csv")
+    state = {"path": str(csv), "name": "r.csv", "text": "text", "label": "label"}
+    message, start = train_tab.check(workbench, state, *quick())
+    assert message.startswith("Ready: r.csv") and start["interactive"] is True
+    bad = {"path": str(BAD_INPUTS / "no_text_column.csv"), "name": "x.csv"}
+    message, start = train_tab.check(workbench, bad, *quick())
+    assert "Cannot start with x.csv" in message and start["interactive"] is False
+
+
+def test_presets_and_the_prefix_size_line(bench):
+    workbench = bench[0]
+    assert train_tab.apply_preset("Balanced") == [PRESETS["Balanced"][k] for k in SETTING_NAMES]
+    line = train_tab.show_size(workbench, *quick(prefix_length=5))
+    trainable = workbench.prefix_size({"prefix_length": 5})["trainable"]
+    assert f"**{trainable:,} trainable parameters**" in line
+
+
+def test_a_finished_run_renders_its_report_and_stops_the_timer(bench):
+    workbench, trained = bench[:2]
+    (rid, offset, records, follow, status, progress, loss, _, report, per_class, *_,
+     timer) = train_tab.render(workbench, trained, 0, [])
+    assert rid == trained and offset > 0 and records
+    assert follow["value"] == trained and "**trained**: completed" in status
+    assert loss["visible"] and "Held-out results on" in report and per_class["visible"]
+    assert timer.active is False
+    again = train_tab.render(workbench, trained, offset, records)
+    assert again[1] == offset and again[2] == records  # nothing new in the log
+    nothing = train_tab.reattach(workbench)  # no run is active: nothing is followed
+    assert nothing[0] is None and nothing[-1].active is False
+    with pytest.raises(gr.Error, match="No run is open"):
+        train_tab.on_cancel(workbench, None)
+
+
+# --- Runs ------------------------------------------------------------------------------------
+
+
+def test_the_runs_tab_lists_opens_and_refuses_what_cannot_be_done(bench, tmp_path):
+    workbench, trained = bench[:2]
+    table, pick, compare = runs_tab.list_runs(workbench, "gone")
+    assert trained in list(table["id"]) and pick["value"] is None
+    assert runs_tab.list_runs(workbench, trained)[1]["value"] == trained
+    text, loss, _, report, *_ = runs_tab.open_run(workbench, trained)
+    assert text == "**trained**: completed" and loss["visible"] and "macro-F1" in report
+    with pytest.raises(gr.Error, match="only stopped runs resume"):
+        runs_tab.resume(workbench, trained)
+    with pytest.raises(gr.Error, match="Pick a run first"):
+        runs_tab.download_prefix(workbench, None)
+    zipped = runs_tab.download_prefix(workbench, trained)
+    assert zipped["visible"] and zipped["value"].endswith(f"{trained}-prefix.zip")
+    cfg = run_config(str(write_reviews_csv(tmp_path / "r.csv")), "text", "label", {},
+                     model=workbench.default_model)
+    unstarted = workbench.store.create(cfg, workbench.model_info(), name="unstarted")
+    with pytest.raises(gr.Error, match="no prefix yet"):
+        runs_tab.evaluate_test(workbench, unstarted, None)
+    workbench.store.delete(unstarted)
+    assert not runs_tab.compare_runs(workbench, [], "loss")["visible"]
+    assert runs_tab.compare_runs(workbench, [trained], "loss")["visible"]
+
+
+# --- Playground and the API ------------------------------------------------------------------
+
+
+def test_the_playground_scores_asks_every_prefix_and_generates(bench, tmp_path):
+    workbench, trained, alike, _ = bench
+    prefixes, gen_prefix, *_, gen_runs = playground_tab.refresh_choices(workbench)
+    ids = [c[1] for c in prefixes["choices"]]
+    assert {trained, alike} <= set(ids) and gen_prefix["choices"][0] == playground_tab.NO_PREFIX
+    assert gen_runs["choices"] == []  # no generation run here
+    frame, chart = playground_tab.on_score(workbench, "good\n\n bad ", [trained], False)
+    assert list(value(frame)["text"]) == ["good", "bad"] and chart["visible"]
+    said = value(playground_tab.on_says_what(workbench, "the movie", [], 2))
+    assert set(said["run"]) >= {"trained", "alike"} and "id" not in said.columns
+    one = playground_tab.on_generate(workbench, "the movie", trained, 3, True, 1.5)
+    assert one == playground_tab.on_generate(workbench, "the movie", trained, 3, True, 1.5)
+    with pytest.raises(gr.Error, match="Type a prompt"):
+        playground_tab.on_generate(workbench, " ", playground_tab.NO_PREFIX, 3, False, 1.0)
+    csv = tmp_path / "to label.csv"
+    csv.write_text("text\nthe movie was great\n")
+    path, summary = playground_tab.on_batch(workbench, str(csv), trained)
+    assert Path(path).name == "to_label-predictions.csv" and "Predicted **1 rows**" in summary
+
+
+def test_the_api_endpoints_are_plain_functions_of_the_workbench(bench):
+    workbench, trained = bench[:2]
+    assert trained in [r["id"] for r in api.runs(workbench)]
+    [row] = api.runs(workbench, trained)
+    assert row["state"] == "completed" and row["name"] == "trained"
+    rows = api.score(workbench, ["good", " "], [trained])
+    assert [r["text"] for r in rows] == ["good"]
+    with pytest.raises(gr.Error, match="at least one prompt"):
+        api.generate(workbench, [" "], [trained])
+
+
+# --- Inspect ---------------------------------------------------------------------------------
+
+
+def test_inspect_opens_a_run_and_every_view_is_drawn_ahead_then_only_sent(bench):
+    workbench, trained = bench[:2]
+    with pytest.raises(gr.Error, match="Pick a trained run"):
+        inspect_tab.open_inspection(workbench, None, 0, "key", "2-D")
+    (rid, headline, summary, layer, pca, pca3, layers, nearest, table, readout, ko, push,
+     note, trajectory, _) = inspect_tab.open_inspection(workbench, trained, 9, "key", "2-D")
+    assert rid == trained  # the browser's own state: the run it has open
+    assert headline.startswith("**trained**: 2 layers")
+    assert layer["maximum"] == 1 and layer["value"] == 1  # layer 9 of 2: the last one
+    assert pca["visible"] and pca["elem_classes"] == [] and pca3["elem_classes"] == ["offstage"]
+    assert pca3["value"] is not None  # both maps drawn on open: a switch only moves them
+    assert layers["visible"] and nearest["visible"] and value(table)["slot"].iloc[0] == "P0"
+    assert not ko["visible"] and not push["visible"] and note.startswith("Not measured yet")
+    ins = workbench.inspection(trained)
+    assert trajectory["visible"] == (ins.movement is not None)
+    workbench.draw_ahead(trained, "key").join(120)  # as open_inspection started it
+    for kind in ("key", "value"):
+        for dims in (2, 3):
+            assert all(("pca", i, kind, dims) in ins.figures for i in range(ins.layers))
+    # A view change sends the kept figure: the same object, not one drawn again.
+    pca, pca3, layers, nearest, table = inspect_tab.on_kind(workbench, trained, 0, "value",
+                                                            "3-D")
+    assert pca3["value"] is ins.figures[("pca", 0, "value", 3)]
+    assert pca3["elem_classes"] == [] and pca["elem_classes"] == ["offstage"]
+    assert "value" not in pca  # the map off stage is left as it is
+    assert layers["value"] is ins.figures[("layers", "value")]
+    pca, pca3 = inspect_tab.on_dims(workbench, trained, 1, "value", "2-D")
+    assert pca["value"] is ins.figures[("pca", 1, "value", 2)]
+    assert all(not u["visible"] for u in inspect_tab.on_layer(workbench, None, 0, "key", "2-D"))
+
+
+def test_two_sessions_each_see_their_own_run(bench):
+    """No state shared across browsers: each asks for its own run's views by its state."""
+    workbench, trained, alike, _ = bench
+    mine = inspect_tab.on_layer(workbench, trained, 0, "key", "2-D")
+    theirs = inspect_tab.on_layer(workbench, alike, 0, "key", "2-D")
+    assert mine[0]["value"] is workbench.inspection(trained).figures[("pca", 0, "key", 2)]
+    assert theirs[0]["value"] is workbench.inspection(alike).figures[("pca", 0, "key", 2)]
+    assert mine[0]["value"] is not theirs[0]["value"]
+
+
+def test_the_knockout_attention_and_comparison_from_the_inspect_tab(bench):
+    workbench, trained, alike, longer = bench
+    steps = []
+    summary, ko, push, note = inspect_tab.on_knockout(
+        workbench, trained, 4, progress=lambda f, desc=None: steps.append(desc))
+    assert steps and ko["visible"] and push["visible"]
+    assert "Slots that cost most when hidden" in summary
+    assert note.startswith("Measured on 4 held-out rows in ")
+    # Opened again (another browser, or after a reload): the measured knockout is shown.
+    opened = inspect_tab.open_inspection(workbench, trained, 0, "key", "2-D")
+    assert opened[10]["visible"] and opened[12].startswith("Measured on 4 held-out rows")
+    with pytest.raises(gr.Error, match="at least one input"):
+        inspect_tab.on_attention(workbench, trained, " \n ")
+    assert inspect_tab.on_attention(workbench, trained, "the movie\nwas great")["visible"]
+    with pytest.raises(gr.Error, match="at least two runs"):
+        inspect_tab.on_compare(workbench, [trained], 0, "key")
+    similarity, joint = inspect_tab.on_compare(workbench, [trained, alike], 5, "value")
+    assert similarity["visible"] and joint["visible"]
+    with pytest.raises(RunError, match="only like prefixes compare"):
+        inspect_tab.on_compare(workbench, [trained, longer], 0, "key")
