@@ -300,3 +300,59 @@ def test_a_failing_pass_in_a_stream_reaches_the_caller(loaded):
 
     with pytest.raises(RuntimeError, match="out of memory"):
         C.knockout(loaded, kv, flaky, score(loaded.model).argmax(1), streams=2)
+
+
+def test_overlapping_knockouts_leave_every_thread_count_as_it_was(loaded, monkeypatch):
+    """Two knockouts in request threads, overlapping, and a score beside them: each gives what
+    it gives alone, and no thread's torch count changes, nor the count a new thread starts
+    from (torch.set_num_threads in a knockout's worker once set that count process-wide, and
+    a later request thread then ran on one thread)."""
+    import threading
+
+    from prefixlab.engine import cpu
+
+    wait_s = 60
+    torch.set_num_threads(2)
+    monkeypatch.setattr(cpu, "_pinned", 2)  # as the app does: request threads never tune
+    kv = _signal_in(loaded, slot=2)
+    encoder, score = _scorer(loaded, kv)
+    gold = [0, 1, 1, 0, 0, 1][:len(TEXTS)]
+    alone = C.knockout(loaded, kv, score, gold, streams=2)
+    scored_alone = score(loaded.model)
+    first_running, second_entered = threading.Event(), threading.Event()
+
+    def first_score(model):
+        if threading.current_thread().name.startswith("knockout"):  # a knockout's worker
+            first_running.set()
+            second_entered.wait(wait_s)
+        return score(model)
+
+    results: dict[str, object] = {}
+
+    def first():
+        results["first"] = C.knockout(loaded, kv, first_score, gold, streams=2)
+
+    def second():
+        first_running.wait(wait_s)
+        torch.get_num_threads()  # this thread's first torch call, while the first's passes run
+        second_entered.set()
+        results["second"] = C.knockout(loaded, kv, score, gold, streams=2)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    first_running.wait(wait_s)
+    scored_beside = score(loaded.model)
+    for t in threads:
+        t.join(wait_s)
+    assert set(results) == {"first", "second"}
+    counts: list[int] = []
+    fresh = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    assert counts == [2] and torch.get_num_threads() == 2
+    np.testing.assert_allclose(scored_beside, scored_alone, rtol=1e-5, atol=1e-6)
+    for name in ("first", "second"):
+        got = results[name]
+        np.testing.assert_allclose(got.slot_log_prob, alone.slot_log_prob, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got.layer_log_prob, alone.layer_log_prob, rtol=1e-4, atol=1e-5)

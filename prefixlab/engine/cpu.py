@@ -14,10 +14,12 @@ loop (the run worker, the benchmark), not to request threads of the app: the app
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +103,47 @@ def pin_threads(count: int | None = None) -> int:
         torch.set_num_threads(count)
     _pinned = torch.get_num_threads()
     return _pinned
+
+
+def _per_thread_controls() -> ctypes.CDLL | None:
+    """torch's CPU library, through which OpenMP's and MKL's per-thread counts are set; None
+    where it does not export them (a build without OpenMP or MKL)."""
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        for name in ("omp_set_num_threads", "omp_get_max_threads", "MKL_Set_Num_Threads_Local"):
+            getattr(lib, name)
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+_PER_THREAD = _per_thread_controls()
+
+
+@contextlib.contextmanager
+def one_thread_here() -> Iterator[None]:
+    """Torch's CPU ops in the calling thread run on one thread; other threads, and the count a
+    new thread starts from, stay as they are.
+
+    torch.set_num_threads also sets the process-wide count that each thread adopts at its
+    first torch op, so called from a request thread it would leave later requests on one
+    thread. This sets only the calling thread's OpenMP and MKL counts, which are per thread,
+    after torch's own per-thread set-up has run (which would otherwise undo them). Where torch
+    exports neither, the thread keeps its count.
+    """
+    lib = _PER_THREAD
+    if lib is None:
+        yield
+        return
+    torch.get_num_threads()  # torch's per-thread set-up happens at a thread's first call
+    omp_before = lib.omp_get_max_threads()
+    mkl_before = lib.MKL_Set_Num_Threads_Local(1)  # returns the thread's previous setting
+    lib.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        lib.omp_set_num_threads(omp_before)
+        lib.MKL_Set_Num_Threads_Local(mkl_before)
 
 
 class ThreadTuner:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from prefixlab.engine.balance import macro_f1
+from prefixlab.engine.cpu import one_thread_here
 from prefixlab.engine.families import family_of
 from prefixlab.engine.models import LoadedModel, get_module
 from prefixlab.interpret.readouts import (
@@ -366,32 +367,27 @@ def _in_streams(items: Sequence[int], run: Callable[[int, int], np.ndarray], str
     free: queue.SimpleQueue[int] = queue.SimpleQueue()
     for stream in range(streams):
         free.put(stream)
-    threads = torch.get_num_threads()
 
     def task(item: int) -> np.ndarray:
         stream = free.get()
         try:
-            torch.set_num_threads(1)
-            with torch.inference_mode():
+            with one_thread_here(), torch.inference_mode():
                 return run(item, stream)
         finally:
             free.put(stream)
 
     results: dict[int, np.ndarray] = {}
-    try:
-        with ThreadPoolExecutor(streams, thread_name_prefix="knockout") as pool:
-            futures = {pool.submit(task, item): item for item in items}
-            try:
-                for count, future in enumerate(as_completed(futures), 1):
-                    results[futures[future]] = future.result()
-                    if done:
-                        done(count, futures[future])
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-    finally:
-        torch.set_num_threads(threads)  # threads made later start from this count again
+    with ThreadPoolExecutor(streams, thread_name_prefix="knockout") as pool:
+        futures = {pool.submit(task, item): item for item in items}
+        try:
+            for count, future in enumerate(as_completed(futures), 1):
+                results[futures[future]] = future.result()
+                if done:
+                    done(count, futures[future])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
     return [results[item] for item in items]
 
 
