@@ -17,7 +17,7 @@ from prefixlab.engine.peft_interop import PeftFormatError
 from prefixlab.engine.prefix import PrefixConfig, PrefixFileError
 from prefixlab.engine.train import TrainConfig
 from prefixlab.errors import USER_ERRORS, ConfigError, PrefixLabError
-from prefixlab.interpret.readouts import InterpretError
+from prefixlab.interpret.frame import InterpretError
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.folder import RunError
 

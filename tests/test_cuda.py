@@ -35,7 +35,11 @@ from prefixlab.engine.prefix import (
 from prefixlab.engine.train import CHUNK_TOKENS, Checkpoint, TrainConfig, _backward, train
 from prefixlab.interpret import bank as B
 from prefixlab.interpret import maps as M
-from prefixlab.interpret import readouts as I
+from prefixlab.interpret.attention import attention_maps, prefix_attention
+from prefixlab.interpret.frame import KINDS as VECTOR_KINDS
+from prefixlab.interpret.frame import key_frame
+from prefixlab.interpret.nearest import nearest_tokens
+from prefixlab.interpret.values import value_readout
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.experiment import execute_run
 from prefixlab.runs.finished import open_run
@@ -405,7 +409,7 @@ def test_inspection_of_a_text_prefix_held_on_cuda(cuda_loaded):
     gpu_kv = kv.to(DEVICE)
     bank = B.reference_bank(loaded, 2000, extra_ids=ids)
 
-    nearest = I.nearest_tokens(loaded, gpu_kv, bank, top_k=5)
+    nearest = nearest_tokens(loaded, gpu_kv, bank, top_k=5)
     L = loaded.shape.num_layers
     expected = np.broadcast_to(np.array((ids * 2)[:P]), (L, 2, P))
     np.testing.assert_array_equal(nearest.token_ids[..., 0], expected)
@@ -413,32 +417,32 @@ def test_inspection_of_a_text_prefix_held_on_cuda(cuda_loaded):
     # kernels on the GPU: 0.999 where CPU gets 0.9999.
     assert nearest.scores[..., 0].min() > 0.999
     assert (nearest.margin > 0.2).all()
-    from_cpu = I.nearest_tokens(loaded, kv, bank, top_k=5)
+    from_cpu = nearest_tokens(loaded, kv, bank, top_k=5)
     np.testing.assert_array_equal(nearest.token_ids, from_cpu.token_ids)
     np.testing.assert_allclose(nearest.scores, from_cpu.scores, rtol=0, atol=1e-6)
 
-    framed = I.key_frame(loaded, gpu_kv)
+    framed = key_frame(loaded, gpu_kv)
     assert framed.device.type == DEVICE.type
-    torch.testing.assert_close(I.key_frame(loaded, framed, inverse=True), gpu_kv,
+    torch.testing.assert_close(key_frame(loaded, framed, inverse=True), gpu_kv,
                                atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(framed.cpu(), I.key_frame(loaded, kv), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(framed.cpu(), key_frame(loaded, kv), atol=1e-6, rtol=1e-6)
 
-    readout = I.value_readout(loaded, gpu_kv, top_k=5)
-    np.testing.assert_array_equal(readout.token_ids, I.value_readout(loaded, kv, 5).token_ids)
+    readout = value_readout(loaded, gpu_kv, top_k=5)
+    np.testing.assert_array_equal(readout.token_ids, value_readout(loaded, kv, 5).token_ids)
 
     layer = L - 1
     both = {"gpu": gpu_kv, "cpu": kv}
-    for kind in I.KINDS:
+    for kind in VECTOR_KINDS:
         m = M.pca_map(loaded, bank, both, layer, kind)
         np.testing.assert_allclose(m.prefixes["gpu"], m.prefixes["cpu"], atol=1e-5)
         np.testing.assert_allclose(M.layers_map(loaded, bank, gpu_kv, kind).coords,
                                    M.layers_map(loaded, bank, kv, kind).coords, atol=1e-5)
 
     text = "a terrible boring film"
-    maps = I.attention_maps(loaded, gpu_kv, text)
+    maps = attention_maps(loaded, gpu_kv, text)
     np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(maps, I.attention_maps(loaded, kv, text), atol=1e-6)
-    mass = I.prefix_attention(loaded, both, [text, "this is fine"])
+    np.testing.assert_allclose(maps, attention_maps(loaded, kv, text), atol=1e-6)
+    mass = prefix_attention(loaded, both, [text, "this is fine"])
     np.testing.assert_allclose(mass.mass[0], mass.mass[1], atol=1e-6)
 
     similarity = M.compare_prefixes(both).similarity  # (L, 2, 2)
@@ -457,18 +461,18 @@ def test_inspection_of_a_prefix_trained_on_cuda(cuda_loaded):
 
     bank = B.reference_bank(loaded, 200, extra_ids=B.label_token_ids(loaded.tokenizer,
                                                                        enc.labels))
-    nearest = I.nearest_tokens(loaded, live, bank, top_k=3)
-    np.testing.assert_array_equal(nearest.token_ids, I.nearest_tokens(loaded, kv, bank,
+    nearest = nearest_tokens(loaded, live, bank, top_k=3)
+    np.testing.assert_array_equal(nearest.token_ids, nearest_tokens(loaded, kv, bank,
                                                                        top_k=3).token_ids)
     assert np.isfinite(nearest.scores).all() and np.isfinite(nearest.baseline).all()
-    readout = I.value_readout(loaded, live, top_k=3)
-    np.testing.assert_array_equal(readout.token_ids, I.value_readout(loaded, kv, 3).token_ids)
-    assert I.key_frame(loaded, live).shape == live.shape
+    readout = value_readout(loaded, live, top_k=3)
+    np.testing.assert_array_equal(readout.token_ids, value_readout(loaded, kv, 3).token_ids)
+    assert key_frame(loaded, live).shape == live.shape
     named = {"trained": live, "start": init_kv}
     m = M.pca_map(loaded, bank, named, loaded.shape.num_layers - 1, "value")
     assert set(m.prefixes) == {"trained", "start"} and np.isfinite(m.prefixes["trained"]).all()
     assert np.isfinite(M.layers_map(loaded, bank, live, "key").coords).all()
-    mass = I.prefix_attention(loaded, named, ["a terrible boring film"])
+    mass = prefix_attention(loaded, named, ["a terrible boring film"])
     assert ((mass.mass >= 0) & (mass.mass <= 1)).all()
     similarity = M.compare_prefixes(named).similarity
     np.testing.assert_allclose(np.diagonal(similarity, axis1=1, axis2=2), 1.0, atol=1e-5)

@@ -17,7 +17,7 @@ from prefixlab.engine.models import prepare_model
 from prefixlab.engine.predict import generate, score_log_likelihoods
 from prefixlab.engine.prefix import Prefix, PrefixConfig, forward, init_prefix, text_key_values
 from prefixlab.engine.train import TrainConfig, train
-from prefixlab.interpret import readouts as I
+from prefixlab.interpret.frame import key_frame
 
 from .conftest import TEXTS, TINY_FAMILIES, tiny_model
 from .test_prefix import _left_padded
@@ -88,8 +88,8 @@ def test_key_frame_undoes_the_familys_rope(family_model):
     one = _ids(tok, "positive")
     assert len(one) == 1
     kv = text_key_values(model, tok, "positive", 6)  # one token read at positions 0..5
-    framed = I.key_frame(family_model, kv)
-    torch.testing.assert_close(I.key_frame(family_model, framed, inverse=True), kv,
+    framed = key_frame(family_model, kv)
+    torch.testing.assert_close(key_frame(family_model, framed, inverse=True), kv,
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(framed[:, 1], kv[:, 1])  # values are never rotated
     layer0 = framed[0, 0]  # (H, P, D): layer 0 reads no context, only the token and position

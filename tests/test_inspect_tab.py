@@ -117,7 +117,7 @@ def test_a_reopened_run_reads_its_nearest_tokens_from_the_run_folder(tmp_path, m
                                                                      monkeypatch):
     import numpy as np
 
-    from prefixlab.interpret import readouts
+    from prefixlab.interpret import nearest
     from prefixlab.runs import inspection
 
     monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
@@ -129,7 +129,7 @@ def test_a_reopened_run_reads_its_nearest_tokens_from_the_run_folder(tmp_path, m
     def never(*args, **kwargs):
         raise AssertionError("ranked again instead of read from the run folder")
 
-    monkeypatch.setattr(readouts, "nearest_tokens", never)
+    monkeypatch.setattr(nearest, "nearest_tokens", never)
     monkeypatch.setattr(inspection, "nearest_tokens", never)
     again = Workbench(tmp_path / "data", model=str(model_dir)).inspection(run_id)
     np.testing.assert_array_equal(again.nearest.token_ids, first.nearest.token_ids)

@@ -17,7 +17,10 @@ from prefixlab.engine.models import get_module
 from prefixlab.engine.prefix import save_prefix, text_key_values
 from prefixlab.interpret import bank as B
 from prefixlab.interpret import maps as M
-from prefixlab.interpret import readouts as I
+from prefixlab.interpret.attention import attention_maps, prefix_attention
+from prefixlab.interpret.frame import KINDS, InterpretError, key_frame
+from prefixlab.interpret.nearest import CAVEAT, nearest_tokens, ordinary_token_ids
+from prefixlab.interpret.values import value_readout
 from prefixlab.runs import inspection
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.folder import RunFolder
@@ -62,7 +65,7 @@ def test_text_prefix_projects_back_to_its_tokens_at_every_layer(loaded, shortlis
     P = len(ids) + 3  # the text repeats to fill P: positions 10..12 are its first tokens again
     kv = text_key_values(loaded.model, loaded.tokenizer, TEXT, P)
     bank = B.reference_bank(loaded, 2000, extra_ids=ids)
-    result = I.nearest_tokens(loaded, kv, bank, top_k=5, shortlist=shortlist)
+    result = nearest_tokens(loaded, kv, bank, top_k=5, shortlist=shortlist)
     expected = np.array((ids * 2)[:P])
     L = loaded.shape.num_layers
     assert result.token_ids.shape == (L, 2, P, 5)
@@ -71,7 +74,7 @@ def test_text_prefix_projects_back_to_its_tokens_at_every_layer(loaded, shortlis
     assert result.scores[..., 0].min() > 0.9999
     assert (result.scores[..., 0] > result.scores[..., 1]).all()  # a clear winner
     assert (result.margin > 0.2).all()
-    vocabulary = len(I.ordinary_token_ids(loaded.tokenizer, loaded.model.config.vocab_size))
+    vocabulary = len(ordinary_token_ids(loaded.tokenizer, loaded.model.config.vocab_size))
     assert (result.ranked_among[0] == vocabulary).all()  # layer 0: the whole vocabulary
     if shortlist is None:
         assert (result.ranked_among[1:] >= len(bank.token_ids)).all()
@@ -91,11 +94,11 @@ def test_words_outside_a_small_bank_read_back_from_the_whole_vocabulary(loaded):
     text = loaded.tokenizer.decode(ids[:3])
     ids = _ids(loaded, text)
     kv = text_key_values(loaded.model, loaded.tokenizer, text, len(ids))
-    result = I.nearest_tokens(loaded, kv, bank, top_k=3)
+    result = nearest_tokens(loaded, kv, bank, top_k=3)
     L = loaded.shape.num_layers
     np.testing.assert_array_equal(result.token_ids[..., 0], np.broadcast_to(ids, (L, 2, len(ids))))
     assert not set(ids) & set(bank.token_ids)
-    bank_only = I.nearest_tokens(loaded, kv, bank, top_k=3, vocabulary=False)
+    bank_only = nearest_tokens(loaded, kv, bank, top_k=3, vocabulary=False)
     assert not set(bank_only.token_ids[0].ravel()) & set(ids)  # what the old bank-only view saw
 
 
@@ -105,12 +108,12 @@ def test_layer_zero_from_the_kept_vocabulary_equals_reading_it_slot_by_slot(load
         assert bank.vocabulary is None  # learned positions: layer 0 depends on the slot
         return
     assert bank.vocabulary is not None
-    assert bank.vocabulary.token_ids == I.ordinary_token_ids(loaded.tokenizer,
+    assert bank.vocabulary.token_ids == ordinary_token_ids(loaded.tokenizer,
                                                              loaded.model.config.vocab_size)
     kv = _random_like(text_key_values(loaded.model, loaded.tokenizer, TEXT, 5), seed=4)
     kv = 0.5 * kv + text_key_values(loaded.model, loaded.tokenizer, TEXT, 5)
-    kept = I.nearest_tokens(loaded, kv, bank, top_k=5)
-    streamed = I.nearest_tokens(loaded, kv, replace(bank, vocabulary=None), top_k=5)
+    kept = nearest_tokens(loaded, kv, bank, top_k=5)
+    streamed = nearest_tokens(loaded, kv, replace(bank, vocabulary=None), top_k=5)
     np.testing.assert_array_equal(kept.token_ids, streamed.token_ids)
     np.testing.assert_allclose(kept.scores, streamed.scores, atol=1e-5)
     # the baseline draws other random directions in the frame: the same law, not the same draws
@@ -120,19 +123,19 @@ def test_layer_zero_from_the_kept_vocabulary_equals_reading_it_slot_by_slot(load
 def test_random_prefix_scores_sit_near_the_random_baseline(loaded):
     kv = text_key_values(loaded.model, loaded.tokenizer, TEXT, 8)
     bank = B.reference_bank(loaded, 2000)
-    result = I.nearest_tokens(loaded, _random_like(kv), bank, top_k=3, samples=64)
+    result = nearest_tokens(loaded, _random_like(kv), bank, top_k=3, samples=64)
     gap = result.scores[..., 0] - result.baseline  # (L, 2, P)
     assert abs(gap.mean()) < 0.05
     assert (np.abs(gap) < 3 * result.baseline_std + 0.05).mean() > 0.9
-    text = I.nearest_tokens(loaded, kv, bank, top_k=3, samples=64)
+    text = nearest_tokens(loaded, kv, bank, top_k=3, samples=64)
     assert text.margin.mean() > 0.3
 
 
 def test_key_frame_undoes_rope_and_layer_zero_matches_the_bank(loaded):
     ids = _ids(loaded, TEXT)
     kv = text_key_values(loaded.model, loaded.tokenizer, TEXT, len(ids))
-    framed = I.key_frame(loaded, kv)
-    torch.testing.assert_close(I.key_frame(loaded, framed, inverse=True), kv,
+    framed = key_frame(loaded, kv)
+    torch.testing.assert_close(key_frame(loaded, framed, inverse=True), kv,
                                atol=1e-5, rtol=1e-5)
     if family_of(loaded.model.config).rope != "none":
         assert not torch.allclose(framed[:, 0, :, 1:], kv[:, 0, :, 1:])
@@ -159,9 +162,9 @@ def test_prefix_placed_on_reference_tokens_lands_on_them_in_pca(loaded, kind):
     P, layer = len(rows), L - 1
     kv = torch.randn(L, 2, H, P, D)
     for i in range(2):
-        placed = bank.vectors(I.KINDS[i])[layer, rows].view(P, H, D).transpose(0, 1)  # (H,P,D)
+        placed = bank.vectors(KINDS[i])[layer, rows].view(P, H, D).transpose(0, 1)  # (H,P,D)
         kv[layer, i] = placed
-    kv = I.key_frame(loaded, kv, inverse=True)  # bank keys are in the frame: rotate to 0..P-1
+    kv = key_frame(loaded, kv, inverse=True)  # bank keys are in the frame: rotate to 0..P-1
     result = M.pca_map(loaded, bank, {"placed": kv, "other": _random_like(kv)}, layer, kind)
     assert result.cloud.shape == (len(bank.token_ids), 3)
     np.testing.assert_allclose(result.prefixes["placed"], result.cloud[rows], atol=1e-4)
@@ -207,14 +210,14 @@ def test_every_layers_map_at_once_equals_each_layer_alone(loaded):
     from_maps = M.layers_map(loaded, bank, kv, "value", maps=maps)
     np.testing.assert_allclose(from_maps.coords, M.layers_map(loaded, bank, kv, "value").coords,
                                atol=1e-3)
-    with pytest.raises(I.InterpretError, match="one value map"):
+    with pytest.raises(InterpretError, match="one value map"):
         M.layers_map(loaded, bank, kv, "value", maps=maps[:1])
 
 
 def test_value_readout_equals_a_hand_computation(loaded):
     model, cfg = loaded.model, loaded.model.config
     kv = _random_like(text_key_values(model, loaded.tokenizer, TEXT, 4), seed=3)
-    readout = I.value_readout(loaded, kv, top_k=5)
+    readout = value_readout(loaded, kv, top_k=5)
     layer, p = loaded.shape.num_layers - 1, 2
     H, H_kv = cfg.num_attention_heads, loaded.shape.num_kv_heads
     v = kv[layer, 1, :, p]  # (H_kv, D)
@@ -241,17 +244,17 @@ def test_attention_on_the_prefix_is_a_share_and_depends_on_the_prefix(loaded):
     model = loaded.model
     before = model.config._attn_implementation
     kv = text_key_values(model, loaded.tokenizer, TEXT, 5)
-    maps = I.attention_maps(loaded, kv, "a terrible boring film")
+    maps = attention_maps(loaded, kv, "a terrible boring film")
     T = len(_ids(loaded, "a terrible boring film"))
     assert maps.shape == (loaded.shape.num_layers, model.config.num_attention_heads, T, 5 + T)
     np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)  # every query row is a distribution
     assert model.config._attn_implementation == before  # eager was only borrowed
     texts = ["a terrible boring film", "this is fine"]
-    mass = I.prefix_attention(loaded, {"text": kv, "random": _random_like(kv)}, texts)
+    mass = prefix_attention(loaded, {"text": kv, "random": _random_like(kv)}, texts)
     assert mass.mass.shape == (2, loaded.shape.num_layers, model.config.num_attention_heads)
     assert ((mass.mass >= 0) & (mass.mass <= 1)).all()
     assert np.abs(mass.mass[0] - mass.mass[1]).max() > 1e-3
-    by_hand = np.mean([I.attention_maps(loaded, kv, t)[..., :5].sum(-1).mean(-1) for t in texts],
+    by_hand = np.mean([attention_maps(loaded, kv, t)[..., :5].sum(-1).mean(-1) for t in texts],
                       axis=0)
     np.testing.assert_allclose(mass.mass[0], by_hand, rtol=1e-6)
 
@@ -273,7 +276,7 @@ def test_movement_follows_the_snapshots(loaded, tmp_path):
     zero = M.prefix_movement([(0, torch.zeros_like(kv0)), (5, kv0)])
     assert not zero.relative  # a zero init has no scale: distances are absolute
     np.testing.assert_allclose(zero.distance[1, 0, 0], kv0[0, 0].norm().item(), rtol=1e-5)
-    with pytest.raises(I.InterpretError, match="no snapshots"):
+    with pytest.raises(InterpretError, match="no snapshots"):
         M.prefix_movement([])
 
 
@@ -285,7 +288,7 @@ def test_compare_prefixes_has_a_unit_diagonal(loaded):
     np.testing.assert_allclose(np.diagonal(result.similarity, axis1=1, axis2=2), 1.0, atol=1e-5)
     np.testing.assert_allclose(result.similarity[:, 0, 2], 1.0, atol=1e-5)  # scale-free
     np.testing.assert_allclose(result.similarity, result.similarity.transpose(0, 2, 1))
-    with pytest.raises(I.InterpretError, match="share one shape"):
+    with pytest.raises(InterpretError, match="share one shape"):
         M.compare_prefixes({"a": kv, "b": kv[:, :, :, :2]})
 
 
@@ -338,14 +341,14 @@ def test_frequent_tokens_skip_specials_and_junk(loaded):
         text = tok.decode([i])
         assert text.strip() and "\ufffd" not in text
     assert B.frequent_token_ids(tok, 5) == ids[:5]
-    with pytest.raises(I.InterpretError, match="outside the vocabulary"):
+    with pytest.raises(InterpretError, match="outside the vocabulary"):
         B.reference_bank(loaded, 10, extra_ids=[10**6])
 
 
 def test_a_prefix_of_the_wrong_shape_is_refused(loaded):
     bank = B.reference_bank(loaded, 20)
-    with pytest.raises(I.InterpretError, match="does not fit"):
-        I.nearest_tokens(loaded, torch.zeros(1, 2, 1, 3, 4), bank)
+    with pytest.raises(InterpretError, match="does not fit"):
+        nearest_tokens(loaded, torch.zeros(1, 2, 1, 3, 4), bank)
 
 
 def _tiny_run(tmp_path, loaded, kv0, kv):
@@ -368,7 +371,7 @@ def test_inspect_run_writes_the_three_files(loaded, tmp_path):
     assert out == tmp_path / "out"
     nearest = json.loads((out / "nearest_tokens.json").read_text())
     L = loaded.shape.num_layers
-    assert len(nearest["layers"]) == L and nearest["caveat"] == I.CAVEAT
+    assert len(nearest["layers"]) == L and nearest["caveat"] == CAVEAT
     cell = nearest["layers"][0]["key"][0]
     assert len(cell["top"]) == 3 and {"token", "id", "score"} <= set(cell["top"][0])
     assert {"mean", "std"} == set(cell["baseline"])
@@ -408,7 +411,7 @@ def test_default_model_text_prefix_projects_back_at_every_layer(monkeypatch, tmp
     warm = time.perf_counter() - start
     assert warm_bank.loaded_from_disk and warm < cold
     start = time.perf_counter()
-    result = I.nearest_tokens(loaded, kv, bank, top_k=10)
+    result = nearest_tokens(loaded, kv, bank, top_k=10)
     readout_time = time.perf_counter() - start
     print(f"\nbank of {len(bank.token_ids)} tokens: {cold:.1f} s cold, {warm:.2f} s warm; "
           f"nearest tokens for P=10: {readout_time:.1f} s")
@@ -434,7 +437,7 @@ def test_default_model_reads_back_words_far_beyond_the_bank(monkeypatch):
     kv = text_key_values(loaded.model, loaded.tokenizer, text, 10)
     bank = B.reference_bank(loaded)
     assert not set(ids) & set(bank.token_ids)
-    result = I.nearest_tokens(loaded, kv, bank, top_k=5)
+    result = nearest_tokens(loaded, kv, bank, top_k=5)
     expected = np.array((ids * 4)[:10])
     assert result.ranked_among[0].min() > 49_000  # the whole vocabulary at layer 0
     np.testing.assert_array_equal(result.token_ids[0, :, :, 0], np.broadcast_to(expected, (2, 10)))

@@ -152,7 +152,7 @@ def test_generation_targets_knock_out_through_the_same_score(loaded):
 
 
 def test_label_push_is_the_value_readout_on_the_labels(loaded):
-    from prefixlab.interpret.readouts import value_logits
+    from prefixlab.interpret.values import value_logits
 
     kv = text_key_values(loaded.model, loaded.tokenizer, "the movie was", 4)
     encoder = Encoder(loaded.tokenizer, Template(), LABELS, 48)
@@ -191,7 +191,7 @@ def test_the_knockout_and_the_report_agree_on_a_label_absent_from_the_rows():
 
 def test_the_summary_names_the_slot_and_layer_that_matter(loaded):
     from prefixlab.interpret.bank import reference_bank
-    from prefixlab.interpret.readouts import nearest_tokens
+    from prefixlab.interpret.nearest import nearest_tokens
     from prefixlab.interpret.summary import knockout_lines, summary_markdown
 
     kv = _signal_in(loaded, slot=3)
@@ -255,7 +255,7 @@ def test_a_bfloat16_knockout_ranks_like_float32_and_leaves_the_model_alone(loade
 
 
 def test_knockout_precision_auto_follows_the_processor(loaded, monkeypatch):
-    from prefixlab.interpret.readouts import InterpretError
+    from prefixlab.interpret.frame import InterpretError
     from prefixlab.runs import inspection
 
     monkeypatch.setattr(inspection, "native_bf16", lambda device: True)

@@ -7,8 +7,10 @@ import plotly.graph_objects as go
 import pytest
 
 from prefixlab.figures import plots
+from prefixlab.interpret.attention import AttentionMass
 from prefixlab.interpret.maps import LayersMap, Movement, PCAMap, PrefixComparison
-from prefixlab.interpret.readouts import AttentionMass, NearestTokens, ValueReadout
+from prefixlab.interpret.nearest import NearestTokens
+from prefixlab.interpret.values import ValueReadout
 
 L, P, K, N = 3, 4, 5, 30
 rng = np.random.default_rng(0)

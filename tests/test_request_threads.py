@@ -14,7 +14,8 @@ import torch
 
 from prefixlab.engine.predict import generate
 from prefixlab.engine.prefix import save_prefix
-from prefixlab.interpret import readouts
+from prefixlab.interpret.attention import attention_maps, eager_twin
+from prefixlab.interpret.frame import first_layer_references
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.memo import Memo
 from prefixlab.workbench.runs import run_config
@@ -178,15 +179,15 @@ def test_attention_maps_leave_the_shared_model_as_it_is(loaded):
     hook = torch.nn.modules.module.register_module_forward_pre_hook(
         lambda *_: seen.add(model.config._attn_implementation))
     try:
-        maps = readouts.attention_maps(loaded, None, "the movie was great")
+        maps = attention_maps(loaded, None, "the movie was great")
     finally:
         hook.remove()
     assert seen == {before}
     assert maps.shape[0] == loaded.shape.num_layers
     torch.testing.assert_close(torch.from_numpy(maps).sum(-1),
                                torch.ones(maps.shape[:-1]), atol=1e-5, rtol=0)
-    twin = readouts.eager_twin(model)
-    assert twin is readouts.eager_twin(model)  # made once per model
+    twin = eager_twin(model)
+    assert twin is eager_twin(model)  # made once per model
     assert twin.config._attn_implementation == "eager"
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert a.data_ptr() == b.data_ptr()  # the same weights, not a copy
@@ -197,7 +198,7 @@ def test_attention_maps_equal_the_shared_model_switched_to_eager(loaded):
 
     kv = torch.randn(loaded.shape.num_layers, 2, loaded.shape.num_kv_heads, 3,
                      loaded.shape.head_dim, generator=torch.Generator().manual_seed(0))
-    maps = readouts.attention_maps(loaded, kv, "a terrible boring film")
+    maps = attention_maps(loaded, kv, "a terrible boring film")
     model = loaded.model
     original = model.config._attn_implementation
     ids = torch.tensor([loaded.tokenizer("a terrible boring film",
@@ -232,7 +233,7 @@ def test_the_first_layer_stop_hook_stops_only_its_own_thread(loaded):
     pause_hook = attention.register_forward_hook(pause, prepend=True)
     try:
         def references():
-            return readouts.first_layer_references(loaded, [5, 6], 2)
+            return first_layer_references(loaded, [5, 6], 2)
 
         thread = threading.Thread(target=lambda: other.append(references()), name="references")
         thread.start()

@@ -10,8 +10,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from prefixlab.figures.plots import _layout, _lists
+from prefixlab.interpret.attention import AttentionMass
 from prefixlab.interpret.knockout import Knockout, LabelPush
-from prefixlab.interpret.readouts import AttentionMass
 
 
 def knockout_figure(result: Knockout, attention: AttentionMass | None = None) -> go.Figure:

@@ -14,15 +14,11 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
+from prefixlab.interpret.attention import AttentionMass
+from prefixlab.interpret.frame import KINDS
 from prefixlab.interpret.maps import LayersMap, Movement, PCAMap, PrefixComparison
-from prefixlab.interpret.readouts import (
-    CAVEAT,
-    KINDS,
-    METHOD,
-    AttentionMass,
-    NearestTokens,
-    ValueReadout,
-)
+from prefixlab.interpret.nearest import CAVEAT, METHOD, NearestTokens
+from prefixlab.interpret.values import ValueReadout
 
 _HEIGHT = 420
 _MARGIN = dict(l=50, r=20, t=50, b=40)

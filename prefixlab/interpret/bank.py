@@ -26,14 +26,12 @@ from safetensors.torch import load_file
 from prefixlab.engine.families import family_of
 from prefixlab.engine.models import LoadedModel, cache_root
 from prefixlab.files import atomic_save_tensors
-from prefixlab.interpret.readouts import (
-    InterpretError,
+from prefixlab.interpret.frame import InterpretError, slot_references, unrotate_keys
+from prefixlab.interpret.nearest import (
     ReferenceBank,
     VocabularyFrame,
     frame_references,
     ordinary_token_ids,
-    slot_references,
-    unrotate_keys,
 )
 
 BANK_FORMAT = "prefixlab-bank/1"

@@ -36,12 +36,9 @@ from prefixlab.engine.balance import macro_f1
 from prefixlab.engine.cpu import one_thread_here
 from prefixlab.engine.families import family_of
 from prefixlab.engine.models import LoadedModel, get_module
-from prefixlab.interpret.readouts import (
-    InterpretError,
-    _check_kv,
-    value_logits,
-    weight_sharing_copy,
-)
+from prefixlab.interpret.attention import weight_sharing_copy
+from prefixlab.interpret.frame import InterpretError, _check_kv
+from prefixlab.interpret.values import value_logits
 
 Score = Callable[[torch.nn.Module], np.ndarray]  # model -> (N, K) log-likelihoods per row
 

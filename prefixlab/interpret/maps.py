@@ -15,15 +15,15 @@ import torch
 from prefixlab.engine.models import LoadedModel
 
 # the interpret modules share readouts.py's input checks
-from prefixlab.interpret.readouts import (
+from prefixlab.interpret.frame import (
     InterpretError,
-    ReferenceBank,
     _check_kv,
     _kind_index,
     _named,
     _unit,
     unrotate_keys,
 )
+from prefixlab.interpret.nearest import ReferenceBank
 
 # --- PCA maps ---------------------------------------------------------------------------------
 

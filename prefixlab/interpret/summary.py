@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from prefixlab.interpret.frame import KINDS
 from prefixlab.interpret.knockout import Knockout
-from prefixlab.interpret.readouts import KINDS, NearestTokens
+from prefixlab.interpret.nearest import NearestTokens
 
 WAYWARDNESS = (
     "A nearest word is a hint, not an explanation: a prefix can sit near unrelated words and "

@@ -26,6 +26,7 @@ from prefixlab.engine.prefix import default_init_text
 from prefixlab.figures.causal import knockout_figure, label_push_figure
 from prefixlab.figures.plots import inspection_html
 from prefixlab.files import atomic_write_json, atomic_write_text
+from prefixlab.interpret.attention import AttentionMass, prefix_attention
 from prefixlab.interpret.bank import (
     DEFAULT_BANK_SIZE,
     data_word_ids,
@@ -33,6 +34,7 @@ from prefixlab.interpret.bank import (
     reference_bank,
     text_token_ids,
 )
+from prefixlab.interpret.frame import KINDS, InterpretError, _kind_index
 from prefixlab.interpret.knockout import (
     Knockout,
     LabelPush,
@@ -49,20 +51,9 @@ from prefixlab.interpret.maps import (
     pca_map,
     prefix_movement,
 )
-from prefixlab.interpret.readouts import (
-    CAVEAT,
-    KINDS,
-    METHOD,
-    AttentionMass,
-    InterpretError,
-    NearestTokens,
-    ValueReadout,
-    _kind_index,
-    nearest_tokens,
-    prefix_attention,
-    value_readout,
-)
+from prefixlab.interpret.nearest import CAVEAT, METHOD, NearestTokens, nearest_tokens
 from prefixlab.interpret.summary import GLOSSARY, summary_markdown
+from prefixlab.interpret.values import ValueReadout, value_readout
 from prefixlab.runs.experiment import prepare_data
 from prefixlab.runs.finished import Run, open_run
 from prefixlab.runs.folder import RunFolder

@@ -19,8 +19,8 @@ import plotly.graph_objects as go
 import torch
 
 from prefixlab.figures import causal, plots
+from prefixlab.interpret import attention, frame, knockout, maps, nearest, values
 from prefixlab.interpret import bank as reference_banks
-from prefixlab.interpret import knockout, maps, readouts
 from prefixlab.interpret.summary import glossary_markdown, summary_markdown
 from prefixlab.runs.finished import Run
 from prefixlab.runs.folder import RunError
@@ -35,9 +35,9 @@ from prefixlab.runs.inspection import (
 from prefixlab.runs.registry import RunStore
 from prefixlab.workbench.memo import Memo
 
-KINDS = readouts.KINDS  # "key", "value": the two vectors a prefix slot holds per layer
+KINDS = frame.KINDS  # "key", "value": the two vectors a prefix slot holds per layer
 GLOSSARY = glossary_markdown()
-METHOD = f"{readouts.CAVEAT}\n\n{readouts.METHOD}\n\n{knockout.METHOD}"
+METHOD = f"{nearest.CAVEAT}\n\n{nearest.METHOD}\n\n{knockout.METHOD}"
 VIEW_QUIET_S = 1.5
 """The drawing ahead waits until no one has asked for a view this long: its figures are pure
 Python and would hold the interpreter lock against a person's request."""
@@ -54,9 +54,9 @@ class Inspection:
     its views' figures, made once."""
 
     run: Run
-    bank: object  # readouts.ReferenceBank
-    nearest: object  # readouts.NearestTokens
-    readout: object  # readouts.ValueReadout
+    bank: object  # nearest.ReferenceBank
+    nearest: object  # nearest.NearestTokens
+    readout: object  # values.ValueReadout
     movement: object | None  # maps.Movement, when snapshots exist
     initial_kv: torch.Tensor | None  # the first snapshot: the prefix before training
     figures: dict = field(default_factory=dict)  # the tab's figures by view, made once each
@@ -126,7 +126,7 @@ class Inspection:
         prefixes = {"trained": self.run.kv}
         if self.initial_kv is not None:
             prefixes = {"before training": self.initial_kv, **prefixes}
-        return plots.attention_heatmap(readouts.prefix_attention(self.run.loaded, prefixes,
+        return plots.attention_heatmap(attention.prefix_attention(self.run.loaded, prefixes,
                                                                  list(texts)))
 
     # --- the words ---------------------------------------------------------------------------
@@ -180,7 +180,7 @@ class InspectionRoom:
             words = word_ids(groups)
             reference = self.bank(run, words)
             nearest = cached_nearest_tokens(run, reference, top_k, words)
-            readout = readouts.value_readout(run.loaded, run.kv, top_k)
+            readout = values.value_readout(run.loaded, run.kv, top_k)
             snapshots = load_snapshots(run.folder.path)
             movement = maps.prefix_movement(snapshots) if len(snapshots) > 1 else None
             return Inspection(run, reference, nearest, readout, movement,

@@ -1,58 +1,42 @@
-"""Look inside a prefix: the key frame, slot references, nearest tokens, value readout, attention.
-
-Arrays and dataclasses only; figures are in figures/plots.py. Every readout here compares the prefix
-with *reference* key/values: what the frozen model itself caches when it reads real tokens.
-
-The frame (what "the reference of a token" means)
--------------------------------------------------
-A prefix position p at layer l is compared with the **slot reference** of a token v: the key
-and value the model caches at position p, layer l, when it reads v right after the prefix's own
-positions 0..p-1 (exactly as if v sat in the prefix's slot p). This is exact for a prefix taken
-from real text: its position p *is* the cache of its token read after positions 0..p-1, so
-every position projects back to its own token at rank 1 at every layer, for keys and values,
-for RoPE models (keys cached after rotation at p, and so is the reference) and for learned
-absolute positions. It also stays honest for a trained prefix: the reading answers "which real
-token, read in this slot after the same preceding virtual tokens, would the model cache closest
-to this vector?" -- not "what the prefix means".
+"""Nearest tokens: which real tokens' slot references sit closest to each prefix position.
 
 Cost and the shortlist. Layer 0's keys/values do not depend on context, so layer 0 is ranked
 against the whole vocabulary. For RoPE models the bank keeps every token's layer-0 key (in the
 key frame) and value once per model (`VocabularyFrame`), and ranking is one matmul; models
 with learned positions read the vocabulary slot by slot. Deeper layers need a forward pass of
-every candidate in every slot (N x P token reads, minutes for N=2000, P=10 on a 2-core CPU
-with SmolLM2-135M), so by default they rank a shortlist per position: the position's top
-layer-0 matches for keys and values, the extra ids (the run's words) and a fixed spread of
-anchor tokens. `shortlist=None` ranks every bank token at every layer (fast on a GPU). Each
-result says how many tokens it was ranked among.
+every candidate in every slot (N x P token reads), so by default they rank a shortlist per
+position: the position's top layer-0 matches for keys and values, the extra ids (the run's
+words) and a fixed spread of anchor tokens. `shortlist=None` ranks every bank token at every
+layer (fast on a GPU). Each result says how many tokens it was ranked among.
 
 Scores are centered cosines: both vectors minus the mean of the anchor tokens' references in
 that slot. Raw cosines of keys are ~0.8 between *any* two tokens (keys share a large common
 direction), which would make every match look strong. The random baseline runs the same
 readout on random vectors of the same norm, so a score means something only well above it.
-
-The modules: this one holds the frame and the readouts that rank or read the prefix
-(nearest tokens, value readout, attention); bank.py builds and caches the reference
-bank; maps.py places prefixes in PCA maps, follows them over training and compares
-them; runs/inspection.py writes a run's inspection (JSON and the standalone page).
 """
+
 
 from __future__ import annotations
 
-import copy
-import threading
-import weakref
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from prefixlab.engine.families import cache_keyword, family_of
-from prefixlab.engine.models import LoadedModel, get_module
-from prefixlab.engine.prefix import build_cache, prefix_inputs
-from prefixlab.errors import PrefixLabError
+from prefixlab.engine.families import family_of
+from prefixlab.engine.models import LoadedModel
+from prefixlab.interpret.frame import (
+    _CHUNK_TOKENS,
+    InterpretError,
+    _check_kv,
+    _kind_index,
+    _unit,
+    first_layer_references,
+    slot_references,
+    unrotate_keys,
+)
 
 CAVEAT = (
     "These readouts describe where the prefix sits among real tokens' keys and values; they do "
@@ -72,203 +56,6 @@ METHOD = (
     "matches, label words and fixed anchor tokens) unless the full bank was asked for. Scores "
     "are cosines after subtracting the anchor tokens' mean in that slot."
 )
-
-KINDS = ("key", "value")
-_CHUNK_TOKENS = 4096  # token reads per forward pass: bounds memory on large vocab banks
-
-
-class InterpretError(PrefixLabError, ValueError):
-    """A prefix, run or request that cannot be inspected as asked."""
-
-
-# --- shared checks -----------------------------------------------------------------------------
-
-
-def _kind_index(kind: str) -> int:
-    if kind not in KINDS:
-        raise InterpretError(f"kind must be 'key' or 'value', got {kind!r}")
-    return KINDS.index(kind)
-
-
-def _check_kv(loaded: LoadedModel, kv: torch.Tensor) -> None:
-    shape = loaded.shape
-    expected = (shape.num_layers, 2, shape.num_kv_heads, shape.head_dim)
-    if kv.dim() != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != expected:
-        raise InterpretError(
-            f"prefix of shape {tuple(kv.shape)} does not fit {loaded.name}: expected "
-            f"(L={expected[0]}, 2, H_kv={expected[2]}, P, D={expected[3]})"
-        )
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _named(prefixes: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
-    if isinstance(prefixes, torch.Tensor):
-        return {"prefix": prefixes}
-    if not prefixes:
-        raise InterpretError("no prefixes given")
-    return dict(prefixes)
-
-
-# --- key frame: undoing RoPE ----------------------------------------------------------------
-
-
-def _rotary(model: torch.nn.Module) -> torch.nn.Module:
-    """The rotary embedding module at the path the model's family names."""
-    family = family_of(model.config)
-    try:
-        return get_module(model, family.rotary)
-    except AttributeError as e:
-        raise InterpretError(
-            f"{type(model).__name__} is listed with RoPE but has no {family.rotary}; "
-            f"keys cannot be put in a common frame (fix its row in prefixlab/engine/families.py)"
-        ) from e
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-@torch.no_grad()
-def unrotate_keys(loaded: LoadedModel, keys: torch.Tensor, positions: torch.Tensor | Sequence[int],
-                inverse: bool = False) -> torch.Tensor:
-    """Undo RoPE on keys (..., T, D) cached at positions[t]: the key frame, as at position 0.
-
-    inverse=True applies the rotation instead (frame -> the key cached at that position).
-    The identity for models without RoPE; with partial RoPE only the first
-    `rotary_dim` dimensions turn. Uses the model's own rotary module, so RoPE
-    scaling variants are undone exactly as they were applied.
-    """
-    model = loaded.model
-    family = family_of(model.config)
-    if family.rope == "none":
-        return keys.clone()
-    positions = torch.as_tensor(positions, dtype=torch.long).view(1, -1)  # (1, T)
-    probe = torch.zeros(1, dtype=torch.float32, device=loaded.device)
-    cos, sin = _rotary(model)(probe, positions.to(loaded.device))  # (1, T, R)
-    zero_cos, _ = _rotary(model)(probe, torch.zeros_like(positions[:, :1]).to(loaded.device))
-    scale = zero_cos[0, 0]  # (R,): rope's attention_scaling, 1.0 for plain RoPE
-    cos = (cos[0] / scale).to(keys.device, keys.dtype)  # (T, R)
-    sin = (sin[0] / scale).to(keys.device, keys.dtype)
-    R = family.rotary_dim(model.config)  # partial RoPE rotates the first R of D dimensions
-    if cos.shape[-1] != R:
-        raise InterpretError(
-            f"{type(model).__name__} rotates {cos.shape[-1]} dimensions per head where its "
-            f"family row says {R}: fix its row in prefixlab/engine/families.py")
-    rotated, kept = keys[..., :R], keys[..., R:]
-    sign = 1 if inverse else -1
-    return torch.cat([rotated * cos + sign * _rotate_half(rotated) * sin, kept], dim=-1)
-
-
-def key_frame(loaded: LoadedModel, kv: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """kv (L, 2, H_kv, P, D) with keys moved to the key frame (inverse: out of it); values kept."""
-    out = kv.clone()
-    positions = torch.arange(kv.shape[3])
-    out[:, 0] = unrotate_keys(loaded, kv[:, 0], positions, inverse)
-    return out
-
-
-# --- slot references --------------------------------------------------------------------------
-
-
-class _StopForward(Exception):
-    """Raised by a hook once layer 0 has filled its cache: nothing deeper is needed."""
-
-
-def _cache_keys_values(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    entry = cache.layers[layer]
-    return entry.keys, entry.values  # (B, H, T, D) each
-
-
-@torch.no_grad()
-def slot_references(loaded: LoadedModel, context: torch.Tensor | None,
-                    token_ids: Sequence[int],
-                    positions: Sequence[int] | None = None) -> torch.Tensor:
-    """What the model caches for each token read in a slot after `context`: (L, 2, n, H_kv, D).
-
-    `context` is a key/value cache (L, 2, H_kv, C, D) (e.g. a prefix) or None. Token i is read
-    alone at position positions[i] (default C) seeing only context[..., :positions[i], :]: the
-    later context slots are masked out, so one batched pass serves every slot of a prefix.
-    All layers, float32 on CPU.
-    """
-    from transformers import DynamicCache
-
-    model = loaded.model
-    base = model.base_model  # no LM head: only the cache is wanted
-    C = 0 if context is None else context.shape[3]
-    slots = [C] * len(token_ids) if positions is None else [int(p) for p in positions]
-    if len(slots) != len(token_ids) or any(not 0 <= p <= C for p in slots):
-        raise InterpretError(f"positions must be one per token, each in 0..{C}")
-    if context is not None:
-        context = context.to(loaded.device, torch.float32)
-    chunk = max(1, _CHUNK_TOKENS // (C + 1))
-    parts = []
-    for start in range(0, len(token_ids), chunk):
-        ids = torch.tensor(list(token_ids[start:start + chunk]), device=loaded.device)
-        pos = torch.tensor(slots[start:start + chunk], device=loaded.device)  # (b,)
-        b = ids.shape[0]
-        cache = (build_cache(context, b, model) if context is not None
-                 else DynamicCache(config=model.config))
-        seen = torch.arange(C, device=loaded.device) < pos[:, None]  # (b, C)
-        mask = torch.cat([seen, torch.ones(b, 1, dtype=torch.bool, device=loaded.device)], 1)
-        base(input_ids=ids.view(b, 1), attention_mask=mask.long(),  # (b, C+1)
-             position_ids=pos.view(b, 1), use_cache=True, **{cache_keyword(base): cache})
-        layers = [_cache_keys_values(cache, i) for i in range(len(cache.layers))]
-        keys = torch.stack([k[:, :, -1] for k, _ in layers])  # (L, b, H, D)
-        values = torch.stack([v[:, :, -1] for _, v in layers])
-        parts.append(torch.stack([keys, values], dim=1).float().cpu())  # (L, 2, b, H, D)
-    return torch.cat(parts, dim=2)  # (L, 2, n, H, D)
-
-
-@torch.no_grad()
-def first_layer_references(loaded: LoadedModel, token_ids: Sequence[int],
-                           length: int) -> torch.Tensor:
-    """Layer-0 key/values of each token at positions 0..length-1: (2, n, length, H_kv, D).
-
-    Layer 0 reads no context, so these are the slot references of layer 0 for *any* prefix.
-    RoPE models read each token once at position 0 and rotate; models with learned positions
-    read each token at every position (the model stops after layer 0's attention).
-    """
-    from transformers import DynamicCache
-
-    model = loaded.model
-    base = model.base_model
-    family = family_of(model.config)
-    reads = length if family.rope == "none" else 1
-    attention = getattr(get_module(model, family.layers)[0], family.attention)
-
-    caller = threading.get_ident()
-
-    def stop(*_):
-        # The hook sits on the shared model: other threads' forwards pass through untouched.
-        if threading.get_ident() == caller:
-            raise _StopForward
-
-    hook = attention.register_forward_hook(stop)
-    parts = []
-    try:
-        chunk = max(1, _CHUNK_TOKENS // reads)
-        for start in range(0, len(token_ids), chunk):
-            ids = torch.tensor(list(token_ids[start:start + chunk]), device=loaded.device)
-            b = ids.shape[0]
-            cache = DynamicCache(config=model.config)
-            with suppress(_StopForward):  # raised once layer 0 has cached its keys/values
-                base(input_ids=ids.view(b, 1).expand(b, reads),  # (b, reads): v v v ...
-                     attention_mask=torch.ones(b, reads, dtype=torch.long, device=loaded.device),
-                     position_ids=torch.arange(reads, device=loaded.device).expand(b, reads),
-                     use_cache=True, **{cache_keyword(base): cache})
-            keys, values = _cache_keys_values(cache, 0)  # (b, H, reads, D)
-            parts.append(torch.stack([keys, values]).float().cpu())  # (2, b, H, reads, D)
-    finally:
-        hook.remove()
-    refs = torch.cat(parts, dim=1)  # (2, n, H, reads, D)
-    if family.rope != "none":
-        refs = refs.expand(-1, -1, -1, length, -1).clone()  # (2, n, H, length, D)
-        refs[0] = unrotate_keys(loaded, refs[0], torch.arange(length), inverse=True)
-    return refs.permute(0, 1, 3, 2, 4).contiguous()  # (2, n, length, H, D)
 
 
 # --- the reference bank (built and cached by bank.py) -----------------------------------------
@@ -566,138 +353,3 @@ def nearest_tokens(
     decode = loaded.tokenizer.decode
     labels = {int(i): decode([int(i)]) for i in np.unique(top_ids)}
     return NearestTokens(top_ids, top_scores, base_mean, base_std, ranked, labels)
-
-
-# --- value readout ----------------------------------------------------------------------------
-
-
-@dataclass
-class ValueReadout:
-    """Per layer and position: the tokens a prefix value promotes through out_proj and LM head."""
-
-    token_ids: np.ndarray  # (L, P, k)
-    logits: np.ndarray  # (L, P, k), best first
-    labels: dict[int, str] = field(default_factory=dict)
-
-
-@torch.no_grad()
-def value_logits(loaded: LoadedModel, kv: torch.Tensor) -> torch.Tensor:
-    """Logits (L, P, V) of each prefix value written to the residual stream and unembedded.
-
-    Query head h reads KV head h // (H / H_kv) (GQA, as the model repeats them); if every head
-    attended only to position p, the attention output is those values concatenated over query
-    heads, then the layer's out_proj (bias included). The result goes through the final norm
-    and the LM head as if it were the whole residual stream (logit lens).
-    """
-    _check_kv(loaded, kv)
-    model = loaded.model
-    family = family_of(model.config)
-    blocks = get_module(model, family.layers)
-    heads = model.config.num_attention_heads
-    L, _, H_kv, P, D = kv.shape
-    group = heads // H_kv
-    written = []
-    for layer, block in enumerate(blocks):
-        values = kv[layer, 1].to(loaded.device, torch.float32)  # (H_kv, P, D)
-        per_head = values.repeat_interleave(group, dim=0)  # (H, P, D)
-        merged = per_head.permute(1, 0, 2).reshape(P, heads * D)  # (P, H*D)
-        out_proj = getattr(getattr(block, family.attention), family.out_proj)
-        written.append(out_proj(merged))  # (P, hidden)
-    normed = get_module(model, family.final_norm)(torch.stack(written))  # (L, P, hidden)
-    return model.get_output_embeddings()(normed).float().cpu()  # (L, P, V)
-
-
-def value_readout(loaded: LoadedModel, kv: torch.Tensor, top_k: int = 10) -> ValueReadout:
-    """The top_k tokens each prefix value promotes (see value_logits)."""
-    logits = value_logits(loaded, kv)
-    top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-    ids = top.indices.numpy()
-    labels = {int(i): loaded.tokenizer.decode([int(i)]) for i in np.unique(ids)}
-    return ValueReadout(ids, top.values.numpy(), labels)
-
-
-# --- attention to the prefix ------------------------------------------------------------------
-
-
-def weight_sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A second module tree (own modules, config, hooks) over the model's own parameter and
-    buffer tensors: changing how the copy runs never changes the shared model, and no weight
-    is copied."""
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo=shared)
-
-
-_TWINS: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = weakref.WeakKeyDictionary()
-_TWINS_LOCK = threading.Lock()
-
-
-def eager_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """The model with eager attention (the only kind that returns its weights), for reading
-    attention maps without touching the shared model.
-
-    A second module tree over the *same* parameter and buffer tensors, with its own config set
-    to eager: switching the shared model instead (as this once did) changed the attention of
-    every request running on it meanwhile. The twin costs module objects and a config copy, no
-    weights. Made once per model and kept while the model lives.
-    """
-    if model.config._attn_implementation == "eager":
-        return model
-    with _TWINS_LOCK:
-        twin = _TWINS.get(model)
-        if twin is None:
-            twin = weight_sharing_copy(model)
-            twin.set_attn_implementation("eager")
-            _TWINS[model] = twin
-        return twin
-
-
-@torch.no_grad()
-def attention_maps(loaded: LoadedModel, kv: torch.Tensor | None, text: str) -> np.ndarray:
-    """Attention weights (L, H, T, P+T) when `text` is read after the prefix (P=0 without).
-
-    Heads are query heads. Key slots 0..P-1 are the prefix, then the text's T tokens.
-    """
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise InterpretError(f"the text {text!r} has no tokens")
-    if kv is not None:
-        _check_kv(loaded, kv)
-        kv = kv.to(loaded.device, torch.float32)
-    input_ids = torch.tensor([ids], device=loaded.device)
-    mask = torch.ones_like(input_ids)
-    model = eager_twin(loaded.model)
-    out = model(input_ids=input_ids, output_attentions=True, use_cache=kv is not None,
-                logits_to_keep=1, **prefix_inputs(model, kv, mask))
-    return torch.stack(out.attentions)[:, 0].float().cpu().numpy()  # (L, H, T, P+T)
-
-
-@dataclass
-class AttentionMass:
-    """Share of attention each layer and head puts on the prefix, per prefix."""
-
-    names: list[str]
-    texts: list[str]
-    mass: np.ndarray  # (R, L, H) in [0, 1]: mean over texts and their query positions
-
-
-def prefix_attention(loaded: LoadedModel, prefixes: Mapping[str, torch.Tensor] | torch.Tensor,
-                     texts: Sequence[str]) -> AttentionMass:
-    """Attention mass on the prefix slots, averaged over each text's tokens, then over texts."""
-    named = _named(prefixes)
-    if not texts:
-        raise InterpretError("give at least one text to read after the prefix")
-    masses = []
-    for kv in named.values():
-        P = kv.shape[3]
-        per_text = [attention_maps(loaded, kv, t)[..., :P].sum(-1).mean(-1) for t in texts]
-        masses.append(np.mean(per_text, axis=0))  # (L, H)
-    return AttentionMass(list(named), list(texts), np.stack(masses))
-
-
-__all__ = [
-    "CAVEAT", "KINDS", "METHOD", "AttentionMass", "InterpretError", "NearestTokens",
-    "ReferenceBank", "ValueReadout", "VocabularyFrame", "attention_maps", "eager_twin",
-    "first_layer_references", "frame_references", "key_frame", "nearest_tokens",
-    "ordinary_token_ids", "prefix_attention", "slot_references", "unrotate_keys",
-    "value_logits", "value_readout", "weight_sharing_copy",
-]
