@@ -1,4 +1,7 @@
-"""No import circle inside prefixlab/, counting imports inside functions too.
+"""The shape of prefixlab/: no import circle, imports that follow the wing table, no module
+that holds several concerns (too many lines).
+
+No import circle, counting imports inside functions too.
 
 A function-level import hides a circle from Python (it runs after both modules have loaded)
 but not from a reader: the two modules still depend on each other. That is how
@@ -173,3 +176,12 @@ def test_the_wing_check_finds_an_upward_import():
              "prefixlab.runs.config": {"prefixlab.engine.train"}, "prefixlab.errors": set()}
     assert imports_against_wings(graph) == [
         "prefixlab.engine.train -> prefixlab.runs.config (engine may import ['data'])"]
+
+
+MAX_LINES = 600  # a module past this holds more than one concern: split it by what it does
+
+
+def test_no_module_is_a_hall():
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
