@@ -124,6 +124,22 @@ def loaded(request, tokenizer):
                          torch.device("cpu"))
 
 
+def save_tiny(kind: str, path: Path) -> Path:
+    """A tiny random model and the test tokenizer saved as a local folder, as the CLI and the
+    app load a model."""
+    tiny_model(kind).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(request, tmp_path_factory) -> Path:
+    """A tiny model folder per test module: Llama (GQA, the lean CPU step), or the family the
+    module names in TINY_KIND."""
+    kind = getattr(request.module, "TINY_KIND", "llama")
+    return save_tiny(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

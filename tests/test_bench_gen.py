@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from prefixlab.bench.generation import main
-from tests.test_cli import model_dir  # noqa: F401  (a module-scoped fixture)
 from tests.test_cli_generation import MRS
 
 
@@ -25,7 +24,7 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
-def test_the_benchmark_prints_quality_and_speed_side_by_side(tmp_path, model_dir, capsys,  # noqa: F811
+def test_the_benchmark_prints_quality_and_speed_side_by_side(tmp_path, model_dir, capsys,
                                                            keep_threads):
     _e2e_like(tmp_path)
     args = ["--data-dir", str(tmp_path), "--model", str(model_dir), "--train-rows", "8",

@@ -11,17 +11,8 @@ import pytest
 
 from prefixlab.cli.main import main
 from prefixlab.data.reading import read_table
-from tests.conftest import make_tokenizer, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture

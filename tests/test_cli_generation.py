@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 
 from prefixlab.cli.main import main
-from tests.test_cli import model_dir  # noqa: F401  (a module-scoped fixture)
 
 MRS = ["name[Aromi], eatType[pub]", "name[Cotto], food[Italian]", "name[Zizzi], area[riverside]",
        "name[Alimentum], near[Burger King]", "name[Strada], priceRange[cheap]"]
@@ -25,7 +24,7 @@ def pairs_csv(tmp_path):
     return path
 
 
-def test_generation_train_evaluate_predict(tmp_path, pairs_csv, model_dir, capsys):  # noqa: F811
+def test_generation_train_evaluate_predict(tmp_path, pairs_csv, model_dir, capsys):
     run = tmp_path / "run"
     code = main(["train", str(pairs_csv), "--text-column", "input", "--target-column", "target",
                  "--output", str(run), "--model", str(model_dir), "--max-steps", "3",
@@ -68,7 +67,7 @@ def test_generation_train_evaluate_predict(tmp_path, pairs_csv, model_dir, capsy
 
 
 def test_a_generation_run_without_an_input_column_is_refused(tmp_path, pairs_csv,
-                                                            model_dir, capsys):  # noqa: F811
+                                                            model_dir, capsys):
     code = main(["train", str(pairs_csv), "--target-column", "target", "--output",
                  str(tmp_path / "r"), "--model", str(model_dir)])
     assert code == 2

@@ -29,7 +29,6 @@ from prefixlab.runs.folder import RunFolder
 from prefixlab.runs.registry import RunStore
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.runs import process_range
-from tests.conftest import make_tokenizer, tiny_model
 from tests.test_train import toy_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,14 +194,6 @@ def test_the_rank_command_outside_torchrun_says_what_to_use(tmp_path, capsys, mo
 
 
 # --- real processes started by torch's launcher ---------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")  # Llama: the ranks take the lean CPU step
-    tiny_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

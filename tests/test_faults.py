@@ -14,16 +14,9 @@ from prefixlab.engine.models import describe_model, prepare_model
 from prefixlab.engine.prefix import PrefixFileError, load_prefix, save_prefix
 from prefixlab.runs.folder import RunError, RunFolder
 from prefixlab.runs.registry import RunStore
-from tests.conftest import make_tokenizer, tiny_model
 from tests.test_runs import _config, _wait
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_model("gpt2").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
+TINY_KIND = "gpt2"  # model_dir (conftest) saves a tiny GPT-2
 
 
 @pytest.fixture

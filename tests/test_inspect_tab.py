@@ -9,16 +9,7 @@ import torch
 
 from prefixlab.runs.experiment import execute_run
 from prefixlab.workbench import Workbench
-from tests.conftest import make_tokenizer, tiny_model
 from tests.test_runs import _config
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_inspection_of_a_trained_run(tmp_path, model_dir, monkeypatch):

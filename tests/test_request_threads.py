@@ -19,7 +19,6 @@ from prefixlab.interpret.frame import first_layer_references
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.memo import Memo
 from prefixlab.workbench.runs import run_config
-from tests.conftest import make_tokenizer, tiny_model
 
 WAIT_S = 60  # an upper bound that only a broken test reaches: events release every wait
 
@@ -81,14 +80,6 @@ def test_a_failed_computation_is_not_kept():
 
 
 # --- the workbench ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 def _run_with_a_prefix(wb: Workbench, csv: Path, name: str, seed: int) -> str:

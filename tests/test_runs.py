@@ -19,17 +19,11 @@ from prefixlab.runs.config import RunConfig
 from prefixlab.runs.folder import RunError
 from prefixlab.runs.locks import RunBusy
 from prefixlab.runs.registry import RunStore, slugify
-from tests.conftest import make_tokenizer, tiny_model
 
 pytestmark = pytest.mark.slow  # real subprocess workers
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_model("gpt2").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
+TINY_KIND = "gpt2"  # model_dir (conftest) saves a tiny GPT-2
 
 
 @pytest.fixture(scope="module")
