@@ -124,9 +124,9 @@ def loaded(request, tokenizer):
                          torch.device("cpu"))
 
 
-def save_tiny(kind: str, path: Path) -> Path:
-    """A tiny random model and the test tokenizer saved as a local folder, as the CLI and the
-    app load a model."""
+def save_tiny_model(path: Path, kind: str = "llama") -> Path:
+    """A tiny random model and the test tokenizer saved as a local folder, as the CLI, the app
+    and a worker load a model."""
     tiny_model(kind).save_pretrained(path)
     make_tokenizer().save_pretrained(path)
     return path
@@ -137,7 +137,7 @@ def model_dir(request, tmp_path_factory) -> Path:
     """A tiny model folder per test module: Llama (GQA, the lean CPU step), or the family the
     module names in TINY_KIND."""
     kind = getattr(request.module, "TINY_KIND", "llama")
-    return save_tiny(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
+    return save_tiny_model(tmp_path_factory.mktemp(f"tiny-{kind}"), kind)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from prefixlab.ui.data_tab import NO_TARGET, describe  # noqa: E402
 from prefixlab.workbench import Workbench  # noqa: E402
 from prefixlab.workbench.datasets import EXAMPLE_CSV  # noqa: E402
 from prefixlab.workbench.runs import run_config  # noqa: E402
-from tests.conftest import make_tokenizer, tiny_model  # noqa: E402
+from tests.conftest import save_tiny_model  # noqa: E402
 
 BAD_INPUTS = Path(__file__).parent / "bad_inputs"
 RUNS_COLUMNS = ["name", "status", "progress", "data", "base model", "macro-F1", "accuracy",
@@ -40,13 +40,6 @@ RUNS_COLUMNS = ["name", "status", "progress", "data", "base model", "macro-F1", 
 
 
 # --- helpers shared with test_browser.py and test_load.py ----------------------------------
-
-
-def save_tiny_model(path: Path, kind: str = "llama") -> Path:
-    """A tiny random model + in-process tokenizer as a local folder: a worker loads it in ~1 s."""
-    tiny_model(kind).save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return path
 
 
 def write_reviews_csv(path: Path, rows: int = 40) -> Path:
@@ -242,6 +235,20 @@ def test_a_run_started_while_others_poll_is_registered_once(workbench, reviews, 
         stop.set()
         poller.join()
     assert sorted(r.id for r in workbench.store.list()) == sorted(ids)
+
+
+def test_a_start_reads_the_csv_once(workbench, reviews, monkeypatch):
+    """Start checks the data and creates the run from the same parse."""
+    from prefixlab.runs import experiment
+
+    monkeypatch.setattr(workbench.store, "start", lambda run_id: None)  # no worker here
+    reads = []
+    load = experiment.load_labeled_csv
+    monkeypatch.setattr(experiment, "load_labeled_csv",
+                        lambda *a, **k: reads.append(a) or load(*a, **k))
+    cfg = run_config(str(reviews), "text", "label", {}, model=workbench.default_model)
+    run_id = workbench.start_run(cfg, name="once")
+    assert len(reads) == 1 and workbench.store.get(run_id).name == "once"
 
 
 # --- app.py: who may connect -----------------------------------------------------------------

@@ -23,7 +23,8 @@ import pytest
 from prefixlab.engine.models import DEFAULT_MODEL
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.runs import run_config
-from tests.test_app import BAD_INPUTS, save_tiny_model, served, wait_for_run, write_reviews_csv
+from tests.conftest import save_tiny_model
+from tests.test_app import BAD_INPUTS, served, wait_for_run, write_reviews_csv
 
 pytestmark = [
     pytest.mark.slow, pytest.mark.browser,

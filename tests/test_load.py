@@ -26,7 +26,8 @@ from gradio_client import Client
 
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.runs import run_config
-from tests.test_app import save_tiny_model, served, wait_for_run, write_reviews_csv
+from tests.conftest import save_tiny_model
+from tests.test_app import served, wait_for_run, write_reviews_csv
 
 pytestmark = [
     pytest.mark.slow,

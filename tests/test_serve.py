@@ -143,7 +143,7 @@ def test_predict_frame_writes_one_column_group_per_prefix(loaded, tmp_path):
 def test_cli_predicts_a_csv_under_several_runs(tmp_path, capsys):
     from prefixlab.cli.main import main
     from prefixlab.engine.models import load_model
-    from tests.test_app import save_tiny_model
+    from tests.conftest import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "model", "llama")
     loaded = load_model(str(model_dir), "cpu")

@@ -32,7 +32,7 @@ import psutil
 
 from prefixlab.engine.models import LoadedModel, ModelInfo
 from prefixlab.runs.config import RunConfig
-from prefixlab.runs.experiment import create_run, prepare_data
+from prefixlab.runs.experiment import PreparedData, create_run, prepare_data
 from prefixlab.runs.folder import CANCEL_FILE, RunError, RunFolder
 from prefixlab.runs.locks import RunBusy, claim_lock, try_run_lock
 
@@ -141,13 +141,16 @@ class RunStore:
 
     def create(
         self, cfg: RunConfig, loaded: LoadedModel | ModelInfo, name: str | None = None,
-        data_name: str | None = None,
+        data_name: str | None = None, prepared: PreparedData | None = None,
     ) -> str:
         """Validate the data, copy it into a new run folder and register the run.
 
-        Raises DataError (nothing is written) when the data cannot be used.
+        `prepared`: the data as the caller already read and checked it from `cfg`, so the CSV
+        is parsed once per start. Raises DataError (nothing is written) when the data cannot
+        be used.
         """
-        prepared = prepare_data(cfg)
+        if prepared is None:
+            prepared = prepare_data(cfg)
         label = name or Path(cfg.train_csv).stem
         data_name = data_name or Path(cfg.train_csv).name  # before it points at our copy
         stamp = time.strftime("%Y%m%d-%H%M%S")

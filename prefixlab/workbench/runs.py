@@ -123,12 +123,13 @@ class RunRoom:
     def start_run(self, cfg: RunConfig, name: str | None = None,
                   data_name: str | None = None) -> str:
         """Validate, register and start a run; returns at once with the run id."""
-        self.check_start(cfg)
+        prepared = self.check_start(cfg)
         info = self.model_info(cfg.model)
         # Not during a refresh: it would adopt the half-written run folder, and the registry
         # insert below would then fail (UNIQUE constraint) with the run left behind.
         with self._refresh_lock:
-            run_id = self.store.create(cfg, info, name=name, data_name=data_name)
+            run_id = self.store.create(cfg, info, name=name, data_name=data_name,
+                                       prepared=prepared)
         self.store.start(run_id)
         return run_id
 
