@@ -83,13 +83,14 @@ def test_a_failed_computation_is_not_kept():
 
 
 def _run_with_a_prefix(wb: Workbench, csv: Path, name: str, seed: int) -> str:
-    """A registered run with a (random) prefix file: enough to score and inspect."""
+    """A completed run with a (random) prefix file: enough to score and inspect."""
     cfg = run_config(str(csv), "text", "label", {"prefix_length": 3}, model=wb.default_model)
     run_id = wb.store.create(cfg, wb.model_info(), name=name)
     shape = wb.model().shape
     g = torch.Generator().manual_seed(seed)
     kv = torch.randn(shape.num_layers, 2, shape.num_kv_heads, 3, shape.head_dim, generator=g)
     save_prefix(wb.folder(run_id).prefix_path, kv, wb.default_model)
+    wb.folder(run_id).set_status("completed")  # only a completed run's prefix is served
     return run_id
 
 

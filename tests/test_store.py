@@ -11,14 +11,16 @@ import torch
 from prefixlab.engine.prefix import PrefixConfig, load_prefix, save_prefix, text_key_values
 from prefixlab.files import atomic_write_json
 from prefixlab.runs.config import RunConfig
+from prefixlab.runs.folder import RunError, RunFolder
 from prefixlab.serve.store import PrefixStore, PrefixStoreError
 
 LABELS = ["positive", "negative"]
 
 
 def write_run_folder(path: Path, loaded, kv: torch.Tensor, labels=LABELS, model=None,
-                     name=None) -> Path:
-    """A finished run folder as training leaves it: config.json + prefix.safetensors."""
+                     name=None, state: str = "completed") -> Path:
+    """A run folder as training leaves it in `state`: config.json + prefix.safetensors +
+    status.json."""
     model = model or loaded.name
     cfg = RunConfig(train_csv="", model=model, max_length=96,
                     prefix=PrefixConfig(prefix_length=kv.shape[3]))
@@ -26,6 +28,7 @@ def write_run_folder(path: Path, loaded, kv: torch.Tensor, labels=LABELS, model=
     atomic_write_json(path / "config.json", {"format": "prefixlab-run/1", "name": name or path.name,
                                              "run": cfg.to_dict(), "labels": list(labels)})
     save_prefix(path / "prefix.safetensors", kv, model)
+    RunFolder(path).set_status(state)
     return path
 
 
@@ -127,3 +130,41 @@ def test_peft_adapter_folder_is_served_and_foreign_adapter_refused(loaded, tmp_p
     export_peft(kv, loaded.model.config, tmp_path / "theirs", "meta-llama/Llama-3-8B")
     with pytest.raises(PrefixStoreError, match="Llama-3-8B"):
         PrefixStore(loaded).get(str(tmp_path / "theirs"))
+
+
+@pytest.mark.parametrize("state", ["created", "queued", "running", "failed", "cancelled",
+                                   "interrupted"])
+def test_only_a_finished_run_is_served(loaded, tmp_path, state):
+    """A running run's prefix file is a mid-training checkpoint; a failed or interrupted
+    run's is where it broke; a cancelled run's is used only once its user keeps it."""
+    kv = text_key_values(loaded.model, loaded.tokenizer, "hello", 3)
+    path = write_run_folder(tmp_path / "r", loaded, kv, name="half done", state=state)
+    with pytest.raises(PrefixStoreError, match=f"run 'half done' \\({path}\\) is {state}: "
+                                               "only completed runs are served"):
+        PrefixStore(loaded).get(str(path))
+
+
+def test_a_kept_cancelled_run_is_served_until_its_prefix_changes(loaded, tmp_path):
+    kv = text_key_values(loaded.model, loaded.tokenizer, "hello", 3)
+    path = write_run_folder(tmp_path / "r", loaded, kv, state="cancelled")
+    store = PrefixStore(loaded)
+    with pytest.raises(PrefixStoreError, match="is cancelled.*keep it"):
+        store.get(str(path))
+    RunFolder(path).keep_prefix()
+    torch.testing.assert_close(store.get(str(path)).kv, kv)
+    time.sleep(0.01)  # resumed and cancelled again: a newer prefix, not the one kept
+    save_prefix(path / "prefix.safetensors", kv + 1, loaded.name)
+    with pytest.raises(PrefixStoreError, match="is cancelled"):
+        store.get(str(path))
+
+
+def test_a_served_run_that_trains_again_is_refused_from_memory_too(loaded, tmp_path):
+    kv = text_key_values(loaded.model, loaded.tokenizer, "hello", 3)
+    path = write_run_folder(tmp_path / "r", loaded, kv)
+    store = PrefixStore(loaded)
+    store.get(str(path))
+    RunFolder(path).set_status("running")  # resumed: same prefix file, held in memory
+    with pytest.raises(PrefixStoreError, match="is running"):
+        store.get(str(path))
+    with pytest.raises(RunError, match="only a cancelled run's prefix is kept"):
+        RunFolder(path).keep_prefix()

@@ -37,7 +37,7 @@ def value(update):
 
 
 def random_prefix_run(wb: Workbench, csv: Path, name: str, length: int, seed: int) -> str:
-    """A registered run with a random prefix file: enough to score, inspect and compare."""
+    """A completed run with a random prefix file: enough to score, inspect and compare."""
     cfg = run_config(str(csv), "text", "label", {"prefix_length": length},
                      model=wb.default_model)
     run_id = wb.store.create(cfg, wb.model_info(), name=name)
@@ -46,6 +46,7 @@ def random_prefix_run(wb: Workbench, csv: Path, name: str, length: int, seed: in
     kv = torch.randn(shape.num_layers, 2, shape.num_kv_heads, length, shape.head_dim,
                      generator=g)
     save_prefix(wb.folder(run_id).prefix_path, kv, wb.default_model)
+    wb.folder(run_id).set_status("completed")  # only a completed run's prefix is served
     return run_id
 
 

@@ -44,6 +44,7 @@ from prefixlab.engine.models import DEFAULT_MODEL, LoadedModel, autocast, load_m
 from prefixlab.engine.prefix import PrefixConfig, save_prefix, text_key_values
 from prefixlab.files import atomic_write_json
 from prefixlab.runs.config import RunConfig
+from prefixlab.runs.folder import RunFolder
 from prefixlab.serve.batcher import Batcher
 from prefixlab.serve.store import PrefixStore
 
@@ -76,7 +77,8 @@ class ModeResult:
 
 
 def make_prefixes(loaded: LoadedModel, root: Path, n: int, length: int) -> list[str]:
-    """n run folders (config.json + prefix.safetensors), each from a different text."""
+    """n completed run folders (config.json + prefix.safetensors + status.json), each from a
+    different text."""
     keys = []
     for i in range(n):
         text = STYLES[i % len(STYLES)].format(t=TOPICS[(i // len(STYLES)) % len(TOPICS)])
@@ -90,6 +92,7 @@ def make_prefixes(loaded: LoadedModel, root: Path, n: int, length: int) -> list[
                                                    "name": folder.name, "run": cfg.to_dict(),
                                                    "labels": LABELS})
         save_prefix(folder / "prefix.safetensors", kv, loaded.name)
+        RunFolder(folder).set_status("completed")  # only a completed run's prefix is served
         keys.append(str(folder))
     return keys
 

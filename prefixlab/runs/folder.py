@@ -14,6 +14,8 @@ Layout (safetensors for tensors, JSON for everything else, never pickle):
                              checkpoint and at each evaluation
     report.json              the final evaluation with baselines, the kept step and why
                              training stopped
+    kept.json                a cancelled run's prefix that its user chose to use (written by
+                             the app, not the worker): the prefix file it keeps, by mtime
     worker.log               the worker process's output (see registry.py)
 """
 
@@ -34,6 +36,7 @@ from prefixlab.files import atomic_save_tensors, atomic_write_json, read_json
 from prefixlab.runs.config import RunConfig
 
 CANCEL_FILE = "cancel.request"  # its presence asks the run's worker to stop
+KEPT_FILE = "kept.json"  # a cancelled run's prefix kept for use (see RunFolder.keep_prefix)
 STATES = ("created", "queued", "running", "completed", "failed", "cancelled", "interrupted")
 
 
@@ -99,6 +102,31 @@ class RunFolder:
 
     def cancel_requested(self) -> bool:
         return (self.path / CANCEL_FILE).is_file()
+
+    def keep_prefix(self) -> None:
+        """Keep a cancelled run's prefix for use: it is then served and offered like a
+        completed run's. The mark names the prefix file as it is now (its mtime), so a prefix
+        written later (a resumed run cancelled again) is not kept without being asked."""
+        state = self.status().get("state", "created")
+        if state != "cancelled":
+            raise RunError(f"run {self.path.name} is {state}: only a cancelled run's prefix is "
+                           "kept (a completed run's is used as it is)")
+        if not self.prefix_path.is_file():
+            raise RunError(f"run {self.path.name} was cancelled before its first checkpoint: "
+                           "it has no prefix to keep")
+        atomic_write_json(self.path / KEPT_FILE, {
+            "kept": time.time(), "prefix_mtime_ns": self.prefix_path.stat().st_mtime_ns})
+
+    def kept(self) -> bool:
+        """Whether the prefix file now in the folder is one its user kept (keep_prefix)."""
+        path = self.path / KEPT_FILE
+        if not (path.is_file() and self.prefix_path.is_file()):
+            return False
+        try:
+            mark = read_json(path)
+        except ValueError:
+            return False
+        return mark.get("prefix_mtime_ns") == self.prefix_path.stat().st_mtime_ns
 
     def append_metrics(self, record: dict) -> None:
         """One JSON line per event; a reader may see a partial last line and skip it."""

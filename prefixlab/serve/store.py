@@ -6,6 +6,11 @@ is kept with its template's head already read after it (`ServedPrefix.head_kv`),
 text reads only the text's own tokens and the template's tail. Loaded prefixes
 stay in an LRU cache bounded by a memory budget in bytes; the least recently used are dropped
 first. A prefix made for another base model is refused with both names, never guessed.
+
+Only a finished run's prefix is served (`check_served`): a completed run, or a cancelled one
+whose prefix its user kept. A running run's prefix file is a mid-training checkpoint, and a
+failed or interrupted run's is wherever it broke: a request naming one is refused with the
+run's name and state, on every request (a completed run that is resumed stops answering).
 """
 
 from __future__ import annotations
@@ -26,12 +31,50 @@ from prefixlab.engine.prefix import PrefixFileError, extend_prefix, load_prefix
 from prefixlab.errors import PrefixLabError
 from prefixlab.files import read_json
 from prefixlab.runs.config import ConfigError, RunConfig
+from prefixlab.runs.folder import RunFolder
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20  # ~550 resident 10-token prefixes of SmolLM2-135M
 
 
 class PrefixStoreError(PrefixLabError, LookupError):
-    """A prefix that cannot be served: missing, unreadable, or made for another model."""
+    """A prefix that cannot be served: missing, unreadable, unfinished, or made for another
+    model."""
+
+
+_UNFINISHED_ADVICE = {
+    "created": "it has not started",
+    "queued": "wait until it completes",
+    "running": "wait until it completes (its prefix file is a mid-training checkpoint)",
+    "cancelled": "to use the prefix it stopped with, keep it (Runs tab: Keep this cancelled "
+                 "run's prefix)",
+    "interrupted": "resume it to finish",
+    "failed": "start it again",
+}
+
+
+def served_state(folder: RunFolder) -> str | None:
+    """Why a run's prefix is not served, as `"<state>[ (step s of n)]: <advice>"`, or None
+    when it is: a completed run, or a cancelled run whose prefix its user kept."""
+    status = folder.status()
+    state = str(status.get("state", "created"))
+    if state == "completed" or (state == "cancelled" and folder.kept()):
+        return None
+    step, total = folder.progress()
+    at = f" (step {step} of {total})" if step and total else ""
+    error = f"; its error: {status['error']}" if state == "failed" and status.get("error") else ""
+    return (f"{state}{at}: only completed runs are served; "
+            f"{_UNFINISHED_ADVICE.get(state, 'wait until it completes')}{error}")
+
+
+def check_served(folder: RunFolder, key: str) -> None:
+    """PrefixStoreError naming the run and its state unless its prefix may be served."""
+    refusal = served_state(folder)
+    if refusal is not None:
+        try:
+            name = str(folder.read_config().get("name") or folder.path.name)
+        except (ValueError, OSError, PrefixLabError):
+            name = folder.path.name
+        raise PrefixStoreError(f"run {name!r} ({key}) is {refusal}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +150,8 @@ class PrefixStore:
             folder = Path(self.locate(key))
         except (ValueError, LookupError) as e:  # e.g. a run id that is not ours
             raise PrefixStoreError(f"no prefix {key!r}: {e}") from e
+        if (folder / "config.json").is_file():  # a run folder: served once finished, only
+            check_served(RunFolder(folder), key)
         weights = folder / "prefix.safetensors"
         if not weights.is_file():
             weights = folder / "adapter_model.safetensors"
