@@ -234,8 +234,10 @@ class Batcher:
 
 
 def predict_frame(loaded: LoadedModel, prefixes: Sequence[ServedPrefix], frame: pd.DataFrame,
-                  column: str, batch_size: int = 32) -> pd.DataFrame:
-    """`frame` with one column group per prefix: `<name>: predicted_label`, `<name>: p_<label>`.
+                  column: str, batch_size: int = 32,
+                  groups: Sequence[str] | None = None) -> pd.DataFrame:
+    """`frame` with one column group per prefix: `<name>: predicted_label`, `<name>: p_<label>`
+    (`groups`: the column-name starts, when the caller has named them among more prefixes).
 
     Every row is read under every prefix in shared mixed batches.
     """
@@ -248,7 +250,8 @@ def predict_frame(loaded: LoadedModel, prefixes: Sequence[ServedPrefix], frame: 
     items = [p.score_item(t) for p in prefixes for t in texts]
     probs = mixed_score_labels(loaded.model, items, batch_size=batch_size)
     out = frame.copy()
-    for i, (p, group) in enumerate(zip(prefixes, column_groups(prefixes), strict=True)):
+    groups = column_groups(prefixes) if groups is None else groups
+    for i, (p, group) in enumerate(zip(prefixes, groups, strict=True)):
         block = np.stack(probs[i * len(texts):(i + 1) * len(texts)]) if texts else \
             np.zeros((0, len(p.labels)))
         out[f"{group}predicted_label"] = [p.labels[j] for j in block.argmax(1)]

@@ -5,6 +5,11 @@ browser calls it, API clients do not see it.
 Score and generate requests go through the workbench's batcher, so concurrent clients naming
 different runs share mixed batches; they take no concurrency slot of their own (the batcher
 is the queue). `python -m prefixlab serve` serves these endpoints alone (`build_api`).
+
+Runs of both kinds meet here: `/runs` says each run's task and labels and whether it answers
+(`usable`: completed, or cancelled with its prefix kept); `/score` answers its classification
+runs and names each generation run it skipped; `/predict_csv` adds each run's own columns. A
+run that is not usable is refused with its name and state.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ def _texts(values: list[str] | None, what: str) -> list[str]:
 
 
 def runs(workbench: Workbench, run_id: str = "") -> list[dict]:
-    """Every run, or the one with this id, with its state and metrics.
+    """Every run, or the one with this id: its state, its task ("classify" or "generate"), its
+    labels, whether it answers requests (usable) and its metrics.
 
     Parameters:
         run_id: a run id; empty for every run, newest first
@@ -45,24 +51,25 @@ def runs(workbench: Workbench, run_id: str = "") -> list[dict]:
     rows = workbench.runs()  # folds the workers' progress in (throttled), for one run too
     if run_id:
         rows = [workbench.store.get(run_id)]  # RunError for an unknown id
-    return [{"id": r.id, "name": r.name, "state": r.state, "step": r.step,
-             "total_steps": r.total_steps, "macro_f1": r.macro_f1, "accuracy": r.accuracy,
-             "error": r.error} for r in rows]
+    return [{"id": r.id, "name": r.name, "state": r.state, **workbench.run_facts(r),
+             "step": r.step, "total_steps": r.total_steps, "macro_f1": r.macro_f1,
+             "accuracy": r.accuracy, "error": r.error} for r in rows]
 
 
 def score(workbench: Workbench, texts: list[str], run_ids: list[str],
           bare: bool = False) -> list[dict]:
-    """Each text's label probabilities under each run's prefix, in one mixed batch.
+    """Each text's label probabilities under each run's prefix, in one mixed batch; a
+    generation run named comes back as one row {run_id, source: "skipped", error}.
 
     Parameters:
         texts: the texts to classify
-        run_ids: runs whose prefixes to use (see /runs)
+        run_ids: classification runs whose prefixes to use (task "classify" in /runs)
         bare: also score the bare model on each run's prompt
     """
     lines = _texts(texts, "text")
     if not run_ids:
         raise gr.Error("Give at least one run id (see the /runs endpoint).")
-    return workbench.compare(lines, list(run_ids), bare=bare).to_dict("records")
+    return workbench.score_records(lines, list(run_ids), bare=bare)
 
 
 def generate(workbench: Workbench, prompts: list[str], run_ids: list[str],
@@ -88,11 +95,12 @@ def generate(workbench: Workbench, prompts: list[str], run_ids: list[str],
 
 def predict_csv(workbench: Workbench, csv: FileData, run_ids: list[str],
                 text_column: str = "") -> FileData:
-    """The CSV with predictions appended: one column group per run.
+    """The CSV with predictions appended: one column group per run (a classification run's
+    predicted label and probabilities, a generation run's generated text).
 
     Parameters:
         csv: the CSV (or TSV) to label
-        run_ids: runs whose prefixes to use; several runs must share a base model
+        run_ids: runs whose prefixes to use, of either task; several must share a base model
         text_column: the column holding the texts; empty to use the run's or guess
     """
     if not run_ids:

@@ -92,13 +92,16 @@ def _lines(text: str | None) -> list[str]:
 
 
 def refresh_choices(workbench: Workbench):
-    """The run pickers, in build()'s order: the finished runs to score with, the prefix to
-    generate with (or none), batch prediction, which-says-what, and the generation runs."""
-    finished = workbench.finished_runs()
-    choices = run_choices(finished)
-    generating = run_choices([r for r in finished if workbench.is_generation(r.id)])
-    return (gr.update(choices=choices), gr.update(choices=[NO_PREFIX, *choices]),
-            gr.update(choices=choices), gr.update(choices=choices),
+    """The run pickers, in build()'s order: the classification runs to score with, the prefix
+    to generate with (or none), batch prediction, which-says-what, and the generation runs.
+    Only usable runs are offered: completed ones, and cancelled ones whose prefix was kept."""
+    usable = workbench.usable_runs()
+    writing = {r.id for r in usable if workbench.is_generation(r.id)}
+    choices = run_choices(usable)
+    classifying = run_choices([r for r in usable if r.id not in writing])
+    generating = run_choices([r for r in usable if r.id in writing])
+    return (gr.update(choices=classifying), gr.update(choices=[NO_PREFIX, *choices]),
+            gr.update(choices=choices), gr.update(choices=classifying),
             gr.update(choices=generating))
 
 
@@ -109,7 +112,7 @@ def on_score(workbench: Workbench, text: str | None, ids: list[str] | None, with
         raise gr.Error("Type at least one text.")
     if not ids:
         raise gr.Error("Pick at least one trained prefix (train one in the Train tab).")
-    frame = workbench.compare(lines, list(ids), bare=with_bare)
+    frame = workbench.compare(lines, list(ids), bare=with_bare).drop(columns="run_id")
     return shown(frame), shown(probability_figure(frame))
 
 
@@ -117,7 +120,7 @@ def on_says_what(workbench: Workbench, text: str | None, ids: list[str] | None, 
     """Each prefix's label and continuation of one text (no pick: every classification run)."""
     if not (text or "").strip():
         raise gr.Error("Type a text.")
-    ids = list(ids or []) or [r.id for r in workbench.finished_runs()
+    ids = list(ids or []) or [r.id for r in workbench.usable_runs()
                               if not workbench.is_generation(r.id)]
     if not ids:
         raise gr.Error("No trained prefix yet: train one in the Train tab.")

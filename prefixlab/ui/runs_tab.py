@@ -69,6 +69,13 @@ def cancel(workbench: Workbench, rid: str | None) -> str:
     return "Cancelling after the current step; the last checkpoint is kept."
 
 
+def keep(workbench: Workbench, rid: str | None) -> str:
+    """Use a cancelled run's prefix as it stopped (only completed runs are used otherwise)."""
+    name = workbench.keep_run(need(rid))
+    return (f"Kept the prefix **{escape(name)}** stopped with: the Playground and the API use "
+            "it now, like a completed run's.")
+
+
 def delete(workbench: Workbench, rid: str | None) -> str:
     name = workbench.store.get(need(rid)).name
     workbench.store.delete(rid)
@@ -128,6 +135,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     with gr.Row():
         dl_prefix = gr.Button("Download prefix (.zip)", size="sm", elem_id="dl-prefix")
         dl_peft = gr.Button("Download PEFT adapter (.zip)", size="sm", elem_id="dl-peft")
+        keep_btn = gr.Button("Keep this cancelled run's prefix", size="sm", elem_id="run-keep")
         download = gr.File(label="Download", interactive=False, elem_id="run-download",
                            visible=False)
     message = gr.Markdown(elem_id="runs-msg")
@@ -175,6 +183,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     wire(cancel_btn.click, bind(cancel, workbench), [pick], [message], notice)
     wire(delete_btn.click, bind(delete, workbench), [pick], [message], notice).then(
         bind(list_runs, workbench), inputs=pick, outputs=listed, api_visibility="private")
+    wire(keep_btn.click, bind(keep, workbench), [pick], [message], notice)
     wire(dl_prefix.click, bind(download_prefix, workbench), [pick], [download], notice)
     wire(dl_peft.click, bind(download_peft, workbench), [pick], [download], notice)
     wire(test_btn.click, bind(evaluate_test, workbench), [pick, test_file],

@@ -1,6 +1,11 @@
 """The serving room: scoring, generation and batch prediction with any runs' prefixes. Score
 and generate requests go through one batcher per base model, so requests naming different
-runs (from the Playground or API clients) share mixed batches."""
+runs (from the Playground or API clients) share mixed batches.
+
+Only usable runs answer (prefixlab.serve.store.check_served): completed ones, and cancelled
+ones whose prefix their user kept (`keep_run`); every other state is refused by name. A run
+classifies (it has labels to score) or generates (a target column): `task_of` says which
+without loading a model, so a request naming both kinds can answer each with its own."""
 
 from __future__ import annotations
 
@@ -28,9 +33,9 @@ from prefixlab.runs.finished import (
 )
 from prefixlab.runs.folder import RunError
 from prefixlab.runs.generation import evaluate_pairs_csv
-from prefixlab.runs.registry import RunStore
+from prefixlab.runs.registry import RunRow, RunStore
 from prefixlab.serve.batcher import Batcher, column_groups, predict_frame
-from prefixlab.serve.store import PrefixStore
+from prefixlab.serve.store import PrefixStore, check_served, served_state
 from prefixlab.workbench.memo import Memo
 
 
@@ -66,6 +71,53 @@ class ServingRoom:
     default_model: str
     model: Callable[..., LoadedModel]
     open: Callable[[str], Run]
+    runs: Callable[[], list[RunRow]]
+
+    # --- which runs answer, and how ------------------------------------------------------------
+
+    def usable_runs(self) -> list[RunRow]:
+        """The runs that answer requests, newest first: completed ones and kept cancelled
+        ones (the Playground offers these; an unfinished run's prefix is never used)."""
+        return [r for r in self.runs() if self.store.folder(r.id).prefix_path.is_file()
+                and served_state(self.store.folder(r.id)) is None]
+
+    def check_usable(self, run_id: str) -> None:
+        """PrefixStoreError naming the run and its state unless it answers requests (RunError
+        for anything that is not one of our run ids)."""
+        folder = self.store.folder(run_id)  # RunError for anything that is not a run id
+        self.store.get(run_id)  # RunError for an unknown id
+        check_served(folder, run_id)
+
+    def task_of(self, run_id: str) -> str:
+        """"classify" or "generate", from the run's config (no model loaded)."""
+        folder = self.store.folder(run_id)  # RunError for anything that is not a run id
+        self.store.get(run_id)  # RunError for an unknown id
+        return "generate" if folder.read_config().get("task") == "generation" else "classify"
+
+    def run_facts(self, row: RunRow) -> dict:
+        """What a client needs to pick runs: the task, the labels (empty for a generation
+        run) and whether the run answers requests now."""
+        folder = self.store.folder(row.id)
+        try:
+            info = folder.read_config()
+        except (RunError, ValueError, OSError):
+            return {"task": None, "labels": [], "usable": False}
+        return {"task": "generate" if info.get("task") == "generation" else "classify",
+                "labels": [str(x) for x in info.get("labels") or []],
+                "usable": folder.prefix_path.is_file() and served_state(folder) is None}
+
+    def keep_run(self, run_id: str) -> str:
+        """Keep a cancelled run's prefix for use: it is then served, scored and offered like
+        a completed run's, until a newer prefix replaces it. Returns the run's name."""
+        row = self.store.get(run_id)
+        self.store.folder(run_id).keep_prefix()
+        return row.name
+
+    def _unscorable(self, run_ids: list[str]) -> dict[str, str]:
+        """Each generation run among `run_ids`, with why it is not scored."""
+        return {run_id: f"run {self.store.get(run_id).name!r} ({run_id}) generates text: it "
+                        "has no labels to score"
+                for run_id in run_ids if self.task_of(run_id) == "generate"}
 
     def serving(self, model: str | None = None) -> Batcher:
         """The batcher of one base model: requests naming any of its runs meet in mixed
@@ -85,14 +137,19 @@ class ServingRoom:
 
     def compare(self, texts: list[str], run_ids: list[str], bare: bool = True) -> pd.DataFrame:
         """One row per text and source (each prefix, and the bare model once per distinct
-        prompt and label set):
-        the predicted label and every label's probability. All runs' requests go in at once,
-        so they share mixed batches."""
+        prompt and label set): the run read (`run_id`), the predicted label and every label's
+        probability. All runs' requests go in at once, so they share mixed batches. Every
+        run must classify (a generation run is refused by name: see score_records)."""
+        wrong = self._unscorable(run_ids)
+        if wrong:
+            raise RunError("; ".join(wrong.values()) + ". Score classification runs.")
+        for run_id in run_ids:
+            self.check_usable(run_id)
         pending, bare_runs = [], {}
         for run_id in run_ids:
             batcher = self._batcher_of(run_id)
             name = self.store.get(run_id).name
-            pending.append((f"prefix: {name}", batcher.submit_score(run_id, texts)))
+            pending.append((f"prefix: {name}", run_id, batcher.submit_score(run_id, texts)))
             # Runs that share model, prompt and labels give the bare model the same input:
             # it is scored (and shown) once for them.
             info = self.store.folder(run_id).read_config()
@@ -103,22 +160,45 @@ class ServingRoom:
             for run_id, batcher, name in bare_runs.values():
                 source = ("bare model (zero-shot)" if len(bare_runs) == 1
                           else f"bare model, {name}'s prompt")
-                pending.append((source, batcher.submit_score(run_id, texts, with_prefix=False)))
+                pending.append((source, run_id,
+                                batcher.submit_score(run_id, texts, with_prefix=False)))
         rows = []
-        for source, future in pending:
+        for source, run_id, future in pending:
             scored = future.result()
             labels = scored.prefix.labels
             for text, p in zip(texts, scored.probabilities, strict=True):
-                rows.append({"text": text, "source": source,
+                rows.append({"text": text, "source": source, "run_id": run_id,
                              "predicted": labels[int(np.argmax(p))],
                              **{f"p({lab})": round(float(v), 4)
                                 for lab, v in zip(labels, p, strict=True)}})
         return pd.DataFrame(rows)
 
+    def score_records(self, texts: list[str], run_ids: list[str], bare: bool = False
+                      ) -> list[dict]:
+        """The API's /score: compare's rows for the classification runs named, then one row
+        `{run_id, source: "skipped", error}` per generation run named (it has no labels):
+        a request naming both kinds is answered for the runs that can answer it. Refused
+        when no run named classifies, or when one to score is unfinished (named, with its
+        state)."""
+        wrong = self._unscorable(run_ids)
+        right = [run_id for run_id in run_ids if run_id not in wrong]
+        if not right:
+            raise RunError("no run named classifies: " + "; ".join(wrong.values())
+                           + ". Generate with them (/generate), or name a classification run.")
+        skipped = [{"run_id": run_id, "source": "skipped",
+                    "error": f"{why}; generate with it (/generate)"}
+                   for run_id, why in wrong.items()]
+        return self.compare(texts, right, bare=bare).to_dict("records") + skipped
+
     def says_what(self, text: str, run_ids: list[str], max_new_tokens: int = 20
                   ) -> pd.DataFrame:
         """Which prefix says what: for one text, each run's predicted label, its probability
         and its greedy continuation, all runs in shared mixed batches."""
+        wrong = self._unscorable(run_ids)
+        if wrong:
+            raise RunError("; ".join(wrong.values()) + ". Ask classification runs here.")
+        for run_id in run_ids:
+            self.check_usable(run_id)
         pending = []
         for run_id in run_ids:
             batcher = self._batcher_of(run_id)
@@ -140,6 +220,8 @@ class ServingRoom:
         """Continuations of every prompt under every run (none: the bare model): greedy,
         drawn (`sampling`, each prompt on its own seeded generator) or by beam search. All
         runs' requests share mixed batches, with other clients' too."""
+        for run_id in run_ids:
+            self.check_usable(run_id)
         pending = []
         for run_id in run_ids or [None]:
             batcher = self._batcher_of(run_id) if run_id else self.serving()
@@ -160,18 +242,21 @@ class ServingRoom:
                     text_column: str | None = None, name: str | None = None
                     ) -> BatchPrediction:
         """Score a CSV and write it back with predictions; every cell neutralized. One run
-        adds `predicted_label` and `p_<label>`; several add one column group per run
-        (`<run name>: ...`), read in shared mixed batches. When the file has a column of gold
-        labels, each run's metrics against it come along."""
+        adds `predicted_label` and `p_<label>` (a generation run: `generated`); several add
+        one column group per run (`<run name>: ...`), classification runs read in shared
+        mixed batches, generation runs decoded as their reports decode. When the file has a
+        column of gold labels, each classification run's metrics against it come along."""
         ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
         if not ids:
             raise RunError("name at least one run to predict with")
+        for run_id in ids:
+            self.check_usable(run_id)
         runs = [self.open(i) for i in ids]
-        if len(runs) > 1 and any(r.is_generation for r in runs):
-            raise RunError("batch generation takes one generation run at a time")
         if len(runs) == 1:
             out = predict_table(runs[0], path, text_column)
             groups = [""]
+            added = [c for c in out.columns if c in ("predicted_label", "generated")
+                     or str(c).startswith("p_")]
         else:
             models = {r.config.model for r in runs}
             if len(models) > 1:
@@ -180,17 +265,35 @@ class ServingRoom:
             batcher = self._batcher_of(ids[0])
             prefixes = [batcher.store.get(i) for i in ids]
             frame = read_table(path).frame
-            column = text_column_of(frame, text_column or runs[0].config.text_column, path,
+            # The texts' column: asked for, else the first classification run's (or the first
+            # run's), else a guess.
+            first = next((r for r in runs if not r.is_generation), runs[0])
+            column = text_column_of(frame, text_column or first.config.text_column, path,
                                     guess=not text_column)
-            out = predict_frame(batcher.loaded, prefixes, frame, column)
             groups = column_groups(prefixes)
-        added = [c for c in out.columns if c == "predicted_label" or str(c).startswith("p_")
-                 or any(g and str(c).startswith(g) for g in groups)]
-        gold_column = label_column_of(runs[0], out.drop(columns=added))
+            scoring = [(p, g) for p, g in zip(prefixes, groups, strict=True)
+                       if p.encoder is not None]
+            out = frame.copy()
+            if scoring:
+                out = predict_frame(batcher.loaded, [p for p, _ in scoring], frame, column,
+                                    groups=[g for _, g in scoring])
+            texts = frame[column].fillna("").astype(str).tolist()
+            added = []
+            for run, group in zip(runs, groups, strict=True):
+                if run.is_generation:
+                    out[f"{group}generated"] = run.generate(texts)
+                    added.append(f"{group}generated")
+                else:
+                    added += [f"{group}predicted_label"] + [f"{group}p_{lab}"
+                                                           for lab in run.labels]
+            out = out[[*frame.columns, *added]]  # each run's group in the order named
+        classifiers = [(r, g) for r, g in zip(runs, groups, strict=True) if not r.is_generation]
+        gold_column = (label_column_of(classifiers[0][0], out.drop(columns=added))
+                       if classifiers else None)
         reports, skipped = {}, 0
         if gold_column is not None:
             gold = out[gold_column].fillna("").astype(str).str.strip()
-            for run, group in zip(runs, groups, strict=True):
+            for run, group in classifiers:
                 known = gold.isin(run.labels)
                 skipped = max(skipped, int((~known).sum()))
                 if known.any():
@@ -211,6 +314,7 @@ class ServingRoom:
     def evaluate_csv(self, run_id: str, path: str | Path) -> dict:
         """The run's prefix and its baselines on a held-out labeled CSV (a generation run:
         beside the bare model on a CSV of inputs and references)."""
+        self.check_usable(run_id)
         run = self.open(run_id)
         if run.is_generation:
             return evaluate_pairs_csv(run.loaded.model, run.encoder, run.kv, run.config, path)
@@ -225,6 +329,7 @@ class ServingRoom:
         first run's length penalty and stop strings."""
         runs = []
         for run_id in run_ids:
+            self.check_usable(run_id)
             run, name = self.open(run_id), self.store.get(run_id).name
             if not run.is_generation:
                 raise RunError(f"run {name!r} classifies; pick generation runs here (or score "
