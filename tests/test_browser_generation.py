@@ -1,7 +1,8 @@
 """A generation run in a real browser, offline, on a tiny model: the Data tab guesses the
 target column, the Train tab trains (BLEU drawn live) and shows the report beside the bare
 model with its table of outputs, the Playground generates with the prefix and the bare model
-side by side, and Inspect opens the run. Screenshots go where test_browser.py puts its own."""
+side by side, its Generate box writes the input into the run's template (or not, with "Raw
+prompt"), and Inspect opens the run. Screenshots go where test_browser.py puts its own."""
 
 from __future__ import annotations
 
@@ -91,6 +92,27 @@ def test_a_generation_run_in_the_browser(page, workdir, screenshots, workbench):
     expect(outputs).to_contain_text("name[The Eagle]")
     outputs.scroll_into_view_if_needed()
     shoot(page, screenshots, "g3-playground-generation")
+
+    # The Generate box writes the input into the run's template, as side by side does (it
+    # once continued the bare text: "[Rancho Ranch, Rancho Ranch, ..."); "Raw prompt" does not.
+    [run_id] = [r.id for r in workbench.store.list() if r.name == "gen run"]
+    mr = "name[The Eagle], eatType[coffee shop]"
+    templated = workbench.generate_side_by_side([mr], [run_id], bare=False,
+                                                max_new_tokens=40)["output"][0]
+    raw = workbench.generate(mr, run_id, 40, raw=True)
+    assert templated and templated != raw  # else the page could not show the difference
+    page.locator("#gen-prompt textarea").fill(mr)
+    page.get_by_role("combobox", name="Prefix", exact=True).click()
+    page.get_by_role("option", name=re.compile(r"^gen run · completed")).click()
+    page.locator("#gen-run").click()
+    generated = page.locator("#gen-output textarea")
+    expect(generated).to_have_value(templated)
+    page.locator("#gen-prompt").scroll_into_view_if_needed()
+    shoot(page, screenshots, "g3b-playground-generate-in-template")
+    page.locator("#gen-raw input").check()
+    page.locator("#gen-run").click()
+    expect(generated).to_have_value(raw)
+    shoot(page, screenshots, "g3c-playground-generate-raw")
 
     open_tab(page, "Inspect")
     page.locator("#inspect-run").get_by_role("combobox").click()

@@ -9,9 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from prefixlab.engine.decode import Sampling, mixed_generate
+from prefixlab.engine.decode import DecodeConfig, Sampling, mixed_generate
 from prefixlab.engine.predict import generate, score_labels
-from prefixlab.engine.prefix import text_key_values
+from prefixlab.engine.prefix import PrefixConfig, save_prefix, text_key_values
+from prefixlab.files import atomic_write_json
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.folder import RunFolder
+from prefixlab.runs.generation import generate as run_generate
+from prefixlab.runs.generation import pair_encoder
 from prefixlab.serve.batcher import Batcher, ServeError, predict_frame
 from prefixlab.serve.store import PrefixStore, PrefixStoreError
 from tests.test_store import make_prefixes, write_run_folder
@@ -178,3 +183,42 @@ def test_scoring_a_prefix_without_labels_is_refused_but_it_generates(served, tmp
         scored.result(timeout=60)
     assert written.result(timeout=60) == generate(loaded.model, loaded.tokenizer, kv,
                                                   TEXTS[:1], 3)
+
+
+def write_generation_run(path, loaded, kv, stop=()) -> str:
+    """A completed generation run folder (an input column, a target column, a stop string)."""
+    cfg = RunConfig(train_csv="", model=loaded.name, max_length=96, text_column="mr",
+                    target_column="ref", prefix=PrefixConfig(prefix_length=kv.shape[3]),
+                    generation=DecodeConfig(max_new_tokens=16, stop=list(stop)))
+    path.mkdir(parents=True)
+    atomic_write_json(path / "config.json", {"format": "prefixlab-run/1", "name": path.name,
+                                             "task": "generation", "run": cfg.to_dict(),
+                                             "labels": []})
+    save_prefix(path / "prefix.safetensors", kv, loaded.name)
+    RunFolder(path).set_status("completed")
+    return str(path)
+
+
+def test_a_generation_run_reads_its_prompts_in_its_template_unless_raw(served, tmp_path):
+    """As the run was trained and as its report decodes (runs.generation.generate): the
+    input in the template, the text cut at a stop string; raw=True continues the prompt."""
+    loaded, _, batcher, keys = served
+    kv = text_key_values(loaded.model, loaded.tokenizer, "a place to eat", 4)
+    texts = ["name[Aromi], eatType[pub]", "name[Cotto], food[Italian]"]
+    raw = generate(loaded.model, loaded.tokenizer, kv, texts, 6)
+    uncut = None
+    for stop in ((), (" ", "e")):  # no stop string; stop strings the outputs hold
+        key = write_generation_run(tmp_path / f"gen{len(stop)}", loaded, kv, stop)
+        cfg = RunFolder(key).run_config()
+        want = run_generate(loaded.model, pair_encoder(loaded.tokenizer, cfg), kv, texts,
+                            DecodeConfig(max_new_tokens=6, stop=list(stop)))
+        assert want != raw and want != uncut  # (the stop strings cut something)
+        uncut = uncut or want
+        assert batcher.generate(key, texts, 6) == want
+        assert batcher.generate(key, texts, 6, raw=True) == raw
+        # Batched with a classification prefix, which continues its prompt as given.
+        mine = batcher.submit_generate(key, texts, 6)
+        theirs = batcher.submit_generate(keys[0], texts, 6)
+        assert mine.result(timeout=60) == want
+        assert theirs.result(timeout=60) == generate(loaded.model, loaded.tokenizer,
+                                                     batcher.store.get(keys[0]).kv, texts, 6)

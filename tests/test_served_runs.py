@@ -1,6 +1,6 @@
-"""Runs you can trust through the serving room, the Playground and the API: runs of both
-kinds meet in one request, and only finished runs answer (a cancelled one once its user keeps
-it)."""
+"""Runs you can trust through the serving room, the Playground and the API: a generation run
+answers in its template everywhere (unless raw text is asked for), runs of both kinds meet in
+one request, and only finished runs answer (a cancelled one once its user keeps it)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from prefixlab.engine.decode import DecodeConfig
+from prefixlab.engine.predict import generate
 from prefixlab.engine.prefix import save_prefix, text_key_values
 from prefixlab.errors import PrefixLabError
 from prefixlab.runs.locks import RunLock
@@ -20,9 +21,10 @@ from prefixlab.ui import api, build_ui, playground_tab, runs_tab
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.runs import run_config
 from tests.test_app import model_dirs, served, write_reviews_csv  # noqa: F401
-from tests.test_app_generation import write_pairs_csv
+from tests.test_app_generation import MRS, write_pairs_csv
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+MR = "name[The Eagle], eatType[coffee shop]"
 REFUSED = (gr.Error, PrefixLabError)  # a handler's own error, or the core's (api.* unguarded)
 
 
@@ -71,6 +73,46 @@ def bench(tmp_path_factory, model_dirs) -> tuple[Workbench, dict[str, str]]:  # 
     yield workbench, ids
     for lock in workers:
         lock.close()
+
+
+# --- item 2: a generation run's template applies on every path unless raw text is asked ------
+
+
+def test_a_generation_run_writes_in_its_template_on_every_path(bench):
+    workbench, ids = bench
+    writer, inputs = ids["writer"], [MR, MRS[1]]
+    side = workbench.generate_side_by_side(inputs, [writer], bare=False, max_new_tokens=12)
+    templated = side["output"].tolist()
+    run = workbench.open(writer)
+    raw = generate(run.loaded.model, run.loaded.tokenizer, run.kv, inputs, 12)
+    assert templated != raw  # otherwise this test could not tell the two apart
+    rows = api.generate(workbench, inputs, [writer], 12)
+    assert [r["generated"] for r in rows] == templated
+    rows = api.generate(workbench, inputs, [writer], 12, raw=True)
+    assert [r["generated"] for r in rows] == raw
+    # The Playground's Generate box, and its "raw prompt" box.
+    assert playground_tab.on_generate(workbench, MR, writer, 12, False, 1.0) == templated[0]
+    assert playground_tab.on_generate(workbench, MR, writer, 12, False, 1.0, True) == raw[0]
+    # The same request batched with a classifier's continuation: each row as alone.
+    both = api.generate(workbench, [MR], [ids["positive"], writer], 12)
+    positive = workbench.open(ids["positive"])
+    assert [r["generated"] for r in both] == [
+        generate(positive.loaded.model, positive.loaded.tokenizer, positive.kv, [MR], 12)[0],
+        templated[0]]
+
+
+def test_a_generation_run_in_beam_search_matches_side_by_side(bench):
+    workbench, ids = bench
+    side = workbench.generate_side_by_side([MR], [ids["writer"]], bare=False, max_new_tokens=8,
+                                           num_beams=3)
+    rows = api.generate(workbench, [MR], [ids["writer"]], 8, num_beams=3)
+    assert [r["generated"] for r in rows] == side["output"].tolist()
+
+
+def test_the_generate_endpoint_documents_raw():
+    readme = README.read_text()
+    assert "`raw: bool = False`" in readme
+    assert "raw" in api.generate.__doc__
 
 
 # --- item 3: the API with both kinds of run ----------------------------------------------------
@@ -221,7 +263,9 @@ def test_a_served_run_that_starts_again_stops_answering(tmp_path, model_dirs):  
         api.score(workbench, ["good"], [run_id])
 
 
-def test_the_app_wires_the_keep_button(bench):
+def test_the_app_wires_the_keep_button_and_the_raw_box(bench):
     demo = build_ui(bench[0])
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
-    assert "run-keep" in ids
+    assert {"run-keep", "gen-raw"} <= ids
+    params = demo.get_api_info()["named_endpoints"]["/generate"]["parameters"]
+    assert params[-1]["parameter_name"] == "raw" and params[-1]["parameter_default"] is False

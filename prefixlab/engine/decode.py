@@ -338,14 +338,17 @@ def generate_ids(model: nn.Module, kv: torch.Tensor | None,
 
 
 def mixed_generate(model: nn.Module, tokenizer, kvs: Sequence[torch.Tensor | None],
-                   prompts: Sequence[str], max_new_tokens: int | Sequence[int] = 40,
+                   prompts: Sequence[str | Sequence[int]],
+                   max_new_tokens: int | Sequence[int] = 40,
                    sampling: Sequence[Sampling | None] | None = None, num_beams: int = 1,
                    length_penalty: float = 1.0) -> list[str]:
-    """The continuation of each prompt (text) after its own prefix, only the new text per row,
-    all rows in one batch: greedy or sampled per row (`decode_rows`), or beam search for every
-    row (rows then share `max_new_tokens`, an int)."""
-    rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) or [tokenizer.eos_token_id]
-            for p in prompts]
+    """The continuation of each prompt after its own prefix, only the new text per row, all
+    rows in one batch: greedy or sampled per row (`decode_rows`), or beam search for every
+    row (rows then share `max_new_tokens`, an int). A prompt is a text, or token ids already
+    made (e.g. an input written into a run's template by its encoder)."""
+    rows = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) if isinstance(p, str)
+            else list(p) for p in prompts]
+    rows = [row or [tokenizer.eos_token_id] for row in rows]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if num_beams > 1:
         if not isinstance(max_new_tokens, int) or sampling is not None:

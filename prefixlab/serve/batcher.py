@@ -7,6 +7,9 @@ number of rows, and runs all of them as one mixed batch (prefixlab.engine.mixed)
 with load instead of queueing per prefix. Greedy and sampled generation requests decode
 together (each sampled row on a generator of its own seed, so its text is what it would be
 alone); beam search requests decode together when they share beams, length penalty and budget.
+A generation run's prompts are written into its template and its outputs end at its stop
+strings, as its reports decode them, unless a request asks for raw text (`raw=True`); other
+prefixes continue the text as given.
 A request whose prefix is missing, unreadable or made for another model fails alone, with the
 store's message; the rest of its batch runs.
 """
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from prefixlab.engine.decode import Sampling, mixed_generate
+from prefixlab.engine.decode import Sampling, cut_at_stop, mixed_generate
 from prefixlab.engine.mixed import mixed_score_labels
 from prefixlab.engine.models import LoadedModel
 from prefixlab.errors import PrefixLabError
@@ -56,6 +59,7 @@ class _Request:
     sampling: Sampling | None = None  # None: greedy (or beam search)
     num_beams: int = 1
     length_penalty: float = 1.0
+    raw: bool = False  # True: a generation run's prompt as given, without its template
     future: Future = field(default_factory=Future)
 
 
@@ -96,10 +100,12 @@ class Batcher:
 
     def submit_generate(self, key: str | None, prompts: Sequence[str], max_new_tokens: int = 40,
                         sampling: Sampling | None = None, num_beams: int = 1,
-                        length_penalty: float = 1.0) -> Future:
+                        length_penalty: float = 1.0, raw: bool = False) -> Future:
         """A future of the continuations (list[str]) of `prompts` after prefix `key`: greedy,
         drawn (`sampling`: prompt j on its own generator, `sampling.for_row(j)`), or the best
-        of `num_beams` beams."""
+        of `num_beams` beams. A generation run reads each prompt as an input in its template
+        and its text ends at its stop strings, stripped; `raw` continues the prompt as
+        given (so does every other prefix, and the bare model)."""
         if not 1 <= int(max_new_tokens) <= 1024:
             raise ServeError(f"max_new_tokens must be 1..1024, got {max_new_tokens}")
         if not 1 <= int(num_beams) <= 16:
@@ -109,16 +115,16 @@ class Batcher:
         return self._submit(_Request("generate", key, list(prompts),
                                      max_new_tokens=int(max_new_tokens), sampling=sampling,
                                      num_beams=int(num_beams),
-                                     length_penalty=float(length_penalty)))
+                                     length_penalty=float(length_penalty), raw=bool(raw)))
 
     def score(self, key: str, texts: Sequence[str], with_prefix: bool = True) -> Scored:
         return self.submit_score(key, texts, with_prefix).result()
 
     def generate(self, key: str | None, prompts: Sequence[str], max_new_tokens: int = 40,
                  sampling: Sampling | None = None, num_beams: int = 1,
-                 length_penalty: float = 1.0) -> list[str]:
+                 length_penalty: float = 1.0, raw: bool = False) -> list[str]:
         return self.submit_generate(key, prompts, max_new_tokens, sampling, num_beams,
-                                    length_penalty).result()
+                                    length_penalty, raw).result()
 
     def close(self) -> None:
         """Stop the worker after the requests already queued."""
@@ -215,7 +221,7 @@ class Batcher:
 
     def _generate(self, group: list[tuple[_Request, ServedPrefix | None]]) -> None:
         kvs = [None if p is None else p.kv for r, p in group for _ in r.texts]
-        prompts = [t for r, _ in group for t in r.texts]
+        prompts = [t if _raw(r, p) else p.writer.prompt(t)[0] for r, p in group for t in r.texts]
         first = group[0][0]
         if first.num_beams > 1:  # the group shares beams, penalty and budget
             out = mixed_generate(self.loaded.model, self.loaded.tokenizer, kvs, prompts,
@@ -228,9 +234,22 @@ class Batcher:
             out = mixed_generate(self.loaded.model, self.loaded.tokenizer, kvs, prompts,
                                  budgets, sampling)
         start = 0
-        for r, _ in group:
-            r.future.set_result(out[start:start + len(r.texts)])
+        for r, p in group:
+            texts = out[start:start + len(r.texts)]
+            r.future.set_result(texts if _raw(r, p) else [_written(t, p.stop) for t in texts])
             start += len(r.texts)
+
+
+def _raw(r: _Request, p: ServedPrefix | None) -> bool:
+    """Whether a request's prompts are continued as given (no template to write them into)."""
+    return r.raw or p is None or p.writer is None
+
+
+def _written(text: str, stop: Sequence[str]) -> str:
+    """A generation run's output as its reports show it (engine.decode.generate_texts): one
+    line-break convention, cut at the first stop string, stripped."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return cut_at_stop(text.lstrip(), stop).strip()
 
 
 def predict_frame(loaded: LoadedModel, prefixes: Sequence[ServedPrefix], frame: pd.DataFrame,

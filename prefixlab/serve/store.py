@@ -11,6 +11,8 @@ Only a finished run's prefix is served (`check_served`): a completed run, or a c
 whose prefix its user kept. A running run's prefix file is a mid-training checkpoint, and a
 failed or interrupted run's is wherever it broke: a request naming one is refused with the
 run's name and state, on every request (a completed run that is resumed stops answering).
+A generation run's prefix carries its template (`ServedPrefix.writer`), so that an input is
+written into the prompt it was trained on, unless a request asks for raw text.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from prefixlab.engine.encode import Encoder
+from prefixlab.engine.encode import Encoder, PairEncoder
 from prefixlab.engine.mixed import ScoreItem
 from prefixlab.engine.models import LoadedModel, model_source
 from prefixlab.engine.prefix import PrefixFileError, extend_prefix, load_prefix
@@ -32,6 +34,7 @@ from prefixlab.errors import PrefixLabError
 from prefixlab.files import read_json
 from prefixlab.runs.config import ConfigError, RunConfig
 from prefixlab.runs.folder import RunFolder
+from prefixlab.runs.generation import pair_encoder
 
 DEFAULT_BUDGET_BYTES = 256 * 2**20  # ~550 resident 10-token prefixes of SmolLM2-135M
 
@@ -90,6 +93,10 @@ class ServedPrefix:
     mtime: float
     load_s: float  # seconds it took to read from disk (files only, not head_s)
     text_column: str | None = None  # the run's text column, for predicting a table
+    # A generation run's template and stop strings: a request's input is written into the
+    # prompt the run was trained on, and its output ends at a stop string. None: raw text.
+    writer: PairEncoder | None = None
+    stop: tuple[str, ...] = ()
     # The prefix with its template's head read after it, (L, 2, H_kv, P + S, D); kv is a view
     # of its first P slots. None without labels (nothing to score) or a head.
     head_kv: torch.Tensor | None = None
@@ -213,9 +220,12 @@ class PrefixStore:
             head_kv = extend_prefix(self.loaded.model, kv, encoder.head_ids)
             kv = head_kv[:, :, :, :kv.shape[3]]  # a view: the prefix is held once
         name = str(info.get("name") or folder.name)
+        head_s = time.perf_counter() - start
+        writer = pair_encoder(self.loaded.tokenizer, cfg) if cfg.is_generation else None
         return ServedPrefix(key, name, kv, labels, encoder, folder, mtime, 0.0,
-                            text_column=cfg.text_column, head_kv=head_kv,
-                            head_s=time.perf_counter() - start)
+                            text_column=cfg.text_column, head_kv=head_kv, head_s=head_s,
+                            writer=writer,
+                            stop=tuple(cfg.generation.stop) if cfg.is_generation else ())
 
     def _read_adapter(self, key: str, folder: Path, mtime: float) -> ServedPrefix:
         from prefixlab.engine.peft_interop import PeftFormatError, import_peft

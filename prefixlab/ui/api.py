@@ -8,8 +8,9 @@ is the queue). `python -m prefixlab serve` serves these endpoints alone (`build_
 
 Runs of both kinds meet here: `/runs` says each run's task and labels and whether it answers
 (`usable`: completed, or cancelled with its prefix kept); `/score` answers its classification
-runs and names each generation run it skipped; `/predict_csv` adds each run's own columns. A
-run that is not usable is refused with its name and state.
+runs and names each generation run it skipped; `/generate` writes a generation run's prompts
+into its template unless `raw`; `/predict_csv` adds each run's own columns. A run that is
+not usable is refused with its name and state.
 """
 
 from __future__ import annotations
@@ -74,8 +75,11 @@ def score(workbench: Workbench, texts: list[str], run_ids: list[str],
 
 def generate(workbench: Workbench, prompts: list[str], run_ids: list[str],
              max_new_tokens: int = 40, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, seed: int = 0, num_beams: int = 1) -> list[dict]:
-    """Continuation of each prompt after each run's prefix, in one mixed batch.
+             top_p: float = 1.0, seed: int = 0, num_beams: int = 1,
+             raw: bool = False) -> list[dict]:
+    """Continuation of each prompt after each run's prefix, in one mixed batch. A generation
+    run reads each prompt as an input in its template and stops at its stop strings, as it
+    was trained and evaluated; a classification run's prefix continues the prompt as given.
 
     Parameters:
         prompts: the prompts to continue
@@ -86,11 +90,12 @@ def generate(workbench: Workbench, prompts: list[str], run_ids: list[str],
         top_p: nucleus sampling's share of the probability mass, in (0, 1]
         seed: the draws' seed: the same seed gives the same text, whatever else is batched
         num_beams: beam search with this many beams (1: greedy or sampling)
+        raw: continue each prompt as given, without a generation run's template
     """
     return workbench.generate_texts(_texts(prompts, "prompt"), list(run_ids or []),
                                     int(max_new_tokens),
                                     sampling_of(do_sample, seed, temperature, top_p),
-                                    int(num_beams))
+                                    int(num_beams), raw=bool(raw))
 
 
 def predict_csv(workbench: Workbench, csv: FileData, run_ids: list[str],

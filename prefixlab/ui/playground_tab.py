@@ -128,11 +128,13 @@ def on_says_what(workbench: Workbench, text: str | None, ids: list[str] | None, 
 
 
 def on_generate(workbench: Workbench, text: str | None, rid: str | None, n: int,
-                do_sample: bool, temp: float) -> str:
+                do_sample: bool, temp: float, raw: bool = False) -> str:
+    """One continuation: a generation run writes the prompt into its template (as "side by
+    side" does) unless `raw`; a classification prefix or the bare model continues it."""
     if not (text or "").strip():
         raise gr.Error("Type a prompt.")
     run = None if rid in (None, "", NO_PREFIX) else rid
-    return workbench.generate(text, run, int(n), do_sample, float(temp))
+    return workbench.generate(text, run, int(n), do_sample, float(temp), raw=bool(raw))
 
 
 def on_generate_side_by_side(workbench: Workbench, text: str | None, ids: list[str] | None,
@@ -196,6 +198,11 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
             max_new = gr.Slider(1, 200, step=1, value=40, label="New tokens")
             sample = gr.Checkbox(value=False, label="Sample (otherwise greedy)")
             temperature = gr.Slider(0.1, 2.0, step=0.1, value=0.8, label="Temperature")
+            raw = gr.Checkbox(value=False, elem_id="gen-raw",
+                              label="Raw prompt: skip a generation run's template",
+                              info="A generation run reads the prompt as an input in its "
+                                   "template, as side by side below; tick to continue it "
+                                   "as typed.")
             gen = gr.Button("Generate", elem_id="gen-run")
     output = gr.Textbox(label="Generated", lines=4, interactive=False, elem_id="gen-output")
 
@@ -232,7 +239,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         wire(trigger, bind(on_says_what, workbench), [what_text, what_runs, what_new],
              [what_out], notice)
     wire(gen.click, bind(on_generate, workbench),
-         [prompt, gen_prefix, max_new, sample, temperature], [output], notice)
+         [prompt, gen_prefix, max_new, sample, temperature, raw], [output], notice)
     wire(gen_go.click, bind(on_generate_side_by_side, workbench),
          [gen_inputs, gen_runs, beams, gen_max, gen_bare], [gen_table], notice)
     wire(batch_go.click, bind(on_batch, workbench), [batch_file, batch_prefix],

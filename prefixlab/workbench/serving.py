@@ -216,27 +216,34 @@ class ServingRoom:
                                            "id"])
 
     def generate_texts(self, prompts: list[str], run_ids: list[str], max_new_tokens: int = 40,
-                       sampling: Sampling | None = None, num_beams: int = 1) -> list[dict]:
+                       sampling: Sampling | None = None, num_beams: int = 1,
+                       raw: bool = False) -> list[dict]:
         """Continuations of every prompt under every run (none: the bare model): greedy,
         drawn (`sampling`, each prompt on its own seeded generator) or by beam search. All
-        runs' requests share mixed batches, with other clients' too."""
+        runs' requests share mixed batches, with other clients' too. A generation run writes
+        each prompt into its template and ends at its stop strings, as its reports do,
+        unless `raw`; a classification run's prefix continues the prompt as given (its
+        template ends where a label goes: score_records answers that)."""
         for run_id in run_ids:
             self.check_usable(run_id)
         pending = []
         for run_id in run_ids or [None]:
             batcher = self._batcher_of(run_id) if run_id else self.serving()
             pending.append((run_id, batcher.submit_generate(run_id, prompts, max_new_tokens,
-                                                            sampling, num_beams)))
+                                                            sampling, num_beams, raw=raw)))
         return [{"run_id": run_id or "", "prompt": prompt, "generated": out}
                 for run_id, future in pending
                 for prompt, out in zip(prompts, future.result(), strict=True)]
 
     def generate(self, prompt: str, run_id: str | None, max_new_tokens: int = 40,
-                 do_sample: bool = False, temperature: float = 1.0, seed: int = 0) -> str:
+                 do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
+                 raw: bool = False) -> str:
         """One continuation, greedy or drawn (seeded: the same seed gives the same text); it
-        shares a mixed batch with everyone else's requests either way."""
+        shares a mixed batch with everyone else's requests either way. A generation run
+        reads the prompt in its template unless `raw` (see generate_texts)."""
         return self.generate_texts([prompt], [run_id] if run_id else [], max_new_tokens,
-                                   sampling_of(do_sample, seed, temperature))[0]["generated"]
+                                   sampling_of(do_sample, seed, temperature),
+                                   raw=raw)[0]["generated"]
 
     def predict_csv(self, run_ids: str | list[str], path: str | Path,
                     text_column: str | None = None, name: str | None = None
