@@ -22,6 +22,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -207,6 +208,7 @@ class RunStore:
                 folder.set_status("queued", pid=None, pid_started=None,
                                   phase="starting the worker")
                 proc = self._spawn(folder, fd, resume)
+                _reap_when_done(proc)
                 try:
                     started = psutil.Process(proc.pid).create_time()
                 except psutil.Error:  # already gone: the next refresh says why
@@ -337,6 +339,15 @@ class RunStore:
             finally:
                 if fd is not None:
                     os.close(fd)
+
+
+def _reap_when_done(proc: subprocess.Popen) -> None:
+    """Wait for a worker in a daemon thread, so that it is reaped as soon as it exits.
+
+    The worker is this process's child: until someone waits for it, a finished worker stays a
+    zombie (`<defunct>`), which Python only reaps at its next Popen, or never in an app that
+    starts no other process."""
+    threading.Thread(target=proc.wait, name=f"reap-worker-{proc.pid}", daemon=True).start()
 
 
 def _worker_env(data_dir: Path) -> dict[str, str]:
