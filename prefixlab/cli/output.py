@@ -55,6 +55,10 @@ def print_report(report: dict) -> None:
 
 def results_header(report: dict) -> str:
     if report.get("task") == "generation":
+        if cut := report.get("decoded"):  # the time budget ended the final decoding
+            return (f"held-out results on the first {cut['inputs']} of {cut['of']} distinct "
+                    f"inputs (decoding stopped at the {cut['why']}; the loss reads all "
+                    f"{report['rows']} references):")
         return (f"held-out results on {report['n']} distinct inputs ({report['rows']} "
                 "references):")
     return f"held-out results on {report['n']} rows:"
