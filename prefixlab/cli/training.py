@@ -11,7 +11,13 @@ import contextlib
 from pathlib import Path
 
 from prefixlab.cli.options import given, stop_strings
-from prefixlab.cli.output import print_report, progress_bar, results_header, say
+from prefixlab.cli.output import (
+    final_progress,
+    print_report,
+    progress_bar,
+    results_header,
+    say,
+)
 from prefixlab.data.labeled import load_labeled_csv
 
 
@@ -148,7 +154,8 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
         try:
             report = execute_run(folder, loaded, prepared=prepared, on_step=on_step,
                                  resume=resume, should_stop=None if claim else
-                                 (folder.path / CANCEL_FILE).exists)
+                                 (folder.path / CANCEL_FILE).exists,
+                                 on_progress=final_progress())
         except BaseException as e:
             if writer:
                 folder.set_status("failed" if not isinstance(e, KeyboardInterrupt)

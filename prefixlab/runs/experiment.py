@@ -157,10 +157,13 @@ def execute_run(
     on_step: Callable[[StepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
+    on_progress: Callable[[dict], None] | None = None,
 ) -> dict | None:
     """Train (or resume) the run in `folder` and write its prefix and report.
 
     Returns the report, or None when stopped early (the last checkpoint is kept).
+    `on_step` hears every training step, `on_progress` every progress record of the final
+    report (budget.PhaseProgress), as the run folder's metrics log gets them.
 
     In a process group (distributed.py) every rank calls this: all of them train and score,
     and rank 0 alone writes the run's files.
@@ -202,7 +205,12 @@ def execute_run(
     if not cfg.is_generation and cfg.decision == "fitted":
         fit, done = _fit_decision_rule(out, cfg, loaded, kv, encoder, prepared,
                                        evaluations.scores.get(kept), done)
-    progress = PhaseProgress(lambda record: out.progress(record, result.steps))
+    def log_progress(record: dict) -> None:
+        out.progress(record, result.steps)
+        if on_progress and out.writer:
+            on_progress(record)
+
+    progress = PhaseProgress(log_progress)
     report = _final_report(cfg, loaded, kv, encoder, prepared, done, writer=out.writer,
                            deadline=deadline, progress=progress)
     if fit is not None:
