@@ -295,6 +295,27 @@ def test_resume_keeps_the_planned_schedule(loaded, monkeypatch):
     assert torch.allclose(prefix.folded(), whole_prefix.folded())
 
 
+def test_a_run_given_more_time_fits_its_schedule_at_once_from_its_speed(loaded, monkeypatch):
+    """Train longer: a run that ended on its time budget resumes with more minutes and its
+    plan cleared (runs/extension.py); the engine plans the longer schedule at once."""
+    from dataclasses import replace
+
+    cfg = TrainConfig(epochs=50, batch_size=8, max_minutes=1.0, learning_rate=1.0,
+                      checkpoint_every=0)
+    first, _, ckpt, _ = _timed_run(loaded, monkeypatch, cfg)
+    assert "time budget" in first.reason and ckpt.planned_steps >= ckpt.step
+    longer = TrainConfig(**{**cfg.__dict__, "max_minutes": ckpt.elapsed_s / 60 + 1.0})
+    steps = []
+    rest, rates, _, _ = _timed_run(loaded, monkeypatch, longer, steps=steps,
+                                   resume=replace(ckpt, planned_steps=0),
+                                   clock=_StepClock(now=1000.0))
+    assert rates[0][0] == ckpt.step + 1  # on from the step it ended on
+    # a step a second, as before: about 60 more steps, planned from the first one on
+    assert abs(steps[0][1].total_steps - 2 * ckpt.step) <= 3
+    assert 0.3 < rates[0][1] < 0.7 and rates[-1][1] < 0.1  # resumed mid-decay, decayed again
+    assert "time budget" in rest.reason and abs(rest.steps - 2 * ckpt.step) <= 3
+
+
 def test_run_folders_from_before_fitted_schedules_resume_unfitted():
     old = RunConfig(train_csv="t.csv", training=TrainConfig(max_minutes=5)).to_dict()
     del old["training"]["fit_schedule"]

@@ -470,7 +470,8 @@ def train(
     chunk_tokens = CUDA_CHUNK_TOKENS if device.type == "cuda" else CHUNK_TOKENS
     time_reason = f"time budget of {cfg.max_minutes:g} min"
     reason = (f"budget of {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
-              if cfg.max_steps is None or total < cfg.max_steps else f"max_steps {cfg.max_steps}")
+              if cfg.max_steps is None or total < cfg.max_steps
+              else f"budget of {cfg.max_steps} steps")
     try:
         while step < schedule.end:
             if should_stop is not None and should_stop():
