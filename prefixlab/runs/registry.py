@@ -105,6 +105,9 @@ class RunStore:
         # The worker program; it is called with the run folder, `--lock-fd N` and maybe
         # `--resume`, and must keep descriptor N open for as long as it may write the run.
         self.worker_command = [sys.executable, "-m", "prefixlab", "worker"]
+        # The workers this store started, by pid: each is waited for as it ends (so none
+        # stays a zombie), and its exit code is kept here.
+        self.workers: dict[int, subprocess.Popen] = {}
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -230,6 +233,7 @@ class RunStore:
         (folder.path / CANCEL_FILE).unlink(missing_ok=True)
         folder.set_status("queued", pid=None, pid_started=None, phase="starting the worker")
         proc = self._spawn(folder, fd, resume)
+        self.workers[proc.pid] = proc
         _reap_when_done(proc)
         try:
             started = psutil.Process(proc.pid).create_time()
