@@ -57,10 +57,14 @@ def test_cli_resume_trains_a_finished_run_longer_from_its_checkpoint(
         tmp_path, model_dir, monkeypatch, capsys):
     csv = write_reviews_csv(tmp_path / "reviews.csv", rows=40)  # 32 train rows: 8 steps/epoch
     run = tmp_path / "run"
-    assert _train(csv, model_dir, run, "--epochs", "2", "--patience", "0") == 0
+    assert _train(csv, model_dir, run, "--epochs", "2", "--patience", "0",
+                  "--no-keep-best") == 0
     folder = RunFolder(run)
     before = folder.read_report()
-    assert (before["steps"], before["stop_reason"]) == (16, "budget of 2 epochs")
+    assert (before["steps"], before["kept_step"], before["stop_reason"]) == (
+        16, 16, "budget of 2 epochs")
+    # kept its last step (--no-keep-best): the CLI says it may train longer
+    assert "--more-minutes M` (or --more-epochs E) trains it longer" in capsys.readouterr().err
     saved = folder.load_checkpoint()
     loaded_states = []
     real_load = train_module._load_optimizer
@@ -72,7 +76,8 @@ def test_cli_resume_trains_a_finished_run_longer_from_its_checkpoint(
     err = capsys.readouterr().err
     assert "training run longer, from step 16: 1 more epoch" in err
     after = folder.read_report()
-    assert (after["steps"], after["stop_reason"]) == (24, "budget of 24 steps")
+    assert (after["steps"], after["stop_reason"]) == (
+        24, "budget of 24 steps (trained longer from step 16: 1 more epoch)")
     assert _steps(folder) == list(range(1, 25))  # on from step 17, none repeated
     # AdamW's moments came from the checkpoint the first run ended with
     assert len(loaded_states) == 1 and loaded_states[0].keys() == saved.optimizer_state.keys()
@@ -88,6 +93,7 @@ def test_cli_resume_trains_a_finished_run_longer_from_its_checkpoint(
     took = time.monotonic() - began
     report = folder.read_report()
     assert report["stop_reason"].startswith("time budget of") and report["steps"] > 24
+    assert report["stop_reason"].endswith("(trained longer from step 24: 0.05 more minutes)")
     trained = folder.load_checkpoint().elapsed_s - saved.elapsed_s
     assert trained <= 3.0 + 0.5, trained
     assert took < 3.0 + 10, took  # the model's load and the file writes besides

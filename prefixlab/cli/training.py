@@ -154,6 +154,7 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True,
     from prefixlab.engine import distributed
     from prefixlab.engine.balance import describe_decision
     from prefixlab.runs.experiment import execute_run
+    from prefixlab.runs.extension import ended_on_budget
     from prefixlab.runs.folder import CANCEL_FILE
     from prefixlab.runs.locks import RunLock
 
@@ -191,6 +192,9 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True,
         print(decision)
     print(results_header(report))
     print_report(report)
+    if ended_on_budget(report) and report["kept_step"] == report["steps"]:
+        say(f"it was still improving when its budget ended: `python -m prefixlab resume "
+            f"{folder.path} --more-minutes M` (or --more-epochs E) trains it longer")
     return 0
 
 

@@ -30,6 +30,7 @@ from prefixlab.engine.train import Checkpoint, StepInfo, TrainConfig, TrainResul
 from prefixlab.runs.budget import FinalReserve, PhaseProgress, Progress
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.evaluate import prediction_warnings
+from prefixlab.runs.extension import longer_reason
 from prefixlab.runs.folder import RunError, RunFolder
 from prefixlab.runs.generation import (
     default_generation_init_text,
@@ -216,7 +217,8 @@ def execute_run(
     if fit is not None:
         report.update(decision_fit=fit)
     rule = evaluations.rule
-    report.update(steps=result.steps, kept_step=kept, stop_reason=result.reason,
+    report.update(steps=result.steps, kept_step=kept,
+                  stop_reason=longer_reason(result.reason, info),  # a grown budget says so
                   selection=(rule.selection() if cfg.training.keep_best
                              and rule.kept_step is not None else "the last step"))
     out.report(report)

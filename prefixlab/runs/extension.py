@@ -153,7 +153,7 @@ def extend_run(folder: RunFolder, more_minutes: float, more_epochs: int) -> dict
 
 
 def describe_extension(extension: dict) -> str:
-    """E.g. "from step 164: 2 more minutes (time budget 3.45 min), up to 1 more epoch"."""
+    """E.g. "from step 164: 2 more minutes (time budget now 3.45 min), up to 1 more epoch"."""
     parts = []
     after = extension["after"]
     if extension["more_minutes"]:
@@ -164,3 +164,16 @@ def describe_extension(extension: dict) -> str:
         parts.append(f"{'up to ' if parts else ''}{n} more epoch{'s' * (n != 1)}")
     return f"from step {extension['from_step']}: {', '.join(parts)}"
 
+
+def longer_reason(reason: str, info: dict) -> str:
+    """Why training ended, with the last extension when the run was trained longer: e.g.
+    "time budget of 1.76 min (trained longer from step 164: 0.3 more minutes)" (a budget
+    grown by an extension reads oddly alone)."""
+    extensions = info.get("extensions") or []
+    if not extensions:
+        return reason
+    last = extensions[-1]
+    amounts = [f"{last['more_minutes']:g} more minutes"] if last["more_minutes"] else []
+    if n := last["more_epochs"]:
+        amounts.append(f"{n} more epoch{'s' * (n != 1)}")
+    return f"{reason} (trained longer from step {last['from_step']}: {', '.join(amounts)})"
