@@ -1,6 +1,6 @@
 """Runs tab: every run with its status, data, model, metrics and sizes; open one, resume,
-cancel or delete it, download its prefix or PEFT export, evaluate it on a held-out test CSV,
-and compare curves of several."""
+cancel or delete it, train one that ended on its budget longer, download its prefix or PEFT
+export, evaluate it on a held-out test CSV, and compare curves of several."""
 
 from __future__ import annotations
 
