@@ -281,6 +281,32 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     expect(page.locator("#notice")).to_have_text("")
     shoot(page, screenshots, "3-runs")
 
+    # Train longer: the run ended on its time budget, so the Runs tab offers more of it; the
+    # run resumes from its checkpoint, the Train tab follows it, its report is written anew.
+    longer = page.locator("#train-longer-row")
+    expect(longer).to_be_visible()
+    expect(page.locator("#train-longer-note")).to_contain_text(
+        re.compile(r"Training ended on its time budget of [\d.]+ min at step \d+"))
+    more = page.locator("#longer-minutes input")
+    more.fill("0.3")
+    more.press("Enter")
+    longer.scroll_into_view_if_needed()
+    shoot(page, screenshots, "3b-train-longer")
+    ended_at = workbench.store.get(first.id).step
+    page.locator("#train-longer").click()
+    expect(page.locator("#runs-msg")).to_contain_text(
+        f"Training browser run longer, from step {ended_at}: 0.3 more minutes")
+    expect(longer).to_be_hidden()
+    open_tab(page, "Train")
+    expect(status).to_contain_text(re.compile(r"browser run\*?\*?: (queued|running)"))
+    expect(status).to_contain_text("completed", timeout=TRAIN_TIMEOUT_MS * 2)
+    longer_run = workbench.store.get(first.id)
+    assert longer_run.state == "completed" and longer_run.step > ended_at
+    expect(page.locator("#report")).to_contain_text(
+        re.compile(rf"Kept the prefix of step \d+ of {longer_run.step} .*time budget of"))
+    shoot(page, screenshots, "3c-trained-longer")
+    open_tab(page, "Runs")
+
     # Playground: score a text; predict a labeled file and get its metrics.
     open_tab(page, "Playground")
     page.get_by_role("combobox", name="Prefixes (trained runs)").click()
@@ -327,6 +353,54 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
                            "?.data?.[0]?.type === 'scatter3d'", timeout=TIMEOUT_MS)
     page.wait_for_timeout(1000)  # WebGL draws after the data is in
     shoot(page, screenshots, "5-inspect-3d")
+
+
+def test_the_train_tab_follows_a_final_report_with_rows_and_time_left(page, workbench, workdir,
+                                                                      screenshots):
+    """The final decoding of a generation run took 4 of its 6 minutes with nothing shown. A
+    run in its final report, written as its worker writes it (this test holds its run lock,
+    as a worker does): the Train tab's progress line says what it is on, rows done of total,
+    and the time left."""
+    from playwright.sync_api import expect
+
+    from prefixlab.runs.locks import RunLock
+
+    csv = write_reviews_csv(workdir / "final-reviews.csv", rows=40)
+    cfg = run_config(str(csv), "text", "label", {"epochs": 2}, model=workbench.default_model)
+    run_id = workbench.store.create(cfg, workbench.model_info(), name="reporting run")
+    folder = workbench.folder(run_id)
+
+    def progress(done: int, elapsed: float) -> None:
+        folder.append_metrics({"type": "progress", "phase": "final report",
+                               "what": "decoding held-out inputs (prefix and bare model)",
+                               "done": done, "total": 80, "elapsed_s": elapsed,
+                               "eta_s": elapsed / done * (80 - done) if done else None})
+        folder.set_status("running", step=10, phase=f"final report: decoding held-out "
+                                                    f"inputs (prefix and bare model) {done}/80")
+
+    with RunLock.claim(folder.path):
+        for step in range(1, 11):
+            folder.append_metrics({"type": "step", "step": step, "total_steps": 10,
+                                   "epoch": step / 5, "loss": 2.0 - step / 10,
+                                   "learning_rate": 0.005, "examples_per_s": 12.0,
+                                   "tokens_per_s": 300.0, "elapsed_s": step, "eta_s": 10 - step})
+        folder.append_metrics({"type": "eval", "step": 10, "val_loss": 1.2, "bleu": 12.0,
+                               "rouge_l": 30.0, "chrf": 25.0, "best_step": 10})
+        progress(0, 0.0)
+        open_tab(page, "Train")
+        line = page.locator("#progress")
+        expect(page.locator("#train-status")).to_contain_text("reporting run")
+        expect(line).to_contain_text("final report: decoding held-out inputs (prefix and bare "
+                                     "model) 0/80")
+        progress(32, 41.2)
+        expect(line).to_contain_text("32/80 · 41 s · about 62 s left")
+        expect(line).to_contain_text("training ended at step 10/10")
+        expect(page.locator("#train-status")).to_contain_text("running — final report")
+        shoot(page, screenshots, "2b-train-final-report")
+        progress(80, 103.0)
+        expect(line).to_contain_text("80/80 · 103 s · about 0 s left")
+        folder.set_status("cancelled", step=10)
+    expect(page.locator("#train-status")).to_contain_text("cancelled")
 
 
 def test_inspect_a_run_change_views_and_run_the_knockout(page, workbench, workdir, screenshots):

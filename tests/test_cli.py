@@ -38,6 +38,8 @@ def test_train_evaluate_predict_export(tmp_path, csv_file, model_dir, capsys):
     assert _train(csv_file, model_dir, run, "--init-text", "the movie") == 0
     err = capsys.readouterr().err
     assert "row 31" in err and "trainable parameters" in err
+    # the final evaluation says how far it is, as training does
+    assert "final report: scoring held-out rows without the prefix (zero-shot) 6/6" in err
     for name in ("config.json", "prefix.safetensors", "metrics.jsonl", "report.json",
                  "checkpoint.safetensors", "status.json"):
         assert (run / name).is_file(), name

@@ -312,7 +312,7 @@ def test_a_killed_rank_ends_the_run_and_resume_continues_it(tmp_path, csv_file, 
     ranks[1].kill()
     ranks[0].resume()
     killed_at = time.time()
-    assert psutil.Process(worker).wait(timeout=60) == 1
+    assert store.workers[worker].wait(timeout=60) == 1
     ended_in = time.time() - killed_at
     assert ended_in < 15, f"the run took {ended_in:.1f} s to end after the kill"
     store.refresh()
@@ -335,14 +335,14 @@ def test_a_killed_rank_ends_the_run_and_resume_continues_it(tmp_path, csv_file, 
     store.cancel(run_id)
     for p in ranks:
         p.resume()
-    assert psutil.Process(worker).wait(timeout=120) == 0
+    assert store.workers[worker].wait(timeout=120) == 0
     store.refresh()
     row = store.get(run_id)
     assert row.state == "cancelled", row.error
     assert checkpoint.step < folder.load_checkpoint().step < row.total_steps
 
     store.start(run_id, resume=True)
-    assert psutil.Process(store.get(run_id).pid).wait(timeout=300) == 0
+    assert store.workers[store.get(run_id).pid].wait(timeout=300) == 0
     store.refresh()
     assert store.get(run_id).state == "completed", store.get(run_id).error
     resumed = [r for r in _records(folder) if r.get("message") == "resumed"]

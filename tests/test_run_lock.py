@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,25 @@ def test_only_the_lock_holder_trains_a_run(store, run_id, capsys):
     assert folder.status_path.read_bytes() == before
     holder.close()
     RunLock.claim(folder.path).close()  # free again
+
+
+def test_a_finished_worker_is_reaped_at_once_not_left_defunct(store, run_id):
+    """Finished workers stayed `<defunct>` until the app started another process or exited."""
+    import psutil
+
+    gate = Release(store.folder(run_id).path)
+    store.start(run_id)
+    pid = _worker(store, run_id).pid  # the fixture keeps the Popen, as the app's store would
+    gate.release()  # the worker writes "completed" and exits
+    deadline = time.monotonic() + 10
+    status = None
+    while time.monotonic() < deadline:
+        try:
+            status = psutil.Process(pid).status()
+        except psutil.NoSuchProcess:
+            break  # exited and reaped: its pid is gone
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"worker {pid} is still there 10 s after release: {status}")
+    store.refresh()
+    assert _state(store, run_id) == ("completed", "completed")

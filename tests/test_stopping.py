@@ -217,7 +217,8 @@ class _StepClock:
 
 
 def _timed_run(loaded, monkeypatch, cfg, *, resume=None, stop_at=None, clock=None,
-               evaluate=None):
+               evaluate=None, reserve_s=None, steps=None):
+    """train() on a clock of one second per step; `steps` collects every StepInfo."""
     import prefixlab.engine.train as train_module
 
     enc, prefix, examples, _, _ = _setup(loaded)
@@ -227,10 +228,13 @@ def _timed_run(loaded, monkeypatch, cfg, *, resume=None, stop_at=None, clock=Non
 
     def on_step(info):
         rates.append((info.step, info.learning_rate))
+        if steps is not None:
+            steps.append((clock.now, info))
         clock.tick(info)
 
+    extra = {} if reserve_s is None else {"reserve_s": reserve_s}
     result = train(loaded.model, prefix, examples, cfg, 0, on_step=on_step, resume=resume,
-                   evaluate=evaluate, on_checkpoint=saved.append,
+                   evaluate=evaluate, on_checkpoint=saved.append, **extra,
                    should_stop=(lambda: bool(rates) and rates[-1][0] == stop_at))
     return result, rates, saved[-1], prefix
 
@@ -253,6 +257,33 @@ def test_a_time_budget_fits_warmup_and_decay_into_the_steps_it_allows(loaded, mo
     assert last.planned_steps == 0
 
 
+def test_the_time_left_never_exceeds_the_budget_left(loaded, monkeypatch):
+    """The first estimate of a 10-minute run said "at most 3,076 s left": before the schedule
+    is fitted to the budget its end is the epochs' budget, far past the time budget."""
+    cfg = TrainConfig(epochs=50, batch_size=8, max_minutes=1.0, checkpoint_every=0)
+    steps = []
+    _timed_run(loaded, monkeypatch, cfg, steps=steps)
+    assert steps[2][1].total_steps == 300  # not planned yet: the epochs' 300 steps
+    for now, info in steps:
+        assert info.eta_s <= 60 - now + 1e-9, (info.step, info.eta_s, now)
+    assert max(info.eta_s for _, info in steps) > 50  # a real estimate, not 0
+
+
+def test_a_reserve_for_the_final_report_ends_training_earlier(loaded, monkeypatch):
+    """The budget covers the whole run: training leaves the final report what it reserves,
+    the estimate counts it out, and the fitted schedule still decays to zero."""
+    cfg = TrainConfig(epochs=50, batch_size=8, max_minutes=1.0, learning_rate=1.0,
+                      checkpoint_every=0)
+    steps = []
+    result, rates, last, _ = _timed_run(loaded, monkeypatch, cfg, steps=steps,
+                                        reserve_s=lambda: 15.0)
+    assert "time budget" in result.reason and 40 <= result.steps <= 47
+    assert 44 <= result.elapsed_s <= 47  # what the budget used: the report gets the rest
+    assert rates[-1][1] < 0.1
+    for now, info in steps:
+        assert info.eta_s <= 45 - now + 1e-9, (info.step, info.eta_s, now)
+
+
 def test_resume_keeps_the_planned_schedule(loaded, monkeypatch):
     cfg = TrainConfig(epochs=50, batch_size=8, max_minutes=1.0, checkpoint_every=0)
     whole, whole_rates, _, whole_prefix = _timed_run(loaded, monkeypatch, cfg)
@@ -262,6 +293,27 @@ def test_resume_keeps_the_planned_schedule(loaded, monkeypatch):
                                         clock=_StepClock(now=500.0))
     assert first + later == whole_rates and rest.steps == whole.steps
     assert torch.allclose(prefix.folded(), whole_prefix.folded())
+
+
+def test_a_run_given_more_time_fits_its_schedule_at_once_from_its_speed(loaded, monkeypatch):
+    """Train longer: a run that ended on its time budget resumes with more minutes and its
+    plan cleared (runs/extension.py); the engine plans the longer schedule at once."""
+    from dataclasses import replace
+
+    cfg = TrainConfig(epochs=50, batch_size=8, max_minutes=1.0, learning_rate=1.0,
+                      checkpoint_every=0)
+    first, _, ckpt, _ = _timed_run(loaded, monkeypatch, cfg)
+    assert "time budget" in first.reason and ckpt.planned_steps >= ckpt.step
+    longer = TrainConfig(**{**cfg.__dict__, "max_minutes": ckpt.elapsed_s / 60 + 1.0})
+    steps = []
+    rest, rates, _, _ = _timed_run(loaded, monkeypatch, longer, steps=steps,
+                                   resume=replace(ckpt, planned_steps=0),
+                                   clock=_StepClock(now=1000.0))
+    assert rates[0][0] == ckpt.step + 1  # on from the step it ended on
+    # a step a second, as before: about 60 more steps, planned from the first one on
+    assert abs(steps[0][1].total_steps - 2 * ckpt.step) <= 3
+    assert 0.3 < rates[0][1] < 0.7 and rates[-1][1] < 0.1  # resumed mid-decay, decayed again
+    assert "time budget" in rest.reason and abs(rest.steps - 2 * ckpt.step) <= 3
 
 
 def test_run_folders_from_before_fitted_schedules_resume_unfitted():

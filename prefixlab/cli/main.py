@@ -70,11 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation runs: a string that ends an output (repeatable; "
                         "'\\n' for a newline)")
 
-    p = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    p = sub.add_parser("resume", help="continue a run from its last checkpoint, or train a "
+                                      "completed one longer")
     p.add_argument("run")
     p.add_argument("--nproc", type=int,
                    help="processes for this continuation (the result does not depend on it); "
                         "default: the run's setting")
+    p.add_argument("--more-minutes", type=float, default=0.0,
+                   help="train a completed run that ended on its budget this many minutes "
+                        "longer, its final report included (alone: as many epochs as fit)")
+    p.add_argument("--more-epochs", type=int, default=0,
+                   help="train a completed run that ended on its budget this many epochs "
+                        "longer (alone: no time limit)")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("rank", help="one process of a data-parallel run (started by torchrun)")

@@ -6,6 +6,9 @@ Progress, warnings and errors go to stderr; reports, predictions and JSON lines 
 from __future__ import annotations
 
 import sys
+import time
+
+PROGRESS_EVERY_S = 5.0  # the final report's progress lines, at most this often
 
 
 def say(message: str) -> None:
@@ -29,6 +32,24 @@ def progress_bar(total: int):
                 f"{s.examples_per_s:.1f} ex/s eta {s.eta_s:.0f}s")
 
     return bar, on_step
+
+
+def final_progress():
+    """on_progress for execute_run: the final report's progress on stderr, a line when a
+    part begins and ends and at most every PROGRESS_EVERY_S seconds between."""
+    last = {"what": None, "at": 0.0}
+
+    def on_progress(r: dict) -> None:
+        now = time.monotonic()
+        if r["what"] == last["what"] and r["done"] < r["total"] and \
+                now - last["at"] < PROGRESS_EVERY_S:
+            return
+        last.update(what=r["what"], at=now)
+        left = f", about {r['eta_s']:.0f} s left" if r.get("eta_s") is not None else ""
+        say(f"{r['phase']}: {r['what']} {r['done']}/{r['total']} "
+            f"({r['elapsed_s']:.0f} s{left})")
+
+    return on_progress
 
 
 def _metrics_line(name: str, m: dict | None) -> str:
@@ -55,6 +76,10 @@ def print_report(report: dict) -> None:
 
 def results_header(report: dict) -> str:
     if report.get("task") == "generation":
+        if cut := report.get("decoded"):  # the time budget ended the final decoding
+            return (f"held-out results on the first {cut['inputs']} of {cut['of']} distinct "
+                    f"inputs (decoding stopped at the {cut['why']}; the loss reads all "
+                    f"{report['rows']} references):")
         return (f"held-out results on {report['n']} distinct inputs ({report['rows']} "
                 "references):")
     return f"held-out results on {report['n']} rows:"

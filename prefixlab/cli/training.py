@@ -11,7 +11,13 @@ import contextlib
 from pathlib import Path
 
 from prefixlab.cli.options import given, stop_strings
-from prefixlab.cli.output import print_report, progress_bar, results_header, say
+from prefixlab.cli.output import (
+    final_progress,
+    print_report,
+    progress_bar,
+    results_header,
+    say,
+)
 from prefixlab.data.labeled import load_labeled_csv
 
 
@@ -101,15 +107,18 @@ def _create(cfg, output: Path, model, where: str):
     return folder, prepared, loaded
 
 
-def _launch(folder, processes: int, resume: bool) -> int:
+def _launch(folder, processes: int, resume: bool, longer: tuple[float, int] | None = None
+            ) -> int:
     """Train the run in `folder` on `processes` ranks started by torch's launcher here. This
     process holds the run lock for them (rank 0 writes), and records a failure after they
-    are all gone."""
+    are all gone. `longer`: (more minutes, more epochs) for a completed run first."""
     from prefixlab.runs.folder import CANCEL_FILE
     from prefixlab.runs.locks import RunLock
     from prefixlab.runs.worker import launch_ranks
 
     with RunLock.claim(folder.path):
+        if longer:
+            _extend(folder, longer)
         (folder.path / CANCEL_FILE).unlink(missing_ok=True)  # an old request from the app
         if launch_ranks(folder, processes, resume) == 0:
             return 0
@@ -129,12 +138,23 @@ def _execute_rank(folder, device, resume: bool, claim: bool) -> int:
     return _execute(folder, loaded, None, resume=resume, claim=claim)
 
 
-def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
+def _extend(folder, longer: tuple[float, int]) -> None:
+    """Give the completed run in `folder` more minutes and/or epochs (the lock is held)."""
+    from prefixlab.runs.extension import describe_extension, extend_run
+
+    say(f"training {folder.path.name} longer, "
+        f"{describe_extension(extend_run(folder, *longer))}")
+
+
+def _execute(folder, loaded, prepared, resume: bool, claim: bool = True,
+             longer: tuple[float, int] | None = None) -> int:
     """Train here. `claim`: take the run lock; False in ranks whose launcher holds it (the
-    app's worker or `train --nproc`), which also stop when the app asks to cancel."""
+    app's worker or `train --nproc`), which also stop when the app asks to cancel.
+    `longer`: (more minutes, more epochs) to give a completed run first, under the lock."""
     from prefixlab.engine import distributed
     from prefixlab.engine.balance import describe_decision
     from prefixlab.runs.experiment import execute_run
+    from prefixlab.runs.extension import ended_on_budget
     from prefixlab.runs.folder import CANCEL_FILE
     from prefixlab.runs.locks import RunLock
 
@@ -144,11 +164,14 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
     # rank 0 writes, and holds it unless its launcher (train --nproc, the worker) does.
     lock = RunLock.claim(folder.path) if claim and writer else contextlib.nullcontext()
     with lock:
+        if longer:
+            _extend(folder, longer)
         bar, on_step = progress_bar(0)
         try:
             report = execute_run(folder, loaded, prepared=prepared, on_step=on_step,
                                  resume=resume, should_stop=None if claim else
-                                 (folder.path / CANCEL_FILE).exists)
+                                 (folder.path / CANCEL_FILE).exists,
+                                 on_progress=final_progress())
         except BaseException as e:
             if writer:
                 folder.set_status("failed" if not isinstance(e, KeyboardInterrupt)
@@ -169,26 +192,38 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True) -> int:
         print(decision)
     print(results_header(report))
     print_report(report)
+    if ended_on_budget(report) and report["kept_step"] == report["steps"]:
+        say(f"it was still improving when its budget ended: `python -m prefixlab resume "
+            f"{folder.path} --more-minutes M` (or --more-epochs E) trains it longer")
     return 0
 
 
 def cmd_resume(args) -> int:
     from prefixlab.engine import distributed
     from prefixlab.engine.models import load_model, pick_device
-    from prefixlab.runs.folder import RunFolder
+    from prefixlab.runs.extension import check_amounts, check_run
+    from prefixlab.runs.folder import RunError, RunFolder
 
     folder = RunFolder(args.run)
     cfg = folder.run_config()
+    longer = (args.more_minutes, args.more_epochs)
+    longer = longer if any(longer) else None
     ranks = distributed.Ranks.from_env()
     if ranks is not None:  # `torchrun ... -m prefixlab resume RUN`
+        if longer:
+            raise RunError("--more-minutes and --more-epochs change the run before it "
+                           "resumes: give them to `resume --nproc N`, not under torchrun")
         return _rank_main(folder, cfg, ranks, resume=True, claim=True)
+    if longer:  # refused before the model loads (and checked again under the run lock)
+        check_amounts(*longer)
+        check_run(folder)
     device = pick_device(cfg.device)
     processes = distributed.process_count(args.nproc or cfg.nproc, device)
     if processes > 1:
-        return _launch(folder, processes, resume=True)
+        return _launch(folder, processes, resume=True, longer=longer)
     loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code,
                         progress=say)
-    return _execute(folder, loaded, None, resume=True)
+    return _execute(folder, loaded, None, resume=True, longer=longer)
 
 
 def _rank_main(folder, cfg, ranks, resume: bool, claim: bool) -> int:

@@ -12,6 +12,7 @@ per-family fact lives.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -97,38 +98,57 @@ def embedded_gguf() -> Path:
 
 
 def embedded_model_dir(progress: Callable[[str], None] | None = None) -> Path:
-    """A safetensors folder of the default model, converted from the GGUF on first use."""
+    """A safetensors folder of the default model, converted from the GGUF on first use.
+
+    Converted once, whoever asks first: the app's warm-up, a page asking for the model's
+    shape and the workers the app starts may all find the cache empty at once, and each used
+    to convert it. They queue on a lock file beside the folder (an flock, which excludes
+    threads of one process as it does processes), and those that waited find it done.
+    """
     target = cache_root() / "models" / DEFAULT_MODEL
     if (target / "config.json").is_file():
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = embedded_gguf()
-    if progress:
-        progress("converting the embedded SmolLM2-135M from GGUF (once, a few seconds)")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None  # save_pretrained refuses a quantized model otherwise
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        # The weights are plain float32 now; a stale quantization block would make
-        # transformers look for the GGUF again.
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config.pop("quantization_config", None)
-        config_path.write_text(json.dumps(config, indent=2))
-        os.replace(tmp, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(target.parent / f".{DEFAULT_MODEL}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if (target / "config.json").is_file():  # another process converted it first
-            return target
         raise ModelLoadError(f"could not write the converted model to {target}: {e}") from e
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held for the conversion: others wait here
+        if (target / "config.json").is_file():  # converted while this caller waited
+            return target
+        gguf = embedded_gguf()
+        if progress:
+            progress("converting the embedded SmolLM2-135M from GGUF (once, a few seconds)")
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        try:
+            convert_gguf(gguf, tmp)
+            os.replace(tmp, target)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ModelLoadError(f"could not write the converted model to {target}: {e}") from e
+    finally:
+        os.close(lock)  # releases the flock
     if progress:
         progress(f"converted model saved to {target}")
     return target
+
+
+def convert_gguf(gguf: Path, folder: Path) -> None:
+    """The GGUF model and its tokenizer dequantized into `folder` as a safetensors model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # save_pretrained refuses a quantized model otherwise
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # The weights are plain float32 now; a stale quantization block would make
+    # transformers look for the GGUF again.
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("quantization_config", None)
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def portable_model_id(name: str) -> str:

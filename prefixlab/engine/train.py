@@ -89,8 +89,9 @@ class TrainConfig:
     step whose three evaluations score best on average, so one lucky score on a small
     validation split does not decide; 0 keeps the single best evaluation."""
     max_minutes: float = 0.0
-    """Training time budget in minutes (resumes included); 0 has none. At the budget, the
-    current step is evaluated and the run ends."""
+    """Time budget in minutes for the whole run after its model has loaded: training, its
+    evaluations and the final report (resumes included); 0 has none. Training ends early
+    enough to leave the final report its time, and evaluates the step it ends on."""
     fit_schedule: bool = True
     """With a time budget: once the speed is known (after 20 steps, and again at each
     evaluation), fit the warm-up and the decay to the steps that fit in the budget rather
@@ -196,6 +197,7 @@ class TrainResult:
     stopped: bool  # should_stop asked to end early
     last_loss: float | None
     reason: str = ""  # why training ended, in words (budget, patience, time, cancelled)
+    elapsed_s: float = 0.0  # training time, resumes included: what the time budget has used
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -321,16 +323,25 @@ class _Schedule:
     With `TrainConfig.fit_schedule` and a time budget, the end is planned after
     PLAN_AFTER_STEPS steps from the speed so far and planned again at each evaluation, so the
     learning rate decays to zero when the budget runs out rather than stopping mid-decay.
-    Every rank plans the same end (the smallest of theirs).
+    Every rank plans the same end (the smallest of theirs). Training's share of the budget is
+    what `reserve_s()` leaves: the seconds the caller keeps for after training (its final
+    report), asked anew at each check, as the caller learns what that costs.
+
+    A run resumed past PLAN_AFTER_STEPS without a plan (one given more time after it ended:
+    runs/extension.py clears its plan) plans at once, from the speed of the steps it has.
     """
 
     def __init__(self, cfg: TrainConfig, total: int, start: int, before_s: float,
-                 planned: int) -> None:
+                 planned: int, reserve_s: Callable[[], float] | None = None) -> None:
         self.total, self.start, self.before_s = total, start, before_s
         self.budget_s = cfg.max_minutes * 60
+        self.reserve_s = reserve_s or (lambda: 0.0)
         self.fitting = bool(self.budget_s) and cfg.fit_schedule
         self.planned = planned if self.fitting else 0  # 0: the epochs' budget
         self.began = time.perf_counter()
+        if self.fitting and not self.planned and start >= PLAN_AFTER_STEPS and before_s > 0:
+            end = planned_end(total, start, start, before_s, self.left_s())
+            self.planned = int(distributed.agree_min(end))
 
     @property
     def end(self) -> int:
@@ -340,12 +351,28 @@ class _Schedule:
         """Seconds since this process began training (not counting a resumed run's past)."""
         return time.perf_counter() - self.began
 
+    def left_s(self) -> float:
+        """Seconds of the time budget left to train (inf without one): the budget less the
+        time trained, resumes included, and less what the caller reserves."""
+        if not self.budget_s:
+            return math.inf
+        return self.budget_s - self.before_s - self.elapsed() - self.reserve_s()
+
     def out_of_time(self, step: int) -> bool:
         """The time budget has run out before the schedule's end; every rank agrees (their
         clocks differ, and one rank stopping alone would leave the others waiting)."""
-        return (bool(self.budget_s)
-                and distributed.agree(self.before_s + self.elapsed() >= self.budget_s)
+        return (bool(self.budget_s) and distributed.agree(self.left_s() <= 0)
                 and step != self.end)
+
+    def eta(self, step: int) -> float:
+        """Seconds to the schedule's end at the speed of this process's steps, never more
+        than the time budget leaves (before a plan, the end is the epochs' budget, which a
+        time budget may cut far short)."""
+        elapsed = self.elapsed()
+        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+        if not rate:
+            return 0.0
+        return max(0.0, min((self.end - step) / rate, self.left_s()))
 
     def after_step(self, step: int) -> None:
         if self.fitting and not self.planned and step - self.start == PLAN_AFTER_STEPS:
@@ -356,9 +383,7 @@ class _Schedule:
             self.replan(step)  # the speed so far, evaluations included
 
     def replan(self, step: int) -> None:
-        elapsed = self.elapsed()
-        end = planned_end(self.total, step, step - self.start, elapsed,
-                          self.budget_s - self.before_s - elapsed)
+        end = planned_end(self.total, step, step - self.start, self.elapsed(), self.left_s())
         self.planned = int(distributed.agree_min(end))
 
 
@@ -385,13 +410,15 @@ def train(
     resume: Checkpoint | None = None,
     fast_path: bool = True,
     batch_order: Callable[[Sequence[int], int, int, int], list[list[int]]] = bucketed_batches,
+    reserve_s: Callable[[], float] | None = None,
 ) -> TrainResult:
     """Train `prefix` on `examples` with `model` frozen.
 
     `evaluate(step)` runs every `cfg.evaluation_interval` steps, at the end of each epoch
     and when the time budget runs out; it returns a reason to end training (e.g. patience
     ran out) or None to go on. `on_checkpoint` gets a checkpoint every `checkpoint_every`
-    steps and at the end.
+    steps and at the end. `reserve_s()`: seconds of the time budget to leave for what follows
+    training (the run's final report), asked at each check of the budget.
     `fast_path=False` trains without the model family's fast step (same loss and gradient,
     through autograd), and `batch_order(lengths, batch_size, seed, epoch)` replaces length
     bucketing: the benchmark's ablations, each showing what one speed-up buys.
@@ -420,7 +447,7 @@ def train(
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = cfg.total_steps(len(examples))
     interval = cfg.evaluation_interval(per_epoch)
-    schedule = _Schedule(cfg, total, start, before, planned)
+    schedule = _Schedule(cfg, total, start, before, planned, reserve_s)
 
     def checkpoint(step: int) -> None:
         if on_checkpoint is not None:
@@ -431,18 +458,24 @@ def train(
     seen = tokens = 0
     loss_value = None
     step = start
+
+    def ended(why: str, stopped: bool = False) -> TrainResult:
+        """Checkpoint the step training ends on, and say why it ended."""
+        checkpoint(step)
+        return TrainResult(step, stopped, loss_value, why, before + schedule.elapsed())
+
     epoch_batches: dict[int, list[list[Example]]] = {}
     tuner = ThreadTuner(device)
     fast_loss = family_of(model.config).fast_training_loss(model) if fast_path else None
     chunk_tokens = CUDA_CHUNK_TOKENS if device.type == "cuda" else CHUNK_TOKENS
     time_reason = f"time budget of {cfg.max_minutes:g} min"
     reason = (f"budget of {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
-              if cfg.max_steps is None or total < cfg.max_steps else f"max_steps {cfg.max_steps}")
+              if cfg.max_steps is None or total < cfg.max_steps
+              else f"budget of {cfg.max_steps} steps")
     try:
         while step < schedule.end:
             if should_stop is not None and should_stop():
-                checkpoint(step)
-                return TrainResult(step, True, loss_value, "cancelled")
+                return ended("cancelled", stopped=True)
             epoch, index = divmod(step, per_epoch)
             if epoch not in epoch_batches:
                 epoch_batches = {epoch: _epoch_batches(examples, labels, cfg, epoch, batch_order)}
@@ -471,12 +504,11 @@ def train(
             tokens += int(real)
             elapsed = schedule.elapsed()
             if on_step is not None:
-                rate = (step - start) / elapsed if elapsed > 0 else 0.0
                 on_step(StepInfo(
                     step=step, total_steps=end, epoch=step / per_epoch, loss=loss_value,
                     learning_rate=lr, examples_per_s=seen / elapsed if elapsed else 0.0,
                     tokens_per_s=tokens / elapsed if elapsed else 0.0, elapsed_s=elapsed,
-                    eta_s=(end - step) / rate if rate else 0.0,
+                    eta_s=schedule.eta(step),
                 ))
             out_of_time = schedule.out_of_time(step)
             end_of_epoch = step % per_epoch == 0 or step == end
@@ -486,16 +518,13 @@ def train(
             if evaluate is not None and (end_of_epoch or in_epoch % interval == 0 or out_of_time):
                 verdict = evaluate(step)
                 if verdict:
-                    checkpoint(step)
-                    return TrainResult(step, False, loss_value, verdict)
+                    return ended(verdict)
                 schedule.after_evaluation(step, out_of_time)
             if out_of_time:
-                checkpoint(step)
-                return TrainResult(step, False, loss_value, time_reason)
+                return ended(time_reason)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != end:
                 checkpoint(step)
-        checkpoint(step)
-        return TrainResult(step, False, loss_value, time_reason if step < total else reason)
+        return ended(time_reason if step < total else reason)
     finally:
         tuner.close()
         if fast_loss is not None:

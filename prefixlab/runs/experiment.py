@@ -27,8 +27,10 @@ from prefixlab.engine.models import LoadedModel, ModelInfo
 from prefixlab.engine.prefix import Prefix, default_init_text, init_prefix, save_prefix
 from prefixlab.engine.stopping import EarlyStopping
 from prefixlab.engine.train import Checkpoint, StepInfo, TrainConfig, TrainResult, train
+from prefixlab.runs.budget import FinalReserve, PhaseProgress, Progress
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.evaluate import prediction_warnings
+from prefixlab.runs.extension import longer_reason
 from prefixlab.runs.folder import RunError, RunFolder
 from prefixlab.runs.generation import (
     default_generation_init_text,
@@ -156,10 +158,13 @@ def execute_run(
     on_step: Callable[[StepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
+    on_progress: Callable[[dict], None] | None = None,
 ) -> dict | None:
     """Train (or resume) the run in `folder` and write its prefix and report.
 
     Returns the report, or None when stopped early (the last checkpoint is kept).
+    `on_step` hears every training step, `on_progress` every progress record of the final
+    report (budget.PhaseProgress), as the run folder's metrics log gets them.
 
     In a process group (distributed.py) every rank calls this: all of them train and score,
     and rank 0 alone writes the run's files.
@@ -173,8 +178,9 @@ def execute_run(
     encoder, examples = _training_examples(cfg, loaded, prepared, info["labels"])
     prefix = Prefix(loaded.shape, cfg.prefix).to(loaded.device)
     checkpoint = _starting_prefix(out, cfg, loaded, prefix, info["labels"], resume)
+    reserve = FinalReserve.of(cfg, prepared.validation)  # the budget's share for the report
     evaluations = _Evaluations(out, cfg, loaded, encoder, prepared.validation, prefix,
-                               _stopping_rule(folder, cfg.training, checkpoint))
+                               _stopping_rule(folder, cfg.training, checkpoint), reserve)
 
     def log_step(s: StepInfo) -> None:
         out.note({"type": "step", **s.as_dict()})
@@ -185,12 +191,13 @@ def execute_run(
         loaded.model, prefix, examples, cfg.training, loaded.tokenizer.pad_token_id,
         on_step=log_step, should_stop=should_stop, evaluate=evaluations,
         on_checkpoint=lambda ckpt: out.checkpoint(ckpt, prefix, loaded.name),
-        resume=checkpoint,
+        resume=checkpoint, reserve_s=reserve,
     )
     if result.stopped:
         out.status("cancelled", step=result.steps)
         out.note({"type": "event", "message": "cancelled", "step": result.steps})
         return None
+    deadline = reserve.deadline(result.elapsed_s)  # what the time budget leaves the report
     kept, kv, done = _kept_prefix(folder, prefix, evaluations, cfg.training, result)
     out.prefix(kv, loaded.name, kept)
     out.status("running", phase="evaluating", step=result.steps)
@@ -199,11 +206,19 @@ def execute_run(
     if not cfg.is_generation and cfg.decision == "fitted":
         fit, done = _fit_decision_rule(out, cfg, loaded, kv, encoder, prepared,
                                        evaluations.scores.get(kept), done)
-    report = _final_report(cfg, loaded, kv, encoder, prepared, done, writer=out.writer)
+    def log_progress(record: dict) -> None:
+        out.progress(record, result.steps)
+        if on_progress and out.writer:
+            on_progress(record)
+
+    progress = PhaseProgress(log_progress)
+    report = _final_report(cfg, loaded, kv, encoder, prepared, done, writer=out.writer,
+                           deadline=deadline, progress=progress)
     if fit is not None:
         report.update(decision_fit=fit)
     rule = evaluations.rule
-    report.update(steps=result.steps, kept_step=kept, stop_reason=result.reason,
+    report.update(steps=result.steps, kept_step=kept,
+                  stop_reason=longer_reason(result.reason, info),  # a grown budget says so
                   selection=(rule.selection() if cfg.training.keep_best
                              and rule.kept_step is not None else "the last step"))
     out.report(report)
@@ -231,6 +246,15 @@ class _Recorder:
         """status.json, saying how many processes train the run."""
         if self.writer:
             self.folder.set_status(state, **extra, processes=self.processes)
+
+    def progress(self, record: dict, step: int) -> None:
+        """How far the final report is (budget.PhaseProgress's record): in the metrics log,
+        for the page's progress line, and in words in the status."""
+        if self.writer:
+            self.folder.append_metrics(record)
+            self.folder.set_status("running", step=step, processes=self.processes,
+                                   phase=f"{record['phase']}: {record['what']} "
+                                         f"{record['done']}/{record['total']}")
 
     def snapshot(self, step: int, kv: torch.Tensor) -> None:
         if self.writer:
@@ -314,9 +338,10 @@ class _Evaluations:
 
     def __init__(self, out: _Recorder, cfg: RunConfig, loaded: LoadedModel,
                  encoder: Encoder | PairEncoder, validation: LabeledData | TextPairs,
-                 prefix: Prefix, rule: EarlyStopping) -> None:
+                 prefix: Prefix, rule: EarlyStopping, reserve: FinalReserve) -> None:
         self.out, self.cfg, self.loaded, self.encoder = out, cfg, loaded, encoder
         self.validation, self.prefix, self.rule = validation, prefix, rule
+        self.reserve = reserve  # learns from each evaluation what the final report costs
         self.last_step: int | None = None
         self.reports: dict[int, dict] = {}
         self.scores: dict[int, np.ndarray] = {}  # validation label scores (N, K)
@@ -324,7 +349,10 @@ class _Evaluations:
     def __call__(self, step: int) -> str | None:
         """Evaluate `step`; returns why training should end now, or None."""
         kv = self.prefix.folded()
+        began = time.perf_counter()
         report, record = self._score(step, kv)
+        record.setdefault("seconds", {"scoring": time.perf_counter() - began})
+        self.reserve.timed(record["seconds"])
         self.last_step = step
         self.reports[step] = report
         self.rule.update(step, record)
@@ -391,18 +419,20 @@ def _fit_decision_rule(out: _Recorder, cfg: RunConfig, loaded: LoadedModel, kv: 
 
 def _final_report(cfg: RunConfig, loaded: LoadedModel, kv: torch.Tensor,
                   encoder: Encoder | PairEncoder, prepared: PreparedData, done: dict | None,
-                  *, writer: bool) -> dict:
-    """The kept prefix's report on the validation rows.
+                  *, writer: bool, deadline: float | None = None,
+                  progress: Progress | None = None) -> dict:
+    """The kept prefix's report on the validation rows, its progress told to `progress`.
 
     A generation run scores its own loss on every held-out row (the live one read one
-    reference per input). A classification run reuses `done` when it has it and adds the
-    baselines; the TF-IDF and majority ones are trained by the writer alone, the rank that
-    keeps the report.
+    reference per input), and decodes held-out inputs until `deadline` (the end of the time
+    budget). A classification run reuses `done` when it has it and adds the baselines; the
+    TF-IDF and majority ones are trained by the writer alone, the rank that keeps the report.
     """
     if cfg.is_generation:
         return generation_report(loaded.model, encoder, kv, prepared.validation,
-                                 cfg.generation)
+                                 cfg.generation, deadline=deadline, progress=progress)
     report = full_report(loaded, kv, encoder, prepared.train if writer else None,
-                         prepared.validation, cfg.training.seed, prefix_report=done)
+                         prepared.validation, cfg.training.seed, prefix_report=done,
+                         progress=progress)
     report.update(decision=cfg.decision, label_scores=cfg.label_scores)
     return report

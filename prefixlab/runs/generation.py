@@ -8,7 +8,8 @@ model reading the same prompt template: what the prefix buys.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,10 +18,12 @@ from torch import nn
 
 from prefixlab.data.pairs import TextPairs, group_split, load_pairs_csv, sample_inputs, sample_rows
 from prefixlab.data.reading import DataError
+from prefixlab.engine import distributed
 from prefixlab.engine.decode import DecodeConfig, generate_texts
 from prefixlab.engine.encode import PairEncoder, Template, bucketed_batches, collate
 from prefixlab.engine.models import autocast
 from prefixlab.engine.prefix import forward
+from prefixlab.runs.budget import Progress
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.genmetrics import Grouped, generation_scores, group_references
 
@@ -63,19 +66,24 @@ def live_scores(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
     input's first reference, and greedy BLEU/chrF/ROUGE-L on the first `eval_generate_inputs`
     inputs. Cheap enough to run often: a data set like E2E has several references per input,
     and the loss on all of them would multiply the cost of every evaluation; the final report
-    reads every row and decodes every input as configured."""
+    reads every row and decodes every input as configured. The record's "seconds" say what
+    each part took (budget.FinalReserve estimates the final report from them)."""
     first: dict[str, int] = {}
     for i, x in enumerate(validation.inputs):
         first.setdefault(x, i)
     one_each = validation.subset(sorted(first.values()))
+    began = time.perf_counter()
     record: dict = {"val_loss": target_loss(model, kv, encoder, one_each)}
+    record["seconds"] = {"scoring": time.perf_counter() - began}
     if cfg.eval_generate_inputs:
+        began = time.perf_counter()
         grouped = group_references(validation.inputs, validation.targets)
         grouped = grouped.head(cfg.eval_generate_inputs)
         greedy = DecodeConfig(max_new_tokens=cfg.generation.max_new_tokens,
                               stop=cfg.generation.stop,
                               batch_size=cfg.generation.batch_size)
         record.update(evaluate_generation(model, encoder, kv, grouped, greedy).scores)
+        record["seconds"]["decoding"] = time.perf_counter() - began
     return record
 
 
@@ -87,13 +95,15 @@ def default_generation_init_text(task: str | None = None) -> str:
 
 @torch.inference_mode()
 def target_loss(model: nn.Module, kv: torch.Tensor | None, encoder: PairEncoder,
-                pairs: TextPairs, batch_size: int = 16) -> float:
+                pairs: TextPairs, batch_size: int = 16,
+                progress: Callable[[int, int], None] | None = None) -> float:
     """Mean cross-entropy per target token (EOS included) over every pair: the training
-    objective on held-out rows, logits computed only at target positions."""
+    objective on held-out rows, logits computed only at target positions. `progress(done,
+    total)` after each batch of rows."""
     examples = encoder.examples(pairs.inputs, pairs.targets)
     device = next(model.parameters()).device
     pad = encoder.tokenizer.pad_token_id
-    total, count = 0.0, 0
+    total, count, done = 0.0, 0, 0
     for idx in bucketed_batches([len(e) for e in examples], batch_size, 0, 0, shuffle=False):
         batch = collate([examples[i] for i in idx], pad).to(device)
         with autocast(device):
@@ -101,6 +111,9 @@ def target_loss(model: nn.Module, kv: torch.Tensor | None, encoder: PairEncoder,
                              batch.attention_mask, batch.loss_mask)  # (n_target_tokens, V)
         total += float(F.cross_entropy(logits.float(), batch.targets, reduction="sum"))
         count += batch.targets.numel()
+        done += len(idx)
+        if progress:
+            progress(done, len(examples))
     return total / max(count, 1)
 
 
@@ -128,33 +141,70 @@ def evaluate_generation(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor
 
 def generation_report(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
                       data: TextPairs, config: DecodeConfig, *, max_inputs: int | None = None,
-                      prefix_loss: float | None = None) -> dict:
+                      prefix_loss: float | None = None, deadline: float | None = None,
+                      progress: Progress | None = None) -> dict:
     """The prefix's scores at the top level, the bare model's beside them, and a table.
 
     Every distinct input of `data` (at most `max_inputs`) is generated once by each; `loss`
-    is the target cross-entropy (`prefix_loss` when the caller already has it).
+    is the target cross-entropy (`prefix_loss` when the caller already has it), over every
+    row. With a `deadline` (a time.monotonic() value: a run's time budget) the inputs are
+    decoded a batch at a time until it passes, and the report scores those reached (at least
+    one batch) and says so under "decoded". `progress(what, done, total)` follows each part.
     """
     grouped = group_references(data.inputs, data.targets)
     if max_inputs is not None:
         grouped = grouped.head(max_inputs)
-    ours = evaluate_generation(model, encoder, kv, grouped, config)
-    bare = evaluate_generation(model, encoder, None, grouped, config)
-    report = dict(ours.scores)
+
+    def loss(prefix_kv: torch.Tensor | None, what: str) -> float:
+        if progress:
+            progress(what, 0, len(data))
+        tell = (lambda done, total: progress(what, done, total)) if progress else None
+        return target_loss(model, prefix_kv, encoder, data, progress=tell)
+
+    prefix_loss = prefix_loss if prefix_loss is not None else loss(kv, "loss with the prefix")
+    bare_loss = loss(None, "loss of the bare model")
+    ours, bare = _decode_both(model, encoder, kv, grouped, config, deadline, progress)
+    reached = grouped.head(len(ours))
+    report = dict(generation_scores(ours, reached.references))
     report["task"] = "generation"
     report["rows"] = len(data)
     report["decoding"] = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens,
                           "length_penalty": config.length_penalty, "stop": list(config.stop)}
-    report["loss"] = (prefix_loss if prefix_loss is not None
-                      else target_loss(model, kv, encoder, data))
-    bare_scores = dict(bare.scores)
-    bare_scores["loss"] = target_loss(model, None, encoder, data)
+    if len(reached) < len(grouped):
+        report["decoded"] = {"inputs": len(reached), "of": len(grouped), "why": "time budget"}
+    report["loss"] = prefix_loss
+    bare_scores = dict(generation_scores(bare, reached.references))
+    bare_scores["loss"] = bare_loss
     report["baselines"] = {"bare_model": bare_scores}
     report["samples"] = [
         {"input": x, "references": refs, "prefix": p, "bare": b}
-        for x, refs, p, b in zip(grouped.inputs[:SAMPLE_ROWS], grouped.references[:SAMPLE_ROWS],
-                                 ours.outputs, bare.outputs, strict=False)
+        for x, refs, p, b in zip(reached.inputs[:SAMPLE_ROWS], reached.references[:SAMPLE_ROWS],
+                                 ours, bare, strict=False)
     ]
     return report
+
+
+def _decode_both(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor, grouped: Grouped,
+                 config: DecodeConfig, deadline: float | None,
+                 progress: Progress | None) -> tuple[list[str], list[str]]:
+    """Outputs with the prefix and of the bare model for the grouped inputs, a batch of each
+    at a time, until `deadline` passes (every rank stops at the same batch)."""
+    what, total = "decoding held-out inputs (prefix and bare model)", 2 * len(grouped)
+    if progress:
+        progress(what, 0, total)
+    ours: list[str] = []
+    bare: list[str] = []
+    for start in range(0, len(grouped), config.batch_size):
+        if ours and deadline is not None and distributed.agree(time.monotonic() >= deadline):
+            break
+        inputs = grouped.inputs[start:start + config.batch_size]
+        ours += generate(model, encoder, kv, inputs, config)
+        if progress:
+            progress(what, len(ours) + len(bare), total)
+        bare += generate(model, encoder, None, inputs, config)
+        if progress:
+            progress(what, len(ours) + len(bare), total)
+    return ours, bare
 
 
 def evaluate_pairs_csv(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,

@@ -22,6 +22,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ import psutil
 from prefixlab.engine.models import LoadedModel, ModelInfo
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.experiment import PreparedData, create_run, prepare_data
+from prefixlab.runs.extension import extend_run
 from prefixlab.runs.folder import CANCEL_FILE, RunError, RunFolder
 from prefixlab.runs.locks import RunBusy, claim_lock, try_run_lock
 
@@ -103,6 +105,9 @@ class RunStore:
         # The worker program; it is called with the run folder, `--lock-fd N` and maybe
         # `--resume`, and must keep descriptor N open for as long as it may write the run.
         self.worker_command = [sys.executable, "-m", "prefixlab", "worker"]
+        # The workers this store started, by pid: each is waited for as it ends (so none
+        # stays a zombie), and its exit code is kept here.
+        self.workers: dict[int, subprocess.Popen] = {}
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -192,6 +197,22 @@ class RunStore:
         Raises RunBusy when the run already has a live worker: of two quick clicks on
         Resume, one starts the worker and the other gets that message.
         """
+        with self._run_lock(run_id) as (folder, fd):
+            self._launch(run_id, folder, fd, resume)
+
+    def train_longer(self, run_id: str, more_minutes: float, more_epochs: int) -> dict:
+        """Give a completed run that ended on its budget more minutes and/or epochs, and
+        start its worker to resume it from its checkpoint (extension.py). Returns the
+        extension; of two quick clicks, one extends and starts, the other gets RunBusy."""
+        with self._run_lock(run_id) as (folder, fd):
+            extension = extend_run(folder, more_minutes, more_epochs)
+            self._launch(run_id, folder, fd, resume=True)
+        return extension
+
+    @contextlib.contextmanager
+    def _run_lock(self, run_id: str) -> Iterator[tuple[RunFolder, int]]:
+        """The run's folder and its lock's descriptor, held here (RunBusy when a worker
+        holds it); closed on the way out, where a started worker's inherited copy keeps it."""
         row = self.get(run_id)
         folder = self.folder(run_id)
         with claim_lock(folder.path):
@@ -200,24 +221,29 @@ class RunStore:
                 raise RunBusy(f"run {row.name!r} is already queued or running; cancel it "
                               "before starting it again")
             try:
-                # We hold the lock, so these writes are the run's only ones; "queued" stands
-                # until the worker writes its own status, and if the worker dies before that,
-                # the next refresh finds the lock free and the run still queued: interrupted.
-                (folder.path / CANCEL_FILE).unlink(missing_ok=True)
-                folder.set_status("queued", pid=None, pid_started=None,
-                                  phase="starting the worker")
-                proc = self._spawn(folder, fd, resume)
-                try:
-                    started = psutil.Process(proc.pid).create_time()
-                except psutil.Error:  # already gone: the next refresh says why
-                    started = None
-                with self._db() as db:
-                    db.execute(
-                        "UPDATE runs SET state='queued', pid=?, pid_started=?, updated=?, "
-                        "error=NULL WHERE id=?", (proc.pid, started, time.time(), run_id),
-                    )
+                yield folder, fd
             finally:
                 os.close(fd)  # the worker's inherited copy holds the lock from here on
+
+    def _launch(self, run_id: str, folder: RunFolder, fd: int, resume: bool) -> None:
+        """Start the worker, handing it the run lock `fd` that the caller holds."""
+        # We hold the lock, so these writes are the run's only ones; "queued" stands
+        # until the worker writes its own status, and if the worker dies before that,
+        # the next refresh finds the lock free and the run still queued: interrupted.
+        (folder.path / CANCEL_FILE).unlink(missing_ok=True)
+        folder.set_status("queued", pid=None, pid_started=None, phase="starting the worker")
+        proc = self._spawn(folder, fd, resume)
+        self.workers[proc.pid] = proc
+        _reap_when_done(proc)
+        try:
+            started = psutil.Process(proc.pid).create_time()
+        except psutil.Error:  # already gone: the next refresh says why
+            started = None
+        with self._db() as db:
+            db.execute(
+                "UPDATE runs SET state='queued', pid=?, pid_started=?, updated=?, "
+                "error=NULL WHERE id=?", (proc.pid, started, time.time(), run_id),
+            )
 
     def _spawn(self, folder: RunFolder, fd: int, resume: bool) -> subprocess.Popen:
         """The worker process, handed the run lock as descriptor `fd` (the same number)."""
@@ -337,6 +363,15 @@ class RunStore:
             finally:
                 if fd is not None:
                     os.close(fd)
+
+
+def _reap_when_done(proc: subprocess.Popen) -> None:
+    """Wait for a worker in a daemon thread, so that it is reaped as soon as it exits.
+
+    The worker is this process's child: until someone waits for it, a finished worker stays a
+    zombie (`<defunct>`), which Python only reaps at its next Popen, or never in an app that
+    starts no other process."""
+    threading.Thread(target=proc.wait, name=f"reap-worker-{proc.pid}", daemon=True).start()
 
 
 def _worker_env(data_dir: Path) -> dict[str, str]:

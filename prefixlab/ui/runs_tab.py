@@ -1,8 +1,10 @@
 """Runs tab: every run with its status, data, model, metrics and sizes; open one, resume,
-cancel or delete it, download its prefix or PEFT export, evaluate it on a held-out test CSV,
-and compare curves of several."""
+cancel or delete it, train one that ended on its budget longer, download its prefix or PEFT
+export, evaluate it on a held-out test CSV, and compare curves of several."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import gradio as gr
 
@@ -110,6 +112,24 @@ def evaluate_test(workbench: Workbench, rid: str | None, path: str | None):
     return md, table_, cm, bars
 
 
+def longer_offer(workbench: Workbench, rid: str | None):
+    """The Train-longer row, shown for a completed run that ended on its budget: why, and
+    the amounts to offer (its first budget again); hidden for any other run."""
+    offer = workbench.longer_offer(rid) if rid else None
+    if offer is None:
+        return gr.update(visible=False), "", gr.skip(), gr.skip()
+    return (gr.update(visible=True), f"**Train longer?** {escape(offer.sentence())}",
+            offer.minutes, offer.epochs)
+
+
+def train_longer(workbench: Workbench, rid: str | None, minutes, epochs):
+    """Resume the picked run with more minutes and/or epochs; the row hides once it starts."""
+    name = workbench.store.get(need(rid)).name
+    what = workbench.train_longer(rid, float(minutes or 0), int(epochs or 0))
+    return (f"Training **{escape(name)}** longer, {escape(what)}; follow it in Train.",
+            gr.update(visible=False))
+
+
 def compare_runs(workbench: Workbench, ids: list[str] | None, which: str):
     """One curve per run of the metric `which`."""
     if not ids:
@@ -119,6 +139,40 @@ def compare_runs(workbench: Workbench, ids: list[str] | None, which: str):
 
 
 # --- the page ------------------------------------------------------------------------------
+
+
+@dataclass
+class LongerRow:
+    """The Train-longer row's components (train_longer_row lays them out)."""
+
+    row: gr.Row
+    note: gr.Markdown
+    minutes: gr.Number
+    epochs: gr.Number
+    button: gr.Button
+
+
+def train_longer_row() -> LongerRow:
+    """Hidden until a completed run that ended on its budget is picked (longer_offer)."""
+    with gr.Row(visible=False, elem_id="train-longer-row") as row:
+        note = gr.Markdown(elem_id="train-longer-note")
+        minutes = gr.Number(0, minimum=0, label="More minutes (0 = no time limit)",
+                            elem_id="longer-minutes")
+        epochs = gr.Number(0, minimum=0, precision=0, label="More epochs (0 = what fits)",
+                           elem_id="longer-epochs")
+        button = gr.Button("Train longer", variant="primary", elem_id="train-longer")
+    return LongerRow(row, note, minutes, epochs, button)
+
+
+def wire_train_longer(workbench: Workbench, longer: LongerRow, pick, open_btn, message,
+                      listed: list, notice) -> None:
+    offer_outputs = [longer.row, longer.note, longer.minutes, longer.epochs]
+    for trigger in (pick.input, open_btn.click):
+        wire(trigger, bind(longer_offer, workbench), [pick], offer_outputs, notice,
+             clears=False)
+    wire(longer.button.click, bind(train_longer, workbench),
+         [pick, longer.minutes, longer.epochs], [message, longer.row], notice).then(
+        bind(list_runs, workbench), inputs=pick, outputs=listed, api_visibility="private")
 
 
 def build(workbench: Workbench, notice) -> list[LoadHook]:
@@ -132,6 +186,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         resume_btn = gr.Button("Resume", size="sm", elem_id="run-resume")
         cancel_btn = gr.Button("Cancel", size="sm", elem_id="run-cancel")
         delete_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="run-delete")
+    longer = train_longer_row()
     with gr.Row():
         dl_prefix = gr.Button("Download prefix (.zip)", size="sm", elem_id="dl-prefix")
         dl_peft = gr.Button("Download PEFT adapter (.zip)", size="sm", elem_id="dl-peft")
@@ -184,6 +239,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     wire(delete_btn.click, bind(delete, workbench), [pick], [message], notice).then(
         bind(list_runs, workbench), inputs=pick, outputs=listed, api_visibility="private")
     wire(keep_btn.click, bind(keep, workbench), [pick], [message], notice)
+    wire_train_longer(workbench, longer, pick, open_btn, message, listed, notice)
     wire(dl_prefix.click, bind(download_prefix, workbench), [pick], [download], notice)
     wire(dl_peft.click, bind(download_peft, workbench), [pick], [download], notice)
     wire(test_btn.click, bind(evaluate_test, workbench), [pick, test_file],

@@ -20,20 +20,49 @@ PER_CLASS_WIDTHS = ["28%", "19%", "17%", "17%", "19%"]  # label, precision, reca
 
 
 def progress_html(records: list[dict], state: str, phase: str | None = None) -> str:
-    """The bar and the last step's numbers; before the first step, what the run is doing."""
+    """The bar and the last step's numbers; before the first step, what the run is doing;
+    after the last, how far its final report is (rows done of total, time spent and left)."""
     steps = [r for r in records if r.get("type") == "step"]
     if not steps:
         return f"<div>{escape(phase or state)}…</div>" if state in ACTIVE else ""
     s = steps[-1]
+    if state in ACTIVE and (final := final_phase(records)):
+        return _bar(final["done"] / max(1, final["total"])) + (
+            f"<div>{final_phase_line(final)}</div>"
+            f"<div>training ended at step {s['step']}/{s['total_steps']} · "
+            f"loss {s['loss']:.3f}</div>") + last_evaluation_html(records)
     share = s["step"] / max(1, s["total_steps"])
-    eta = f" · at most {s['eta_s']:.0f} s left" if phase == "training" and s["eta_s"] else ""
+    eta = (f" · at most {s['eta_s']:.0f} s of training left"
+           if phase == "training" and s["eta_s"] else "")
     after = f" · {escape(phase)}…" if phase and phase != "training" else ""
-    html = (
-        f"<div class='bar'><div class='fill' style='width:{100 * share:.1f}%'></div></div>"
+    html = _bar(share) + (
         f"<div>step {s['step']}/{s['total_steps']} · epoch {s['epoch']:.2f} · "
         f"{s['examples_per_s']:.1f} examples/s · loss {s['loss']:.3f}{eta}{after}</div>"
     )
     return html + last_evaluation_html(records)
+
+
+def _bar(share: float) -> str:
+    return (f"<div class='bar'><div class='fill' style='width:{100 * min(1.0, share):.1f}%'>"
+            "</div></div>")
+
+
+def final_phase(records: list[dict]) -> dict | None:
+    """The run's latest progress record of its final report, if it came after the last
+    training step (a run trained longer has older ones)."""
+    for r in reversed(records):
+        if r.get("type") == "step":
+            return None
+        if r.get("type") == "progress":
+            return r
+    return None
+
+
+def final_phase_line(r: dict) -> str:
+    """E.g. "final report: decoding held-out inputs 32/80 · 41 s · about 62 s left"."""
+    left = f" · about {r['eta_s']:.0f} s left" if r.get("eta_s") is not None else ""
+    return (f"{escape(r['phase'])}: {escape(r['what'])} {r['done']}/{r['total']} · "
+            f"{r['elapsed_s']:.0f} s{left}")
 
 
 def last_evaluation_html(records: list[dict]) -> str:
@@ -62,6 +91,8 @@ def generation_report_outputs(report: dict):
         f"| bare model (same prompt, no prefix) | {bare['bleu']:.1f} | {bare['rouge_l']:.1f} | "
         f"{bare['chrf']:.1f} | {bare['loss']:.3f} |",
     ]
+    if cut := decoded_note(report):
+        lines.append(f"\n{cut}")
     samples = report.get("samples", [])
     if samples:
         # A Markdown table: the page's full width for four columns of sentences.
@@ -71,6 +102,16 @@ def generation_report_outputs(report: dict):
         lines += [f"| {_cell(s['input'])} | {'<br>'.join(_cell(r) for r in s['references'])} | "
                   f"{_cell(s['prefix'])} | {_cell(s['bare'])} |" for s in samples]
     return "\n".join(lines), shown(None), shown(None), shown(charts.generation_bars(report))
+
+
+def decoded_note(report: dict) -> str:
+    """What a generation report's scores read when its time budget cut the decoding short."""
+    cut = report.get("decoded")
+    if not cut:
+        return ""
+    return (f"The scores read the first {cut['inputs']} of {cut['of']} held-out inputs: the "
+            f"run's {cut['why']} ran out while decoding (the target loss reads all "
+            f"{report['rows']} references).")
 
 
 def _cell(text: str) -> str:
@@ -277,7 +318,8 @@ def build(workbench: Workbench, dataset: gr.State, notice,
             patience = gr.Number(value=quick["patience"], precision=0, minimum=0,
                                  label="Patience (evaluations without improvement; 0 = off)")
             max_minutes = gr.Number(value=quick["max_minutes"], minimum=0,
-                                    label="Time budget, minutes (0 = none)")
+                                    label="Time budget, minutes: training and final report "
+                                          "(0 = none)")
             processes = gr.Slider(
                 1, most_processes, step=1, value=default_processes, label="Processes",
                 visible=most_processes > 1, elem_id="processes",

@@ -20,6 +20,7 @@ from prefixlab.engine.encode import Encoder, Template, TemplateError
 from prefixlab.engine.models import DEFAULT_MODEL, LoadedModel, ModelInfo
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.experiment import PreparedData, prepare_data
+from prefixlab.runs.extension import LongerOffer, describe_extension, longer_offer
 from prefixlab.runs.finished import Run, open_run
 from prefixlab.runs.folder import RunError, RunFolder
 from prefixlab.runs.generation import pair_encoder
@@ -186,6 +187,19 @@ class RunRoom:
         if folder.cancel_requested():
             return "cancelling: stops after the current step, keeping the last checkpoint"
         return status.get("phase")
+
+    def longer_offer(self, run_id: str) -> LongerOffer | None:
+        """Whether a run may train longer (completed, ended on its budget), and what to
+        offer it; None for any other run."""
+        if self.store.get(run_id).state != "completed":
+            return None
+        return longer_offer(self.store.folder(run_id))
+
+    def train_longer(self, run_id: str, more_minutes: float, more_epochs: int) -> str:
+        """Resume a completed run that ended on its budget with more minutes and/or epochs
+        (its worker starts at once); returns what it will do, in words."""
+        extension = self.store.train_longer(run_id, more_minutes, more_epochs)
+        return describe_extension(extension)
 
     def finished_runs(self) -> list[RunRow]:
         return [r for r in self.runs() if self.store.folder(r.id).prefix_path.is_file()]
