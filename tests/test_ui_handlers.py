@@ -146,18 +146,34 @@ def test_presets_and_the_prefix_size_line(bench):
 
 def test_a_finished_run_renders_its_report_and_stops_the_timer(bench):
     workbench, trained = bench[:2]
-    (rid, offset, records, follow, status, progress, loss, _, report, per_class, *_,
-     timer) = train_tab.render(workbench, trained, 0, [])
-    assert rid == trained and offset > 0 and records
+    followed = train_tab.Followed()
+    (view, follow, status, progress, loss, _, report, per_class, *_, timer,
+     cancel) = train_tab.on_follow(workbench, followed, trained)
+    assert followed.run_id == trained and view["run_id"] == trained and view["offset"] > 0
     assert follow["value"] == trained and "**trained**: completed" in status
     assert loss["visible"] and "Held-out results on" in report and per_class["visible"]
     assert timer.active is False
-    again = train_tab.render(workbench, trained, offset, records)
-    assert again[1] == offset and again[2] == records  # nothing new in the log
-    nothing = train_tab.reattach(workbench)  # no run is active: nothing is followed
-    assert nothing[0] is None and nothing[-1].active is False
+    assert cancel["value"] == f"Cancel run {trained}" and cancel["interactive"] is False
+    again = train_tab.on_tick(workbench, followed, view)
+    assert again[0] == view  # nothing new in the log
+    assert "value" not in again[1] and "value" not in again[-1]  # a poll moves no choice
     with pytest.raises(gr.Error, match="No run is open"):
-        train_tab.on_cancel(workbench, None)
+        train_tab.on_cancel(workbench, train_tab.Followed(), None)
+
+
+def test_a_reloaded_page_shows_the_last_run_once_none_is_active(bench):
+    """Issue 26, item 8: after a reload the Train tab was blank once every run was over."""
+    workbench, trained = bench[:2]
+    followed = train_tab.Followed()  # a new page: nothing followed yet
+    view, follow, status, *_, report, _, _, _, timer, cancel = train_tab.reattach(workbench,
+                                                                                  followed)
+    last = max(workbench.store.list(), key=lambda r: r.created)
+    assert followed.run_id == last.id == view["run_id"] and follow["value"] == last.id
+    assert f"**{last.name}**" in status and timer.active is False
+    # the trained run, picked before a reload of the tab, stays shown with its report
+    followed.run_id = trained
+    out = train_tab.reattach(workbench, followed)
+    assert followed.run_id == trained and "Held-out results on" in out[6]
 
 
 # --- Runs ------------------------------------------------------------------------------------
