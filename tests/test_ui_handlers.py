@@ -112,10 +112,13 @@ def test_an_upload_is_kept_and_restored_by_its_key_only(bench, tmp_path):
     src = write_reviews_csv(tmp_path / "my file.csv")
     *_, memory = data_tab.on_upload(workbench, str(src))
     src.unlink()
-    state, message, *_ = data_tab.restore(workbench, memory)
-    assert Path(state["path"]).parent == workbench.uploads_dir
+    state, message, *_, file_box = data_tab.restore(workbench, memory)
+    assert Path(state["path"]).parent.parent == workbench.uploads_dir
     assert message.startswith("**my file.csv** (kept from your last visit)")
+    # Issue 26, item 8: the file box shows the kept file, by its name, not an empty drop zone.
+    assert file_box == state["path"] and Path(file_box).name == "my_file.csv"
     assert data_tab.restore(workbench, {"key": str(EXAMPLE_CSV)})[0] is None
+    assert data_tab.restore(workbench, {"key": "example"})[-1] == gr.skip()  # not an upload
 
 
 # --- Train -----------------------------------------------------------------------------------

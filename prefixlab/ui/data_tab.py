@@ -127,15 +127,17 @@ def columns_changed(workbench: Workbench, state: dict | None, text: str | None,
 
 
 def restore(workbench: Workbench, memory):
-    """A reloaded page shows the file this browser had chosen, if it is still kept."""
+    """A reloaded page shows the file this browser had chosen, if it is still kept: in the
+    file box (by its own name) and in the message; the outputs of load, then the file box."""
     path = workbench.kept_upload(memory.get("key")) if isinstance(memory, dict) else None
     if path is None:
-        return load(workbench, None)[:-1] + (gr.skip(),)
+        return (*load(workbench, None)[:-1], gr.skip(), gr.skip())
     state, summary, *rest = load(workbench, str(path), memory.get("name"), memory.get("text"),
                                  memory.get("label"), memory.get("target"))
-    if state:  # the file box cannot show a kept file again: the message names it
+    if state:
         summary = f"**{escape(state['name'])}** (kept from your last visit): {summary}"
-    return (state, summary, *rest)
+    shown_file = str(path) if state and path != EXAMPLE_CSV else gr.skip()  # uploads only
+    return (state, summary, *rest, shown_file)
 
 
 # --- the page ------------------------------------------------------------------------------
@@ -172,4 +174,4 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
         wire(dd.input, bind(columns_changed, workbench),
              [dataset, text_col, label_col, target_col],
              [dataset, message, preview, chart, remembered], notice)
-    return [LoadHook(bind(restore, workbench), [remembered], outputs)]
+    return [LoadHook(bind(restore, workbench), [remembered], [*outputs, upload])]
