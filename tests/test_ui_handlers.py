@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from prefixlab.engine.prefix import save_prefix
+from prefixlab.runs import finished, scoring
 from prefixlab.runs.folder import RunError
 from prefixlab.runs.presets import PRESETS, SETTING_NAMES
 from prefixlab.ui import api, data_tab, inspect_tab, playground_tab, runs_tab, train_tab
-from prefixlab.ui.common import bind
+from prefixlab.ui.common import LongAction, bind, stop_action
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.datasets import EXAMPLE_CSV
 from prefixlab.workbench.runs import run_config
@@ -25,6 +26,7 @@ from tests.test_app import (  # noqa: F401  (module-scoped fixtures, reused here
     trained_bench,
     write_reviews_csv,
 )
+from tests.test_app_generation import generated  # noqa: F401  (a module-scoped fixture)
 
 
 def quick(**changes) -> list:
@@ -203,6 +205,99 @@ def test_the_runs_tab_lists_opens_and_refuses_what_cannot_be_done(bench, tmp_pat
     workbench.store.delete(unstarted)
     assert not runs_tab.compare_runs(workbench, [], "loss")["visible"]
     assert runs_tab.compare_runs(workbench, [trained], "loss")["visible"]
+
+
+# --- Long actions: progress and Stop (issue 26, item 5) ------------------------------------
+
+
+@pytest.fixture
+def counted_rows(monkeypatch):
+    """Scoring in chunks of 4 rows; the rows the engine was asked to score, per call."""
+    monkeypatch.setattr(scoring, "SCORE_CHUNK", 4)
+    monkeypatch.setattr(finished, "SCORE_CHUNK", 4)
+    calls: list[int] = []
+    score = scoring.score_log_likelihoods
+
+    def counting(model, kv, encoder, texts, *args, **kwargs):
+        calls.append(len(texts))
+        return score(model, kv, encoder, texts, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_log_likelihoods", counting)
+    return calls
+
+
+def test_evaluating_a_test_csv_shows_progress_and_stops_between_chunks(bench, tmp_path,
+                                                                        counted_rows):
+    workbench, trained = bench[:2]
+    csv = write_reviews_csv(tmp_path / "test.csv", rows=12)
+    seen: list = []
+    md, table, *_ = runs_tab.evaluate_test(workbench, trained, str(csv), LongAction(),
+                                           progress=lambda f, desc=None: seen.append((f, desc)))
+    assert md.startswith("### trained on the test file: 12 rows") and table["visible"]
+    assert "Evaluated in " in md
+    descs = [d for _, d in seen]
+    assert "scoring the rows with the prefix: 4/12 · 0 s so far · about " in descs[1]
+    assert any(d.startswith("scoring the rows without the prefix (zero-shot): 8/12 ")
+               and d.endswith(" left for this part") for d in descs)
+    assert [f for f, _ in seen].count(1.0) == 2  # both parts to the end
+    assert sum(counted_rows) == 24  # 12 rows with the prefix, 12 without
+
+    # Stop pressed while the first chunk is scored: nothing more is scored.
+    counted_rows.clear()
+    action = LongAction()
+
+    def press_stop(fraction, desc=None):
+        if action.done:
+            stop_action(action)
+
+    md, table, confusion, bars = runs_tab.evaluate_test(workbench, trained, str(csv), action,
+                                                        progress=press_stop)
+    assert md.startswith("**Stopped after 4 of 12 (scoring the rows with the prefix)")
+    assert not (table["visible"] or confusion["visible"] or bars["visible"])
+    assert counted_rows == [4] and not action.running
+    with pytest.raises(gr.Error, match="Nothing is running"):
+        stop_action(action)
+
+
+def test_batch_prediction_shows_progress_and_a_stopped_one_writes_nothing(bench, tmp_path,
+                                                                          counted_rows):
+    workbench, trained = bench[:2]
+    csv = write_reviews_csv(tmp_path / "to label.csv", rows=10)
+    seen: list = []
+    path, summary = playground_tab.on_batch(workbench, str(csv), trained, LongAction(),
+                                            progress=lambda f, desc=None: seen.append(desc))
+    assert "Predicted **10 rows**" in summary and Path(path).is_file()
+    assert seen[-1].startswith("predicting: 10/10 · ") and len(seen) == 4  # 0, 4, 8, 10
+    before = set(workbench.exports_dir.iterdir())
+    action = LongAction()
+    path, summary = playground_tab.on_batch(
+        workbench, str(csv), [trained], action,
+        progress=lambda f, desc=None: action.done and stop_action(action))
+    assert path is None and summary.startswith("**Stopped after 4 of 10 (predicting)")
+    assert set(workbench.exports_dir.iterdir()) == before  # no file half written
+    # several runs at once: the same chunks, the same Stop
+    _, alike = bench[1:3]
+    action = LongAction()
+    path, summary = playground_tab.on_batch(
+        workbench, str(csv), [trained, alike], action,
+        progress=lambda f, desc=None: action.done and stop_action(action))
+    assert path is None and "Stopped after" in summary
+
+
+def test_evaluating_a_generation_run_shows_each_part_and_stops(generated):  # noqa: F811
+    workbench, run_id, csv = generated
+    seen: list = []
+    report = workbench.evaluate_csv(run_id, csv,
+                                    progress=lambda what, done, total: seen.append(what))
+    assert report["task"] == "generation"
+    assert list(dict.fromkeys(seen)) == [
+        "decoding the inputs with the prefix", "decoding the inputs with the bare model",
+        "target loss with the prefix", "target loss of the bare model"]
+    action = LongAction()
+    md, *charts_ = runs_tab.evaluate_test(
+        workbench, run_id, str(csv), action,
+        progress=lambda f, desc=None: action.done and stop_action(action))
+    assert md.startswith("**Stopped after 6 of 6 (decoding the inputs with the prefix)")
 
 
 # --- Playground and the API ------------------------------------------------------------------

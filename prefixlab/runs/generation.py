@@ -8,7 +8,7 @@ model reading the same prompt template: what the prefix buys.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -87,13 +87,15 @@ def default_generation_init_text(task: str | None = None) -> str:
 
 @torch.inference_mode()
 def target_loss(model: nn.Module, kv: torch.Tensor | None, encoder: PairEncoder,
-                pairs: TextPairs, batch_size: int = 16) -> float:
+                pairs: TextPairs, batch_size: int = 16,
+                progress: Callable[[int, int], None] | None = None) -> float:
     """Mean cross-entropy per target token (EOS included) over every pair: the training
-    objective on held-out rows, logits computed only at target positions."""
+    objective on held-out rows, logits computed only at target positions. `progress(done,
+    total)` after each batch of rows."""
     examples = encoder.examples(pairs.inputs, pairs.targets)
     device = next(model.parameters()).device
     pad = encoder.tokenizer.pad_token_id
-    total, count = 0.0, 0
+    total, count, done = 0.0, 0, 0
     for idx in bucketed_batches([len(e) for e in examples], batch_size, 0, 0, shuffle=False):
         batch = collate([examples[i] for i in idx], pad).to(device)
         with autocast(device):
@@ -101,6 +103,9 @@ def target_loss(model: nn.Module, kv: torch.Tensor | None, encoder: PairEncoder,
                              batch.attention_mask, batch.loss_mask)  # (n_target_tokens, V)
         total += float(F.cross_entropy(logits.float(), batch.targets, reduction="sum"))
         count += batch.targets.numel()
+        done += len(idx)
+        if progress:
+            progress(done, len(examples))
     return total / max(count, 1)
 
 
@@ -121,33 +126,52 @@ class GenerationResult:
 
 
 def evaluate_generation(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor | None,
-                        grouped: Grouped, config: DecodeConfig) -> GenerationResult:
-    outputs = generate(model, encoder, kv, grouped.inputs, config)
+                        grouped: Grouped, config: DecodeConfig,
+                        progress: Callable[[int, int], None] | None = None) -> GenerationResult:
+    """Outputs and scores on the grouped inputs; with `progress(done, total)`, decoded a batch
+    at a time and reported after each (a progress that raises stops there)."""
+    if progress is None:
+        outputs = generate(model, encoder, kv, grouped.inputs, config)
+    else:
+        outputs, n = [], len(grouped.inputs)
+        progress(0, n)
+        for start in range(0, n, config.batch_size):
+            outputs += generate(model, encoder, kv, grouped.inputs[start:start + config.batch_size],
+                                config)
+            progress(len(outputs), n)
     return GenerationResult(generation_scores(outputs, grouped.references), outputs)
 
 
 def generation_report(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
                       data: TextPairs, config: DecodeConfig, *, max_inputs: int | None = None,
-                      prefix_loss: float | None = None) -> dict:
+                      prefix_loss: float | None = None,
+                      progress: Callable[[str, int, int], None] | None = None) -> dict:
     """The prefix's scores at the top level, the bare model's beside them, and a table.
 
     Every distinct input of `data` (at most `max_inputs`) is generated once by each; `loss`
     is the target cross-entropy (`prefix_loss` when the caller already has it).
+    `progress(what, done, total)` follows each part.
     """
+    def told(what: str) -> Callable[[int, int], None] | None:
+        return (lambda done, total: progress(what, done, total)) if progress else None
+
     grouped = group_references(data.inputs, data.targets)
     if max_inputs is not None:
         grouped = grouped.head(max_inputs)
-    ours = evaluate_generation(model, encoder, kv, grouped, config)
-    bare = evaluate_generation(model, encoder, None, grouped, config)
+    ours = evaluate_generation(model, encoder, kv, grouped, config,
+                               told("decoding the inputs with the prefix"))
+    bare = evaluate_generation(model, encoder, None, grouped, config,
+                               told("decoding the inputs with the bare model"))
     report = dict(ours.scores)
     report["task"] = "generation"
     report["rows"] = len(data)
     report["decoding"] = {"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens,
                           "length_penalty": config.length_penalty, "stop": list(config.stop)}
-    report["loss"] = (prefix_loss if prefix_loss is not None
-                      else target_loss(model, kv, encoder, data))
+    report["loss"] = (prefix_loss if prefix_loss is not None else target_loss(
+        model, kv, encoder, data, progress=told("target loss with the prefix")))
     bare_scores = dict(bare.scores)
-    bare_scores["loss"] = target_loss(model, None, encoder, data)
+    bare_scores["loss"] = target_loss(model, None, encoder, data,
+                                      progress=told("target loss of the bare model"))
     report["baselines"] = {"bare_model": bare_scores}
     report["samples"] = [
         {"input": x, "references": refs, "prefix": p, "bare": b}
@@ -160,13 +184,16 @@ def generation_report(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
 def evaluate_pairs_csv(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
                        cfg: RunConfig, path: str, input_column: str | None = None,
                        target_column: str | None = None, decode: dict | None = None, *,
-                       max_inputs: int | None = None) -> dict:
+                       max_inputs: int | None = None,
+                       progress: Callable[[str, int, int], None] | None = None) -> dict:
     """A run's prefix on a held-out CSV of pairs, beside the bare model: every distinct input
     generated once, its rows its references. Columns default to the run's own; `decode`
-    overrides some of the run's decoding settings."""
+    overrides some of the run's decoding settings; `progress(what, done, total)` follows
+    each part."""
     data = load_pairs_csv(path, input_column or cfg.text_column,
                           target_column or cfg.target_column)
     settings = DecodeConfig(**{**asdict(cfg.generation), **(decode or {})})
-    report = generation_report(model, encoder, kv, data, settings, max_inputs=max_inputs)
+    report = generation_report(model, encoder, kv, data, settings, max_inputs=max_inputs,
+                               progress=progress)
     report["columns"] = {"text": data.input_column, "target": data.target_column}
     return report

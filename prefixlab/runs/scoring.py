@@ -6,6 +6,8 @@ and by inspection.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -23,20 +25,38 @@ from prefixlab.runs.evaluate import (
     tfidf_baseline,
 )
 
+SCORE_CHUNK = 64
+"""Rows scored between two progress reports."""
+
 
 def evaluate_prefix(
-    loaded: LoadedModel, kv: torch.Tensor | None, encoder: Encoder, data: LabeledData
+    loaded: LoadedModel, kv: torch.Tensor | None, encoder: Encoder, data: LabeledData,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Metrics of one prefix (or the bare model) and the label probabilities, in one pass."""
-    ll = score_rows(loaded, kv, encoder, data)
+    ll = score_rows(loaded, kv, encoder, data, progress)
     return report_from_scores(encoder, data, ll), encoder.rule.probs(ll)
 
 
 def score_rows(loaded: LoadedModel, kv: torch.Tensor | None, encoder: Encoder,
-               data: LabeledData) -> np.ndarray:
-    """Label log-likelihoods (N, K) of the rows; in a process group each rank scores a share."""
-    return distributed.gather_rows(
-        lambda texts: score_log_likelihoods(loaded.model, kv, encoder, texts), data.texts)
+               data: LabeledData, progress: Callable[[int, int], None] | None = None,
+               ) -> np.ndarray:
+    """Label log-likelihoods (N, K) of the rows; in a process group each rank scores a share.
+    With `progress(done, total)`, the rows are scored SCORE_CHUNK at a time, reported after
+    each chunk (a progress that raises stops the scoring there)."""
+    def score(texts: list[str]) -> np.ndarray:
+        return distributed.gather_rows(
+            lambda share: score_log_likelihoods(loaded.model, kv, encoder, share), texts)
+
+    texts = list(data.texts)
+    if progress is None or not texts:
+        return score(texts)
+    progress(0, len(texts))
+    parts = []
+    for start in range(0, len(texts), SCORE_CHUNK):
+        parts.append(score(texts[start:start + SCORE_CHUNK]))
+        progress(min(start + SCORE_CHUNK, len(texts)), len(texts))
+    return np.concatenate(parts, axis=0)
 
 
 def report_from_scores(encoder: Encoder, data: LabeledData, ll: np.ndarray) -> dict:
@@ -79,17 +99,23 @@ def fit_decision(encoder: Encoder, data: LabeledData, ll: np.ndarray,
 def full_report(
     loaded: LoadedModel, kv: torch.Tensor, encoder: Encoder, train_data: LabeledData | None,
     data: LabeledData, seed: int, prefix_report: dict | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """The prefix's metrics at the top level, the baselines beside them, and warnings when
     its predictions collapse onto one label or miss one.
 
     `prefix_report`: the prefix's own metrics when already computed on `data` (the last
-    evaluation of a run), so the rows are not scored twice.
+    evaluation of a run), so the rows are not scored twice. `progress(what, done, total)`
+    follows the scoring of the rows, with the prefix and without.
     """
-    report = dict(prefix_report) if prefix_report else evaluate_prefix(loaded, kv, encoder,
-                                                                       data)[0]
+    def told(what: str) -> Callable[[int, int], None] | None:
+        return (lambda done, total: progress(what, done, total)) if progress else None
+
+    report = dict(prefix_report) if prefix_report else evaluate_prefix(
+        loaded, kv, encoder, data, told("scoring the rows with the prefix"))[0]
     # the bare model decides on its own scores: the training prior is knowledge it lacks
-    zero, _ = evaluate_prefix(loaded, None, encoder.without_prior(), data)
+    zero, _ = evaluate_prefix(loaded, None, encoder.without_prior(), data,
+                              told("scoring the rows without the prefix (zero-shot)"))
     baselines: dict = {"zero_shot": zero}
     if train_data is not None:
         preds = tfidf_baseline(train_data.texts, train_data.labels, data.texts, seed)

@@ -11,7 +11,18 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from prefixlab.ui.common import LoadHook, bind, escape, run_choices, shown, wire
+from prefixlab.ui.common import (
+    LoadHook,
+    LongAction,
+    Stopped,
+    bind,
+    escape,
+    progress_of,
+    run_choices,
+    shown,
+    stop_action,
+    wire,
+)
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.serving import BatchPrediction
 
@@ -145,13 +156,25 @@ def on_generate_side_by_side(workbench: Workbench, text: str | None, ids: list[s
                                                  num_beams=int(n_beams)))
 
 
-def on_batch(workbench: Workbench, path: str | None, ids: list[str] | str | None):
-    """The predicted CSV to download, and what to know about it."""
+def on_batch(workbench: Workbench, path: str | None, ids: list[str] | str | None,
+             action: LongAction | None = None,
+             progress=gr.Progress()):  # noqa: B008 (gradio injects it)
+    """The predicted CSV to download, and what to know about it (or where Stop stopped it).
+    Progress shows rows done of rows, the time so far and an estimate of the time left;
+    `action` is this page's, which its Stop button can stop."""
     if not path:
         raise gr.Error("Upload a CSV with a text column.")
     if not ids:
         raise gr.Error("Pick at least one prefix.")
-    result = workbench.predict_csv([ids] if isinstance(ids, str) else list(ids), path)
+    action = action or LongAction()
+    action.begin()
+    try:
+        result = workbench.predict_csv([ids] if isinstance(ids, str) else list(ids), path,
+                                       progress=progress_of(action, progress))
+    except Stopped as e:
+        return None, f"**{escape(e)}** Nothing was written."
+    finally:
+        action.end()
     return str(result.path), batch_summary(result)
 
 
@@ -218,7 +241,9 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                              file_types=[".csv", ".tsv", ".txt"], elem_id="batch-csv")
         batch_prefix = gr.Dropdown(label="Prefixes (one column group each)", choices=[],
                                    multiselect=True, elem_id="batch-prefix")
-        batch_go = gr.Button("Predict", elem_id="batch-run")
+        with gr.Column():
+            batch_go = gr.Button("Predict", elem_id="batch-run")
+            batch_stop = gr.Button("Stop", elem_id="batch-stop", size="sm")
         batch_out = gr.File(label="Predictions (CSV)", interactive=False, elem_id="batch-out")
     batch_msg = gr.Markdown(elem_id="batch-msg")
 
@@ -232,8 +257,11 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
          [prompt, gen_prefix, max_new, sample, temperature], [output], notice)
     wire(gen_go.click, bind(on_generate_side_by_side, workbench),
          [gen_inputs, gen_runs, beams, gen_max, gen_bare], [gen_table], notice)
-    wire(batch_go.click, bind(on_batch, workbench), [batch_file, batch_prefix],
-         [batch_out, batch_msg], notice)
+    # The prediction's progress shows on the line under the row; Stop ends it there.
+    batch_action = gr.State(LongAction())
+    wire(batch_go.click, bind(on_batch, workbench), [batch_file, batch_prefix, batch_action],
+         [batch_out, batch_msg], notice, show_progress_on=[batch_msg])
+    wire(batch_stop.click, stop_action, [batch_action], [], notice)
     lists = [prefixes, gen_prefix, batch_prefix, what_runs, gen_runs]
     for dd in lists:
         wire(dd.focus, bind(refresh_choices, workbench), [], lists, notice, clears=False)
