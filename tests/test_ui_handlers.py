@@ -8,6 +8,7 @@ import inspect
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 import pytest
 import torch
 
@@ -26,7 +27,10 @@ from tests.test_app import (  # noqa: F401  (module-scoped fixtures, reused here
     trained_bench,
     write_reviews_csv,
 )
-from tests.test_app_generation import generated  # noqa: F401  (a module-scoped fixture)
+from tests.test_app_generation import (  # noqa: F401  (a module-scoped fixture)
+    generated,
+    write_pairs_csv,
+)
 
 
 def quick(**changes) -> list:
@@ -121,6 +125,27 @@ def test_an_upload_is_kept_and_restored_by_its_key_only(bench, tmp_path):
     assert file_box == state["path"] and Path(file_box).name == "my_file.csv"
     assert data_tab.restore(workbench, {"key": str(EXAMPLE_CSV)})[0] is None
     assert data_tab.restore(workbench, {"key": "example"})[-1] == gr.skip()  # not an upload
+
+
+def test_the_preview_shows_the_chosen_columns_first_each_with_its_share(bench, tmp_path):
+    """Issue 26, item 9: a generation preview put the target first and cut the input."""
+    workbench = bench[0]
+    frame = pd.DataFrame({"id": [1], "target": ["There is a place in the city centre."],
+                          "input": ["name[Blue Spice], eatType[coffee shop], area[riverside]"]})
+    preview = data_tab.preview_update(frame, "input", None, "target")
+    assert list(preview["value"].columns) == ["input", "target", "id"]
+    assert preview["column_widths"] == ["40.0%", "45.0%", "15.0%"]
+    two = data_tab.preview_update(frame[["target", "input"]], "input", None, "target")
+    assert list(two["value"].columns) == ["input", "target"]
+    assert two["column_widths"] == ["47.1%", "52.9%"]  # the two share the whole width
+    labeled = data_tab.preview_update(frame.rename(columns={"target": "label"}), "input",
+                                      "label")
+    assert list(labeled["value"].columns) == ["label", "input", "id"]  # short label first
+    # An uploaded generation CSV: the input column leads the preview.
+    csv = write_pairs_csv(tmp_path / "pairs.csv")  # mr, then ref
+    _, _, text_col, _, target_col, preview, *_ = data_tab.on_upload(workbench, str(csv))
+    assert (text_col["value"], target_col["value"]) == ("mr", "ref")
+    assert list(preview["value"].columns) == ["mr", "ref"]
 
 
 # --- Train -----------------------------------------------------------------------------------

@@ -190,9 +190,11 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                                    multiselect=True, elem_id="play-prefixes")
             bare = gr.Checkbox(value=True, label="Also show the bare model (zero-shot)")
             score = gr.Button("Score", variant="primary", elem_id="play-score")
+    # The text and the source get fixed shares (they wrap); the predicted label and each
+    # p(label) take their header's width, so six labels' probabilities fit beside them.
     results = gr.Dataframe(label="Predictions", interactive=False, wrap=True,
                            elem_id="play-results", visible=False, max_chars=80,
-                           elem_classes=["readable-table"])
+                           elem_classes=["readable-table"], column_widths=["22%", "14%"])
     chart = gr.Plot(show_label=False, elem_id="play-chart", visible=False)
 
     gr.Markdown("### Which prefix says what")
@@ -232,19 +234,27 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                 gen_max = gr.Slider(1, 200, step=1, value=64, label="Max new tokens")
             gen_bare = gr.Checkbox(value=True, label="Also show the bare model on each prompt")
             gen_go = gr.Button("Generate side by side", variant="primary", elem_id="gen2-run")
+    # Fixed shares of the width: measured from the cells, the inputs and sources once took it
+    # all and the outputs started off screen.
     gen_table = gr.Dataframe(label="Outputs", interactive=False, wrap=True, visible=False,
-                             elem_id="gen2-results", elem_classes=["readable-table"])
+                             elem_id="gen2-results", elem_classes=["readable-table"],
+                             column_widths=["30%", "16%", "54%"])
 
-    gr.Markdown("### Batch prediction")
+    gr.Markdown("### Batch prediction\nEach row of a CSV gets every picked run's label and "
+                "probabilities (a generation run: its generated text); a column of gold labels "
+                "gives each run's metrics.")
     with gr.Row():
-        batch_file = gr.File(label="CSV to label (or to generate for, with a generation run)",
-                             file_types=[".csv", ".tsv", ".txt"], elem_id="batch-csv")
-        batch_prefix = gr.Dropdown(label="Prefixes (one column group each)", choices=[],
-                                   multiselect=True, elem_id="batch-prefix")
-        with gr.Column():
-            batch_go = gr.Button("Predict", elem_id="batch-run")
-            batch_stop = gr.Button("Stop", elem_id="batch-stop", size="sm")
-        batch_out = gr.File(label="Predictions (CSV)", interactive=False, elem_id="batch-out")
+        batch_file = gr.File(label="CSV to predict", file_types=[".csv", ".tsv", ".txt"],
+                             elem_id="batch-csv", scale=2)
+        with gr.Column(scale=2):
+            batch_prefix = gr.Dropdown(label="Prefixes (one column group each)", choices=[],
+                                       multiselect=True, elem_id="batch-prefix")
+            with gr.Row():
+                batch_go = gr.Button("Predict", elem_id="batch-run")
+                batch_stop = gr.Button("Stop", elem_id="batch-stop", size="sm", scale=0,
+                                       min_width=80)
+        batch_out = gr.File(label="Predictions (CSV)", interactive=False, elem_id="batch-out",
+                            scale=2)
     batch_msg = gr.Markdown(elem_id="batch-msg")
 
     for trigger in (score.click, texts.submit):

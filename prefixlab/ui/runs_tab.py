@@ -179,7 +179,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                             file_types=[".csv", ".tsv", ".txt"], elem_id="test-csv", scale=3)
         with gr.Column():
             test_btn = gr.Button("Evaluate", elem_id="test-run")
-            test_stop = gr.Button("Stop", elem_id="test-stop", size="sm")
+            test_stop = gr.Button("Stop", elem_id="test-stop", size="sm")  # ends it early
     with gr.Row(equal_height=False):
         test_md = gr.Markdown(elem_id="test-report")
         test_per_class = gr.Dataframe(label="Per class (test)", interactive=False, visible=False,
