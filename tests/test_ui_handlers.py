@@ -197,13 +197,14 @@ def test_a_reloaded_page_shows_the_last_run_once_none_is_active(bench):
     followed = train_tab.Followed()  # a new page: nothing followed yet
     view, follow, status, *_, report, _, _, _, timer, cancel = train_tab.reattach(workbench,
                                                                                   followed)
-    last = max(workbench.store.list(), key=lambda r: r.created)
-    assert followed.run_id == last.id == view["run_id"] and follow["value"] == last.id
-    assert f"**{last.name}**" in status and timer.active is False
-    # the trained run, picked before a reload of the tab, stays shown with its report
-    followed.run_id = trained
-    out = train_tab.reattach(workbench, followed)
-    assert followed.run_id == trained and "Held-out results on" in out[6]
+    # the last completed run (runs created later never ran), with its report
+    assert followed.run_id == trained == view["run_id"] and follow["value"] == trained
+    assert "**trained**: completed" in status and "Held-out results on" in report
+    assert timer.active is False and cancel["interactive"] is False
+    # a run picked before the tab was opened again stays shown
+    alike = bench[2]
+    followed.run_id = alike
+    assert train_tab.reattach(workbench, followed)[0]["run_id"] == alike
 
 
 # --- Runs ------------------------------------------------------------------------------------

@@ -275,7 +275,8 @@ def on_cancel(workbench: Workbench, followed: Followed, view: dict | None) -> li
 
 def reattach(workbench: Workbench, followed: Followed, view: dict | None = None) -> list:
     """Follow the run shown while it is active; else the one training (or queued); with none
-    active, the last run started, so a reloaded page shows its report."""
+    active, the run shown, or on a new page the last run completed (else the last started),
+    so a reloaded page shows its report instead of nothing."""
     rows = workbench.refresh()
     rid = followed.run_id
     if not (rid and any(r.id == rid and r.state in ACTIVE for r in rows)):
@@ -284,7 +285,8 @@ def reattach(workbench: Workbench, followed: Followed, view: dict | None = None)
         if active:
             rid = active[0].id
         elif not any(r.id == rid for r in rows):
-            rid = max(rows, key=lambda r: r.created).id if rows else None
+            last = max(rows, key=lambda r: (r.state == "completed", r.created), default=None)
+            rid = last.id if last else None
     followed.run_id = rid
     return render(workbench, rid, view, pick=True)
 
