@@ -32,6 +32,9 @@ CSS = """
 .readable-table th:first-child, .readable-table td:first-child {min-width: 4.5em}
 /* Generated texts wrap, even a run of characters without a space (a bare model's output). */
 #gen2-results td .cell-wrap {overflow-wrap: anywhere}
+/* Where a long action's progress shows: an empty box has no height, and its bar and words
+   (rows done, time so far, time left) would be drawn in none. */
+.progress-host:has(> [data-testid="status-tracker"]:not(.hide)) {min-height: 5.5em}
 /* A box's label leaves room for the buttons in its top right corner (a file's Clear). */
 .block label[data-testid="block-label"] {max-width: calc(100% - 44px)}
 """

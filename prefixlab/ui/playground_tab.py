@@ -255,7 +255,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                                        min_width=80)
         batch_out = gr.File(label="Predictions (CSV)", interactive=False, elem_id="batch-out",
                             scale=2)
-    batch_msg = gr.Markdown(elem_id="batch-msg")
+    batch_msg = gr.Markdown(elem_id="batch-msg", elem_classes=["progress-host"])
 
     for trigger in (score.click, texts.submit):
         wire(trigger, bind(on_score, workbench), [texts, prefixes, bare], [results, chart],

@@ -181,7 +181,7 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
             test_btn = gr.Button("Evaluate", elem_id="test-run")
             test_stop = gr.Button("Stop", elem_id="test-stop", size="sm")  # ends it early
     with gr.Row(equal_height=False):
-        test_md = gr.Markdown(elem_id="test-report")
+        test_md = gr.Markdown(elem_id="test-report", elem_classes=["progress-host"])
         test_per_class = gr.Dataframe(label="Per class (test)", interactive=False, visible=False,
                                       elem_id="test-per-class", elem_classes=["readable-table"],
                                       column_widths=PER_CLASS_WIDTHS)
