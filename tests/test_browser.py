@@ -449,6 +449,8 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     expect(status).to_contain_text("browser run: completed")
     expect(page.locator("#report")).to_contain_text("Held-out results on")
     expect(page.locator("#cancel")).to_be_disabled()
+    for plot in ("loss-plot", "eval-plot", "confusion", "baselines"):
+        page.locator(f"#{plot} .js-plotly-plot").wait_for()
     shoot(page, screenshots, "6-train-after-reload")
 
 

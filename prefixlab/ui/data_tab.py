@@ -16,7 +16,7 @@ from prefixlab.ui.common import LoadHook, bind, bullet_list, escape, shown, wire
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.datasets import EXAMPLE_CSV
 
-PREVIEW_CHARS = 160  # a preview cell longer than this is cut, so the label column stays in view
+PREVIEW_CHARS = 320  # a preview cell longer than this is cut (an E2E input is ~200 characters)
 NO_TARGET = "(none: classify with the label column)"
 
 
