@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.queue(default_concurrency_limit=4).launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth,
         max_file_size=MAX_UPLOAD, css=CSS, show_error=True,
-        allowed_paths=[str(workbench.exports_dir)],
+        # exports: downloads; uploads: a reloaded page shows the file it had chosen
+        allowed_paths=[str(workbench.exports_dir), str(workbench.uploads_dir)],
     )
 
 

@@ -89,7 +89,7 @@ def served(workbench: Workbench, tmp: Path) -> Iterator[str]:
         demo.queue(default_concurrency_limit=4).launch(
             server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
             css=CSS, max_file_size=app.MAX_UPLOAD, show_error=True,
-            allowed_paths=[str(workbench.exports_dir)],
+            allowed_paths=[str(workbench.exports_dir), str(workbench.uploads_dir)],
         )
         try:
             yield f"http://127.0.0.1:{port}/"
@@ -385,7 +385,8 @@ def test_an_upload_is_kept_and_a_reloaded_page_shows_it_again(demo, workbench, t
     src = write_reviews_csv(tmp_path / "gradio-temp" / "my reviews.csv")
     *_, memory, _ = handler(demo, "csv", "upload")(str(src))
     kept = workbench.kept_upload(memory["key"])
-    assert kept.parent == workbench.uploads_dir and kept.read_bytes() == src.read_bytes()
+    assert kept.parent.parent == workbench.uploads_dir and kept.name == "my_reviews.csv"
+    assert kept.read_bytes() == src.read_bytes()
     src.unlink()  # Gradio's temp copy goes; the kept one stays
     restore = next(f.fn for f in demo.fns.values() if f.name == "restore")
     state, message, text_col, *_ = restore({**memory, "label": "label", "text": "text"})

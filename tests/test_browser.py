@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -157,13 +158,71 @@ def wait_for_points(page, elem_id: str, n: int, timeout: float) -> None:
         timeout=timeout, polling=250)
 
 
+class SlowPolls:
+    """The Train tab's status polls made slow on demand, as on a loaded machine (each waits
+    before it reads), and counted: the race of issue 26, item 1, at will. Only the polls
+    (and Start, Cancel and the tab's reattach, which are not used meanwhile) refresh."""
+
+    def __init__(self, workbench: Workbench, monkeypatch) -> None:
+        self.delay = 0.0
+        self.started = self.finished = 0
+        self._changed = threading.Condition()
+        refresh = workbench.refresh
+
+        def slow_refresh():
+            with self._changed:
+                self.started += 1
+                self._changed.notify_all()
+            time.sleep(self.delay)
+            try:
+                return refresh()
+            finally:
+                with self._changed:
+                    self.finished += 1
+                    self._changed.notify_all()
+
+        monkeypatch.setattr(workbench, "refresh", slow_refresh)
+
+    def wait(self, what: str, count: int, timeout: float = 30.0) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: getattr(self, what) >= count, timeout), what
+
+
+class SlowScoring:
+    """Scoring in chunks of 4 rows, each taking at least `seconds`: long enough to see an
+    action's progress and to stop it."""
+
+    def __init__(self, monkeypatch, seconds: float) -> None:
+        from prefixlab.runs import finished, scoring
+
+        def slowed(fn):
+            def slow(*args, **kwargs):
+                time.sleep(seconds)
+                return fn(*args, **kwargs)
+            return slow
+
+        for module in (scoring, finished):
+            monkeypatch.setattr(module, "SCORE_CHUNK", 4)
+        # an evaluation's scoring, and a run's (a batch prediction)
+        monkeypatch.setattr(scoring, "score_log_likelihoods",
+                            slowed(scoring.score_log_likelihoods))
+        monkeypatch.setattr(finished.Run, "score", slowed(finished.Run.score))
+
+
+def box(page, selector: str) -> dict:
+    found = page.locator(selector).bounding_box()
+    assert found, f"{selector} is not on the page"
+    return found
+
+
 def set_slider(page, elem_id: str, value: int) -> None:
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
     box.press("Enter")
 
 
-def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, url):
+def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, url,
+                                       monkeypatch):
     """upload -> a wrong file refused before Start -> Start -> phases -> a second run queued
     and cancelled at once -> the first followed to its report -> test-CSV evaluation ->
     batch prediction with metrics -> Inspect; and an upload survives a reload."""
@@ -201,6 +260,9 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     expect(page.locator("#data-msg")).to_contain_text("2 labels")
     expect(page.get_by_role("combobox", name="Label column")).to_have_value("label")
     expect(page.locator("#data-msg")).to_contain_text("reviews.csv (kept from your last visit)")
+    # ... and the file box shows the kept file, not an empty drop zone (issue 26, item 8)
+    expect(page.locator("#csv")).to_contain_text(re.compile(r"reviews\s*\.csv"))
+    expect(page.locator("#csv")).not_to_contain_text("Drop File Here")
     expect(page.locator("#preview")).to_contain_text("positive")
     page.locator("#label-chart .js-plotly-plot").wait_for()
     shoot(page, screenshots, "1-data")
@@ -230,20 +292,48 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     wait_for_points(page, "loss-plot", 2, TRAIN_TIMEOUT_MS)
     first = next(r for r in workbench.runs() if r.name == "browser run")
 
-    # A second run queues behind it, says so, and is cancelled at once.
+    # A second run queues behind it, says so, and Cancel names it.
     page.get_by_role("textbox", name="Run name (optional)").fill("second run")
     page.locator("#start").click()
     expect(status).to_contain_text("second run")
     expect(status).to_contain_text("waiting for the device")
+    second = next(r for r in workbench.runs() if r.name == "second run")
+    cancel = page.locator("#cancel")
+    expect(cancel).to_have_text(f"Cancel run {second.id}")
     shoot(page, screenshots, "2-train-queued")
+
+    # A slow poll answered after a pick (issue 26, item 1): with polls taking 4 s, as on a
+    # loaded machine, the person picks the first run, a poll starts, and before it answers
+    # they pick the second again. The page stays on the second; Cancel stops it alone.
+    follow = page.get_by_role("combobox", name=re.compile("Run shown"))
+    polls = SlowPolls(workbench, monkeypatch)
+    follow.click()
+    page.get_by_role("option", name=re.compile(r"^browser run · ")).click()
+    expect(status).to_contain_text("browser run")
+    expect(cancel).to_have_text(f"Cancel run {first.id}")
+    polls.delay = 4.0
+    began = polls.started
+    polls.wait("started", began + 1)  # a poll began while the first run was shown
+    follow.click()
+    page.get_by_role("option", name=re.compile(r"^second run · ")).click()
+    expect(status).to_contain_text("second run")
+    polls.wait("finished", began + 1)  # ... and answered after the pick
+    page.wait_for_timeout(1000)  # what it answered would be on the page by now
+    assert "second run" in status.inner_text()  # at once: no later poll to put it right
+    assert follow.input_value().startswith("second run · ")
+    assert cancel.inner_text() == f"Cancel run {second.id}"
+    shoot(page, screenshots, "2-train-after-a-slow-poll")
+    polls.delay = 0.0
     asked = time.monotonic()
-    page.locator("#cancel").click()
+    cancel.click()
     expect(status).to_contain_text(re.compile("second run.*(cancelling|cancelled)"))
     expect(status).to_contain_text("cancelled")
     cancelled_in = time.monotonic() - asked
     print(f"queued run cancelled in {cancelled_in:.1f} s")
     assert cancelled_in < 10
+    assert workbench.store.get(second.id).state == "cancelled"
     assert workbench.store.get(first.id).state in ("running", "completed")
+    assert not workbench.folder(first.id).cancel_requested()
 
     # Back to the first run: every active run is listed; its report comes at the end.
     page.get_by_role("combobox", name=re.compile("Run shown")).click()
@@ -273,9 +363,22 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     page.locator("#runs-loss .js-plotly-plot").wait_for()
     page.locator("#test-csv input[type=file]").set_input_files(str(test_csv))
     expect(page.locator("#test-csv")).to_contain_text(re.compile(r"test\s*\.csv"))
+    # A long evaluation shows rows done of rows, the time so far and what is left, and stops
+    # on request (issue 26, item 5); scoring is made slow here to see it.
+    test_report = page.locator("#test-report")
+    with pytest.MonkeyPatch.context() as slow:
+        SlowScoring(slow, seconds=1.5)
+        page.locator("#test-run").click()
+        expect(test_report).to_contain_text(
+            re.compile(r"scoring the rows with the prefix: [1-9]\d*/\d+ · \d+ s so far · "
+                       r"about \d+ s left"))
+        shoot(page, screenshots, "3-runs-evaluating")
+        page.locator("#test-stop").click()
+        expect(test_report).to_contain_text(re.compile(r"Stopped after \d+ of \d+"))
+        expect(page.locator("#test-confusion")).to_be_hidden()
     page.locator("#test-run").click()
-    expect(page.locator("#test-report")).to_contain_text("browser run on the test file",
-                                                         timeout=TRAIN_TIMEOUT_MS)
+    expect(test_report).to_contain_text("browser run on the test file", timeout=TRAIN_TIMEOUT_MS)
+    expect(test_report).to_contain_text("Evaluated in")
     expect(page.locator("#test-report")).to_contain_text("zero-shot")
     page.locator("#test-confusion .js-plotly-plot").wait_for()
     expect(page.locator("#notice")).to_have_text("")
@@ -319,12 +422,23 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
     expect(results).to_contain_text("p(positive)")
     page.locator("#play-chart .js-plotly-plot").wait_for()
     page.locator("#batch-csv input[type=file]").set_input_files(str(test_csv))
+    expect(page.locator("#batch-csv")).to_contain_text(re.compile(r"test\s*\.csv"))
+    # The file box's label ends before its Clear button (issue 26, item 9).
+    label = box(page, "#batch-csv label[data-testid=block-label]")
+    clear = box(page, "#batch-csv button[aria-label=Clear]")
+    assert label["x"] + label["width"] <= clear["x"], (label, clear)
     page.get_by_role("combobox", name="Prefixes (one column group each)").click()
     page.get_by_role("option", name=re.compile(r"^browser run · completed")).click()
     page.keyboard.press("Escape")
-    page.locator("#batch-run").click()
-    expect(page.locator("#batch-msg")).to_contain_text("gold labels in",
-                                                       timeout=TRAIN_TIMEOUT_MS)
+    with pytest.MonkeyPatch.context() as slow:  # a long prediction shows how far it got
+        SlowScoring(slow, seconds=1.0)
+        page.locator("#batch-run").click()
+        expect(page.locator("#batch-msg")).to_contain_text(
+            re.compile(r"predicting: [1-9]\d*/\d+ · \d+ s so far"))
+        page.locator("#batch-msg").scroll_into_view_if_needed()
+        shoot(page, screenshots, "4-playground-predicting")
+        expect(page.locator("#batch-msg")).to_contain_text("gold labels in",
+                                                           timeout=TRAIN_TIMEOUT_MS)
     expect(page.locator("#batch-msg")).to_contain_text("macro-F1")
     expect(page.locator("#batch-out")).to_contain_text("test-predictions")
     shoot(page, screenshots, "4-playground")
@@ -353,6 +467,17 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
                            "?.data?.[0]?.type === 'scatter3d'", timeout=TIMEOUT_MS)
     page.wait_for_timeout(1000)  # WebGL draws after the data is in
     shoot(page, screenshots, "5-inspect-3d")
+
+    # Reloaded once every run is over, the Train tab shows the last completed run's report
+    # (issue 26, item 8), and Cancel has nothing to stop.
+    page.reload()
+    open_tab(page, "Train")
+    expect(status).to_contain_text("browser run: completed")
+    expect(page.locator("#report")).to_contain_text("Held-out results on")
+    expect(page.locator("#cancel")).to_be_disabled()
+    for plot in ("loss-plot", "eval-plot", "confusion", "baselines"):
+        page.locator(f"#{plot} .js-plotly-plot").wait_for()
+    shoot(page, screenshots, "6-train-after-reload")
 
 
 def test_the_train_tab_follows_a_final_report_with_rows_and_time_left(page, workbench, workdir,

@@ -13,6 +13,7 @@ import pytest
 
 from tests.test_browser import (  # noqa: F401  (module-scoped fixtures, reused here)
     TRAIN_TIMEOUT_MS,
+    box,
     browser,
     open_tab,
     page,
@@ -120,3 +121,116 @@ def test_a_generation_run_in_the_browser(page, workdir, screenshots, workbench):
     page.locator("#inspect-open").click()
     expect(page.locator("#inspect-msg")).to_contain_text("gen run")
     shoot(page, screenshots, "g4-inspect-generation")
+
+
+# --- tables and file boxes keep what they show in view (issue 26, item 9) --------------------
+
+LONG_MRS = [
+    f"name[{name}], eatType[coffee shop], food[{food}], priceRange[more than £30], customer "
+    f"rating[5 out of 5], area[riverside], familyFriendly[yes], near[{near}]"
+    for name, food, near in (("Blue Spice", "English", "Avalon"), ("The Cricketers", "Chinese",
+                                                                  "All Bar One"),
+                             ("Cotto", "Indian", "The Portland Arms"), ("Zizzi", "Japanese",
+                                                                        "Café Sicilia"),
+                             ("Aromi", "French", "Rainbow Vegetarian Café"),
+                             ("Strada", "Italian", "Burger King"))
+]
+LABELS = ["abbreviation", "description", "entity", "human", "location", "numeric"]
+
+
+def write_long_pairs_csv(path):
+    """E2E-like data: long meaning representations, each with three long references."""
+    rows = [{"input": mr, "target": f"{mr.split('[')[1].split(']')[0]} is a coffee shop by the "
+             f"river, near {mr.split('near[')[1][:-1]}, that welcomes families; reference {k}."}
+            for mr in LONG_MRS for k in range(3)]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def write_questions_csv(path):
+    """Questions with six labels whose names are long words."""
+    pd.DataFrame({"text": [f"what is the question number {i} about the thing" for i in range(60)],
+                  "label": [LABELS[i % 6] for i in range(60)]}).to_csv(path, index=False)
+    return path
+
+
+def outside(tab, elem_id: str, cells: str) -> list[str]:
+    """The cells (a selector inside #elem_id) whose box ends right of the component's, or
+    whose text does not fit the cell: what a person cannot read without scrolling."""
+    return tab.evaluate(
+        """([id, cells]) => {
+            const right = document.getElementById(id).getBoundingClientRect().right;
+            return [...document.querySelectorAll(`#${id} ${cells}`)].filter(c => {
+                const text = c.querySelector('.cell-wrap') || c;
+                return c.getBoundingClientRect().right > right + 1
+                    || text.scrollWidth > text.clientWidth + 1;
+            }).map(c => c.innerText.trim());
+        }""", [elem_id, cells])
+
+
+def test_tables_and_file_boxes_keep_their_columns_in_view(  # noqa: F811
+        page, workdir, screenshots, workbench):  # noqa: F811
+    from playwright.sync_api import expect
+
+    from prefixlab.runs.experiment import execute_run
+    from prefixlab.workbench.runs import run_config
+
+    pairs = write_long_pairs_csv(workdir / "long-pairs.csv")
+    questions = write_questions_csv(workdir / "questions.csv")
+    small = {"epochs": 1, "max_train_examples": 30, "max_eval_examples": 12}
+    for csv, name, label, target in ((questions, "questions", "label", None),
+                                     (pairs, "long gen", None, "target")):
+        cfg = run_config(str(csv), "text" if label else "input", label, small,
+                         model=workbench.default_model, target_column=target)
+        run_id = workbench.store.create(cfg, workbench.model_info(), name=name)
+        assert execute_run(workbench.folder(run_id), workbench.model()) is not None
+    workbench.refresh()
+
+    # The preview: the input first, then its target, each cell readable where it is.
+    page.locator("#csv input[type=file]").set_input_files(str(pairs))
+    expect(page.locator("#data-msg")).to_contain_text("Generation task: 18 usable rows")
+    expect(page.locator("#preview thead th").first).to_have_attribute("title", "input")
+    expect(page.locator("#preview")).to_contain_text("familyFriendly[yes], near[Avalon]")
+    assert outside(page, "preview", "thead th") == []
+    page.locator("#preview").screenshot(path=str(screenshots / "g5-preview.png"))
+
+    # Six labels' probabilities: each header on one line, every column in view.
+    open_tab(page, "Playground")
+    page.get_by_role("combobox", name="Prefixes (trained runs)").click()
+    page.get_by_role("option", name=re.compile(r"^questions · completed")).click()
+    page.keyboard.press("Escape")
+    page.locator("#play-text textarea").fill("what is the abbreviation for the thing\n"
+                                             "who was the first human on the moon")
+    page.locator("#play-score").click()
+    expect(page.locator("#play-results")).to_contain_text("p(abbreviation)")
+    assert outside(page, "play-results", "thead th") == []
+    lines = page.evaluate("""() => [...document.querySelectorAll('#play-results thead th')]
+        .filter(th => th.innerText.startsWith('p('))
+        .map(th => { const s = th.querySelector('.header');
+                     return s.getBoundingClientRect().height
+                            / parseFloat(getComputedStyle(s).lineHeight); })""")
+    assert len(lines) == 6 and max(lines) < 1.5, lines  # one line each
+    page.locator("#play-results").screenshot(path=str(screenshots / "g5-probabilities.png"))
+
+    # Generation runs side by side: the outputs' column in view, beside the inputs.
+    page.get_by_role("combobox", name="Generation runs").click()
+    page.get_by_role("option", name=re.compile(r"^long gen · completed")).click()
+    page.keyboard.press("Escape")
+    page.locator("#gen2-inputs textarea").fill("\n".join(LONG_MRS[:2]))
+    page.locator("#gen2-run").click()
+    outputs = page.locator("#gen2-results")
+    expect(outputs).to_contain_text("prefix: long gen")
+    assert outside(page, "gen2-results", "thead th") == []
+    output = box(page, "#gen2-results thead th:nth-child(3)")
+    table = box(page, "#gen2-results")
+    assert output["width"] > table["width"] / 3, (output, table)  # room for sentences
+    outputs.screenshot(path=str(screenshots / "g5-side-by-side.png"))
+
+    # The batch upload: its label ends before the file box's Clear button.
+    page.locator("#batch-csv input[type=file]").set_input_files(str(questions))
+    expect(page.locator("#batch-csv")).to_contain_text(re.compile(r"questions\s*\.csv"))
+    label = box(page, "#batch-csv label[data-testid=block-label]")
+    clear = box(page, "#batch-csv button[aria-label=Clear]")
+    assert label["x"] + label["width"] <= clear["x"], (label, clear)
+    page.locator("#batch-csv").screenshot(path=str(screenshots / "g5-batch-upload.png"))
+    shoot(page, screenshots, "g5-playground-tables")

@@ -8,14 +8,16 @@ import inspect
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 import pytest
 import torch
 
 from prefixlab.engine.prefix import save_prefix
+from prefixlab.runs import finished, scoring
 from prefixlab.runs.folder import RunError
 from prefixlab.runs.presets import PRESETS, SETTING_NAMES
 from prefixlab.ui import api, data_tab, inspect_tab, playground_tab, runs_tab, train_tab
-from prefixlab.ui.common import bind
+from prefixlab.ui.common import LongAction, bind, stop_action
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.datasets import EXAMPLE_CSV
 from prefixlab.workbench.runs import run_config
@@ -24,6 +26,10 @@ from tests.test_app import (  # noqa: F401  (module-scoped fixtures, reused here
     model_dirs,
     trained_bench,
     write_reviews_csv,
+)
+from tests.test_app_generation import (  # noqa: F401  (a module-scoped fixture)
+    generated,
+    write_pairs_csv,
 )
 
 
@@ -113,10 +119,34 @@ def test_an_upload_is_kept_and_restored_by_its_key_only(bench, tmp_path):
     src = write_reviews_csv(tmp_path / "my file.csv")
     *_, memory = data_tab.on_upload(workbench, str(src))
     src.unlink()
-    state, message, *_ = data_tab.restore(workbench, memory)
-    assert Path(state["path"]).parent == workbench.uploads_dir
+    state, message, *_, file_box = data_tab.restore(workbench, memory)
+    assert Path(state["path"]).parent.parent == workbench.uploads_dir
     assert message.startswith("**my file.csv** (kept from your last visit)")
+    # Issue 26, item 8: the file box shows the kept file, by its name, not an empty drop zone.
+    assert file_box == state["path"] and Path(file_box).name == "my_file.csv"
     assert data_tab.restore(workbench, {"key": str(EXAMPLE_CSV)})[0] is None
+    assert data_tab.restore(workbench, {"key": "example"})[-1] == gr.skip()  # not an upload
+
+
+def test_the_preview_shows_the_chosen_columns_first_each_with_its_share(bench, tmp_path):
+    """Issue 26, item 9: a generation preview put the target first and cut the input."""
+    workbench = bench[0]
+    frame = pd.DataFrame({"id": [1], "target": ["There is a place in the city centre."],
+                          "input": ["name[Blue Spice], eatType[coffee shop], area[riverside]"]})
+    preview = data_tab.preview_update(frame, "input", None, "target")
+    assert list(preview["value"].columns) == ["input", "target", "id"]
+    assert preview["column_widths"] == ["40.0%", "45.0%", "15.0%"]
+    two = data_tab.preview_update(frame[["target", "input"]], "input", None, "target")
+    assert list(two["value"].columns) == ["input", "target"]
+    assert two["column_widths"] == ["47.1%", "52.9%"]  # the two share the whole width
+    labeled = data_tab.preview_update(frame.rename(columns={"target": "label"}), "input",
+                                      "label")
+    assert list(labeled["value"].columns) == ["label", "input", "id"]  # short label first
+    # An uploaded generation CSV: the input column leads the preview.
+    csv = write_pairs_csv(tmp_path / "pairs.csv")  # mr, then ref
+    _, _, text_col, _, target_col, preview, *_ = data_tab.on_upload(workbench, str(csv))
+    assert (text_col["value"], target_col["value"]) == ("mr", "ref")
+    assert list(preview["value"].columns) == ["mr", "ref"]
 
 
 # --- Train -----------------------------------------------------------------------------------
@@ -147,18 +177,35 @@ def test_presets_and_the_prefix_size_line(bench):
 
 def test_a_finished_run_renders_its_report_and_stops_the_timer(bench):
     workbench, trained = bench[:2]
-    (rid, offset, records, follow, status, progress, loss, _, report, per_class, *_,
-     timer) = train_tab.render(workbench, trained, 0, [])
-    assert rid == trained and offset > 0 and records
+    followed = train_tab.Followed()
+    (view, follow, status, progress, loss, _, report, per_class, *_, timer,
+     cancel) = train_tab.on_follow(workbench, followed, trained)
+    assert followed.run_id == trained and view["run_id"] == trained and view["offset"] > 0
     assert follow["value"] == trained and "**trained**: completed" in status
     assert loss["visible"] and "Held-out results on" in report and per_class["visible"]
     assert timer.active is False
-    again = train_tab.render(workbench, trained, offset, records)
-    assert again[1] == offset and again[2] == records  # nothing new in the log
-    nothing = train_tab.reattach(workbench)  # no run is active: nothing is followed
-    assert nothing[0] is None and nothing[-1].active is False
+    assert cancel["value"] == f"Cancel run {trained}" and cancel["interactive"] is False
+    again = train_tab.on_tick(workbench, followed, view)
+    assert again[0] == view  # nothing new in the log
+    assert "value" not in again[1] and "value" not in again[-1]  # a poll moves no choice
     with pytest.raises(gr.Error, match="No run is open"):
-        train_tab.on_cancel(workbench, None)
+        train_tab.on_cancel(workbench, train_tab.Followed(), None)
+
+
+def test_a_reloaded_page_shows_the_last_run_once_none_is_active(bench):
+    """Issue 26, item 8: after a reload the Train tab was blank once every run was over."""
+    workbench, trained = bench[:2]
+    followed = train_tab.Followed()  # a new page: nothing followed yet
+    view, follow, status, *_, report, _, _, _, timer, cancel = train_tab.reattach(workbench,
+                                                                                  followed)
+    # the last completed run (runs created later never ran), with its report
+    assert followed.run_id == trained == view["run_id"] and follow["value"] == trained
+    assert "**trained**: completed" in status and "Held-out results on" in report
+    assert timer.active is False and cancel["interactive"] is False
+    # a run picked before the tab was opened again stays shown
+    alike = bench[2]
+    followed.run_id = alike
+    assert train_tab.reattach(workbench, followed)[0]["run_id"] == alike
 
 
 # --- Runs ------------------------------------------------------------------------------------
@@ -185,6 +232,99 @@ def test_the_runs_tab_lists_opens_and_refuses_what_cannot_be_done(bench, tmp_pat
     workbench.store.delete(unstarted)
     assert not runs_tab.compare_runs(workbench, [], "loss")["visible"]
     assert runs_tab.compare_runs(workbench, [trained], "loss")["visible"]
+
+
+# --- Long actions: progress and Stop (issue 26, item 5) ------------------------------------
+
+
+@pytest.fixture
+def counted_rows(monkeypatch):
+    """Scoring in chunks of 4 rows; the rows the engine was asked to score, per call."""
+    monkeypatch.setattr(scoring, "SCORE_CHUNK", 4)
+    monkeypatch.setattr(finished, "SCORE_CHUNK", 4)
+    calls: list[int] = []
+    score = scoring.score_log_likelihoods
+
+    def counting(model, kv, encoder, texts, *args, **kwargs):
+        calls.append(len(texts))
+        return score(model, kv, encoder, texts, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_log_likelihoods", counting)
+    return calls
+
+
+def test_evaluating_a_test_csv_shows_progress_and_stops_between_chunks(bench, tmp_path,
+                                                                        counted_rows):
+    workbench, trained = bench[:2]
+    csv = write_reviews_csv(tmp_path / "test.csv", rows=12)
+    seen: list = []
+    md, table, *_ = runs_tab.evaluate_test(workbench, trained, str(csv), LongAction(),
+                                           progress=lambda f, desc=None: seen.append((f, desc)))
+    assert md.startswith("### trained on the test file: 12 rows") and table["visible"]
+    assert "Evaluated in " in md
+    descs = [d for _, d in seen]
+    assert "scoring the rows with the prefix: 4/12 · 0 s so far · about " in descs[1]
+    assert any(d.startswith("scoring the rows without the prefix (zero-shot): 8/12 ")
+               and d.endswith(" left for this part") for d in descs)
+    assert [f for f, _ in seen].count(1.0) == 2  # both parts to the end
+    assert sum(counted_rows) == 24  # 12 rows with the prefix, 12 without
+
+    # Stop pressed while the first chunk is scored: nothing more is scored.
+    counted_rows.clear()
+    action = LongAction()
+
+    def press_stop(fraction, desc=None):
+        if action.done:
+            stop_action(action)
+
+    md, table, confusion, bars = runs_tab.evaluate_test(workbench, trained, str(csv), action,
+                                                        progress=press_stop)
+    assert md.startswith("**Stopped after 4 of 12 (scoring the rows with the prefix)")
+    assert not (table["visible"] or confusion["visible"] or bars["visible"])
+    assert counted_rows == [4] and not action.running
+    with pytest.raises(gr.Error, match="Nothing is running"):
+        stop_action(action)
+
+
+def test_batch_prediction_shows_progress_and_a_stopped_one_writes_nothing(bench, tmp_path,
+                                                                          counted_rows):
+    workbench, trained = bench[:2]
+    csv = write_reviews_csv(tmp_path / "to label.csv", rows=10)
+    seen: list = []
+    path, summary = playground_tab.on_batch(workbench, str(csv), trained, LongAction(),
+                                            progress=lambda f, desc=None: seen.append(desc))
+    assert "Predicted **10 rows**" in summary and Path(path).is_file()
+    assert seen[-1].startswith("predicting: 10/10 · ") and len(seen) == 4  # 0, 4, 8, 10
+    before = set(workbench.exports_dir.iterdir())
+    action = LongAction()
+    path, summary = playground_tab.on_batch(
+        workbench, str(csv), [trained], action,
+        progress=lambda f, desc=None: action.done and stop_action(action))
+    assert path is None and summary.startswith("**Stopped after 4 of 10 (predicting)")
+    assert set(workbench.exports_dir.iterdir()) == before  # no file half written
+    # several runs at once: the same chunks, the same Stop
+    _, alike = bench[1:3]
+    action = LongAction()
+    path, summary = playground_tab.on_batch(
+        workbench, str(csv), [trained, alike], action,
+        progress=lambda f, desc=None: action.done and stop_action(action))
+    assert path is None and "Stopped after" in summary
+
+
+def test_evaluating_a_generation_run_shows_each_part_and_stops(generated):  # noqa: F811
+    workbench, run_id, csv = generated
+    seen: list = []
+    report = workbench.evaluate_csv(run_id, csv,
+                                    progress=lambda what, done, total: seen.append(what))
+    assert report["task"] == "generation"
+    assert list(dict.fromkeys(seen)) == [
+        "decoding the inputs with the prefix", "decoding the inputs with the bare model",
+        "target loss with the prefix", "target loss of the bare model"]
+    action = LongAction()
+    md, *charts_ = runs_tab.evaluate_test(
+        workbench, run_id, str(csv), action,
+        progress=lambda f, desc=None: action.done and stop_action(action))
+    assert md.startswith("**Stopped after 6 of 6 (decoding the inputs with the prefix)")
 
 
 # --- Playground and the API ------------------------------------------------------------------

@@ -6,6 +6,7 @@ held-out CSV beside the baselines.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from prefixlab.runs.config import RunConfig
 from prefixlab.runs.experiment import prepare_data
 from prefixlab.runs.folder import RunError, RunFolder
 from prefixlab.runs.generation import generate, pair_encoder
-from prefixlab.runs.scoring import full_report
+from prefixlab.runs.scoring import SCORE_CHUNK, full_report
 
 
 @dataclass
@@ -88,11 +89,13 @@ def _present(name: str | None, columns) -> str | None:
 
 
 def evaluate_csv(run: Run, path: str | Path, text_column: str | None = None,
-                 label_column: str | None = None) -> dict:
+                 label_column: str | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> dict:
     """The run's prefix on a held-out labeled CSV, beside both baselines on the same rows.
 
     Columns: as given, else the run's own names when the file has them, else guessed. A label
-    the run never trained on is refused (the prefix cannot predict it).
+    the run never trained on is refused (the prefix cannot predict it). `progress(what, done,
+    total)` follows the scoring (see scoring.full_report).
     """
     columns = read_table(path).frame.columns
     data = load_labeled_csv(path, text_column or _present(run.config.text_column, columns),
@@ -108,7 +111,7 @@ def evaluate_csv(run: Run, path: str | Path, text_column: str | None = None,
     except (DataError, OSError):
         train_data = None  # the training file moved: no TF-IDF baseline
     report = full_report(run.loaded, run.kv, run.encoder, train_data, data,
-                         run.config.training.seed)
+                         run.config.training.seed, progress=progress)
     report["columns"] = {"text": data.text_column, "label": data.label_column}
     return report
 
@@ -139,18 +142,35 @@ def text_column_of(frame, wanted: str | None, path: str | Path, guess: bool = Tr
     return column
 
 
-def predict_table(run: Run, path: str | Path, text_column: str | None = None):
-    """A CSV's rows with the predicted label and every label's probability appended."""
+def predict_table(run: Run, path: str | Path, text_column: str | None = None,
+                  progress: Callable[[str, int, int], None] | None = None):
+    """A CSV's rows with the predicted label and every label's probability appended (a
+    generation run: the generated text). `progress(what, done, total)` after each chunk of
+    rows (a progress that raises stops there)."""
     frame = read_table(path).frame
     column = text_column_of(frame, text_column or run.config.text_column, path,
                             guess=not text_column)
     texts = frame[column].fillna("").astype(str).tolist()
     out = frame.copy()
     if run.is_generation:
-        out["generated"] = run.generate(texts)
+        chunks = _chunks(texts, run.config.generation.batch_size, "generating", progress)
+        out["generated"] = [t for part in chunks for t in run.generate(part)]
         return out
-    probs = run.score(texts)
+    parts = [run.score(part) for part in _chunks(texts, SCORE_CHUNK, "predicting", progress)]
+    probs = np.concatenate(parts) if parts else np.zeros((0, len(run.labels)))
     out["predicted_label"] = [run.labels[i] for i in probs.argmax(1)]
     for j, label in enumerate(run.labels):
         out[f"p_{label}"] = probs[:, j].round(6)
     return out
+
+
+def _chunks(texts: list[str], size: int, what: str,
+            progress: Callable[[str, int, int], None] | None) -> Iterator[list[str]]:
+    """`texts` in one piece; with `progress`, `size` at a time, each reported once done."""
+    if progress is None:
+        yield texts
+        return
+    progress(what, 0, len(texts))
+    for start in range(0, len(texts), size):
+        yield texts[start:start + size]
+        progress(what, min(start + size, len(texts)), len(texts))

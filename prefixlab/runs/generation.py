@@ -134,8 +134,19 @@ class GenerationResult:
 
 
 def evaluate_generation(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor | None,
-                        grouped: Grouped, config: DecodeConfig) -> GenerationResult:
-    outputs = generate(model, encoder, kv, grouped.inputs, config)
+                        grouped: Grouped, config: DecodeConfig,
+                        progress: Callable[[int, int], None] | None = None) -> GenerationResult:
+    """Outputs and scores on the grouped inputs; with `progress(done, total)`, decoded a batch
+    at a time and reported after each (a progress that raises stops there)."""
+    if progress is None:
+        outputs = generate(model, encoder, kv, grouped.inputs, config)
+    else:
+        outputs, n = [], len(grouped.inputs)
+        progress(0, n)
+        for start in range(0, n, config.batch_size):
+            outputs += generate(model, encoder, kv, grouped.inputs[start:start + config.batch_size],
+                                config)
+            progress(len(outputs), n)
     return GenerationResult(generation_scores(outputs, grouped.references), outputs)
 
 
@@ -151,6 +162,9 @@ def generation_report(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
     decoded a batch at a time until it passes, and the report scores those reached (at least
     one batch) and says so under "decoded". `progress(what, done, total)` follows each part.
     """
+    def told(what: str) -> Callable[[int, int], None] | None:
+        return (lambda done, total: progress(what, done, total)) if progress else None
+
     grouped = group_references(data.inputs, data.targets)
     if max_inputs is not None:
         grouped = grouped.head(max_inputs)
@@ -210,13 +224,16 @@ def _decode_both(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor, group
 def evaluate_pairs_csv(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
                        cfg: RunConfig, path: str, input_column: str | None = None,
                        target_column: str | None = None, decode: dict | None = None, *,
-                       max_inputs: int | None = None) -> dict:
+                       max_inputs: int | None = None,
+                       progress: Callable[[str, int, int], None] | None = None) -> dict:
     """A run's prefix on a held-out CSV of pairs, beside the bare model: every distinct input
     generated once, its rows its references. Columns default to the run's own; `decode`
-    overrides some of the run's decoding settings."""
+    overrides some of the run's decoding settings; `progress(what, done, total)` follows
+    each part."""
     data = load_pairs_csv(path, input_column or cfg.text_column,
                           target_column or cfg.target_column)
     settings = DecodeConfig(**{**asdict(cfg.generation), **(decode or {})})
-    report = generation_report(model, encoder, kv, data, settings, max_inputs=max_inputs)
+    report = generation_report(model, encoder, kv, data, settings, max_inputs=max_inputs,
+                               progress=progress)
     report["columns"] = {"text": data.input_column, "target": data.target_column}
     return report

@@ -44,7 +44,7 @@ def score_rows(loaded: LoadedModel, kv: torch.Tensor | None, encoder: Encoder,
                ) -> np.ndarray:
     """Label log-likelihoods (N, K) of the rows; in a process group each rank scores a share.
     With `progress(done, total)`, the rows are scored SCORE_CHUNK at a time, reported after
-    each chunk."""
+    each chunk (a progress that raises stops the scoring there)."""
     def score(texts: list[str]) -> np.ndarray:
         return distributed.gather_rows(
             lambda share: score_log_likelihoods(loaded.model, kv, encoder, share), texts)

@@ -24,10 +24,19 @@ CSS = """
 #notice {position: sticky; top: 0; z-index: 50}
 #notice .notice-error {background: #fef2f2; border: 1px solid #fca5a5; color: #991b1b;
     border-radius: 6px; padding: 8px 12px; font-weight: 500}
-/* Table headers wrap between words only; cells never break a word in two. */
-.readable-table th, .readable-table td, #runs-table th, #preview th {word-break: normal;
+/* Table headers wrap between words only; cells never break a word in two. The header's
+   own text element carries Gradio's break-word: "p(abbreviation)" broke as "p(abbre viation )". */
+.readable-table th, .readable-table td, #runs-table th, #preview th,
+.readable-table th .header, #runs-table th .header, #preview th .header {word-break: normal;
     overflow-wrap: normal; hyphens: none}
 .readable-table th:first-child, .readable-table td:first-child {min-width: 4.5em}
+/* Generated texts wrap, even a run of characters without a space (a bare model's output). */
+#gen2-results td .cell-wrap {overflow-wrap: anywhere}
+/* Where a long action's progress shows: an empty box has no height, and its bar and words
+   (rows done, time so far, time left) would be drawn in none. */
+.progress-host:has(> [data-testid="status-tracker"]:not(.hide)) {min-height: 5.5em}
+/* A box's label leaves room for the buttons in its top right corner (a file's Clear). */
+.block label[data-testid="block-label"] {max-width: calc(100% - 44px)}
 """
 
 

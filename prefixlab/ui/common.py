@@ -1,5 +1,6 @@
 """What every tab shares: the page's one notice line for errors, turning core errors into
-one readable message, giving a module-level handler its workbench, and escaping.
+one readable message, giving a module-level handler its workbench, escaping, and the
+progress and Stop button of a long action.
 
 A handler wired with `wire` never raises into Gradio: a user error becomes one line in the
 notice at the top of the page (Gradio would otherwise mark every output of the event with an
@@ -13,6 +14,7 @@ import functools
 import html
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -122,3 +124,87 @@ def bullet_list(items: list[str]) -> str:
 
 def run_choices(rows) -> list[tuple[str, str]]:
     return [(f"{r.name} · {r.state} · {r.id[:15]}", r.id) for r in rows]
+
+
+# --- long actions: progress and Stop --------------------------------------------------------
+
+
+class Stopped(Exception):
+    """A long action stopped between two chunks of rows because its person pressed Stop."""
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+@dataclass
+class LongAction:
+    """One page's long action of one kind (an evaluation on a test file, a batch prediction):
+    how far it got and whether its person asked it to stop.
+
+    One per session and kind (gr.State gives each session its own copy), shared by the
+    action's handler, which follows it through `progress_of` while it runs, and its Stop
+    button's handler, which only sets `stop`; the action checks it after each chunk of rows.
+    """
+
+    running: bool = False
+    stop: bool = False
+    what: str = ""
+    done: int = 0
+    total: int = 0
+    started: float = 0.0  # time.monotonic() when the action began
+    part_started: float = 0.0  # ... and when its current part (`what`) began
+
+    def begin(self) -> None:
+        self.running, self.stop, self.what, self.done, self.total = True, False, "", 0, 0
+        self.started = self.part_started = time.monotonic()
+
+    def end(self) -> None:
+        self.running = False
+
+    def ask_stop(self) -> bool:
+        """Ask the running action to stop; False when none runs."""
+        if self.running:
+            self.stop = True
+        return self.running
+
+    def line(self) -> str:
+        """e.g. "scoring the rows with the prefix: 64/240 · 12 s so far · about 33 s left"."""
+        now = time.monotonic()
+        text = f"{self.what}: {self.done:,}/{self.total:,} · {duration(now - self.started)} so far"
+        if 0 < self.done < self.total:
+            left = (now - self.part_started) / self.done * (self.total - self.done)
+            text += f" · about {duration(left)} left" + (" for this part" if self.started
+                                                           < self.part_started else "")
+        return text
+
+    def stopped_line(self) -> str:
+        return (f"Stopped after {self.done:,} of {self.total:,} ({self.what}), "
+                f"{duration(time.monotonic() - self.started)} in.")
+
+
+def progress_of(action: LongAction, show: Callable | None = None
+                ) -> Callable[[str, int, int], None]:
+    """The progress callback to give the workbench: it records each report in `action`, shows
+    its line (`show(fraction, desc=line)`: a gr.Progress), and raises Stopped once the person
+    asked to stop."""
+
+    def told(what: str, done: int, total: int) -> None:
+        if what != action.what:  # a new part (the first began with the action)
+            if action.what:
+                action.part_started = time.monotonic()
+            action.what = what
+        action.done, action.total = done, total
+        if show is not None:
+            show(done / total if total else None, desc=action.line())
+        if action.stop:
+            raise Stopped(action.stopped_line())
+
+    return told
+
+
+def stop_action(action: LongAction) -> None:
+    """Stop pressed: the running action stops after its current chunk of rows."""
+    if not action.ask_stop():
+        raise gr.Error("Nothing is running.")

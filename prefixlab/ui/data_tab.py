@@ -16,7 +16,7 @@ from prefixlab.ui.common import LoadHook, bind, bullet_list, escape, shown, wire
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.datasets import EXAMPLE_CSV
 
-PREVIEW_CHARS = 160  # a preview cell longer than this is cut, so the label column stays in view
+PREVIEW_CHARS = 320  # a preview cell longer than this is cut (an E2E input is ~200 characters)
 NO_TARGET = "(none: classify with the label column)"
 
 
@@ -51,13 +51,37 @@ def describe_pairs(pairs) -> str:
     return "\n\n".join(lines)
 
 
-def preview_frame(frame: pd.DataFrame, text: str | None, label: str | None) -> pd.DataFrame:
-    """The chosen label and text columns first (the short label before the long text, so
-    both are in view), the others after; long cells cut."""
-    first = [c for c in (label, text) if c in frame.columns]
+def preview_frame(frame: pd.DataFrame, text: str | None, label: str | None,
+                  target: str | None = None) -> pd.DataFrame:
+    """The chosen columns first, the others after; long cells cut. A label goes before its
+    text (short, so both are in view); an input before its target (what is read, then what
+    is written)."""
+    order = (text, target) if target else (label, text)
+    first = [c for c in order if c in frame.columns]
     out = frame[first + [c for c in frame.columns if c not in first]].copy()
     return out.map(lambda v: v if len(str(v)) <= PREVIEW_CHARS
                    else str(v)[:PREVIEW_CHARS - 1] + "…")
+
+
+# Shares of the preview's width: the chosen columns' fixed, the rest split what is left.
+# Fixed shares keep every column in view; measured from the cells, a column of long
+# sentences took the whole width and pushed the input off the table ("name[Blue Sp").
+LABEL_SHARE, TEXT_SHARE, INPUT_SHARE, TARGET_SHARE = 12, 58, 40, 45
+
+
+def preview_update(frame: pd.DataFrame, text: str | None, label: str | None,
+                   target: str | None = None) -> dict:
+    """The preview table (see preview_frame) with a width for each column."""
+    out = preview_frame(frame, text, label, target)
+    chosen = ([(text, INPUT_SHARE), (target, TARGET_SHARE)] if target
+              else [(label, LABEL_SHARE), (text, TEXT_SHARE)])
+    widths = [share for column, share in chosen if column in out.columns]
+    rest = len(out.columns) - len(widths)
+    if rest:
+        widths += [(100 - sum(widths)) / rest] * rest
+    else:  # the chosen columns alone share the whole width
+        widths = [100 * w / sum(widths) for w in widths]
+    return {**shown(out), "column_widths": [f"{w:.1f}%" for w in widths]}
 
 
 # --- handlers: values in, values out; build() below wires them -----------------------------
@@ -86,7 +110,7 @@ def load(workbench: Workbench, path: str | None, name: str | None = None,
     return (state, summary, gr.update(choices=info.columns, value=text),
             gr.update(choices=info.columns, value=label),
             gr.update(choices=[NO_TARGET, *info.columns], value=target or NO_TARGET),
-            shown(preview_frame(info.frame, text, target or label)), shown(fig),
+            preview_update(info.frame, text, label, target), shown(fig),
             {"name": state["name"], "key": workbench.upload_key(path), "text": text,
              "label": label, "target": target})
 
@@ -121,21 +145,23 @@ def columns_changed(workbench: Workbench, state: dict | None, text: str | None,
     if text and text == second:
         what = "input and target" if target else "text and label"
         return (state, f"**The {what} columns must differ.**",
-                shown(preview_frame(frame, text, second)), shown(None), memory)
+                preview_update(frame, text, label, target), shown(None), memory)
     summary, fig = describe(workbench, state["path"], text, label, target)
-    return state, summary, shown(preview_frame(frame, text, second)), shown(fig), memory
+    return state, summary, preview_update(frame, text, label, target), shown(fig), memory
 
 
 def restore(workbench: Workbench, memory):
-    """A reloaded page shows the file this browser had chosen, if it is still kept."""
+    """A reloaded page shows the file this browser had chosen, if it is still kept: in the
+    file box (by its own name) and in the message; the outputs of load, then the file box."""
     path = workbench.kept_upload(memory.get("key")) if isinstance(memory, dict) else None
     if path is None:
-        return load(workbench, None)[:-1] + (gr.skip(),)
+        return (*load(workbench, None)[:-1], gr.skip(), gr.skip())
     state, summary, *rest = load(workbench, str(path), memory.get("name"), memory.get("text"),
                                  memory.get("label"), memory.get("target"))
-    if state:  # the file box cannot show a kept file again: the message names it
+    if state:
         summary = f"**{escape(state['name'])}** (kept from your last visit): {summary}"
-    return (state, summary, *rest)
+    shown_file = str(path) if state and path != EXAMPLE_CSV else gr.skip()  # uploads only
+    return (state, summary, *rest, shown_file)
 
 
 # --- the page ------------------------------------------------------------------------------
@@ -158,7 +184,7 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
                                  value=NO_TARGET, elem_id="target-col",
                                  info="a column of texts makes this a generation task")
     with gr.Row():
-        preview = gr.Dataframe(label="Preview (first 20 rows; the chosen label and text first)",
+        preview = gr.Dataframe(label="Preview (first 20 rows; the chosen columns first)",
                                interactive=False, wrap=True, max_height=360, elem_id="preview",
                                visible=False, scale=3)
         chart = gr.Plot(label="Label distribution", show_label=False, elem_id="label-chart",
@@ -172,4 +198,4 @@ def build(workbench: Workbench, dataset: gr.State, notice) -> list[LoadHook]:
         wire(dd.input, bind(columns_changed, workbench),
              [dataset, text_col, label_col, target_col],
              [dataset, message, preview, chart, remembered], notice)
-    return [LoadHook(bind(restore, workbench), [remembered], outputs)]
+    return [LoadHook(bind(restore, workbench), [remembered], [*outputs, upload])]

@@ -11,7 +11,18 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from prefixlab.ui.common import LoadHook, bind, escape, run_choices, shown, wire
+from prefixlab.ui.common import (
+    LoadHook,
+    LongAction,
+    Stopped,
+    bind,
+    escape,
+    progress_of,
+    run_choices,
+    shown,
+    stop_action,
+    wire,
+)
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.serving import BatchPrediction
 
@@ -150,13 +161,25 @@ def on_generate_side_by_side(workbench: Workbench, text: str | None, ids: list[s
                                                  num_beams=int(n_beams)))
 
 
-def on_batch(workbench: Workbench, path: str | None, ids: list[str] | str | None):
-    """The predicted CSV to download, and what to know about it."""
+def on_batch(workbench: Workbench, path: str | None, ids: list[str] | str | None,
+             action: LongAction | None = None,
+             progress=gr.Progress()):  # noqa: B008 (gradio injects it)
+    """The predicted CSV to download, and what to know about it (or where Stop stopped it).
+    Progress shows rows done of rows, the time so far and an estimate of the time left;
+    `action` is this page's, which its Stop button can stop."""
     if not path:
         raise gr.Error("Upload a CSV with a text column.")
     if not ids:
         raise gr.Error("Pick at least one prefix.")
-    result = workbench.predict_csv([ids] if isinstance(ids, str) else list(ids), path)
+    action = action or LongAction()
+    action.begin()
+    try:
+        result = workbench.predict_csv([ids] if isinstance(ids, str) else list(ids), path,
+                                       progress=progress_of(action, progress))
+    except Stopped as e:
+        return None, f"**{escape(e)}** Nothing was written."
+    finally:
+        action.end()
     return str(result.path), batch_summary(result)
 
 
@@ -172,9 +195,11 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                                    multiselect=True, elem_id="play-prefixes")
             bare = gr.Checkbox(value=True, label="Also show the bare model (zero-shot)")
             score = gr.Button("Score", variant="primary", elem_id="play-score")
+    # The text and the source get fixed shares (they wrap); the predicted label and each
+    # p(label) take their header's width, so six labels' probabilities fit beside them.
     results = gr.Dataframe(label="Predictions", interactive=False, wrap=True,
                            elem_id="play-results", visible=False, max_chars=80,
-                           elem_classes=["readable-table"])
+                           elem_classes=["readable-table"], column_widths=["22%", "14%"])
     chart = gr.Plot(show_label=False, elem_id="play-chart", visible=False)
 
     gr.Markdown("### Which prefix says what")
@@ -219,18 +244,28 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                 gen_max = gr.Slider(1, 200, step=1, value=64, label="Max new tokens")
             gen_bare = gr.Checkbox(value=True, label="Also show the bare model on each prompt")
             gen_go = gr.Button("Generate side by side", variant="primary", elem_id="gen2-run")
+    # Fixed shares of the width: measured from the cells, the inputs and sources once took it
+    # all and the outputs started off screen.
     gen_table = gr.Dataframe(label="Outputs", interactive=False, wrap=True, visible=False,
-                             elem_id="gen2-results", elem_classes=["readable-table"])
+                             elem_id="gen2-results", elem_classes=["readable-table"],
+                             column_widths=["30%", "16%", "54%"])
 
-    gr.Markdown("### Batch prediction")
+    gr.Markdown("### Batch prediction\nEach row of a CSV gets every picked run's label and "
+                "probabilities (a generation run: its generated text); a column of gold labels "
+                "gives each run's metrics.")
     with gr.Row():
-        batch_file = gr.File(label="CSV to label (or to generate for, with a generation run)",
-                             file_types=[".csv", ".tsv", ".txt"], elem_id="batch-csv")
-        batch_prefix = gr.Dropdown(label="Prefixes (one column group each)", choices=[],
-                                   multiselect=True, elem_id="batch-prefix")
-        batch_go = gr.Button("Predict", elem_id="batch-run")
-        batch_out = gr.File(label="Predictions (CSV)", interactive=False, elem_id="batch-out")
-    batch_msg = gr.Markdown(elem_id="batch-msg")
+        batch_file = gr.File(label="CSV to predict", file_types=[".csv", ".tsv", ".txt"],
+                             elem_id="batch-csv", scale=2)
+        with gr.Column(scale=2):
+            batch_prefix = gr.Dropdown(label="Prefixes (one column group each)", choices=[],
+                                       multiselect=True, elem_id="batch-prefix")
+            with gr.Row():
+                batch_go = gr.Button("Predict", elem_id="batch-run")
+                batch_stop = gr.Button("Stop", elem_id="batch-stop", size="sm", scale=0,
+                                       min_width=80)
+        batch_out = gr.File(label="Predictions (CSV)", interactive=False, elem_id="batch-out",
+                            scale=2)
+    batch_msg = gr.Markdown(elem_id="batch-msg", elem_classes=["progress-host"])
 
     for trigger in (score.click, texts.submit):
         wire(trigger, bind(on_score, workbench), [texts, prefixes, bare], [results, chart],
@@ -242,8 +277,11 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
          [prompt, gen_prefix, max_new, sample, temperature, raw], [output], notice)
     wire(gen_go.click, bind(on_generate_side_by_side, workbench),
          [gen_inputs, gen_runs, beams, gen_max, gen_bare], [gen_table], notice)
-    wire(batch_go.click, bind(on_batch, workbench), [batch_file, batch_prefix],
-         [batch_out, batch_msg], notice)
+    # The prediction's progress shows on the line under the row; Stop ends it there.
+    batch_action = gr.State(LongAction())
+    wire(batch_go.click, bind(on_batch, workbench), [batch_file, batch_prefix, batch_action],
+         [batch_out, batch_msg], notice, show_progress_on=[batch_msg])
+    wire(batch_stop.click, stop_action, [batch_action], [], notice)
     lists = [prefixes, gen_prefix, batch_prefix, what_runs, gen_runs]
     for dd in lists:
         wire(dd.focus, bind(refresh_choices, workbench), [], lists, notice, clears=False)

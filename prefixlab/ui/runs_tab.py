@@ -4,13 +4,26 @@ export, evaluate it on a held-out test CSV, and compare curves of several."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import gradio as gr
 
 from prefixlab.figures import charts
 from prefixlab.runs.registry import ACTIVE
-from prefixlab.ui.common import LoadHook, bind, escape, run_choices, shown, wire
+from prefixlab.ui.common import (
+    LoadHook,
+    LongAction,
+    Stopped,
+    bind,
+    duration,
+    escape,
+    progress_of,
+    run_choices,
+    shown,
+    stop_action,
+    wire,
+)
 from prefixlab.ui.train_tab import PER_CLASS_WIDTHS, report_outputs
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.runs import RUNS_COLUMNS
@@ -67,8 +80,11 @@ def resume(workbench: Workbench, rid: str | None) -> str:
 
 
 def cancel(workbench: Workbench, rid: str | None) -> str:
-    workbench.store.cancel(need(rid))
-    return "Cancelling after the current step; the last checkpoint is kept."
+    """Cancel the picked run, named in the answer."""
+    name = workbench.store.get(need(rid)).name
+    workbench.store.cancel(rid)
+    return (f"Cancelling **{escape(name)}** (run {rid}) after the current step; the last "
+            "checkpoint is kept.")
 
 
 def keep(workbench: Workbench, rid: str | None) -> str:
@@ -99,16 +115,29 @@ def download_peft(workbench: Workbench, rid: str | None) -> dict:
     return fetch(workbench, rid, "peft")
 
 
-def evaluate_test(workbench: Workbench, rid: str | None, path: str | None):
-    """The run, its baselines and the bare model on a held-out test CSV."""
+def evaluate_test(workbench: Workbench, rid: str | None, path: str | None,
+                  action: LongAction | None = None,
+                  progress=gr.Progress()):  # noqa: B008 (gradio injects it)
+    """The run, its baselines and the bare model on a held-out test CSV: the report (with how
+    long it took, or where Stop stopped it), its table and charts. Progress shows rows done
+    of rows, the time so far and an estimate of the time left; `action` is this page's, which
+    its Stop button can stop."""
     if not workbench.has_prefix(need(rid)):
         raise gr.Error("This run has no prefix yet: evaluate a finished run.")
     if not path:
         raise gr.Error("Upload a labeled test CSV first.")
-    report = workbench.evaluate_csv(rid, path)
+    action = action or LongAction()
+    action.begin()
+    try:
+        report = workbench.evaluate_csv(rid, path, progress=progress_of(action, progress))
+    except Stopped as e:
+        return f"**{escape(e)}**", shown(None), shown(None), shown(None)
+    finally:
+        action.end()
     md, table_, cm, bars = report_outputs(report)
     name = escape(workbench.store.get(rid).name)
     md = md.replace("### Held-out results on", f"### {name} on the test file:", 1)
+    md += f"\n\nEvaluated in {duration(time.monotonic() - action.started)}."
     return md, table_, cm, bars
 
 
@@ -210,9 +239,11 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     with gr.Row():
         test_file = gr.File(label="Test CSV (text and label columns)",
                             file_types=[".csv", ".tsv", ".txt"], elem_id="test-csv", scale=3)
-        test_btn = gr.Button("Evaluate", elem_id="test-run")
+        with gr.Column():
+            test_btn = gr.Button("Evaluate", elem_id="test-run")
+            test_stop = gr.Button("Stop", elem_id="test-stop", size="sm")  # ends it early
     with gr.Row(equal_height=False):
-        test_md = gr.Markdown(elem_id="test-report")
+        test_md = gr.Markdown(elem_id="test-report", elem_classes=["progress-host"])
         test_per_class = gr.Dataframe(label="Per class (test)", interactive=False, visible=False,
                                       elem_id="test-per-class", elem_classes=["readable-table"],
                                       column_widths=PER_CLASS_WIDTHS)
@@ -242,8 +273,12 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     wire_train_longer(workbench, longer, pick, open_btn, message, listed, notice)
     wire(dl_prefix.click, bind(download_prefix, workbench), [pick], [download], notice)
     wire(dl_peft.click, bind(download_peft, workbench), [pick], [download], notice)
-    wire(test_btn.click, bind(evaluate_test, workbench), [pick, test_file],
-         [test_md, test_per_class, test_confusion, test_baselines], notice)
+    # The evaluation's progress shows where its report will be; Stop ends it there.
+    test_action = gr.State(LongAction())
+    wire(test_btn.click, bind(evaluate_test, workbench), [pick, test_file, test_action],
+         [test_md, test_per_class, test_confusion, test_baselines], notice,
+         show_progress_on=[test_md])
+    wire(test_stop.click, stop_action, [test_action], [], notice)
     for trigger in (compare.change, metric.change):
         wire(trigger, bind(compare_runs, workbench), [compare, metric], [compare_plot], notice)
     return [LoadHook(bind(list_runs, workbench), [], listed)]

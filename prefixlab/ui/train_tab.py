@@ -4,6 +4,8 @@ with a gr.Timer that is switched off when nothing is running."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gradio as gr
 import pandas as pd
 
@@ -202,20 +204,59 @@ def check(workbench: Workbench, state: dict | None, *values):
     return text, gr.update(interactive=ok)
 
 
-def follow_choices(workbench: Workbench, rid: str | None) -> dict:
-    """Every active run (and the one shown, whatever its state) to pick from."""
+@dataclass
+class Followed:
+    """The run this browser follows in the Train tab: the one its person started or picked
+    last (or the page found when it opened).
+
+    One object per browser session (gr.State makes one per session) that the session's
+    handlers share: Start, a pick in "Run shown" and the page's (re)attach set it; Cancel acts
+    on it; a status poll reads it and never sets it. A poll that was still reading when the
+    person started or picked another run finds the newer choice when it ends and leaves the
+    page to it (`on_tick`): a slow poll once wrote its old run back, and Cancel then stopped
+    the wrong run.
+    """
+
+    run_id: str | None = None
+
+
+def follow_choices(workbench: Workbench, rid: str | None, *, pick: bool = False) -> dict:
+    """Every active run (and the one shown, whatever its state) to pick from; the value is set
+    only for a choice (`pick`), so a poll never moves the dropdown."""
     rows = [r for r in workbench.store.list() if r.state in ACTIVE or r.id == rid]
-    return gr.update(choices=run_choices(rows), value=rid)
+    if pick:
+        return gr.update(choices=run_choices(rows), value=rid)
+    return gr.update(choices=run_choices(rows))
 
 
-def render(workbench: Workbench, rid: str | None, off: int, recs: list[dict]) -> list:
-    """The followed run's view, one value per poll output of build(): read what is new in
-    its log; switch the timer off once the run is over."""
+def cancel_button(rid: str | None, active: bool, *, pick: bool = False) -> dict:
+    """Cancel names the run it stops, and is on only while that run is active. Its name is set
+    only for a choice (`pick`), with the run Cancel acts on; a poll only turns it on or off."""
+    if not pick:
+        return gr.update(interactive=active)
+    return gr.update(value=f"Cancel run {rid}" if rid else "Cancel", interactive=active)
+
+
+def new_view(rid: str | None) -> dict:
+    """What this browser has read of a run's metrics log: the run, the byte offset, the
+    records so far."""
+    return {"run_id": rid, "offset": 0, "records": []}
+
+
+def render(workbench: Workbench, rid: str | None, view: dict | None = None, *,
+           pick: bool = False) -> list:
+    """The run `rid`'s view, one value per poll output of build(): read what is new in its log
+    (from the start when `view` is another run's); switch the timer off once the run is over.
+    `pick`: the run was just started or picked, so the dropdown and Cancel name it."""
+    if not view or view.get("run_id") != rid:
+        view = new_view(rid)
     if not rid:
-        return [None, 0, [], follow_choices(workbench, None), "", "", shown(None), shown(None),
-                *report_outputs(None), gr.Timer(active=False)]
-    new, off = workbench.metrics(rid, off)
-    recs = recs + new
+        return [view, follow_choices(workbench, None, pick=pick),
+                "No run yet: start one above. Every run is listed in the Runs tab.", "",
+                shown(None), shown(None), *report_outputs(None), gr.Timer(active=False),
+                cancel_button(None, False, pick=pick)]
+    new, offset = workbench.metrics(rid, view["offset"])
+    recs = view["records"] + new
     row = workbench.store.get(rid)
     state = row.state
     phase = workbench.phase(rid)
@@ -226,53 +267,69 @@ def render(workbench: Workbench, rid: str | None, off: int, recs: list[dict]) ->
         text += f" — {escape(row.error)}"
     done = state not in ACTIVE
     report = workbench.report(rid) if state == "completed" else None
-    return [rid, off, recs, follow_choices(workbench, rid), text,
+    return [{"run_id": rid, "offset": offset, "records": recs},
+            follow_choices(workbench, rid, pick=pick), text,
             progress_html(recs, state, phase), shown(charts.loss_curves(recs)),
             shown(charts.eval_curves(recs)), *report_outputs(report),
-            gr.Timer(active=not done)]
+            gr.Timer(active=not done), cancel_button(rid, not done, pick=pick)]
 
 
-def on_start(workbench: Workbench, state: dict | None, run_name: str, task_text: str,
-             n_processes, *values) -> list:
+def on_start(workbench: Workbench, followed: Followed, state: dict | None, run_name: str,
+             task_text: str, n_processes, *values) -> list:
     if not state:
         raise gr.Error("Choose a CSV in the Data tab first (or the bundled example).")
     cfg = run_config(state["path"], state.get("text"), state.get("label"),
                      as_settings(*values), model=workbench.default_model, task=task_text,
                      processes=n_processes, target_column=state.get("target"))
     rid = workbench.start_run(cfg, name=run_name or None, data_name=state["name"])
+    followed.run_id = rid
     workbench.refresh()
-    return render(workbench, rid, 0, [])
+    return render(workbench, rid, pick=True)
 
 
-def on_tick(workbench: Workbench, rid: str | None, off: int, recs: list[dict]) -> list:
+def on_tick(workbench: Workbench, followed: Followed, view: dict | None) -> list:
+    """The followed run's view, unless the person started or picked another run while this
+    poll read: then every output is left as that choice set it."""
+    rid = followed.run_id
     workbench.refresh()
-    return render(workbench, rid, off, recs)
+    out = render(workbench, rid, view)
+    if followed.run_id != rid:
+        return [gr.skip()] * len(out)
+    return out
 
 
-def on_follow(workbench: Workbench, rid: str | None) -> list:
-    """Another run picked: its log is read from the start."""
-    return render(workbench, rid, 0, [])
+def on_follow(workbench: Workbench, followed: Followed, rid: str | None) -> list:
+    """Another run picked: followed from now on, its log read from the start."""
+    followed.run_id = rid
+    return render(workbench, rid, pick=True)
 
 
-def on_cancel(workbench: Workbench, rid: str | None) -> list:
+def on_cancel(workbench: Workbench, followed: Followed, view: dict | None) -> list:
+    """Cancel the followed run, the one the button names, and no other."""
+    rid = followed.run_id
     if not rid:
         raise gr.Error("No run is open.")
     workbench.store.cancel(rid)
     workbench.refresh()
-    return render(workbench, rid, 0, [])
+    return render(workbench, rid, view, pick=True)
 
 
-def reattach(workbench: Workbench, rid: str | None = None, off: int = 0,
-             recs: list[dict] | None = None) -> list:
-    """Follow the run shown while it is active; else the one training (or queued)."""
+def reattach(workbench: Workbench, followed: Followed, view: dict | None = None) -> list:
+    """Follow the run shown while it is active; else the one training (or queued); with none
+    active, the run shown, or on a new page the last run completed (else the last started),
+    so a reloaded page shows its report instead of nothing."""
     rows = workbench.refresh()
-    if rid and any(r.id == rid and r.state in ACTIVE for r in rows):
-        return render(workbench, rid, off, recs or [])
-    active = sorted((r for r in rows if r.state in ACTIVE),
-                    key=lambda r: (r.state != "running", -r.created))
-    if active:
-        return render(workbench, active[0].id, 0, [])
-    return render(workbench, rid, 0, [])
+    rid = followed.run_id
+    if not (rid and any(r.id == rid and r.state in ACTIVE for r in rows)):
+        active = sorted((r for r in rows if r.state in ACTIVE),
+                        key=lambda r: (r.state != "running", -r.created))
+        if active:
+            rid = active[0].id
+        elif not any(r.id == rid for r in rows):
+            last = max(rows, key=lambda r: (r.state == "completed", r.created), default=None)
+            rid = last.id if last else None
+    followed.run_id = rid
+    return render(workbench, rid, view, pick=True)
 
 
 # --- the page ------------------------------------------------------------------------------
@@ -347,7 +404,7 @@ def build(workbench: Workbench, dataset: gr.State, notice,
     with gr.Row():
         start = gr.Button("Start training", variant="primary", elem_id="start",
                           interactive=False)
-        cancel = gr.Button("Cancel", elem_id="cancel")
+        cancel = gr.Button("Cancel", elem_id="cancel", interactive=False)
     with gr.Row():
         follow = gr.Dropdown(label="Run shown (every queued or running run is listed)",
                              choices=[], elem_id="follow", scale=3)
@@ -365,9 +422,8 @@ def build(workbench: Workbench, dataset: gr.State, notice,
         confusion = gr.Plot(show_label=False, elem_id="confusion", visible=False)
         baselines = gr.Plot(show_label=False, elem_id="baselines", visible=False)
 
-    run_id = gr.State(None)
-    offset = gr.State(0)
-    records = gr.State([])
+    followed = gr.State(Followed())  # each session gets its own copy
+    view = gr.State(None)  # what this browser has read of the followed run's log
     timer = gr.Timer(POLL_SECONDS, active=False)
 
     wire(preset.change, apply_preset, [preset], settings, notice, clears=False)
@@ -378,18 +434,18 @@ def build(workbench: Workbench, dataset: gr.State, notice,
         wire(trigger, bind(check, workbench), [dataset, *settings], [ready, start], notice,
              clears=False)
 
-    poll_outputs = [run_id, offset, records, follow, status, progress, loss_plot, eval_plot,
-                    report_md, per_class, confusion, baselines, timer]
-    wire(start.click, bind(on_start, workbench), [dataset, name, task, processes, *settings],
-         poll_outputs, notice)
-    wire(timer.tick, bind(on_tick, workbench), [run_id, offset, records], poll_outputs, notice,
+    poll_outputs = [view, follow, status, progress, loss_plot, eval_plot, report_md, per_class,
+                    confusion, baselines, timer, cancel]
+    wire(start.click, bind(on_start, workbench),
+         [followed, dataset, name, task, processes, *settings], poll_outputs, notice)
+    wire(timer.tick, bind(on_tick, workbench), [followed, view], poll_outputs, notice,
          clears=False)
-    wire(follow.input, bind(on_follow, workbench), [follow], poll_outputs, notice)
-    wire(cancel.click, bind(on_cancel, workbench), [run_id], poll_outputs, notice)
+    wire(follow.input, bind(on_follow, workbench), [followed, follow], poll_outputs, notice)
+    wire(cancel.click, bind(on_cancel, workbench), [followed, view], poll_outputs, notice)
     if shown_on is not None:  # the tab opened again (e.g. after Resume in Runs)
-        wire(shown_on, bind(reattach, workbench), [run_id, offset, records], poll_outputs,
-             notice, clears=False)
+        wire(shown_on, bind(reattach, workbench), [followed, view], poll_outputs, notice,
+             clears=False)
 
-    return [LoadHook(bind(reattach, workbench), [], poll_outputs),
+    return [LoadHook(bind(reattach, workbench), [followed, view], poll_outputs),
             LoadHook(bind(show_size, workbench), settings, [size]),
             LoadHook(bind(check, workbench), [dataset, *settings], [ready, start])]

@@ -20,7 +20,10 @@ from prefixlab.data.reading import DataError, read_table
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 EXAMPLE_CSV = ASSETS / "example_feedback.csv"
 EXAMPLE_KEY = "example"
-_UPLOAD_KEY = re.compile(r"^[0-9a-f]{16}-[A-Za-z0-9._-]{1,80}$")  # what keep_upload names
+# What keep_upload names: <content digest>/<file name>, so that a page shows the file by its
+# own name; <digest>-<name> is how earlier versions kept it (still found).
+_UPLOAD_KEY = re.compile(r"^[0-9a-f]{16}/[A-Za-z0-9_-][A-Za-z0-9._-]{0,79}$")
+_FLAT_KEY = re.compile(r"^[0-9a-f]{16}-[A-Za-z0-9._-]{1,80}$")
 
 
 @dataclass
@@ -101,12 +104,13 @@ class DataRoom:
 
     def keep_upload(self, path: str | Path, name: str) -> Path:
         """A copy of an uploaded file in the data directory (Gradio's temp copy is cleaned
-        up), named by its content so the same file is kept once; a reload finds it again."""
+        up), in a folder named by its content so the same file is kept once, under its own
+        name; a reload finds it again and shows it by that name."""
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name)[-80:].lstrip(".") or "data.csv"
-        target = self.uploads_dir / f"{digest}-{safe}"
+        target = self.uploads_dir / digest / safe
         if not target.is_file():
-            self.uploads_dir.mkdir(parents=True, exist_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
             shutil.copyfile(path, tmp)
             tmp.replace(target)
@@ -117,7 +121,10 @@ class DataRoom:
         path = Path(path)
         if path == EXAMPLE_CSV:
             return EXAMPLE_KEY
-        if path.parent == self.uploads_dir and _UPLOAD_KEY.match(path.name):
+        key = f"{path.parent.name}/{path.name}"
+        if path.parent.parent == self.uploads_dir and _UPLOAD_KEY.match(key):
+            return key
+        if path.parent == self.uploads_dir and _FLAT_KEY.match(path.name):
             return path.name
         return None
 
@@ -125,7 +132,7 @@ class DataRoom:
         """The file a remembered key names, if it is still kept (anything else: None)."""
         if key == EXAMPLE_KEY:
             return EXAMPLE_CSV
-        if not isinstance(key, str) or not _UPLOAD_KEY.match(key):
+        if not isinstance(key, str) or not (_UPLOAD_KEY.match(key) or _FLAT_KEY.match(key)):
             return None
         path = self.uploads_dir / key
         return path if path.is_file() else None

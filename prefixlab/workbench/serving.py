@@ -59,6 +59,25 @@ def sampling_of(do_sample: bool, seed: int = 0, temperature: float = 1.0,
     return Sampling(int(seed), float(temperature), float(top_p)) if do_sample else None
 
 
+PREDICT_CHUNK = 64
+"""Rows of a file predicted by several runs between two progress reports."""
+
+
+def predict_frame_in_chunks(loaded: LoadedModel, prefixes: list, frame: pd.DataFrame,
+                            column: str, progress: Callable[[str, int, int], None] | None,
+                            groups: list[str] | None = None) -> pd.DataFrame:
+    """predict_frame, PREDICT_CHUNK rows at a time when someone follows the progress."""
+    if progress is None or frame.empty:
+        return predict_frame(loaded, prefixes, frame, column, groups=groups)
+    parts = []
+    progress("predicting", 0, len(frame))
+    for start in range(0, len(frame), PREDICT_CHUNK):
+        parts.append(predict_frame(loaded, prefixes, frame.iloc[start:start + PREDICT_CHUNK],
+                                   column, groups=groups))
+        progress("predicting", min(start + PREDICT_CHUNK, len(frame)), len(frame))
+    return pd.concat(parts)
+
+
 class ServingRoom:
     """Set up by Workbench.__init__: `store`, `exports_dir`, `_batchers`, `batch_window_s`,
     `batch_max_rows`; `model` and `open` come from the models and runs rooms."""
@@ -246,13 +265,16 @@ class ServingRoom:
                                    raw=raw)[0]["generated"]
 
     def predict_csv(self, run_ids: str | list[str], path: str | Path,
-                    text_column: str | None = None, name: str | None = None
+                    text_column: str | None = None, name: str | None = None,
+                    progress: Callable[[str, int, int], None] | None = None
                     ) -> BatchPrediction:
         """Score a CSV and write it back with predictions; every cell neutralized. One run
         adds `predicted_label` and `p_<label>` (a generation run: `generated`); several add
         one column group per run (`<run name>: ...`), classification runs read in shared
         mixed batches, generation runs decoded as their reports decode. When the file has a
-        column of gold labels, each classification run's metrics against it come along."""
+        column of gold labels, each classification run's metrics against it come along.
+        `progress(what, done, total)` after each chunk of rows (a progress that raises stops
+        there, before anything is written)."""
         ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
         if not ids:
             raise RunError("name at least one run to predict with")
@@ -260,7 +282,7 @@ class ServingRoom:
             self.check_usable(run_id)
         runs = [self.open(i) for i in ids]
         if len(runs) == 1:
-            out = predict_table(runs[0], path, text_column)
+            out = predict_table(runs[0], path, text_column, progress)
             groups = [""]
             added = [c for c in out.columns if c in ("predicted_label", "generated")
                      or str(c).startswith("p_")]
@@ -282,8 +304,8 @@ class ServingRoom:
                        if p.encoder is not None]
             out = frame.copy()
             if scoring:
-                out = predict_frame(batcher.loaded, [p for p, _ in scoring], frame, column,
-                                    groups=[g for _, g in scoring])
+                out = predict_frame_in_chunks(batcher.loaded, [p for p, _ in scoring], frame,
+                                              column, progress, groups=[g for _, g in scoring])
             texts = frame[column].fillna("").astype(str).tolist()
             added = []
             for run, group in zip(runs, groups, strict=True):
@@ -318,14 +340,17 @@ class ServingRoom:
         return BatchPrediction(target, len(out), gold_column, report, skipped, neutralized,
                                reports if len(runs) > 1 else {})
 
-    def evaluate_csv(self, run_id: str, path: str | Path) -> dict:
+    def evaluate_csv(self, run_id: str, path: str | Path,
+                     progress: Callable[[str, int, int], None] | None = None) -> dict:
         """The run's prefix and its baselines on a held-out labeled CSV (a generation run:
-        beside the bare model on a CSV of inputs and references)."""
+        beside the bare model on a CSV of inputs and references). `progress(what, done,
+        total)` follows each part (a progress that raises stops there)."""
         self.check_usable(run_id)
         run = self.open(run_id)
         if run.is_generation:
-            return evaluate_pairs_csv(run.loaded.model, run.encoder, run.kv, run.config, path)
-        return evaluate_csv(run, path)
+            return evaluate_pairs_csv(run.loaded.model, run.encoder, run.kv, run.config, path,
+                                      progress=progress)
+        return evaluate_csv(run, path, progress=progress)
 
     def generate_side_by_side(self, texts: list[str], run_ids: list[str], bare: bool = True,
                               max_new_tokens: int | None = None,
