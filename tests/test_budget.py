@@ -82,7 +82,8 @@ def test_a_generation_run_decodes_what_fits_in_its_time_budget(tmp_path, gpt2, m
     began = time.monotonic()
     report = execute_run(folder, gpt2, prepared=prepared)
     took = time.monotonic() - began
-    assert took < budget_s + 2.5, f"the run took {took:.1f} s of a {budget_s:.0f}-s budget"
+    # (before: 14 s; the slack is for the setup before training and the last batch decoded)
+    assert took < budget_s + 4, f"the run took {took:.1f} s of a {budget_s:.0f}-s budget"
     assert "time budget" in report["stop_reason"]
     decoded = report["decoded"]
     assert decoded["of"] == 40 and 4 <= decoded["inputs"] < 40
