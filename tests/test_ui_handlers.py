@@ -268,6 +268,11 @@ def test_evaluating_a_test_csv_shows_progress_and_stops_between_chunks(bench, tm
                and d.endswith(" left for this part") for d in descs)
     assert [f for f, _ in seen].count(1.0) == 2  # both parts to the end
     assert sum(counted_rows) == 24  # 12 rows with the prefix, 12 without
+    # scored in chunks or at once, the same report
+    chunked = workbench.evaluate_csv(trained, csv, progress=lambda *told: None)
+    whole = workbench.evaluate_csv(trained, csv)
+    assert chunked["per_class"] == whole["per_class"] and chunked["loss"] == pytest.approx(
+        whole["loss"]) and chunked["baselines"]["zero_shot"] == whole["baselines"]["zero_shot"]
 
     # Stop pressed while the first chunk is scored: nothing more is scored.
     counted_rows.clear()
