@@ -192,18 +192,24 @@ def test_a_finished_run_renders_its_report_and_stops_the_timer(bench):
         train_tab.on_cancel(workbench, train_tab.Followed(), None)
 
 
-def test_a_reloaded_page_shows_the_last_run_once_none_is_active(bench):
+def test_a_reloaded_page_shows_the_last_run_once_none_is_active(bench, monkeypatch):
     """Issue 26, item 8: after a reload the Train tab was blank once every run was over."""
-    workbench, trained = bench[:2]
+    from dataclasses import replace
+
+    workbench, trained, alike, longer = bench
+    # the random-prefix runs made later are marked completed so that they can be served;
+    # here they stand for later runs that failed, which the page must not prefer
+    rows = [replace(r, state="failed") if r.id in (alike, longer) else r
+            for r in workbench.refresh()]
+    monkeypatch.setattr(workbench, "refresh", lambda: rows)
     followed = train_tab.Followed()  # a new page: nothing followed yet
     view, follow, status, *_, report, _, _, _, timer, cancel = train_tab.reattach(workbench,
                                                                                   followed)
-    # the last completed run (runs created later never ran), with its report
+    # the last completed run, with its report
     assert followed.run_id == trained == view["run_id"] and follow["value"] == trained
     assert "**trained**: completed" in status and "Held-out results on" in report
     assert timer.active is False and cancel["interactive"] is False
     # a run picked before the tab was opened again stays shown
-    alike = bench[2]
     followed.run_id = alike
     assert train_tab.reattach(workbench, followed)[0]["run_id"] == alike
 
@@ -263,8 +269,8 @@ def test_evaluating_a_test_csv_shows_progress_and_stops_between_chunks(bench, tm
     assert md.startswith("### trained on the test file: 12 rows") and table["visible"]
     assert "Evaluated in " in md
     descs = [d for _, d in seen]
-    assert "scoring the rows with the prefix: 4/12 · 0 s so far · about " in descs[1]
-    assert any(d.startswith("scoring the rows without the prefix (zero-shot): 8/12 ")
+    assert "scoring held-out rows with the prefix: 4/12 · 0 s so far · about " in descs[1]
+    assert any(d.startswith("scoring held-out rows without the prefix (zero-shot): 8/12 ")
                and d.endswith(" left for this part") for d in descs)
     assert [f for f, _ in seen].count(1.0) == 2  # both parts to the end
     assert sum(counted_rows) == 24  # 12 rows with the prefix, 12 without
@@ -284,7 +290,7 @@ def test_evaluating_a_test_csv_shows_progress_and_stops_between_chunks(bench, tm
 
     md, table, confusion, bars = runs_tab.evaluate_test(workbench, trained, str(csv), action,
                                                         progress=press_stop)
-    assert md.startswith("**Stopped after 4 of 12 (scoring the rows with the prefix)")
+    assert md.startswith("**Stopped after 4 of 12 (scoring held-out rows with the prefix)")
     assert not (table["visible"] or confusion["visible"] or bars["visible"])
     assert counted_rows == [4] and not action.running
     with pytest.raises(gr.Error, match="Nothing is running"):
@@ -323,13 +329,13 @@ def test_evaluating_a_generation_run_shows_each_part_and_stops(generated):  # no
                                     progress=lambda what, done, total: seen.append(what))
     assert report["task"] == "generation"
     assert list(dict.fromkeys(seen)) == [
-        "decoding the inputs with the prefix", "decoding the inputs with the bare model",
-        "target loss with the prefix", "target loss of the bare model"]
+        "loss with the prefix", "loss of the bare model",
+        "decoding held-out inputs (prefix and bare model)"]
     action = LongAction()
     md, *charts_ = runs_tab.evaluate_test(
         workbench, run_id, str(csv), action,
         progress=lambda f, desc=None: action.done and stop_action(action))
-    assert md.startswith("**Stopped after 6 of 6 (decoding the inputs with the prefix)")
+    assert md.startswith("**Stopped after 15 of 15 (loss with the prefix)")
 
 
 # --- Playground and the API ------------------------------------------------------------------

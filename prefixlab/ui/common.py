@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from prefixlab.errors import USER_ERRORS
+from prefixlab.errors import USER_ERRORS, PrefixLabError
 
 log = logging.getLogger("prefixlab.ui")
 
@@ -129,7 +129,7 @@ def run_choices(rows) -> list[tuple[str, str]]:
 # --- long actions: progress and Stop --------------------------------------------------------
 
 
-class Stopped(Exception):
+class Stopped(PrefixLabError):
     """A long action stopped between two chunks of rows because its person pressed Stop."""
 
 
