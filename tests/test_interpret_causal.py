@@ -44,10 +44,13 @@ def _signal_in(loaded, slot: int | None = None, layer: int | None = None, scale=
     return out
 
 
-def test_hiding_a_slot_equals_a_prefix_without_it(loaded):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_hiding_a_slot_equals_a_prefix_without_it(loaded, attention):
     """Exactness: with slot 0 hidden at every layer, scores equal those of the prefix that
     never had it, read at the same positions (slot 0 replaced by nothing: the remaining
-    slots keep positions 1..P-1 and inputs start at P)."""
+    slots keep positions 1..P-1 and inputs start at P). SDPA hands the hook a boolean mask,
+    eager attention an additive float one: both must hide the slot."""
+    loaded.model.set_attn_implementation(attention)
     kv = text_key_values(loaded.model, loaded.tokenizer, "the movie was", 5)
     _, score = _scorer(loaded, kv)
     with C.knocked_out(loaded, {layer: [0] for layer in range(kv.shape[0])}) as model:
