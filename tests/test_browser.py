@@ -370,7 +370,7 @@ def test_the_whole_walk_in_the_browser(page, workdir, screenshots, workbench, ur
         SlowScoring(slow, seconds=1.5)
         page.locator("#test-run").click()
         expect(test_report).to_contain_text(
-            re.compile(r"scoring the rows with the prefix: [1-9]\d*/\d+ · \d+ s so far · "
+            re.compile(r"scoring held-out rows with the prefix: [1-9]\d*/\d+ · \d+ s so far · "
                        r"about \d+ s left"))
         shoot(page, screenshots, "3-runs-evaluating")
         page.locator("#test-stop").click()

@@ -170,7 +170,7 @@ class LongAction:
         return self.running
 
     def line(self) -> str:
-        """e.g. "scoring the rows with the prefix: 64/240 · 12 s so far · about 33 s left"."""
+        """e.g. "scoring held-out rows with the prefix: 64/240 · 12 s so far · about 33 s left"."""
         now = time.monotonic()
         text = f"{self.what}: {self.done:,}/{self.total:,} · {duration(now - self.started)} so far"
         if 0 < self.done < self.total:
