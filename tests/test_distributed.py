@@ -108,7 +108,7 @@ def _agree_min_rank(rank: int, init: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_agree_on_the_shorter_planned_schedule(tmp_path):
-    # each rank's clock plans its own schedule length (train.planned_end); they run the shorter
+    # each rank's clock plans its own schedule length (schedule.planned_end); they run the shorter
     torch.multiprocessing.spawn(_agree_min_rank, nprocs=2, join=True,
                                 args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)))
     assert [float((tmp_path / f"{r}.txt").read_text()) for r in (0, 1)] == [25.0, 25.0]

@@ -197,7 +197,7 @@ def test_run_keeps_the_best_step_and_resume_mid_patience_ends_equal(tmp_path, cs
 
 
 def test_planned_end_fits_the_steps_left_in_the_budget():
-    from prefixlab.engine.train import planned_end
+    from prefixlab.engine.schedule import planned_end
 
     assert planned_end(1000, 20, 20, 10.0, 50.0) == 120  # 2 steps/s, 50 s left
     assert planned_end(100, 20, 20, 10.0, 50.0) == 100  # never past the epochs' budget
@@ -219,11 +219,11 @@ class _StepClock:
 def _timed_run(loaded, monkeypatch, cfg, *, resume=None, stop_at=None, clock=None,
                evaluate=None, reserve_s=None, steps=None):
     """train() on a clock of one second per step; `steps` collects every StepInfo."""
-    import prefixlab.engine.train as train_module
+    import prefixlab.engine.schedule as schedule_module
 
     enc, prefix, examples, _, _ = _setup(loaded)
     clock = clock or _StepClock()
-    monkeypatch.setattr(train_module, "time", clock)
+    monkeypatch.setattr(schedule_module, "time", clock)  # the schedule keeps the time
     rates, saved = [], []
 
     def on_step(info):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, get_args
@@ -31,6 +30,7 @@ from prefixlab.engine.encode import Example, bucketed_batches, collate, target_m
 from prefixlab.engine.families import TrainingLoss, family_of
 from prefixlab.engine.models import autocast
 from prefixlab.engine.prefix import Prefix, forward
+from prefixlab.engine.schedule import Schedule
 from prefixlab.errors import ConfigError
 
 CHUNK_TOKENS = 384
@@ -218,20 +218,6 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tens
     optimizer.load_state_dict(sd)
 
 
-PLAN_AFTER_STEPS = 20
-"""Steps timed before a time budget first plans the schedule (`TrainConfig.fit_schedule`):
-enough to see the speed, a small share of any budget worth planning. Each evaluation plans
-again from the speed so far, evaluations included."""
-
-
-def planned_end(total: int, step: int, steps_timed: int, seconds: float, left_s: float) -> int:
-    """The step a schedule fitted to the time budget ends at: at `steps_timed` steps per
-    `seconds`, the steps that fit in the `left_s` seconds left after `step`; at most `total`
-    (the epochs' budget), at least one more step."""
-    fits = int(steps_timed / seconds * max(0.0, left_s)) if seconds > 0 else total
-    return max(step + 1, min(total, step + fits))
-
-
 def learning_rate_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then linear decay to zero (Li & Liang's schedule)."""
     warmup = cfg.warmup(total)
@@ -317,76 +303,6 @@ def _attention_backends(device: torch.device):
                         SDPBackend.MATH])
 
 
-class _Schedule:
-    """Where training ends: the epochs' budget, or a schedule fitted to the time budget.
-
-    With `TrainConfig.fit_schedule` and a time budget, the end is planned after
-    PLAN_AFTER_STEPS steps from the speed so far and planned again at each evaluation, so the
-    learning rate decays to zero when the budget runs out rather than stopping mid-decay.
-    Every rank plans the same end (the smallest of theirs). Training's share of the budget is
-    what `reserve_s()` leaves: the seconds the caller keeps for after training (its final
-    report), asked anew at each check, as the caller learns what that costs.
-
-    A run resumed past PLAN_AFTER_STEPS without a plan (one given more time after it ended:
-    runs/extension.py clears its plan) plans at once, from the speed of the steps it has.
-    """
-
-    def __init__(self, cfg: TrainConfig, total: int, start: int, before_s: float,
-                 planned: int, reserve_s: Callable[[], float] | None = None) -> None:
-        self.total, self.start, self.before_s = total, start, before_s
-        self.budget_s = cfg.max_minutes * 60
-        self.reserve_s = reserve_s or (lambda: 0.0)
-        self.fitting = bool(self.budget_s) and cfg.fit_schedule
-        self.planned = planned if self.fitting else 0  # 0: the epochs' budget
-        self.began = time.perf_counter()
-        if self.fitting and not self.planned and start >= PLAN_AFTER_STEPS and before_s > 0:
-            end = planned_end(total, start, start, before_s, self.left_s())
-            self.planned = int(distributed.agree_min(end))
-
-    @property
-    def end(self) -> int:
-        return self.planned or self.total
-
-    def elapsed(self) -> float:
-        """Seconds since this process began training (not counting a resumed run's past)."""
-        return time.perf_counter() - self.began
-
-    def left_s(self) -> float:
-        """Seconds of the time budget left to train (inf without one): the budget less the
-        time trained, resumes included, and less what the caller reserves."""
-        if not self.budget_s:
-            return math.inf
-        return self.budget_s - self.before_s - self.elapsed() - self.reserve_s()
-
-    def out_of_time(self, step: int) -> bool:
-        """The time budget has run out before the schedule's end; every rank agrees (their
-        clocks differ, and one rank stopping alone would leave the others waiting)."""
-        return (bool(self.budget_s) and distributed.agree(self.left_s() <= 0)
-                and step != self.end)
-
-    def eta(self, step: int) -> float:
-        """Seconds to the schedule's end at the speed of this process's steps, never more
-        than the time budget leaves (before a plan, the end is the epochs' budget, which a
-        time budget may cut far short)."""
-        elapsed = self.elapsed()
-        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
-        if not rate:
-            return 0.0
-        return max(0.0, min((self.end - step) / rate, self.left_s()))
-
-    def after_step(self, step: int) -> None:
-        if self.fitting and not self.planned and step - self.start == PLAN_AFTER_STEPS:
-            self.replan(step)
-
-    def after_evaluation(self, step: int, out_of_time: bool) -> None:
-        if self.fitting and self.planned and step != self.end and not out_of_time:
-            self.replan(step)  # the speed so far, evaluations included
-
-    def replan(self, step: int) -> None:
-        end = planned_end(self.total, step, step - self.start, self.elapsed(), self.left_s())
-        self.planned = int(distributed.agree_min(end))
-
-
 def _epoch_batches(examples: Sequence[Example], labels: Sequence[int], cfg: TrainConfig,
                    epoch: int, batch_order: Callable[[Sequence[int], int, int, int],
                                                      list[list[int]]]) -> list[list[Example]]:
@@ -447,7 +363,8 @@ def train(
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = cfg.total_steps(len(examples))
     interval = cfg.evaluation_interval(per_epoch)
-    schedule = _Schedule(cfg, total, start, before, planned, reserve_s)
+    schedule = Schedule(cfg.max_minutes * 60, cfg.fit_schedule, total, start, before, planned,
+                        reserve_s)
 
     def checkpoint(step: int) -> None:
         if on_checkpoint is not None:

@@ -11,7 +11,8 @@ while holding its run lock.
 The learning rate decayed to zero at the old budget's end; the longer schedule is that of a
 run given the larger budget from the start (warm-up and linear decay over it), so training
 resumes at the rate that schedule has at this step. With more minutes and a schedule fitted
-to the time budget, the engine fits it again from the speed the run had (train._Schedule).
+to the time budget, the engine fits it again from the speed the run had
+(engine.schedule.Schedule).
 """
 
 from __future__ import annotations
