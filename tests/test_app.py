@@ -481,7 +481,7 @@ def test_api_endpoints_take_plain_values(demo, workbench, reviews):
     # The page's own handlers are not part of the API: only what README documents.
     assert sorted(f.api_name for f in demo.fns.values()
                   if f.api_visibility == "public") == ["generate", "predict_csv", "runs", "score"]
-    with pytest.raises(gr.Error, match="at least one text"):
+    with pytest.raises(gr.Error, match="at least one non-empty string in texts"):
         score([" "], [run_id])
 
 

@@ -16,6 +16,7 @@ from prefixlab.engine.prefix import save_prefix
 from prefixlab.runs import finished, scoring
 from prefixlab.runs.folder import RunError
 from prefixlab.runs.presets import PRESETS, SETTING_NAMES
+from prefixlab.serve.limits import RequestError
 from prefixlab.ui import api, data_tab, inspect_tab, playground_tab, runs_tab, train_tab
 from prefixlab.ui.common import LongAction, bind, stop_action
 from prefixlab.workbench import Workbench
@@ -368,7 +369,7 @@ def test_the_api_endpoints_are_plain_functions_of_the_workbench(bench):
     assert row["state"] == "completed" and row["name"] == "trained"
     rows = api.score(workbench, ["good", " "], [trained])
     assert [r["text"] for r in rows] == ["good"]
-    with pytest.raises(gr.Error, match="at least one prompt"):
+    with pytest.raises(RequestError, match="at least one non-empty string in prompts"):
         api.generate(workbench, [" "], [trained])
 
 

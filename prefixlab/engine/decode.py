@@ -157,7 +157,8 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+        # Written so NaN fails too: every comparison with NaN is False.
+        if not (0 < self.temperature < math.inf and 0 < self.top_p <= 1):
             raise DecodeError(f"temperature must be > 0 and top_p in (0, 1], got "
                               f"{self.temperature} and {self.top_p}")
         if not 0 <= self.seed < 2**63:
@@ -358,6 +359,29 @@ def mixed_generate(model: nn.Module, tokenizer, kvs: Sequence[torch.Tensor | Non
     else:
         ids = decode_rows(model, list(kvs), rows, eos, pad, max_new_tokens, sampling)
     return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+
+def decode_memory(config, rows: int, slots: int, prompt_tokens: int, new_tokens: int,
+                  beams: int = 1, element_bytes: int = 4) -> int:
+    """Bytes a batch's decoding holds at its peak, estimated from the model's shape before
+    anything is allocated: every row's and beam's key/value cache with room for its new
+    tokens (prefix slots + padded prompt + new tokens), plus the larger of what the prefill
+    holds besides (one layer's activations and attention scores, and the cache before it is
+    copied into room) and a few vocabulary-wide rows of logits per row and beam."""
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    hidden = config.hidden_size
+    inner = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_position = layers * 2 * kv_heads * head_dim * element_bytes
+    cache = per_position * rows * beams * (slots + prompt_tokens + new_tokens)
+    read = slots + prompt_tokens
+    prefill = max(rows * prompt_tokens * (3 * hidden + 2 * inner) * element_bytes
+                  + rows * heads * prompt_tokens * read * element_bytes,
+                  per_position * rows * read)
+    logits = 4 * rows * beams * config.vocab_size * 4  # float32, a few copies per step
+    return cache + prefill + logits
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -182,9 +182,12 @@ class ScoreItem:
     encoder: Encoder
     text: str
     head_read: bool = False  # kv already holds the template's head (prefix.extend_prefix)
+    ids: list[int] | None = None  # prompt(), when already made (a server tokenizes up front)
 
     def prompt(self) -> list[int]:
         """The token ids this item's row reads after kv."""
+        if self.ids is not None:
+            return self.ids
         ids = self.encoder.prompt(self.text)[0]
         return ids[len(self.encoder.head_ids):] if self.head_read else ids
 

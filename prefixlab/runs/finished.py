@@ -143,11 +143,13 @@ def text_column_of(frame, wanted: str | None, path: str | Path, guess: bool = Tr
 
 
 def predict_table(run: Run, path: str | Path, text_column: str | None = None,
-                  progress: Callable[[str, int, int], None] | None = None):
+                  progress: Callable[[str, int, int], None] | None = None,
+                  max_rows: int | None = None):
     """A CSV's rows with the predicted label and every label's probability appended (a
     generation run: the generated text). `progress(what, done, total)` after each chunk of
-    rows (a progress that raises stops there)."""
+    rows (a progress that raises stops there). A file over `max_rows` is refused unread."""
     frame = read_table(path).frame
+    check_rows(frame, max_rows)
     column = text_column_of(frame, text_column or run.config.text_column, path,
                             guess=not text_column)
     texts = frame[column].fillna("").astype(str).tolist()
@@ -162,6 +164,14 @@ def predict_table(run: Run, path: str | Path, text_column: str | None = None,
     for j, label in enumerate(run.labels):
         out[f"p_{label}"] = probs[:, j].round(6)
     return out
+
+
+def check_rows(frame, max_rows: int | None) -> None:
+    """RunError when a file to predict has more rows than a server takes in one request."""
+    if max_rows is not None and len(frame) > max_rows:
+        raise RunError(f"the file has {len(frame):,} rows; this server predicts at most "
+                       f"{max_rows:,} per file (PREFIXLAB_MAX_CSV_ROWS): split it, or run "
+                       "`python -m prefixlab predict` on it")
 
 
 def _chunks(texts: list[str], size: int, what: str,

@@ -16,13 +16,16 @@ not usable is refused with its name and state.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
 from gradio import FileData
 
 from prefixlab.errors import ConfigError
+from prefixlab.serve import limits
 from prefixlab.serve.access import MAX_UPLOAD, credentials
+from prefixlab.serve.batcher import Abandoned
 from prefixlab.ui.common import bind, guard
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.serving import sampling_of
@@ -30,16 +33,32 @@ from prefixlab.workbench.serving import sampling_of
 PUBLIC_ENDPOINTS = ("runs", "score", "generate", "predict_csv")
 
 
-def _texts(values: list[str] | None, what: str) -> list[str]:
-    lines = [t.strip() for t in (values or []) if t and t.strip()]
-    if not lines:
-        raise gr.Error(f"Give at least one {what}.")
-    return lines
+def _client(request: gr.Request | None) -> Callable[[], bool] | None:
+    """A test of whether the client that made `request` is still waiting: False until it
+    disconnects or cancels (Gradio then marks its queued event dead, or drops it from the
+    running jobs). None outside Gradio's queue (a direct call): nobody to wait for."""
+    http = getattr(request, "request", None) if request is not None else None
+    if http is None:
+        return None
+    try:
+        running = http.app.get_blocks()._queue.active_jobs  # Gradio's queue: pinned version
+    except AttributeError:
+        return None
+
+    def mine() -> list:
+        return [e for job in list(running) if job for e in job if e.request is http]
+
+    events = mine()
+    if not events:
+        return None
+    event = events[0]
+    return lambda: not event.alive or event not in mine()
 
 
 # --- the endpoints: the workbench first, then what a client sends ---------------------------
 # register() gives each its workbench; gr.api reads the rest of the signature and the
-# docstring for the API page, so each parameter is typed and documented.
+# docstring for the API page, so each parameter is typed and documented. Every value is
+# checked here (serve.limits), so a wrong type is refused in one line naming the parameter.
 
 
 def runs(workbench: Workbench, run_id: str = "") -> list[dict]:
@@ -49,6 +68,10 @@ def runs(workbench: Workbench, run_id: str = "") -> list[dict]:
     Parameters:
         run_id: a run id; empty for every run, newest first
     """
+    if run_id is None:
+        run_id = ""
+    if not isinstance(run_id, str):
+        raise limits.RequestError(f"run_id must be a string, got {limits.kind_of(run_id)}")
     rows = workbench.runs()  # folds the workers' progress in (throttled), for one run too
     if run_id:
         rows = [workbench.store.get(run_id)]  # RunError for an unknown id
@@ -58,25 +81,26 @@ def runs(workbench: Workbench, run_id: str = "") -> list[dict]:
 
 
 def score(workbench: Workbench, texts: list[str], run_ids: list[str],
-          bare: bool = False) -> list[dict]:
+          bare: bool = False, request: gr.Request = None) -> list[dict]:
     """Each text's label probabilities under each run's prefix, in one mixed batch; a
-    generation run named comes back as one row {run_id, source: "skipped", error}.
+    generation run named comes back as one row {run_id, source: "skipped", error}. A row
+    holds its own run's labels only.
 
     Parameters:
         texts: the texts to classify
         run_ids: classification runs whose prefixes to use (task "classify" in /runs)
         bare: also score the bare model on each run's prompt
     """
-    lines = _texts(texts, "text")
-    if not run_ids:
-        raise gr.Error("Give at least one run id (see the /runs endpoint).")
-    return workbench.score_records(lines, list(run_ids), bare=bare)
+    lines = limits.texts(texts, "texts", workbench.limits)
+    ids = _run_ids(run_ids)
+    return workbench.score_records(lines, ids, bare=limits.flag(bare, "bare"),
+                                   stop=_client(request))
 
 
 def generate(workbench: Workbench, prompts: list[str], run_ids: list[str],
              max_new_tokens: int = 40, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0, num_beams: int = 1,
-             raw: bool = False) -> list[dict]:
+             raw: bool = False, request: gr.Request = None) -> list[dict]:
     """Continuation of each prompt after each run's prefix, in one mixed batch. A generation
     run reads each prompt as an input in its template and stops at its stop strings, as it
     was trained and evaluated; a classification run's prefix continues the prompt as given.
@@ -92,28 +116,65 @@ def generate(workbench: Workbench, prompts: list[str], run_ids: list[str],
         num_beams: beam search with this many beams (1: greedy or sampling)
         raw: continue each prompt as given, without a generation run's template
     """
-    return workbench.generate_texts(_texts(prompts, "prompt"), list(run_ids or []),
-                                    int(max_new_tokens),
-                                    sampling_of(do_sample, seed, temperature, top_p),
-                                    int(num_beams), raw=bool(raw))
+    lines = limits.texts(prompts, "prompts", workbench.limits)
+    ids = limits.names(run_ids, "run_ids")
+    bound = workbench.limits
+    max_new_tokens = limits.whole(max_new_tokens, "max_new_tokens", 1, bound.new_tokens,
+                                  "new_tokens")
+    num_beams = limits.whole(num_beams, "num_beams", 1, 16)
+    rows = len(lines) * num_beams * max(1, len(ids))
+    if rows > bound.rows_generated:
+        raise limits.RequestError(
+            f"{len(lines)} prompts × {num_beams} beams × {max(1, len(ids))} runs is {rows} "
+            f"rows to decode; this server decodes at most {bound.rows_generated} per request "
+            f"({limits.env_name('rows_generated')}): send fewer prompts, beams or runs")
+    sampling = sampling_of(limits.flag(do_sample, "do_sample"),
+                           limits.whole(seed, "seed", 0, 2**63 - 1),
+                           limits.number(temperature, "temperature"),
+                           limits.number(top_p, "top_p"))
+    return workbench.generate_texts(lines, ids, max_new_tokens, sampling, num_beams,
+                                    raw=limits.flag(raw, "raw"), stop=_client(request))
 
 
 def predict_csv(workbench: Workbench, csv: FileData, run_ids: list[str],
-                text_column: str = "") -> FileData:
+                text_column: str = "", request: gr.Request = None) -> FileData:
     """The CSV with predictions appended: one column group per run (a classification run's
-    predicted label and probabilities, a generation run's generated text).
+    predicted label and probabilities, a generation run's generated text). A client that
+    cancels the job (gradio_client's `job.cancel()`) or disconnects stops it after the
+    chunk of rows it is in.
 
     Parameters:
         csv: the CSV (or TSV) to label
         run_ids: runs whose prefixes to use, of either task; several must share a base model
         text_column: the column holding the texts; empty to use the run's or guess
     """
-    if not run_ids:
-        raise gr.Error("Give at least one run id (see the /runs endpoint).")
-    path = csv["path"] if isinstance(csv, dict) else csv.path
-    name = csv.get("orig_name") if isinstance(csv, dict) else csv.orig_name
-    result = workbench.predict_csv(list(run_ids), path, text_column or None, name=name)
+    ids = _run_ids(run_ids)
+    if text_column is not None and not isinstance(text_column, str):
+        raise limits.RequestError(f"text_column must be a string, got "
+                                  f"{limits.kind_of(text_column)}")
+    if isinstance(csv, dict) and isinstance(csv.get("path"), str):
+        path, name = csv["path"], csv.get("orig_name")
+    elif isinstance(csv, FileData):
+        path, name = csv.path, csv.orig_name
+    else:
+        raise limits.RequestError("csv must be a file (gradio_client's handle_file(path))")
+    gone = _client(request)
+
+    def follow(what: str, done: int, total: int) -> None:
+        if gone is not None and gone():
+            raise Abandoned("the client went away; the file was not finished")
+
+    result = workbench.predict_csv(ids, path, text_column or None, name=name,
+                                   progress=follow if gone is not None else None)
     return FileData(path=str(result.path), orig_name=result.path.name)
+
+
+def _run_ids(values: object) -> list[str]:
+    ids = limits.names(values, "run_ids")
+    if not ids:
+        raise limits.RequestError("give at least one run id in run_ids (see the /runs "
+                                  "endpoint)")
+    return ids
 
 
 # --- the page ------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from prefixlab.engine.models import DEFAULT_MODEL, LoadedModel, ModelInfo
 from prefixlab.runs.finished import Run
 from prefixlab.runs.registry import RunStore
 from prefixlab.serve.batcher import DEFAULT_MAX_ROWS, DEFAULT_WINDOW_S, Batcher
+from prefixlab.serve.limits import Limits
 from prefixlab.workbench.datasets import DataRoom
 from prefixlab.workbench.downloads import DownloadRoom
 from prefixlab.workbench.inspection import Inspection, InspectionRoom
@@ -37,8 +38,11 @@ from prefixlab.workbench.serving import ServingRoom
 class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, DownloadRoom):
     """The app's services over one data directory (see each room for what it does)."""
 
-    def __init__(self, data_dir: str | Path, model: str | None = None) -> None:
+    def __init__(self, data_dir: str | Path, model: str | None = None,
+                 limits: Limits | None = None) -> None:
         self.store = RunStore(data_dir)
+        # What one request may ask (the operator's environment, read once here).
+        self.limits = limits or Limits.from_env()
         self.default_model = model or DEFAULT_MODEL
         self.exports_dir = self.store.data_dir / "exports"
         self.uploads_dir = self.store.data_dir / "uploads"

@@ -9,6 +9,7 @@ without loading a model, so a request naming both kinds can answer each with its
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -26,6 +27,7 @@ from prefixlab.engine.models import LoadedModel
 from prefixlab.runs.evaluate import classification_report
 from prefixlab.runs.finished import (
     Run,
+    check_rows,
     evaluate_csv,
     label_column_of,
     predict_table,
@@ -34,7 +36,8 @@ from prefixlab.runs.finished import (
 from prefixlab.runs.folder import RunError
 from prefixlab.runs.generation import evaluate_pairs_csv
 from prefixlab.runs.registry import RunRow, RunStore
-from prefixlab.serve.batcher import Batcher, column_groups, predict_frame
+from prefixlab.serve.batcher import Batcher, column_groups, predict_frame, results
+from prefixlab.serve.limits import Limits
 from prefixlab.serve.store import PrefixStore, check_served, served_state
 from prefixlab.workbench.memo import Memo
 
@@ -87,6 +90,7 @@ class ServingRoom:
     _batchers: Memo[str, Batcher]
     batch_window_s: float  # how long a request waits for company
     batch_max_rows: int
+    limits: Limits
     default_model: str
     model: Callable[..., LoadedModel]
     open: Callable[[str], Run]
@@ -146,7 +150,8 @@ class ServingRoom:
         def start() -> Batcher:
             loaded = self.model(name)
             store = PrefixStore(loaded, locate=lambda run_id: self.store.folder(run_id).path)
-            return Batcher(loaded, store, self.batch_window_s, self.batch_max_rows)
+            return Batcher(loaded, store, self.batch_window_s, self.batch_max_rows,
+                           self.limits)
 
         return self._batchers.get(name, start)
 
@@ -154,11 +159,14 @@ class ServingRoom:
         self.store.folder(run_id)  # RunError for anything that is not a run id
         return self.serving(self.store.get(run_id).model)  # RunError for an unknown id
 
-    def compare(self, texts: list[str], run_ids: list[str], bare: bool = True) -> pd.DataFrame:
+    def compare(self, texts: list[str], run_ids: list[str], bare: bool = True,
+                stop: Callable[[], bool] | None = None) -> pd.DataFrame:
         """One row per text and source (each prefix, and the bare model once per distinct
         prompt and label set): the run read (`run_id`), the predicted label and every label's
         probability. All runs' requests go in at once, so they share mixed batches. Every
-        run must classify (a generation run is refused by name: see score_records)."""
+        run must classify (a generation run is refused by name: see score_records).
+        `stop()` is asked while the batches run: True abandons the request (see
+        serve.batcher.results)."""
         wrong = self._unscorable(run_ids)
         if wrong:
             raise RunError("; ".join(wrong.values()) + ". Score classification runs.")
@@ -182,8 +190,8 @@ class ServingRoom:
                 pending.append((source, run_id,
                                 batcher.submit_score(run_id, texts, with_prefix=False)))
         rows = []
-        for source, run_id, future in pending:
-            scored = future.result()
+        answers = results([future for _, _, future in pending], stop)
+        for (source, run_id, _), scored in zip(pending, answers, strict=True):
             labels = scored.prefix.labels
             for text, p in zip(texts, scored.probabilities, strict=True):
                 rows.append({"text": text, "source": source, "run_id": run_id,
@@ -192,13 +200,13 @@ class ServingRoom:
                                 for lab, v in zip(labels, p, strict=True)}})
         return pd.DataFrame(rows)
 
-    def score_records(self, texts: list[str], run_ids: list[str], bare: bool = False
-                      ) -> list[dict]:
+    def score_records(self, texts: list[str], run_ids: list[str], bare: bool = False,
+                      stop: Callable[[], bool] | None = None) -> list[dict]:
         """The API's /score: compare's rows for the classification runs named, then one row
         `{run_id, source: "skipped", error}` per generation run named (it has no labels):
         a request naming both kinds is answered for the runs that can answer it. Refused
         when no run named classifies, or when one to score is unfinished (named, with its
-        state)."""
+        state). A row carries its own run's labels only: never NaN for another run's."""
         wrong = self._unscorable(run_ids)
         right = [run_id for run_id in run_ids if run_id not in wrong]
         if not right:
@@ -207,7 +215,10 @@ class ServingRoom:
         skipped = [{"run_id": run_id, "source": "skipped",
                     "error": f"{why}; generate with it (/generate)"}
                    for run_id, why in wrong.items()]
-        return self.compare(texts, right, bare=bare).to_dict("records") + skipped
+        rows = self.compare(texts, right, bare=bare, stop=stop).to_dict("records")
+        # JSON has no NaN: a label another run has is absent from this run's rows.
+        return [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+                for row in rows] + skipped
 
     def says_what(self, text: str, run_ids: list[str], max_new_tokens: int = 20
                   ) -> pd.DataFrame:
@@ -236,7 +247,8 @@ class ServingRoom:
 
     def generate_texts(self, prompts: list[str], run_ids: list[str], max_new_tokens: int = 40,
                        sampling: Sampling | None = None, num_beams: int = 1,
-                       raw: bool = False) -> list[dict]:
+                       raw: bool = False, stop: Callable[[], bool] | None = None
+                       ) -> list[dict]:
         """Continuations of every prompt under every run (none: the bare model): greedy,
         drawn (`sampling`, each prompt on its own seeded generator) or by beam search. All
         runs' requests share mixed batches, with other clients' too. A generation run writes
@@ -250,9 +262,10 @@ class ServingRoom:
             batcher = self._batcher_of(run_id) if run_id else self.serving()
             pending.append((run_id, batcher.submit_generate(run_id, prompts, max_new_tokens,
                                                             sampling, num_beams, raw=raw)))
+        answers = results([future for _, future in pending], stop)
         return [{"run_id": run_id or "", "prompt": prompt, "generated": out}
-                for run_id, future in pending
-                for prompt, out in zip(prompts, future.result(), strict=True)]
+                for (run_id, _), texts in zip(pending, answers, strict=True)
+                for prompt, out in zip(prompts, texts, strict=True)]
 
     def generate(self, prompt: str, run_id: str | None, max_new_tokens: int = 40,
                  do_sample: bool = False, temperature: float = 1.0, seed: int = 0,
@@ -282,7 +295,8 @@ class ServingRoom:
             self.check_usable(run_id)
         runs = [self.open(i) for i in ids]
         if len(runs) == 1:
-            out = predict_table(runs[0], path, text_column, progress)
+            out = predict_table(runs[0], path, text_column, progress,
+                                max_rows=self.limits.csv_rows)
             groups = [""]
             added = [c for c in out.columns if c in ("predicted_label", "generated")
                      or str(c).startswith("p_")]
@@ -294,6 +308,7 @@ class ServingRoom:
             batcher = self._batcher_of(ids[0])
             prefixes = [batcher.store.get(i) for i in ids]
             frame = read_table(path).frame
+            check_rows(frame, self.limits.csv_rows)
             # The texts' column: asked for, else the first classification run's (or the first
             # run's), else a guess.
             first = next((r for r in runs if not r.is_generation), runs[0])
