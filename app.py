@@ -10,13 +10,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from prefixlab.engine.cpu import pin_threads
 from prefixlab.engine.models import DEFAULT_MODEL
 from prefixlab.errors import ConfigError
 from prefixlab.runs.folder import RunError
-from prefixlab.serve.access import MAX_UPLOAD, credentials
+from prefixlab.serve.access import credentials
 from prefixlab.ui import CSS, build_ui
+from prefixlab.ui.api import launch
 from prefixlab.workbench import Workbench
 
 
@@ -43,7 +45,14 @@ def access(args: argparse.Namespace) -> tuple[str, str] | None:
     try:
         return credentials(args.auth, args.host, share=args.share)
     except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+        refuse(str(e))
+
+
+def refuse(message: str) -> NoReturn:
+    """End with the message and exit status 2, as `python -m prefixlab` ends on a user error
+    (the app and the API server refuse the same exposure the same way)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,21 +60,17 @@ def main(argv: list[str] | None = None) -> None:
     auth = access(args)
     try:
         workbench = Workbench(Path(args.data_dir), model=args.model)
-    except RunError as e:
-        raise SystemExit(f"error: {e}") from None
+    except (RunError, ConfigError) as e:
+        refuse(str(e))
     pin_threads()  # request threads share torch's thread count: no tuner may change it
     demo = build_ui(workbench)
     workbench.warm_up()  # the page is served while the model loads (or converts, once)
     if auth:
         print(f"PrefixLab: login required (user {auth[0]!r}); listening on {args.host}",
               file=sys.stderr)
-    demo.queue(default_concurrency_limit=4).launch(
-        server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-        max_file_size=MAX_UPLOAD, css=CSS, show_error=True,
-        # exports: downloads; uploads: a reloaded page shows the file it had chosen
-        allowed_paths=[str(workbench.exports_dir), str(workbench.uploads_dir)],
-    )
-
+    # exports: downloads; uploads: a reloaded page shows the file it had chosen
+    launch(demo, workbench, args.host, args.port, auth, share=args.share, css=CSS,
+           allowed_paths=[str(workbench.exports_dir), str(workbench.uploads_dir)])
 
 if __name__ == "__main__":
     main()

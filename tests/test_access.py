@@ -23,15 +23,16 @@ def test_this_machine_needs_no_login_and_another_interface_does():
 
 
 def test_the_app_and_the_api_server_refuse_the_same_exposure_in_the_same_words(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, capsys):
     for name in ("PREFIXLAB_HOST", "PREFIXLAB_AUTH"):
         monkeypatch.delenv(name, raising=False)
     for host, auth in (("0.0.0.0", None), ("127.0.0.1", "nopassword")):
         argv = ["--host", host] + (["--auth", auth] if auth else [])
         with pytest.raises(SystemExit) as refused:
             app.access(app.parse_args(argv))
+        assert refused.value.code == 2  # as `python -m prefixlab serve` exits on it
         # The API server refuses before it opens the data directory or loads a model.
         with pytest.raises(ConfigError) as also:
             serve_api(tmp_path / "data", host=host, auth=auth)
-        assert str(refused.value) == f"error: {also.value}"
+        assert capsys.readouterr().err == f"error: {also.value}\n"
     assert not (tmp_path / "data").exists()

@@ -27,6 +27,7 @@ from prefixlab.runs.experiment import execute_run  # noqa: E402
 from prefixlab.runs.folder import RunError  # noqa: E402
 from prefixlab.runs.presets import PRESETS, SETTING_NAMES  # noqa: E402
 from prefixlab.ui import CSS, build_ui  # noqa: E402
+from prefixlab.ui.api import launch  # noqa: E402
 from prefixlab.ui.common import guard  # noqa: E402
 from prefixlab.ui.data_tab import NO_TARGET, describe  # noqa: E402
 from prefixlab.workbench import Workbench  # noqa: E402
@@ -85,12 +86,8 @@ def served(workbench: Workbench, tmp: Path) -> Iterator[str]:
         demo = build_ui(workbench)
         workbench.warm_up()
         port = free_port()
-        # The queue's concurrency is app.main's; everything else as the brief of app.py.
-        demo.queue(default_concurrency_limit=4).launch(
-            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-            css=CSS, max_file_size=app.MAX_UPLOAD, show_error=True,
-            allowed_paths=[str(workbench.exports_dir), str(workbench.uploads_dir)],
-        )
+        launch(demo, workbench, "127.0.0.1", port, None, css=CSS, prevent_thread_lock=True,
+               quiet=True, allowed_paths=[str(workbench.exports_dir), str(workbench.uploads_dir)])
         try:
             yield f"http://127.0.0.1:{port}/"
         finally:
@@ -265,16 +262,18 @@ def test_local_host_needs_no_login(no_env):
     assert app.access(app.parse_args(["--host", "localhost"])) is None
 
 
-def test_listening_beyond_this_machine_without_auth_is_refused(no_env):
-    with pytest.raises(SystemExit, match="--auth") as e:
+def test_listening_beyond_this_machine_without_auth_is_refused(no_env, capsys):
+    with pytest.raises(SystemExit) as e:
         app.access(app.parse_args(["--host", "0.0.0.0"]))
-    assert "0.0.0.0" in str(e.value)
+    said = capsys.readouterr().err
+    assert e.value.code == 2 and "--auth" in said and "0.0.0.0" in said
 
 
-def test_share_without_auth_is_refused(no_env):
-    with pytest.raises(SystemExit, match="--auth") as e:
+def test_share_without_auth_is_refused(no_env, capsys):
+    with pytest.raises(SystemExit) as e:
         app.access(app.parse_args(["--share"]))
-    assert "share link" in str(e.value)
+    said = capsys.readouterr().err
+    assert e.value.code == 2 and "--auth" in said and "share link" in said
 
 
 def test_auth_gives_the_credentials(no_env, monkeypatch):
@@ -285,9 +284,10 @@ def test_auth_gives_the_credentials(no_env, monkeypatch):
 
 
 @pytest.mark.parametrize("auth", ["u", "u:", ":p", ":"])
-def test_malformed_auth_is_refused(no_env, auth):
-    with pytest.raises(SystemExit, match="user:password"):
+def test_malformed_auth_is_refused(no_env, auth, capsys):
+    with pytest.raises(SystemExit) as e:
         app.access(app.parse_args(["--host", "0.0.0.0", "--auth", auth]))
+    assert e.value.code == 2 and "user:password" in capsys.readouterr().err
 
 
 # --- the UI's shared error handling ----------------------------------------------------------

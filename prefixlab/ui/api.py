@@ -26,6 +26,7 @@ from prefixlab.errors import ConfigError
 from prefixlab.serve import limits
 from prefixlab.serve.access import MAX_UPLOAD, credentials
 from prefixlab.serve.batcher import Abandoned
+from prefixlab.serve.gate import Gate, allowed_hosts
 from prefixlab.ui.common import bind, guard
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.serving import sampling_of
@@ -207,6 +208,21 @@ def build_api(workbench: Workbench) -> gr.Blocks:
     return demo
 
 
+def launch(demo: gr.Blocks, workbench: Workbench, host: str, port: int,
+           login: tuple[str, str] | None, share: bool = False, **options) -> None:
+    """Serve `demo` as the app and the API server both do: behind the gate (Host check
+    without a login, body cap, documented routes only, login throttle: serve.gate), with
+    the upload cap, a queue, and downloads from the workbench's exports."""
+    from starlette.middleware import Middleware
+
+    gate = Middleware(Gate, hosts=allowed_hosts(host, login is not None),
+                      body_bytes=workbench.limits.body_bytes)
+    options.setdefault("allowed_paths", [str(workbench.exports_dir)])
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=host, server_port=port, share=share, auth=login, show_error=True,
+        max_file_size=MAX_UPLOAD, app_kwargs={"middleware": [gate]}, **options)
+
+
 def serve_api(data_dir: str | Path, model: str | None = None, host: str = "127.0.0.1",
               port: int = 7861, auth: str | None = None, window_ms: float = 5.0,
               max_rows: int = 32) -> None:
@@ -223,7 +239,4 @@ def serve_api(data_dir: str | Path, model: str | None = None, host: str = "127.0
     workbench.warm_up()
     print(f"PrefixLab API on http://{host}:{port}/ (runs in {workbench.store.data_dir})",
           file=sys.stderr)
-    demo.queue(default_concurrency_limit=4).launch(
-        server_name=host, server_port=port, auth=login, show_error=True,
-        allowed_paths=[str(workbench.exports_dir)], max_file_size=MAX_UPLOAD,
-    )
+    launch(demo, workbench, host, port, login)
