@@ -61,6 +61,38 @@ def test_every_documented_endpoint_is_in_the_readme():
         assert f'api_name="/{name}"' in readme and f"/gradio_api/call/{name}" in readme
 
 
+def test_every_bound_is_in_the_readme_with_its_default():
+    from dataclasses import fields
+
+    from prefixlab.serve.limits import Limits, env_name
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for f in fields(Limits):
+        default = getattr(Limits(), f.name)
+        assert f"| `{env_name(f.name)}` | {default:g} |" in readme, f.name
+
+
+def test_readmes_plain_http_examples_run_as_written(many_runs, tmp_path):
+    """Each curl body in README, its run ids filled in, is answered (not "needed: 8, got:
+    3", as /generate once was)."""
+    import re
+
+    workbench, ids = many_runs
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    calls = re.findall(r"gradio_api/call/(\w+) -H 'Content-Type: application/json' \\\n"
+                       r"\s+-d '(\{.*?\})'", readme)
+    assert {name for name, _ in calls} == {"runs", "score", "generate"}
+    with served(workbench, tmp_path) as url:
+        for name, body in calls:
+            body = body.replace("RUN_ID_1", ids[0]).replace("RUN_ID_2", ids[1])
+            post = urllib.request.Request(f"{url}gradio_api/call/{name}", data=body.encode(),
+                                          headers={"Content-Type": "application/json"})
+            event = json.load(urllib.request.urlopen(post, timeout=60))["event_id"]
+            stream = urllib.request.urlopen(f"{url}gradio_api/call/{name}/{event}", timeout=60)
+            lines = stream.read().decode().splitlines()
+            assert "event: complete" in lines, (name, lines)
+
+
 def test_compare_scores_every_run_like_each_alone(many_runs):
     workbench, ids = many_runs
     texts = ["the movie was great", "bad film"]

@@ -188,9 +188,26 @@ def test_restart_lists_every_run_and_adopts_folders(tmp_path, csv_file, model_di
     assert [r.id for r in again.refresh()] == [run_id]
 
 
+def test_a_folder_written_by_the_cli_is_listed_and_a_deleted_one_is_not(
+        tmp_path, csv_file, model_dir, loaded):
+    import shutil
+
+    store = RunStore(tmp_path / "data")
+    run_id = store.create(_config(csv_file, model_dir), loaded)
+    # As `train --output D/runs/sentiment` leaves it: a run folder named by the user.
+    shutil.copytree(store.folder(run_id).path, store.runs_dir / "sentiment")
+    assert sorted(r.id for r in store.refresh()) == sorted([run_id, "sentiment"])
+    assert store.get("sentiment").state == "created"
+    shutil.rmtree(store.folder(run_id).path)  # deleted on disk, outside the app
+    assert [r.id for r in store.refresh()] == ["sentiment"]
+    with pytest.raises(RunError, match="no run"):
+        store.get(run_id)
+
+
 def test_ids_are_checked_and_names_sanitized(tmp_path):
     store = RunStore(tmp_path / "data")
-    for bad in ("../x", "/etc", "20260101-000000-a/../../b", ""):
+    for bad in ("../x", "/etc", "20260101-000000-a/../../b", "", "..", ".hidden", "a/b",
+                "a\\b", "x" * 81):
         with pytest.raises(RunError):
             store.folder(bad)
     assert slugify("Ünïcode ../../ name") == "unicode-name"

@@ -40,7 +40,10 @@ from prefixlab.runs.locks import RunBusy, claim_lock, try_run_lock
 
 ACTIVE = ("queued", "running")
 FINISHED = ("completed", "failed", "cancelled", "interrupted")
-_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[a-z0-9-]{1,40}$")
+# A run id is its folder's name: the app's own are YYYYMMDD-HHMMSS-slug, and a folder the CLI
+# wrote into runs/ (`train --output D/runs/sentiment`) is served under its name too. One
+# path component, never hidden, never a traversal.
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -297,12 +300,17 @@ class RunStore:
     def refresh(self) -> list[RunRow]:
         """Fold run folders' status into the registry; mark dead workers' runs interrupted.
 
-        Also registers run folders the registry does not know (e.g. after a lost database).
+        Also registers run folders the registry does not know (e.g. after a lost database,
+        or one the CLI wrote), and forgets runs whose folders were deleted.
         """
         rows = {r.id: r for r in self.list()}
         for path in sorted(self.runs_dir.iterdir()) if self.runs_dir.is_dir() else []:
             if path.name not in rows and _ID.match(path.name) and RunFolder(path).exists():
                 self._adopt(RunFolder(path))
+        gone = [run_id for run_id in rows if not (self.runs_dir / run_id).is_dir()]
+        if gone:  # deleted on disk, not through the app: no longer a run to list or serve
+            with self._db() as db:
+                db.executemany("DELETE FROM runs WHERE id=?", [(run_id,) for run_id in gone])
         for row in self.list():
             if row.state in FINISHED and row.state != "interrupted":
                 continue

@@ -37,7 +37,6 @@ class Limits:
     body_mb: float = 16.0  # a request body (JSON); a file upload has its own 50 MB cap
     csv_rows: int = 100_000  # rows of a file per /predict_csv (a job: progress and cancel)
     decode_mb: float = 2048.0  # memory one generation batch may take for its cache
-    chunk_rows: int = 32  # rows of a large request per turn: others wait one chunk at most
 
     def __post_init__(self) -> None:
         for f in fields(self):
