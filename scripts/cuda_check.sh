@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA path, checked on a machine with an NVIDIA GPU (CI has none; run it by hand there):
-#   1. tests/test_cuda.py: training, gradients, scoring, generation, runs and interpretability
+#   1. tests/test_device.py on cuda: training, gradients, scoring, generation, runs and interpretability
 #      on cuda, against the same on CPU (tiny random models);
 #   2. the benchmark on cuda, ours vs PEFT, on a model shaped like the default SmolLM2-135M
 #      with random weights (timings are real; F1 is meaningless without trained weights).
@@ -22,7 +22,7 @@ print("torch", torch.__version__, "transformers", transformers.__version__,
 PY
 
 status=0  # a failing test still lets the benchmark run: one visit to the GPU shows both
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log" \
+python3 -m pytest -q -p no:cacheprovider tests/test_device.py 2>&1 | tee "$out/test_device.log" \
   || status=1
 
 python3 - "$model_dir" "$out/random-model" <<'PY'
