@@ -18,7 +18,10 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
 from prefixlab.engine import distributed
+from prefixlab.engine.train import TrainingOutOfMemory
 from prefixlab.runs.experiment import execute_run
 from prefixlab.runs.folder import CANCEL_FILE, RunError, RunFolder
 from prefixlab.runs.locks import RunLock
@@ -67,9 +70,14 @@ def _work(folder: RunFolder, resume: bool) -> int:
     except distributed.LaunchError as e:
         folder.set_status("failed", error=str(e))
         return 1
-    except MemoryError:
-        folder.set_status("failed", error="out of memory: try a smaller batch size or max "
-                          "length")
+    except TrainingOutOfMemory as e:  # checkpointed at e.step: resuming continues there
+        folder.set_status("failed", error=str(e), step=e.step)
+        return 1
+    except (torch.OutOfMemoryError, MemoryError) as e:  # outside a training step
+        traceback.print_exc()
+        folder.set_status("failed", error=f"out of memory ({type(e).__name__}): lower the "
+                          "batch size or the max length, or use a model held in a smaller "
+                          "dtype")
         return 1
     except Exception as e:  # the worker's last word: record why, keep the traceback in its log
         traceback.print_exc()
