@@ -357,6 +357,27 @@ def test_mixed_batches_on_the_device_give_each_row_its_text_alone(device_loaded)
     assert together[0] == generate(model, tok, kvs[0], [prompts[0]], max_new_tokens=6)[0]
 
 
+def test_sampling_reads_no_vocabulary_on_the_host(device_loaded, monkeypatch):
+    """Tokens are drawn where the logits are: nothing vocabulary-sized is copied to the host
+    (it once copied each sampled row's full softmax every token)."""
+    model, tok = device_loaded.model, device_loaded.tokenizer
+    V = model.config.vocab_size
+    copied = []
+    for name in ("cpu", "tolist", "numpy", "item"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, real=real, **kwargs):
+            copied.append(tuple(self.shape))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    sampling = [Sampling(seed=5, temperature=0.9, top_p=0.9), Sampling(seed=7)]
+    texts = mixed_generate(model, tok, [None, None], ["the movie", "hello"], 6, sampling)
+    monkeypatch.undo()
+    assert len(texts) == 2 and copied  # the drawn token ids are read, as they must be
+    assert all(V not in shape for shape in copied), copied
+
+
 def test_the_servers_batcher_on_the_device(device_loaded, tmp_path):
     """Scoring and generation requests through the server's batcher, answered on the device
     as the same requests are answered one by one."""
