@@ -1,6 +1,7 @@
 """Data-parallel training (distributed.py): shares of a batch, gradients that add up, failure
 messages; and, with real processes started by torch's launcher (slow), a 2-rank gloo run that
-ends with the one-process prefix, a killed rank and the resume after it, and a CUDA run."""
+ends with the one-process prefix, a killed rank and the resume after it. The same check on
+the device under test (NCCL where there are GPUs, gloo on the CPU) is in test_device.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from prefixlab.cli.main import main
 from prefixlab.engine import distributed
@@ -350,31 +350,3 @@ def test_a_killed_rank_ends_the_run_and_resume_continues_it(tmp_path, csv_file, 
     assert resumed[0]["processes"] == 2
     _assert_same_training(folder, _reference(tiny, cfg, tmp_path / "one"))
     assert Workbench(tmp_path / "data").runs_table().iloc[0]["processes"] == 2
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_nccl_ranks_train_the_prefix_one_process_trains(tmp_path, csv_file, model_dir):
-    """One rank per GPU (one rank where there is one GPU: NCCL, its device binding and the
-    gathered validation still run), started by plain torchrun, against one process on GPU 0.
-    Both run under bf16 autocast; the tolerance is test_cuda.py's for bf16 against float32."""
-    n = min(2, torch.cuda.device_count())
-    common = [str(csv_file), "--model", str(model_dir), "--device", "cuda", "--seed", "3",
-              "--prefix-length", "4", "--batch-size", "5", "--max-length", "48"]
-    runs = {}
-    for name, launcher in (("ranks", [sys.executable, "-m", "torch.distributed.run",
-                                      "--nproc-per-node", str(n), "-m", "prefixlab"]),
-                           ("one", [sys.executable, "-m", "prefixlab"])):
-        extra = [] if name == "ranks" else ["--nproc", "1"]
-        proc = subprocess.run([*launcher, "train", *common, "--output",
-                               str(tmp_path / name), *extra], env=_env(),
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = RunFolder(tmp_path / name)
-    assert runs["ranks"].status()["processes"] == n
-    a = load_file(runs["ranks"].params_path)
-    b = load_file(runs["one"].params_path)
-    for key in b:
-        torch.testing.assert_close(a[key], b[key], atol=0.03, rtol=0.05)
-    steps = [r["step"] for r in _records(runs["ranks"]) if r["type"] == "step"]
-    assert steps == sorted(set(steps))  # written once each

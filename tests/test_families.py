@@ -19,7 +19,7 @@ from prefixlab.engine.prefix import Prefix, PrefixConfig, forward, init_prefix, 
 from prefixlab.engine.train import TrainConfig, train
 from prefixlab.interpret.frame import key_frame
 
-from .conftest import TEXTS, TINY_FAMILIES, tiny_model
+from .conftest import TEXTS, TINY_FAMILIES, save_tiny_model, tiny_model
 from .test_prefix import _left_padded
 
 TEXT = "the movie was great"
@@ -139,3 +139,24 @@ def test_an_unlisted_family_is_refused_with_the_supported_ones(tokenizer):
         family_of(model.config)
     with pytest.raises(UnknownFamilyError, match="made_up"):  # refused at load
         prepare_model(model, tokenizer, "made-up", torch.device("cpu"))
+
+
+def test_an_unlisted_family_is_refused_before_its_weights_load(tmp_path, monkeypatch):
+    """load_model reads config.json first: a large model of an unlisted family is refused
+    in a moment, not after minutes of reading weights."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from prefixlab.engine.models import load_model
+
+    folder = save_tiny_model(tmp_path / "opt", "llama")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "opt"}))
+
+    def read_weights(*args, **kwargs):
+        raise AssertionError("the weights were read before the family was checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", read_weights)
+    with pytest.raises(UnknownFamilyError, match="'opt' is not supported"):
+        load_model(str(folder), "cpu")

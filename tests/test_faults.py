@@ -115,3 +115,66 @@ def test_a_run_outlives_the_app_and_a_restarted_app_lists_it(tmp_path, csv_file,
     again = RunStore(tmp_path / "data")
     assert again.refresh()[0].state in ("running", "completed")
     assert _wait(again, run_id, {"completed"}, timeout=300).state == "completed"
+
+
+def _run_out_of_memory_at(monkeypatch, step: int, error: type[BaseException]) -> None:
+    """Training step `step` raises `error` in its forward/backward, as a GPU that ran out of
+    memory raises torch.OutOfMemoryError (MemoryError on the CPU)."""
+    from prefixlab.engine import train as T
+
+    real, calls = T._backward, []
+
+    def backward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_backward", backward)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, MemoryError])
+def test_out_of_memory_says_what_to_lower_and_the_run_resumes(tmp_path, csv_file, model_dir,
+                                                              monkeypatch, capsys, error):
+    """Step 3 runs out of memory: the CLI says what to lower, the run is failed at step 2 with
+    that advice and a checkpoint of step 2, and `resume` ends where an uninterrupted run
+    ends."""
+    from safetensors.torch import load_file
+
+    from prefixlab.cli.main import main
+
+    args = [str(csv_file), "--model", str(model_dir), "--device", "cpu", "--seed", "1",
+            "--prefix-length", "4", "--batch-size", "4", "--epochs", "1", "--max-length", "48"]
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _run_out_of_memory_at(m, 3, error)
+        assert main(["train", *args, "--output", str(run)]) == 2
+    said = capsys.readouterr().err
+    assert "out of memory on cpu in training step 3" in said
+    for what in ("lower the batch size (now 4)", "max length", "dtype", "resumes"):
+        assert what in said, what
+    folder = RunFolder(run)
+    status = folder.status()
+    assert status["state"] == "failed" and "lower the batch size" in status["error"]
+    assert folder.load_checkpoint().step == 2
+    assert main(["resume", str(run)]) == 0
+    assert folder.status()["state"] == "completed"
+    assert main(["train", *args, "--output", str(tmp_path / "whole")]) == 0
+    a = load_file(folder.params_path)
+    b = load_file(RunFolder(tmp_path / "whole").params_path)
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_a_worker_out_of_memory_fails_the_run_with_advice_at_its_last_step(
+        tmp_path, csv_file, model_dir, monkeypatch):
+    from prefixlab.runs.worker import run_worker
+
+    store = RunStore(tmp_path / "data")
+    run_id = store.create(_config(csv_file, model_dir), describe_model(str(model_dir)))
+    _run_out_of_memory_at(monkeypatch, 2, torch.OutOfMemoryError)
+    assert run_worker(store.folder(run_id).path) == 1  # the worker's body, in this process
+    status = store.folder(run_id).status()
+    assert status["state"] == "failed" and status["step"] == 1
+    assert status["error"].startswith("out of memory on cpu in training step 2")
+    assert store.folder(run_id).load_checkpoint().step == 1

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from prefixlab.engine.distributed import LaunchError
 from prefixlab.engine.models import ModelInfo, PrefixShape
 from prefixlab.engine.prefix import PrefixConfig
 from prefixlab.engine.train import TrainConfig
@@ -338,3 +339,92 @@ def test_a_finished_worker_is_reaped_at_once_not_left_defunct(store, run_id):
         raise AssertionError(f"worker {pid} is still there 10 s after release: {status}")
     store.refresh()
     assert _state(store, run_id) == ("completed", "completed")
+
+
+# --- device locks: one per GPU --------------------------------------------------------------
+
+
+@pytest.fixture
+def four_gpus(monkeypatch, tmp_path):
+    """A machine with four GPUs, as far as the device locks can tell, and its locks folder."""
+    from prefixlab.runs import locks
+
+    monkeypatch.setattr(locks, "cuda_device_count", lambda: 4)
+    folder = tmp_path / "locks"
+    folder.mkdir()
+    return folder
+
+
+def _hold(folder: Path, name: str):
+    f = open(folder / name, "w")  # noqa: SIM115 - closed by the test
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def test_a_run_on_cuda_takes_the_first_free_gpu_and_a_named_one_waits_for_it(four_gpus):
+    import torch
+
+    from prefixlab.runs.locks import device_choices, try_device
+
+    cuda = torch.device("cuda")
+    held = [_hold(four_gpus, "cuda-0.lock"), _hold(four_gpus, "cuda-1.lock")]
+    device, files = try_device(four_gpus, device_choices(cuda))
+    assert device == torch.device("cuda", 2) and [Path(f.name).name for f in files] == [
+        "cuda-2.lock"]
+    second, more = try_device(four_gpus, device_choices(cuda))
+    assert second == torch.device("cuda", 3)  # the first run still holds GPU 2
+    assert try_device(four_gpus, device_choices(cuda)) is None  # all four busy: queue
+    assert try_device(four_gpus, device_choices(torch.device("cuda:1"))) is None
+    held[1].close()  # GPU 1 is free again: the run that named it, and any other, gets it
+    assert try_device(four_gpus, device_choices(torch.device("cuda:1")))[0] == torch.device(
+        "cuda", 1)
+    with pytest.raises(LaunchError, match="names GPU 4; this machine has 4"):
+        device_choices(torch.device("cuda:4"))
+    # The CPU keeps a lock of its own, free whatever the GPUs do.
+    cpu, cpu_files = try_device(four_gpus, device_choices(torch.device("cpu")))
+    assert cpu == torch.device("cpu") and Path(cpu_files[0].name).name == "cpu.lock"
+    for f in [held[0], *files, *more, *cpu_files]:
+        f.close()
+
+
+def test_ranks_take_gpus_zero_to_n_together_or_wait(four_gpus):
+    import torch
+
+    from prefixlab.runs.locks import device_choices, try_device
+
+    ranks = device_choices(torch.device("cuda"), processes=2)
+    one = _hold(four_gpus, "cuda-1.lock")
+    assert try_device(four_gpus, ranks) is None
+    free = _hold(four_gpus, "cuda-0.lock")  # not left half-taken while it waited
+    free.close()
+    one.close()
+    device, files = try_device(four_gpus, ranks)
+    assert device == torch.device("cuda") and len(files) == 2
+    for f in files:
+        f.close()
+
+
+def test_a_queued_worker_takes_the_gpu_that_frees_first(four_gpus, tmp_path):
+    """The worker's wait: every GPU busy, it says it waits; GPU 3 frees and it takes GPU 3."""
+    import torch
+
+    from prefixlab.runs import worker
+    from prefixlab.runs.locks import device_choices
+
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    held = [_hold(four_gpus, f"cuda-{i}.lock") for i in range(4)]
+    got = {}
+    thread = threading.Thread(target=lambda: got.update(taken=worker._wait_for_device(
+        folder, four_gpus, device_choices(torch.device("cuda")), folder.path / "cancel")))
+    thread.start()
+    end = time.time() + 10
+    while folder.status().get("state") != "queued" and time.time() < end:
+        time.sleep(0.05)
+    assert folder.status()["phase"].startswith("waiting for the device (cuda:0 or cuda:1")
+    held[3].close()
+    thread.join(timeout=10)
+    device, files = got["taken"]
+    assert device == torch.device("cuda", 3)
+    for f in [*held[:3], *files]:
+        f.close()

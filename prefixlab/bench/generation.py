@@ -78,6 +78,8 @@ class GenBenchConfig:
     speed_only: bool = False
     """Skip training and scoring: time generation with the text-initialized prefix."""
     template: str = DEFAULT_GENERATION_TEMPLATE
+    device: str = "cpu"
+    """Where the model runs: cpu, cuda, cuda:1 ..."""
     seed: int = 0
     model: str | None = None
 
@@ -186,7 +188,7 @@ def run(cfg: GenBenchConfig, log=print) -> dict:
         f"{len(grouped)} test inputs with {len(test_pairs)} references")
 
     started = time.perf_counter()
-    loaded = load_model(cfg.model, "cpu") if cfg.model else load_model(device="cpu")
+    loaded = load_model(cfg.model, cfg.device)
     log(f"model {loaded.name} loaded in {time.perf_counter() - started:.1f}s")
     encoder = PairEncoder(loaded.tokenizer, Template(cfg.template), cfg.max_length,
                           cfg.max_new_tokens + 1)
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int,
                    help="torch threads (default: torch's own choice, one per core)")
     p.add_argument("--model", help="local folder or hub id (default: the embedded SmolLM2-135M)")
+    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ...")
     p.add_argument("--json", help="also write the full result to this file")
     args = p.parse_args(argv)
     cfg = GenBenchConfig(
@@ -343,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         learning_rate=args.learning_rate, prefix_length=args.prefix_length,
         reparameterize=args.reparameterize, beams=[int(b) for b in args.beams.split(",")],
         speed_inputs=args.speed_inputs, speed_repeats=args.speed_repeats,
-        speed_only=args.speed_only, model=args.model,
+        speed_only=args.speed_only, model=args.model, device=args.device,
     )
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -148,9 +148,9 @@ def greedy(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]],
 @dataclass(frozen=True)
 class Sampling:
     """How one row draws its tokens: from the temperature-scaled distribution, cut to its
-    smallest set of tokens holding `top_p` of the mass (nucleus sampling), with a CPU
-    torch.Generator seeded with `seed` (never torch's global RNG: concurrent requests neither
-    disturb each other's seeded results nor anything else that uses the global RNG)."""
+    smallest set of tokens holding `top_p` of the mass (nucleus sampling), with a generator
+    on the model's device seeded with `seed` (never torch's global RNG: concurrent requests
+    neither disturb each other's seeded results nor anything else that uses the global RNG)."""
 
     seed: int = 0
     temperature: float = 1.0
@@ -173,16 +173,17 @@ class Sampling:
 
 def draw_tokens(logp: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
                 top_p: float = 1.0) -> torch.Tensor:
-    """One token per row of log-probabilities (N, V), drawn with `generator` (on the CPU, so
-    a seed gives the same draws whatever device the model runs on)."""
-    probs = torch.softmax(logp.float().cpu() / temperature, dim=-1)  # (N, V)
+    """One token per row of log-probabilities (N, V), drawn where they are with `generator`,
+    a generator on their device: no row's vocabulary is copied to the host (only the drawn
+    token ids are read there). A seed gives the same draws on one kind of device; a GPU's
+    generator draws other numbers than the CPU's for the same seed."""
+    probs = torch.softmax(logp.float() / temperature, dim=-1)  # (N, V)
     if top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each
         sorted_p[before >= top_p] = 0  # the most likely token always stays (before == 0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
-    return tokens.to(logp.device)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (N,)
 
 
 @torch.inference_mode()
@@ -196,7 +197,9 @@ def decode_rows(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]]
     rows = sampling or [None] * len(prompts)
     if len(rows) != len(prompts):
         raise ValueError(f"{len(rows)} samplings for {len(prompts)} prompts: give one per row")
-    generators = [None if s is None else torch.Generator().manual_seed(s.seed) for s in rows]
+    device = next(model.parameters()).device
+    generators = [None if s is None else torch.Generator(device).manual_seed(s.seed)
+                  for s in rows]
 
     def pick(logits: torch.Tensor, alive: list[int]) -> torch.Tensor:
         tokens = logits.argmax(-1)  # (N,)

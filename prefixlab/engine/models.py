@@ -233,22 +233,31 @@ def load_model(
     `name`: None or DEFAULT_MODEL for the embedded SmolLM2-135M-Instruct, a local folder, or a
     hub id (needs network unless cached). Remote code stays off unless asked for.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name = name or DEFAULT_MODEL
     device = device if isinstance(device, torch.device) else pick_device(device)
     source = embedded_model_dir(progress) if name == DEFAULT_MODEL else name
+
+    def refused(e: Exception) -> ModelLoadError:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return ModelLoadError(
+            f"could not load model {name!r}: {first}. Name a local model folder, a hub id "
+            f"(needs network), or leave it empty for the embedded default."
+        )
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises many types (OSError, ValueError, ...)
+        raise refused(e) from e
+    family_of(config)  # an unlisted family is refused from config.json, before the weights
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch.float32, trust_remote_code=trust_remote_code
+            source, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
     except Exception as e:  # transformers raises many types (OSError, SafetensorError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"could not load model {name!r}: {first}. Name a local model folder, a hub id "
-            f"(needs network), or leave it empty for the embedded default."
-        ) from e
+        raise refused(e) from e
     return prepare_model(model, tokenizer, name, device)
 
 

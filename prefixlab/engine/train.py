@@ -31,7 +31,7 @@ from prefixlab.engine.families import TrainingLoss, family_of
 from prefixlab.engine.models import autocast
 from prefixlab.engine.prefix import Prefix, forward
 from prefixlab.engine.schedule import Schedule
-from prefixlab.errors import ConfigError
+from prefixlab.errors import ConfigError, PrefixLabError
 
 CHUNK_TOKENS = 384
 """Most padded tokens one forward/backward holds on CPU. A bigger batch is read in chunks whose
@@ -46,6 +46,26 @@ CLASS_BALANCE: tuple[str, ...] = get_args(ClassBalance)
 CUDA_CHUNK_TOKENS = 16384
 """The same on CUDA, where memory is plentiful and a step of a small model is bound by kernel
 launches, which each chunk repeats: small chunks there cost speed, not memory."""
+
+
+class TrainingOutOfMemory(PrefixLabError, MemoryError):
+    """A training step ran out of memory (torch.OutOfMemoryError on a GPU, MemoryError on the
+    CPU). The message says what to lower; `step`, the last complete step, was checkpointed,
+    so the run resumes from it once a setting is lowered."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+def out_of_memory_advice(device: torch.device, step: int, rows: Sequence[Example],
+                         batch_size: int) -> str:
+    """What to lower after step `step` + 1 ran out of memory on a batch of `rows`."""
+    longest = max((len(e) for e in rows), default=0)
+    return (f"out of memory on {device} in training step {step + 1} (a batch of {len(rows)} "
+            f"rows, the longest {longest} tokens): lower the batch size (now {batch_size}) or "
+            "the max length, or use a model held in a smaller dtype; the run was saved at "
+            f"step {step} and resumes from there")
 
 
 @dataclass
@@ -403,9 +423,17 @@ def train(
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             tuner.start()
-            loss_value, real, padded = _backward(
-                model, prefix.key_values(), distributed.share(rows), pad_id, device,
-                chunk_tokens, fast_loss, target_mass(rows))  # the whole batch's
+            try:  # forward and backward: the prefix and the optimizer are still step's
+                loss_value, real, padded = _backward(
+                    model, prefix.key_values(), distributed.share(rows), pad_id, device,
+                    chunk_tokens, fast_loss, target_mass(rows))  # the whole batch's
+            except (torch.OutOfMemoryError, MemoryError) as e:
+                optimizer.zero_grad(set_to_none=True)  # the partial gradients' memory
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                checkpoint(step)
+                raise TrainingOutOfMemory(
+                    out_of_memory_advice(device, step, rows, cfg.batch_size), step) from e
             loss_value, real = distributed.reduce_step(params, loss_value, real)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

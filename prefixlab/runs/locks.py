@@ -128,3 +128,60 @@ def run_lock_held(run_dir: str | Path) -> bool:
         return True
     os.close(fd)
     return False
+
+
+# --- devices --------------------------------------------------------------------------------
+# One run trains at a time per device: a worker holds the lock file of each device it trains
+# on (`locks/cpu.lock`, `locks/cuda-0.lock`, `locks/cuda-1.lock`, ...) for its whole life, so
+# runs meant for different GPUs of one machine train side by side.
+
+
+def cuda_device_count() -> int:
+    """GPUs torch sees; a function of its own so tests can give a machine several."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def device_choices(device, processes: int = 1) -> list[tuple[object, list[str]]]:
+    """The ways a run on `device` (a torch.device) with `processes` ranks may hold what it
+    trains on: (the device to train on, the lock files it needs), in order of preference.
+
+    cpu: its own lock. A named GPU (`cuda:1`): that GPU's. `cuda` with one process: any one
+    GPU, the first free. `cuda` with N processes: GPUs 0..N-1 (rank r trains on GPU r).
+    """
+    import torch
+
+    if device.type != "cuda":
+        return [(device, [f"{device.type}.lock"])]
+    if processes > 1:
+        return [(torch.device("cuda"), [f"cuda-{i}.lock" for i in range(processes)])]
+    if device.index is not None:
+        if device.index >= (count := cuda_device_count()):
+            from prefixlab.engine.distributed import LaunchError
+
+            raise LaunchError(f"device {device} names GPU {device.index}; this machine has "
+                              f"{count} (cuda:0..cuda:{count - 1})")
+        return [(device, [f"cuda-{device.index}.lock"])]
+    return [(torch.device("cuda", i), [f"cuda-{i}.lock"])
+            for i in range(max(1, cuda_device_count()))]
+
+
+def try_device(locks_dir: Path, choices: list[tuple[object, list[str]]]):
+    """The first choice whose lock files are all free, as (device, open lock files, now held
+    until closed), or None when every choice has a lock held by another process."""
+    for device, names in choices:
+        held = []
+        for name in names:
+            f = open(locks_dir / name, "w")  # noqa: SIM115 - the caller closes it
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                break
+            held.append(f)
+        if len(held) == len(names):
+            return device, held
+        for f in held:
+            f.close()
+    return None

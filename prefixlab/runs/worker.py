@@ -2,8 +2,9 @@
 
 RunStore.start (registry.py) starts it without a shell, in a new session so closing the app
 or the browser does not stop it, and hands it the run lock (locks.py) as an inherited
-descriptor. The worker holds that lock for its whole life, queues on a per-device lock file
-(one run trains at a time per device), trains, and reports only through its run folder
+descriptor. The worker holds that lock for its whole life, queues on per-device lock files
+(one run trains at a time per device: the CPU, or each GPU, a run on `cuda` taking the first
+free one; locks.device_choices), trains, and reports only through its run folder
 (status.json, metrics.jsonl); the registry reads those. With `nproc` > 1 it starts the ranks
 through torch's launcher and writes on their behalf when one fails.
 """
@@ -11,17 +12,19 @@ through torch's launcher and writes on their behalf when one fails.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
+import torch
+
 from prefixlab.engine import distributed
+from prefixlab.engine.train import TrainingOutOfMemory
 from prefixlab.runs.experiment import execute_run
 from prefixlab.runs.folder import CANCEL_FILE, RunError, RunFolder
-from prefixlab.runs.locks import RunLock
+from prefixlab.runs.locks import RunLock, device_choices, try_device
 
 DEVICE_POLL_S = 0.25  # how often a queued worker looks at the device lock and for a cancel
 
@@ -51,11 +54,16 @@ def _work(folder: RunFolder, resume: bool) -> int:
         locks = Path(os.environ.get("PREFIXLAB_DATA_DIR", folder.path.parent.parent)) / "locks"
         locks.mkdir(parents=True, exist_ok=True)
         cancel = folder.path / CANCEL_FILE
-        with open(locks / f"{device.type}.lock", "w") as lock:
-            if not _wait_for_device(folder, lock, cancel) or cancel.exists():
-                folder.set_status("cancelled")
-                return 0
-            processes = distributed.process_count(cfg.nproc, device)
+        processes = distributed.process_count(cfg.nproc, device)
+        taken = _wait_for_device(folder, locks, device_choices(device, processes), cancel)
+        if taken is None or cancel.exists():
+            _release(taken)
+            folder.set_status("cancelled")
+            return 0
+        device, held = taken
+        with contextlib.ExitStack() as stack:
+            for f in held:
+                stack.enter_context(f)
             folder.set_status("running", phase="loading the model", processes=processes)
             if processes > 1:
                 return launch_ranks(folder, processes, resume)
@@ -67,9 +75,14 @@ def _work(folder: RunFolder, resume: bool) -> int:
     except distributed.LaunchError as e:
         folder.set_status("failed", error=str(e))
         return 1
-    except MemoryError:
-        folder.set_status("failed", error="out of memory: try a smaller batch size or max "
-                          "length")
+    except TrainingOutOfMemory as e:  # checkpointed at e.step: resuming continues there
+        folder.set_status("failed", error=str(e), step=e.step)
+        return 1
+    except (torch.OutOfMemoryError, MemoryError) as e:  # outside a training step
+        traceback.print_exc()
+        folder.set_status("failed", error=f"out of memory ({type(e).__name__}): lower the "
+                          "batch size or the max length, or use a model held in a smaller "
+                          "dtype")
         return 1
     except Exception as e:  # the worker's last word: record why, keep the traceback in its log
         traceback.print_exc()
@@ -79,32 +92,32 @@ def _work(folder: RunFolder, resume: bool) -> int:
         return 1
 
 
-def _wait_for_device(folder: RunFolder, lock, cancel: Path) -> bool:
-    """Take the device lock `lock` (an open file), or return False when the run is cancelled
-    while it waits.
+def _wait_for_device(folder: RunFolder, locks: Path, choices, cancel: Path):
+    """Take the lock files of the first free choice (locks.device_choices) and return (the
+    device to train on, the open lock files), or None when the run is cancelled while it
+    waits. The OS releases the locks if the worker is killed.
 
     Polled rather than blocking, so a queued run is cancelled at once instead of after the
-    run ahead of it; "waiting" is said only when someone holds the device.
+    run ahead of it, and takes whichever GPU frees first; "waiting" is said only when
+    someone holds the device.
     """
     waiting = False
-    while not _try_flock(lock):
+    while (taken := try_device(locks, choices)) is None:
         if cancel.exists():
-            return False
+            return None
         if not waiting:
-            folder.set_status("queued", phase="waiting for the device: another run is "
-                              "training")
+            what = " or ".join(str(d) for d, _ in choices)
+            folder.set_status("queued", phase=f"waiting for the device ({what}): another "
+                              "run is training")
             waiting = True
         time.sleep(DEVICE_POLL_S)
-    return True
+    return taken
 
 
-def _try_flock(f) -> bool:
-    """Take an exclusive flock on `f` without waiting; released by the OS if we are killed."""
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
+def _release(taken) -> None:
+    if taken is not None:
+        for f in taken[1]:
+            f.close()
 
 
 def launch_ranks(folder: RunFolder, processes: int, resume: bool) -> int:
