@@ -131,6 +131,7 @@ class RunStore:
         return RunFolder(self.runs_dir / run_id)
 
     def get(self, run_id: str) -> RunRow:
+        self.folder(run_id)  # RunError for anything that is not a run id (odd text included)
         with self._db() as db:
             row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:

@@ -10,6 +10,10 @@ the app and the API server.
 - **Routes**: only the documented ways in answer. Gradio's unqueued `/gradio_api/run/<name>`
   and `/gradio_api/api/<name>` would run an endpoint beside its queue; they answer 404 with
   the documented route (`/gradio_api/call/<name>`).
+- **Arguments of the plain-HTTP route**: a POST to `/gradio_api/call/<endpoint>` must hold
+  `{"data": [...]}` with the endpoint's parameters in order; trailing ones may be left out
+  and take their defaults. Too few or too many are refused naming the parameters (Gradio's
+  own refusal printed its internals and a traceback).
 - **Login attempts**: after `login_attempts` wrong passwords from one address within
   `login_window_s`, that address waits out the window (429), so a password cannot be guessed
   at machine speed.
@@ -22,7 +26,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
@@ -31,6 +35,8 @@ Send = Callable[[dict], Awaitable[None]]
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
 UPLOAD = re.compile(r"^/gradio_api/upload/?$")
 UNQUEUED = re.compile(r"^/gradio_api/(run|api)/(?P<name>[^/]+)/?$")
+CALL = re.compile(r"^/gradio_api/call/(v2/)?(?P<name>[^/]+)/?$")
+NO_DEFAULT = object()
 LOGIN = re.compile(r"^/login/?$")
 
 
@@ -86,11 +92,15 @@ class Gate:
     """ASGI middleware: Host check, body cap, documented routes only, login throttle."""
 
     def __init__(self, app, hosts: Iterable[str] | None, body_bytes: int,
-                 throttle: LoginThrottle | None = None) -> None:
+                 throttle: LoginThrottle | None = None,
+                 endpoints: Mapping[str, Sequence[tuple[str, object]]] | None = None) -> None:
+        """`endpoints`: each public endpoint's parameters in order, (name, default), the
+        default NO_DEFAULT where a value is required."""
         self.app = app
         self.hosts = None if hosts is None else frozenset(hosts)
         self.body_bytes = body_bytes
         self.throttle = throttle or LoginThrottle()
+        self.endpoints = dict(endpoints or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -115,7 +125,61 @@ class Gate:
             return await self._login(scope, receive, send)
         if UPLOAD.match(path):  # Gradio caps uploads itself (max_file_size)
             return await self.app(scope, receive, send)
+        call = CALL.match(path)
+        if call and scope.get("method") == "POST" and call.group("name") in self.endpoints:
+            return await self._call(scope, receive, send, headers, call.group("name"))
         return await self._capped(scope, receive, send, headers)
+
+    async def _call(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str],
+                    name: str) -> None:
+        """Read the whole (capped) body, check the arguments' count, fill trailing defaults,
+        and hand Gradio the body it expects."""
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.body_bytes:
+            return await _refuse(scope, send, 413, self._too_large(int(declared)))
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.body_bytes:
+                return await _refuse(scope, send, 413, self._too_large(size, streamed=True))
+            if not message.get("more_body"):
+                break
+        params = self.endpoints[name]
+        names = ", ".join(p for p, _ in params)
+        try:
+            body = json.loads(b"".join(chunks))
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            return await _refuse(scope, send, 422, (
+                f"send a JSON object {{\"data\": [...]}} holding /{name}'s parameters in "
+                f"order: {names}"))
+        data = body["data"]
+        required = sum(default is NO_DEFAULT for _, default in params)
+        if not required <= len(data) <= len(params):
+            needed = [p for p, default in params if default is NO_DEFAULT]
+            return await _refuse(scope, send, 422, (
+                f"/{name} takes {required}..{len(params)} values in data, in order: {names} "
+                f"({', '.join(needed)} required); got {len(data)}"))
+        body["data"] = data + [default for _, default in params[len(data):]]
+        raw = json.dumps(body).encode()
+        scope = dict(scope, headers=[(k, v) for k, v in scope.get("headers", [])
+                                     if k.lower() != b"content-length"]
+                     + [(b"content-length", str(len(raw)).encode())])
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _capped(self, scope: Scope, receive: Receive, send: Send,
                       headers: dict[str, str]) -> None:

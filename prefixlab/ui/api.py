@@ -26,7 +26,7 @@ from prefixlab.errors import ConfigError
 from prefixlab.serve import limits
 from prefixlab.serve.access import MAX_UPLOAD, credentials
 from prefixlab.serve.batcher import Abandoned
-from prefixlab.serve.gate import Gate, allowed_hosts
+from prefixlab.serve.gate import NO_DEFAULT, Gate, allowed_hosts
 from prefixlab.ui.common import bind, guard
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.serving import sampling_of
@@ -208,6 +208,19 @@ def build_api(workbench: Workbench) -> gr.Blocks:
     return demo
 
 
+def parameters() -> dict[str, list[tuple[str, object]]]:
+    """Each public endpoint's parameters in order, with defaults (NO_DEFAULT: required), as
+    a client passes them: the workbench and Gradio's request are not among them."""
+    import inspect
+
+    endpoints = {"runs": runs, "score": score, "generate": generate,
+                 "predict_csv": predict_csv}
+    return {name: [(p.name, NO_DEFAULT if p.default is inspect.Parameter.empty else p.default)
+                   for p in list(inspect.signature(fn).parameters.values())[1:]
+                   if p.name != "request"]
+            for name, fn in endpoints.items()}
+
+
 def launch(demo: gr.Blocks, workbench: Workbench, host: str, port: int,
            login: tuple[str, str] | None, share: bool = False, **options) -> None:
     """Serve `demo` as the app and the API server both do: behind the gate (Host check
@@ -216,7 +229,7 @@ def launch(demo: gr.Blocks, workbench: Workbench, host: str, port: int,
     from starlette.middleware import Middleware
 
     gate = Middleware(Gate, hosts=allowed_hosts(host, login is not None),
-                      body_bytes=workbench.limits.body_bytes)
+                      body_bytes=workbench.limits.body_bytes, endpoints=parameters())
     options.setdefault("allowed_paths", [str(workbench.exports_dir)])
     demo.queue(default_concurrency_limit=4).launch(
         server_name=host, server_port=port, share=share, auth=login, show_error=True,
