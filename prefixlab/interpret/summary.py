@@ -117,6 +117,8 @@ def start_line(nearest: NearestTokens, initial: torch.Tensor | None, trained: to
     """What still reads as the start: the clear nearest words that are start words."""
     start_ids = set(words.get("init text", ()))
     if not start_ids:
+        if initial is None:
+            return None  # the start is unknown: the first line said so
         return ("**What still reads as the start**: the prefix started from random or zero "
                 "vectors, not from text, so no nearest word is a start word.")
     found = [m for m in clear_match_ids(nearest, limit=50) if m[3] in start_ids][:6]

@@ -148,14 +148,17 @@ def run_words(run: Run) -> dict[str, list[int]]:
     """The token groups a run's readouts always rank and its maps highlight, by name.
 
     "label words": every token of every label (with and without a leading space);
-    "init text": the tokens of the text the prefix started from (when it started from text);
+    "init text": the tokens of the text the prefix started from (when it started from text,
+    and was trained here: an imported prefix's start is unknown);
     "data words": the training data's most frequent words. These join the reference bank and
     every deeper layer's shortlist, so the bank (and its cache key) is per run's words: two
     runs with different labels on one model never share label words.
     """
     tok = run.loaded.tokenizer
+    imported = run.folder.read_config().get("imported_from")  # its start text is unknown
     return {"label words": label_token_ids(tok, run.labels),
-            "init text": text_token_ids(tok, start_text(run.config, run.labels)),
+            "init text": text_token_ids(tok, None if imported else start_text(run.config,
+                                                                               run.labels)),
             "data words": data_word_ids(tok, _training_texts(run))}
 
 
