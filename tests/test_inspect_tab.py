@@ -212,7 +212,7 @@ def test_the_inspection_leads_with_what_training_changed(tmp_path, model_dir, mo
     assert summary.startswith("**What training changed**: the ")
     assert summary.split("\n\n")[1].startswith("**What still reads as the start**")
     table = ins.readout_table(0, "change from start")
-    assert list(table.columns) == ["slot", "moved (key; value)", "pushed up by training",
+    assert list(table.columns) == ["slot", "value moved", "pushed up by training",
                                    "pushed down"]
     assert table["pushed up by training"].iloc[0] not in ("", "unchanged")
     assert ins.change_figure().data

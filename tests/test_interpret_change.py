@@ -106,6 +106,8 @@ def test_a_slot_that_costs_more_than_the_whole_prefix_is_an_attention_sink():
     assert [s.slot for s in sinks] == [0]
     assert "more than hiding the whole prefix (-2.23)" in sinks[0].evidence[0]
     assert ablation.attention_sinks(_knockout([-1.0, -0.2, 0.01], -2.23), None) == []
+    # Where hiding the whole prefix costs nothing, a slot's few hundredths are noise.
+    assert ablation.attention_sinks(_knockout([-0.13, -0.1, 0.01], 0.46), None) == []
     # The same costs under the reset ablation say nothing about sinks.
     reset = _knockout([-5.15, -0.2, 0.01], -2.23)
     reset.ablation = "reset"

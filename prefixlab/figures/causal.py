@@ -84,7 +84,7 @@ def movement_figure(change: PrefixChange) -> go.Figure:
         fig.add_trace(go.Heatmap(
             z=_lists(change.movement[:, col - 1]), x=[f"P{p}" for p in range(P)],
             y=list(range(L)), zmin=0, zmax=top, colorscale="Viridis", showscale=col == 2,
-            colorbar=dict(thickness=8, tickformat=".0%" if change.relative else None),
+            colorbar=dict(thickness=8, tickformat=".1%" if change.relative else None),
             hovertemplate=f"layer %{{y}} {kind} %{{x}}: moved %{{z:.1%}} {unit}<extra></extra>"
             if change.relative else
             f"layer %{{y}} {kind} %{{x}}: moved %{{z:.3g}} {unit}<extra></extra>"),

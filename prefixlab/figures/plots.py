@@ -243,21 +243,22 @@ def value_readout_table(result: ValueReadout, layer: int) -> tuple[list[str], li
     return headers, rows
 
 
-def change_readout_table(change: PrefixChange, layer: int, top: int = 5
+def change_readout_table(change: PrefixChange, layer: int, top: int = 3
                          ) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows (one per slot): the tokens the change from the start promotes and
-    demotes at one layer, with the slot's movement; "unchanged" where its value never moved."""
-    headers = ["slot", "moved (key; value)", "pushed up by training", "pushed down"]
+    """Headers and rows (one per slot): how far the slot's value moved from its start and the
+    tokens that change promotes and demotes at one layer; "unchanged" where it never moved
+    (the keys' movement is in movement_figure and change.json)."""
+    headers = ["slot", "value moved", "pushed up by training", "pushed down"]
+
+    def listed(ranked: list[tuple[int, float]]) -> str:
+        return ", ".join(f"{show_token(change.labels.get(t, str(t)))} ({g:+.2f})"
+                         for t, g in ranked[:top]) or "unchanged"
+
     rows = []
     for p, (up, down) in enumerate(zip(change.up[layer], change.down[layer], strict=True)):
-        key, value = change.movement[layer, :, p]
-        moved = (f"{key:.1%}; {value:.1%}" if change.relative else f"{key:.3g}; {value:.3g}")
-
-        def listed(ranked: list[tuple[int, float]]) -> str:
-            return ", ".join(f"{show_token(change.labels.get(t, str(t)))} ({g:+.1f})"
-                             for t, g in ranked[:top]) or "unchanged"
-
-        rows.append([f"P{p}", moved, listed(up), listed(down)])
+        value = change.movement[layer, 1, p]
+        rows.append([f"P{p}", f"{value:.1%}" if change.relative else f"{value:.3g}",
+                     listed(up), listed(down)])
     return headers, rows
 
 

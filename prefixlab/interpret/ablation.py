@@ -26,6 +26,10 @@ from prefixlab.interpret.knockout import Knockout, measured
 ScoreKV = Callable[[torch.Tensor], np.ndarray]  # kv (L, 2, H_kv, P, D) -> (N, K) per row
 
 SINK_SHARE = 0.5
+SINK_COST = 0.5
+"""A slot's hiding must cost at least this much mean log-probability of the correct answer
+(about 40% of its probability) to count: on a prefix whose whole hiding costs nothing, a
+slot's few hundredths are the noise of hiding any one of them, not a sink."""
 """A slot that takes at least this share of all attention (mean over layers, heads and query
 positions) on every input measured holds attention whatever the input."""
 
@@ -80,8 +84,8 @@ class Sink:
 
 
 def attention_sinks(hidden: Knockout | None, slot_share: np.ndarray | None) -> list[Sink]:
-    """Slots whose hiding costs more than hiding the whole prefix, or that take at least
-    SINK_SHARE of all attention on every input measured.
+    """Slots whose hiding costs more than hiding the whole prefix (and at least SINK_COST),
+    or that take at least SINK_SHARE of all attention on every input measured.
 
     hidden: the hide knockout (None: not measured); slot_share (T, P): each slot's share of
     all attention per input (attention.AttentionMass.slots of one prefix), None if unmeasured.
@@ -90,7 +94,7 @@ def attention_sinks(hidden: Knockout | None, slot_share: np.ndarray | None) -> l
     if hidden is not None and hidden.ablation == "hide":
         whole = hidden.all_log_prob
         for p, cost in enumerate(hidden.slot_log_prob):
-            if cost < 0 and cost < whole:
+            if cost <= -SINK_COST and cost < whole:
                 evidence.setdefault(p, []).append(
                     f"hiding P{p} alone changes the log-prob by {cost:+.2f}, more than hiding "
                     f"the whole prefix ({whole:+.2f})")
@@ -103,4 +107,4 @@ def attention_sinks(hidden: Knockout | None, slot_share: np.ndarray | None) -> l
     return [Sink(p, evidence[p]) for p in sorted(evidence)]
 
 
-__all__ = ["SINK_SHARE", "Sink", "attention_sinks", "reset_knockout", "reset_variants"]
+__all__ = ["SINK_COST", "SINK_SHARE", "Sink", "attention_sinks", "reset_knockout", "reset_variants"]

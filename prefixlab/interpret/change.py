@@ -145,7 +145,7 @@ def prefix_change(loaded: LoadedModel, trained: torch.Tensor, start: torch.Tenso
         per_layer = torch.from_numpy(movement[:, 1].mean(-1))  # (L,)
         layers = torch.nonzero(per_layer >= MOST_MOVED * per_layer.max()).flatten()
         mean = shift[layers].mean((0, 1))  # (V,)
-        few = min(5, mean.shape[0])
+        few = min(10, mean.shape[0])  # some may be byte pieces
         best, worst = mean.topk(few), (-mean).topk(few)
         toward = _ranked(best.values, best.indices)
         away = _ranked(-worst.values, worst.indices)

@@ -84,7 +84,10 @@ def _spans(layers: Sequence[int]) -> str:
 
 
 def _tokens(ranked: Sequence[tuple[int, float]], names: Mapping[int, str], n: int = 3) -> str:
-    return ", ".join(f"`{_show(names.get(t, str(t)))}`" for t, _ in ranked[:n])
+    """The first n tokens that read as text: a byte-level piece of a character decodes to
+    U+FFFD (the replacement character) and would name nothing."""
+    shown = [names.get(t, str(t)) for t, _ in ranked]
+    return ", ".join(f"`{_show(t)}`" for t in [t for t in shown if "\ufffd" not in t][:n])
 
 
 def change_line(change: PrefixChange | None, initial: torch.Tensor | None,
@@ -106,9 +109,9 @@ def change_line(change: PrefixChange | None, initial: torch.Tensor | None,
     if len(shift) > 1:
         line += (f"; the change pushes toward ‘{shift[0][0]}’ and away from ‘{shift[-1][0]}’ "
                  f"(label push of the most-moved value layers)")
-    if change.toward:
-        line += (f"; of all tokens it promotes {_tokens(change.toward, change.labels)} and "
-                 f"demotes {_tokens(change.away, change.labels)}")
+    toward, away = _tokens(change.toward, change.labels), _tokens(change.away, change.labels)
+    if toward and away:
+        line += f"; of all tokens it promotes {toward} and demotes {away}"
     return line + "."
 
 
@@ -207,7 +210,7 @@ def knockout_lines(result: Knockout, top: int = 3,
 
     def part(kind: str) -> str:
         ranked = result.ranked(kind)
-        costly = [(i, c) for i, c in ranked[:top] if c < 0]
+        costly = [(i, c) for i, c in ranked[:top] if round(c, 2) < 0]  # not "-0.00"
         if not costly:
             return f"{verb} any single {kind} costs nothing measurable"
         name = "P" if kind == "slot" else "layer "

@@ -22,6 +22,9 @@ from prefixlab.workbench.inspection import GLOSSARY, METHOD, READOUTS, Inspectio
 
 ATTENTION_TEXTS = 8  # inputs measured at once; more lines are left out
 ABLATION_CHOICES = [("hide from attention", "hide"), ("reset to start", "reset")]
+# The change's readout has two long columns of tokens: without widths its last one is
+# scrolled out of the half-width table; the learned readout's ten short ones size themselves.
+CHANGE_WIDTHS = ["11%", "13%", "38%", "38%"]
 
 
 def _dims(choice: str) -> int:
@@ -55,7 +58,13 @@ def layer_views(workbench: Workbench, rid: str, layer, kind: str, dims: str,
             shown(ins.layers_figure(kind)),
             shown(ins.nearest_figure(kind)),
             shown(ins.nearest_table(layer, kind)),
-            shown(ins.readout_table(layer, readout_of)))
+            readout_update(ins, layer, readout_of))
+
+
+def readout_update(ins: Inspection, layer: int, readout_of: str):
+    """The value readout table of the learned prefix, or of its change from the start."""
+    update = shown(ins.readout_table(layer, readout_of))
+    return {**update, "column_widths": CHANGE_WIDTHS if readout_of != READOUTS[0] else []}
 
 
 def knockout_views(ins: Inspection, ablation: str = "hide"):
@@ -114,7 +123,7 @@ def on_readout_of(workbench: Workbench, rid: str | None, layer, readout_of: str)
     if not rid:
         return shown(None)
     ins = workbench.view(rid)
-    return shown(ins.readout_table(ins.layer(layer), readout_of))
+    return readout_update(ins, ins.layer(layer), readout_of)
 
 
 def on_kind(workbench: Workbench, rid: str | None, layer, kind: str, dims: str):
@@ -195,7 +204,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         nearest_table = gr.Dataframe(label="Nearest tokens at this layer (score; baseline)",
                                      interactive=False, wrap=True, elem_id="inspect-table",
                                      visible=False, elem_classes=["readable-table"])
-        readout_table = gr.Dataframe(label="Tokens each value slot promotes (value readout)",
+        readout_table = gr.Dataframe(label="Value readout: the tokens each value slot promotes "
+                                           "(or its change from the start pushes up and down)",
                                      interactive=False, wrap=True, visible=False,
                                      elem_id="inspect-readout",
                                      elem_classes=["readable-table"])
