@@ -149,3 +149,14 @@ def test_the_summary_says_what_training_changed_first_and_names_the_sink(loaded)
     unknown = summary_markdown(nearest, start, None, None, words=words,
                                start_note="the prefix was imported")
     assert unknown.startswith("**What training changed**: unknown — the prefix was imported")
+
+
+def test_each_slots_attention_share_adds_up_to_the_prefixs(loaded):
+    from prefixlab.interpret.attention import prefix_attention
+
+    kv = _start(loaded)
+    result = prefix_attention(loaded, kv, TEXTS[:2])
+    assert result.slots.shape == (1, 2, kv.shape[3])  # (prefixes, texts, slots)
+    # Over the slots, averaged over texts, each slot's share is the prefix's mean share.
+    np.testing.assert_allclose(result.slots[0].sum(-1).mean(), result.mass[0].mean(),
+                               rtol=1e-5)
