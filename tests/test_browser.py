@@ -137,9 +137,13 @@ def screenshots(workdir) -> Path:
     return folder
 
 
-def shoot(page, folder: Path, name: str) -> None:
+def shoot(page, folder: Path, name: str, element=None) -> None:
+    """The whole page, or one element (a locator) at full size."""
     path = folder / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
+    if element is None:
+        page.screenshot(path=str(path), full_page=True)
+    else:
+        element.screenshot(path=str(path))
     print(f"screenshot: {path}")
 
 
@@ -547,9 +551,15 @@ def test_inspect_a_run_change_views_and_run_the_knockout(page, workbench, workdi
     page.keyboard.press("Escape")
     page.locator("#inspect-open").click()
     summary = page.locator("#inspect-summary")
-    expect(summary).to_contain_text("Movement")
+    # The summary's first line says what training changed, the next what still reads as
+    # the start; the movement from the start per slot and layer is drawn.
+    expect(summary.locator("p").first).to_contain_text(
+        re.compile(r"^What training changed: the (keys|values) of layers? \d"))
+    expect(summary.locator("p").nth(1)).to_contain_text("What still reads as the start")
     expect(summary).to_contain_text("run the knockout")
     page.locator("#inspect-pca .js-plotly-plot").wait_for()
+    page.locator("#inspect-slot-movement .js-plotly-plot").wait_for()
+    shoot(page, screenshots, "5-inspect-summary", element=summary)
 
     # Change the layer and the vectors: the kept figures come back.
     def map_says(plot: str, text: str, also: str = "true") -> None:
@@ -589,6 +599,26 @@ def test_inspect_a_run_change_views_and_run_the_knockout(page, workbench, workdi
     expect(summary).to_contain_text("Layers that cost most when hidden")
     expect(summary).to_contain_text("Prompt Waywardness")
     assert (workbench.folder(run_id).path / "knockout.json").is_file()
+    # The value readout of the change from the start, in place of the learned prefix's.
+    readout = page.locator("#inspect-readout")
+    expect(readout).not_to_contain_text("pushed up by training")
+    page.get_by_label("change from start", exact=True).check()
+    expect(readout).to_contain_text("pushed up by training")
+    shoot(page, screenshots, "5-inspect-change-readout", element=readout)
+    page.get_by_label("learned prefix", exact=True).check()
+    expect(readout).not_to_contain_text("pushed up by training")
+    # Knock out by resetting to the start: what training added, beside what hiding does.
+    page.get_by_label("reset to start", exact=True).check()
+    page.locator("#inspect-knockout").click()
+    expect(summary).to_contain_text("Slots that cost most when reset to start",
+                                    timeout=TRAIN_TIMEOUT_MS)
+    expect(summary).to_contain_text("What training added")
+    expect(page.locator("#inspect-knockout-note")).to_contain_text("reset to start on")
+    page.wait_for_function(
+        "document.querySelector('#inspect-knockout-plot .js-plotly-plot')?.layout?.title?.text"
+        "?.includes('Reset to its start')", timeout=TIMEOUT_MS, polling=250)
+    assert (workbench.folder(run_id).path / "knockout_reset.json").is_file()
+    shoot(page, screenshots, "5-inspect-summary-knockouts", element=summary)
     shoot(page, screenshots, "5-inspect")
 
 

@@ -77,10 +77,16 @@ def test_train_evaluate_predict_export(tmp_path, csv_file, model_dir, capsys):
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
+    capsys.readouterr()
     assert main(["inspect", str(run), "--output", str(tmp_path / "insp"), "--bank-size",
-                 "100", "--text", "the movie"]) == 0
-    for name in ("nearest_tokens.json", "pca.json", "inspection.html"):
+                 "100", "--text", "the movie", "--knockout-rows", "4", "--ablation",
+                 "both"]) == 0
+    for name in ("nearest_tokens.json", "pca.json", "change.json", "knockout.json",
+                 "knockout_reset.json", "summary.md", "inspection.html"):
         assert (tmp_path / "insp" / name).is_file(), name
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("**What training changed**: the ")
+    assert said[1].startswith("**What still reads as the start**")
 
     # ... and back: the imported prefix predicts exactly what the run's own prefix does.
     assert main(["import-peft", str(tmp_path / "adapter"), "--output", str(tmp_path / "imp"),
@@ -94,6 +100,11 @@ def test_train_evaluate_predict_export(tmp_path, csv_file, model_dir, capsys):
         assert main(["predict", str(folder), "--text", "the movie was great"]) == 0
     own, imported = (json.loads(x) for x in capsys.readouterr().out.splitlines())
     assert own["probabilities"] == pytest.approx(imported["probabilities"], abs=1e-5)
+    # An imported prefix's start is unknown: the summary says so first.
+    assert main(["inspect", str(tmp_path / "imp"), "--output", str(tmp_path / "insp-imp"),
+                 "--bank-size", "100", "--knockout-rows", "0"]) == 0
+    assert capsys.readouterr().out.startswith("**What training changed**: unknown — the "
+                                              "prefix was imported")
 
 
 def test_max_steps_zero_saves_the_initialized_prefix(tmp_path, csv_file, model_dir):

@@ -126,3 +126,106 @@ def test_a_reopened_run_reads_its_nearest_tokens_from_the_run_folder(tmp_path, m
     np.testing.assert_array_equal(again.nearest.token_ids, first.nearest.token_ids)
     np.testing.assert_allclose(again.nearest.scores, first.nearest.scores)
     assert again.nearest.labels == first.nearest.labels
+
+
+def test_the_knockouts_intact_figure_is_the_reports_on_the_same_rows(tmp_path, model_dir,
+                                                                      monkeypatch):
+    import json
+
+    from prefixlab.interpret.summary import Reference
+    from prefixlab.runs import inspection
+
+    monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
+    wb = Workbench(tmp_path / "data", model=str(model_dir))
+    run = wb.open(_trained_run(wb, tmp_path, model_dir, ("negative", "positive"), "f1"))
+    report = run.folder.read_report()
+    rows = json.loads(run.folder.config_path.read_text())["data"]["validation_rows"]
+    every = inspection.run_knockout(run, 10_000, precision="float32", use_cache=False)
+    assert every.knockout.rows == every.held_out == rows
+    assert every.knockout.f1 == pytest.approx(report["macro_f1"], abs=1e-9)
+    reference = inspection.report_reference(run, every)
+    assert reference == Reference(report["macro_f1"], rows, "float32")
+    ins = wb.inspection(run.folder.path.name)
+    ins.causal = every
+    assert "the report's own figure: the same rows, decision rule and macro-F1" in ins.summary()
+    fewer = inspection.run_knockout(run, 2, precision="float32", use_cache=False)
+    ins.causal = fewer
+    assert (f"on the first 2 of the {rows} validation rows" in ins.summary()
+            and "they differ by the rows only" in ins.summary())
+
+
+def test_the_start_is_the_step_0_snapshot_or_recomputed_alike(tmp_path, model_dir,
+                                                              monkeypatch):
+    import shutil
+
+    from prefixlab.runs import inspection
+
+    monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
+    wb = Workbench(tmp_path / "data", model=str(model_dir))
+    run = wb.open(_trained_run(wb, tmp_path, model_dir, ("negative", "positive"), "s"))
+    saved = inspection.run_start(run)
+    assert saved.source == "the step-0 snapshot"
+    shutil.rmtree(run.folder.snapshots_dir)
+    again = inspection.run_start(run)
+    assert again.source.startswith("recomputed from the run's config (the init text '")
+    torch.testing.assert_close(again.kv, saved.kv)
+    # Where the prefix starts its change is measured from; its words are the init text's.
+    assert inspection.run_words(run)["init text"]
+
+
+def test_resetting_a_runs_untrained_prefix_to_its_start_changes_nothing(tmp_path, model_dir,
+                                                                        monkeypatch):
+    import json
+
+    from prefixlab.runs import inspection
+    from prefixlab.runs.start import Start
+
+    monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
+    wb = Workbench(tmp_path / "data", model=str(model_dir))
+    run = wb.open(_trained_run(wb, tmp_path, model_dir, ("negative", "positive"), "r"))
+    untrained = Start(run.kv.clone(), "the prefix itself")
+    result = inspection.run_knockout(run, 4, ablation="reset", start=untrained,
+                                     use_cache=False).knockout
+    assert result.ablation == "reset"
+    assert not result.slot_log_prob.any() and not result.layer_log_prob.any()
+    assert result.all_log_prob == 0 and result.all_f1 == 0
+    stored = json.loads((run.folder.path / "knockout_reset.json").read_text())
+    assert stored["ablation"] == "reset" and "Reset to start" in stored["method"]
+    # The real start: the trained run's reset is measured and shown in the workbench.
+    wb.knockout(run.folder.path.name, 4, ablation="reset")
+    ins = wb.inspection(run.folder.path.name)
+    assert ins.reset.knockout.ablation == "reset" and ins.causal is None
+    assert "**What training added** (knockout by resetting to the start" in ins.summary()
+
+
+def test_the_inspection_leads_with_what_training_changed(tmp_path, model_dir, monkeypatch):
+    import json
+
+    from prefixlab.runs import inspection
+
+    monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
+    wb = Workbench(tmp_path / "data", model=str(model_dir))
+    run_id = _trained_run(wb, tmp_path, model_dir, ("negative", "positive"), "c")
+    ins = wb.inspection(run_id)
+    assert ins.start.source == "the step-0 snapshot" and ins.change.moved
+    summary = ins.summary()
+    assert summary.startswith("**What training changed**: the ")
+    assert summary.split("\n\n")[1].startswith("**What still reads as the start**")
+    table = ins.readout_table(0, "change from start")
+    assert list(table.columns) == ["slot", "value moved", "pushed up by training",
+                                   "pushed down"]
+    assert table["pushed up by training"].iloc[0] not in ("", "unchanged")
+    assert ins.change_figure().data
+    assert any(" · " in cell for cell in ins.nearest_table(0, "key")["#1"])  # origin tags
+    out = inspection.inspect_run(ins.run.folder.path, tmp_path / "out", ins.run.loaded,
+                                 top_k=2, knockout_rows=4, ablations=("hide", "reset"))
+    change = json.loads((out / "change.json").read_text())
+    assert change["start"] == "the step-0 snapshot" and change["moved"]
+    assert json.loads((out / "knockout_reset.json").read_text())["ablation"] == "reset"
+    nearest = json.loads((out / "nearest_tokens.json").read_text())
+    assert "origin" in nearest["layers"][0]["key"][0]["top"][0]
+    written = (out / "summary.md").read_text()
+    assert written.startswith("**What training changed**")
+    assert "What training added" in written
+    page = (out / "inspection.html").read_text()
+    assert "How far each slot moved from its start" in page and "change from the start" in page

@@ -85,7 +85,7 @@ def test_bind_gives_the_workbench_and_keeps_what_gradio_reads(bench):
     bound = bind(inspect_tab.on_knockout, workbench)
     assert bound.__name__ == "on_knockout"
     params = inspect.signature(bound).parameters
-    assert list(params) == ["rid", "rows", "progress"]  # gr.Progress found by its default
+    assert list(params) == ["rid", "rows", "ablation", "progress"]  # gr.Progress: by default
     assert isinstance(params["progress"].default, gr.Progress)
     assert inspect.getdoc(bound) == inspect.getdoc(inspect_tab.on_knockout)
 
@@ -381,7 +381,8 @@ def test_inspect_opens_a_run_and_every_view_is_drawn_ahead_then_only_sent(bench)
     with pytest.raises(gr.Error, match="Pick a trained run"):
         inspect_tab.open_inspection(workbench, None, 0, "key", "2-D")
     (rid, headline, summary, layer, pca, pca3, layers, nearest, table, readout, ko, push,
-     note, trajectory, _) = inspect_tab.open_inspection(workbench, trained, 9, "key", "2-D")
+     note, trajectory, _, slot_movement) = inspect_tab.open_inspection(workbench, trained, 9,
+                                                                        "key", "2-D")
     assert rid == trained  # the browser's own state: the run it has open
     assert headline.startswith("**trained**: 2 layers")
     assert layer["maximum"] == 1 and layer["value"] == 1  # layer 9 of 2: the last one
@@ -391,6 +392,12 @@ def test_inspect_opens_a_run_and_every_view_is_drawn_ahead_then_only_sent(bench)
     assert not ko["visible"] and not push["visible"] and note.startswith("Not measured yet")
     ins = workbench.inspection(trained)
     assert trajectory["visible"] == (ins.movement is not None)
+    assert summary.startswith("**What training changed**")
+    assert slot_movement["visible"] == ins.change.moved
+    # The value readout of the change from the start, in place of the learned prefix's.
+    change = inspect_tab.on_readout_of(workbench, trained, 1, "change from start")
+    assert change["visible"] and "pushed up by training" in value(change).columns
+    assert "pushed up by training" not in value(readout).columns
     workbench.draw_ahead(trained, "key").join(120)  # as open_inspection started it
     for kind in ("key", "value"):
         for dims in (2, 3):
@@ -424,10 +431,18 @@ def test_the_knockout_attention_and_comparison_from_the_inspect_tab(bench):
         workbench, trained, 4, progress=lambda f, desc=None: steps.append(desc))
     assert steps and ko["visible"] and push["visible"]
     assert "Slots that cost most when hidden" in summary
-    assert note.startswith("Measured on 4 held-out rows in ")
-    # Opened again (another browser, or after a reload): the measured knockout is shown.
+    assert note.startswith("Measured: hidden on 4 of ")
+    # Reset to start: what training added, beside what hiding measured.
+    summary, ko, push, note = inspect_tab.on_knockout(
+        workbench, trained, 4, "reset", progress=lambda f, desc=None: steps.append(desc))
+    assert ko["visible"] and "Reset to its start" in ko["value"].layout.title.text
+    assert "Slots that cost most when hidden" in summary
+    assert "Slots that cost most when reset to start" in summary
+    assert "; reset to start on 4 of " in note
+    # Opened again (another browser, or after a reload): the measured knockouts are shown.
     opened = inspect_tab.open_inspection(workbench, trained, 0, "key", "2-D")
-    assert opened[10]["visible"] and opened[12].startswith("Measured on 4 held-out rows")
+    assert opened[10]["visible"] and opened[12].startswith("Measured: hidden on 4 of ")
+    assert "reset to start on 4 of" in opened[12]
     with pytest.raises(gr.Error, match="at least one input"):
         inspect_tab.on_attention(workbench, trained, " \n ")
     assert inspect_tab.on_attention(workbench, trained, "the movie\nwas great")["visible"]

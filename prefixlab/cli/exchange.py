@@ -1,5 +1,5 @@
 """Commands that move a prefix in or out of a run folder: export (PEFT or safetensors),
-import-peft, and inspect (a prefix's readouts as JSON files and an HTML page)."""
+import-peft, and inspect (a prefix's readouts as JSON files, a summary and an HTML page)."""
 
 from __future__ import annotations
 
@@ -70,9 +70,14 @@ def cmd_inspect(args) -> int:
     cfg = RunFolder(args.run).run_config()
     loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
                         progress=say)
+    ablations = ("hide", "reset") if args.ablation == "both" else (args.ablation,)
     out = inspect_run(args.run, args.output, loaded, args.top_k, texts=args.text or None,
                       bank_size=args.bank_size, knockout_rows=args.knockout_rows,
-                      knockout_precision=args.knockout_precision, progress=say)
-    written = ", ".join(sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".html")))
+                      knockout_precision=args.knockout_precision, ablations=ablations,
+                      progress=say)
+    # The summary's first two lines: what training changed, what still reads as the start.
+    print("\n".join((out / "summary.md").read_text().split("\n\n")[:2]))
+    written = ", ".join(sorted(p.name for p in out.iterdir()
+                               if p.suffix in (".json", ".html", ".md")))
     print(f"wrote {written} to {out}")
     return 0

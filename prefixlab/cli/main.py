@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_peft,
                    setting_names=add_options(p, RunConfig, only=("model", "template")))
 
-    p = sub.add_parser("inspect", help="nearest tokens, PCA maps and an HTML page of a prefix")
+    p = sub.add_parser("inspect", help="what training changed, nearest tokens, knockouts, PCA "
+                                       "maps and an HTML page of a prefix")
     p.add_argument("run")
     p.add_argument("--output", required=True, help="folder for the JSON files and HTML page")
     p.add_argument("--top-k", type=int, default=10)
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knockout-precision", choices=["auto", "float32", "bfloat16"],
                    default="auto", help="auto: bfloat16 where the processor multiplies it "
                    "natively (a GPU; a CPU with AVX512-BF16 or AMX), else float32")
+    p.add_argument("--ablation", choices=["hide", "reset", "both"], default="hide",
+                   help="knock parts out by hiding them from attention (what they do), by "
+                        "resetting them to the start (what training added), or both")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("worker", help="train a registered run (started by the app)")

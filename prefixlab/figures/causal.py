@@ -1,6 +1,8 @@
-"""Figures of the causal readouts: knockout effects, attention share, label push.
+"""Figures of the causal readouts and of the change: knockout effects (hidden or reset to
+start), attention share, label push, how far each slot moved from its start.
 
-Kept apart from plots.py (the maps and tables): these read interpret/knockout.py's results.
+Kept apart from plots.py (the maps and tables): these read interpret/knockout.py's and
+interpret/change.py's results.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from plotly.subplots import make_subplots
 
 from prefixlab.figures.plots import _layout, _lists
 from prefixlab.interpret.attention import AttentionMass
+from prefixlab.interpret.change import PrefixChange
+from prefixlab.interpret.frame import KINDS
 from prefixlab.interpret.knockout import Knockout, LabelPush
 
 
@@ -47,8 +51,13 @@ def knockout_figure(result: Knockout, attention: AttentionMass | None = None) ->
         fig.update_xaxes(title_text="share (mean over heads)", tickformat=".0%", row=1, col=3)
     rows = max(result.prefix_length, result.num_layers)
     how = "" if result.precision == "float32" else f", {result.precision}"
-    return _layout(fig, f"Hidden from attention, on {result.rows} held-out rows{how} (red: "
-                        f"hiding it hurts)", height=max(420, 16 * rows + 140))
+    what = ("Hidden from attention", "hiding") if result.ablation == "hide" else (
+        "Reset to its start", "resetting")
+    if result.ablation != "hide":
+        for col in (1, 2):
+            fig.update_xaxes(title_text="Δ log-prob when reset to start", row=1, col=col)
+    return _layout(fig, f"{what[0]}, on {result.rows} held-out rows{how} (red: "
+                        f"{what[1]} it hurts)", height=max(420, 16 * rows + 140))
 
 
 def label_push_figure(result: LabelPush) -> go.Figure:
@@ -64,4 +73,26 @@ def label_push_figure(result: LabelPush) -> go.Figure:
     return _layout(fig, "Label each layer's prefix values push", height=max(420, 14 * L + 140))
 
 
-__all__ = ["knockout_figure", "label_push_figure"]
+def movement_figure(change: PrefixChange) -> go.Figure:
+    """Layers x slots, keys beside values: how far each slot moved from its start: 2 traces."""
+    L, _, P = change.movement.shape
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[f"{k}s" for k in KINDS],
+                        horizontal_spacing=0.12)
+    top = max(float(change.movement.max()), 1e-12)
+    unit = "of its start" if change.relative else "(absolute: a slot started at zero)"
+    for col, kind in enumerate(KINDS, start=1):
+        fig.add_trace(go.Heatmap(
+            z=_lists(change.movement[:, col - 1]), x=[f"P{p}" for p in range(P)],
+            y=list(range(L)), zmin=0, zmax=top, colorscale="Viridis", showscale=col == 2,
+            colorbar=dict(thickness=8, tickformat=".1%" if change.relative else None),
+            hovertemplate=f"layer %{{y}} {kind} %{{x}}: moved %{{z:.1%}} {unit}<extra></extra>"
+            if change.relative else
+            f"layer %{{y}} {kind} %{{x}}: moved %{{z:.3g}} {unit}<extra></extra>"),
+            row=1, col=col)
+        fig.update_yaxes(title_text="layer" if col == 1 else None, autorange="reversed",
+                         dtick=1 if L <= 40 else None, row=1, col=col)
+    return _layout(fig, f"How far each slot moved from its start ({unit})",
+                   height=max(380, 14 * L + 140))
+
+
+__all__ = ["knockout_figure", "label_push_figure", "movement_figure"]

@@ -15,6 +15,7 @@ from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
 from prefixlab.interpret.attention import AttentionMass
+from prefixlab.interpret.change import PrefixChange, word_origin
 from prefixlab.interpret.frame import KINDS
 from prefixlab.interpret.maps import LayersMap, Movement, PCAMap, PrefixComparison
 from prefixlab.interpret.nearest import CAVEAT, METHOD, NearestTokens
@@ -204,17 +205,29 @@ def nearest_tokens_figure(result: NearestTokens, kind: str = "key") -> go.Figure
                    height=max(_HEIGHT, 18 * L + 120))
 
 
-def nearest_tokens_table(result: NearestTokens, layer: int,
-                         kind: str = "key") -> tuple[list[str], list[list[str]]]:
-    """Headers and rows (one per position) for a table of one layer's nearest tokens."""
+SHORT_ORIGIN = {"start word": "start", "label word": "label", "data word": "data", "new": "new"}
+
+
+def nearest_tokens_table(result: NearestTokens, layer: int, kind: str = "key",
+                         words: Mapping[str, Sequence[int]] | None = None,
+                         ) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows (one per position) for a table of one layer's nearest tokens; with
+    `words` (a run's word groups) each token says where it comes from: start, label, data
+    word, or new."""
     i = KINDS.index(kind)
     k = result.token_ids.shape[-1]
+
+    def cell(text: str, token: int, score: float) -> str:
+        if words is None:
+            return f"{show_token(text)} ({score:.2f})"
+        tags = "+".join(SHORT_ORIGIN[o] for o in word_origin(token, words))
+        return f"{show_token(text)} ({score:.2f} · {tags})"
+
     # "slot", not "position": a narrow first column must not break its header mid-word
     headers = ["slot", *[f"#{j + 1}" for j in range(k)], "random baseline", "among"]
     rows = []
     for p in range(result.token_ids.shape[2]):
-        rows.append([f"P{p}", *[f"{show_token(t)} ({s:.2f})" for t, _, s in
-                                result.top(layer, kind, p)],
+        rows.append([f"P{p}", *[cell(t, tid, s) for t, tid, s in result.top(layer, kind, p)],
                      f"{result.baseline[layer, i, p]:.2f} ± {result.baseline_std[layer, i, p]:.2f}",
                      str(result.ranked_among[layer, p])])
     return headers, rows
@@ -227,6 +240,25 @@ def value_readout_table(result: ValueReadout, layer: int) -> tuple[list[str], li
     rows = [[f"P{p}", *[f"{show_token(result.labels[int(t)])} ({g:.1f})" for t, g in
                         zip(result.token_ids[layer, p], result.logits[layer, p], strict=True)]]
             for p in range(result.token_ids.shape[1])]
+    return headers, rows
+
+
+def change_readout_table(change: PrefixChange, layer: int, top: int = 3
+                         ) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows (one per slot): how far the slot's value moved from its start and the
+    tokens that change promotes and demotes at one layer; "unchanged" where it never moved
+    (the keys' movement is in movement_figure and change.json)."""
+    headers = ["slot", "value moved", "pushed up by training", "pushed down"]
+
+    def listed(ranked: list[tuple[int, float]]) -> str:
+        return ", ".join(f"{show_token(change.labels.get(t, str(t)))} ({g:+.2f})"
+                         for t, g in ranked[:top]) or "unchanged"
+
+    rows = []
+    for p, (up, down) in enumerate(zip(change.up[layer], change.down[layer], strict=True)):
+        value = change.movement[layer, 1, p]
+        rows.append([f"P{p}", f"{value:.1%}" if change.relative else f"{value:.3g}",
+                     listed(up), listed(down)])
     return headers, rows
 
 
@@ -376,10 +408,12 @@ def inspection_html(
     glossary: Sequence[tuple[str, str]] = (),
     extra: Sequence[tuple[str, go.Figure]] = (),
     words: Mapping[str, Sequence[int]] | None = None,
+    change: PrefixChange | None = None,
 ) -> str:
     """One self-contained HTML page (plotly.js inlined once): works offline.
 
-    words: the run's own token groups, marked in the PCA maps (see pca_figure).
+    words: the run's own token groups, marked in the PCA maps (see pca_figure) and in the
+    nearest-token tables; change: the prefix's change from its start, tabled per layer.
 
     summary (light markdown: **bold**, *italic*, `code`, "- " items) and the glossary come
     first; `extra` figures (the knockout) come before the maps; the method is folded.
@@ -423,9 +457,12 @@ def inspection_html(
         inner = []
         for kind in KINDS:
             inner.append(f"<h3>{kind}s: nearest real tokens</h3>")
-            inner.append(_table_html(*nearest_tokens_table(nearest, layer, kind)))
+            inner.append(_table_html(*nearest_tokens_table(nearest, layer, kind, words)))
         inner.append("<h3>values: tokens promoted through out_proj and the LM head</h3>")
         inner.append(_table_html(*value_readout_table(readout, layer)))
+        if change is not None:
+            inner.append("<h3>change from the start: tokens training pushed up and down</h3>")
+            inner.append(_table_html(*change_readout_table(change, layer)))
         parts.append(f"<details><summary>layer {layer}</summary>{''.join(inner)}</details>")
     body = "\n".join(parts)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"

@@ -82,6 +82,9 @@ class AttentionMass:
     names: list[str]
     texts: list[str]
     mass: np.ndarray  # (R, L, H) in [0, 1]: mean over texts and their query positions
+    # (R, T, P): the share of *all* attention each slot takes, per text (mean over layers,
+    # heads and query positions): a slot high on every text holds attention whatever the input
+    slots: np.ndarray | None = None
 
 
 def prefix_attention(loaded: LoadedModel, prefixes: Mapping[str, torch.Tensor] | torch.Tensor,
@@ -90,9 +93,10 @@ def prefix_attention(loaded: LoadedModel, prefixes: Mapping[str, torch.Tensor] |
     named = _named(prefixes)
     if not texts:
         raise InterpretError("give at least one text to read after the prefix")
-    masses = []
+    masses, slots = [], []
     for kv in named.values():
         P = kv.shape[3]
-        per_text = [attention_maps(loaded, kv, t)[..., :P].sum(-1).mean(-1) for t in texts]
-        masses.append(np.mean(per_text, axis=0))  # (L, H)
-    return AttentionMass(list(named), list(texts), np.stack(masses))
+        maps = [attention_maps(loaded, kv, t)[..., :P] for t in texts]  # each (L, H, T, P)
+        masses.append(np.mean([m.sum(-1).mean(-1) for m in maps], axis=0))  # (L, H)
+        slots.append(np.stack([m.mean((0, 1, 2)) for m in maps]))  # (T, P)
+    return AttentionMass(list(named), list(texts), np.stack(masses), np.stack(slots))

@@ -224,6 +224,7 @@ class Knockout:
     all_log_prob: float  # change when the whole prefix is hidden (the bare model)
     all_f1: float | None
     precision: str = "float32"  # the dtype every pass ran in (intact and knocked out alike)
+    ablation: str = "hide"  # "hide": masked out of attention; "reset": set back to its start
 
     def ranked(self, part: str) -> list[tuple[int, float]]:
         """(index, log_prob change) of slots or layers, the most costly knockout first."""
@@ -236,7 +237,8 @@ class Knockout:
 
         return {"format": "prefixlab-knockout/1", "rows": self.rows,
                 "prefix_length": self.prefix_length, "num_layers": self.num_layers,
-                "precision": self.precision, "method": METHOD,
+                "precision": self.precision, "ablation": self.ablation,
+                "method": METHOD if self.ablation == "hide" else RESET_METHOD,
                 "intact": {"log_prob": r(self.log_prob), "macro_f1": r(self.f1)},
                 "whole_prefix": {"log_prob": r(self.all_log_prob), "macro_f1": r(self.all_f1)},
                 "slots": {"log_prob": r(self.slot_log_prob), "macro_f1": r(self.slot_f1)},
@@ -251,7 +253,7 @@ class Knockout:
                    d["intact"]["macro_f1"], a(d["slots"]["log_prob"]), a(d["slots"]["macro_f1"]),
                    a(d["layers"]["log_prob"]), a(d["layers"]["macro_f1"]),
                    d["whole_prefix"]["log_prob"], d["whole_prefix"]["macro_f1"],
-                   d.get("precision", "float32"))
+                   d.get("precision", "float32"), d.get("ablation", "hide"))
 
 
 METHOD = (
@@ -264,6 +266,14 @@ METHOD = (
     "every pass, the intact one included, runs in bfloat16, which is faster; knockout.json "
     "records the precision used, and docs/benchmarks.md how bfloat16's ranking compared with "
     "float32's on the default model."
+)
+
+RESET_METHOD = (
+    "Reset to start: a part of the prefix is set back to the key/values it started training "
+    "from, then the held-out rows are scored again. A slot reset puts one virtual token back "
+    "at every layer; a layer reset puts every virtual token back at one layer. Where hiding "
+    "measures what a part does, resetting measures what training added to it: a part that "
+    "only keeps doing what its start text did costs nothing when reset."
 )
 
 
@@ -342,7 +352,15 @@ def knockout(loaded: LoadedModel, kv: torch.Tensor, score: Score, gold: Sequence
             lls[i] = ll
     if progress:
         progress(1.0, "knockout: done")
-    results = [_measure(ll, gold_a) for ll in lls]
+    return measured(lls, gold_a, P, L,
+                    str(dtype or next(loaded.model.parameters()).dtype).removeprefix("torch."))
+
+
+def measured(lls: Sequence[np.ndarray], gold: np.ndarray | None, P: int, L: int,
+             precision: str, ablation: str = "hide") -> Knockout:
+    """A Knockout from the scores (N, K) of its passes, in order: intact, each slot, each
+    layer, the whole prefix."""
+    results = [_measure(ll, gold) for ll in lls]
     base_lp, base_f1 = results[0]
     lp = np.array([r[0] for r in results]) - base_lp
     f1 = None if base_f1 is None else np.array([r[1] for r in results]) - base_f1
@@ -351,8 +369,7 @@ def knockout(loaded: LoadedModel, kv: torch.Tensor, score: Score, gold: Sequence
         log_prob=base_lp, f1=base_f1, slot_log_prob=lp[1:P + 1],
         slot_f1=None if f1 is None else f1[1:P + 1], layer_log_prob=lp[P + 1:P + 1 + L],
         layer_f1=None if f1 is None else f1[P + 1:P + 1 + L], all_log_prob=float(lp[-1]),
-        all_f1=None if f1 is None else float(f1[-1]),
-        precision=str(dtype or next(loaded.model.parameters()).dtype).removeprefix("torch."))
+        all_f1=None if f1 is None else float(f1[-1]), precision=precision, ablation=ablation)
 
 
 def _in_streams(items: Sequence[int], run: Callable[[int, int], np.ndarray], streams: int,
@@ -444,5 +461,5 @@ def label_push(loaded: LoadedModel, kv: torch.Tensor, labels: Sequence[str],
     return LabelPush(list(labels), (per_label - per_label.mean(-1, keepdim=True)).numpy())
 
 
-__all__ = ["METHOD", "Knockout", "LabelPush", "Replay", "knockout", "knockout_streams",
-           "knocked_out", "label_push", "target_log_likelihoods"]
+__all__ = ["METHOD", "RESET_METHOD", "Knockout", "LabelPush", "Replay", "knockout",
+           "knockout_streams", "knocked_out", "label_push", "measured", "target_log_likelihoods"]

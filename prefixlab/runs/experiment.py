@@ -24,7 +24,7 @@ from prefixlab.engine import distributed
 from prefixlab.engine.balance import label_rule
 from prefixlab.engine.encode import Encoder, PairEncoder
 from prefixlab.engine.models import LoadedModel, ModelInfo
-from prefixlab.engine.prefix import Prefix, default_init_text, init_prefix, save_prefix
+from prefixlab.engine.prefix import Prefix, init_prefix, save_prefix
 from prefixlab.engine.stopping import EarlyStopping
 from prefixlab.engine.train import Checkpoint, StepInfo, TrainConfig, TrainResult, train
 from prefixlab.runs.budget import FinalReserve, PhaseProgress, Progress
@@ -33,13 +33,13 @@ from prefixlab.runs.evaluate import prediction_warnings
 from prefixlab.runs.extension import longer_reason
 from prefixlab.runs.folder import RunError, RunFolder
 from prefixlab.runs.generation import (
-    default_generation_init_text,
     generation_report,
     live_scores,
     pair_encoder,
     prepare_pairs,
 )
 from prefixlab.runs.scoring import fit_decision, full_report, report_from_scores, score_rows
+from prefixlab.runs.start import init_text
 
 
 @dataclass
@@ -308,10 +308,8 @@ def _starting_prefix(out: _Recorder, cfg: RunConfig, loaded: LoadedModel, prefix
     if resume and checkpoint is None:
         out.note({"type": "event", "message": "no checkpoint: starting over"})
     if checkpoint is None:
-        init_text = cfg.prefix.init_text or (
-            default_generation_init_text(cfg.task) if cfg.is_generation
-            else default_init_text(labels, cfg.task))
-        init_prefix(prefix, loaded.model, loaded.tokenizer, init_text, cfg.training.seed)
+        init_prefix(prefix, loaded.model, loaded.tokenizer, init_text(cfg, labels),
+                    cfg.training.seed)
         out.snapshot(0, prefix.folded())
     out.status("running", phase="training")
     out.note({"type": "event", "message": "resumed" if checkpoint else "started",

@@ -22,10 +22,10 @@ from prefixlab.data.reading import DataError
 from prefixlab.engine.cpu import native_bf16
 from prefixlab.engine.models import LoadedModel
 from prefixlab.engine.predict import score_log_likelihoods
-from prefixlab.engine.prefix import default_init_text
-from prefixlab.figures.causal import knockout_figure, label_push_figure
+from prefixlab.figures.causal import knockout_figure, label_push_figure, movement_figure
 from prefixlab.figures.plots import inspection_html
 from prefixlab.files import atomic_write_json, atomic_write_text
+from prefixlab.interpret.ablation import Sink, attention_sinks, reset_knockout
 from prefixlab.interpret.attention import AttentionMass, prefix_attention
 from prefixlab.interpret.bank import (
     DEFAULT_BANK_SIZE,
@@ -34,10 +34,12 @@ from prefixlab.interpret.bank import (
     reference_bank,
     text_token_ids,
 )
+from prefixlab.interpret.change import PrefixChange, prefix_change, word_origin
 from prefixlab.interpret.frame import KINDS, InterpretError, _kind_index
 from prefixlab.interpret.knockout import (
     Knockout,
     LabelPush,
+    knocked_out,
     knockout,
     knockout_streams,
     label_push,
@@ -52,11 +54,12 @@ from prefixlab.interpret.maps import (
     prefix_movement,
 )
 from prefixlab.interpret.nearest import CAVEAT, METHOD, NearestTokens, nearest_tokens
-from prefixlab.interpret.summary import GLOSSARY, summary_markdown
+from prefixlab.interpret.summary import GLOSSARY, Reference, summary_markdown
 from prefixlab.interpret.values import ValueReadout, value_readout
 from prefixlab.runs.experiment import prepare_data
 from prefixlab.runs.finished import Run, open_run
 from prefixlab.runs.folder import RunFolder
+from prefixlab.runs.start import Start, find_start, start_text
 
 
 def load_snapshots(run_dir: str | Path) -> list[tuple[int, torch.Tensor]]:
@@ -75,8 +78,10 @@ def _round(x, digits: int = 4):
     return np.round(np.asarray(x, dtype=float), digits).tolist()
 
 
-def nearest_tokens_json(nearest: NearestTokens, readout: ValueReadout | None = None) -> dict:
-    """nearest_tokens.json: per layer, per kind, per position the top-k with the baseline."""
+def nearest_tokens_json(nearest: NearestTokens, readout: ValueReadout | None = None,
+                        words: Mapping[str, Sequence[int]] | None = None) -> dict:
+    """nearest_tokens.json: per layer, per kind, per position the top-k with the baseline;
+    with `words` (run_words) each token says where it comes from (change.word_origin)."""
     L, _, P, _ = nearest.token_ids.shape
     layers = []
     for layer in range(L):
@@ -88,7 +93,8 @@ def nearest_tokens_json(nearest: NearestTokens, readout: ValueReadout | None = N
                 "ranked_among": int(nearest.ranked_among[layer, p]),
                 "baseline": {"mean": round(float(nearest.baseline[layer, i, p]), 4),
                              "std": round(float(nearest.baseline_std[layer, i, p]), 4)},
-                "top": [{"token": s, "id": t, "score": round(c, 4)}
+                "top": [{"token": s, "id": t, "score": round(c, 4),
+                         **({"origin": word_origin(t, words)} if words is not None else {})}
                         for s, t, c in nearest.top(layer, kind, p)],
             } for p in range(P)]
         if readout is not None:
@@ -142,18 +148,17 @@ def run_words(run: Run) -> dict[str, list[int]]:
     """The token groups a run's readouts always rank and its maps highlight, by name.
 
     "label words": every token of every label (with and without a leading space);
-    "init text": the tokens of the text the prefix started from (when it started from text);
+    "init text": the tokens of the text the prefix started from (when it started from text,
+    and was trained here: an imported prefix's start is unknown);
     "data words": the training data's most frequent words. These join the reference bank and
     every deeper layer's shortlist, so the bank (and its cache key) is per run's words: two
     runs with different labels on one model never share label words.
     """
     tok = run.loaded.tokenizer
-    cfg = run.config
-    init = None
-    if cfg.prefix.init == "text" or cfg.prefix.init_text:
-        init = cfg.prefix.init_text or default_init_text(run.labels, cfg.task)
+    imported = run.folder.read_config().get("imported_from")  # its start text is unknown
     return {"label words": label_token_ids(tok, run.labels),
-            "init text": text_token_ids(tok, init),
+            "init text": text_token_ids(tok, None if imported else start_text(run.config,
+                                                                               run.labels)),
             "data words": data_word_ids(tok, _training_texts(run))}
 
 
@@ -163,7 +168,10 @@ def word_ids(words: Mapping[str, Sequence[int]]) -> list[int]:
 
 
 KNOCKOUT_FILE = "knockout.json"
+ABLATION_FILES = {"hide": KNOCKOUT_FILE, "reset": "knockout_reset.json"}
+ABLATIONS = tuple(ABLATION_FILES)  # hide from attention; reset to the start
 DEFAULT_KNOCKOUT_ROWS = 100
+CHANGE_FILE = "change.json"
 
 
 @dataclass
@@ -173,18 +181,30 @@ class CausalReadout:
     knockout: Knockout
     push: LabelPush | None  # None for a generation run (no labels)
     attention: AttentionMass | None  # share of attention on the prefix (None: no texts)
+    held_out: int | None = None  # the run's validation rows, of which the first `rows` scored
+
+    @property
+    def sinks(self) -> list[Sink]:
+        """Slots that act as attention sinks (ablation.attention_sinks)."""
+        slots = None if self.attention is None else self.attention.slots
+        return attention_sinks(self.knockout, None if slots is None else slots[-1])
 
     def to_json(self, run_name: str, stamp: float) -> dict:
         out = {"run": run_name, "prefix_mtime": stamp, **self.knockout.to_json(),
+               "held_out_rows": self.held_out,
                "label_push": None if self.push is None else {
                    "labels": self.push.labels, "push": _round(self.push.push)}}
         if self.attention is not None:
             out["attention_share"] = _round(self.attention.mass[-1].mean(-1))
+            if self.attention.slots is not None:
+                out["slot_attention_share"] = _round(self.attention.slots[-1])
+        out["attention_sinks"] = [{"slot": k.slot, "evidence": k.evidence} for k in self.sinks]
         return out
 
 
-def _held_out(run: Run, rows: int) -> tuple[list[str], list[int]]:
-    """The run's own validation rows (the split it was evaluated on), first `rows` of them."""
+def _held_out(run: Run, rows: int) -> tuple[list[str], list[int], int]:
+    """The run's own validation rows (the split its report scored), first `rows` of them, and
+    how many there are in all."""
     try:
         validation = prepare_data(run.config).validation
     except (DataError, OSError) as e:
@@ -194,13 +214,14 @@ def _held_out(run: Run, rows: int) -> tuple[list[str], list[int]]:
                                                        strict=True) if y in run.labels]
     if not known:
         raise InterpretError("the run has no held-out rows with a label it knows")
+    total = len(known)
     known = known[:rows]
-    return [t for t, _ in known], [g for _, g in known]
+    return [t for t, _ in known], [g for _, g in known], total
 
 
-def _stored(run: Run) -> dict | None:
-    """knockout.json of the run folder when it was measured on the current prefix file."""
-    path = run.folder.path / KNOCKOUT_FILE
+def _stored(run: Run, ablation: str = "hide") -> dict | None:
+    """The ablation's file in the run folder when it was measured on the current prefix."""
+    path = run.folder.path / ABLATION_FILES[ablation]
     try:
         found = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
@@ -235,9 +256,9 @@ def cached_nearest_tokens(run: Run, bank, top_k: int, candidates: Sequence[int],
     return nearest
 
 
-def stored_knockout_rows(run: Run) -> int | None:
+def stored_knockout_rows(run: Run, ablation: str = "hide") -> int | None:
     """How many rows the run folder's knockout was measured on (None: none for this prefix)."""
-    found = _stored(run)
+    found = _stored(run, ablation)
     return found.get("rows") if found else None
 
 
@@ -254,16 +275,19 @@ def knockout_dtype(loaded: LoadedModel, precision: str = "auto") -> torch.dtype:
 
 def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool = True,
                  progress: Callable[[float, str], None] | None = None,
-                 precision: str = "auto") -> CausalReadout:
-    """Knock out each slot and each layer on `rows` held-out rows; cached in the run folder
-    (knockout.json, valid while the prefix file, the row count and the precision are
-    unchanged). precision: see knockout_dtype."""
+                 precision: str = "auto", ablation: str = "hide",
+                 start: Start | None = None) -> CausalReadout:
+    """Knock out each slot and each layer on the first `rows` held-out rows: hidden from
+    attention (ablation "hide") or set back to the run's start ("reset"; start: run_start's,
+    found when None). Cached in the run folder (ABLATION_FILES, valid while the prefix file,
+    the row count and the precision are unchanged). precision: see knockout_dtype."""
     if rows < 1:
         raise InterpretError(f"the knockout needs at least 1 held-out row, got {rows}")
+    if ablation not in ABLATION_FILES:
+        raise InterpretError(f"the ablation is one of {', '.join(ABLATIONS)}, got {ablation!r}")
     loaded, kv = run.loaded, run.kv
     dtype = knockout_dtype(loaded, precision)
     stamp = run.folder.prefix_path.stat().st_mtime
-    cached = run.folder.path / KNOCKOUT_FILE
     if run.is_generation:  # the score is each held-out target's mean token log-probability
         from prefixlab.runs.generation import prepare_pairs
 
@@ -273,35 +297,80 @@ def run_knockout(run: Run, rows: int = DEFAULT_KNOCKOUT_ROWS, *, use_cache: bool
             raise InterpretError(f"the knockout needs the run's data to score held-out rows, "
                                  f"but {run.config.train_csv} cannot be read: {e}") from e
         texts, targets, gold = pairs.inputs[:rows], pairs.targets[:rows], None
+        total = len(pairs.inputs)
         push = None  # no labels to push toward
 
-        def score(model):
-            return target_log_likelihoods(model, kv, run.encoder, texts, targets)
+        def score(model, prefix):
+            return target_log_likelihoods(model, prefix, run.encoder, texts, targets)
     else:
-        texts, gold = _held_out(run, rows)
+        texts, gold, total = _held_out(run, rows)
         push = label_push(loaded, kv, run.labels, run.encoder.label_ids)
 
-        def score(model):  # the run's decision rule: the F1 its predictions would have
-            return run.encoder.rule.log_probs(score_log_likelihoods(model, kv, run.encoder,
+        def score(model, prefix):  # the run's decision rule: the F1 its predictions would have
+            return run.encoder.rule.log_probs(score_log_likelihoods(model, prefix, run.encoder,
                                                                     texts))
 
     attention = prefix_attention(loaded, kv, texts[:8])
-    found = _stored(run) if use_cache else None
+    found = _stored(run, ablation) if use_cache else None
     if (found is not None and found.get("rows") == len(texts)
             and found.get("precision", "float32") == str(dtype).removeprefix("torch.")):
         try:
-            return CausalReadout(Knockout.from_json(found), push, attention)
+            return CausalReadout(Knockout.from_json(found), push, attention, total)
         except (KeyError, TypeError, ValueError):
             pass  # from another version: measured again and rewritten
 
-    # Both scores read each batch of rows in one forward call, in a fixed order (multi-token
-    # labels continue from a cache, which the replayed layers would not have filled).
-    replay = run.is_generation or all(len(t) == 1 for t in run.encoder.label_ids)
-    result = CausalReadout(knockout(loaded, kv, score, gold, progress, replay=replay,
-                                    dtype=dtype, streams=knockout_streams(loaded.device)),
-                           push, attention)
-    atomic_write_json(cached, result.to_json(run.folder.path.name, stamp))
-    return result
+    if ablation == "reset":
+        start = start or run_start(run)
+        if start.kv is None:
+            raise InterpretError(f"the prefix cannot be reset to its start: {start.source}")
+        with knocked_out(loaded, {}, dtype=dtype) as model:
+            result = reset_knockout(kv, start.kv, lambda prefix: score(model, prefix), gold,
+                                    str(dtype).removeprefix("torch."), progress)
+    else:
+        # Both scores read each batch of rows in one forward call, in a fixed order
+        # (multi-token labels continue from a cache, which the replayed layers would not
+        # have filled).
+        replay = run.is_generation or all(len(t) == 1 for t in run.encoder.label_ids)
+        result = knockout(loaded, kv, lambda model: score(model, kv), gold, progress,
+                          replay=replay, dtype=dtype, streams=knockout_streams(loaded.device))
+    causal = CausalReadout(result, push, attention, total)
+    atomic_write_json(run.folder.path / ABLATION_FILES[ablation],
+                      causal.to_json(run.folder.path.name, stamp))
+    return causal
+
+
+def report_reference(run: Run, causal: CausalReadout | None) -> Reference | None:
+    """The run report's macro-F1 beside which the knockout's intact figure is read."""
+    report = run.folder.read_report() if causal is not None else None
+    if not report or causal.held_out is None or "macro_f1" not in report:
+        return None
+    own = str(next(run.loaded.model.parameters()).dtype).removeprefix("torch.")
+    return Reference(float(report["macro_f1"]), causal.held_out, own)
+
+
+def run_start(run: Run) -> Start:
+    """Where the run's prefix started (start.find_start): the step-0 snapshot, else
+    recomputed from its config; kv None, with the reason, when it cannot be known."""
+    return find_start(run.folder, run.config, run.labels, run.loaded, run.kv)
+
+
+def run_change(run: Run, start: Start, top_k: int = 10) -> PrefixChange | None:
+    """The change of the run's prefix from its start (None when the start is unavailable)."""
+    if start.kv is None:
+        return None
+    labels = [] if run.is_generation else run.labels
+    label_ids = [] if run.is_generation else run.encoder.label_ids
+    return prefix_change(run.loaded, run.kv, start.kv, top_k, labels, label_ids)
+
+
+def run_summary(run: Run, nearest: NearestTokens, start: Start, change: PrefixChange | None,
+                hidden: CausalReadout | None, reset: CausalReadout | None,
+                words: Mapping[str, Sequence[int]]) -> str:
+    """The summary of a run's inspection (summary.summary_markdown), from its parts."""
+    return summary_markdown(
+        nearest, run.kv, start.kv, hidden.knockout if hidden else None, change=change,
+        start_note=start.source, words=words, reset=reset.knockout if reset else None,
+        sinks=hidden.sinks if hidden else (), reference=report_reference(run, hidden or reset))
 
 
 def inspect_run(
@@ -314,15 +383,17 @@ def inspect_run(
     bank_size: int = DEFAULT_BANK_SIZE,
     knockout_rows: int = DEFAULT_KNOCKOUT_ROWS,
     knockout_precision: str = "auto",
+    ablations: Sequence[str] = ("hide",),
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write nearest_tokens.json, pca.json, knockout.json and a standalone inspection.html.
+    """Write nearest_tokens.json, pca.json, change.json, knockout.json (knockout_reset.json
+    with the reset ablation), summary.md and a standalone inspection.html.
 
     texts: read after the prefix for the attention view; None takes up to three rows of the
     run's training CSV (the attention view is left out when it cannot be read).
     knockout_rows: held-out rows for the knockout (0: none; it is skipped, with a note on
-    the page, when the run's data cannot be read); knockout_precision: see knockout_dtype.
-    Returns output_dir.
+    the page, when the run's data cannot be read); knockout_precision: see knockout_dtype;
+    ablations: which knockouts, of ABLATIONS. Returns output_dir.
     """
 
     run = open_run(run_dir, loaded)
@@ -334,9 +405,11 @@ def inspect_run(
                              progress=progress)
     readout = value_readout(loaded, kv, top_k)
     snapshots = load_snapshots(run_dir)
+    start = run_start(run)
+    change = run_change(run, start, top_k)
     compared = {"trained": kv}
-    if snapshots and snapshots[0][1].shape == kv.shape:
-        compared[f"step {snapshots[0][0]}"] = snapshots[0][1]
+    if start.kv is not None:
+        compared["start"] = start.kv
     layer = loaded.shape.num_layers // 2
     maps = {kind: pca_map(loaded, bank, compared, layer, kind) for kind in KINDS}
     layers = {kind: layers_map(loaded, bank, kv, kind) for kind in KINDS}
@@ -345,37 +418,48 @@ def inspect_run(
     attention = prefix_attention(loaded, compared, texts) if texts else None
     atomic_write_json(output / "nearest_tokens.json",
                       {"run": run.folder.path.name, "model": loaded.name, "top_k": top_k,
-                       **nearest_tokens_json(nearest, readout)})
+                       **nearest_tokens_json(nearest, readout, words)})
     atomic_write_json(output / "pca.json", {"run": run.folder.path.name,
                                             **pca_json(maps, layers, movement), "words": words})
-    causal, note = None, ""
-    if knockout_rows > 0:
+    atomic_write_json(output / CHANGE_FILE, {"run": run.folder.path.name, "start": start.source,
+                                             **(change.to_json() if change else {})})
+    measured: dict[str, CausalReadout] = {}
+    notes = []
+    for ablation in ablations if knockout_rows > 0 else ():
         try:
-            causal = run_knockout(run, knockout_rows, precision=knockout_precision, progress=(
-                (lambda f, m: progress(m)) if progress else None))
+            measured[ablation] = run_knockout(
+                run, knockout_rows, precision=knockout_precision, ablation=ablation,
+                start=start, progress=(lambda f, m: progress(m)) if progress else None)
         except InterpretError as e:
-            note = f"The knockout was not measured: {e}"
-    if causal is not None:
-        stamp = run.folder.prefix_path.stat().st_mtime
-        atomic_write_json(output / KNOCKOUT_FILE, causal.to_json(run.folder.path.name, stamp))
-        extra = [("What each part does", knockout_figure(causal.knockout, causal.attention))]
-        if causal.push is not None:
-            extra.append(("Which label each layer pushes", label_push_figure(causal.push)))
-    else:
-        extra = []
-    initial = snapshots[0][1] if snapshots else None
-    summary = summary_markdown(nearest, kv, initial, causal.knockout if causal else None)
+            notes.append(f"The {ablation} knockout was not measured: {e}")
+    stamp = run.folder.prefix_path.stat().st_mtime
+    extra = []
+    if change is not None and change.moved:
+        extra.append(("How far each slot moved from its start", movement_figure(change)))
+    for ablation, causal in measured.items():
+        atomic_write_json(output / ABLATION_FILES[ablation],
+                          causal.to_json(run.folder.path.name, stamp))
+        what = "hidden" if ablation == "hide" else "reset to its start"
+        extra.append((f"What each part does when {what}",
+                      knockout_figure(causal.knockout, causal.attention)))
+    hidden = measured.get("hide")
+    if hidden is not None and hidden.push is not None:
+        extra.append(("Which label each layer pushes", label_push_figure(hidden.push)))
+    summary = run_summary(run, nearest, start, change, hidden, measured.get("reset"), words)
+    summary += "".join(f"\n\n{note}" for note in notes)
+    atomic_write_text(output / "summary.md", summary + "\n")
     page = inspection_html(
         title=f"Inside the prefix of {run.folder.path.name}",
         model=loaded.name, nearest=nearest, readout=readout, maps=maps, layers=layers,
-        movement=movement, attention=attention, summary=summary + (f"\n\n{note}" * bool(note)),
-        glossary=GLOSSARY, extra=extra, words=words,
+        movement=movement, attention=attention, summary=summary,
+        glossary=GLOSSARY, extra=extra, words=words, change=change,
     )
     atomic_write_text(output / "inspection.html", page)
     return output
 
 
-__all__ = ["DEFAULT_KNOCKOUT_ROWS", "KNOCKOUT_FILE", "NEAREST_CACHE", "CausalReadout",
-           "cached_nearest_tokens", "inspect_run", "knockout_dtype", "load_snapshots",
-           "nearest_tokens_json", "pca_json", "run_knockout", "run_words", "stored_knockout_rows",
-           "word_ids"]
+__all__ = ["ABLATIONS", "ABLATION_FILES", "CHANGE_FILE", "DEFAULT_KNOCKOUT_ROWS", "KNOCKOUT_FILE",
+           "NEAREST_CACHE", "CausalReadout", "cached_nearest_tokens", "inspect_run",
+           "knockout_dtype", "load_snapshots", "nearest_tokens_json", "pca_json",
+           "report_reference", "run_change", "run_knockout", "run_start", "run_summary",
+           "run_words", "stored_knockout_rows", "word_ids"]

@@ -1,7 +1,9 @@
-"""Inspect tab: a summary first; what each slot and layer does (knockout, label push); where
-a trained prefix sits among real tokens' keys and values (PCA maps, nearest tokens with random
-baselines, the value readout); how it moved during training; how much attention inputs pay
-it; how several prefixes compare.
+"""Inspect tab: a summary first (what training changed, what still reads as the start); what
+each slot and layer does (knockout by hiding or by resetting to the start, attention sinks,
+label push); where a trained prefix sits among real tokens' keys and values (PCA maps,
+nearest tokens marked start / label / data word or new, with random baselines, the value
+readout of the learned prefix or of its change from the start); how it moved during
+training; how much attention inputs pay it; how several prefixes compare.
 
 The readouts and figures come from the workbench's inspection room, which makes each view's
 figure once and draws the others ahead after a run opens; this tab only asks for them. The
@@ -16,9 +18,13 @@ import gradio as gr
 
 from prefixlab.ui.common import LoadHook, bind, run_choices, shown, wire
 from prefixlab.workbench import Workbench
-from prefixlab.workbench.inspection import GLOSSARY, METHOD, Inspection
+from prefixlab.workbench.inspection import GLOSSARY, METHOD, READOUTS, Inspection
 
 ATTENTION_TEXTS = 8  # inputs measured at once; more lines are left out
+ABLATION_CHOICES = [("hide from attention", "hide"), ("reset to start", "reset")]
+# The change's readout has two long columns of tokens: without widths its last one is
+# scrolled out of the half-width table; the learned readout's ten short ones size themselves.
+CHANGE_WIDTHS = ["11%", "13%", "38%", "38%"]
 
 
 def _dims(choice: str) -> int:
@@ -43,59 +49,81 @@ def pca_pair(ins: Inspection, layer: int, kind: str, dims: str, both: bool = Fal
 
 
 def layer_views(workbench: Workbench, rid: str, layer, kind: str, dims: str,
-                both: bool = False):
+                both: bool = False, readout_of: str = READOUTS[0]):
     """The 2-D and 3-D maps, the layers map, the nearest-token heatmap, and the two tables
-    of one layer."""
+    of one layer (the value readout of the learned prefix or of its change: `readout_of`)."""
     ins = workbench.view(rid)
     layer = ins.layer(layer)
     return (*pca_pair(ins, layer, kind, dims, both),
             shown(ins.layers_figure(kind)),
             shown(ins.nearest_figure(kind)),
             shown(ins.nearest_table(layer, kind)),
-            shown(ins.readout_table(layer)))
+            readout_update(ins, layer, readout_of))
 
 
-def knockout_views(ins: Inspection):
-    figure, push = ins.knockout_figures()
+def readout_update(ins: Inspection, layer: int, readout_of: str):
+    """The value readout table of the learned prefix, or of its change from the start."""
+    update = shown(ins.readout_table(layer, readout_of))
+    return {**update, "column_widths": CHANGE_WIDTHS if readout_of != READOUTS[0] else []}
+
+
+def knockout_views(ins: Inspection, ablation: str = "hide"):
+    figure, push = ins.knockout_figures(ablation)
     return shown(figure), shown(push)
 
 
-def open_inspection(workbench: Workbench, rid: str | None, layer, kind: str, dims: str):
+def open_inspection(workbench: Workbench, rid: str | None, layer, kind: str, dims: str,
+                    readout_of: str = READOUTS[0]):
     """A run opened: its state for this browser, headline, summary, the layer slider, every
-    view, the knockout (when measured before) and the movement. The other views are drawn
-    ahead in the background."""
+    view, the knockouts (when measured before), the movement and the change from the start.
+    The other views are drawn ahead in the background."""
     if not rid:
         raise gr.Error("Pick a trained run.")
     ins = workbench.inspection(rid)
-    workbench.knockout(rid, None)  # shown when already measured for this prefix
+    for ablation in ("reset", "hide"):
+        workbench.knockout(rid, None, ablation=ablation)  # shown when measured before
     layer = ins.layer(layer)
-    views = layer_views(workbench, rid, layer, kind, dims, both=True)
+    views = layer_views(workbench, rid, layer, kind, dims, both=True, readout_of=readout_of)
     workbench.draw_ahead(rid, kind)
     trajectory, distance = ins.movement_figures()
     return (rid, ins.headline(), ins.summary(), gr.update(maximum=ins.layers - 1, value=layer),
             *views, *knockout_views(ins), ins.knockout_note(), shown(trajectory),
-            shown(distance))
+            shown(distance), shown(ins.change_figure()))
 
 
-def on_knockout(workbench: Workbench, rid: str | None, rows,
+def on_knockout(workbench: Workbench, rid: str | None, rows, ablation: str = "hide",
                 progress=gr.Progress()):  # noqa: B008 (gradio injects it)
-    """Measure the knockout on `rows` held-out rows: summary, bars, label push, note."""
+    """Measure the knockout (hide or reset to start) on `rows` held-out rows: summary, bars,
+    label push, note."""
     if not rid:
         raise gr.Error("Inspect a run first.")
     ins = workbench.inspection(rid)
+    if ablation == "reset" and ins.start.kv is None:
+        raise gr.Error(f"This prefix cannot be reset to its start: {ins.start.source}.")
     start = time.perf_counter()
-    workbench.knockout(rid, int(rows), progress=lambda f, m: progress(f, desc=m))
-    return (ins.summary(), *knockout_views(ins),
+    workbench.knockout(rid, int(rows), progress=lambda f, m: progress(f, desc=m),
+                       ablation=ablation)
+    return (ins.summary(), *knockout_views(ins, ablation),
             ins.knockout_note(time.perf_counter() - start))
 
 
 # Each control redraws only the views it changes: resending the layers map (30 panels) and
 # the nearest-token heatmap on every change of layer made the browser redraw them too.
-def on_layer(workbench: Workbench, rid: str | None, layer, kind: str, dims: str):
+def on_layer(workbench: Workbench, rid: str | None, layer, kind: str, dims: str,
+             readout_of: str = READOUTS[0]):
     if not rid:
         return (shown(None),) * 4
-    pca, pca3, _, _, table, readout = layer_views(workbench, rid, layer, kind, dims)
+    pca, pca3, _, _, table, readout = layer_views(workbench, rid, layer, kind, dims,
+                                                  readout_of=readout_of)
     return pca, pca3, table, readout
+
+
+def on_readout_of(workbench: Workbench, rid: str | None, layer, readout_of: str):
+    """The value readout table of the learned prefix, or of its change from the start."""
+    if not rid:
+        return shown(None)
+    ins = workbench.view(rid)
+    return readout_update(ins, ins.layer(layer), readout_of)
 
 
 def on_kind(workbench: Workbench, rid: str | None, layer, kind: str, dims: str):
@@ -148,6 +176,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     with gr.Row():
         ko_rows = gr.Slider(10, 500, value=100, step=10, label="Held-out rows", scale=3,
                             elem_id="inspect-knockout-rows")
+        ablation = gr.Radio(ABLATION_CHOICES, value="hide", label="Knock out by", scale=2,
+                            elem_id="inspect-ablation")
         ko_btn = gr.Button("Run the knockout", elem_id="inspect-knockout")
     ko_note = gr.Markdown(elem_id="inspect-knockout-note")
     with gr.Row():
@@ -159,6 +189,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         layer = gr.Slider(0, 1, step=1, value=0, label="Layer", elem_id="inspect-layer")
         kind = gr.Radio(["key", "value"], value="key", label="Vectors")
         dims = gr.Radio(["2-D", "3-D"], value="2-D", label="PCA map")
+        readout_of = gr.Radio(list(READOUTS), value=READOUTS[0], label="Value readout of",
+                              elem_id="inspect-readout-of")
     with gr.Row():
         # The 2-D and the 3-D map are two plots; the one not chosen is drawn off stage, so a
         # switch moves plots instead of building a WebGL scene in the browser.
@@ -172,13 +204,16 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         nearest_table = gr.Dataframe(label="Nearest tokens at this layer (score; baseline)",
                                      interactive=False, wrap=True, elem_id="inspect-table",
                                      visible=False, elem_classes=["readable-table"])
-        readout_table = gr.Dataframe(label="Tokens each value slot promotes (value readout)",
+        readout_table = gr.Dataframe(label="Value readout: the tokens each value slot promotes "
+                                           "(or its change from the start pushes up and down)",
                                      interactive=False, wrap=True, visible=False,
+                                     elem_id="inspect-readout",
                                      elem_classes=["readable-table"])
     gr.Markdown("### How the prefix moved during training")
     with gr.Row():
         trajectory = gr.Plot(show_label=False, visible=False, elem_id="inspect-trajectory")
         distance = gr.Plot(show_label=False, visible=False)
+    slot_movement = gr.Plot(show_label=False, visible=False, elem_id="inspect-slot-movement")
     gr.Markdown("### Attention to the prefix")
     with gr.Row():
         attn_texts = gr.Textbox(label="Inputs, one per line", lines=3, scale=3,
@@ -197,18 +232,21 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         gr.Markdown(METHOD)
 
     current = gr.State(None)  # the run this browser has open
-    wire(open_btn.click, bind(open_inspection, workbench), [pick, layer, kind, dims],
+    wire(open_btn.click, bind(open_inspection, workbench), [pick, layer, kind, dims, readout_of],
          [current, message, summary, layer, pca_plot, pca3_plot, layers_plot, nearest_plot,
-          nearest_table, readout_table, ko_plot, push_plot, ko_note, trajectory, distance], notice)
+          nearest_table, readout_table, ko_plot, push_plot, ko_note, trajectory, distance,
+          slot_movement], notice)
     # Progress shows on the one-line note under the button, which then says what was
     # measured, not as overlays over the summary and both figures.
-    wire(ko_btn.click, bind(on_knockout, workbench), [current, ko_rows],
+    wire(ko_btn.click, bind(on_knockout, workbench), [current, ko_rows, ablation],
          [summary, ko_plot, push_plot, ko_note], notice, show_progress_on=[ko_note])
     view_inputs = [current, layer, kind, dims]
     # Typing a layer into the slider's box fires `input`, not `release`; always_last drops
     # the intermediate ticks of a drag, so only the layer let go on is drawn.
-    wire(layer.input, bind(on_layer, workbench), view_inputs,
+    wire(layer.input, bind(on_layer, workbench), [*view_inputs, readout_of],
          [pca_plot, pca3_plot, nearest_table, readout_table], notice, trigger_mode="always_last")
+    wire(readout_of.change, bind(on_readout_of, workbench), [current, layer, readout_of],
+         [readout_table], notice)
     wire(kind.change, bind(on_kind, workbench), view_inputs,
          [pca_plot, pca3_plot, layers_plot, nearest_plot, nearest_table], notice)
     wire(dims.change, bind(on_dims, workbench), view_inputs, [pca_plot, pca3_plot], notice)

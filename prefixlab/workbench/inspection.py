@@ -1,7 +1,8 @@
 """The inspection room: what the Inspect tab shows of a run's prefix, made once and kept.
 
 An `Inspection` holds one prefix file's readouts (nearest tokens with their baselines, the
-value readout, movement during training, the knockout once measured) and makes each view's
+value readout, the prefix's start and its change from it, movement during training, the two
+knockouts once measured: hidden and reset to start) and makes each view's
 figure once. The room opens inspections (cached per prefix file), measures the knockout,
 builds reference banks, compares prefixes, and draws every view ahead in the background once
 a run opens, so that a later change of layer, vectors or map only sends a kept figure.
@@ -21,23 +22,30 @@ import torch
 from prefixlab.figures import causal, plots
 from prefixlab.interpret import attention, frame, knockout, maps, nearest, values
 from prefixlab.interpret import bank as reference_banks
-from prefixlab.interpret.summary import glossary_markdown, summary_markdown
+from prefixlab.interpret.summary import glossary_markdown
 from prefixlab.runs.finished import Run
 from prefixlab.runs.folder import RunError
 from prefixlab.runs.inspection import (
+    ABLATIONS,
     cached_nearest_tokens,
     load_snapshots,
+    run_change,
     run_knockout,
+    run_start,
+    run_summary,
     run_words,
     stored_knockout_rows,
     word_ids,
 )
 from prefixlab.runs.registry import RunStore
+from prefixlab.runs.start import Start
 from prefixlab.workbench.memo import Memo
 
 KINDS = frame.KINDS  # "key", "value": the two vectors a prefix slot holds per layer
 GLOSSARY = glossary_markdown()
-METHOD = f"{nearest.CAVEAT}\n\n{nearest.METHOD}\n\n{knockout.METHOD}"
+METHOD = (f"{nearest.CAVEAT}\n\n{nearest.METHOD}\n\n{knockout.METHOD}\n\n"
+          f"{knockout.RESET_METHOD}")
+READOUTS = ("learned prefix", "change from start")  # what the value readout table reads
 VIEW_QUIET_S = 1.5
 """The drawing ahead waits until no one has asked for a view this long: its figures are pure
 Python and would hold the interpreter lock against a person's request."""
@@ -58,11 +66,17 @@ class Inspection:
     nearest: object  # nearest.NearestTokens
     readout: object  # values.ValueReadout
     movement: object | None  # maps.Movement, when snapshots exist
-    initial_kv: torch.Tensor | None  # the first snapshot: the prefix before training
+    start: Start  # the prefix before training (step-0 snapshot or recomputed), or why not
+    change: object | None  # change.PrefixChange from the start (None: start unavailable)
     figures: dict = field(default_factory=dict)  # the tab's figures by view, made once each
     causal: object | None = None  # inspection.CausalReadout once the knockout is measured
+    reset: object | None = None  # the same, of the reset-to-start ablation
     words: dict = field(default_factory=dict)  # inspection.run_words: groups the maps mark
     maps: dict = field(default_factory=dict)  # kind -> every layer's 3-D maps.PCAMap
+
+    @property
+    def initial_kv(self) -> torch.Tensor | None:
+        return self.start.kv
 
     @property
     def layers(self) -> int:
@@ -102,10 +116,22 @@ class Inspection:
                             lambda: plots.nearest_tokens_figure(self.nearest, kind))
 
     def nearest_table(self, layer: int, kind: str) -> pd.DataFrame:
-        return _table(plots.nearest_tokens_table(self.nearest, layer, kind))
+        return _table(plots.nearest_tokens_table(self.nearest, layer, kind, self.words))
 
-    def readout_table(self, layer: int) -> pd.DataFrame:
-        return _table(plots.value_readout_table(self.readout, layer))
+    def readout_table(self, layer: int, of: str = READOUTS[0]) -> pd.DataFrame:
+        """The value readout of the learned prefix, or of its change from the start."""
+        if of == READOUTS[0]:
+            return _table(plots.value_readout_table(self.readout, layer))
+        if self.change is None:
+            return pd.DataFrame([[f"The start is unavailable: {self.start.source}."]],
+                                columns=["change from start"])
+        return _table(plots.change_readout_table(self.change, layer))
+
+    def change_figure(self) -> go.Figure | None:
+        """How far each slot moved from its start (None without a start or any movement)."""
+        if self.change is None or not self.change.moved:
+            return None
+        return self._figure(("change",), lambda: causal.movement_figure(self.change))
 
     def movement_figures(self) -> tuple[go.Figure | None, go.Figure | None]:
         """The trajectory and the distance moved during training (None without snapshots)."""
@@ -113,13 +139,16 @@ class Inspection:
             return None, None
         return plots.trajectory_figure(self.movement), plots.distance_figure(self.movement)
 
-    def knockout_figures(self) -> tuple[go.Figure | None, go.Figure | None]:
-        """The knockout bars and the label push (None until the knockout is measured)."""
-        if self.causal is None:
+    def knockout_figures(self, ablation: str = "hide") -> tuple[go.Figure | None,
+                                                               go.Figure | None]:
+        """The knockout bars of one ablation (hidden or reset to start; the other when only it
+        is measured) and the label push (None until a knockout is measured)."""
+        chosen = self.reset if ablation == "reset" else self.causal
+        chosen = chosen or self.causal or self.reset
+        if chosen is None:
             return None, None
-        return (causal.knockout_figure(self.causal.knockout, self.causal.attention),
-                causal.label_push_figure(self.causal.push)
-                if self.causal.push is not None else None)
+        return (causal.knockout_figure(chosen.knockout, chosen.attention),
+                causal.label_push_figure(chosen.push) if chosen.push is not None else None)
 
     def attention_figure(self, texts: Sequence[str]) -> go.Figure:
         """How much attention each input pays the prefix, before training and after."""
@@ -144,16 +173,19 @@ class Inspection:
         return note
 
     def summary(self) -> str:
-        return summary_markdown(self.nearest, self.run.kv, self.initial_kv,
-                                self.causal.knockout if self.causal else None)
+        return run_summary(self.run, self.nearest, self.start, self.change, self.causal,
+                           self.reset, self.words)
 
     def knockout_note(self, seconds: float | None = None) -> str:
-        if self.causal is None:
-            return ("Not measured yet: each slot, then each layer, is hidden in turn and the "
-                    "held-out rows are scored again (~30 passes over them).")
-        k = self.causal.knockout
-        took = "" if seconds is None else f" in {seconds:.0f} s"
-        return f"Measured on {k.rows} held-out rows{took}, in {k.precision}."
+        measured = [(name, c) for name, c in (("hidden", self.causal),
+                                              ("reset to start", self.reset)) if c is not None]
+        if not measured:
+            return ("Not measured yet: each slot, then each layer, is hidden (or reset to its "
+                    "start) in turn and the held-out rows are scored again (~30 passes).")
+        took = "" if seconds is None else f" (the last in {seconds:.0f} s)"
+        parts = [f"{name} on {c.knockout.rows} of {c.held_out or c.knockout.rows} held-out "
+                 f"rows, in {c.knockout.precision}" for name, c in measured]
+        return f"Measured: {'; '.join(parts)}{took}."
 
 
 class InspectionRoom:
@@ -183,8 +215,9 @@ class InspectionRoom:
             readout = values.value_readout(run.loaded, run.kv, top_k)
             snapshots = load_snapshots(run.folder.path)
             movement = maps.prefix_movement(snapshots) if len(snapshots) > 1 else None
-            return Inspection(run, reference, nearest, readout, movement,
-                              snapshots[0][1] if snapshots else None, words=groups)
+            start = run_start(run)
+            return Inspection(run, reference, nearest, readout, movement, start,
+                              run_change(run, start, top_k), words=groups)
 
         return self._inspections.get(key, inspect)
 
@@ -217,19 +250,26 @@ class InspectionRoom:
                 for layer in range(ins.layers):
                     make(ins.pca_figure, layer, kind, dims)
 
-    def knockout(self, run_id: str, rows: int | None, progress=None):
-        """The run's knockout on `rows` held-out rows (inspection.run_knockout), kept with its
-        inspection. rows=None: only what is already measured for this prefix (None if none)."""
+    def knockout(self, run_id: str, rows: int | None, progress=None, ablation: str = "hide"):
+        """The run's knockout on `rows` held-out rows (inspection.run_knockout), by hiding or
+        by resetting to the start (`ablation`), kept with its inspection. rows=None: only what
+        is already measured for this prefix (None if none)."""
+        if ablation not in ABLATIONS:
+            raise RunError(f"the ablation is one of {', '.join(ABLATIONS)}, got {ablation!r}")
         ins = self.inspection(run_id)
+        attr = "causal" if ablation == "hide" else "reset"
+        kept = getattr(ins, attr)
         if rows is None:
-            if ins.causal is not None:
-                return ins.causal
-            rows = stored_knockout_rows(ins.run)
+            if kept is not None:
+                return kept
+            rows = stored_knockout_rows(ins.run, ablation)
             if rows is None:
                 return None
-        if ins.causal is None or ins.causal.knockout.rows != rows:
-            ins.causal = run_knockout(ins.run, rows, progress=progress)
-        return ins.causal
+        if kept is None or kept.knockout.rows != rows:
+            kept = run_knockout(ins.run, rows, progress=progress, ablation=ablation,
+                                start=ins.start)
+            setattr(ins, attr, kept)
+        return kept
 
     def bank(self, run: Run, extra_ids: list[int] | None = None):
         """The reference bank for a run: the model's frequent tokens plus the run's own words
