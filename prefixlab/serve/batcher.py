@@ -135,9 +135,16 @@ class Batcher:
         self.max_rows = max_rows
         self.limits = limits or Limits()
         self.stats = BatcherStats()
-        self._queue: queue.Queue[_Request | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="prefix-batcher")
-        self._thread.start()
+        self._stats_lock = threading.Lock()  # two workers and the clients count
+        # Scoring and generation each have a line and a worker: a 1-text score never waits
+        # for a decode of hundreds of tokens (they share the cores, not a turn).
+        self._queues: dict[str, queue.Queue[_Request | None]] = {
+            kind: queue.Queue() for kind in ("score", "generate")}
+        self._threads = [threading.Thread(target=self._loop, args=(line,), daemon=True,
+                                          name=f"prefix-batcher-{kind}")
+                         for kind, line in self._queues.items()]
+        for thread in self._threads:
+            thread.start()
 
     # --- clients ------------------------------------------------------------------------------
 
@@ -183,8 +190,10 @@ class Batcher:
 
     def close(self) -> None:
         """Stop the worker after the requests already queued."""
-        self._queue.put(None)
-        self._thread.join(timeout=60)
+        for line in self._queues.values():
+            line.put(None)
+        for thread in self._threads:
+            thread.join(timeout=60)
 
     def _texts(self, values: Sequence[str], name: str) -> list[str]:
         """The request's texts as given (blank ones kept: a table's row is still a row),
@@ -199,24 +208,19 @@ class Batcher:
                                f"{self.limits.texts:,} per request "
                                f"({limits.env_name('texts')}): send them in several requests")
         for i, text in enumerate(out):
-            if not isinstance(text, str) or len(text) > self.limits.chars:
-                limits.texts([text], f"{name}[{i}]", self.limits)  # raises with the reason
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                limits.texts([text], f"{name}[{i}]", self.limits)
+            limits.text(text, f"{name}[{i}]", self.limits)
         return out
 
     def _submit(self, request: _Request) -> Future:
-        if not self._thread.is_alive():
+        if not all(thread.is_alive() for thread in self._threads):
             raise ServeError("the batcher is closed")
         try:
             self._prepare(request)
         except PrefixLabError as e:  # this request alone fails, before it meets any other
-            self.stats.failed += 1
+            self._count(failed=1)
             request.future.set_exception(e)
             return request.future
-        self._queue.put(request)
+        self._queues[request.kind].put(request)
         return request.future
 
     def _prepare(self, r: _Request) -> None:
@@ -252,11 +256,11 @@ class Batcher:
 
     # --- the worker ---------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, line: queue.Queue) -> None:
         while True:
-            first = self._queue.get()
+            first = line.get()
             if first is None:
-                return self._drain()
+                return self._drain(line)
             batch, rows = [first], self._rows(first)
             deadline = time.monotonic() + self.window_s
             stop = False
@@ -265,7 +269,7 @@ class Batcher:
                 if remaining <= 0:
                     break
                 try:
-                    nxt = self._queue.get(timeout=remaining)
+                    nxt = line.get(timeout=remaining)
                 except queue.Empty:
                     break
                 if nxt is None:
@@ -276,19 +280,19 @@ class Batcher:
             self._run(batch)
             for r in batch:  # a large request's next chunk waits behind whoever came meanwhile
                 if not r.finished:
-                    self._queue.put(r)
+                    line.put(r)
             if stop:
-                return self._drain()
+                return self._drain(line)
 
     def _rows(self, r: _Request) -> int:
         start, stop = r.take(self.max_rows)
         return stop - start
 
-    def _drain(self) -> None:
+    def _drain(self, line: queue.Queue) -> None:
         """Closing: fail what is still in line, so no client waits forever."""
         while True:
             try:
-                r = self._queue.get_nowait()
+                r = line.get_nowait()
             except queue.Empty:
                 return
             if r is not None and not r.future.done():
@@ -298,7 +302,7 @@ class Batcher:
         batch = [r for r in batch if not r.future.done()]  # cancelled: its client went away
         for r in batch:
             if r.done == 0:
-                self.stats.requests += 1
+                self._count(requests=1)
         scoring = [r for r in batch if r.kind == "score"]
         writing = [r for r in batch if r.kind == "generate"]
         if scoring:
@@ -311,7 +315,12 @@ class Batcher:
             settings.setdefault(setting, []).append(r)
         for group in settings.values():
             self._guarded(group, self._generate)
-        self.stats.batches += 1
+        self._count(batches=1)
+
+    def _count(self, **counts: int) -> None:
+        with self._stats_lock:
+            for name, n in counts.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
 
     def _resolve(self, r: _Request) -> ServedPrefix | None:
         if r.key is None:
@@ -334,7 +343,7 @@ class Batcher:
             if len(group) == 1:
                 self._fail(group[0], e)
                 return
-            self.stats.retried += 1
+            self._count(retried=1)
             for chunk in chunks:
                 try:
                     run([chunk])
@@ -347,7 +356,7 @@ class Batcher:
 
     def _advance(self, chunks: list[tuple[_Request, int, int]]) -> None:
         for r, start, stop in chunks:
-            self.stats.rows += stop - start
+            self._count(rows=stop - start)
             r.done = stop
 
     def _answered(self, r: _Request, start: int, stop: int, part: list) -> None:
@@ -364,7 +373,7 @@ class Batcher:
                                                      for t in r.results]
 
     def _fail(self, r: _Request, e: Exception) -> None:
-        self.stats.failed += 1
+        self._count(failed=1)
         if not r.future.done():
             with suppress(InvalidStateError):
                 r.future.set_exception(e)

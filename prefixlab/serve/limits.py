@@ -89,17 +89,7 @@ def texts(values: object, name: str, limits: Limits) -> list[str]:
         raise RequestError(f"{name} must be a list of strings, got {kind_of(values)}")
     out = []
     for i, value in enumerate(values):
-        if not isinstance(value, str):
-            raise RequestError(f"{name}[{i}] must be a string, got {kind_of(value)}")
-        if len(value) > limits.chars:
-            raise RequestError(f"{name}[{i}] has {len(value):,} characters; this server reads "
-                               f"at most {limits.chars:,} per text ({env_name('chars')})")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RequestError(f"{name}[{i}] is not valid text: character {e.start} is a lone "
-                               "surrogate (half of a UTF-16 pair); send the whole character"
-                               ) from None
+        text(value, f"{name}[{i}]", limits)
         if value.strip():
             out.append(value.strip())
     if not out:
@@ -109,6 +99,22 @@ def texts(values: object, name: str, limits: Limits) -> list[str]:
                            f"{limits.texts:,} per request ({env_name('texts')}): send them "
                            "in several requests")
     return out
+
+
+def text(value: object, name: str, limits: Limits) -> str:
+    """`value` if it is a string within the character bound that UTF-8 can encode."""
+    if not isinstance(value, str):
+        raise RequestError(f"{name} must be a string, got {kind_of(value)}")
+    if len(value) > limits.chars:
+        raise RequestError(f"{name} has {len(value):,} characters; this server reads at most "
+                           f"{limits.chars:,} per text ({env_name('chars')})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{name} is not valid text: character {e.start} is a lone "
+                           "surrogate (half of a UTF-16 pair); send the whole character"
+                           ) from None
+    return value
 
 
 def names(values: object, name: str) -> list[str]:
