@@ -136,6 +136,7 @@ class Gate:
         and hand Gradio the body it expects."""
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.body_bytes:
+            await _drain(receive)
             return await _refuse(scope, send, 413, self._too_large(int(declared)))
         chunks, size = [], 0
         while True:
@@ -145,6 +146,8 @@ class Gate:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.body_bytes:
+                if message.get("more_body"):
+                    await _drain(receive)
                 return await _refuse(scope, send, 413, self._too_large(size, streamed=True))
             if not message.get("more_body"):
                 break
@@ -185,6 +188,7 @@ class Gate:
                       headers: dict[str, str]) -> None:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.body_bytes:
+            await _drain(receive)
             return await _refuse(scope, send, 413, self._too_large(int(declared)))
         seen = 0
         refused = False
@@ -226,6 +230,22 @@ class Gate:
             await send(message)
 
         await self.app(scope, receive, watched)
+
+
+DRAIN_BYTES = 256 * 2**20
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop the rest of a refused body (up to DRAIN_BYTES), so the client, still
+    sending, reads the refusal instead of a reset connection."""
+    dropped = 0
+    while dropped < DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body"):
+            return
 
 
 async def _refuse(scope: Scope, send: Send, status: int, message: str,
