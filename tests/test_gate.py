@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,3 +135,48 @@ def test_a_body_over_the_limit_is_refused_whether_it_says_its_length_or_not(
         small = json.dumps({"data": [""]}).encode()
         status, _ = call(port, "POST", "/gradio_api/call/runs", small, headers, chunked=True)
         assert status == 200
+
+
+def test_a_client_that_cancels_stops_its_work(tmp_path, model_dir):
+    """gradio_client's job.cancel() on a large /score: the batcher stops taking its chunks."""
+    from gradio_client import Client
+
+    from prefixlab.engine.prefix import save_prefix, text_key_values
+    from prefixlab.workbench.runs import run_config
+    from tests.test_app import write_reviews_csv
+
+    workbench = Workbench(tmp_path / "data", model=str(model_dir))
+    workbench.batch_window_s, workbench.batch_max_rows = 0.0, 2
+    loaded = workbench.model()
+    cfg = run_config(str(write_reviews_csv(tmp_path / "r.csv")), "text", "label", {},
+                     model=workbench.default_model)
+    run_id = workbench.store.create(cfg, workbench.model_info(), name="r")
+    folder = workbench.store.folder(run_id)
+    save_prefix(folder.prefix_path, text_key_values(loaded.model, loaded.tokenizer, "hi", 4),
+                loaded.name)
+    folder.set_status("completed")
+    workbench.refresh()
+    demo = build_api(workbench)
+    port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+        launch(demo, workbench, "127.0.0.1", port, None, prevent_thread_lock=True, quiet=True)
+        try:
+            client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            texts = [f"the movie was fine {i} " + "word " * 40 for i in range(2000)]
+            job = client.submit(texts, [run_id], False, api_name="/score")
+            batcher = workbench.serving()
+            deadline = time.monotonic() + 60
+            while batcher.stats.rows < 10 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            job.cancel()
+            time.sleep(1.5)  # the handler notices within its poll, the chunk in hand ends
+            rows = batcher.stats.rows
+            time.sleep(1.5)
+            assert batcher.stats.rows == rows < 2000  # nothing more of it ran
+            # The server answers the next client as usual.
+            assert client.predict(["good"], [run_id], False, api_name="/score")[0]["text"] == \
+                "good"
+        finally:
+            demo.close()
