@@ -174,7 +174,10 @@ def baseline(server):
     url, ids = server
     request = [["the movie was great", "bad film"], ids, False]
     kind, answer = call(url, "score", request)
-    assert kind == "complete"
+    assert kind == "complete" and not _has_nan(answer)
+    # Two label sets: each row holds its own run's labels, nothing for the other's.
+    assert {tuple(sorted(k for k in row if k.startswith("p("))) for row in answer[0]} == {
+        ("p(negative)", "p(positive)"), ("p(ham)", "p(spam)")}
     return request, answer
 
 
