@@ -97,7 +97,7 @@ def _predict_many(args, runs: list[str]) -> int:
 
     cfg = RunFolder(runs[0]).run_config()
     loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
-                        progress=say)
+                        precision=cfg.precision, progress=say)
     store = PrefixStore(loaded)
     prefixes = [store.get(str(r)) for r in runs]  # refuses a run of another base model
     if args.generate:

@@ -71,7 +71,8 @@ def open_run(path: str | Path, loaded: LoadedModel | None = None) -> Run:
     except (KeyError, ConfigError) as e:
         raise RunError(f"{folder.config_path} is not a valid run config: {e}") from e
     if loaded is None:
-        loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
+        loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
+                            precision=cfg.precision)
     elif loaded.name != cfg.model:
         raise RunError(f"run {folder.path.name} was trained on {cfg.model!r}, "
                        f"not on the loaded {loaded.name!r}")
