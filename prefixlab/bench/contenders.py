@@ -31,6 +31,10 @@ from prefixlab.engine.prefix import Prefix, PrefixConfig
 from prefixlab.engine.train import learning_rate_at, train
 from prefixlab.runs.evaluate import classification_report, predictions_from_probs
 
+PEFT_AUTOCAST = {"cuda": torch.bfloat16}
+"""PEFT's model is float32 (as its documentation loads it); on a GPU it runs under bf16
+autocast, as it would be used there. On a CPU it stays float32."""
+
 
 def _timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
@@ -191,7 +195,7 @@ def train_peft(loaded: LoadedModel, task: Task, cfg: BenchConfig):
     began = time.perf_counter()
     for _ in range(cfg.epochs):
         for batch in loader:
-            with autocast(device):
+            with autocast(device, PEFT_AUTOCAST.get(device.type)):
                 out = model(**{k: v.to(device) for k, v in batch.items()})
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
@@ -228,7 +232,7 @@ def score_peft(model, encoder: Encoder, texts: Sequence[str], batch_size: int) -
             ids[r, : len(s)] = torch.tensor(s)
             mask[r, : len(s)] = 1
         device = next(model.parameters()).device
-        with autocast(device):
+        with autocast(device, PEFT_AUTOCAST.get(device.type)):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for r, (i, k) in enumerate(chunk):
             n, target = len(prompts[i]), encoder.label_ids[k]

@@ -32,21 +32,23 @@ def default_data_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu") -> list[float]:
+def matmul_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu",
+                  dtype: torch.dtype | None = None) -> list[float]:
     """GFLOP/s of `repeats` n^3 products (after one warm-up).
 
     On CPU float32, each figure the faster of torch's default (MKL) and oneDNN, the library
     ours' lean step multiplies with (prefixlab.engine.cpu.linear): the limit is what the machine
     can do, whichever library does it. On CUDA bf16, the dtype training computes in there, and
-    8192^3, the size a GPU needs to reach its peak."""
+    8192^3, the size a GPU needs to reach its peak. `dtype` given: that dtype's peak (oneDNN
+    takes bfloat16 only where the CPU has AMX or AVX512-BF16)."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        n, dtype = 8192, torch.bfloat16
+        n, dtype = 8192, dtype or torch.bfloat16
     else:
-        dtype = torch.float32
+        dtype = dtype or torch.float32
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     products = [lambda: a @ b]
-    if dev.type == "cpu" and cpu.ONEDNN:
+    if dev.type == "cpu" and cpu.ONEDNN and (dtype == torch.float32 or cpu.native_bf16(dev)):
         products.append(lambda: cpu.linear(a, b))
     out = []
     for i in range(repeats + 1):

@@ -370,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                  **_parse_overrides(args.set)}
     cases = build_cases(args.data_dir, sets, [int(x) for x in args.sizes.split(",")],
                         [int(x) for x in args.seeds.split(",")], cross, args.test_rows)
-    loaded = load_model(args.model or DEFAULT_MODEL, "cpu")
+    # one model for every case, in the precision an override asks (--set precision=bfloat16)
+    loaded = load_model(args.model or DEFAULT_MODEL, "cpu",
+                        precision=str(overrides.get("precision", "auto")))
     rows, zero_cache = [], {}
     print(f"{len(cases)} cases; overrides: {overrides or 'none'}", flush=True)
     with tempfile.TemporaryDirectory(prefix="prefixlab-quality-") as tmp:

@@ -76,11 +76,18 @@ def _miss(name: str, value: float) -> str:
 
 def format_report(cfg: BenchConfig, runs: dict[str, list[dict]], peaks: list[float],
                   ablations: dict[str, dict] | None = None,
-                  app_starts: Sequence[float] | None = None) -> str:
-    """The table, the ratios against targets, and the machine-readable last line."""
+                  app_starts: Sequence[float] | None = None,
+                  by_precision: dict[str, list[float]] | None = None) -> str:
+    """The table, the ratios against targets, and the machine-readable last line. `peaks`:
+    the matmul peaks of the precision ours ran in (utilization's denominator);
+    `by_precision`: every precision's measured peaks, printed."""
     s = summarize(runs, peaks, app_starts)
     cuda = torch.device(cfg.device).type == "cuda"
-    peak_label = "bf16 8192^3" if cuda else "float32 2048^3 (faster of MKL and oneDNN)"
+    used = runs["ours"][0].get("precision", "bfloat16" if cuda else "float32")
+    size = "8192^3" if cuda else "2048^3"
+    how = " (faster of MKL and oneDNN)" if not cuda and used == "float32" else ""
+    peak_label = f"{used} {size}{how}"
+    isa = runs["ours"][0].get("isa", "unknown")
 
     def med(name: str, *path: str) -> float:
         vals = []
@@ -98,6 +105,10 @@ def format_report(cfg: BenchConfig, runs: dict[str, list[dict]], peaks: list[flo
         f"{peak_label} matmul peak (median of {len(peaks)}): {s['matmul_gflops']:.1f} GFLOP/s "
         f"(range {min(peaks):.1f}-{max(peaks):.1f})",
         *disturbance_warning(peaks),
+        f"CPU bfloat16 instructions: {isa}; ours computed in {used}, PEFT in "
+        f"{runs['peft'][0].get('precision', 'float32')}",
+        *(f"{name} {size} matmul peak (median of {len(v)}): {_median(v):.1f} GFLOP/s"
+          for name, v in (by_precision or {}).items() if name != used),
         "",
         f"{'training':<28}{'ours':>12}{'peft':>12}{'ratio':>9}",
     ]
@@ -183,16 +194,19 @@ def disturbance_warning(peaks: Sequence[float]) -> list[str]:
 def _ablation_table(runs: dict[str, list[dict]], ablations: dict[str, dict]) -> list[str]:
     """Ours as shipped against ours with one speed-up off (first repeat's seed) and PEFT."""
     full, peft = runs["ours"][0], runs["peft"][0]
-    rows = [("as shipped", full), *((VARIANTS[k], r) for k, r in ablations.items()),
+    rows = [("as shipped", full), *((VARIANTS.get(k, k), r) for k, r in ablations.items()),
             ("PEFT", peft)]
     base = full["train"]["examples_per_s"]
     lines = [
         "what each speed-up buys (ours, first seed; one switched off per row)",
-        f"{'':<74}{'ex/s':>7}{'RSS GB':>8}{'F1':>7}{'shipped/row':>13}",
+        f"{'':<58}{'precision':>10}{'ex/s':>7}{'score ex/s':>11}{'RSS GB':>8}{'F1':>7}"
+        f"{'shipped/row':>13}",
     ]
     for label, r in rows:
         eps = r["train"]["examples_per_s"]
-        lines.append(f"{label:<74}{eps:>7.2f}{r['peak_rss_train_bytes'] / GB:>8.2f}"
+        score = _median(r.get("score", {}).get("examples_per_s", []))
+        lines.append(f"{label:<58}{r.get('precision', ''):>10}{eps:>7.2f}{score:>11.2f}"
+                     f"{r['peak_rss_train_bytes'] / GB:>8.2f}"
                      f"{r['eval']['macro_f1']:>7.3f}{base / eps:>12.2f}x")
     return lines
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prefixlab.bench.contenders import PEFT_AUTOCAST
 from prefixlab.engine.cpu import onednn_inference
 from prefixlab.engine.mixed import mixed_score_labels
 from prefixlab.engine.models import DEFAULT_MODEL, LoadedModel, autocast, load_model
@@ -187,7 +188,8 @@ class PeftSwitching:
         device = self.loaded.device
         ids, mask = ids.to(device), mask.to(device)
         first = torch.tensor([t[0] for t in self.encoder.label_ids], device=device)
-        with self.lock, torch.inference_mode(), autocast(device):  # as PrefixLab's scoring
+        peft_dtype = PEFT_AUTOCAST.get(device.type)
+        with self.lock, torch.inference_mode(), autocast(device, peft_dtype):
             self.model.set_adapter(self.names[key])
             logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
         last = logits[torch.arange(len(rows), device=device), mask.sum(1) - 1]  # (B, V)

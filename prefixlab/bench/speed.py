@@ -44,6 +44,7 @@ from prefixlab.bench.report import GB, format_report
 from prefixlab.bench.task import CONTENDERS, VARIANTS, BenchConfig, build_task
 from prefixlab.data.labeled import LabeledData, load_labeled_csv
 from prefixlab.engine.models import LoadedModel
+from prefixlab.engine.precision import DTYPES, PRECISIONS, cpu_isa, resolve_precision
 
 QUICK = {"rows": 64, "eval_rows": 60, "epochs": 1}  # --quick: a smoke run of a few minutes
 
@@ -59,8 +60,9 @@ def run_worker(contender: str, cfg: BenchConfig, loaded: LoadedModel | None = No
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     began = time.perf_counter()
-    if loaded is None:
-        loaded = load_model(cfg.model, cfg.device)
+    if loaded is None:  # PEFT's model float32, as its documentation loads it
+        loaded = load_model(cfg.model, cfg.device,
+                            precision=cfg.precision if contender == "ours" else "float32")
     load_s = time.perf_counter() - began
     rss_after_load = peak_rss_bytes()
     if data is None:
@@ -74,6 +76,8 @@ def run_worker(contender: str, cfg: BenchConfig, loaded: LoadedModel | None = No
         "peak_rss_load_bytes": rss_after_load,
         "non_embedding_parameters": non_embedding_parameters(loaded.model),
         "threads": torch.get_num_threads(),
+        "precision": loaded.precision,
+        "isa": cpu_isa(),
         "train_rows": len(task.train),
         "eval_rows": len(task.held_out),
     })
@@ -100,22 +104,35 @@ def spawn_worker(contender: str, cfg: BenchConfig, timeout: float | None = None)
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
-              variants: Sequence[str] = (), app: bool = True) -> str:
-    """Matmul peak, the workers interleaved (ours, peft, peft, ours, ...), then ours with one
-    speed-up off per variant, then two app starts; the report."""
-    peaks = matmul_gflops(device=cfg.device)
+              variants: Sequence[str] = (), app: bool = True,
+              precisions: Sequence[str] = ()) -> str:
+    """Matmul peaks, the workers interleaved (ours, peft, peft, ours, ...), then ours with one
+    speed-up off per variant and in each of `precisions` beside its own, then two app starts;
+    the report. Utilization is against the peak of the precision ours ran in."""
+    used = resolve_precision(cfg.precision, cfg.device).name
+    others = [p for p in dict.fromkeys(precisions) if p != used]
+    dtypes = {name: DTYPES[name] for name in [used, *others]}
+    by_precision = {name: matmul_gflops(device=cfg.device, dtype=dt, repeats=2 if
+                                        name != "float32" else 5)
+                    for name, dt in dtypes.items()}
+    peaks = by_precision[used]
     runs: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
     order = []
     for r in range(cfg.repeats):
         pair = [(name, r) for name in CONTENDERS]
         order += pair if r % 2 == 0 else pair[::-1]
     order += [(f"ours:{v}", 0) for v in variants if v != "full"]
+    order += [(f"ours@{p}", 0) for p in others]
     ablations: dict[str, dict] = {}
     for name, r in order:
+        name, _, precision = name.partition("@")
         contender, _, variant = name.partition(":")
         began = time.perf_counter()
-        result = spawn_worker(contender, replace(cfg, repeat=r, variant=variant or "full"))
-        if variant:
+        result = spawn_worker(contender, replace(cfg, repeat=r, variant=variant or "full",
+                                                 precision=precision or cfg.precision))
+        if precision:
+            ablations[f"precision {precision}"] = result
+        elif variant:
             ablations[variant] = result
         else:
             runs[contender].append(result)
@@ -124,12 +141,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
             f"{t['examples_per_s']:.2f} ex/s, {t['tokens_per_s']:.1f} tok/s, "
             f"loss {t['final_loss']:.4f}, F1 {result['eval']['macro_f1']:.3f}, "
             f"peak RSS {result['peak_rss_train_bytes'] / GB:.2f} GB")
-        peaks += matmul_gflops(repeats=3, device=cfg.device)
+        peaks += matmul_gflops(repeats=3, device=cfg.device, dtype=dtypes[used])
     starts = app_starts(cfg.model) if app else None
     if starts:
         log(f"[app] page served after {starts[0]:.1f} s (first start), "
             f"{starts[1]:.1f} s (second)")
-    return format_report(cfg, runs, peaks, ablations, starts)
+    by_precision[used] = peaks
+    return format_report(cfg, runs, peaks, ablations, starts, by_precision)
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -160,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablations", action="store_true",
                    help="also train ours with each speed-up switched off (" +
                    "; ".join(f"{k}: {v}" for k, v in VARIANTS.items() if k != "full") + ")")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="ours' compute dtype, the model's (auto: bfloat16 where the processor "
+                        "multiplies it natively, else float32); PEFT loads float32")
+    p.add_argument("--compare-precision", action="append", default=[],
+                   choices=[p for p in PRECISIONS if p != "auto"],
+                   help="also train and score ours in this precision, side by side "
+                        "(repeatable)")
     p.add_argument("--no-app", action="store_true",
                    help="skip timing two starts of app.py")
     p.add_argument("--quick", action="store_true",
@@ -185,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BenchConfig(**values)
     variants = [v for v in VARIANTS if v != "full"] if args.ablations else []
     print(run_bench(cfg, log=lambda m: print(m, file=sys.stderr, flush=True),
-                    variants=variants, app=not args.no_app))
+                    variants=variants, app=not args.no_app,
+                    precisions=args.compare_precision))
     return 0
 
 

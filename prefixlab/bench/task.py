@@ -13,6 +13,7 @@ from prefixlab.data.labeled import LabeledData
 from prefixlab.data.splits import stratified_split
 from prefixlab.engine.encode import DEFAULT_TEMPLATE, Encoder, Example, Template
 from prefixlab.engine.models import LoadedModel
+from prefixlab.engine.precision import check_precision
 from prefixlab.engine.prefix import default_init_text, text_key_values
 from prefixlab.engine.train import TrainConfig
 from prefixlab.errors import ConfigError
@@ -60,8 +61,10 @@ class BenchConfig:
     model: str | None = None
     """None: the embedded default SmolLM2-135M (prefixlab.engine.models.load_model())."""
     device: str = "cpu"
-    """Where both contenders train and score: "cpu" (what the targets are set for) or "cuda",
-    where both run under the same bf16 autocast (prefixlab.engine.models.autocast)."""
+    """Where both contenders train and score: "cpu" (what the targets are set for) or "cuda"."""
+    precision: str = "auto"
+    """Ours' compute dtype (prefixlab.engine.precision); PEFT loads float32, and runs under
+    bf16 autocast on CUDA."""
     threads: int | None = None
     """Pin both contenders to this many CPU threads (OMP_NUM_THREADS, which also switches
     off train()'s thread tuner); None leaves torch's default, and ours its tuner."""
@@ -72,6 +75,7 @@ class BenchConfig:
                      "score_batch_size", "repeats"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        problems.extend(check_precision(self.precision))
         if self.variant not in VARIANTS:
             problems.append(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.rows + self.eval_rows < 6:

@@ -69,7 +69,7 @@ def cmd_inspect(args) -> int:
 
     cfg = RunFolder(args.run).run_config()
     loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
-                        progress=say)
+                        precision=args.precision or cfg.precision, progress=say)
     ablations = ("hide", "reset") if args.ablation == "both" else (args.ablation,)
     out = inspect_run(args.run, args.output, loaded, args.top_k, texts=args.text or None,
                       bank_size=args.bank_size, knockout_rows=args.knockout_rows,

@@ -16,6 +16,7 @@ from prefixlab.cli.options import add_options
 from prefixlab.cli.output import say
 from prefixlab.cli.scoring import cmd_evaluate, cmd_predict, cmd_serve
 from prefixlab.cli.training import cmd_rank, cmd_resume, cmd_train, cmd_validate, cmd_worker
+from prefixlab.engine.precision import PRECISION_HELP, PRECISIONS
 from prefixlab.errors import USER_ERRORS, ConfigError
 from prefixlab.runs.presets import CLI_NAMES
 
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--stop", action="append", default=[],
                        help="generation runs: a string that ends an output (repeatable; "
                             "'\\n' for a newline)")
+
+    def run_precision(p) -> None:
+        """--precision of the commands that read a trained run (its own precision otherwise)."""
+        p.add_argument("--precision", choices=PRECISIONS,
+                       help=f"{PRECISION_HELP} Default: the precision the run trained in.")
 
     p = sub.add_parser("train", help="train a prefix on a labeled CSV into a run folder")
     p.add_argument("csv")
@@ -114,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", choices=["hide", "reset", "both"], default="hide",
                    help="knock parts out by hiding them from attention (what they do), by "
                         "resetting them to the start (what training added), or both")
+    run_precision(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("worker", help="train a registered run (started by the app)")
@@ -130,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inputs", type=int, help="generation runs: score the first N inputs")
     decoding(p, "generation runs: most tokens generated (default: the run's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    run_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="label probabilities (or generation) with runs' prefixes")
@@ -143,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate", action="store_true",
                    help="classification runs: free generation after the prefix")
     decoding(p, "most tokens generated (default: the run's; 40 for free generation)")
+    run_precision(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("serve", help="serve the API alone: score/generate with any run's prefix")

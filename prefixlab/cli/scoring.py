@@ -14,7 +14,7 @@ from prefixlab.data.writing import write_csv
 def cmd_evaluate(args) -> int:
     from prefixlab.runs.finished import evaluate_csv, open_run
 
-    run = open_run(args.run)
+    run = open_run(args.run, precision=args.precision)
     if run.is_generation:
         report = _evaluate_generation(run, args)
     else:
@@ -54,7 +54,7 @@ def cmd_predict(args) -> int:
         raise DataError("name a run folder: predict RUN or --run RUN (repeatable)")
     if len(runs) > 1:
         return _predict_many(args, runs)
-    run = open_run(runs[0])
+    run = open_run(runs[0], precision=args.precision)
     if run.is_generation:
         from prefixlab.engine.decode import DecodeConfig
 
@@ -97,7 +97,7 @@ def _predict_many(args, runs: list[str]) -> int:
 
     cfg = RunFolder(runs[0]).run_config()
     loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
-                        progress=say)
+                        precision=args.precision or cfg.precision, progress=say)
     store = PrefixStore(loaded)
     prefixes = [store.get(str(r)) for r in runs]  # refuses a run of another base model
     if args.generate:

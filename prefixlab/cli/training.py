@@ -79,7 +79,8 @@ def cmd_train(args) -> int:
             f"{processes} processes on {device.type}")
         return _launch(folder, processes, resume=False)
     folder, prepared, loaded = _create(cfg, Path(args.output), lambda: load_model(
-        cfg.model, device, trust_remote_code=cfg.trust_remote_code, progress=say), str(device))
+        cfg.model, device, trust_remote_code=cfg.trust_remote_code, progress=say,
+        precision=cfg.precision), str(device))
     return _execute(folder, loaded, prepared, resume=False)
 
 
@@ -134,7 +135,8 @@ def _execute_rank(folder, device, resume: bool, claim: bool) -> int:
     from prefixlab.engine.models import load_model
 
     cfg = folder.run_config()
-    loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
+    loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code,
+                        precision=cfg.precision)
     return _execute(folder, loaded, None, resume=resume, claim=claim)
 
 
@@ -222,7 +224,7 @@ def cmd_resume(args) -> int:
     if processes > 1:
         return _launch(folder, processes, resume=True, longer=longer)
     loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code,
-                        progress=say)
+                        precision=cfg.precision, progress=say)
     return _execute(folder, loaded, None, resume=True, longer=longer)
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefixlab.engine import precision
+
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # oneDNN caches a primitive, with its own packed-weight scratch memory, per matmul shape, up to
 # 1024 of them: length-bucketed batches bring a new row count each, and a full cache grows
@@ -44,15 +46,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 natively: CUDA with bf16, or a CPU with AVX512-BF16
-    or AMX. Without it (most laptops' AVX2) a CPU runs bf16 matmuls far slower than float32;
-    with it, faster."""
+    or AMX (precision.cpu_isa). Without it (most laptops' AVX2) a CPU runs bf16 matmuls far
+    slower than float32; with it, faster."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    probes = [getattr(torch.cpu, name, None)
-              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe() for probe in probes if probe is not None)
+    return device.type == "cpu" and precision.cpu_isa() != "none"
 
 
 ONEDNN_MIN_ROWS = 8

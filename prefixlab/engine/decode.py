@@ -29,7 +29,6 @@ from torch import nn
 
 from prefixlab.engine.families import cache_keyword, returned_cache
 from prefixlab.engine.mixed import mixed_inputs, stack_prefixes
-from prefixlab.engine.models import autocast
 from prefixlab.engine.prefix import prefix_inputs
 from prefixlab.errors import ConfigError
 
@@ -109,8 +108,7 @@ def _prefill(model: nn.Module, kv: Prefixes, prompts: Sequence[Sequence[int]],
         kwargs = mixed_inputs(model, stack_prefixes(kv, device), mask)
     if cache_keyword(model) not in kwargs:  # the bare model: generate a cache from nothing
         kwargs[cache_keyword(model)] = DynamicCache(config=model.config)
-    with autocast(device):
-        out = model(input_ids=ids, logits_to_keep=1, use_cache=True, **kwargs)
+    out = model(input_ids=ids, logits_to_keep=1, use_cache=True, **kwargs)
     logits = out.logits[:, -1].float()  # (B, V)
     # Each step then writes its token in place instead of copying the whole cache (torch.cat).
     cache = make_room(returned_cache(out), room)
@@ -126,9 +124,8 @@ def _step(model: nn.Module, cache, tokens: torch.Tensor, mask: torch.Tensor):
     """One new token per row (N,) against the cache: (logits (N, V), mask (N, S+1))."""
     mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
     positions = mask.sum(-1, keepdim=True) - 1  # (N, 1): left padding and prefix counted right
-    with autocast(mask.device):
-        out = model(input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
-                    use_cache=True, **{cache_keyword(model): cache})
+    out = model(input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
+                use_cache=True, **{cache_keyword(model): cache})
     return out.logits[:, -1].float(), mask
 
 

@@ -24,7 +24,6 @@ from torch import nn
 
 from prefixlab.engine.encode import Encoder
 from prefixlab.engine.families import cache_keyword, returned_cache
-from prefixlab.engine.models import autocast
 
 
 @dataclass(frozen=True)
@@ -145,8 +144,7 @@ def mixed_label_log_likelihoods(
         from transformers import DynamicCache
 
         kwargs[cache_keyword(model)] = DynamicCache(config=model.config)
-    with autocast(device):
-        out = model(input_ids=ids, logits_to_keep=keep, use_cache=not single, **kwargs)
+    out = model(input_ids=ids, logits_to_keep=keep, use_cache=not single, **kwargs)
     first = torch.log_softmax(out.logits.float(), dim=-1)  # (B, V)
     scores = [first[i, torch.tensor([t[0] for t in label_ids[i]], device=device)]
               for i in range(B)]  # each (K_i,)
@@ -165,9 +163,8 @@ def mixed_label_log_likelihoods(
     prior = kwargs["attention_mask"].index_select(0, row)  # (C, P_max + T)
     full = torch.cat([prior, cont_mask], 1)
     positions = (full.cumsum(-1) - 1).clamp(min=0)[:, -cont.shape[1]:]
-    with autocast(device):
-        more = model(input_ids=cont, attention_mask=full, position_ids=positions, use_cache=True,
-                     **{cache_keyword(model): cache})
+    more = model(input_ids=cont, attention_mask=full, position_ids=positions, use_cache=True,
+                 **{cache_keyword(model): cache})
     logp = torch.log_softmax(more.logits.float(), dim=-1)  # (C, M-1, V)
     tok = logp.gather(-1, lab[:, 1:].unsqueeze(-1)).squeeze(-1) * lab_mask[:, 1:]  # (C, M-1)
     rest = tok.sum(-1).split([len(t) for t in label_ids])  # per row (K_i,)

@@ -27,6 +27,7 @@ from torch import nn
 
 from prefixlab.engine.cpu import onednn_inference
 from prefixlab.engine.families import family_of
+from prefixlab.engine.precision import resolve_precision
 from prefixlab.errors import PrefixLabError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -71,12 +72,13 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain float32 on CPU, where bf16 matmuls without native support
-    are far slower."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(device: torch.device, dtype: torch.dtype | None = None):
+    """Autocast to `dtype` on `device`, or nothing when `dtype` is None. PrefixLab's own paths
+    hold the frozen model in its compute dtype (precision.py) and need none; the benchmark's
+    PEFT contender, a float32 model, runs under it."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def cache_root() -> Path:
@@ -213,6 +215,15 @@ class LoadedModel:
     device: torch.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The frozen model's compute dtype (precision.py)."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def precision(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def shape(self) -> PrefixShape:
         return PrefixShape.of(self.model.config)
 
@@ -227,16 +238,20 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     progress: Callable[[str], None] | None = None,
+    precision: str | None = "auto",
 ) -> LoadedModel:
     """Load a causal LM, freeze it and put it in eval mode.
 
     `name`: None or DEFAULT_MODEL for the embedded SmolLM2-135M-Instruct, a local folder, or a
     hub id (needs network unless cached). Remote code stays off unless asked for.
+    `precision`: the dtype the weights are held in, once (precision.resolve_precision; "auto"
+    picks bfloat16 where the device multiplies it natively).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name = name or DEFAULT_MODEL
     device = device if isinstance(device, torch.device) else pick_device(device)
+    dtype = resolve_precision(precision, device).dtype
     source = embedded_model_dir(progress) if name == DEFAULT_MODEL else name
 
     def refused(e: Exception) -> ModelLoadError:
@@ -254,21 +269,34 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code
+            source, config=config, dtype=dtype, trust_remote_code=trust_remote_code
         )
     except Exception as e:  # transformers raises many types (OSError, SafetensorError, ...)
         raise refused(e) from e
-    return prepare_model(model, tokenizer, name, device)
+    return prepare_model(model, tokenizer, name, device, dtype)
 
 
-def prepare_model(model: nn.Module, tokenizer, name: str, device: torch.device) -> LoadedModel:
-    """Freeze a model, set eval mode and a pad token; shared by load_model and tests."""
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Hold `model`'s floating-point parameters in `dtype`, in place, once. Buffers keep
+    theirs: RoPE's inverse frequencies in bfloat16 would turn a late position's angle by
+    most of a radian."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def prepare_model(model: nn.Module, tokenizer, name: str, device: torch.device,
+                  dtype: torch.dtype | None = None) -> LoadedModel:
+    """Freeze a model, set eval mode and a pad token; shared by load_model and tests.
+    `dtype`: the compute dtype to hold the weights in (None: as they are)."""
     if not getattr(model.config, "is_decoder", True) and model.config.is_encoder_decoder:
         raise ModelLoadError(f"{name!r} is an encoder-decoder model; PrefixLab needs a causal LM")
     family_of(model.config)  # an unlisted family is refused here, not deep inside a run
     model.requires_grad_(False)
     model.eval()  # no dropout: prefix training is deterministic for a seed
     model.to(device)
+    if dtype is not None:
+        cast_parameters(model, dtype)
     if device.type == "cpu":  # scoring and generation multiply through oneDNN (cpu.py)
         onednn_inference(model)
     if tokenizer.pad_token_id is None:

@@ -18,7 +18,6 @@ from prefixlab.engine.decode import Sampling, decode_rows
 from prefixlab.engine.encode import Encoder
 from prefixlab.engine.families import cache_keyword
 from prefixlab.engine.mixed import mixed_label_log_likelihoods
-from prefixlab.engine.models import autocast
 from prefixlab.engine.prefix import build_cache
 
 
@@ -129,10 +128,9 @@ def generate(
         )
         # generate takes the same keyword as forward: `cache` from transformers 5.24 on.
         kwargs[cache_keyword(model)] = build_cache(kv.to(device), len(rows), model)
-    with autocast(device):
-        out = model.generate(
-            input_ids=ids, max_new_tokens=max_new_tokens, pad_token_id=pad, do_sample=False,
-            **kwargs,
-        )
+    out = model.generate(
+        input_ids=ids, max_new_tokens=max_new_tokens, pad_token_id=pad, do_sample=False,
+        **kwargs,
+    )
     new = out[:, T:]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]

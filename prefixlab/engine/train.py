@@ -28,7 +28,6 @@ from prefixlab.engine.balance import class_weights, epoch_order
 from prefixlab.engine.cpu import ThreadTuner, trim_heap
 from prefixlab.engine.encode import Example, bucketed_batches, collate, target_mass, weighted_mean
 from prefixlab.engine.families import TrainingLoss, family_of
-from prefixlab.engine.models import autocast
 from prefixlab.engine.prefix import Prefix, forward
 from prefixlab.engine.schedule import Schedule
 from prefixlab.errors import ConfigError, PrefixLabError
@@ -293,22 +292,29 @@ def _backward(
     """
     if not examples:  # an empty share of a small batch: no loss, no gradient
         return 0.0, 0, 0
-    leaf = kv if kv.is_leaf else kv.detach().requires_grad_()  # chunks add their grads here
+    dtype = next(model.parameters()).dtype
+    # The model reads the prefix in its compute dtype: cast once per step, not per chunk or
+    # layer. Each chunk's gradient is added into `grad` in float32, the master weights' dtype.
+    leaf = kv if kv.is_leaf and kv.dtype == dtype else kv.detach().to(dtype).requires_grad_()
+    grad = None if leaf is kv else torch.zeros_like(kv, dtype=torch.float32)
     n_targets = n_targets or target_mass(examples)
     total, real, padded = 0.0, 0, 0
     for chunk in _chunks(examples, max_tokens):
         batch = collate(chunk, pad_id).to(device)
-        with autocast(device), _attention_backends(device):
+        with _attention_backends(device):
             loss = (fast_loss or batch_loss)(model, leaf, batch)
             loss = loss * (batch.mass / n_targets)
         loss.backward()
+        if grad is not None and leaf.grad is not None:
+            grad += leaf.grad
+            leaf.grad = None
         if fast_loss is not None:
             fast_loss.release()
         total += float(loss.detach())
         real += batch.real_tokens
         padded += batch.input_ids.numel()
-    if leaf is not kv:  # e.g. through the reparameterization MLP, once per batch
-        kv.backward(leaf.grad)
+    if grad is not None:  # e.g. through the reparameterization MLP, once per batch
+        kv.backward(grad.to(kv.dtype))
     return total, real, padded
 
 

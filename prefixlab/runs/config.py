@@ -17,6 +17,7 @@ from prefixlab.engine.decode import DecodeConfig
 from prefixlab.engine.distributed import MAX_PROCESSES
 from prefixlab.engine.encode import DEFAULT_GENERATION_TEMPLATE, DEFAULT_TEMPLATE, Encoder, Template
 from prefixlab.engine.models import DEFAULT_MODEL
+from prefixlab.engine.precision import PrecisionName, check_precision
 from prefixlab.engine.prefix import PrefixConfig
 from prefixlab.engine.train import TrainConfig
 from prefixlab.errors import ConfigError
@@ -76,6 +77,11 @@ class RunConfig:
     """A short task description; with the label names it makes the default init text."""
     device: str | None = None
     """cpu, cuda, cuda:1 ...; unset (None) picks CUDA when present, else CPU."""
+    precision: PrecisionName = "auto"
+    """The frozen model's compute dtype: auto, float32, bfloat16 or float16 (CUDA only);
+    precision.py. auto is bfloat16 where the processor multiplies it natively, else float32.
+    A new run's config.json holds the precision auto chose, so the run resumes in its own.
+    The prefix, its optimizer and the loss stay float32 whatever this says."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (only for repositories you trust)."""
     nproc: int | None = None
@@ -118,6 +124,7 @@ class RunConfig:
         if self.label_scores not in LABEL_SCORES:
             problems.append(f"label_scores must be one of {', '.join(LABEL_SCORES)}, "
                             f"got {self.label_scores!r}")
+        problems.extend(check_precision(self.precision))
         if self.eval_generate_inputs < 0:
             problems.append(f"eval_generate_inputs must be 0 or more, got "
                             f"{self.eval_generate_inputs}")
@@ -164,7 +171,8 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown settings in config: {', '.join(unknown)}")
         # run folders written before decision rules existed decided on raw scores: keep that
-        data = {"decision": "raw", **data}
+        # and in float32, the only precision there was
+        data = {"decision": "raw", "precision": "float32", **data}
         if isinstance(data.get("training"), dict):  # and before smoothing: the best evaluation
             # and before fitted schedules: the schedule over every epoch, cut by the budget
             data["training"] = {"smoothing": 0, "fit_schedule": False, **data["training"]}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ from prefixlab.data.splits import stratified_split
 from prefixlab.engine import distributed
 from prefixlab.engine.balance import label_rule
 from prefixlab.engine.encode import Encoder, PairEncoder
-from prefixlab.engine.models import LoadedModel, ModelInfo
+from prefixlab.engine.models import LoadedModel, ModelInfo, pick_device
+from prefixlab.engine.precision import resolve_precision
 from prefixlab.engine.prefix import Prefix, init_prefix, save_prefix
 from prefixlab.engine.stopping import EarlyStopping
 from prefixlab.engine.train import Checkpoint, StepInfo, TrainConfig, TrainResult, train
@@ -120,6 +121,9 @@ def _new_run(cfg: RunConfig, path: str | Path, loaded: LoadedModel | ModelInfo,
     folder = RunFolder(path)
     if folder.exists():
         raise RunError(f"{folder.path} already holds a run; choose another output folder")
+    # auto is decided once, here: the run, and every resume of it, trains in what it chose
+    chosen = resolve_precision(cfg.precision, pick_device(cfg.device))
+    cfg = replace(cfg, precision=chosen.name)
     folder.path.mkdir(parents=True, exist_ok=True)
     P = cfg.prefix.prefix_length
     shape = loaded.shape
@@ -129,6 +133,7 @@ def _new_run(cfg: RunConfig, path: str | Path, loaded: LoadedModel | ModelInfo,
         "name": name or folder.path.name,
         "created": time.time(),
         "run": cfg.to_dict(),
+        "precision": chosen.as_dict(),
         "task": "generation" if cfg.is_generation else "classification",
         "labels": list(labels),
         **extra,
@@ -217,7 +222,7 @@ def execute_run(
     if fit is not None:
         report.update(decision_fit=fit)
     rule = evaluations.rule
-    report.update(steps=result.steps, kept_step=kept,
+    report.update(precision=loaded.precision, steps=result.steps, kept_step=kept,
                   stop_reason=longer_reason(result.reason, info),  # a grown budget says so
                   selection=(rule.selection() if cfg.training.keep_best
                              and rule.kept_step is not None else "the last step"))

@@ -61,8 +61,10 @@ class Run:
                         texts, decode or self.config.generation)
 
 
-def open_run(path: str | Path, loaded: LoadedModel | None = None) -> Run:
-    """Open a finished (or checkpointed) run; the base model is loaded unless given."""
+def open_run(path: str | Path, loaded: LoadedModel | None = None,
+             precision: str | None = None) -> Run:
+    """Open a finished (or checkpointed) run; the base model is loaded unless given, in
+    `precision` (None: the run's own; the prefix is float32 and fits any)."""
     folder = RunFolder(path)
     info = folder.read_config()
     try:
@@ -71,7 +73,8 @@ def open_run(path: str | Path, loaded: LoadedModel | None = None) -> Run:
     except (KeyError, ConfigError) as e:
         raise RunError(f"{folder.config_path} is not a valid run config: {e}") from e
     if loaded is None:
-        loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code)
+        loaded = load_model(cfg.model, cfg.device, trust_remote_code=cfg.trust_remote_code,
+                            precision=precision or cfg.precision)
     elif loaded.name != cfg.model:
         raise RunError(f"run {folder.path.name} was trained on {cfg.model!r}, "
                        f"not on the loaded {loaded.name!r}")

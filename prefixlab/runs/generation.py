@@ -21,7 +21,6 @@ from prefixlab.data.reading import DataError
 from prefixlab.engine import distributed
 from prefixlab.engine.decode import DecodeConfig, generate_texts
 from prefixlab.engine.encode import PairEncoder, Template, bucketed_batches, collate
-from prefixlab.engine.models import autocast
 from prefixlab.engine.prefix import forward
 from prefixlab.runs.budget import Progress
 from prefixlab.runs.config import RunConfig
@@ -106,9 +105,8 @@ def target_loss(model: nn.Module, kv: torch.Tensor | None, encoder: PairEncoder,
     total, count, done = 0.0, 0, 0
     for idx in bucketed_batches([len(e) for e in examples], batch_size, 0, 0, shuffle=False):
         batch = collate([examples[i] for i in idx], pad).to(device)
-        with autocast(device):
-            logits = forward(model, kv.to(device) if kv is not None else None, batch.input_ids,
-                             batch.attention_mask, batch.loss_mask)  # (n_target_tokens, V)
+        logits = forward(model, kv.to(device) if kv is not None else None, batch.input_ids,
+                         batch.attention_mask, batch.loss_mask)  # (n_target_tokens, V)
         total += float(F.cross_entropy(logits.float(), batch.targets, reduction="sum"))
         count += batch.targets.numel()
         done += len(idx)

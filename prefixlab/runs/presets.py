@@ -23,19 +23,19 @@ PRESETS: dict[str, dict] = {
         "prefix_length": 8, "init": "text", "reparameterize": False, "learning_rate": 5e-3,
         "epochs": 2, "batch_size": 8, "max_length": 96, "validation_share": 0.2, "seed": 0,
         "max_train_examples": 200, "max_eval_examples": 100, "patience": 2, "max_minutes": 1.5,
-        "class_balance": "none", "decision": "fitted",
+        "class_balance": "none", "decision": "fitted", "precision": "auto",
     },
     "Balanced": {
         "prefix_length": 10, "init": "text", "reparameterize": False, "learning_rate": 5e-3,
         "epochs": 8, "batch_size": 8, "max_length": 128, "validation_share": 0.2, "seed": 0,
         "max_train_examples": 2000, "max_eval_examples": 300, "patience": 4, "max_minutes": 10,
-        "class_balance": "none", "decision": "fitted",
+        "class_balance": "none", "decision": "fitted", "precision": "auto",
     },
     "Thorough": {
         "prefix_length": 10, "init": "text", "reparameterize": False, "learning_rate": 5e-3,
         "epochs": 20, "batch_size": 8, "max_length": 128, "validation_share": 0.2, "seed": 0,
         "max_train_examples": 0, "max_eval_examples": 500, "patience": 6, "max_minutes": 60,
-        "class_balance": "none", "decision": "fitted",
+        "class_balance": "none", "decision": "fitted", "precision": "auto",
     },
 }
 SETTING_NAMES = tuple(PRESETS["Quick look"])
@@ -63,7 +63,8 @@ def config_parts(settings: Mapping) -> dict[str, dict]:
         "run": {"validation_share": float(s["validation_share"]),
                 "max_train_examples": int(s["max_train_examples"]) or None,
                 "max_eval_examples": int(s["max_eval_examples"]) or None,
-                "max_length": int(s["max_length"]), "decision": s["decision"]},
+                "max_length": int(s["max_length"]), "decision": s["decision"],
+                "precision": s["precision"]},
         "prefix": {"prefix_length": int(s["prefix_length"]), "init": s["init"],
                    "reparameterize": bool(s["reparameterize"])},
         "training": {"learning_rate": float(s["learning_rate"]), "epochs": int(s["epochs"]),

@@ -67,7 +67,8 @@ def _work(folder: RunFolder, resume: bool) -> int:
             folder.set_status("running", phase="loading the model", processes=processes)
             if processes > 1:
                 return launch_ranks(folder, processes, resume)
-            loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
+            loaded = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code,
+                                precision=cfg.precision)
             report = execute_run(folder, loaded, resume=resume, should_stop=cancel.exists)
             if report is None:
                 folder.set_status("cancelled", step=folder.progress()[0])

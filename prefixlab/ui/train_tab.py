@@ -95,6 +95,8 @@ def generation_report_outputs(report: dict):
     ]
     if cut := decoded_note(report):
         lines.append(f"\n{cut}")
+    if precision := report.get("precision"):
+        lines.append(f"\nThe model computed in {escape(precision)}.")
     samples = report.get("samples", [])
     if samples:
         # A Markdown table: the page's full width for four columns of sentences.
@@ -147,6 +149,8 @@ def report_outputs(report: dict | None):
                      f"({report['selection']}); training ended: {report['stop_reason']}.")
     if text := decision_sentence(report):
         lines.append(escape(text))
+    if precision := report.get("precision"):
+        lines.append(f"The model computed in {escape(precision)}.")
     per_class = pd.DataFrame([
         {"label": k, "precision": round(v["precision"], 3), "recall": round(v["recall"], 3),
          "f1": round(v["f1"], 3), "support": v["support"]}
@@ -394,11 +398,17 @@ def build(workbench: Workbench, dataset: gr.State, notice,
                 info="prior: each label's score less the log of its training share, so rare "
                      "labels are not out-voted by the skew; fitted: as much of that share "
                      "as decides best on the validation rows; raw: the likeliest label")
+            precision = gr.Radio(
+                ["auto", "float32", "bfloat16", "float16"], value=quick["precision"],
+                label="Precision (the model's compute dtype)", elem_id="precision",
+                info="auto: bfloat16 where the processor multiplies it natively (a GPU; a CPU "
+                     "with AMX or AVX512-BF16), else float32; float16 on CUDA only. The "
+                     "prefix and its optimizer stay float32")
         task = gr.Textbox(label="Task description (optional, starts the prefix)", max_lines=1,
                           placeholder="e.g. Is this tweet hateful, offensive or neither")
     settings = [prefix_length, init, reparameterize, learning_rate, epochs, batch_size,
                 max_length, validation_share, seed, max_train, max_eval, patience, max_minutes,
-                class_balance, decision]
+                class_balance, decision, precision]
     size = gr.Markdown(elem_id="prefix-size")
     ready = gr.Markdown(elem_id="start-check")
     with gr.Row():

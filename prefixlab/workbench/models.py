@@ -21,6 +21,7 @@ class ModelRoom:
     """
 
     default_model: str
+    precision: str  # the compute dtype every shared model is loaded in; "auto" decides per ISA
     model_status: str  # what the app's status line says about the default model
     _models: Memo[str, LoadedModel]
     _infos: Memo[str, ModelInfo]
@@ -33,8 +34,8 @@ class ModelRoom:
 
     def _load(self, name: str) -> LoadedModel:
         self.model_status = f"loading {name}"
-        loaded = load_model(name, progress=self._progress)
-        self.model_status = f"{name} ready on {loaded.device}"
+        loaded = load_model(name, progress=self._progress, precision=self.precision)
+        self.model_status = f"{name} ready on {loaded.device} ({loaded.precision})"
         return loaded
 
     def _progress(self, message: str) -> None:
