@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from prefixlab.engine.cpu import pin_threads
 from prefixlab.engine.models import DEFAULT_MODEL
+from prefixlab.engine.precision import PRECISION_HELP, PRECISIONS
 from prefixlab.errors import ConfigError
 from prefixlab.runs.folder import RunError
 from prefixlab.serve.access import credentials
@@ -32,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where runs and the registry live")
     p.add_argument("--model", default=env.get("PREFIXLAB_MODEL", DEFAULT_MODEL),
                    help="base model: the embedded default, a local folder or a hub id")
+    p.add_argument("--precision", default=env.get("PREFIXLAB_PRECISION", "auto"),
+                   choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--share", action="store_true",
                    help="open a public Gradio share link (needs --auth)")
     p.add_argument("--auth", default=env.get("PREFIXLAB_AUTH"),
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     auth = access(args)
     try:
-        workbench = Workbench(Path(args.data_dir), model=args.model)
+        workbench = Workbench(Path(args.data_dir), model=args.model, precision=args.precision)
     except (RunError, ConfigError) as e:
         refuse(str(e))
     pin_threads()  # request threads share torch's thread count: no tuner may change it

@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-ms", type=float, default=5.0,
                    help="how long a request waits for others to share its batch")
     p.add_argument("--max-rows", type=int, default=32, help="texts per mixed batch at most")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help=f"{PRECISION_HELP} Runs of the default model are served in it.")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a run's prefix")
