@@ -36,6 +36,7 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize(("isa", "auto"), [("AMX", "bfloat16"), ("AVX512-BF16", "bfloat16"),
                                            ("none", "float32")])
 def test_auto_takes_bfloat16_only_where_the_cpu_multiplies_it(monkeypatch, isa, auto):
+    monkeypatch.setattr(precision, "CPU_AUTO_BF16", True)  # once measured on such a CPU
     monkeypatch.setattr(precision, "cpu_isa", lambda: isa)
     chosen = resolve_precision("auto", CPU)
     assert chosen.name == auto and chosen.dtype == precision.DTYPES[auto]
@@ -46,6 +47,14 @@ def test_auto_takes_bfloat16_only_where_the_cpu_multiplies_it(monkeypatch, isa, 
         resolve_precision("float16", CPU)
     with pytest.raises(ConfigError, match="precision must be one of"):
         resolve_precision("half", CPU)
+
+
+@pytest.mark.parametrize("isa", ["AMX", "AVX512-BF16"])
+def test_auto_stays_float32_on_a_cpu_until_bfloat16_quality_is_measured(monkeypatch, isa):
+    monkeypatch.setattr(precision, "cpu_isa", lambda: isa)
+    chosen = resolve_precision("auto", CPU)
+    assert chosen.name == "float32" and "not yet measured" in chosen.reason
+    assert resolve_precision("bfloat16", CPU).name == "bfloat16"
 
 
 def test_native_bf16_follows_the_probe(monkeypatch):
@@ -168,6 +177,7 @@ def test_a_run_records_the_precision_auto_chose_and_reopens_in_it(tmp_path, mode
     from prefixlab.runs.finished import open_run
     from prefixlab.runs.folder import RunFolder
 
+    monkeypatch.setattr(precision, "CPU_AUTO_BF16", True)
     monkeypatch.setattr(precision, "cpu_isa", lambda: "AMX")
     rows = ["text,label"] + [f"the movie was {'great' if i % 2 else 'bad'} {i},"
                              f"{'positive' if i % 2 else 'negative'}" for i in range(24)]

@@ -7,6 +7,11 @@ parameters, the optimizer's moments and the loss stay float32 (master weights), 
 log-probabilities are taken from float32 logits.
 
 The CPU probe is `cpu_isa`, a module attribute so that tests can replace it.
+
+On a CPU, "auto" stays float32 even where bfloat16 is native until bfloat16's quality on the
+shared sets is measured on such a CPU (`CPU_AUTO_BF16`; docs/quality.md says what is
+missing): the machines this was built on have neither AMX nor AVX512-BF16. Asking for
+bfloat16 explicitly works on any CPU.
 """
 
 from __future__ import annotations
@@ -22,10 +27,13 @@ PrecisionName = Literal["auto", "float32", "bfloat16", "float16"]
 PRECISIONS: tuple[str, ...] = get_args(PrecisionName)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                                   "float16": torch.float16}
-PRECISION_HELP = ("the frozen model's compute dtype: auto (bfloat16 where the processor "
-                  "multiplies it natively: a GPU, a CPU with AMX or AVX512-BF16; else "
-                  "float32), float32, bfloat16, or float16 (CUDA only). The prefix, the "
+PRECISION_HELP = ("the frozen model's compute dtype: auto (bfloat16 on a GPU that has it, "
+                  "else float32; on a CPU with AMX or AVX512-BF16 too until its quality there "
+                  "is measured), float32, bfloat16, or float16 (CUDA only). The prefix, the "
                   "optimizer and the loss stay float32.")
+
+
+CPU_AUTO_BF16 = False
 
 
 def cpu_isa() -> str:
@@ -95,6 +103,11 @@ def resolve_precision(requested: str | None, device: torch.device | str) -> Prec
         if isa == "none":
             return Precision("float32", requested,
                              "the CPU has neither AMX nor AVX512-BF16: bfloat16 would be slower")
+        if not CPU_AUTO_BF16:
+            return Precision("float32", requested,
+                             f"the CPU multiplies bfloat16 natively ({isa}), but bfloat16's "
+                             "quality is not yet measured on such a CPU: ask for it with "
+                             "precision bfloat16")
         return Precision("bfloat16", requested, f"the CPU multiplies bfloat16 natively ({isa})")
     how = "native" if isa != "none" else "emulated: no AMX or AVX512-BF16"
     return Precision(requested, requested,
