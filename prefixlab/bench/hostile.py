@@ -172,7 +172,18 @@ def call(url: str, endpoint: str, data: object, timeout: float = 60, raw: bytes 
             return _judge(first, start, expect, http=True)
         stream = urllib.request.urlopen(f"{url}/gradio_api/call/{endpoint}/{event}",
                                         timeout=timeout)
-        lines = stream.read().decode(errors="replace").splitlines()
+        lines = []
+        while True:  # heartbeats keep the socket alive: the deadline is the whole answer's
+            line = stream.readline()
+            if not line:
+                break
+            lines.append(line.decode(errors="replace").rstrip("\n"))
+            if lines[-1].startswith("event: ") and lines[-1] != "event: heartbeat":
+                lines.append(stream.readline().decode(errors="replace").rstrip("\n"))
+                break
+            if time.perf_counter() - start > timeout:
+                stream.close()
+                return Answer("hang", time.perf_counter() - start, message="no answer")
     except urllib.error.HTTPError as e:
         text = e.read().decode(errors="replace")
         outcome = "crash" if e.code >= 500 else ("clear" if _readable(text) else "crash")
