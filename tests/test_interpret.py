@@ -378,7 +378,7 @@ def test_inspect_run_writes_the_three_files(loaded, tmp_path):
     assert len(nearest["layers"][0]["value_readout"][3]["top"]) == 3
     pca = json.loads((out / "pca.json").read_text())
     assert set(pca["maps"]) == {"key", "value"}
-    assert set(pca["maps"]["key"]["prefixes"]) == {"trained", "step 0"}
+    assert set(pca["maps"]["key"]["prefixes"]) == {"trained", "start"}
     assert pca["movement"]["steps"] == [0, 3]
     assert np.array(pca["layers"]["value"]["coords"]).shape == (L, 4, 2)
     page = (out / "inspection.html").read_text()
