@@ -73,9 +73,11 @@ def make_data_dir(root: Path, model: str) -> list[str]:
         folder.mkdir(parents=True)
         cfg = RunConfig(train_csv="probe.csv", model=loaded.name, max_length=96,
                         prefix=PrefixConfig(prefix_length=10))
+        run = cfg.to_dict()
+        run.pop("precision", None)  # older checkouts refuse keys they do not know: float32
         atomic_write_json(folder / "config.json", {"format": "prefixlab-run/1",
                                                    "name": run_id.split("-", 2)[2],
-                                                   "run": cfg.to_dict(), "labels": list(labels)})
+                                                   "run": run, "labels": list(labels)})
         kv = text_key_values(loaded.model, loaded.tokenizer,
                              f"Classify the text as {labels[0]} or {labels[1]}.", 10)
         save_prefix(folder / "prefix.safetensors", kv, loaded.name)
