@@ -216,8 +216,10 @@ def peft_settings(trainable: Trainable) -> dict:
     config = peft_model.peft_config[peft_model.active_adapter].to_dict()
     keep = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules",
             "feedforward_modules")
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()
-            if k in keep and v is not None}
+    def plain(v):
+        return sorted(v) if isinstance(v, set) else getattr(v, "value", v)  # sets, enums
+
+    return {k: plain(v) for k, v in config.items() if k in keep and v is not None}
 
 
 def save_adapter(trainable: Trainable, name: str, loaded: LoadedModel, folder: Path) -> int:

@@ -71,8 +71,8 @@ def check_comparison(cfg: RunConfig, compare: CompareConfig, model_type: str,
     if cfg.is_generation:
         problems.append("comparing methods on a generation run is not supported yet; "
                         "compare on a labeled column")
-    if problems:
-        raise ConfigError(problems)
+    if problems:  # one line: the whole comparison is refused before anything trains
+        raise ConfigError("cannot compare these methods here: " + "; ".join(problems))
 
 
 def _extra_set(path: str | None, what: str, prepared: PreparedData) -> LabeledData | None:

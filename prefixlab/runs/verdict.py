@@ -73,8 +73,8 @@ def verdict(rows: Sequence[dict], *, has_test: bool, has_shift: bool) -> list[st
             f"the prefix is {abs(gap):.1f} points {lead} {other['title']} and stores "
             f"{_size(prefix['stored_bytes'])} per task against {_size(other['stored_bytes'])} "
             f"({_ratio(prefix['stored_bytes'], other['stored_bytes'])}); it trained "
-            f"{prefix['train_s_to_kept']:.0f} s to its kept step against "
-            f"{other['train_s_to_kept']:.0f} s "
+            f"{prefix['train_s_to_kept']:.1f} s to its kept step against "
+            f"{other['train_s_to_kept']:.1f} s "
             f"({_ratio(prefix['train_s_to_kept'], other['train_s_to_kept'])}) and peaked at "
             f"{_size(prefix['peak_rss_bytes'])} of memory against "
             f"{_size(other['peak_rss_bytes'])}")
@@ -98,8 +98,8 @@ def _shift_words(rows: Sequence[dict], key: str) -> list[str]:
     drops = {r["method"]: 100 * (r[key]["macro_f1"] - r["shift"]["macro_f1"]) for r in rows}
     steady = min(rows, key=lambda r: drops[r["method"]])
     words = [f"on the {n} shift rows {best['title']} scored best (macro-F1 "
-             f"{best['shift']['macro_f1']:.3f}); {steady['title']} lost least against its "
-             f"{key} score ({drops[steady['method']]:+.1f} points lower there)"]
+             f"{best['shift']['macro_f1']:.3f}); {steady['title']} held up best against its "
+             f"{key} score (shift minus {key}: {-drops[steady['method']]:+.1f} points)"]
     prefix = next((r for r in rows if r["method"] == "prefix"), None)
     if prefix is not None and prefix is not best:
         gap = 100 * (best["shift"]["macro_f1"] - prefix["shift"]["macro_f1"])
