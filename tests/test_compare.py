@@ -116,7 +116,7 @@ def test_comparison_shares_one_split_encoder_and_rule(tmp_path, csv_file, llama,
     # the gradient methods kept a step chosen by the same rule, within the same budget
     assert rows["prefix"]["steps"] == rows["prompt"]["steps"] == rows["lora"]["steps"]
     saved = json.loads((out / "comparison.json").read_text())
-    assert saved["verdict"] and saved["rows"][0]["folder"] == "prefix"
+    assert saved["verdict"] and saved["rows"][0]["folder"] == str(out / "prefix")
     assert (out / "prefix" / "prefix.safetensors").is_file()
     for name in ("prompt", "lora"):  # stored bytes: the adapter file, 4 bytes a weight
         stored, count = rows[name]["stored_bytes"], rows[name]["trainable_parameters"]

@@ -111,11 +111,11 @@ def _gpu_peak(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def _prefix_contender(cfg: RunConfig, out: Path, loaded: LoadedModel, prepared: PreparedData,
-                      on_step: Callable[[StepInfo], None],
+def _prefix_contender(cfg: RunConfig, where: Path, name: str, loaded: LoadedModel,
+                      prepared: PreparedData, on_step: Callable[[StepInfo], None],
                       should_stop: Callable[[], bool] | None) -> Contender | None:
-    """The prefix, trained as a normal run in `out`/prefix."""
-    folder = create_run(cfg, out / "prefix", prepared, loaded, name=f"{out.name} prefix")
+    """The prefix, trained as a normal run in the folder `where`."""
+    folder = create_run(cfg, where, prepared, loaded, name=name)
     elapsed: dict[int, float] = {0: 0.0}
     last = StepInfo(0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
@@ -155,10 +155,13 @@ def _metrics(report: dict | None) -> dict | None:
 
 def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
                    loaded: LoadedModel, *, on_event: Callable[[dict], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> dict:
+                   should_stop: Callable[[], bool] | None = None,
+                   prefix_folder: str | Path | None = None) -> dict:
     """Train every method of `compare` on `cfg`'s data, one after another; write and return
-    comparison.json's content. `on_event` hears each method's progress: {"method", "state"
-    (training | scoring | done | failed | cancelled), "step", "total_steps", "elapsed_s"}."""
+    comparison.json's content. The prefix run goes to `prefix_folder` (the app's runs
+    directory, so Runs lists it), else to `output`/prefix. `on_event` hears each method's
+    progress: {"method", "state" (training | scoring | done | failed | cancelled), "step",
+    "total_steps", "elapsed_s"}."""
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose another output")
@@ -195,7 +198,8 @@ def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
         _reset_peaks(loaded.device)
         began = time.perf_counter()
         try:
-            contender = _train(name, cfg, out, loaded, prepared, init_ids, on_step, should_stop)
+            contender = _train(name, cfg, out, loaded, prepared, init_ids, on_step,
+                               should_stop, Path(prefix_folder or out / "prefix"))
         except (PrefixLabError, MemoryError) as e:  # one method's failure; the others go on
             result["rows"].append({"method": name, "title": METHODS[name].title,
                                    "error": str(e)})
@@ -208,6 +212,8 @@ def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
         tell({"method": name, "state": "scoring"})
         row = _row(name, contender, loaded, test, shift, time.perf_counter() - began)
         row.update(_keep(name, contender, loaded, out, compare.keep_weights))
+        if name == "prefix":
+            row["folder"] = str(Path(prefix_folder or out / "prefix"))
         result["rows"].append(row)
         tell({"method": name, "state": "done", "macro_f1": row["validation"]["macro_f1"]})
     result["verdict"] = verdict(result["rows"], has_test=test is not None,
@@ -218,10 +224,11 @@ def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
 
 def _train(name: str, cfg: RunConfig, out: Path, loaded: LoadedModel, prepared: PreparedData,
            init_ids: Sequence[int], on_step: Callable[[StepInfo], None],
-           should_stop: Callable[[], bool] | None) -> Contender | None:
+           should_stop: Callable[[], bool] | None, prefix_folder: Path) -> Contender | None:
     kind = METHODS[name].kind
     if kind == "prefix":
-        return _prefix_contender(cfg, out, loaded, prepared, on_step, should_stop)
+        return _prefix_contender(cfg, prefix_folder, f"{out.name} prefix", loaded, prepared,
+                                 on_step, should_stop)
     if kind == "probe":
         return train_probe(cfg, loaded, prepared.train, prepared.validation, prepared.labels)
     if kind == "tfidf":
@@ -256,7 +263,7 @@ def _keep(name: str, c: Contender, loaded: LoadedModel, out: Path, keep_weights:
     """Save what the method keeps; the row's `folder` (relative), and for a saved adapter
     its bytes on disk in place of the count-based estimate."""
     if name == "prefix":
-        return {"folder": "prefix", "run": True}
+        return {"run": True}
     if c.trainable is None or (name == "full" and not keep_weights):
         if c.trainable is not None:  # only the figures: free the copy's memory now
             c.trainable = None
