@@ -10,8 +10,8 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from prefixlab.engine.methods import DEFAULT_METHODS, METHODS
 from prefixlab.figures.comparison import comparison_figure
+from prefixlab.runs.compare import DEFAULT_METHODS, METHODS
 from prefixlab.runs.presets import SETTING_NAMES
 from prefixlab.runs.verdict import COLUMNS, table_rows
 from prefixlab.ui.common import bind, escape, shown, wire
