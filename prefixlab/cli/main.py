@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from prefixlab.cli.comparing import cmd_compare
 from prefixlab.cli.exchange import cmd_export, cmd_import_peft, cmd_inspect
 from prefixlab.cli.options import add_options
 from prefixlab.cli.output import say
@@ -23,6 +24,7 @@ from prefixlab.runs.presets import CLI_NAMES
 
 def build_parser() -> argparse.ArgumentParser:
     from prefixlab.engine.decode import DecodeConfig
+    from prefixlab.engine.methods import DEFAULT_METHODS, METHODS
     from prefixlab.engine.prefix import PrefixConfig
     from prefixlab.engine.train import TrainConfig
     from prefixlab.interpret.bank import DEFAULT_BANK_SIZE
@@ -75,6 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[],
                    help="generation runs: a string that ends an output (repeatable; "
                         "'\\n' for a newline)")
+
+    p = sub.add_parser("compare", help="train prefix tuning and other methods (prompt, LoRA, "
+                                       "IA3, full, probe, TF-IDF) on the same rows; a table")
+    p.add_argument("csv")
+    columns(p)
+    p.add_argument("--target-column", help="generation runs (not supported by compare yet)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, in training order; of {', '.join(METHODS)}")
+    p.add_argument("--test-csv", help="labeled rows every method is scored on at the end")
+    p.add_argument("--shift-csv", help="a labeled set from another source, the same labels")
+    p.add_argument("--validation-csv", help="held-out rows instead of a share of the CSV")
+    p.add_argument("--max-minutes", type=float, help="time budget per method")
+    p.add_argument("--epochs", type=int, help="epoch budget per method")
+    p.add_argument("--max-train-examples", type=int, help="a stratified sample of the rows")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--preset", choices=tuple(CLI_NAMES), help="the app's recipe of that name")
+    p.add_argument("--model", help="base model (default: the embedded one)")
+    p.add_argument("--device")
+    p.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--keep-weights", action="store_true",
+                   help="keep full fine-tuning's weights (the size of the model)")
+    p.add_argument("--json", action="store_true", help="print comparison.json's content")
+    p.add_argument("--output", required=True, help="comparison folder to create")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("resume", help="continue a run from its last checkpoint, or train a "
                                       "completed one longer")

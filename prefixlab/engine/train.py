@@ -17,7 +17,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ from prefixlab.engine.families import TrainingLoss, family_of
 from prefixlab.engine.prefix import Prefix, forward
 from prefixlab.engine.schedule import Schedule
 from prefixlab.errors import ConfigError, PrefixLabError
+
+if TYPE_CHECKING:
+    from prefixlab.engine.methods import Trainable
 
 CHUNK_TOKENS = 384
 """Most padded tokens one forward/backward holds on CPU. A bigger batch is read in chunks whose
@@ -246,7 +249,7 @@ def learning_rate_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.learning_rate * max(0.0, 1 - (step - warmup) / span)
 
 
-def batch_loss(model: nn.Module, kv: torch.Tensor, batch) -> torch.Tensor:
+def batch_loss(model: nn.Module, kv: torch.Tensor | None, batch) -> torch.Tensor:
     """Mean (or weighted mean) cross-entropy over the label tokens; logits only where the loss
     reads them."""
     logits = forward(model, kv, batch.input_ids, batch.attention_mask, batch.loss_mask)
@@ -272,7 +275,7 @@ def _chunks(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]
 
 
 def _backward(
-    model: nn.Module, kv: torch.Tensor, examples: Sequence[Example], pad_id: int,
+    model: nn.Module, kv: torch.Tensor | None, examples: Sequence[Example], pad_id: int,
     device: torch.device, max_tokens: int, fast_loss: TrainingLoss | None = None,
     n_targets: float | None = None,
 ) -> tuple[float, int, int]:
@@ -295,8 +298,11 @@ def _backward(
     dtype = next(model.parameters()).dtype
     # The model reads the prefix in its compute dtype: cast once per step, not per chunk or
     # layer. Each chunk's gradient is added into `grad` in float32, the master weights' dtype.
-    leaf = kv if kv.is_leaf and kv.dtype == dtype else kv.detach().to(dtype).requires_grad_()
-    grad = None if leaf is kv else torch.zeros_like(kv, dtype=torch.float32)
+    # kv None: nothing in front of the rows, the trained weights are the model's (methods.py).
+    leaf, grad = kv, None
+    if kv is not None and not (kv.is_leaf and kv.dtype == dtype):
+        leaf = kv.detach().to(dtype).requires_grad_()
+        grad = torch.zeros_like(kv, dtype=torch.float32)
     n_targets = n_targets or target_mass(examples)
     total, real, padded = 0.0, 0, 0
     for chunk in _chunks(examples, max_tokens):
@@ -313,8 +319,8 @@ def _backward(
         total += float(loss.detach())
         real += batch.real_tokens
         padded += batch.input_ids.numel()
-    if grad is not None:  # e.g. through the reparameterization MLP, once per batch
-        kv.backward(grad.to(kv.dtype))
+    if grad is not None and kv is not None:  # e.g. through the reparameterization MLP or
+        kv.backward(grad.to(kv.dtype))  # a prompt read by the model, once per batch
     return total, real, padded
 
 
@@ -340,7 +346,7 @@ def _epoch_batches(examples: Sequence[Example], labels: Sequence[int], cfg: Trai
 
 def train(
     model: nn.Module,
-    prefix: Prefix,
+    prefix: Prefix | Trainable,
     examples: Sequence[Example],
     cfg: TrainConfig,
     pad_id: int,
@@ -355,6 +361,10 @@ def train(
     reserve_s: Callable[[], float] | None = None,
 ) -> TrainResult:
     """Train `prefix` on `examples` with `model` frozen.
+
+    `prefix` may be another method's trainable part (methods.Trainable: a prompt, LoRA or
+    full weights), which trains through the same batches, schedule and callbacks; pass
+    `fast_path=False` for one that changes the model's own weights.
 
     `evaluate(step)` runs every `cfg.evaluation_interval` steps, at the end of each epoch
     and when the time budget runs out; it returns a reason to end training (e.g. patience

@@ -95,8 +95,15 @@ def tfidf_baseline(
     train_texts: Sequence[str], train_labels: Sequence[str], texts: Sequence[str], seed: int = 0
 ) -> list[str]:
     """Word uni- and bigram TF-IDF with a balanced logistic regression: a strong cheap baseline."""
+    vectorizer, clf = fit_tfidf(train_texts, train_labels, seed)
+    return list(clf.predict(vectorizer.transform(texts)))
+
+
+def fit_tfidf(train_texts: Sequence[str], train_labels: Sequence[str], seed: int = 0
+              ) -> tuple[TfidfVectorizer, LogisticRegression]:
+    """The TF-IDF baseline's vectorizer and classifier, fitted (a comparison keeps both)."""
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, max_features=50_000)
     x = vectorizer.fit_transform(train_texts)
     clf = LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
     clf.fit(x, list(train_labels))
-    return list(clf.predict(vectorizer.transform(texts)))
+    return vectorizer, clf

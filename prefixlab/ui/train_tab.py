@@ -13,6 +13,7 @@ from prefixlab.figures import charts
 from prefixlab.runs.folder import RunError
 from prefixlab.runs.presets import PRESETS, SETTING_NAMES
 from prefixlab.runs.registry import ACTIVE
+from prefixlab.ui import compare_tab
 from prefixlab.ui.common import LoadHook, bind, bullet_list, escape, run_choices, shown, wire
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.runs import decision_sentence, process_range, run_config
@@ -415,6 +416,7 @@ def build(workbench: Workbench, dataset: gr.State, notice,
         start = gr.Button("Start training", variant="primary", elem_id="start",
                           interactive=False)
         cancel = gr.Button("Cancel", elem_id="cancel", interactive=False)
+    compare_tab.build(workbench, dataset, name, settings, notice)
     with gr.Row():
         follow = gr.Dropdown(label="Run shown (every queued or running run is listed)",
                              choices=[], elem_id="follow", scale=3)

@@ -7,7 +7,7 @@ because a prefix is only a tensor. Per-browser state (which run is open, how muc
 was read) stays in the UI's session state, never here.
 
 The Workbench is made of rooms, one module each: models, datasets, runs, serving, inspection,
-downloads. Background work (loading the default model, drawing the Inspect views ahead)
+downloads, comparing. Background work (loading the default model, drawing the Inspect views ahead)
 starts in one place, `Workbench.in_background`.
 
 Imports `serve`, `runs`, `figures`, `interpret`, `engine` and `data`; never `ui` or gradio.
@@ -26,6 +26,7 @@ from prefixlab.runs.finished import Run
 from prefixlab.runs.registry import RunStore
 from prefixlab.serve.batcher import DEFAULT_MAX_ROWS, DEFAULT_WINDOW_S, Batcher
 from prefixlab.serve.limits import Limits
+from prefixlab.workbench.comparing import CompareRoom
 from prefixlab.workbench.datasets import DataRoom
 from prefixlab.workbench.downloads import DownloadRoom
 from prefixlab.workbench.inspection import Inspection, InspectionRoom
@@ -35,7 +36,8 @@ from prefixlab.workbench.runs import REFRESH_INTERVAL_S, RunRoom
 from prefixlab.workbench.serving import ServingRoom
 
 
-class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, DownloadRoom):
+class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, DownloadRoom,
+                CompareRoom):
     """The app's services over one data directory (see each room for what it does)."""
 
     def __init__(self, data_dir: str | Path, model: str | None = None,

@@ -1,0 +1,281 @@
+"""Comparing prefix tuning with other methods on the same rows: prompt tuning, LoRA, IA3,
+full fine-tuning, a linear probe and TF-IDF.
+
+Every method gets the run's split (experiment.prepare_data, once), its template and label
+words (RunConfig.label_encoder), its decision rule (fitted on the validation rows when the
+run fits one) and its stopping rule (the validation-chosen step, patience and the time budget,
+per method). The prefix row is a normal run folder (open, inspect, serve); PEFT methods keep
+their adapter; full fine-tuning keeps its weights only when asked.
+
+The comparison folder holds `comparison.json` (settings, one row per method, the verdict) and
+one subfolder per method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prefixlab.data.labeled import LabeledData, load_labeled_csv
+from prefixlab.data.reading import DataError
+from prefixlab.engine.methods import (
+    DEFAULT_METHODS,
+    METHODS,
+    method_problems,
+    parse_methods,
+    peft_settings,
+    save_adapter,
+)
+from prefixlab.engine.models import LoadedModel
+from prefixlab.engine.prefix import load_prefix
+from prefixlab.engine.train import StepInfo
+from prefixlab.errors import ConfigError, PrefixLabError
+from prefixlab.runs.config import RunConfig
+from prefixlab.runs.contenders import Contender, train_gradient, train_probe, train_tfidf
+from prefixlab.runs.experiment import PreparedData, create_run, execute_run, prepare_data
+from prefixlab.runs.scoring import report_from_scores, score_rows
+from prefixlab.runs.start import init_text
+from prefixlab.runs.verdict import verdict
+
+FORMAT = "prefixlab-comparison/1"
+FILE = "comparison.json"
+
+
+@dataclass
+class CompareConfig:
+    """What a comparison trains besides the run settings every method shares."""
+
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    """Methods in the order they train (engine.methods.METHODS)."""
+    test_csv: str | None = None
+    """Labeled rows scored once at the end, by every method's kept step."""
+    shift_csv: str | None = None
+    """A labeled set from another source with the same labels: how each method travels."""
+    keep_weights: bool = False
+    """Keep full fine-tuning's weights (the size of the model); otherwise only its figures."""
+
+    def __post_init__(self) -> None:
+        self.methods = parse_methods(self.methods)
+
+
+def check_comparison(cfg: RunConfig, compare: CompareConfig, model_type: str,
+                     dtype: torch.dtype) -> None:
+    """Refuse, in one ConfigError, every method that cannot run on this model and task."""
+    problems = method_problems(compare.methods, model_type, dtype, cfg.is_generation)
+    if cfg.is_generation:
+        problems.append("comparing methods on a generation run is not supported yet; "
+                        "compare on a labeled column")
+    if problems:  # one line: the whole comparison is refused before anything trains
+        raise ConfigError("cannot compare these methods here: " + "; ".join(problems))
+
+
+def _extra_set(path: str | None, what: str, prepared: PreparedData) -> LabeledData | None:
+    if not path:
+        return None
+    train = prepared.train
+    data = load_labeled_csv(path, train.text_column, train.label_column)
+    unknown = sorted(set(data.label_names) - set(prepared.labels))
+    if unknown:
+        raise DataError(f"the {what} file has labels that training never sees: "
+                        f"{', '.join(unknown)} (training has {', '.join(prepared.labels)})")
+    return data
+
+
+def _reset_peaks(device: torch.device) -> None:
+    """Start each method's peak memory afresh: Linux resets VmHWM on "5" to clear_refs."""
+    # elsewhere the peak stays the process's so far, which memory_note says
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident memory since the last reset (VmHWM), or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gpu_peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _prefix_contender(cfg: RunConfig, where: Path, name: str, loaded: LoadedModel,
+                      prepared: PreparedData, on_step: Callable[[StepInfo], None],
+                      should_stop: Callable[[], bool] | None) -> Contender | None:
+    """The prefix, trained as a normal run in the folder `where`."""
+    folder = create_run(cfg, where, prepared, loaded, name=name)
+    elapsed: dict[int, float] = {0: 0.0}
+    last = StepInfo(0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def heard(info: StepInfo) -> None:
+        nonlocal last
+        elapsed[info.step], last = info.elapsed_s, info
+        on_step(info)
+
+    report = execute_run(folder, loaded, prepared=prepared, on_step=heard,
+                         should_stop=should_stop)
+    if report is None:
+        return None
+    info = folder.read_config()
+    counts = prepared.train.label_counts()
+    encoder = cfg.label_encoder(loaded.tokenizer, prepared.labels, counts,
+                                info["data"].get("prior_scale"))
+    kv = load_prefix(folder.prefix_path).kv
+
+    def predict(data: LabeledData) -> dict:
+        return report_from_scores(encoder, data, score_rows(loaded, kv, encoder, data))
+
+    kept = report["kept_step"]
+    return Contender(predict, report, info["prefix"]["trainable_parameters"],
+                     folder.prefix_path.stat().st_size, kept, report["steps"],
+                     elapsed.get(kept, last.elapsed_s), last.elapsed_s,
+                     round(last.examples_per_s * last.elapsed_s), report["stop_reason"],
+                     {"learning_rate": cfg.training.learning_rate,
+                      "prefix_length": cfg.prefix.prefix_length,
+                      "prior_scale": info["data"].get("prior_scale"),
+                      **METHODS["prefix"].settings})
+
+
+def _metrics(report: dict | None) -> dict | None:
+    return None if report is None else {"macro_f1": report["macro_f1"],
+                                        "accuracy": report["accuracy"], "rows": report["n"]}
+
+
+def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
+                   loaded: LoadedModel, *, on_event: Callable[[dict], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None,
+                   prefix_folder: str | Path | None = None) -> dict:
+    """Train every method of `compare` on `cfg`'s data, one after another; write and return
+    comparison.json's content. The prefix run goes to `prefix_folder` (the app's runs
+    directory, so Runs lists it), else to `output`/prefix. `on_event` hears each method's
+    progress: {"method", "state" (training | scoring | done | failed | cancelled), "step",
+    "total_steps", "elapsed_s"}."""
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already exists and is not empty; choose another output")
+    check_comparison(cfg, compare, loaded.model.config.model_type, loaded.dtype)
+    prepared = prepare_data(cfg)  # one split for every method, refused before training
+    test = _extra_set(compare.test_csv, "test", prepared)
+    shift = _extra_set(compare.shift_csv, "shift", prepared)
+    out.mkdir(parents=True, exist_ok=True)
+    tell = on_event or (lambda event: None)
+    init_ids = loaded.tokenizer(init_text(cfg, prepared.labels),
+                                add_special_tokens=False)["input_ids"]
+    result = {
+        "format": FORMAT, "created": time.time(), "model": loaded.name,
+        "precision": loaded.precision, "device": str(loaded.device),
+        "model_parameters": loaded.num_parameters,
+        "run": cfg.to_dict(), "methods_asked": compare.methods,
+        "data": {"train_rows": len(prepared.train), "validation_rows": len(prepared.validation),
+                 "test_rows": len(test) if test else None,
+                 "shift_rows": len(shift) if shift else None, "labels": prepared.labels,
+                 "test_csv": compare.test_csv, "shift_csv": compare.shift_csv,
+                 "warnings": prepared.warnings},
+        "memory_note": "peak RSS of the whole process while the method ran, the base model "
+                       "included (since the process began where Linux cannot reset it); "
+                       "GPU peak on CUDA",
+        "rows": [],
+    }
+    for name in compare.methods:
+        def on_step(info: StepInfo, name: str = name) -> None:
+            tell({"method": name, "state": "training", "step": info.step,
+                  "total_steps": info.total_steps, "elapsed_s": info.elapsed_s})
+
+        tell({"method": name, "state": "training", "step": 0, "total_steps": 0,
+              "elapsed_s": 0.0})
+        _reset_peaks(loaded.device)
+        began = time.perf_counter()
+        try:
+            contender = _train(name, cfg, out, loaded, prepared, init_ids, on_step,
+                               should_stop, Path(prefix_folder or out / "prefix"))
+        except (PrefixLabError, MemoryError) as e:  # one method's failure; the others go on
+            result["rows"].append({"method": name, "title": METHODS[name].title,
+                                   "error": str(e)})
+            tell({"method": name, "state": "failed", "error": str(e)})
+            continue
+        if contender is None:
+            tell({"method": name, "state": "cancelled"})
+            result["cancelled"] = name
+            break
+        tell({"method": name, "state": "scoring"})
+        row = _row(name, contender, loaded, test, shift, time.perf_counter() - began)
+        row.update(_keep(name, contender, loaded, out, compare.keep_weights))
+        if name == "prefix":
+            row["folder"] = str(Path(prefix_folder or out / "prefix"))
+        result["rows"].append(row)
+        tell({"method": name, "state": "done", "macro_f1": row["validation"]["macro_f1"]})
+    result["verdict"] = verdict(result["rows"], has_test=test is not None,
+                                has_shift=shift is not None)
+    (out / FILE).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return result
+
+
+def _train(name: str, cfg: RunConfig, out: Path, loaded: LoadedModel, prepared: PreparedData,
+           init_ids: Sequence[int], on_step: Callable[[StepInfo], None],
+           should_stop: Callable[[], bool] | None, prefix_folder: Path) -> Contender | None:
+    kind = METHODS[name].kind
+    if kind == "prefix":
+        return _prefix_contender(cfg, prefix_folder, f"{out.name} prefix", loaded, prepared,
+                                 on_step, should_stop)
+    if kind == "probe":
+        return train_probe(cfg, loaded, prepared.train, prepared.validation, prepared.labels)
+    if kind == "tfidf":
+        return train_tfidf(cfg, prepared.train, prepared.validation, prepared.labels)
+    return train_gradient(name, cfg, loaded, prepared.train, prepared.validation,
+                          prepared.labels, init_ids, on_step=on_step, should_stop=should_stop)
+
+
+def _row(name: str, c: Contender, loaded: LoadedModel, test: LabeledData | None,
+         shift: LabeledData | None, seconds: float) -> dict:
+    """One method's figures (scores on the test and shift rows computed here)."""
+    total = loaded.num_parameters
+    settings = dict(c.settings)
+    if c.trainable is not None:
+        settings.update(peft_settings(c.trainable))
+    return {
+        "method": name, "title": METHODS[name].title, "settings": settings,
+        "validation": _metrics(c.validation),
+        "test": _metrics(c.predict(test)) if test is not None else None,
+        "shift": _metrics(c.predict(shift)) if shift is not None else None,
+        "trainable_parameters": c.trainable_parameters,
+        "trainable_share": c.trainable_parameters / total if name not in ("tfidf",) else None,
+        "stored_bytes": c.stored_bytes,
+        "kept_step": c.kept_step, "steps": c.steps, "stop_reason": c.stop_reason,
+        "train_s_to_kept": c.train_s_to_kept, "train_s": c.train_s, "wall_s": seconds,
+        "examples_per_s": c.examples_seen / c.train_s if c.train_s else None,
+        "peak_rss_bytes": _peak_rss(), "peak_gpu_bytes": _gpu_peak(loaded.device),
+    }
+
+
+def _keep(name: str, c: Contender, loaded: LoadedModel, out: Path, keep_weights: bool) -> dict:
+    """Save what the method keeps; the row's `folder` (relative), and for a saved adapter
+    its bytes on disk in place of the count-based estimate."""
+    if name == "prefix":
+        return {"run": True}
+    if c.trainable is None or (name == "full" and not keep_weights):
+        if c.trainable is not None:  # only the figures: free the copy's memory now
+            c.trainable = None
+        return {"folder": None}
+    written = save_adapter(c.trainable, name, loaded, out / name)
+    c.trainable = None
+    return {"folder": name, "stored_bytes": written}
+
+
+def read_comparison(folder: str | Path) -> dict:
+    """A comparison folder's comparison.json."""
+    path = Path(folder) / FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {FILE} in {folder}: not a comparison folder")
+    return json.loads(path.read_text())
