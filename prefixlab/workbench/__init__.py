@@ -7,8 +7,8 @@ because a prefix is only a tensor. Per-browser state (which run is open, how muc
 was read) stays in the UI's session state, never here.
 
 The Workbench is made of rooms, one module each: models, datasets, runs, serving, inspection,
-downloads. Background work (loading the default model, drawing the Inspect views ahead)
-starts in one place, `Workbench.in_background`.
+explaining, downloads. Background work (loading the default model, drawing the Inspect views
+ahead) starts in one place, `Workbench.in_background`.
 
 Imports `serve`, `runs`, `figures`, `interpret`, `engine` and `data`; never `ui` or gradio.
 """
@@ -28,6 +28,7 @@ from prefixlab.serve.batcher import DEFAULT_MAX_ROWS, DEFAULT_WINDOW_S, Batcher
 from prefixlab.serve.limits import Limits
 from prefixlab.workbench.datasets import DataRoom
 from prefixlab.workbench.downloads import DownloadRoom
+from prefixlab.workbench.explaining import ExplainRoom
 from prefixlab.workbench.inspection import Inspection, InspectionRoom
 from prefixlab.workbench.memo import Memo
 from prefixlab.workbench.models import ModelRoom
@@ -35,7 +36,8 @@ from prefixlab.workbench.runs import REFRESH_INTERVAL_S, RunRoom
 from prefixlab.workbench.serving import ServingRoom
 
 
-class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, DownloadRoom):
+class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, ExplainRoom,
+                DownloadRoom):
     """The app's services over one data directory (see each room for what it does)."""
 
     def __init__(self, data_dir: str | Path, model: str | None = None,
@@ -53,6 +55,7 @@ class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, Downl
         self._runs: Memo[tuple[str, float], Run] = Memo()  # (run id, prefix file mtime)
         self._inspections: Memo[tuple[str, float, int], Inspection] = Memo()
         self._banks: Memo[tuple, object] = Memo()  # (model, the run's words)
+        self._explaining: Memo[tuple, object] = Memo()  # (what, run id, prefix mtime, ...)
         self._batchers: Memo[str, Batcher] = Memo()
         self.batch_window_s = DEFAULT_WINDOW_S  # serving: how long a request waits for company
         self.batch_max_rows = DEFAULT_MAX_ROWS
