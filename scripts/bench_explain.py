@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Idle OpenMP threads sleep instead of spinning (as tests/conftest.py): on 2 shared cores a
+# spinning thread steals the core another process's work needs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from prefixlab.interpret.describe import naming_count  # noqa: E402
 from prefixlab.runs.explanation import (  # noqa: E402
@@ -61,6 +64,8 @@ def main() -> None:
             ex = explain_text(run, start.kv, text)
             times.append((len(ex.words), time.perf_counter() - t0))
     per = sorted(t for _, t in times)
+    tokens = [len(run.encoder.prompt(t)[0]) for t in TEXTS]
+    print(f"prompt tokens per text: {tokens}")
     print(f"explain one text: median {per[len(per) // 2]:.2f} s, max {per[-1]:.2f} s over "
           f"{len(per)} texts of {min(w for w, _ in times)}-{max(w for w, _ in times)} words "
           f"(target <= 3 s)", flush=True)
