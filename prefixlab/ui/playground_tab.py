@@ -122,24 +122,28 @@ def explanation_html(ex: Explanation) -> str:
         parts, at = [], 0
         for (start, end), e in zip(ex.spans, effects, strict=True):
             parts.append(escape(ex.text[at:start]))
-            parts.append(f'<span class="explain-word" style="background:{_shade(e, scale)}" '
+            parts.append(f'<span class="explain-word" style="background:{_shade(e, scale)};'
+                         f'padding:1px 3px;border-radius:3px" '
                          f'title="{e:+.3f}">{escape(ex.text[start:end])}</span>')
             at = end
         parts.append(escape(ex.text[at:]))
-        lines.append(f'<div class="explain-line"><div class="explain-head">'
+        lines.append(f'<div class="explain-line" style="margin-bottom:12px">'
+                     f'<div class="explain-head">'
                      f'{escape(SOURCE_NAMES.get(source, source))} decides '
                      f'<b>{escape(ex.labels[d])}</b> (p {ex.probs[source][d]:.2f})</div>'
-                     f'<div class="explain-text">{"".join(parts)}</div></div>')
+                     f'<div class="explain-text" style="line-height:2;font-size:1.05em">'
+                     f'{"".join(parts)}</div></div>')
     if not ex.spans:
         lines.append("<p>The text has no words to leave out.</p>")
-    legend = (f'<div class="explain-legend"><span style="background:{_shade(-1, 1)}">'
+    legend = (f'<div class="explain-legend" style="margin:4px 0 8px">'
+              f'<span style="background:{_shade(-1, 1)}">'
               f'&nbsp;argues against&nbsp;</span> <span style="background:{_shade(0.35, 1)}">'
               f'&nbsp;weak&nbsp;</span> <span style="background:{_shade(1, 1)}">&nbsp;supports'
               f' the decision&nbsp;</span> full colour: the probability of the decided label '
               f'moves by {scale:.3f} without the word (hover a word for its value)</div>')
     method = METHOD.replace("**Leave one word out**", "<b>Leave one word out</b>")
     return (f'<div id="explain-view">{"".join(lines)}{legend}'
-            f'<p class="explain-method">{method}</p></div>')
+            f'<p class="explain-method" style="font-size:0.9em">{method}</p></div>')
 
 
 def _lines(text: str | None) -> list[str]:
