@@ -164,8 +164,9 @@ def on_words(workbench: Workbench, rid: str | None, rows,
         raise gr.Error("Inspect a run first.")
     if workbench.is_generation(rid):
         raise gr.Error("A generation run makes no label decisions: nothing to rank words by.")
-    progress(0, desc="explaining validation rows")
-    agreement = workbench.word_agreement(rid, int(rows))
+    progress(None, desc="explaining validation rows")
+    agreement = workbench.word_agreement(rid, int(rows),
+                                         progress=lambda said: progress(None, desc=said))
     note = (f"Over {agreement.prefix.rows} validation rows, among {agreement.prefix.candidates} "
             f"words seen at least 3 times: the top-{len(next(iter(agreement.tfidf.values())))} "
             "lists share " + ", ".join(f"**{v:.0%}** for {k}" for k, v in
