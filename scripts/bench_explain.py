@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from prefixlab.engine.mixed import ScoreItem, mixed_score_labels  # noqa: E402
-from prefixlab.interpret.describe import naming_count  # noqa: E402
+from prefixlab.interpret.describe import beyond_start, naming_count  # noqa: E402
 from prefixlab.interpret.explain import without_word, word_spans  # noqa: E402
 from prefixlab.runs.explanation import (  # noqa: E402
     describe_run,
@@ -94,7 +94,8 @@ def main() -> None:
     t0 = time.perf_counter()
     described = describe_run(run, start.kv)
     print(f"descriptions: {time.perf_counter() - t0:.1f} s; {naming_count(described)} of "
-          f"{len(described)} name the task or a label")
+          f"{len(described)} name the task or a label, {beyond_start(described)} beyond what "
+          "the start's description names")
     for d in described:
         print(f"  [{d.layers}] {d.prompt} … {d.text!r} names {d.named or '-'}")
     print(f"load at the end {os.getloadavg()[0]:.1f}")

@@ -143,3 +143,9 @@ def test_naming_counts_whole_labels_and_task_words():
     texts = ["classify it", "the weather is nice", "say negative", "", "movies"]
     ds = [describe.Description("all", "p", t, describe.naming(t, labels, words)) for t in texts]
     assert describe.naming_count(ds) == 2
+    # Beyond the start: only what the start's own description under that prompt does not name.
+    rows = [("all", "p", "classify the review"), ("0", "p", "a review"),
+            (describe.START, "p", "a review"), ("all", "q", "a review"),
+            (describe.START, "q", "nothing")]
+    ds = [describe.Description(a, p, t, describe.naming(t, labels, words)) for a, p, t in rows]
+    assert describe.naming_count(ds) == 4 and describe.beyond_start(ds) == 2

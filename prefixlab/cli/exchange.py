@@ -67,7 +67,7 @@ def cmd_import_peft(args) -> int:
 def _explain_inspect(args, loaded, out: Path) -> None:
     """The model's descriptions of the prefix and (with --explain-rows) the words that move
     its decisions beside TF-IDF's: printed, and written as descriptions.json / words.json."""
-    from prefixlab.interpret.describe import CAVEAT, naming_count
+    from prefixlab.interpret.describe import CAVEAT, beyond_start, naming_count
     from prefixlab.runs.explanation import describe_run, word_agreement
     from prefixlab.runs.finished import open_run
     from prefixlab.runs.inspection import run_start
@@ -79,7 +79,8 @@ def _explain_inspect(args, loaded, out: Path) -> None:
         (out / "descriptions.json").write_text(json.dumps(
             [d.to_json() for d in described], indent=1, ensure_ascii=False))
         print(f"the model describes its prefix: {naming_count(described)} of {len(described)} "
-              f"descriptions name the task or a label ({CAVEAT})")
+              f"descriptions name the task or a label, {beyond_start(described)} of them "
+              f"beyond what the start's description names ({CAVEAT})")
         for d in described:
             print(f"  [layers {d.layers}] {d.prompt} … {d.text!r}"
                   + (f"  names: {', '.join(d.named)}" if d.named else ""))

@@ -33,6 +33,7 @@ CAVEAT = ("A 135M-parameter model is a weak self-explainer: its descriptions are
           "generic, repeat the prompt, or read the init text back. Compare each with the "
           "start's: only what differs is what training wrote.")
 MAX_NEW_TOKENS = 20
+START = "none (the start)"  # the layers of the row that reads the start alone
 _STOP = frozenset({
     "the", "and", "for", "with", "that", "this", "from", "into", "what", "which", "text",
     "above", "ask", "asks", "about", "their", "there", "them", "then", "than", "your", "you",
@@ -93,6 +94,15 @@ def naming_count(descriptions: Sequence[Description]) -> int:
     return sum(bool(d.named) for d in descriptions)
 
 
+def beyond_start(descriptions: Sequence[Description]) -> int:
+    """How many descriptions (the start's own left out) name a label or task word that the
+    start's description under the same prompt does not: what training, not the init text,
+    made the model say. Without a start row every naming description counts."""
+    start = {d.prompt: set(d.named) for d in descriptions if d.layers == START}
+    return sum(bool(set(d.named) - start.get(d.prompt, set()))
+               for d in descriptions if d.layers != START)
+
+
 @torch.inference_mode()
 def describe_prefix(model: nn.Module, tokenizer, kv: torch.Tensor, start: torch.Tensor | None,
                     labels: Sequence[str], task: str | None, prompts: Sequence[str] = PROMPTS,
@@ -108,7 +118,7 @@ def describe_prefix(model: nn.Module, tokenizer, kv: torch.Tensor, start: torch.
         readings += [(f"{lo}–{hi - 1}" if hi - lo > 1 else f"{lo}", kept_in(kv, base, lo, hi))
                      for lo, hi in layer_ranges(L, parts)]
     if start is not None:
-        readings.append(("none (the start)", start))
+        readings.append((START, start))
     rows = [(name, p, prefix) for p in prompts for name, prefix in readings]
     texts = mixed_generate(model, tokenizer, [r[2] for r in rows], [r[1] for r in rows],
                            max_new_tokens)
@@ -117,5 +127,5 @@ def describe_prefix(model: nn.Module, tokenizer, kv: torch.Tensor, start: torch.
             for (name, p, _), t in zip(rows, texts, strict=True)]
 
 
-__all__ = ["CAVEAT", "PROMPTS", "Description", "describe_prefix", "kept_in", "layer_ranges",
-           "naming", "naming_count", "task_words"]
+__all__ = ["CAVEAT", "PROMPTS", "START", "Description", "beyond_start", "describe_prefix",
+           "kept_in", "layer_ranges", "naming", "naming_count", "task_words"]

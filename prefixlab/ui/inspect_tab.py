@@ -19,7 +19,12 @@ import gradio as gr
 
 from prefixlab.ui.common import LoadHook, bind, run_choices, shown, wire
 from prefixlab.workbench import Workbench
-from prefixlab.workbench.explaining import DESCRIBE_CAVEAT, descriptions_frame, words_frame
+from prefixlab.workbench.explaining import (
+    DESCRIBE_CAVEAT,
+    beyond_start,
+    descriptions_frame,
+    words_frame,
+)
 from prefixlab.workbench.inspection import GLOSSARY, METHOD, READOUTS, Inspection
 
 ATTENTION_TEXTS = 8  # inputs measured at once; more lines are left out
@@ -182,7 +187,8 @@ def on_describe(workbench: Workbench, rid: str | None):
         raise gr.Error("Inspect a run first.")
     described = workbench.describe(rid)
     named = sum(bool(d.named) for d in described)
-    return (f"{named} of {len(described)} descriptions name the task or a label. "
+    return (f"{named} of {len(described)} descriptions name the task or a label; "
+            f"{beyond_start(described)} name one the start's description does not. "
             f"{DESCRIBE_CAVEAT}"), shown(descriptions_frame(described))
 
 

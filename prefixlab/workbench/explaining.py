@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pandas as pd
 
 from prefixlab.interpret.describe import CAVEAT as DESCRIBE_CAVEAT
-from prefixlab.interpret.describe import Description
+from prefixlab.interpret.describe import Description, beyond_start
 from prefixlab.interpret.explain import METHOD, Explanation
 from prefixlab.runs.explanation import (
     EXPLAIN_ROWS,
@@ -97,5 +97,5 @@ class ExplainRoom:
                           lambda: describe_run(run, self.start_of(run_id).kv))
 
 
-__all__ = ["DESCRIBE_CAVEAT", "METHOD", "ExplainRoom", "Explanation", "descriptions_frame",
-           "probability_rows", "words_frame"]
+__all__ = ["DESCRIBE_CAVEAT", "METHOD", "ExplainRoom", "Explanation", "beyond_start",
+           "descriptions_frame", "probability_rows", "words_frame"]
