@@ -25,13 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # spinning thread steals the core another process's work needs.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from prefixlab.engine.mixed import ScoreItem, mixed_score_labels  # noqa: E402
 from prefixlab.interpret.describe import beyond_start, naming_count  # noqa: E402
-from prefixlab.interpret.explain import without_word, word_spans  # noqa: E402
 from prefixlab.runs.explanation import (  # noqa: E402
     describe_run,
     explain_text,
-    sources,
     word_agreement,
 )
 from prefixlab.runs.finished import open_run  # noqa: E402
@@ -65,24 +62,15 @@ def main() -> None:
         for text in TEXTS:
             t0 = time.perf_counter()
             ex = explain_text(run, start.kv, text)
-            took = time.perf_counter() - t0
-            # The same rows read whole (no shared cache), as a baseline on the same load.
-            items = [ScoreItem(s.kv, s.encoder, text) for s in sources(run, start.kv)]
-            items += [ScoreItem(s.kv, s.encoder, without_word(text, span))
-                      for s in sources(run, start.kv) if s.name != "start"
-                      for span in word_spans(text)]
-            t0 = time.perf_counter()
-            mixed_score_labels(run.loaded.model, items, batch_size=64)
-            times.append((len(ex.words), took, time.perf_counter() - t0, len(items)))
+            times.append((len(ex.words), time.perf_counter() - t0, 3 + 2 * len(ex.words)))
     tokens = [len(run.encoder.prompt(t)[0]) for t in TEXTS]
     print(f"prompt tokens per text: {tokens}")
-    per = sorted(t for _, t, _, _ in times)
+    per = sorted(t for _, t, _ in times)
     print(f"explain one text: median {per[len(per) // 2]:.2f} s, max {per[-1]:.2f} s over "
           f"{len(per)} texts of {min(w for w, *_ in times)}-{max(w for w, *_ in times)} words "
           f"(target <= 3 s)", flush=True)
-    for words, t, whole, rows in times[:len(TEXTS)]:
-        print(f"  {words:3d} words, {rows:3d} rows: {t:.2f} s (every row read whole: "
-              f"{whole:.2f} s)", flush=True)
+    for words, t, rows in times[:len(TEXTS)]:
+        print(f"  {words:3d} words, {rows:3d} rows: {t:.2f} s", flush=True)
     if not args.rows:
         return
 

@@ -8,13 +8,6 @@ word's presence raises k. Its effect on a decision is its push on the label deci
 whole text under that prefix. Every variant of every prefix is one row of one mixed batch
 (engine.mixed): the prefixes differ per row, the forward is shared.
 
-A variant's tokens up to the removed word are the whole text's, so they are not read again:
-the model reads the whole prompt once after each prefix, and each variant row reads only its
-tokens from the first that differs, after that cache (prefix + the shared tokens) as its own
-"prefix" (the mixed batch pads shorter ones with masked slots; positions continue after each
-row's cache, RoPE keys are cached rotated). The numbers are those of reading each variant
-whole, to float rounding; the compute is about half.
-
 Defined edge cases: a text with no word has no variants (empty effects); a one-word text's
 variant is the empty text; a word wholly past the encoder's text budget is cut before the
 model reads it, so removing it leaves the prompt read unchanged: its effect is exactly 0.
@@ -36,9 +29,7 @@ import torch
 from torch import nn
 
 from prefixlab.engine.encode import Encoder
-from prefixlab.engine.families import returned_cache
 from prefixlab.engine.mixed import ScoreItem, mixed_score_labels
-from prefixlab.engine.prefix import extend_prefix
 
 METHOD = ("**Leave one word out**: each input word is removed in turn and the text scored "
           "again; a word's effect is how much the probability of the decided label drops "
@@ -126,23 +117,14 @@ def explain_texts(model: nn.Module, sources: Sequence[Source], texts: Sequence[s
     plans = []
     for text in texts:
         spans = word_spans(text)
-        variants = [without_word(text, span) for span in spans]
         whole = len(items)
-        cached = {}
-        for s in sources:
-            if s.name in leave_out and spans:
-                ids = s.encoder.prompt(text)[0]
-                cached[s.name] = (ids, read_after(model, s.kv, ids))
-                items.append(_continued(s, text, ids, *cached[s.name]))
-            else:
-                items.append(ScoreItem(s.kv, s.encoder, text))
+        items += [ScoreItem(s.kv, s.encoder, text) for s in sources]
+        variants = [without_word(text, span) for span in spans]
         parts = {}
         for name in leave_out:
             parts[name] = len(items)
             s = by_name[name]
-            if spans:
-                items += [_continued(s, v, s.encoder.prompt(v)[0], *cached[name])
-                          for v in variants]
+            items += [ScoreItem(s.kv, s.encoder, v) for v in variants]
         plans.append((text, spans, whole, parts))
     scored = mixed_score_labels(model, items, batch_size=batch_rows)
     out = []
@@ -153,34 +135,6 @@ def explain_texts(model: nn.Module, sources: Sequence[Source], texts: Sequence[s
                 for name, at in parts.items()}
         out.append(Explanation(text, list(labels), spans, probs, left))
     return out
-
-
-@torch.inference_mode()
-def read_after(model: nn.Module, kv: torch.Tensor | None, ids: Sequence[int]) -> torch.Tensor:
-    """(L, 2, H_kv, P + T, D) the prefix (none: P = 0) and what the model caches reading
-    `ids` after it (engine.prefix.extend_prefix; the bare model's cache of `ids` alone)."""
-    if kv is not None:
-        return extend_prefix(model, kv, ids)
-    device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([list(ids)], device=device), use_cache=True,
-                logits_to_keep=1)
-    cache = returned_cache(out)
-    return torch.stack([torch.stack([layer.keys[0], layer.values[0]])
-                        for layer in cache.layers]).float().cpu()  # (L, 2, H, T, D)
-
-
-def _continued(source: Source, text: str, ids: list[int], read: list[int],
-               cache: torch.Tensor) -> ScoreItem:
-    """`ids` scored after `source`'s prefix, reading only what follows the tokens they share
-    with `read` (whose cache after the prefix is `cache`): at least the last token."""
-    shared = 0
-    for a, b in zip(ids, read, strict=False):
-        if a != b:
-            break
-        shared += 1
-    shared = min(shared, len(ids) - 1)
-    P = cache.shape[3] - len(read)
-    return ScoreItem(cache[:, :, :, :P + shared], source.encoder, text, ids=ids[shared:])
 
 
 @dataclass
@@ -228,4 +182,4 @@ def overlap(ours: Sequence[str], theirs: Sequence[str]) -> float:
 
 
 __all__ = ["METHOD", "Explanation", "Source", "WordInfluence", "explain_texts", "overlap",
-           "read_after", "without_word", "word_influence", "word_spans"]
+           "without_word", "word_influence", "word_spans"]
