@@ -35,7 +35,7 @@ SOURCES = ("prefix", "start", "bare")
 SOURCE_NAMES = {"prefix": "trained prefix", "start": "its start (before training)",
                 "bare": "bare model (no prefix)"}
 TOP_WORDS = 20
-EXPLAIN_ROWS = 60  # validation rows explained for the word lists (each is ~20 scored rows)
+EXPLAIN_ROWS = 40  # validation rows the word lists explain by default (each ~20 scored rows)
 
 
 def _classifying(run: Run) -> None:

@@ -17,6 +17,7 @@ import time
 
 import gradio as gr
 
+from prefixlab.runs.explanation import EXPLAIN_ROWS
 from prefixlab.ui.common import LoadHook, bind, run_choices, shown, wire
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.explaining import (
@@ -270,8 +271,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                 "presence raises that label's probability, averaged over its rows. Beside "
                 "them: the words TF-IDF's logistic regression weighs most.")
     with gr.Row():
-        words_rows = gr.Slider(10, 200, value=60, step=10, label="Validation rows", scale=3,
-                               elem_id="inspect-words-rows")
+        words_rows = gr.Slider(10, 200, value=EXPLAIN_ROWS, step=10, label="Validation rows",
+                               scale=3, elem_id="inspect-words-rows")
         words_btn = gr.Button("Rank words", elem_id="inspect-words")
     words_note = gr.Markdown(elem_id="inspect-words-note")
     words_table = gr.Dataframe(label="Top words per label: prefix (push) and TF-IDF",
