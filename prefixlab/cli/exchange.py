@@ -1,8 +1,10 @@
 """Commands that move a prefix in or out of a run folder: export (PEFT or safetensors),
-import-peft, and inspect (a prefix's readouts as JSON files, a summary and an HTML page)."""
+import-peft, and inspect (a prefix's readouts as JSON files, a summary and an HTML page; the
+model's descriptions of its prefix; the words that move its decisions beside TF-IDF's)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefixlab.cli.options import given
@@ -62,6 +64,33 @@ def cmd_import_peft(args) -> int:
     return 0
 
 
+def _explain_inspect(args, loaded, out: Path) -> None:
+    """The model's descriptions of the prefix and (with --explain-rows) the words that move
+    its decisions beside TF-IDF's: printed, and written as descriptions.json / words.json."""
+    from prefixlab.interpret.describe import CAVEAT, beyond_start, naming_count
+    from prefixlab.runs.explanation import describe_run, word_agreement
+    from prefixlab.runs.finished import open_run
+    from prefixlab.runs.inspection import run_start
+
+    run = open_run(args.run, loaded)
+    if args.describe:
+        say("the model describes its prefix (greedy, per layer range)")
+        described = describe_run(run, run_start(run).kv)
+        (out / "descriptions.json").write_text(json.dumps(
+            [d.to_json() for d in described], indent=1, ensure_ascii=False))
+        print(f"the model describes its prefix: {naming_count(described)} of {len(described)} "
+              f"descriptions name the task or a label, {beyond_start(described)} of them "
+              f"beyond what the start's description names ({CAVEAT})")
+        for d in described:
+            print(f"  [layers {d.layers}] {d.prompt} … {d.text!r}"
+                  + (f"  names: {', '.join(d.named)}" if d.named else ""))
+    if args.explain_rows and not run.is_generation:
+        agreement = word_agreement(run, args.explain_rows, progress=say)
+        (out / "words.json").write_text(json.dumps(agreement.to_json(), indent=1,
+                                                   ensure_ascii=False))
+        print("\n".join(agreement.lines()))
+
+
 def cmd_inspect(args) -> int:
     from prefixlab.engine.models import load_model
     from prefixlab.runs.folder import RunFolder
@@ -77,6 +106,8 @@ def cmd_inspect(args) -> int:
                       progress=say)
     # The summary's first two lines: what training changed, what still reads as the start.
     print("\n".join((out / "summary.md").read_text().split("\n\n")[:2]))
+    if args.describe or args.explain_rows:
+        _explain_inspect(args, loaded, out)
     written = ", ".join(sorted(p.name for p in out.iterdir()
                                if p.suffix in (".json", ".html", ".md")))
     print(f"wrote {written} to {out}")

@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="knock parts out by hiding them from attention (what they do), by "
                         "resetting them to the start (what training added), or both")
     run_precision(p)
+    p.add_argument("--explain-rows", type=int, default=0,
+                   help="validation rows explained word by word for the words that move the "
+                        "prefix's decisions beside TF-IDF's heaviest (words.json); 0 skips")
+    p.add_argument("--no-describe", dest="describe", action="store_false",
+                   help="skip the model's descriptions of its prefix (descriptions.json)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("worker", help="train a registered run (started by the app)")
@@ -176,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column")
     p.add_argument("--generate", action="store_true",
                    help="classification runs: free generation after the prefix")
+    p.add_argument("--explain", action="store_true",
+                   help="classification runs: each text's probabilities under the prefix, its "
+                        "start and the bare model, and the words each decision leans on")
     decoding(p, "most tokens generated (default: the run's; 40 for free generation)")
     run_precision(p)
     p.set_defaults(func=cmd_predict)

@@ -53,6 +53,8 @@ def cmd_predict(args) -> int:
     if not runs:
         raise DataError("name a run folder: predict RUN or --run RUN (repeatable)")
     if len(runs) > 1:
+        if args.explain:
+            raise DataError("--explain explains one run's decisions: name one run")
         return _predict_many(args, runs)
     run = open_run(runs[0], precision=args.precision)
     if run.is_generation:
@@ -68,7 +70,12 @@ def cmd_predict(args) -> int:
                                                  args.text, new), strict=True):
             print(json.dumps({"text": text, "generated": out}))
         return 0
-    if args.text and not run.is_generation:
+    if args.explain:
+        if run.is_generation or not args.text:
+            raise DataError("--explain explains classification decisions: give a "
+                            "classification run and --text TEXT")
+        _explain(run, args.text)
+    elif args.text and not run.is_generation:
         probs = run.score(args.text)
         for text, row in zip(args.text, probs, strict=True):
             ranked = dict(sorted(zip(run.labels, map(float, row), strict=True),
@@ -83,6 +90,32 @@ def cmd_predict(args) -> int:
         what = "generations" if run.is_generation else "predictions"
         say(f"wrote {len(frame)} {what} to {args.output}")
     return 0
+
+
+def _explain(run, texts: list[str]) -> None:
+    """Each text's probabilities under the prefix, its start and the bare model, and each
+    word's effect on the decision with and without the prefix (leave one word out)."""
+    from prefixlab.runs.explanation import SOURCE_NAMES, explain_text
+    from prefixlab.runs.inspection import run_start
+
+    start = run_start(run)
+    if start.kv is None:
+        say(f"no start row: {start.source}")
+    for text in texts:
+        ex = explain_text(run, start.kv, text)
+        print(f"text: {text}")
+        for name, probs in ex.probs.items():
+            cells = "  ".join(f"p({label})={p:.3f}" for label, p in zip(ex.labels, probs,
+                                                                        strict=True))
+            print(f"  {SOURCE_NAMES[name]:<28} decides {ex.labels[ex.decision(name)]:<12} "
+                  f"{cells}")
+        print("  words, leave one word out (how much the decided label's probability drops "
+              "without the word; negative: the word argues against it):")
+        for name in ex.left_out:
+            words = " ".join(f"{w}({e:+.2f})" for w, e in zip(ex.words, ex.effect(name),
+                                                                strict=True))
+            print(f"    {SOURCE_NAMES[name]} → {ex.labels[ex.decision(name)]}: "
+                  f"{words or '(no words)'}")
 
 
 def _predict_many(args, runs: list[str]) -> int:

@@ -3,7 +3,8 @@ each slot and layer does (knockout by hiding or by resetting to the start, atten
 label push); where a trained prefix sits among real tokens' keys and values (PCA maps,
 nearest tokens marked start / label / data word or new, with random baselines, the value
 readout of the learned prefix or of its change from the start); how it moved during
-training; how much attention inputs pay it; how several prefixes compare.
+training; how much attention inputs pay it; how several prefixes compare; the words that
+move its decisions beside TF-IDF's; what the model says when asked to describe it.
 
 The readouts and figures come from the workbench's inspection room, which makes each view's
 figure once and draws the others ahead after a run opens; this tab only asks for them. The
@@ -16,8 +17,15 @@ import time
 
 import gradio as gr
 
+from prefixlab.runs.explanation import EXPLAIN_ROWS
 from prefixlab.ui.common import LoadHook, bind, run_choices, shown, wire
 from prefixlab.workbench import Workbench
+from prefixlab.workbench.explaining import (
+    DESCRIBE_CAVEAT,
+    beyond_start,
+    descriptions_frame,
+    words_frame,
+)
 from prefixlab.workbench.inspection import GLOSSARY, METHOD, READOUTS, Inspection
 
 ATTENTION_TEXTS = 8  # inputs measured at once; more lines are left out
@@ -155,6 +163,36 @@ def on_compare(workbench: Workbench, ids: list[str] | None, layer, kind: str):
     return shown(similarity), shown(joint)
 
 
+def on_words(workbench: Workbench, rid: str | None, rows,
+             progress=gr.Progress()):  # noqa: B008 (gradio injects it)
+    """The words that move the prefix's decisions over validation rows beside TF-IDF's."""
+    if not rid:
+        raise gr.Error("Inspect a run first.")
+    if workbench.is_generation(rid):
+        raise gr.Error("A generation run makes no label decisions: nothing to rank words by.")
+    progress(None, desc="explaining validation rows")
+    agreement = workbench.word_agreement(rid, int(rows),
+                                         progress=lambda said: progress(None, desc=said))
+    note = (f"Over {agreement.prefix.rows} validation rows, among {agreement.prefix.candidates} "
+            f"words seen at least 3 times: the top-{len(next(iter(agreement.tfidf.values())))} "
+            "lists share " + ", ".join(f"**{v:.0%}** for {k}" for k, v in
+                                       agreement.overlap.items())
+            + f" (two random lists would share ~{agreement.chance:.0%}).")
+    return note, shown(words_frame(agreement))
+
+
+def on_describe(workbench: Workbench, rid: str | None):
+    """The model's greedy descriptions of the prefix per layer range, and how many name the
+    task or a label."""
+    if not rid:
+        raise gr.Error("Inspect a run first.")
+    described = workbench.describe(rid)
+    named = sum(bool(d.named) for d in described)
+    return (f"{named} of {len(described)} descriptions name the task or a label; "
+            f"{beyond_start(described)} name one the start's description does not. "
+            f"{DESCRIBE_CAVEAT}"), shown(descriptions_frame(described))
+
+
 def refresh(workbench: Workbench):
     """The run picker and the compare list: every run with a prefix."""
     choices = run_choices(workbench.finished_runs())
@@ -228,6 +266,27 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     with gr.Row():
         similarity = gr.Plot(show_label=False, visible=False)
         joint_pca = gr.Plot(show_label=False, visible=False)
+    gr.Markdown("### Words the decisions lean on\nEach validation row's words are left out "
+                "one at a time under the prefix; a word's push on a label is how much its "
+                "presence raises that label's probability, averaged over its rows. Beside "
+                "them: the words TF-IDF's logistic regression weighs most.")
+    with gr.Row():
+        words_rows = gr.Slider(10, 200, value=EXPLAIN_ROWS, step=10, label="Validation rows",
+                               scale=3, elem_id="inspect-words-rows")
+        words_btn = gr.Button("Rank words", elem_id="inspect-words")
+    words_note = gr.Markdown(elem_id="inspect-words-note")
+    words_table = gr.Dataframe(label="Top words per label: prefix (push) and TF-IDF",
+                               interactive=False, wrap=True, visible=False,
+                               elem_id="inspect-words-table", elem_classes=["readable-table"])
+    gr.Markdown("### The model describes its prefix\nThe frozen model reads the prefix, then "
+                "an inspection prompt, and continues it greedily: with every layer of the "
+                "prefix, with one range of layers kept (the others read the start), and with "
+                "the start alone.")
+    describe_btn = gr.Button("Ask the model", elem_id="inspect-describe")
+    describe_note = gr.Markdown(elem_id="inspect-describe-note")
+    describe_table = gr.Dataframe(label="Descriptions", interactive=False, wrap=True,
+                                  visible=False, elem_id="inspect-describe-table",
+                                  elem_classes=["readable-table"])
     with gr.Accordion("Method and caveat", open=False):
         gr.Markdown(METHOD)
 
@@ -254,5 +313,9 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
          notice)
     wire(compare_btn.click, bind(on_compare, workbench), [compare, layer, kind],
          [similarity, joint_pca], notice)
+    wire(words_btn.click, bind(on_words, workbench), [current, words_rows],
+         [words_note, words_table], notice, show_progress_on=[words_note])
+    wire(describe_btn.click, bind(on_describe, workbench), [current],
+         [describe_note, describe_table], notice, show_progress_on=[describe_note])
     wire(pick.focus, bind(refresh, workbench), [], [pick, compare], notice, clears=False)
     return [LoadHook(bind(refresh, workbench), [], [pick, compare])]

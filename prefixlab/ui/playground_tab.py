@@ -1,16 +1,20 @@
 """Playground: label probabilities for typed texts under several prefixes side by side with
 the bare model, which prefix says what for one text, free generation with or without a
 prefix, outputs of several generation runs side by side (each beside the bare model on its
-prompt), and batch prediction (or generation) of a CSV. All selected classification prefixes
+prompt), what a prefix does to one decision (Explain: probabilities under the prefix, its
+start and the bare model, and the words each decision leans on), and batch prediction (or
+generation) of a CSV. All selected classification prefixes
 share mixed batches (one forward for every run); the base model is never reloaded."""
 
 from __future__ import annotations
 
 import gradio as gr
+import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from prefixlab.runs.explanation import SOURCE_NAMES
 from prefixlab.ui.common import (
     LoadHook,
     LongAction,
@@ -24,6 +28,7 @@ from prefixlab.ui.common import (
     wire,
 )
 from prefixlab.workbench import Workbench
+from prefixlab.workbench.explaining import METHOD, Explanation, probability_rows
 from prefixlab.workbench.serving import BatchPrediction
 
 NO_PREFIX = "(no prefix: the bare model)"
@@ -95,6 +100,52 @@ def batch_summary(result: BatchPrediction) -> str:
     return "\n\n".join(lines)
 
 
+SUPPORT, AGAINST = (22, 163, 74), (220, 38, 38)  # green, red: toward or against a decision
+
+
+def _shade(effect: float, scale: float) -> str:
+    """A word's background: green when it supports the decision, red when against, as
+    strong as its share of the largest effect shown."""
+    r, g, b = SUPPORT if effect >= 0 else AGAINST
+    alpha = min(1.0, abs(effect) / scale) * 0.75 if scale > 0 else 0.0
+    return f"rgba({r},{g},{b},{alpha:.2f})"
+
+
+def explanation_html(ex: Explanation) -> str:
+    """The text once per reading that left words out, each word shaded by how much its
+    presence moves that reading's decision; a legend with the scale; the method."""
+    scale = max([float(np.abs(ex.effect(s)).max()) for s in ex.left_out if ex.spans] + [0.0])
+    lines = []
+    for source in ex.left_out:
+        d = ex.decision(source)
+        effects = ex.effect(source)
+        parts, at = [], 0
+        for (start, end), e in zip(ex.spans, effects, strict=True):
+            parts.append(escape(ex.text[at:start]))
+            parts.append(f'<span class="explain-word" style="background:{_shade(e, scale)};'
+                         f'padding:1px 3px;border-radius:3px" '
+                         f'title="{e:+.3f}">{escape(ex.text[start:end])}</span>')
+            at = end
+        parts.append(escape(ex.text[at:]))
+        lines.append(f'<div class="explain-line" style="margin-bottom:12px">'
+                     f'<div class="explain-head">'
+                     f'{escape(SOURCE_NAMES.get(source, source))} decides '
+                     f'<b>{escape(ex.labels[d])}</b> (p {ex.probs[source][d]:.2f})</div>'
+                     f'<div class="explain-text" style="line-height:2;font-size:1.05em">'
+                     f'{"".join(parts)}</div></div>')
+    if not ex.spans:
+        lines.append("<p>The text has no words to leave out.</p>")
+    legend = (f'<div class="explain-legend" style="margin:4px 0 8px">'
+              f'<span style="background:{_shade(-1, 1)}">'
+              f'&nbsp;argues against&nbsp;</span> <span style="background:{_shade(0.35, 1)}">'
+              f'&nbsp;weak&nbsp;</span> <span style="background:{_shade(1, 1)}">&nbsp;supports'
+              f' the decision&nbsp;</span> full colour: the probability of the decided label '
+              f'moves by {scale:.3f} without the word (hover a word for its value)</div>')
+    method = METHOD.replace("**Leave one word out**", "<b>Leave one word out</b>")
+    return (f'<div id="explain-view">{"".join(lines)}{legend}'
+            f'<p class="explain-method" style="font-size:0.9em">{method}</p></div>')
+
+
 def _lines(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").splitlines() if t.strip()]
 
@@ -136,6 +187,23 @@ def on_says_what(workbench: Workbench, text: str | None, ids: list[str] | None, 
     if not ids:
         raise gr.Error("No trained prefix yet: train one in the Train tab.")
     return shown(workbench.says_what(text.strip(), ids, int(n)).drop(columns="id"))
+
+
+def refresh_explain_choices(workbench: Workbench):
+    """The runs Explain offers: completed classification runs."""
+    usable = [r for r in workbench.usable_runs() if not workbench.is_generation(r.id)]
+    return gr.update(choices=run_choices(usable))
+
+
+def on_explain(workbench: Workbench, text: str | None, rid: str | None):
+    """One text under the prefix, its start and the bare model (table), and the words each
+    decision leans on (HTML)."""
+    if not (text or "").strip():
+        raise gr.Error("Type a text to explain.")
+    if not rid:
+        raise gr.Error("Pick a trained classification run.")
+    ex = workbench.explain(rid, text.strip())
+    return shown(probability_rows(ex)), gr.update(value=explanation_html(ex), visible=True)
 
 
 def on_generate(workbench: Workbench, text: str | None, rid: str | None, n: int,
@@ -214,6 +282,20 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
                             wrap=True, elem_id="what-results", visible=False,
                             elem_classes=["readable-table"])
 
+    gr.Markdown("### Explain one decision\nThe text's label probabilities under the prefix, "
+                "under its start (before training) and under the bare model, and which words "
+                "the decision leans on with the prefix and without it (leave one word out).")
+    with gr.Row():
+        explain_text = gr.Textbox(label="One text", lines=2, elem_id="explain-text", scale=3)
+        with gr.Column(scale=2):
+            explain_run = gr.Dropdown(label="Prefix (a classification run)", choices=[],
+                                      elem_id="explain-run")
+            explain_go = gr.Button("Explain", elem_id="explain-go")
+    explain_probs = gr.Dataframe(label="Label probabilities: prefix, start, bare model",
+                                 interactive=False, wrap=True, elem_id="explain-probs",
+                                 visible=False, elem_classes=["readable-table"])
+    explain_words = gr.HTML(elem_id="explain-words", visible=False)
+
     gr.Markdown("### Generate")
     with gr.Row():
         prompt = gr.Textbox(label="Prompt", lines=3, elem_id="gen-prompt", scale=3)
@@ -273,6 +355,11 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     for trigger in (what_go.click, what_text.submit):
         wire(trigger, bind(on_says_what, workbench), [what_text, what_runs, what_new],
              [what_out], notice)
+    for trigger in (explain_go.click, explain_text.submit):
+        wire(trigger, bind(on_explain, workbench), [explain_text, explain_run],
+             [explain_probs, explain_words], notice)
+    wire(explain_run.focus, bind(refresh_explain_choices, workbench), [], [explain_run],
+         notice, clears=False)
     wire(gen.click, bind(on_generate, workbench),
          [prompt, gen_prefix, max_new, sample, temperature, raw], [output], notice)
     wire(gen_go.click, bind(on_generate_side_by_side, workbench),
@@ -285,4 +372,5 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     lists = [prefixes, gen_prefix, batch_prefix, what_runs, gen_runs]
     for dd in lists:
         wire(dd.focus, bind(refresh_choices, workbench), [], lists, notice, clears=False)
-    return [LoadHook(bind(refresh_choices, workbench), [], lists)]
+    return [LoadHook(bind(refresh_choices, workbench), [], lists),
+            LoadHook(bind(refresh_explain_choices, workbench), [], [explain_run])]

@@ -7,8 +7,8 @@ because a prefix is only a tensor. Per-browser state (which run is open, how muc
 was read) stays in the UI's session state, never here.
 
 The Workbench is made of rooms, one module each: models, datasets, runs, serving, inspection,
-downloads, comparing. Background work (loading the default model, drawing the Inspect views ahead)
-starts in one place, `Workbench.in_background`.
+class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, ExplainRoom,
+                DownloadRoom, CompareRoom):
 
 Imports `serve`, `runs`, `figures`, `interpret`, `engine` and `data`; never `ui` or gradio.
 """
@@ -29,6 +29,7 @@ from prefixlab.serve.limits import Limits
 from prefixlab.workbench.comparing import CompareRoom
 from prefixlab.workbench.datasets import DataRoom
 from prefixlab.workbench.downloads import DownloadRoom
+from prefixlab.workbench.explaining import ExplainRoom
 from prefixlab.workbench.inspection import Inspection, InspectionRoom
 from prefixlab.workbench.memo import Memo
 from prefixlab.workbench.models import ModelRoom
@@ -36,8 +37,8 @@ from prefixlab.workbench.runs import REFRESH_INTERVAL_S, RunRoom
 from prefixlab.workbench.serving import ServingRoom
 
 
-class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, DownloadRoom,
-                CompareRoom):
+class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, ExplainRoom,
+                DownloadRoom, CompareRoom):
     """The app's services over one data directory (see each room for what it does)."""
 
     def __init__(self, data_dir: str | Path, model: str | None = None,
@@ -56,6 +57,7 @@ class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, Downl
         self._runs: Memo[tuple[str, float], Run] = Memo()  # (run id, prefix file mtime)
         self._inspections: Memo[tuple[str, float, int], Inspection] = Memo()
         self._banks: Memo[tuple, object] = Memo()  # (model, the run's words)
+        self._explaining: Memo[tuple, object] = Memo()  # (what, run id, prefix mtime, ...)
         self._batchers: Memo[str, Batcher] = Memo()
         self.batch_window_s = DEFAULT_WINDOW_S  # serving: how long a request waits for company
         self.batch_max_rows = DEFAULT_MAX_ROWS
