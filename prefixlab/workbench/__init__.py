@@ -7,8 +7,8 @@ because a prefix is only a tensor. Per-browser state (which run is open, how muc
 was read) stays in the UI's session state, never here.
 
 The Workbench is made of rooms, one module each: models, datasets, runs, serving, inspection,
-class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, ExplainRoom,
-                DownloadRoom, CompareRoom):
+explaining, downloads, comparing. Background work (loading the default model, drawing the
+Inspect views ahead) starts in one place, `Workbench.in_background`.
 
 Imports `serve`, `runs`, `figures`, `interpret`, `engine` and `data`; never `ui` or gradio.
 """
