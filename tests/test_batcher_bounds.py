@@ -93,17 +93,17 @@ def test_a_large_request_runs_a_chunk_at_a_time_and_a_small_one_waits_one_chunk(
     loaded, store, keys, make = served
     hold = threading.Event()
     sizes = _watched(monkeypatch, hold)
-    batcher = make(window_s=0.0, max_rows=4)
+    batcher = make(window_s=0.0, max_rows=8)
     big = batcher.submit_score(keys[0], [f"text {i}" for i in range(40)])
-    while not sizes:  # the big request's first chunk is running
+    while not sizes:  # the big request's first chunk (a quarter of max_rows) is running
         threading.Event().wait(0.01)
-    small = batcher.submit_score(keys[1], ["fine"])
+    small = batcher.submit_score(keys[1], ["fine", "bad", "good"])
     hold.set()
     small.result(timeout=60)
     assert not big.done()  # the small one did not wait for the whole large one
-    assert sizes[:2] == [4, 1]  # its turn came right after the chunk it arrived during
+    assert sizes[:2] == [2, 3]  # its turn came right after the chunk it arrived during
     scored = big.result(timeout=120)
-    assert len(scored.probabilities) == 40 and max(sizes) <= 5
+    assert len(scored.probabilities) == 40 and max(sizes) <= 2 + 3
     want = score_labels(loaded.model, store.get(keys[0]).kv, store.get(keys[0]).encoder,
                         [f"text {i}" for i in range(40)])
     for got, w in zip(scored.probabilities, want, strict=True):
@@ -114,7 +114,7 @@ def test_a_cancelled_request_stops_after_its_chunk(served, monkeypatch):
     loaded, store, keys, make = served
     hold = threading.Event()
     sizes = _watched(monkeypatch, hold)
-    batcher = make(window_s=0.0, max_rows=4)
+    batcher = make(window_s=0.0, max_rows=16)
     big = batcher.submit_score(keys[0], [f"text {i}" for i in range(40)])
     while not sizes:
         threading.Event().wait(0.01)

@@ -118,11 +118,12 @@ class Batcher:
 
     A request is checked and tokenized in its client's thread (`submit_*`), so nothing one
     client sends can fail a batch it shares; a batch that fails anyway (out of memory, say) is
-    run again request by request, so only the request that cannot run fails. A request runs
-    `max_rows` rows at a time and then waits in line behind whoever came meanwhile: a 1-text
-    request waits for one chunk at most, and a request whose future is cancelled (its client
-    went away) stops after the chunk it is in. Generation batches stay under the limits'
-    decode-memory budget, split when they would not."""
+    run again request by request, so only the request that cannot run fails. A request over
+    `max_rows` rows runs a quarter of `max_rows` at a time and then waits in line behind
+    whoever came meanwhile: a 1-text request waits for one such chunk at most, and a request
+    whose future is cancelled (its client went away) stops after the chunk it is in.
+    Generation batches stay under the limits' decode-memory budget, split when they would
+    not."""
 
     def __init__(self, loaded: LoadedModel, store: PrefixStore,
                  window_s: float = DEFAULT_WINDOW_S, max_rows: int = DEFAULT_MAX_ROWS,
@@ -285,8 +286,14 @@ class Batcher:
                 return self._drain(line)
 
     def _rows(self, r: _Request) -> int:
-        start, stop = r.take(self.max_rows)
+        start, stop = r.take(self._turn(r))
         return stop - start
+
+    def _turn(self, r: _Request) -> int:
+        """Rows a request runs per turn: all of them up to max_rows; a larger request a
+        quarter of max_rows, so a request arriving meanwhile waits for a small chunk and
+        shares its batch with one."""
+        return self.max_rows if len(r.texts) <= self.max_rows else max(1, self.max_rows // 4)
 
     def _drain(self, line: queue.Queue) -> None:
         """Closing: fail what is still in line, so no client waits forever."""
@@ -336,7 +343,7 @@ class Batcher:
     def _guarded(self, group: list[_Request], run) -> None:
         """Run a group's next chunks; if the batch fails, each request again alone, so only
         one that fails alone gets the error."""
-        chunks = [(r, *r.take(self.max_rows)) for r in group]
+        chunks = [(r, *r.take(self._turn(r))) for r in group]
         try:
             run(chunks)
         except Exception as e:  # a failed forward never stops the worker
