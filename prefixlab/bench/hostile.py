@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="new tokens per prompt of the maximal /generate")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: probes, load, "
-                                              "beside")
+                                              "beside (or beside-score, beside-generate)")
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
@@ -468,13 +468,14 @@ def main(argv: list[str] | None = None) -> int:
             if "load" not in skip:
                 report["load"] = load(server, ids, args.clients, args.requests, args.timeout)
                 print("load:", json.dumps(report["load"]))
-            if "beside" not in skip:
-                small = ("score", [["great film"], [ids[0]], False])
+            small = ("score", [["great film"], [ids[0]], False])
+            if not skip & {"beside", "beside-score"}:
                 report["beside_score"] = beside(server, ("score", [[
                     f"text number {i}, fairly short" for i in range(args.max_texts)], [ids[0]],
                     False]), small, args.timeout * 10)
                 print("1-text /score beside a maximal /score:",
                       json.dumps(report["beside_score"]))
+            if not skip & {"beside", "beside-generate"}:
                 big_gen = ("generate", [["Once upon a time"] * args.max_rows, [ids[0]],
                                         args.max_new_tokens, False, 1.0, 1.0, 0, 1, False])
                 report["beside_generate"] = beside(server, big_gen, small, args.timeout * 10)
