@@ -87,3 +87,30 @@ def test_the_cli_writes_readable_prompt_json(tmp_path, model_dir, monkeypatch):
         assert set(reading) == {"text", "agreement", "macro_f1"}
         assert 0.0 <= reading["agreement"] <= 1.0 and 0.0 <= reading["macro_f1"] <= 1.0
     assert 0.0 <= found["agreement"] <= 1.0
+
+
+def test_the_inspect_tab_finds_a_readable_prompt_through_the_workbench(tmp_path, model_dir,
+                                                                       monkeypatch):
+    from prefixlab.runs.experiment import execute_run
+    from prefixlab.runs.readable import READABLE_FILE
+    from prefixlab.ui import inspect_tab
+    from prefixlab.workbench import Workbench
+    from tests.test_runs import _config
+
+    monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
+    csv = tmp_path / "data.csv"
+    csv.write_text("text,label\n" + "".join(
+        f"the movie was {'great' if i % 2 else 'bad'} {i},{'positive' if i % 2 else 'negative'}\n"
+        for i in range(24)))
+    wb = Workbench(tmp_path / "data", model=str(model_dir))
+    rid = wb.store.create(_config(csv, model_dir), wb.model_info(str(model_dir)))
+    execute_run(wb.folder(rid), wb.model(str(model_dir)))
+    wb.store.refresh()
+    said: list[str] = []
+    note, table = inspect_tab.on_readable(wb, rid, 4, 3,
+                                          progress=lambda f, desc=None: said.append(desc))
+    assert "readable_prompt.json" in note and said
+    frame = table["value"]
+    assert list(frame["prompt"]) == ["readable prompt", "start text", "nearest tokens"]
+    assert (wb.folder(rid).path / READABLE_FILE).is_file()
+    assert wb.readable_prompt(rid, 4, 3) is wb.readable_prompt(rid, 4, 3)  # kept
