@@ -1,6 +1,7 @@
 """Commands that move a prefix in or out of a run folder: export (PEFT or safetensors),
 import-peft, and inspect (a prefix's readouts as JSON files, a summary and an HTML page; the
-model's descriptions of its prefix; the words that move its decisions beside TF-IDF's)."""
+model's descriptions of its prefix; the words that move its decisions beside TF-IDF's; a
+readable prompt that decides as the prefix does)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,21 @@ def _explain_inspect(args, loaded, out: Path) -> None:
         print("\n".join(agreement.lines()))
 
 
+def _readable_inspect(args, loaded, out: Path) -> None:
+    """A text prompt that decides as the prefix does, beside the start text and the
+    nearest-token text: printed, and written as readable_prompt.json."""
+    from prefixlab.interpret.readable import SearchConfig
+    from prefixlab.runs.finished import open_run
+    from prefixlab.runs.readable import readable_prompt, run_nearest, write_readable
+
+    run = open_run(args.run, loaded)
+    nearest = run_nearest(run, args.top_k, args.bank_size, progress=say)
+    found = readable_prompt(run, nearest, args.readable_tokens,
+                            SearchConfig(steps=args.readable_steps), progress=say)
+    write_readable(found, out)
+    print("\n".join(found.lines()))
+
+
 def cmd_inspect(args) -> int:
     from prefixlab.engine.models import load_model
     from prefixlab.runs.folder import RunFolder
@@ -108,6 +124,8 @@ def cmd_inspect(args) -> int:
     print("\n".join((out / "summary.md").read_text().split("\n\n")[:2]))
     if args.describe or args.explain_rows:
         _explain_inspect(args, loaded, out)
+    if args.readable_prompt:
+        _readable_inspect(args, loaded, out)
     written = ", ".join(sorted(p.name for p in out.iterdir()
                                if p.suffix in (".json", ".html", ".md")))
     print(f"wrote {written} to {out}")

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from prefixlab.engine.prefix import PrefixConfig
     from prefixlab.engine.train import TrainConfig
     from prefixlab.interpret.bank import DEFAULT_BANK_SIZE
+    from prefixlab.interpret.readable import SearchConfig
     from prefixlab.runs.config import RunConfig
     from prefixlab.runs.inspection import DEFAULT_KNOCKOUT_ROWS
 
@@ -152,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "prefix's decisions beside TF-IDF's heaviest (words.json); 0 skips")
     p.add_argument("--no-describe", dest="describe", action="store_false",
                    help="skip the model's descriptions of its prefix (descriptions.json)")
+    p.add_argument("--readable-prompt", action="store_true",
+                   help="search a text prompt whose decisions on the training rows match the "
+                        "prefix's (readable_prompt.json), beside the start and nearest-token "
+                        "texts")
+    p.add_argument("--readable-tokens", type=int, default=16,
+                   help="tokens of the readable prompt")
+    p.add_argument("--readable-steps", type=int, default=SearchConfig.steps,
+                   help="gradient steps of the readable prompt's search")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("worker", help="train a registered run (started by the app)")

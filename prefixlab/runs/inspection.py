@@ -401,8 +401,7 @@ def inspect_run(
     output = Path(output_dir)
     words = run_words(run)
     bank = reference_bank(loaded, bank_size, word_ids(words), progress=progress)
-    nearest = nearest_tokens(loaded, kv, bank, top_k, candidates=word_ids(words),
-                             progress=progress)
+    nearest = cached_nearest_tokens(run, bank, top_k, word_ids(words), progress)
     readout = value_readout(loaded, kv, top_k)
     snapshots = load_snapshots(run_dir)
     start = run_start(run)

@@ -4,7 +4,8 @@ label push); where a trained prefix sits among real tokens' keys and values (PCA
 nearest tokens marked start / label / data word or new, with random baselines, the value
 readout of the learned prefix or of its change from the start); how it moved during
 training; how much attention inputs pay it; how several prefixes compare; the words that
-move its decisions beside TF-IDF's; what the model says when asked to describe it.
+move its decisions beside TF-IDF's; what the model says when asked to describe it; a
+readable prompt (a text that decides as the prefix does) beside the start and nearest tokens.
 
 The readouts and figures come from the workbench's inspection room, which makes each view's
 figure once and draws the others ahead after a run opens; this tab only asks for them. The
@@ -27,6 +28,7 @@ from prefixlab.workbench.explaining import (
     words_frame,
 )
 from prefixlab.workbench.inspection import GLOSSARY, METHOD, READOUTS, Inspection
+from prefixlab.workbench.readable import readings_frame
 
 ATTENTION_TEXTS = 8  # inputs measured at once; more lines are left out
 ABLATION_CHOICES = [("hide from attention", "hide"), ("reset to start", "reset")]
@@ -193,6 +195,25 @@ def on_describe(workbench: Workbench, rid: str | None):
             f"{DESCRIBE_CAVEAT}"), shown(descriptions_frame(described))
 
 
+def on_readable(workbench: Workbench, rid: str | None, tokens, steps,
+                progress=gr.Progress()):  # noqa: B008 (gradio injects it)
+    """A text prompt that decides the training rows as the prefix does, beside the start
+    text and the nearest-token text, scored on the validation rows."""
+    if not rid:
+        raise gr.Error("Inspect a run first.")
+    if workbench.is_generation(rid):
+        raise gr.Error("A generation run makes no label decisions: no prompt can match them.")
+    progress(None, desc="searching a readable prompt")
+    found = workbench.readable_prompt(rid, int(tokens), int(steps),
+                                      progress=lambda said: progress(None, desc=said))
+    note = (f"Searched {found.steps} steps on {found.rows['train']} training rows in "
+            f"{found.seconds:.0f} s; scored on {found.rows['validation']} validation rows, "
+            f"where the prefix's macro-F1 is {found.prefix_f1:.3f}. The prompt, as plain "
+            f"text:\n\n```\n{found.prompt.text}\n```\n\nWritten to the run folder as "
+            "readable_prompt.json.")
+    return note, shown(readings_frame(found))
+
+
 def refresh(workbench: Workbench):
     """The run picker and the compare list: every run with a prefix."""
     choices = run_choices(workbench.finished_runs())
@@ -287,6 +308,21 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     describe_table = gr.Dataframe(label="Descriptions", interactive=False, wrap=True,
                                   visible=False, elem_id="inspect-describe-table",
                                   elem_classes=["readable-table"])
+    gr.Markdown("### A readable prompt\nReal tokens searched (PEZ, projected gradients) so "
+                "that, read as text before the template, they decide the training rows as the "
+                "prefix does; beside them the start text and the nearest tokens of the "
+                "prefix's slots, read the same way. Agreement: the share of validation rows "
+                "whose label matches the prefix's.")
+    with gr.Row():
+        readable_tokens = gr.Slider(4, 32, value=16, step=1, label="Tokens", scale=2,
+                                    elem_id="inspect-readable-tokens")
+        readable_steps = gr.Slider(10, 200, value=60, step=10, label="Search steps", scale=2,
+                                   elem_id="inspect-readable-steps")
+        readable_btn = gr.Button("Find a readable prompt", elem_id="inspect-readable")
+    readable_note = gr.Markdown(elem_id="inspect-readable-note")
+    readable_table = gr.Dataframe(label="Text prompts beside the prefix", interactive=False,
+                                  wrap=True, visible=False, elem_id="inspect-readable-table",
+                                  elem_classes=["readable-table"])
     with gr.Accordion("Method and caveat", open=False):
         gr.Markdown(METHOD)
 
@@ -317,5 +353,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
          [words_note, words_table], notice, show_progress_on=[words_note])
     wire(describe_btn.click, bind(on_describe, workbench), [current],
          [describe_note, describe_table], notice, show_progress_on=[describe_note])
+    wire(readable_btn.click, bind(on_readable, workbench),
+         [current, readable_tokens, readable_steps], [readable_note, readable_table], notice,
+         show_progress_on=[readable_note])
     wire(pick.focus, bind(refresh, workbench), [], [pick, compare], notice, clears=False)
     return [LoadHook(bind(refresh, workbench), [], [pick, compare])]

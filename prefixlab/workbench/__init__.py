@@ -7,7 +7,8 @@ because a prefix is only a tensor. Per-browser state (which run is open, how muc
 was read) stays in the UI's session state, never here.
 
 The Workbench is made of rooms, one module each: models, datasets, runs, serving, inspection,
-explaining, downloads, comparing. Background work (loading the default model, drawing the
+explaining, readable (a text prompt that decides as a prefix does), downloads, comparing.
+Background work (loading the default model, drawing the
 Inspect views ahead) starts in one place, `Workbench.in_background`.
 
 Imports `serve`, `runs`, `figures`, `interpret`, `engine` and `data`; never `ui` or gradio.
@@ -33,12 +34,13 @@ from prefixlab.workbench.explaining import ExplainRoom
 from prefixlab.workbench.inspection import Inspection, InspectionRoom
 from prefixlab.workbench.memo import Memo
 from prefixlab.workbench.models import ModelRoom
+from prefixlab.workbench.readable import ReadableRoom
 from prefixlab.workbench.runs import REFRESH_INTERVAL_S, RunRoom
 from prefixlab.workbench.serving import ServingRoom
 
 
 class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, ExplainRoom,
-                DownloadRoom, CompareRoom):
+                ReadableRoom, DownloadRoom, CompareRoom):
     """The app's services over one data directory (see each room for what it does)."""
 
     def __init__(self, data_dir: str | Path, model: str | None = None,

@@ -1,0 +1,269 @@
+"""A readable prompt: real tokens whose label decisions match a prefix's (soft-to-hard).
+
+The search is PEZ (Wen et al. 2023, "Hard Prompts Made Easy") with a KL objective. Continuous
+embeddings E (N, d) are kept; every step projects each row to its nearest vocabulary embedding
+(cosine), reads the projected prompt and the template's head once, lets a batch of rows read
+their text after that cache, and takes KL(prefix's label distribution || the prompt's) on the
+batch. The gradient of the projected embeddings is applied to E (straight-through), so E can
+drift until a slot's projection flips to another token. What is kept is the best projected
+prompt by agreement with the prefix's argmax label over the search rows, never E itself.
+
+A prompt is a sequence of token ids; the text exported is their decoding, which may not
+tokenize back to the same ids, so every reported figure is of the text read back
+(`prompt_key_values`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prefixlab.engine.balance import LabelRule
+from prefixlab.engine.encode import Encoder
+from prefixlab.engine.families import returned_cache
+from prefixlab.engine.mixed import ScoreItem, mixed_score_labels
+from prefixlab.engine.prefix import prefix_inputs, text_key_values
+from prefixlab.interpret.frame import InterpretError
+from prefixlab.interpret.nearest import NearestTokens, ordinary_token_ids
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How hard the PEZ search looks (the defaults fit the default model on 2 CPU cores)."""
+
+    steps: int = 60
+    """Gradient steps at most; each reads `batch_size` rows forward and backward."""
+    batch_size: int = 8
+    """Rows per step: few, because on a CPU a step costs as much as a training step."""
+    lr: float = 0.1
+    """AdamW's rate on E: PEZ's; embeddings move a token's width in a few steps."""
+    weight_decay: float = 0.1
+    """PEZ's: keeps E near the embedding sphere, where projections are meaningful."""
+    seconds: float | None = None
+    """Stop the steps after this long (None: only `steps` stops them)."""
+    finalists: int = 4
+    """Distinct prompts rescored on every search row at the end (the best by batch agreement,
+    and the start)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.steps < 0:
+            problems.append(f"steps must be 0 or more, got {self.steps}")
+        if self.batch_size < 1 or self.finalists < 1:
+            problems.append("batch_size and finalists must be positive")
+        if self.lr <= 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if problems:
+            raise InterpretError("; ".join(problems))
+
+
+@dataclass
+class Prompt:
+    """A hard prompt and how it reads beside the prefix on some rows."""
+
+    ids: list[int]
+    text: str
+    agreement: float  # share of rows whose argmax label matches the prefix's
+    probs: np.ndarray = field(repr=False)  # (R, K) its label probabilities on those rows
+
+
+@dataclass
+class SearchResult:
+    best: Prompt  # on the search rows
+    start: list[int]  # the ids the search started from
+    steps: int  # gradient steps taken
+    seconds: float
+    history: list[float]  # per step: the KL on its batch
+
+
+def fit_length(ids: Sequence[int], n: int) -> list[int]:
+    """`ids` repeated to fill `n` tokens, or cut to `n` (text_key_values' rule)."""
+    if not ids:
+        raise InterpretError("a prompt needs at least one token")
+    return (list(ids) * (n // len(ids) + 1))[:n]
+
+
+def nearest_ids(nearest: NearestTokens) -> list[int]:
+    """One token per prefix slot: at layer 0 (ranked against the whole vocabulary), the token
+    whose key and value scores sum highest among the tokens both top-k lists name, else the
+    key's top-1 (a slot whose key and value point to different tokens)."""
+    out = []
+    for p in range(nearest.token_ids.shape[2]):
+        keys = dict(zip(nearest.token_ids[0, 0, p].tolist(), nearest.scores[0, 0, p].tolist(),
+                        strict=True))
+        values = dict(zip(nearest.token_ids[0, 1, p].tolist(),
+                          nearest.scores[0, 1, p].tolist(), strict=True))
+        both = {t: keys[t] + values[t] for t in keys if t in values}
+        out.append(int(max(both, key=both.__getitem__)) if both
+                   else int(nearest.token_ids[0, 0, p, 0]))
+    return out
+
+
+def prompt_key_values(model: nn.Module, tokenizer, text: str) -> torch.Tensor:
+    """The key/values (L, 2, H_kv, S, D) of `text` read as it is, S its own token count: a
+    prefix of this is the text placed before the template."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise InterpretError(f"the prompt {text!r} has no tokens")
+    return text_key_values(model, tokenizer, text, len(ids))
+
+
+def score_prompt(model: nn.Module, encoder: Encoder, text: str, texts: Sequence[str],
+                 batch_size: int = 16) -> np.ndarray:
+    """Label probabilities (R, K) of `texts` with the text prompt read first, by the encoder's
+    rule (engine.mixed: the path every prefix is scored on)."""
+    kv = prompt_key_values(model, encoder.tokenizer, text)
+    return np.stack(mixed_score_labels(model, [ScoreItem(kv, encoder, t) for t in texts],
+                                       batch_size))
+
+
+def agreement(probs: np.ndarray, target: np.ndarray) -> float:
+    """Share of rows whose argmax label is the target's."""
+    return float((probs.argmax(1) == target.argmax(1)).mean()) if len(target) else 0.0
+
+
+def readable_vocabulary(tokenizer, vocab_size: int | None = None) -> list[int]:
+    """The ordinary tokens a slot may become: those that decode to whole characters and read
+    back as themselves, so that the exported text mostly tokenizes back to the prompt found
+    (a byte-level token holding half a character decodes to U+FFFD and would not)."""
+    ids = ordinary_token_ids(tokenizer, vocab_size)
+    texts = [tokenizer.decode([i]) for i in ids]
+    back = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [i for i, t, b in zip(ids, texts, back, strict=True)
+            if t.strip() and "\ufffd" not in t and t.isprintable() and b == [i]]
+
+
+def _rule_log_probs(rule: LabelRule, ll: torch.Tensor) -> torch.Tensor:
+    """LabelRule.log_probs in torch, so that the KL has a gradient: (B, K) -> (B, K)."""
+    if rule.lengths is not None:
+        ll = ll / torch.tensor(rule.lengths, dtype=ll.dtype, device=ll.device)
+    out = ll.log_softmax(-1)
+    if rule.offset is not None:
+        out = (out - torch.tensor(rule.offset, dtype=ll.dtype, device=ll.device)).log_softmax(-1)
+    return out
+
+
+def _label_log_likelihoods(model: nn.Module, kv: torch.Tensor, rows: Sequence[Sequence[int]],
+                           label_ids: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """log p(label | kv, row) (B, K), differentiable in kv (L, 2, H_kv, S, D). One forward when
+    every label is one token; else one per label, each row continued with that label."""
+    device = kv.device
+    single = all(len(t) == 1 for t in label_ids)
+    reads = [[]] if single else [list(t[:-1]) for t in label_ids]
+    columns = []
+    for cont in reads:
+        seqs = [list(r) + cont for r in rows]
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+        keep = torch.zeros(len(seqs), T, dtype=torch.bool, device=device)
+        for i, (r, s) in enumerate(zip(rows, seqs, strict=True)):
+            ids[i, :len(s)] = torch.tensor(s, device=device)
+            mask[i, :len(s)] = 1
+            keep[i, len(r) - 1:len(s)] = True  # each row's last prompt token, then the label's
+        out = model(input_ids=ids, logits_to_keep=keep, use_cache=True,
+                    **prefix_inputs(model, kv, mask))
+        logp = out.logits.float().log_softmax(-1)  # (B * (len(cont)+1), V)
+        if single:
+            columns = [logp[:, [t[0] for t in label_ids]]]  # (B, K)
+            break
+        label = label_ids[len(columns)]
+        per_row = logp.view(len(rows), len(label), -1)  # (B, M, V)
+        tokens = torch.tensor(label, device=device)
+        columns.append(per_row.gather(-1, tokens.expand(len(rows), -1)[..., None]).sum((1, 2)))
+    return columns[0] if single else torch.stack(columns, 1)
+
+
+def _prompt_cache(model: nn.Module, x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """Key/values (L, 2, H_kv, N + h, D) of the prompt embeddings x (N, d) and the template's
+    head embeddings (h, d), differentiable in x."""
+    out = model(inputs_embeds=torch.cat([x, head])[None], use_cache=True, logits_to_keep=1)
+    cache = returned_cache(out)
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]])
+                        for layer in cache.layers])  # (L, 2, H, N+h, D)
+
+
+def search_prompt(model: nn.Module, encoder: Encoder, texts: Sequence[str], target: np.ndarray,
+                  start_ids: Sequence[int], config: SearchConfig | None = None,
+                  vocabulary: Sequence[int] | None = None,
+                  progress: Callable[[str], None] | None = None) -> SearchResult:
+    """PEZ from `start_ids` (its length is the prompt's): the prompt whose label decisions on
+    `texts` agree most with `target` (R, K), the prefix's label probabilities on them.
+
+    vocabulary: the token ids a slot may project to (default: every ordinary token).
+    """
+    cfg = config or SearchConfig()
+    began = time.monotonic()
+    tok = encoder.tokenizer
+    if len(texts) != len(target) or not len(texts):
+        raise InterpretError(f"the search needs rows and one target per row; got {len(texts)} "
+                             f"texts and {len(target)} targets")
+    embed = model.get_input_embeddings()
+    weight = embed.weight.detach()  # (V_model, d)
+    vocab = torch.tensor(list(vocabulary) if vocabulary is not None
+                         else readable_vocabulary(tok, weight.shape[0]), device=weight.device)
+    table = weight[vocab].float()  # (V, d)
+    unit = F.normalize(table, dim=-1)  # (V, d)
+    head = weight[torch.tensor(encoder.head_ids, dtype=torch.long,
+                               device=weight.device)].float()  # (h, d)
+    rows = [encoder.prompt(t)[0][len(encoder.head_ids):] for t in texts]
+    goal = torch.tensor(target, dtype=torch.float32)  # (R, K)
+    E = nn.Parameter(weight[torch.tensor(list(start_ids), device=weight.device)].float().clone())
+    optim = torch.optim.AdamW([E], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = np.random.default_rng(cfg.seed)
+    seen: dict[tuple[int, ...], list[float]] = {}  # ids -> [rows agreeing, rows read, KL sum]
+    history: list[float] = []
+    dtype = weight.dtype
+    steps = 0
+    for step in range(cfg.steps):
+        if cfg.seconds is not None and time.monotonic() - began > cfg.seconds:
+            break
+        batch = generator.choice(len(rows), min(cfg.batch_size, len(rows)), replace=False)
+        nearest = (F.normalize(E.detach(), dim=-1) @ unit.T).argmax(-1)  # (N,)
+        projected = table[nearest]  # (N, d)
+        x = E + (projected - E).detach()  # forward reads the projection; gradient reaches E
+        with torch.enable_grad():
+            kv = _prompt_cache(model, x.to(dtype), head.to(dtype))
+            ll = _label_log_likelihoods(model, kv, [rows[i] for i in batch], encoder.label_ids,
+                                        tok.pad_token_id)
+            logp = _rule_log_probs(encoder.rule, ll.float())  # (B, K)
+            p = goal[batch]
+            loss = (p * (p.clamp_min(1e-12).log() - logp)).sum(-1).mean()  # KL(prefix||prompt)
+            optim.zero_grad()
+            loss.backward()
+        optim.step()
+        ids = tuple(vocab[nearest].tolist())
+        count = seen.setdefault(ids, [0, 0, 0.0])
+        count[0] += int((logp.argmax(-1) == p.argmax(-1)).sum())
+        count[1] += len(batch)
+        count[2] += float(loss.detach()) * len(batch)
+        history.append(float(loss.detach()))
+        steps = step + 1
+        if progress and step % 5 == 0:
+            progress(f"readable prompt: step {step + 1}/{cfg.steps}, KL {history[-1]:.3f}, "
+                     f"{len(seen)} prompts seen")
+    ranked = sorted(seen, key=lambda k: (-seen[k][0] / seen[k][1], seen[k][2] / seen[k][1]))
+    finalists = list(dict.fromkeys([*ranked[:cfg.finalists - 1], tuple(start_ids)]))
+    if progress:
+        progress(f"readable prompt: rescoring {len(finalists)} prompts on {len(rows)} rows")
+    best, best_kl = None, np.inf
+    for ids in finalists:  # ties go to the lower KL on every search row
+        text = tok.decode(list(ids))
+        probs = score_prompt(model, encoder, text, texts)
+        found = Prompt(list(ids), text, agreement(probs, target), probs)
+        kl = float((target * (np.log(np.clip(target, 1e-12, None))
+                              - np.log(np.clip(probs, 1e-12, None)))).sum(1).mean())
+        if best is None or (found.agreement, -kl) > (best.agreement, -best_kl):
+            best, best_kl = found, kl
+    return SearchResult(best, list(start_ids), steps, time.monotonic() - began, history)
+
+
+__all__ = ["Prompt", "SearchConfig", "SearchResult", "agreement", "fit_length", "nearest_ids",
+           "prompt_key_values", "readable_vocabulary", "score_prompt", "search_prompt"]

@@ -1,0 +1,157 @@
+"""A run's readable prompt: a text of N tokens searched to decide its training rows as the
+prefix does (interpret.readable), beside two readings of the same length used as text
+prompts: the start text (the run's init text) and the nearest-token text (each slot's nearest
+vocabulary token at layer 0). The gap between them and the prefix is the "waywardness" gap
+(Khashabi et al. 2022): how little of what a prefix does its nearest tokens keep.
+
+Every prompt is scored as plain text read before the run's template, with the run's decision
+rule, on the run's validation rows: its agreement with the prefix's decisions and its
+macro-F1 against the gold labels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prefixlab.engine.balance import macro_f1
+from prefixlab.engine.mixed import ScoreItem, mixed_score_labels
+from prefixlab.files import atomic_write_json
+from prefixlab.interpret.bank import DEFAULT_BANK_SIZE, reference_bank
+from prefixlab.interpret.nearest import NearestTokens
+from prefixlab.interpret.readable import (
+    SearchConfig,
+    agreement,
+    fit_length,
+    nearest_ids,
+    score_prompt,
+    search_prompt,
+)
+from prefixlab.runs.experiment import prepare_data
+from prefixlab.runs.finished import Run
+from prefixlab.runs.folder import RunError
+from prefixlab.runs.inspection import cached_nearest_tokens, run_words, word_ids
+from prefixlab.runs.start import start_text
+
+READABLE_FILE = "readable_prompt.json"
+DEFAULT_LENGTH = 16
+SEARCH_ROWS = 200  # training rows the search matches the prefix on
+REPORT_ROWS = 200  # validation rows each prompt is scored on
+
+
+@dataclass
+class Reading:
+    """One text prompt scored on the validation rows."""
+
+    text: str
+    agreement: float
+    macro_f1: float
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "agreement": round(self.agreement, 4),
+                "macro_f1": round(self.macro_f1, 4)}
+
+
+@dataclass
+class ReadablePrompt:
+    prompt: Reading
+    tokens: list[str]
+    train_agreement: float  # on the search rows, where it was picked
+    seconds: float  # the whole call: the prefix's decisions, the search and every reading
+    steps: int
+    baselines: dict[str, Reading | None]  # start_text (None: no start text), nearest_tokens
+    prefix_f1: float  # the prefix's own macro-F1 on the same rows
+    rows: dict[str, int]  # how many training and validation rows
+
+    def to_json(self) -> dict:
+        return {**self.prompt.to_json(), "tokens": self.tokens,
+                "seconds": round(self.seconds, 1), "steps": self.steps,
+                "train_agreement": round(self.train_agreement, 4),
+                "prefix_macro_f1": round(self.prefix_f1, 4), "rows": self.rows,
+                "baselines": {k: v.to_json() if v else None for k, v in self.baselines.items()}}
+
+    def lines(self) -> list[str]:
+        """The prompt and its baselines in words."""
+        out = [f"readable prompt ({len(self.tokens)} tokens, {self.steps} steps, "
+               f"{self.seconds:.0f} s): {self.prompt.text!r}",
+               f"on {self.rows['validation']} validation rows (the prefix's macro-F1 "
+               f"{self.prefix_f1:.3f}):"]
+        for name, r in [("readable prompt", self.prompt),
+                        *((k.replace("_", " "), v) for k, v in self.baselines.items())]:
+            out.append(f"  {name}: agreement {r.agreement:.1%}, macro-F1 {r.macro_f1:.3f}"
+                       if r else f"  {name}: none (the prefix did not start from text)")
+        return out
+
+
+def run_nearest(run: Run, top_k: int = 10, bank_size: int = DEFAULT_BANK_SIZE,
+                progress: Callable[[str], None] | None = None) -> NearestTokens:
+    """The nearest tokens of the run's prefix as its inspection ranks them (kept in the run
+    folder, so an inspection just made is not ranked again)."""
+    words = word_ids(run_words(run))
+    bank = reference_bank(run.loaded, bank_size, words, progress=progress)
+    return cached_nearest_tokens(run, bank, top_k, words, progress)
+
+
+def _reading(run: Run, text: str, texts: Sequence[str], gold: Sequence[str],
+             prefix: np.ndarray) -> Reading:
+    probs = score_prompt(run.loaded.model, run.encoder, text, texts)
+    predicted = [run.labels[i] for i in probs.argmax(1)]
+    return Reading(text, agreement(probs, prefix), macro_f1(gold, predicted, run.labels))
+
+
+def readable_prompt(run: Run, nearest: NearestTokens, length: int = DEFAULT_LENGTH,
+                    config: SearchConfig | None = None, search_rows: int = SEARCH_ROWS,
+                    report_rows: int = REPORT_ROWS,
+                    progress: Callable[[str], None] | None = None) -> ReadablePrompt:
+    """Search a `length`-token text prompt for the run's prefix on its training rows (the
+    first `search_rows`), and score it beside the start text and the nearest-token text."""
+    began = time.monotonic()
+    if run.is_generation:
+        raise RunError(f"run {run.folder.path.name} generates text: a readable prompt matches "
+                       "label decisions")
+    if not 1 <= length <= 128:
+        raise RunError(f"a readable prompt has 1..128 tokens, got {length}")
+    data = prepare_data(run.config)
+    train = list(data.train.texts)[:search_rows]
+    texts = list(data.validation.texts)[:report_rows]
+    gold = list(data.validation.labels)[:report_rows]
+    if not train or not texts:
+        raise RunError(f"run {run.folder.path.name} has no training or validation rows")
+    model, tok = run.loaded.model, run.loaded.tokenizer
+    if progress:
+        progress(f"readable prompt: the prefix's decisions on {len(train)} training and "
+                 f"{len(texts)} validation rows")
+    items = [ScoreItem(run.kv, run.encoder, t) for t in [*train, *texts]]
+    prefix = np.stack(mixed_score_labels(model, items))
+    target, held = prefix[:len(train)], prefix[len(train):]
+    start = start_text(run.config, run.labels)
+    start_ids = (fit_length(tok(start, add_special_tokens=False)["input_ids"], length)
+                 if start else None)
+    near = fit_length(nearest_ids(nearest), length)
+    found = search_prompt(model, run.encoder, train, target, start_ids or near, config,
+                          progress=progress)
+    if progress:
+        progress(f"readable prompt: scoring it and both baselines on {len(texts)} rows")
+    baselines = {"start_text": (_reading(run, tok.decode(start_ids), texts, gold, held)
+                                if start_ids else None),
+                 "nearest_tokens": _reading(run, tok.decode(near), texts, gold, held)}
+    prefix_f1 = macro_f1(gold, [run.labels[i] for i in held.argmax(1)], run.labels)
+    return ReadablePrompt(_reading(run, found.best.text, texts, gold, held),
+                          [tok.decode([i]) for i in found.best.ids], found.best.agreement,
+                          time.monotonic() - began, found.steps, baselines, prefix_f1,
+                          {"train": len(train), "validation": len(texts)})
+
+
+def write_readable(result: ReadablePrompt, folder: str | Path) -> Path:
+    """readable_prompt.json in `folder`; returns its path."""
+    path = Path(folder) / READABLE_FILE
+    atomic_write_json(path, result.to_json())
+    return path
+
+
+__all__ = ["DEFAULT_LENGTH", "READABLE_FILE", "REPORT_ROWS", "SEARCH_ROWS", "ReadablePrompt",
+           "Reading", "readable_prompt", "run_nearest", "write_readable"]

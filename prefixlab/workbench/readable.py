@@ -1,0 +1,53 @@
+"""The readable-prompt room: a text prompt that decides as a run's prefix does, beside its
+start text and its nearest-token text (runs.readable), kept per prefix file and settings and
+written to the run folder as readable_prompt.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pandas as pd
+
+from prefixlab.interpret.readable import SearchConfig
+from prefixlab.runs.finished import Run
+from prefixlab.runs.readable import DEFAULT_LENGTH, ReadablePrompt, readable_prompt, write_readable
+
+
+def readings_frame(found: ReadablePrompt) -> pd.DataFrame:
+    """One row per text prompt: the readable prompt, the start text, the nearest tokens."""
+    names = {"start_text": "start text", "nearest_tokens": "nearest tokens"}
+    rows = [("readable prompt", found.prompt),
+            *((names[k], v) for k, v in found.baselines.items())]
+    return pd.DataFrame([{"prompt": name, "text": r.text if r else "(no start text)",
+                          "agreement with the prefix": round(r.agreement, 3) if r else None,
+                          "macro-F1": round(r.macro_f1, 3) if r else None}
+                         for name, r in rows])
+
+
+class ReadableRoom:
+    """Set up by Workbench.__init__: `_explaining` (through `_kept`); `open` comes from the runs
+    room, `inspection` from the inspection room, `_kept` from the explaining room."""
+
+    open: Callable[[str], Run]
+    inspection: Callable[..., object]
+    _kept: Callable[..., object]
+
+    def readable_prompt(self, run_id: str, length: int = DEFAULT_LENGTH,
+                        steps: int = SearchConfig.steps,
+                        progress: Callable[[str], None] | None = None) -> ReadablePrompt:
+        """The run's readable prompt of `length` tokens after at most `steps` search steps,
+        kept per prefix file and settings; also written to the run folder."""
+        run = self.open(run_id)
+
+        def make() -> ReadablePrompt:
+            nearest = self.inspection(run_id).nearest
+            found = readable_prompt(run, nearest, length, SearchConfig(steps=steps),
+                                    progress=progress)
+            write_readable(found, run.folder.path)
+            return found
+
+        return self._kept("readable", run_id, make, length, steps)
+
+
+__all__ = ["ReadableRoom", "readings_frame"]
