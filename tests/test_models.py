@@ -45,7 +45,7 @@ def test_the_app_warm_up_and_a_page_asking_for_the_shape_convert_once(converter,
     info = workbench.model_info()  # a page asking for the prefix size meanwhile
     warm.join(timeout=60)
     assert _conversions(converter) == 1
-    assert workbench.model_status.endswith("ready on cpu"), workbench.model_status
+    assert workbench.model_status.endswith("ready on cpu (float32)"), workbench.model_status
     assert info.shape == workbench.model().shape
 
 
