@@ -57,6 +57,13 @@ def test_train_evaluate_predict_export(tmp_path, csv_file, model_dir, capsys):
     assert set(report["per_class"]["positive"]) == {"precision", "recall", "f1", "support"}
     assert report["confusion_matrix"]["labels"] == ["negative", "neither", "positive"]
     assert {"zero_shot", "tfidf"} <= set(report["baselines"])
+    # adapted to the file's rows: said so, with the assumption, the baselines unchanged
+    assert main(["evaluate", str(run), str(csv_file), "--json", "--adapt-prior", "em"]) == 0
+    adapted = json.loads(capsys.readouterr().out)
+    assert adapted["adapt_prior"]["how"] == "em" and "one distribution" in adapted[
+        "adapt_prior"]["assumption"]
+    assert adapted["baselines"]["tfidf"] == report["baselines"]["tfidf"]
+    assert sum(adapted["adapt_prior"]["predicted_shares"].values()) == pytest.approx(1.0)
 
     assert main(["predict", str(run), "--text", "the movie was great"]) == 0
     line = json.loads(capsys.readouterr().out)
@@ -71,6 +78,9 @@ def test_train_evaluate_predict_export(tmp_path, csv_file, model_dir, capsys):
     assert "'=cmd" in written and "predicted_label" in written and "p_positive" in written
     # A cell holding a lone carriage return stays one cell of one row.
     assert read_table(out).frame["text"].tolist()[1:] == ["the movie was great", "an old\rmac file"]
+    assert main(["predict", str(run), "--csv", str(src), "--output", str(out),
+                 "--adapt-prior", "batch"]) == 0
+    assert "p_positive" in out.read_text()
 
     assert main(["export", str(run), "--format", "peft", "--output",
                  str(tmp_path / "adapter")]) == 0

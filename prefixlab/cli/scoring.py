@@ -18,7 +18,8 @@ def cmd_evaluate(args) -> int:
     if run.is_generation:
         report = _evaluate_generation(run, args)
     else:
-        report = evaluate_csv(run, args.csv, args.text_column, args.label_column)
+        report = evaluate_csv(run, args.csv, args.text_column, args.label_column,
+                              adapt_prior=args.adapt_prior)
     if args.json:
         print(json.dumps(report))
     else:
@@ -69,7 +70,7 @@ def cmd_predict(args) -> int:
             print(json.dumps({"text": text, "generated": out}))
         return 0
     if args.text and not run.is_generation:
-        probs = run.score(args.text)
+        probs = run.score(args.text, adapt_prior=args.adapt_prior)
         for text, row in zip(args.text, probs, strict=True):
             ranked = dict(sorted(zip(run.labels, map(float, row), strict=True),
                                  key=lambda kv: -kv[1]))
@@ -78,7 +79,7 @@ def cmd_predict(args) -> int:
     if args.csv:
         if not args.output:
             raise DataError("--csv needs --output OUT.csv")
-        frame = predict_table(run, args.csv, args.text_column)
+        frame = predict_table(run, args.csv, args.text_column, adapt_prior=args.adapt_prior)
         write_csv(frame, args.output)
         what = "generations" if run.is_generation else "predictions"
         say(f"wrote {len(frame)} {what} to {args.output}")
