@@ -103,3 +103,24 @@ def test_a_topic_validation_slice_holds_out_topics_training_never_reads(loaded, 
     assert prepared.validation.rows == want.rows
     with pytest.raises(ConfigError, match="validation_split"):
         RunConfig(train_csv=str(csv), validation_split="clusters")
+
+
+def test_a_shift_set_sits_beside_validation_with_a_warning_on_a_gap(loaded, tmp_path):
+    from prefixlab.runs.scoring import SHIFT_GAP
+
+    texts, labels = toy_task(40)
+    shift = tmp_path / "other_topics.csv"
+    # the other side of the toy task's words: every label flipped, a gap for sure
+    flipped = ["negative" if y == "positive" else "positive" for y in labels[:24]]
+    shift.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in
+                                                zip(texts[:24], flipped, strict=True)))
+    report, prepared, _ = _run(loaded, tmp_path, "shift", texts, labels,
+                               shift_csv=str(shift), training={"epochs": 1})
+    got = report["shift"]
+    assert got["n"] == 24 and got["validation_macro_f1"] == report["macro_f1"]
+    assert got["gap"] == pytest.approx(got["macro_f1"] - report["macro_f1"])
+    warned = [w for w in report["warnings"] if w.startswith("macro-F1 on the shift set")]
+    assert bool(warned) == (abs(got["gap"]) > SHIFT_GAP)
+    # no shift set, no shift report
+    plain, _, _ = _run(loaded, tmp_path, "plain", texts, labels, training={"epochs": 1})
+    assert "shift" not in plain

@@ -69,6 +69,10 @@ class RunConfig:
     """How that share is drawn: random (stratified by label), or topics: whole clusters of
     similar texts (data/topics.py), so the step kept and the decision fitted are those that
     do best on topics training never read, as a test set from other topics would ask."""
+    shift_csv: str | None = None
+    """A labeled CSV from other topics or sources than train_csv (same columns and labels):
+    the final report scores the kept prefix on it beside validation, and warns when the two
+    differ by more than 0.10 (runs/scoring.SHIFT_GAP). It chooses nothing."""
     max_train_examples: int | None = None
     """A stratified, seeded sample of the training rows, to bound an epoch's time."""
     max_eval_examples: int | None = 500

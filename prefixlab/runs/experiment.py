@@ -40,7 +40,13 @@ from prefixlab.runs.generation import (
     pair_encoder,
     prepare_pairs,
 )
-from prefixlab.runs.scoring import fit_decision, full_report, report_from_scores, score_rows
+from prefixlab.runs.scoring import (
+    fit_decision,
+    full_report,
+    report_from_scores,
+    score_rows,
+    shift_report,
+)
 from prefixlab.runs.start import init_text
 
 
@@ -50,6 +56,7 @@ class PreparedData:
     validation: LabeledData | TextPairs
     labels: list[str]  # empty in a generation run
     warnings: list[str]
+    shift: LabeledData | None = None  # RunConfig.shift_csv's rows
 
 
 def _sample(data: LabeledData, n: int | None, seed: int) -> LabeledData:
@@ -84,7 +91,15 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     val = _sample(val, cfg.max_eval_examples, seed)
     if len(val) == 0:
         raise DataError("no rows are left for validation; add rows or a validation file")
-    return PreparedData(train_part, val, list(full.label_names), warnings)
+    shift = None
+    if cfg.shift_csv:
+        shift = load_labeled_csv(cfg.shift_csv, full.text_column, full.label_column)
+        unknown = sorted(set(shift.label_names) - set(full.label_names))
+        if unknown:
+            raise DataError(f"the shift file has labels that training never sees: "
+                            f"{', '.join(unknown)}")
+        warnings += [f"shift file: {w}" for w in shift.warnings]
+    return PreparedData(train_part, val, list(full.label_names), warnings, shift)
 
 
 def create_run(cfg: RunConfig, path: str | Path, prepared: PreparedData,
@@ -460,4 +475,7 @@ def _final_report(cfg: RunConfig, loaded: LoadedModel, kv: torch.Tensor,
                          prepared.validation, cfg.training.seed, prefix_report=done,
                          progress=progress)
     report.update(decision=cfg.decision, label_scores=cfg.label_scores)
+    if prepared.shift is not None:
+        report["shift"] = shift_report(loaded, kv, encoder, prepared.shift, report["macro_f1"])
+        report["warnings"] = report["shift"]["warnings"] + report["warnings"]
     return report
