@@ -41,18 +41,24 @@ def topic_clusters(texts: Sequence[str], n_clusters: int = DEFAULT_CLUSTERS,
     return km.fit_predict(x).astype(int)
 
 
-def held_out_clusters(clusters: np.ndarray, share: float, seed: int) -> set[int]:
-    """Clusters drawn in a seeded order until they hold at least `share` of the rows; never
-    every cluster (one stays on the training side)."""
+def held_out_clusters(clusters: np.ndarray | Sequence[int], share: float,
+                      seed: int) -> set[int]:
+    """Clusters drawn in a seeded order until they hold at least `share` of the rows. A
+    cluster that would take the held-out side past 1.5 times that share is passed over
+    (one big cluster would otherwise hold out most of the data), unless nothing is held yet;
+    never every cluster (one stays on the training side)."""
     if not 0 < share < 1:
         raise ValueError(f"share must be between 0 and 1, got {share}")
-    ids, sizes = np.unique(clusters, return_counts=True)
+    ids, sizes = np.unique(np.asarray(clusters), return_counts=True)
     order = np.random.default_rng(seed).permutation(len(ids))
+    target = share * len(clusters)
     held: set[int] = set()
     rows = 0
     for i in order[:-1]:
-        if rows >= share * len(clusters):
+        if rows >= target:
             break
+        if held and rows + sizes[i] > 1.5 * target:
+            continue
         held.add(int(ids[i]))
         rows += int(sizes[i])
     return held
