@@ -3,6 +3,7 @@ weight averaging of the last evaluations, and a topic-held-out validation slice.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +125,19 @@ def test_a_shift_set_sits_beside_validation_with_a_warning_on_a_gap(loaded, tmp_
     # no shift set, no shift report
     plain, _, _ = _run(loaded, tmp_path, "plain", texts, labels, training={"epochs": 1})
     assert "shift" not in plain
+
+
+def test_an_ensemble_of_one_is_the_run_and_of_two_their_mean(loaded):
+    from prefixlab.engine.mixed import ensemble_probs
+    from prefixlab.engine.predict import score_labels
+
+    texts, _ = toy_task(6)
+    enc = Encoder(loaded.tokenizer, Template(), ["negative", "positive"], max_length=48)
+    _, a = _trained(loaded)
+    _, b = _trained(loaded, seed=1)
+    alone = score_labels(loaded.model, a, enc, texts)
+    np.testing.assert_allclose(ensemble_probs(loaded.model, [(a, enc)], texts), alone,
+                               atol=1e-5)
+    both = ensemble_probs(loaded.model, [(a, enc), (b, enc)], texts)
+    np.testing.assert_allclose(both, (alone + score_labels(loaded.model, b, enc, texts)) / 2,
+                               atol=1e-5)
