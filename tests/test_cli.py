@@ -157,3 +157,25 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_predict_ensemble_averages_the_runs_probabilities(tmp_path, csv_file, model_dir,
+                                                          capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train(csv_file, model_dir, a) == 0
+    assert _train(csv_file, model_dir, b, "--seed", "1") == 0
+    capsys.readouterr()
+    text = "the movie was great"
+    assert main(["predict", "--run", str(a), "--run", str(b), "--text", text]) == 0
+    each = [json.loads(x)["probabilities"] for x in capsys.readouterr().out.splitlines()]
+    assert main(["predict", "--run", str(a), "--run", str(b), "--text", text,
+                 "--ensemble"]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(line["runs"]) == 2
+    for label, p in line["probabilities"].items():
+        assert p == pytest.approx((each[0][label] + each[1][label]) / 2, abs=1e-6)
+    # an ensemble of one run twice is the run
+    assert main(["predict", "--run", str(a), "--run", str(a), "--text", text,
+                 "--ensemble"]) == 0
+    (same,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert same["probabilities"] == pytest.approx(each[0], abs=1e-6)

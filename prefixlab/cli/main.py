@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column")
     p.add_argument("--generate", action="store_true",
                    help="classification runs: free generation after the prefix")
+    p.add_argument("--ensemble", action="store_true",
+                   help="several runs with the same labels (e.g. one recipe's seeds): one "
+                        "line per --text, the runs' probabilities averaged")
     decoding(p, "most tokens generated (default: the run's; 40 for free generation)")
     adapt_prior(p)
     run_precision(p)
