@@ -141,3 +141,10 @@ def test_an_ensemble_of_one_is_the_run_and_of_two_their_mean(loaded):
     both = ensemble_probs(loaded.model, [(a, enc), (b, enc)], texts)
     np.testing.assert_allclose(both, (alone + score_labels(loaded.model, b, enc, texts)) / 2,
                                atol=1e-5)
+
+
+def test_a_generation_run_refuses_a_shift_set():
+    from prefixlab.runs.config import RunConfig
+
+    with pytest.raises(ConfigError, match="shift_csv"):
+        RunConfig(train_csv="pairs.csv", target_column="target", shift_csv="other.csv")

@@ -139,6 +139,9 @@ class RunConfig:
         if self.eval_generate_inputs < 0:
             problems.append(f"eval_generate_inputs must be 0 or more, got "
                             f"{self.eval_generate_inputs}")
+        if self.shift_csv and self.target_column is not None:
+            problems.append("shift_csv scores labels: a generation run (target_column) has "
+                            "none; leave shift_csv unset")
         if self.validation_split not in VALIDATION_SPLITS:
             problems.append(f"validation_split must be one of {', '.join(VALIDATION_SPLITS)}, "
                             f"got {self.validation_split!r}")
