@@ -23,7 +23,7 @@ def _trained(loaded, **settings) -> tuple[torch.Tensor, torch.Tensor]:
     prefix = Prefix(loaded.shape, PrefixConfig(prefix_length=4))
     init_prefix(prefix, loaded.model, loaded.tokenizer, "Classify the text")
     start = prefix.folded()
-    cfg = TrainConfig(learning_rate=1e-1, epochs=2, batch_size=8, **settings)
+    cfg = TrainConfig(learning_rate=1e-2, epochs=2, batch_size=8, **settings)
     train(loaded.model, prefix, enc.examples(texts, labels), cfg, loaded.tokenizer.pad_token_id)
     return start, prefix.folded()
 
@@ -31,7 +31,8 @@ def _trained(loaded, **settings) -> tuple[torch.Tensor, torch.Tensor]:
 def test_start_pull_of_zero_is_todays_run_and_a_pull_stays_nearer_the_start(loaded):
     start, today = _trained(loaded)
     _, zero = _trained(loaded, start_pull=0.0)
-    torch.testing.assert_close(zero, today, rtol=0, atol=0)
+    # equal up to float summation order: the CPU thread count a step runs on may differ
+    torch.testing.assert_close(zero, today, atol=1e-5, rtol=1e-5)
     _, pulled = _trained(loaded, start_pull=50.0)
     assert (pulled - start).norm() < 0.8 * (today - start).norm()
     with pytest.raises(ConfigError, match="start_pull"):
