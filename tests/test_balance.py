@@ -197,7 +197,8 @@ def test_label_rule_prior_and_per_token_mean():
     ll = np.log(np.array([[0.8, 0.2], [0.95, 0.05]]))
     raw = label_rule("raw", "sum", ["common", "rare"], [[1], [2]], {"common": 9, "rare": 1})
     prior = label_rule("prior", "sum", ["common", "rare"], [[1], [2]], {"common": 9, "rare": 1})
-    assert raw == LabelRule() and raw.probs(ll).argmax(1).tolist() == [0, 0]
+    assert raw.offset is None and raw.probs(ll).argmax(1).tolist() == [0, 0]
+    assert raw.train_prior == pytest.approx((np.log(0.9), np.log(0.1)))  # for adapted_rule
     assert prior.offset == pytest.approx((np.log(0.9), np.log(0.1)))
     assert prior.probs(ll).argmax(1).tolist() == [1, 0]  # 0.8/0.2 < 9/1 < 0.95/0.05
     np.testing.assert_allclose(prior.probs(ll).sum(1), 1.0)
@@ -376,3 +377,47 @@ def test_a_fitted_decision_keeps_the_full_prior_when_validation_is_too_small(loa
     assert run.encoder.rule.offset == pytest.approx(
         tuple(np.log([counts[y] / sum(counts.values()) for y in run.labels])))
     assert "not fitted" in describe_decision(report) and "negative (4)" in describe_decision(report)
+
+
+def _posteriors(prior: np.ndarray, means: np.ndarray, n: int, seed: int,
+                train_prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows drawn with label prior `prior` from unit Gaussians at `means` (1-D), and their
+    exact log posteriors under `train_prior`: calibrated scores of a model trained there."""
+    rng = np.random.default_rng(seed)
+    gold = rng.choice(len(prior), size=n, p=prior)
+    x = rng.normal(means[gold], 1.0)
+    log_lik = -0.5 * (x[:, None] - means[None, :]) ** 2  # (N, K), up to a constant
+    return log_lik + np.log(train_prior)[None, :], gold
+
+
+def test_em_prior_recovers_a_known_shifted_prior():
+    from prefixlab.engine.balance import em_prior
+
+    train = np.array([0.5, 0.3, 0.2])
+    shifted = np.array([0.1, 0.2, 0.7])
+    ll, _ = _posteriors(shifted, np.array([-2.0, 0.0, 2.0]), 20_000, 0, train)
+    np.testing.assert_allclose(em_prior(ll, np.log(train)), shifted, atol=0.02)
+    # no shift: the training prior comes back
+    same, _ = _posteriors(train, np.array([-2.0, 0.0, 2.0]), 20_000, 1, train)
+    np.testing.assert_allclose(em_prior(same, np.log(train)), train, atol=0.02)
+
+
+def test_adapted_rule_decides_by_the_estimated_prior():
+    from prefixlab.engine.balance import LabelRule, adapted_rule, label_rule
+
+    train, shifted = np.array([0.5, 0.5]), np.array([0.9, 0.1])
+    ll, gold = _posteriors(shifted, np.array([-1.0, 1.0]), 5_000, 2, train)
+    raw = label_rule("raw", "sum", ["a", "b"], [[1], [2]], {"a": 50, "b": 50})
+    em = adapted_rule(raw, ll, "em")
+    # the Saerens posterior: log p_train(y|x) - log 0.5 + log 0.9 (and 0.1)
+    estimated = np.exp(np.log(train) - np.asarray(em.offset))
+    np.testing.assert_allclose(estimated, shifted, atol=0.02)
+    accuracy = {r: float((r.probs(ll).argmax(1) == gold).mean()) for r in (raw, em)}
+    assert accuracy[em] > accuracy[raw] + 0.03  # Bayes under the true prior beats the old one
+    # a full prior correction is prior-free: re-estimating the prior leaves its decisions
+    prior = label_rule("prior", "sum", ["a", "b"], [[1], [2]], {"a": 50, "b": 50})
+    np.testing.assert_allclose(adapted_rule(prior, ll, "em").offset, prior.offset)
+    assert adapted_rule(raw, ll, "none") is raw
+    # batch calibration: the average prediction over the rows becomes uniform-ish
+    batch = adapted_rule(LabelRule(), ll, "batch")
+    assert abs(batch.probs(ll).mean(0)[0] - 0.5) < abs(LabelRule().probs(ll).mean(0)[0] - 0.5)

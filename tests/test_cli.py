@@ -57,6 +57,13 @@ def test_train_evaluate_predict_export(tmp_path, csv_file, model_dir, capsys):
     assert set(report["per_class"]["positive"]) == {"precision", "recall", "f1", "support"}
     assert report["confusion_matrix"]["labels"] == ["negative", "neither", "positive"]
     assert {"zero_shot", "tfidf"} <= set(report["baselines"])
+    # adapted to the file's rows: said so, with the assumption, the baselines unchanged
+    assert main(["evaluate", str(run), str(csv_file), "--json", "--adapt-prior", "em"]) == 0
+    adapted = json.loads(capsys.readouterr().out)
+    assert adapted["adapt_prior"]["how"] == "em" and "one distribution" in adapted[
+        "adapt_prior"]["assumption"]
+    assert adapted["baselines"]["tfidf"] == report["baselines"]["tfidf"]
+    assert sum(adapted["adapt_prior"]["predicted_shares"].values()) == pytest.approx(1.0)
 
     assert main(["predict", str(run), "--text", "the movie was great"]) == 0
     line = json.loads(capsys.readouterr().out)
@@ -71,6 +78,9 @@ def test_train_evaluate_predict_export(tmp_path, csv_file, model_dir, capsys):
     assert "'=cmd" in written and "predicted_label" in written and "p_positive" in written
     # A cell holding a lone carriage return stays one cell of one row.
     assert read_table(out).frame["text"].tolist()[1:] == ["the movie was great", "an old\rmac file"]
+    assert main(["predict", str(run), "--csv", str(src), "--output", str(out),
+                 "--adapt-prior", "batch"]) == 0
+    assert "p_positive" in out.read_text()
 
     assert main(["export", str(run), "--format", "peft", "--output",
                  str(tmp_path / "adapter")]) == 0
@@ -147,3 +157,25 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_predict_ensemble_averages_the_runs_probabilities(tmp_path, csv_file, model_dir,
+                                                          capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train(csv_file, model_dir, a) == 0
+    assert _train(csv_file, model_dir, b, "--seed", "1") == 0
+    capsys.readouterr()
+    text = "the movie was great"
+    assert main(["predict", "--run", str(a), "--run", str(b), "--text", text]) == 0
+    each = [json.loads(x)["probabilities"] for x in capsys.readouterr().out.splitlines()]
+    assert main(["predict", "--run", str(a), "--run", str(b), "--text", text,
+                 "--ensemble"]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(line["runs"]) == 2
+    for label, p in line["probabilities"].items():
+        assert p == pytest.approx((each[0][label] + each[1][label]) / 2, abs=1e-6)
+    # an ensemble of one run twice is the run
+    assert main(["predict", "--run", str(a), "--run", str(a), "--text", text,
+                 "--ensemble"]) == 0
+    (same,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert same["probabilities"] == pytest.approx(each[0], abs=1e-6)

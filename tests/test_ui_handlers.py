@@ -280,6 +280,13 @@ def test_evaluating_a_test_csv_shows_progress_and_stops_between_chunks(bench, tm
     whole = workbench.evaluate_csv(trained, csv)
     assert chunked["per_class"] == whole["per_class"] and chunked["loss"] == pytest.approx(
         whole["loss"]) and chunked["baselines"]["zero_shot"] == whole["baselines"]["zero_shot"]
+    # adapted to the file's rows: the page says so and what it assumes; the rows scored once
+    counted_rows.clear()
+    md, table, *_ = runs_tab.evaluate_test(workbench, trained, str(csv), LongAction(),
+                                           "adapted to the file: label shares (EM)",
+                                           progress=lambda f, desc=None: None)
+    assert "adapted to this file's rows (em)" in md and "one distribution" in md
+    assert table["visible"] and sum(counted_rows) == 24
 
     # Stop pressed while the first chunk is scored: nothing more is scored.
     counted_rows.clear()

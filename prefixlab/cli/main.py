@@ -17,6 +17,7 @@ from prefixlab.cli.options import add_options
 from prefixlab.cli.output import say
 from prefixlab.cli.scoring import cmd_evaluate, cmd_predict, cmd_serve
 from prefixlab.cli.training import cmd_rank, cmd_resume, cmd_train, cmd_validate, cmd_worker
+from prefixlab.engine.balance import ADAPT_PRIORS
 from prefixlab.engine.precision import PRECISION_HELP, PRECISIONS
 from prefixlab.errors import USER_ERRORS, ConfigError
 from prefixlab.runs.presets import CLI_NAMES
@@ -58,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         """--precision of the commands that read a trained run (its own precision otherwise)."""
         p.add_argument("--precision", choices=PRECISIONS,
                        help=f"{PRECISION_HELP} Default: the precision the run trained in.")
+
+    def adapt_prior(p) -> None:
+        """--adapt-prior of the commands that decide labels on a file's rows."""
+        p.add_argument("--adapt-prior", choices=ADAPT_PRIORS, default="none",
+                       help="adapt the decision to the rows given, without their labels: em "
+                            "re-estimates the label shares (Saerens et al. 2002), batch "
+                            "removes the rows' average preference (Batch Calibration). "
+                            "Assumes many rows from one distribution. Default: none")
 
     p = sub.add_parser("train", help="train a prefix on a labeled CSV into a run folder")
     p.add_argument("csv")
@@ -177,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inputs", type=int, help="generation runs: score the first N inputs")
     decoding(p, "generation runs: most tokens generated (default: the run's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    adapt_prior(p)
     run_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -193,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true",
                    help="classification runs: each text's probabilities under the prefix, its "
                         "start and the bare model, and the words each decision leans on")
+    p.add_argument("--ensemble", action="store_true",
+                   help="several runs with the same labels (e.g. one recipe's seeds): one "
+                        "line per --text, the runs' probabilities averaged")
     decoding(p, "most tokens generated (default: the run's; 40 for free generation)")
+    adapt_prior(p)
     run_precision(p)
     p.set_defaults(func=cmd_predict)
 

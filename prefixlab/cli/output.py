@@ -68,6 +68,12 @@ def print_report(report: dict) -> None:
         print(_metrics_line("bare model", report["baselines"]["bare_model"]))
         return
     print(_metrics_line("prefix", report))
+    if shift := report.get("shift"):
+        print(_metrics_line(f"prefix, shift set ({shift['n']} rows)", shift))
+    if adapted := report.get("adapt_prior"):
+        shares = ", ".join(f"{y} {v:.0%}" for y, v in adapted["predicted_shares"].items())
+        print(f"  (decision adapted to these rows by {adapted['how']}: predicted shares "
+              f"{shares}. {adapted['assumption']})")
     for key, name in (("majority", "majority"), ("zero_shot", "zero-shot"), ("tfidf", "tf-idf")):
         print(_metrics_line(name, report["baselines"].get(key)))
     for w in report.get("warnings", []):

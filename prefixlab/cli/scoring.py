@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from prefixlab.cli.options import stop_strings
 from prefixlab.cli.output import print_report, results_header, say
 from prefixlab.data.reading import DataError, read_table
@@ -18,7 +20,8 @@ def cmd_evaluate(args) -> int:
     if run.is_generation:
         report = _evaluate_generation(run, args)
     else:
-        report = evaluate_csv(run, args.csv, args.text_column, args.label_column)
+        report = evaluate_csv(run, args.csv, args.text_column, args.label_column,
+                              adapt_prior=args.adapt_prior)
     if args.json:
         print(json.dumps(report))
     else:
@@ -76,7 +79,7 @@ def cmd_predict(args) -> int:
                             "classification run and --text TEXT")
         _explain(run, args.text)
     elif args.text and not run.is_generation:
-        probs = run.score(args.text)
+        probs = run.score(args.text, adapt_prior=args.adapt_prior)
         for text, row in zip(args.text, probs, strict=True):
             ranked = dict(sorted(zip(run.labels, map(float, row), strict=True),
                                  key=lambda kv: -kv[1]))
@@ -85,7 +88,7 @@ def cmd_predict(args) -> int:
     if args.csv:
         if not args.output:
             raise DataError("--csv needs --output OUT.csv")
-        frame = predict_table(run, args.csv, args.text_column)
+        frame = predict_table(run, args.csv, args.text_column, adapt_prior=args.adapt_prior)
         write_csv(frame, args.output)
         what = "generations" if run.is_generation else "predictions"
         say(f"wrote {len(frame)} {what} to {args.output}")
@@ -140,9 +143,20 @@ def _predict_many(args, runs: list[str]) -> int:
         for (p, text), out in zip(pairs, outs, strict=True):
             print(json.dumps({"run": p.key, "text": text, "generated": out}))
         return 0
+    if args.ensemble and {tuple(p.labels) for p in prefixes} != {tuple(prefixes[0].labels)}:
+        raise DataError("--ensemble averages runs with the same labels in the same order; "
+                        + "; ".join(f"{p.key}: {', '.join(p.labels)}" for p in prefixes))
     if args.text:
         pairs = [(p, t) for p in prefixes for t in args.text]
         probs = mixed_score_labels(loaded.model, [p.score_item(t) for p, t in pairs])
+        if args.ensemble:  # one line per text: the runs' probabilities averaged
+            mean = np.stack(probs).reshape(len(prefixes), len(args.text), -1).mean(0)
+            for text, row in zip(args.text, mean, strict=True):
+                ranked = dict(sorted(zip(prefixes[0].labels, map(float, row), strict=True),
+                                     key=lambda kv: -kv[1]))
+                print(json.dumps({"runs": [p.key for p in prefixes], "text": text,
+                                  "label": next(iter(ranked)), "probabilities": ranked}))
+            pairs, probs = [], []
         for (p, text), row in zip(pairs, probs, strict=True):
             ranked = dict(sorted(zip(p.labels, map(float, row), strict=True),
                                  key=lambda kv: -kv[1]))

@@ -11,6 +11,10 @@ training prior, and argmax over them rarely picks a rare class. Two levers, meas
   Before Use") or the log of the training label frequencies (prior correction);
   `fit_prior_scale` sets how much of that prior to subtract from the validation rows, when
   they hold enough rows of every label to measure it.
+- adapting at prediction time, without labels (`adapted_rule`): the rows being predicted
+  re-estimate the label prior (EM, Saerens et al. 2002) or the model's average preference
+  (Batch Calibration, Zhou et al. 2023). Both assume a batch of many rows drawn from one
+  distribution: on a handful of rows, or a file mixing sources, the estimate is noise.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import numpy as np
 from sklearn.metrics import f1_score
 
 Decision = Literal["fitted", "prior", "raw"]
+AdaptPrior = Literal["none", "em", "batch"]
+ADAPT_PRIORS: tuple[str, ...] = get_args(AdaptPrior)
 DECISIONS: tuple[str, ...] = get_args(Decision)
 LabelScores = Literal["sum", "mean"]
 LABEL_SCORES: tuple[str, ...] = get_args(LabelScores)
@@ -164,6 +170,12 @@ class LabelRule:
 
     lengths: tuple[int, ...] | None = None
     offset: tuple[float, ...] | None = None
+    train_prior: tuple[float, ...] | None = None
+    """log of the training label frequencies, when known: what prediction-time adaptation
+    (`adapted_rule`) replaces by the prior it estimates on the rows predicted."""
+    prior_scale: float = 0.0
+    """The share of `train_prior` that `offset` subtracts (1 for prior, the fitted strength
+    for fitted, 0 for raw)."""
 
     def log_probs(self, ll: np.ndarray) -> np.ndarray:
         scores = np.asarray(ll, dtype=np.float64)
@@ -183,12 +195,71 @@ def label_rule(decision: str, label_scores: str, labels: Sequence[str],
     `prior_scale` times the log prior: the strength fitted on the validation rows when the
     run ended, or the full prior until then (and when there were too few rows to fit)."""
     lengths = tuple(len(t) for t in label_ids) if label_scores == "mean" else None
-    offset = None
-    if decision in ("prior", "fitted") and label_counts:
-        counts = [int(label_counts.get(name, 0)) for name in labels]
-        scale = prior_scale if decision == "fitted" and prior_scale is not None else 1.0
-        offset = tuple(float(scale * x) for x in prior_from_counts(counts))
-    return LabelRule(lengths, offset)
+    if not label_counts:
+        return LabelRule(lengths)
+    prior = tuple(float(x) for x in prior_from_counts(
+        [int(label_counts.get(name, 0)) for name in labels]))
+    if decision not in ("prior", "fitted"):
+        return LabelRule(lengths, None, prior, 0.0)
+    scale = prior_scale if decision == "fitted" and prior_scale is not None else 1.0
+    return LabelRule(lengths, tuple(scale * x for x in prior), prior, float(scale))
+
+
+EM_ROUNDS = 200
+"""Most EM rounds of `em_prior`; it usually settles well before."""
+
+
+def em_prior(log_probs: np.ndarray, train_prior: np.ndarray, rounds: int = EM_ROUNDS,
+             tol: float = 1e-7) -> np.ndarray:
+    """The label prior (K,) of the rows whose posteriors under the training prior are
+    `log_probs` (N, K), by EM (Saerens, Latinne & Decaestecker 2002).
+
+    Each round reweighs every row's posterior by new prior / training prior and takes the
+    mean posterior as the new prior; it converges to the maximum-likelihood prior of these
+    rows when the posteriors are calibrated on the training distribution and only the prior
+    moved (label shift). Returned as probabilities, not logs.
+    """
+    base = np.exp(log_softmax(np.asarray(log_probs, dtype=np.float64)))  # (N, K)
+    p_train = np.exp(np.asarray(train_prior, dtype=np.float64))
+    p_train /= p_train.sum()
+    prior = p_train.copy()
+    for _ in range(rounds):
+        w = base * (prior / p_train)[None, :]  # (N, K)
+        w /= w.sum(1, keepdims=True)
+        new = w.mean(0)
+        if np.abs(new - prior).max() < tol:
+            return new
+        prior = new
+    return prior
+
+
+def adapted_rule(rule: LabelRule, ll: np.ndarray, how: str) -> LabelRule:
+    """`rule` adapted to the rows whose label log-likelihoods are `ll` (N, K), without labels.
+
+    "em": the label prior re-estimated on these rows (`em_prior`) takes the training prior's
+    place in the decision: the model's posterior is moved to the new prior, and the rule's
+    prior correction then subtracts its share of the new prior. A full prior correction
+    (prior) thus decides as before; raw decides by the Saerens posterior; fitted in between.
+    A rule without the training prior (an imported prefix) takes it as uniform.
+    "batch": Batch Calibration: the rule's mean label probability over these rows is
+    subtracted in log space, so the rows' average preference for a label is taken as bias.
+    "none": the rule as it is.
+    """
+    if how == "none" or len(ll) == 0:
+        return rule
+    base = LabelRule(rule.lengths).log_probs(ll)  # (N, K): the model's own posteriors
+    k = base.shape[1]
+    if how == "batch":
+        mean = np.log(np.exp(rule.log_probs(ll)).mean(0))
+        offset = np.zeros(k) if rule.offset is None else np.asarray(rule.offset)
+        return replace(rule, offset=tuple(float(x) for x in offset + mean))
+    if how != "em":
+        raise ValueError(f"unknown prior adaptation {how!r}; use {', '.join(ADAPT_PRIORS)}")
+    train = (np.full(k, -np.log(k)) if rule.train_prior is None
+             else np.asarray(rule.train_prior, dtype=np.float64))
+    new = np.log(np.maximum(em_prior(base, train), 1e-12))
+    offset = train - (1.0 - rule.prior_scale) * new
+    return replace(rule, offset=tuple(float(x) for x in offset))
 
 
 def describe_decision(report: dict) -> str:

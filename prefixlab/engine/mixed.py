@@ -208,3 +208,22 @@ def mixed_score_labels(model: nn.Module, items: Sequence[ScoreItem], batch_size:
         for i, ll in zip(idx, lls, strict=True):
             out[i] = items[i].encoder.rule.probs(ll.double().numpy()[None, :])[0]
     return out
+
+
+def ensemble_probs(model: nn.Module, members: Sequence[tuple[torch.Tensor, Encoder]],
+                   texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    """Label probabilities (N, K) of an ensemble of prefixes (e.g. one recipe trained with
+    K seeds): every (member, text) pair is scored in shared mixed batches, each by its own
+    decision rule, and the members' probabilities are averaged. The members must share
+    their labels, in one order."""
+    if not members:
+        raise ValueError("an ensemble needs at least one prefix")
+    labels = {tuple(enc.labels) for _, enc in members}
+    if len(labels) > 1:
+        raise ValueError(f"ensemble members must share their labels, got {sorted(labels)}")
+    k = len(members[0][1].labels)
+    if not texts:
+        return np.zeros((0, k))
+    items = [ScoreItem(kv, enc, t) for kv, enc in members for t in texts]
+    probs = mixed_score_labels(model, items, batch_size)
+    return np.stack(probs).reshape(len(members), len(texts), k).mean(0)  # (N, K)

@@ -229,6 +229,17 @@ def extend_prefix(model: nn.Module, kv: torch.Tensor, ids: Sequence[int]) -> tor
     return ext.float().to(kv.device)
 
 
+def average_prefixes(kvs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The element-wise mean of folded prefixes, each (L, 2, H_kv, P, D), in float32: weight
+    averaging over a run's last evaluations (TrainConfig.average_last)."""
+    if not kvs:
+        raise ValueError("no prefixes to average")
+    shapes = {tuple(kv.shape) for kv in kvs}
+    if len(shapes) > 1:
+        raise ValueError(f"prefixes to average must share one shape, got {sorted(shapes)}")
+    return torch.stack([kv.float() for kv in kvs]).mean(0)  # (L, 2, H_kv, P, D)
+
+
 def default_init_text(labels: list[str], task: str | None = None) -> str:
     """A short task description naming the labels: real words the model already reads well."""
     head = task.strip() if task and task.strip() else "Classify the text"

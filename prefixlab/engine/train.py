@@ -124,6 +124,15 @@ class TrainConfig:
     """none; sampled: each epoch draws its rows with every class equally likely (with
     replacement); weighted: every row once, its loss weighted by its class's inverse
     frequency. Both make rare classes weigh as much in the loss as common ones."""
+    start_pull: float = 0.0
+    """Strength of an L2 pull toward the prefix training started from: each step adds
+    start_pull * (theta - theta_0) to the gradient (the gradient of start_pull/2 *
+    |theta - theta_0|^2), so the prefix stays near its init text, which carries no training
+    row's topic. 0 is off (and leaves training exactly as without it)."""
+    average_last: int = 1
+    """Keep the mean of the prefixes of the kept evaluation and the average_last - 1
+    evaluations before it (weight averaging), rather than the kept one alone: a flatter
+    point than any single evaluation's. 1 keeps the kept evaluation's prefix."""
     checkpoint_every: int = 25
     """Checkpoint (prefix + optimizer) every N steps, so a crash loses at most that much."""
     seed: int = 0
@@ -138,6 +147,10 @@ class TrainConfig:
             problems.append(f"batch_size must be 1..1024, got {self.batch_size}")
         if self.max_steps is not None and self.max_steps < 0:
             problems.append(f"max_steps must be 0 or more, got {self.max_steps}")
+        if not (math.isfinite(self.start_pull) and self.start_pull >= 0):
+            problems.append(f"start_pull must be 0 (off) or more, got {self.start_pull}")
+        if self.average_last < 1:
+            problems.append(f"average_last must be at least 1, got {self.average_last}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "patience", "smoothing"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
@@ -359,6 +372,7 @@ def train(
     fast_path: bool = True,
     batch_order: Callable[[Sequence[int], int, int, int], list[list[int]]] = bucketed_batches,
     reserve_s: Callable[[], float] | None = None,
+    anchor: Sequence[torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train `prefix` on `examples` with `model` frozen.
 
@@ -378,11 +392,16 @@ def train(
     In a process group (torchrun, see distributed.py) every rank calls this with the same
     arguments: each reads its share of every batch, gradients are summed across ranks, and
     the callbacks run on every rank (rank 0 alone should write).
+    `anchor`: the trainable parameters' start, which `cfg.start_pull` pulls toward; by
+    default their values when train is called, before a resumed checkpoint is loaded.
     """
     device = next(model.parameters()).device
     prefix.to(device)
     params = [p for p in prefix.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    pull_to = None
+    if cfg.start_pull:
+        pull_to = [a.detach().to(device).clone() for a in (anchor or params)]
     start, before, planned = 0, 0.0, 0
     if resume is not None:
         prefix.load_state_dict({k: v.to(device) for k, v in resume.prefix_state.items()})
@@ -451,6 +470,10 @@ def train(
                 raise TrainingOutOfMemory(
                     out_of_memory_advice(device, step, rows, cfg.batch_size), step) from e
             loss_value, real = distributed.reduce_step(params, loss_value, real)
+            if pull_to is not None:  # after the ranks' sum: every rank adds the pull once
+                for p, a in zip(params, pull_to, strict=True):
+                    if p.grad is not None:
+                        p.grad.add_(p.detach() - a, alpha=cfg.start_pull)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 from prefixlab.engine.balance import DECISIONS, LABEL_SCORES, Decision, LabelScores, label_rule
 from prefixlab.engine.decode import DecodeConfig
@@ -23,6 +23,9 @@ from prefixlab.engine.train import TrainConfig
 from prefixlab.errors import ConfigError
 
 __all__ = ["ConfigError", "RunConfig"]  # ConfigError is defined in errors.py
+
+ValidationSplit = Literal["random", "topics"]
+VALIDATION_SPLITS: tuple[str, ...] = get_args(ValidationSplit)
 
 
 def _nested(cls: type, value: Any, section: str, problems: list[str]) -> Any:
@@ -62,6 +65,14 @@ class RunConfig:
     """Held-out data; without it a stratified share of train_csv is held out."""
     validation_share: float = 0.2
     """The share of train_csv held out when there is no validation_csv."""
+    validation_split: ValidationSplit = "random"
+    """How that share is drawn: random (stratified by label), or topics: whole clusters of
+    similar texts (data/topics.py), so the step kept and the decision fitted are those that
+    do best on topics training never read, as a test set from other topics would ask."""
+    shift_csv: str | None = None
+    """A labeled CSV from other topics or sources than train_csv (same columns and labels):
+    the final report scores the kept prefix on it beside validation, and warns when the two
+    differ by more than 0.10 (runs/scoring.SHIFT_GAP). It chooses nothing."""
     max_train_examples: int | None = None
     """A stratified, seeded sample of the training rows, to bound an epoch's time."""
     max_eval_examples: int | None = 500
@@ -128,6 +139,12 @@ class RunConfig:
         if self.eval_generate_inputs < 0:
             problems.append(f"eval_generate_inputs must be 0 or more, got "
                             f"{self.eval_generate_inputs}")
+        if self.shift_csv and self.target_column is not None:
+            problems.append("shift_csv scores labels: a generation run (target_column) has "
+                            "none; leave shift_csv unset")
+        if self.validation_split not in VALIDATION_SPLITS:
+            problems.append(f"validation_split must be one of {', '.join(VALIDATION_SPLITS)}, "
+                            f"got {self.validation_split!r}")
         if not 0.0 < self.validation_share < 0.9:
             problems.append(f"validation_share must be in (0, 0.9), got {self.validation_share}")
         if self.nproc is not None and not 1 <= self.nproc <= MAX_PROCESSES:

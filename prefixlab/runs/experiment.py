@@ -20,12 +20,13 @@ from prefixlab.data.labeled import LabeledData, load_labeled_csv
 from prefixlab.data.pairs import TextPairs
 from prefixlab.data.reading import DataError
 from prefixlab.data.splits import stratified_split
+from prefixlab.data.topics import topic_split
 from prefixlab.engine import distributed
 from prefixlab.engine.balance import label_rule
 from prefixlab.engine.encode import Encoder, PairEncoder
 from prefixlab.engine.models import LoadedModel, ModelInfo, pick_device
 from prefixlab.engine.precision import resolve_precision
-from prefixlab.engine.prefix import Prefix, init_prefix, save_prefix
+from prefixlab.engine.prefix import Prefix, average_prefixes, init_prefix, save_prefix
 from prefixlab.engine.stopping import EarlyStopping
 from prefixlab.engine.train import Checkpoint, StepInfo, TrainConfig, TrainResult, train
 from prefixlab.runs.budget import FinalReserve, PhaseProgress, Progress
@@ -39,7 +40,13 @@ from prefixlab.runs.generation import (
     pair_encoder,
     prepare_pairs,
 )
-from prefixlab.runs.scoring import fit_decision, full_report, report_from_scores, score_rows
+from prefixlab.runs.scoring import (
+    fit_decision,
+    full_report,
+    report_from_scores,
+    score_rows,
+    shift_report,
+)
 from prefixlab.runs.start import init_text
 
 
@@ -49,6 +56,7 @@ class PreparedData:
     validation: LabeledData | TextPairs
     labels: list[str]  # empty in a generation run
     warnings: list[str]
+    shift: LabeledData | None = None  # RunConfig.shift_csv's rows
 
 
 def _sample(data: LabeledData, n: int | None, seed: int) -> LabeledData:
@@ -76,13 +84,22 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
             )
         train_part = full
     else:
-        train_part, val = stratified_split(full, cfg.validation_share, seed)
+        split = topic_split if cfg.validation_split == "topics" else stratified_split
+        train_part, val = split(full, cfg.validation_share, seed)
         warnings += train_part.warnings[len(full.warnings):]
     train_part = _sample(train_part, cfg.max_train_examples, seed)
     val = _sample(val, cfg.max_eval_examples, seed)
     if len(val) == 0:
         raise DataError("no rows are left for validation; add rows or a validation file")
-    return PreparedData(train_part, val, list(full.label_names), warnings)
+    shift = None
+    if cfg.shift_csv:
+        shift = load_labeled_csv(cfg.shift_csv, full.text_column, full.label_column)
+        unknown = sorted(set(shift.label_names) - set(full.label_names))
+        if unknown:
+            raise DataError(f"the shift file has labels that training never sees: "
+                            f"{', '.join(unknown)}")
+        warnings += [f"shift file: {w}" for w in shift.warnings]
+    return PreparedData(train_part, val, list(full.label_names), warnings, shift)
 
 
 def create_run(cfg: RunConfig, path: str | Path, prepared: PreparedData,
@@ -209,8 +226,9 @@ def execute_run(
     out.note({"type": "event", "message": "evaluating", "step": kept, "stop_reason": result.reason})
     fit: dict | None = None
     if not cfg.is_generation and cfg.decision == "fitted":
+        # an averaged prefix (done is None) was not scored while training
         fit, done = _fit_decision_rule(out, cfg, loaded, kv, encoder, prepared,
-                                       evaluations.scores.get(kept), done)
+                                       evaluations.scores.get(kept) if done else None, done)
     def log_progress(record: dict) -> None:
         out.progress(record, result.steps)
         if on_progress and out.writer:
@@ -226,6 +244,8 @@ def execute_run(
                   stop_reason=longer_reason(result.reason, info),  # a grown budget says so
                   selection=(rule.selection() if cfg.training.keep_best
                              and rule.kept_step is not None else "the last step"))
+    if len(averaged := averaged_steps(folder, kept, cfg.training.average_last)) > 1:
+        report.update(averaged_steps=averaged)
     out.report(report)
     out.status("completed", step=result.steps)
     out.note({"type": "event", "message": "completed", "step": result.steps, "time": time.time()})
@@ -312,9 +332,10 @@ def _starting_prefix(out: _Recorder, cfg: RunConfig, loaded: LoadedModel, prefix
     checkpoint = out.folder.load_checkpoint() if resume else None
     if resume and checkpoint is None:
         out.note({"type": "event", "message": "no checkpoint: starting over"})
+    # initialized on resume too: the start is what TrainConfig.start_pull pulls toward
+    init_prefix(prefix, loaded.model, loaded.tokenizer, init_text(cfg, labels),
+                cfg.training.seed)
     if checkpoint is None:
-        init_prefix(prefix, loaded.model, loaded.tokenizer, init_text(cfg, labels),
-                    cfg.training.seed)
         out.snapshot(0, prefix.folded())
     out.status("running", phase="training")
     out.note({"type": "event", "message": "resumed" if checkpoint else "started",
@@ -395,7 +416,23 @@ def _kept_prefix(folder: RunFolder, prefix: Prefix, evaluations: _Evaluations,
         kept = kept_step
         kv = folder.load_snapshot(kept).to(kv.device)
         done = evaluations.reports.get(kept)
+    averaged = averaged_steps(folder, kept, tc.average_last)
+    if len(averaged) > 1:  # a new prefix: its validation report is scored afresh
+        kv = average_prefixes([folder.load_snapshot(s) for s in averaged]).to(kv.device)
+        done = None
     return kept, kv, done
+
+
+def averaged_steps(folder: RunFolder, kept: int, count: int) -> list[int]:
+    """The evaluated steps whose prefixes TrainConfig.average_last averages: `kept` and the
+    `count` - 1 evaluations before it (from the metrics log, so a resumed run counts the
+    evaluations of its earlier part), those with a snapshot."""
+    if count <= 1:
+        return [kept]
+    evaluated = sorted({r["step"] for r in folder.read_metrics()[0]
+                        if r.get("type") == "eval" and r["step"] <= kept} | {kept})
+    have = {step for step, _ in folder.snapshots()}
+    return [s for s in evaluated if s in have][-count:] or [kept]
 
 
 def _fit_decision_rule(out: _Recorder, cfg: RunConfig, loaded: LoadedModel, kv: torch.Tensor,
@@ -438,4 +475,7 @@ def _final_report(cfg: RunConfig, loaded: LoadedModel, kv: torch.Tensor,
                          prepared.validation, cfg.training.seed, prefix_report=done,
                          progress=progress)
     report.update(decision=cfg.decision, label_scores=cfg.label_scores)
+    if prepared.shift is not None:
+        report["shift"] = shift_report(loaded, kv, encoder, prepared.shift, report["macro_f1"])
+        report["warnings"] = report["shift"]["warnings"] + report["warnings"]
     return report

@@ -6,6 +6,7 @@ held-out CSV beside the baselines.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +17,23 @@ import torch
 from prefixlab.data.columns import guess_columns
 from prefixlab.data.labeled import load_labeled_csv
 from prefixlab.data.reading import DataError, read_table
+from prefixlab.engine.balance import ADAPT_PRIORS, LabelRule, adapted_rule
 from prefixlab.engine.decode import DecodeConfig
 from prefixlab.engine.encode import Encoder, PairEncoder
 from prefixlab.engine.models import LoadedModel, load_model
-from prefixlab.engine.predict import score_labels
+from prefixlab.engine.predict import score_log_likelihoods
 from prefixlab.engine.prefix import load_prefix
 from prefixlab.errors import ConfigError
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.experiment import prepare_data
 from prefixlab.runs.folder import RunError, RunFolder
 from prefixlab.runs.generation import generate, pair_encoder
-from prefixlab.runs.scoring import SCORE_CHUNK, full_report
+from prefixlab.runs.scoring import SCORE_CHUNK, full_report, report_from_scores, score_rows
+
+ADAPT_ASSUMPTION = (
+    "Adapting the decision to the rows predicted assumes they are a batch of many rows from "
+    "one distribution: the label shares (em) or the model's average preference (batch) are "
+    "estimated on them. On a few rows, or a file that mixes sources, leave it off.")
 
 
 @dataclass
@@ -44,12 +51,27 @@ class Run:
     def is_generation(self) -> bool:
         return isinstance(self.encoder, PairEncoder)
 
-    def score(self, texts: list[str], with_prefix: bool = True) -> np.ndarray:
+    def score(self, texts: list[str], with_prefix: bool = True,
+              adapt_prior: str = "none") -> np.ndarray:
+        """Label probabilities (N, K) by the run's decision rule; `adapt_prior` (em, batch)
+        adapts the rule to these texts taken together (balance.adapted_rule)."""
+        ll = self.log_likelihoods(texts, with_prefix)
+        return self.rule_for(ll, adapt_prior).probs(ll)
+
+    def log_likelihoods(self, texts: list[str], with_prefix: bool = True) -> np.ndarray:
+        """Label log-likelihoods (N, K), before any decision rule."""
         if self.is_generation:
             raise RunError(f"run {self.folder.path.name} generates text; it has no labels to "
                            "score")
-        return score_labels(self.loaded.model, self.kv if with_prefix else None, self.encoder,
-                            texts)
+        return score_log_likelihoods(self.loaded.model, self.kv if with_prefix else None,
+                                     self.encoder, texts)
+
+    def rule_for(self, ll: np.ndarray, adapt_prior: str = "none") -> LabelRule:
+        """The run's decision rule, adapted to the rows of `ll` when asked."""
+        if adapt_prior not in ADAPT_PRIORS:
+            raise RunError(f"adapt_prior must be one of {', '.join(ADAPT_PRIORS)}, "
+                           f"got {adapt_prior!r}")
+        return adapted_rule(self.encoder.rule, ll, adapt_prior)
 
     def generate(self, texts: list[str], with_prefix: bool = True,
                  decode: DecodeConfig | None = None) -> list[str]:
@@ -93,12 +115,15 @@ def _present(name: str | None, columns) -> str | None:
 
 def evaluate_csv(run: Run, path: str | Path, text_column: str | None = None,
                  label_column: str | None = None,
-                 progress: Callable[[str, int, int], None] | None = None) -> dict:
+                 progress: Callable[[str, int, int], None] | None = None,
+                 adapt_prior: str = "none") -> dict:
     """The run's prefix on a held-out labeled CSV, beside both baselines on the same rows.
 
     Columns: as given, else the run's own names when the file has them, else guessed. A label
     the run never trained on is refused (the prefix cannot predict it). `progress(what, done,
-    total)` follows the scoring (see scoring.full_report).
+    total)` follows the scoring (see scoring.full_report). `adapt_prior` (em, batch) adapts
+    the prefix's decision to the file's rows taken together (see ADAPT_ASSUMPTION); the report
+    says so, with the label shares it estimated.
     """
     columns = read_table(path).frame.columns
     data = load_labeled_csv(path, text_column or _present(run.config.text_column, columns),
@@ -113,8 +138,21 @@ def evaluate_csv(run: Run, path: str | Path, text_column: str | None = None,
         train_data = prepare_data(run.config).train
     except (DataError, OSError):
         train_data = None  # the training file moved: no TF-IDF baseline
+    adapted = None
+    if adapt_prior != "none":
+        told = ((lambda done, total: progress("scoring held-out rows with the prefix", done,
+                                              total)) if progress else None)
+        ll = score_rows(run.loaded, run.kv, run.encoder, data, told)
+        encoder = copy.copy(run.encoder)
+        encoder.rule = run.rule_for(ll, adapt_prior)
+        adapted = report_from_scores(encoder, data, ll)
     report = full_report(run.loaded, run.kv, run.encoder, train_data, data,
-                         run.config.training.seed, progress=progress)
+                         run.config.training.seed, prefix_report=adapted, progress=progress)
+    if adapted is not None:
+        shares = np.exp(run.rule_for(ll, adapt_prior).log_probs(ll)).mean(0)
+        report["adapt_prior"] = {"how": adapt_prior, "assumption": ADAPT_ASSUMPTION,
+                                 "predicted_shares": dict(zip(run.labels, map(float, shares),
+                                                              strict=True))}
     report["columns"] = {"text": data.text_column, "label": data.label_column}
     return report
 
@@ -147,10 +185,11 @@ def text_column_of(frame, wanted: str | None, path: str | Path, guess: bool = Tr
 
 def predict_table(run: Run, path: str | Path, text_column: str | None = None,
                   progress: Callable[[str, int, int], None] | None = None,
-                  max_rows: int | None = None):
+                  max_rows: int | None = None, adapt_prior: str = "none"):
     """A CSV's rows with the predicted label and every label's probability appended (a
     generation run: the generated text). `progress(what, done, total)` after each chunk of
-    rows (a progress that raises stops there). A file over `max_rows` is refused unread."""
+    rows (a progress that raises stops there). A file over `max_rows` is refused unread.
+    `adapt_prior` (em, batch) adapts the decision to the file's rows taken together."""
     frame = read_table(path).frame
     check_rows(frame, max_rows)
     column = text_column_of(frame, text_column or run.config.text_column, path,
@@ -161,8 +200,10 @@ def predict_table(run: Run, path: str | Path, text_column: str | None = None,
         chunks = _chunks(texts, run.config.generation.batch_size, "generating", progress)
         out["generated"] = [t for part in chunks for t in run.generate(part)]
         return out
-    parts = [run.score(part) for part in _chunks(texts, SCORE_CHUNK, "predicting", progress)]
-    probs = np.concatenate(parts) if parts else np.zeros((0, len(run.labels)))
+    parts = [run.log_likelihoods(part)
+             for part in _chunks(texts, SCORE_CHUNK, "predicting", progress)]
+    ll = np.concatenate(parts) if parts else np.zeros((0, len(run.labels)))
+    probs = run.rule_for(ll, adapt_prior).probs(ll)  # adapted over the whole file at once
     out["predicted_label"] = [run.labels[i] for i in probs.argmax(1)]
     for j, label in enumerate(run.labels):
         out[f"p_{label}"] = probs[:, j].round(6)

@@ -26,6 +26,9 @@ from prefixlab.runs.evaluate import (
     tfidf_baseline,
 )
 
+SHIFT_GAP = 0.10
+"""A shift set's macro-F1 this far from validation's earns a warning: the step kept and the
+decision fitted on the validation rows do not carry over to the shift set's topics."""
 SCORE_CHUNK = 64
 """Rows scored between two progress reports."""
 
@@ -128,3 +131,24 @@ def full_report(
     report["baselines"] = baselines
     report["warnings"] = prediction_warnings(report)
     return report
+
+
+def shift_report(loaded: LoadedModel, kv: torch.Tensor, encoder: Encoder, shift: LabeledData,
+                 validation_macro_f1: float) -> dict:
+    """The kept prefix on a shift set (labeled rows from other topics or sources than the
+    training CSV), under the run's decision rule, beside validation's macro-F1; with a
+    warning when the two differ by more than SHIFT_GAP."""
+    ll = score_rows(loaded, kv, encoder, shift)
+    report = report_from_scores(encoder, shift, ll)
+    gap = report["macro_f1"] - validation_macro_f1
+    out = {"n": report["n"], "macro_f1": report["macro_f1"], "accuracy": report["accuracy"],
+           "validation_macro_f1": validation_macro_f1, "gap": gap,
+           "predicted": report["predicted"],
+           "warnings": prediction_warnings(report, "on the shift set, the prefix")}
+    if abs(gap) > SHIFT_GAP:
+        out["warnings"].insert(0, (
+            f"macro-F1 on the shift set ({report['macro_f1']:.3f}) is {abs(gap):.2f} "
+            f"{'below' if gap < 0 else 'above'} validation's ({validation_macro_f1:.3f}): "
+            "what was chosen on the validation rows does not carry over to the shift set's "
+            "rows"))
+    return out

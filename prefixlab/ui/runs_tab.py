@@ -26,7 +26,7 @@ from prefixlab.ui.common import (
 )
 from prefixlab.ui.train_tab import PER_CLASS_WIDTHS, report_outputs
 from prefixlab.workbench import Workbench
-from prefixlab.workbench.runs import RUNS_COLUMNS
+from prefixlab.workbench.runs import ADAPT_CHOICES, RUNS_COLUMNS
 
 # Shares of the table's width: the id must show whole, headers must not break mid-word.
 # A one-word header needs ~8% of the table ("accuracy", "processes" in the header font);
@@ -116,12 +116,13 @@ def download_peft(workbench: Workbench, rid: str | None) -> dict:
 
 
 def evaluate_test(workbench: Workbench, rid: str | None, path: str | None,
-                  action: LongAction | None = None,
+                  action: LongAction | None = None, adapt: str = "as trained",
                   progress=gr.Progress()):  # noqa: B008 (gradio injects it)
     """The run, its baselines and the bare model on a held-out test CSV: the report (with how
     long it took, or where Stop stopped it), its table and charts. Progress shows rows done
     of rows, the time so far and an estimate of the time left; `action` is this page's, which
-    its Stop button can stop."""
+    its Stop button can stop. `adapt`: one of ADAPT_CHOICES, how the decision adapts to the
+    file's rows."""
     if not workbench.has_prefix(need(rid)):
         raise gr.Error("This run has no prefix yet: evaluate a finished run.")
     if not path:
@@ -129,7 +130,8 @@ def evaluate_test(workbench: Workbench, rid: str | None, path: str | None,
     action = action or LongAction()
     action.begin()
     try:
-        report = workbench.evaluate_csv(rid, path, progress=progress_of(action, progress))
+        report = workbench.evaluate_test(rid, path, ADAPT_CHOICES.get(adapt, "none"),
+                                         progress=progress_of(action, progress))
     except Stopped as e:
         return f"**{escape(e)}**", shown(None), shown(None), shown(None)
     finally:
@@ -137,6 +139,10 @@ def evaluate_test(workbench: Workbench, rid: str | None, path: str | None,
     md, table_, cm, bars = report_outputs(report)
     name = escape(workbench.store.get(rid).name)
     md = md.replace("### Held-out results on", f"### {name} on the test file:", 1)
+    if adapted := report.get("adapt_prior"):
+        shares = ", ".join(f"{escape(y)} {v:.0%}" for y, v in adapted["predicted_shares"].items())
+        md += (f"\n\nThe prefix's decision was adapted to this file's rows ({adapted['how']}); "
+               f"its predicted shares: {shares}. {escape(adapted['assumption'])}")
     md += f"\n\nEvaluated in {duration(time.monotonic() - action.started)}."
     return md, table_, cm, bars
 
@@ -240,6 +246,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
         test_file = gr.File(label="Test CSV (text and label columns)",
                             file_types=[".csv", ".tsv", ".txt"], elem_id="test-csv", scale=3)
         with gr.Column():
+            test_adapt = gr.Radio(list(ADAPT_CHOICES), value="as trained",
+                                  label="Decision on the test rows", elem_id="test-adapt")
             test_btn = gr.Button("Evaluate", elem_id="test-run")
             test_stop = gr.Button("Stop", elem_id="test-stop", size="sm")  # ends it early
     with gr.Row(equal_height=False):
@@ -275,7 +283,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     wire(dl_peft.click, bind(download_peft, workbench), [pick], [download], notice)
     # The evaluation's progress shows where its report will be; Stop ends it there.
     test_action = gr.State(LongAction())
-    wire(test_btn.click, bind(evaluate_test, workbench), [pick, test_file, test_action],
+    wire(test_btn.click, bind(evaluate_test, workbench),
+         [pick, test_file, test_action, test_adapt],
          [test_md, test_per_class, test_confusion, test_baselines], notice,
          show_progress_on=[test_md])
     wire(test_stop.click, stop_action, [test_action], [], notice)

@@ -137,6 +137,9 @@ def report_outputs(report: dict | None):
         "| | macro-F1 | accuracy |", "|---|---|---|",
         f"| **prefix** | **{report['macro_f1']:.3f}** | **{report['accuracy']:.3f}** |",
     ]
+    if shift := report.get("shift"):  # beside validation: a gap is its own warning below
+        lines.append(f"| prefix on the shift set ({shift['n']} rows) | {shift['macro_f1']:.3f} "
+                     f"| {shift['accuracy']:.3f} |")
     for key, name in charts.BASELINES:
         if baseline := report["baselines"].get(key):
             lines.append(f"| {name} | {baseline['macro_f1']:.3f} | {baseline['accuracy']:.3f} |")

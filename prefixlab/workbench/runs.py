@@ -21,15 +21,22 @@ from prefixlab.engine.models import DEFAULT_MODEL, LoadedModel, ModelInfo
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.experiment import PreparedData, prepare_data
 from prefixlab.runs.extension import LongerOffer, describe_extension, longer_offer
-from prefixlab.runs.finished import Run, open_run
+from prefixlab.runs.finished import Run, evaluate_csv, open_run
 from prefixlab.runs.folder import RunError, RunFolder
 from prefixlab.runs.generation import pair_encoder
 from prefixlab.runs.presets import config_parts
 from prefixlab.runs.registry import RunRow, RunStore
+from prefixlab.serve.store import check_served
 from prefixlab.workbench.memo import Memo
 
 RUNS_COLUMNS = ("name", "status", "progress", "data", "base model", "macro-F1", "accuracy",
                 "prefix size", "model size", "processes", "created", "id")
+ADAPT_CHOICES: dict[str, str] = {
+    "as trained": "none",
+    "adapted to the file: label shares (EM)": "em",
+    "adapted to the file: batch calibration": "batch",
+}
+"""The app's words for finished.evaluate_csv's adapt_prior values."""
 REFRESH_INTERVAL_S = 0.5  # how stale a polled run list may be (the Train tab polls every 1.5 s)
 
 
@@ -235,3 +242,14 @@ class RunRoom:
 
     def folder(self, run_id: str) -> RunFolder:
         return self.store.folder(run_id)
+
+    def evaluate_test(self, run_id: str, path: str, adapt_prior: str = "none",
+                      progress: Callable[[str, int, int], None] | None = None) -> dict:
+        """The run on a held-out test CSV (the serving room's evaluate_csv), its decision
+        adapted to the file's rows when `adapt_prior` is em or batch (finished.evaluate_csv
+        says what that assumes); a generation run has no decision to adapt."""
+        if adapt_prior == "none" or self.is_generation(run_id):
+            return self.evaluate_csv(run_id, path, progress=progress)
+        check_served(self.store.folder(run_id), run_id)
+        return evaluate_csv(self.open(run_id), path, progress=progress,
+                            adapt_prior=adapt_prior)
