@@ -200,3 +200,20 @@ def test_chunks_keep_to_the_budget_and_every_row():
         assert sorted(id(e) for p in parts for e in p) == sorted(id(e) for e in rows)
         assert all(len(p) == 1 or len(p) * max(len(e) for e in p) <= budget for p in parts)
     assert len(_chunks(rows, 10_000)) == 1
+
+
+def test_the_gpu_chunk_follows_free_memory_and_the_model_shape():
+    from types import SimpleNamespace
+
+    from prefixlab.engine.train import CUDA_CHUNK_TOKENS, cuda_chunk_tokens
+
+    smollm = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                             vocab_size=49152)  # the default model's shape
+    assert cuda_chunk_tokens(smollm, 80 * 2**30) == CUDA_CHUNK_TOKENS  # an H100: the cap
+    eight = cuda_chunk_tokens(smollm, 8 * 2**30)
+    assert 1000 < eight < CUDA_CHUNK_TOKENS  # a small GPU: what half its memory holds
+    assert cuda_chunk_tokens(smollm, 8 * 2**30, element_bytes=2) > eight  # bf16 weights
+    wider = SimpleNamespace(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                            vocab_size=32000)
+    assert cuda_chunk_tokens(wider, 8 * 2**30) < eight  # a larger model: fewer tokens
+    assert cuda_chunk_tokens(smollm, 10 * 2**20) == 256  # nearly full: the floor

@@ -47,7 +47,19 @@ CLASS_BALANCE: tuple[str, ...] = get_args(ClassBalance)
 
 CUDA_CHUNK_TOKENS = 16384
 """The same on CUDA, where memory is plentiful and a step of a small model is bound by kernel
-launches, which each chunk repeats: small chunks there cost speed, not memory."""
+launches, which each chunk repeats: small chunks there cost speed, not memory. The most a
+chunk takes: `cuda_chunk_tokens` lowers it to what the GPU's free memory holds."""
+
+
+def cuda_chunk_tokens(config, free_bytes: int, element_bytes: int = 4) -> int:
+    """Padded tokens per chunk on a GPU with `free_bytes` free: half of it over an estimate of
+    one token's training activations (every layer's attention and MLP inputs kept for the
+    backward pass, and the logits' row), at most CUDA_CHUNK_TOKENS, at least 256."""
+    hidden = config.hidden_size
+    inner = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_token = (config.num_hidden_layers * (12 * hidden + 3 * inner) * element_bytes
+                 + 2 * config.vocab_size * 4)
+    return max(256, min(CUDA_CHUNK_TOKENS, free_bytes // 2 // per_token))
 
 
 class TrainingOutOfMemory(PrefixLabError, MemoryError):
@@ -439,7 +451,9 @@ def train(
     epoch_batches: dict[int, list[list[Example]]] = {}
     tuner = ThreadTuner(device)
     fast_loss = family_of(model.config).fast_training_loss(model) if fast_path else None
-    chunk_tokens = CUDA_CHUNK_TOKENS if device.type == "cuda" else CHUNK_TOKENS
+    chunk_tokens = (cuda_chunk_tokens(model.config, torch.cuda.mem_get_info(device)[0],
+                                      next(model.parameters()).element_size())
+                    if device.type == "cuda" else CHUNK_TOKENS)
     time_reason = f"time budget of {cfg.max_minutes:g} min"
     reason = (f"budget of {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}"
               if cfg.max_steps is None or total < cfg.max_steps
