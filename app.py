@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="base model: the embedded default, a local folder or a hub id")
     p.add_argument("--precision", default=env.get("PREFIXLAB_PRECISION", "auto"),
                    choices=PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--device", default=env.get("PREFIXLAB_DEVICE"),
+                   help="where the app's own model scores and generates (cpu, cuda, cuda:1; "
+                        "default: CUDA when present, else CPU); runs pick their own")
     p.add_argument("--share", action="store_true",
                    help="open a public Gradio share link (needs --auth)")
     p.add_argument("--auth", default=env.get("PREFIXLAB_AUTH"),
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     auth = access(args)
     try:
-        workbench = Workbench(Path(args.data_dir), model=args.model, precision=args.precision)
+        workbench = Workbench(Path(args.data_dir), model=args.model, precision=args.precision,
+                              device=args.device)
     except (RunError, ConfigError) as e:
         refuse(str(e))
     pin_threads()  # request threads share torch's thread count: no tuner may change it

@@ -7,6 +7,7 @@ import multiprocessing
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -66,3 +67,15 @@ def test_processes_racing_on_an_empty_cache_convert_once(converter):
         assert p.exitcode == 0
     assert _conversions(converter) == 1
     assert len(folders) == 1 and Path(folders.pop()).name == DEFAULT_MODEL
+
+
+def test_the_app_loads_its_models_on_the_device_it_was_given(tmp_path, monkeypatch):
+    """`python app.py --device cuda:1` keeps the app's model off the GPU runs train on."""
+    from prefixlab.workbench import Workbench
+    from prefixlab.workbench import models as room
+
+    asked = []
+    monkeypatch.setattr(room, "load_model", lambda name, device, **kw: asked.append(
+        (name, device, kw["precision"])) or SimpleNamespace(device=device, precision="float32"))
+    Workbench(tmp_path / "data", model="m", precision="float32", device="cuda:1").model()
+    assert asked == [("m", "cuda:1", "float32")]

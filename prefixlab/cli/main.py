@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=32, help="texts per mixed batch at most")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help=f"{PRECISION_HELP} Runs of the default model are served in it.")
+    p.add_argument("--device", help="where the served model computes (cpu, cuda, cuda:1; "
+                                    "default: CUDA when present, else CPU)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a run's prefix")

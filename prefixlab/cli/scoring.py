@@ -179,5 +179,6 @@ def cmd_serve(args) -> int:
     from prefixlab.ui.api import serve_api
 
     serve_api(args.data_dir, args.model, args.host, args.port, args.auth,
-              window_ms=args.window_ms, max_rows=args.max_rows, precision=args.precision)
+              window_ms=args.window_ms, max_rows=args.max_rows, precision=args.precision,
+              device=args.device)
     return 0

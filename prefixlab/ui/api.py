@@ -238,7 +238,7 @@ def launch(demo: gr.Blocks, workbench: Workbench, host: str, port: int,
 
 def serve_api(data_dir: str | Path, model: str | None = None, host: str = "127.0.0.1",
               port: int = 7861, auth: str | None = None, window_ms: float = 5.0,
-              max_rows: int = 32, precision: str = "auto") -> None:
+              max_rows: int = 32, precision: str = "auto", device: str | None = None) -> None:
     """`python -m prefixlab serve`: the public endpoints over a data directory, blocking.
     Who may connect and how large an upload may be follow the app's rule
     (prefixlab.serve.access)."""
@@ -246,7 +246,7 @@ def serve_api(data_dir: str | Path, model: str | None = None, host: str = "127.0
     if window_ms < 0 or max_rows < 1:
         raise ConfigError(f"--window-ms must be >= 0 and --max-rows >= 1, got {window_ms} and "
                           f"{max_rows}")
-    workbench = Workbench(Path(data_dir), model=model, precision=precision)
+    workbench = Workbench(Path(data_dir), model=model, precision=precision, device=device)
     workbench.batch_window_s, workbench.batch_max_rows = window_ms / 1000, max_rows
     demo = build_api(workbench)
     workbench.warm_up()

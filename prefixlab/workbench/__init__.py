@@ -44,12 +44,15 @@ class Workbench(ModelRoom, DataRoom, RunRoom, ServingRoom, InspectionRoom, Expla
     """The app's services over one data directory (see each room for what it does)."""
 
     def __init__(self, data_dir: str | Path, model: str | None = None,
-                 limits: Limits | None = None, precision: str = "auto") -> None:
+                 limits: Limits | None = None, precision: str = "auto",
+                 device: str | None = None) -> None:
         self.store = RunStore(data_dir)
         # What one request may ask (the operator's environment, read once here).
         self.limits = limits or Limits.from_env()
         self.default_model = model or DEFAULT_MODEL
         self.precision = precision  # the shared models' compute dtype (engine/precision.py)
+        # The shared models' device: a GPU other than the one runs train on, for instance.
+        self.device = device
         self.exports_dir = self.store.data_dir / "exports"
         self.uploads_dir = self.store.data_dir / "uploads"
         # Per-key caches: loading one model, opening one run or building one reference bank

@@ -22,6 +22,7 @@ class ModelRoom:
 
     default_model: str
     precision: str  # the compute dtype every shared model is loaded in; "auto" decides per ISA
+    device: str | None  # where the shared models compute (None: CUDA when present, else CPU)
     model_status: str  # what the app's status line says about the default model
     _models: Memo[str, LoadedModel]
     _infos: Memo[str, ModelInfo]
@@ -34,7 +35,8 @@ class ModelRoom:
 
     def _load(self, name: str) -> LoadedModel:
         self.model_status = f"loading {name}"
-        loaded = load_model(name, progress=self._progress, precision=self.precision)
+        loaded = load_model(name, self.device, progress=self._progress,
+                            precision=self.precision)
         self.model_status = f"{name} ready on {loaded.device} ({loaded.precision})"
         return loaded
 
