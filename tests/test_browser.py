@@ -210,7 +210,9 @@ class SlowScoring:
         # an evaluation's scoring, and a run's (a batch prediction)
         monkeypatch.setattr(scoring, "score_log_likelihoods",
                             slowed(scoring.score_log_likelihoods))
-        monkeypatch.setattr(finished.Run, "score", slowed(finished.Run.score))
+        # Run.score and a batch prediction both read labels through log_likelihoods
+        monkeypatch.setattr(finished.Run, "log_likelihoods",
+                            slowed(finished.Run.log_likelihoods))
 
 
 def box(page, selector: str) -> dict:
