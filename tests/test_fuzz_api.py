@@ -30,10 +30,9 @@ from hypothesis import strategies as st
 
 from prefixlab.engine.prefix import save_prefix, text_key_values
 from prefixlab.serve.limits import Limits
-from prefixlab.ui.api import build_api, launch
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.runs import run_config
-from tests.test_app import free_port
+from tests.test_gate import serving
 
 EXAMPLES = {"ci": 40, "full": int(os.environ.get("PREFIXLAB_FUZZ_EXAMPLES", "2500"))}
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
@@ -72,16 +71,8 @@ def server(tmp_path_factory, model_dir):
         folder.set_status("completed")
         ids.append(run_id)
     workbench.refresh()
-    demo = build_api(workbench)
-    port = free_port()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))
-        launch(demo, workbench, "127.0.0.1", port, None, prevent_thread_lock=True, quiet=True)
-        try:
-            yield f"http://127.0.0.1:{port}", ids
-        finally:
-            demo.close()
+    with serving(workbench, tmp) as port:
+        yield f"http://127.0.0.1:{port}", ids
 
 
 def call(url: str, endpoint: str, data: object) -> tuple[str, object]:

@@ -47,9 +47,10 @@ def test_the_login_throttle_counts_failures_in_a_window():
 
 
 @contextlib.contextmanager
-def api_server(tmp_path: Path, model: Path, login: tuple[str, str] | None = None,
-               limits: Limits | None = None) -> Iterator[int]:
-    workbench = Workbench(tmp_path / "data", model=str(model), limits=limits)
+def serving(workbench: Workbench, tmp_path: Path,
+            login: tuple[str, str] | None = None) -> Iterator[int]:
+    """The workbench's API served as `prefixlab serve` serves it (the gate included), offline,
+    with Gradio's uploads under `tmp_path`; yields its port."""
     demo = build_api(workbench)
     port = free_port()
     with pytest.MonkeyPatch.context() as mp:
@@ -61,6 +62,14 @@ def api_server(tmp_path: Path, model: Path, login: tuple[str, str] | None = None
             yield port
         finally:
             demo.close()
+
+
+@contextlib.contextmanager
+def api_server(tmp_path: Path, model: Path, login: tuple[str, str] | None = None,
+               limits: Limits | None = None) -> Iterator[int]:
+    workbench = Workbench(tmp_path / "data", model=str(model), limits=limits)
+    with serving(workbench, tmp_path, login) as port:
+        yield port
 
 
 def call(port: int, method: str, path: str, body: bytes | None = None,
@@ -156,27 +165,19 @@ def test_a_client_that_cancels_stops_its_work(tmp_path, model_dir):
                 loaded.name)
     folder.set_status("completed")
     workbench.refresh()
-    demo = build_api(workbench)
-    port = free_port()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        mp.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-        launch(demo, workbench, "127.0.0.1", port, None, prevent_thread_lock=True, quiet=True)
-        try:
-            client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-            texts = [f"the movie was fine {i} " + "word " * 40 for i in range(2000)]
-            job = client.submit(texts, [run_id], False, api_name="/score")
-            batcher = workbench.serving()
-            deadline = time.monotonic() + 60
-            while batcher.stats.rows < 10 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            job.cancel()
-            time.sleep(1.5)  # the handler notices within its poll, the chunk in hand ends
-            rows = batcher.stats.rows
-            time.sleep(1.5)
-            assert batcher.stats.rows == rows < 2000  # nothing more of it ran
-            # The server answers the next client as usual.
-            assert client.predict(["good"], [run_id], False, api_name="/score")[0]["text"] == \
-                "good"
-        finally:
-            demo.close()
+    with serving(workbench, tmp_path) as port:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        texts = [f"the movie was fine {i} " + "word " * 40 for i in range(2000)]
+        job = client.submit(texts, [run_id], False, api_name="/score")
+        batcher = workbench.serving()
+        deadline = time.monotonic() + 60
+        while batcher.stats.rows < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        job.cancel()
+        time.sleep(1.5)  # the handler notices within its poll, the chunk in hand ends
+        rows = batcher.stats.rows
+        time.sleep(1.5)
+        assert batcher.stats.rows == rows < 2000  # nothing more of it ran
+        # The server answers the next client as usual.
+        assert client.predict(["good"], [run_id], False, api_name="/score")[0]["text"] == \
+            "good"
