@@ -1,0 +1,38 @@
+"""bench.inspection's table, goals and summary read the rows a measurement writes."""
+
+from __future__ import annotations
+
+from prefixlab.bench.inspection import goals, markdown_table, summarize
+
+
+def _row(case: str, agreement: float, f1: float, start_f1: float | None, sinks: int) -> dict:
+    reading = {"text": "t", "agreement": agreement, "macro_f1": f1}
+    return {"case": case, "n": 300, "seed": 0, "readable_s": 90.0,
+            "readable": {**reading, "prefix_macro_f1": 0.8, "baselines": {
+                "start_text": None if start_f1 is None else
+                {"text": "s", "agreement": 0.5, "macro_f1": start_f1},
+                "nearest_tokens": {"text": "n", "agreement": 0.4, "macro_f1": 0.3}}},
+            "sinks": [{"slot": 0, "evidence": "e"}] * sinks,
+            "described": {"named": 2, "beyond_start": 1, "total": 10, "texts": []}}
+
+
+def test_goals_say_met_or_missed_with_the_figures():
+    rows = [_row("polarity", 0.85, 0.7, 0.6, 0), _row("disaster", 0.7, 0.5, 0.55, 1),
+            _row("davidson", 0.9, 0.4, None, 0)]
+    said = goals(rows)
+    assert "agreement >= 0.8 on polarity: met (0.85)" in said
+    assert "agreement >= 0.8 on disaster: missed (0.70)" in said
+    assert any(s.startswith("readable above the start text's macro-F1 on disaster: missed")
+               for s in said)
+    # a run that did not start from text has no start-text baseline to beat
+    assert not any("on davidson" in s and "above" in s for s in said)
+
+
+def test_table_has_a_line_per_run_and_the_summary_counts_sinks_and_names():
+    rows = [_row("polarity", 0.85, 0.7, 0.6, 0), _row("disaster", 0.7, 0.5, 0.55, 1)]
+    table = markdown_table(rows).splitlines()
+    assert len(table) == 2 + len(rows)
+    assert "| P0 |" in table[-1] and "| none |" in table[-2]
+    line = summarize(rows)
+    assert line.startswith("inspection: runs=2 ")
+    assert "sink_share=0.50" in line and "named=4/20" in line and "above_start=1/2" in line
