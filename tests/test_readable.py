@@ -48,11 +48,34 @@ def test_a_prefix_that_is_a_text_is_matched_by_a_text_prompt(loaded):
     assert len(found.best.ids) == len(ids)
 
 
+def test_the_search_reads_the_prefix_only_on_the_rows_it_draws(loaded):
+    tok = loaded.tokenizer
+    enc = Encoder(tok, Template(), LABELS, 64)
+    ids = tok(HIDDEN, add_special_tokens=False)["input_ids"]
+    kv = text_key_values(loaded.model, tok, HIDDEN, len(ids))
+    texts = [f"{t} {i}" for i in range(3) for t in TEXTS]
+    read: list[str] = []
+
+    def decide(rows: list[str]) -> np.ndarray:
+        read.extend(rows)
+        return np.stack(mixed_score_labels(loaded.model, [ScoreItem(kv, enc, t) for t in rows]))
+
+    cfg = SearchConfig(steps=2, batch_size=3, rescore_rows=4)
+    lazy = search_prompt(loaded.model, enc, texts, decide, ids, cfg)
+    assert len(read) == len(set(read)) <= 2 * 3 + 4 < len(texts)  # each drawn row read once
+    full = search_prompt(loaded.model, enc, texts, decide(texts), ids, cfg)
+    assert lazy.best.ids == full.best.ids
+    # the targets were read in other batches: the same up to float noise
+    assert lazy.history == pytest.approx(full.history, rel=1e-4)
+
+
 def test_search_settings_are_checked():
     from prefixlab.interpret.frame import InterpretError
 
     with pytest.raises(InterpretError, match="steps"):
         SearchConfig(steps=-1)
+    with pytest.raises(InterpretError, match="seconds"):
+        SearchConfig(seconds=0)
 
 
 def test_the_cli_writes_readable_prompt_json(tmp_path, model_dir, monkeypatch):
@@ -107,7 +130,7 @@ def test_the_inspect_tab_finds_a_readable_prompt_through_the_workbench(tmp_path,
     execute_run(wb.folder(rid), wb.model(str(model_dir)))
     wb.store.refresh()
     said: list[str] = []
-    note, table = inspect_tab.on_readable(wb, rid, 4, 3,
+    note, table = inspect_tab.on_readable(wb, rid, 4, 3, 60,
                                           progress=lambda f, desc=None: said.append(desc))
     assert "readable_prompt.json" in note and said
     frame = table["value"]

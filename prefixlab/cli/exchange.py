@@ -102,7 +102,8 @@ def _readable_inspect(args, loaded, out: Path) -> None:
     run = open_run(args.run, loaded)
     nearest = run_nearest(run, args.top_k, args.bank_size, progress=say)
     found = readable_prompt(run, nearest, args.readable_tokens,
-                            SearchConfig(steps=args.readable_steps), progress=say)
+                            SearchConfig(steps=args.readable_steps,
+                                         seconds=args.readable_seconds or None), progress=say)
     write_readable(found, out)
     print("\n".join(found.lines()))
 

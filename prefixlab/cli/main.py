@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from prefixlab.interpret.readable import SearchConfig
     from prefixlab.runs.config import RunConfig
     from prefixlab.runs.inspection import DEFAULT_KNOCKOUT_ROWS
+    from prefixlab.runs.readable import SEARCH_SECONDS
 
     parser = argparse.ArgumentParser(prog="python -m prefixlab",
                                      description="Prefix tuning of a frozen causal LM.")
@@ -169,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readable-tokens", type=int, default=16,
                    help="tokens of the readable prompt")
     p.add_argument("--readable-steps", type=int, default=SearchConfig.steps,
-                   help="gradient steps of the readable prompt's search")
+                   help="gradient steps of the readable prompt's search, at most")
+    p.add_argument("--readable-seconds", type=float, default=SEARCH_SECONDS,
+                   help="time budget of the readable prompt's search (its steps end there; "
+                        "0: no budget, every step is taken)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("worker", help="train a registered run (started by the app)")

@@ -47,17 +47,22 @@ class SearchConfig:
     """PEZ's: keeps E near the embedding sphere, where projections are meaningful."""
     seconds: float | None = None
     """Stop the steps after this long (None: only `steps` stops them)."""
-    finalists: int = 4
-    """Distinct prompts rescored on every search row at the end (the best by batch agreement,
-    and the start)."""
+    finalists: int = 3
+    """Distinct prompts rescored at the end: the best by batch agreement, and the start."""
+    rescore_rows: int = 64
+    """Search rows the finalists are rescored on (a seeded sample): a row read costs the same
+    for every finalist, and 64 rows tell prompts apart that differ on a few percent of them
+    as well as the noise of the batches they were seen on allows."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         problems = []
         if self.steps < 0:
             problems.append(f"steps must be 0 or more, got {self.steps}")
-        if self.batch_size < 1 or self.finalists < 1:
-            problems.append("batch_size and finalists must be positive")
+        if self.batch_size < 1 or self.finalists < 1 or self.rescore_rows < 1:
+            problems.append("batch_size, finalists and rescore_rows must be positive")
+        if self.seconds is not None and self.seconds <= 0:
+            problems.append(f"seconds must be positive or None, got {self.seconds}")
         if self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if problems:
@@ -72,6 +77,7 @@ class Prompt:
     text: str
     agreement: float  # share of rows whose argmax label matches the prefix's
     probs: np.ndarray = field(repr=False)  # (R, K) its label probabilities on those rows
+    # (in a SearchResult: the rescored sample of the search rows, SearchConfig.rescore_rows)
 
 
 @dataclass
@@ -190,21 +196,47 @@ def _prompt_cache(model: nn.Module, x: torch.Tensor, head: torch.Tensor) -> torc
                         for layer in cache.layers])  # (L, 2, H, N+h, D)
 
 
-def search_prompt(model: nn.Module, encoder: Encoder, texts: Sequence[str], target: np.ndarray,
+class Targets:
+    """The prefix's label probabilities on the search rows, read only for the rows a batch or
+    the rescoring draws: a search cut short by its time budget reads a share of them."""
+
+    def __init__(self, texts: Sequence[str],
+                 decide: np.ndarray | Callable[[list[str]], np.ndarray]) -> None:
+        self.texts = list(texts)
+        self.known: dict[int, np.ndarray] = {}
+        if isinstance(decide, np.ndarray):
+            if len(decide) != len(self.texts):
+                raise InterpretError(f"the search needs one target per row; got "
+                                     f"{len(self.texts)} texts and {len(decide)} targets")
+            self.known = dict(enumerate(decide))
+        self.decide = decide
+
+    def __call__(self, rows: Sequence[int]) -> np.ndarray:
+        """(len(rows), K) targets of these rows."""
+        if missing := [i for i in dict.fromkeys(rows) if i not in self.known]:
+            assert callable(self.decide)
+            self.known.update(zip(missing, self.decide([self.texts[i] for i in missing]),
+                                  strict=True))
+        return np.stack([self.known[i] for i in rows])
+
+
+def search_prompt(model: nn.Module, encoder: Encoder, texts: Sequence[str],
+                  target: np.ndarray | Callable[[list[str]], np.ndarray],
                   start_ids: Sequence[int], config: SearchConfig | None = None,
                   vocabulary: Sequence[int] | None = None,
                   progress: Callable[[str], None] | None = None) -> SearchResult:
     """PEZ from `start_ids` (its length is the prompt's): the prompt whose label decisions on
-    `texts` agree most with `target` (R, K), the prefix's label probabilities on them.
+    `texts` agree most with the prefix's label probabilities on them: `target` (R, K), or a
+    function from texts to them, called for the rows the search reads (Targets).
 
     vocabulary: the token ids a slot may project to (default: every ordinary token).
     """
     cfg = config or SearchConfig()
     began = time.monotonic()
     tok = encoder.tokenizer
-    if len(texts) != len(target) or not len(texts):
-        raise InterpretError(f"the search needs rows and one target per row; got {len(texts)} "
-                             f"texts and {len(target)} targets")
+    if not len(texts):
+        raise InterpretError("the search needs rows to match the prefix on")
+    targets = Targets(texts, target)
     embed = model.get_input_embeddings()
     weight = embed.weight.detach()  # (V_model, d)
     vocab = torch.tensor(list(vocabulary) if vocabulary is not None
@@ -214,7 +246,6 @@ def search_prompt(model: nn.Module, encoder: Encoder, texts: Sequence[str], targ
     head = weight[torch.tensor(encoder.head_ids, dtype=torch.long,
                                device=weight.device)].float()  # (h, d)
     rows = [encoder.prompt(t)[0][len(encoder.head_ids):] for t in texts]
-    goal = torch.tensor(target, dtype=torch.float32)  # (R, K)
     E = nn.Parameter(weight[torch.tensor(list(start_ids), device=weight.device)].float().clone())
     optim = torch.optim.AdamW([E], lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = np.random.default_rng(cfg.seed)
@@ -234,7 +265,7 @@ def search_prompt(model: nn.Module, encoder: Encoder, texts: Sequence[str], targ
             ll = _label_log_likelihoods(model, kv, [rows[i] for i in batch], encoder.label_ids,
                                         tok.pad_token_id)
             logp = _rule_log_probs(encoder.rule, ll.float())  # (B, K)
-            p = goal[batch]
+            p = torch.tensor(targets(batch.tolist()), dtype=torch.float32)  # (B, K)
             loss = (p * (p.clamp_min(1e-12).log() - logp)).sum(-1).mean()  # KL(prefix||prompt)
             optim.zero_grad()
             loss.backward()
@@ -251,15 +282,17 @@ def search_prompt(model: nn.Module, encoder: Encoder, texts: Sequence[str], targ
                      f"{len(seen)} prompts seen")
     ranked = sorted(seen, key=lambda k: (-seen[k][0] / seen[k][1], seen[k][2] / seen[k][1]))
     finalists = list(dict.fromkeys([*ranked[:cfg.finalists - 1], tuple(start_ids)]))
+    pick = np.sort(generator.choice(len(rows), min(cfg.rescore_rows, len(rows)), replace=False))
+    held, goal_rows = [texts[i] for i in pick], targets(pick.tolist())
     if progress:
-        progress(f"readable prompt: rescoring {len(finalists)} prompts on {len(rows)} rows")
+        progress(f"readable prompt: rescoring {len(finalists)} prompts on {len(held)} rows")
     best, best_kl = None, np.inf
-    for ids in finalists:  # ties go to the lower KL on every search row
+    for ids in finalists:  # ties go to the lower KL on the rescored rows
         text = tok.decode(list(ids))
-        probs = score_prompt(model, encoder, text, texts)
-        found = Prompt(list(ids), text, agreement(probs, target), probs)
-        kl = float((target * (np.log(np.clip(target, 1e-12, None))
-                              - np.log(np.clip(probs, 1e-12, None)))).sum(1).mean())
+        probs = score_prompt(model, encoder, text, held)
+        found = Prompt(list(ids), text, agreement(probs, goal_rows), probs)
+        kl = float((goal_rows * (np.log(np.clip(goal_rows, 1e-12, None))
+                                 - np.log(np.clip(probs, 1e-12, None)))).sum(1).mean())
         if best is None or (found.agreement, -kl) > (best.agreement, -best_kl):
             best, best_kl = found, kl
     return SearchResult(best, list(start_ids), steps, time.monotonic() - began, history)

@@ -41,6 +41,10 @@ READABLE_FILE = "readable_prompt.json"
 DEFAULT_LENGTH = 16
 SEARCH_ROWS = 200  # training rows the search matches the prefix on
 REPORT_ROWS = 200  # validation rows each prompt is scored on
+SEARCH_SECONDS = 60.0
+"""The search's default time budget: with the readings before and after it, the whole call
+on the default model takes about two minutes on 2 CPU cores (docs/benchmarks.md); a GPU
+runs all of its steps in that time."""
 
 
 @dataclass
@@ -60,7 +64,7 @@ class Reading:
 class ReadablePrompt:
     prompt: Reading
     tokens: list[str]
-    train_agreement: float  # on the search rows, where it was picked
+    train_agreement: float  # on the rescored sample of the search rows, where it was picked
     seconds: float  # the whole call: the prefix's decisions, the search and every reading
     steps: int
     baselines: dict[str, Reading | None]  # start_text (None: no start text), nearest_tokens
@@ -108,7 +112,8 @@ def readable_prompt(run: Run, nearest: NearestTokens, length: int = DEFAULT_LENG
                     report_rows: int = REPORT_ROWS,
                     progress: Callable[[str], None] | None = None) -> ReadablePrompt:
     """Search a `length`-token text prompt for the run's prefix on its training rows (the
-    first `search_rows`), and score it beside the start text and the nearest-token text."""
+    first `search_rows`), and score it beside the start text and the nearest-token text.
+    config: the search's settings; None takes the defaults under a SEARCH_SECONDS budget."""
     began = time.monotonic()
     if run.is_generation:
         raise RunError(f"run {run.folder.path.name} generates text: a readable prompt matches "
@@ -123,25 +128,34 @@ def readable_prompt(run: Run, nearest: NearestTokens, length: int = DEFAULT_LENG
         raise RunError(f"run {run.folder.path.name} has no training or validation rows")
     model, tok = run.loaded.model, run.loaded.tokenizer
     if progress:
-        progress(f"readable prompt: the prefix's decisions on {len(train)} training and "
-                 f"{len(texts)} validation rows")
-    items = [ScoreItem(run.kv, run.encoder, t) for t in [*train, *texts]]
-    prefix = np.stack(mixed_score_labels(model, items))
-    target, held = prefix[:len(train)], prefix[len(train):]
+        progress(f"readable prompt: the prefix's decisions on {len(texts)} validation rows")
+
+    def decide(rows: list[str]) -> np.ndarray:  # the search reads the rows it draws, no more
+        return np.stack(mixed_score_labels(model, [ScoreItem(run.kv, run.encoder, t)
+                                                   for t in rows]))
+
+    held = decide(texts)
     start = start_text(run.config, run.labels)
     start_ids = (fit_length(tok(start, add_special_tokens=False)["input_ids"], length)
                  if start else None)
     near = fit_length(nearest_ids(nearest), length)
-    found = search_prompt(model, run.encoder, train, target, start_ids or near, config,
+    config = config or SearchConfig(seconds=SEARCH_SECONDS)
+    found = search_prompt(model, run.encoder, train, decide, start_ids or near, config,
                           progress=progress)
     if progress:
         progress(f"readable prompt: scoring it and both baselines on {len(texts)} rows")
-    baselines = {"start_text": (_reading(run, tok.decode(start_ids), texts, gold, held)
-                                if start_ids else None),
-                 "nearest_tokens": _reading(run, tok.decode(near), texts, gold, held)}
+    readings: dict[str, Reading] = {}  # a text read once, though two prompts may be it
+
+    def reading(text: str) -> Reading:
+        if text not in readings:
+            readings[text] = _reading(run, text, texts, gold, held)
+        return readings[text]
+
+    best = reading(found.best.text)
+    baselines = {"start_text": reading(tok.decode(start_ids)) if start_ids else None,
+                 "nearest_tokens": reading(tok.decode(near))}
     prefix_f1 = macro_f1(gold, [run.labels[i] for i in held.argmax(1)], run.labels)
-    return ReadablePrompt(_reading(run, found.best.text, texts, gold, held),
-                          [tok.decode([i]) for i in found.best.ids], found.best.agreement,
+    return ReadablePrompt(best, [tok.decode([i]) for i in found.best.ids], found.best.agreement,
                           time.monotonic() - began, found.steps, baselines, prefix_f1,
                           {"train": len(train), "validation": len(texts)})
 
@@ -153,5 +167,5 @@ def write_readable(result: ReadablePrompt, folder: str | Path) -> Path:
     return path
 
 
-__all__ = ["DEFAULT_LENGTH", "READABLE_FILE", "REPORT_ROWS", "SEARCH_ROWS", "ReadablePrompt",
-           "Reading", "readable_prompt", "run_nearest", "write_readable"]
+__all__ = ["DEFAULT_LENGTH", "READABLE_FILE", "REPORT_ROWS", "SEARCH_ROWS", "SEARCH_SECONDS",
+           "ReadablePrompt", "Reading", "readable_prompt", "run_nearest", "write_readable"]

@@ -19,6 +19,7 @@ import time
 import gradio as gr
 
 from prefixlab.runs.explanation import EXPLAIN_ROWS
+from prefixlab.runs.readable import SEARCH_SECONDS
 from prefixlab.ui.common import LoadHook, bind, run_choices, shown, wire
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.explaining import (
@@ -195,7 +196,7 @@ def on_describe(workbench: Workbench, rid: str | None):
             f"{DESCRIBE_CAVEAT}"), shown(descriptions_frame(described))
 
 
-def on_readable(workbench: Workbench, rid: str | None, tokens, steps,
+def on_readable(workbench: Workbench, rid: str | None, tokens, steps, seconds,
                 progress=gr.Progress()):  # noqa: B008 (gradio injects it)
     """A text prompt that decides the training rows as the prefix does, beside the start
     text and the nearest-token text, scored on the validation rows."""
@@ -204,7 +205,7 @@ def on_readable(workbench: Workbench, rid: str | None, tokens, steps,
     if workbench.is_generation(rid):
         raise gr.Error("A generation run makes no label decisions: no prompt can match them.")
     progress(None, desc="searching a readable prompt")
-    found = workbench.readable_prompt(rid, int(tokens), int(steps),
+    found = workbench.readable_prompt(rid, int(tokens), int(steps), float(seconds),
                                       progress=lambda said: progress(None, desc=said))
     note = (f"Searched {found.steps} steps on {found.rows['train']} training rows in "
             f"{found.seconds:.0f} s; scored on {found.rows['validation']} validation rows, "
@@ -316,8 +317,11 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     with gr.Row():
         readable_tokens = gr.Slider(4, 32, value=16, step=1, label="Tokens", scale=2,
                                     elem_id="inspect-readable-tokens")
-        readable_steps = gr.Slider(10, 200, value=60, step=10, label="Search steps", scale=2,
-                                   elem_id="inspect-readable-steps")
+        readable_steps = gr.Slider(10, 200, value=60, step=10, label="Search steps (at most)",
+                                   scale=2, elem_id="inspect-readable-steps")
+        readable_seconds = gr.Slider(15, 600, value=SEARCH_SECONDS, step=15,
+                                     label="Search time (s, at most)", scale=2,
+                                     elem_id="inspect-readable-seconds")
         readable_btn = gr.Button("Find a readable prompt", elem_id="inspect-readable")
     readable_note = gr.Markdown(elem_id="inspect-readable-note")
     readable_table = gr.Dataframe(label="Text prompts beside the prefix", interactive=False,
@@ -354,7 +358,8 @@ def build(workbench: Workbench, notice) -> list[LoadHook]:
     wire(describe_btn.click, bind(on_describe, workbench), [current],
          [describe_note, describe_table], notice, show_progress_on=[describe_note])
     wire(readable_btn.click, bind(on_readable, workbench),
-         [current, readable_tokens, readable_steps], [readable_note, readable_table], notice,
+         [current, readable_tokens, readable_steps, readable_seconds],
+         [readable_note, readable_table], notice,
          show_progress_on=[readable_note])
     wire(pick.focus, bind(refresh, workbench), [], [pick, compare], notice, clears=False)
     return [LoadHook(bind(refresh, workbench), [], [pick, compare])]

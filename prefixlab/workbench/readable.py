@@ -11,7 +11,13 @@ import pandas as pd
 
 from prefixlab.interpret.readable import SearchConfig
 from prefixlab.runs.finished import Run
-from prefixlab.runs.readable import DEFAULT_LENGTH, ReadablePrompt, readable_prompt, write_readable
+from prefixlab.runs.readable import (
+    DEFAULT_LENGTH,
+    SEARCH_SECONDS,
+    ReadablePrompt,
+    readable_prompt,
+    write_readable,
+)
 
 
 def readings_frame(found: ReadablePrompt) -> pd.DataFrame:
@@ -34,20 +40,22 @@ class ReadableRoom:
     _kept: Callable[..., object]
 
     def readable_prompt(self, run_id: str, length: int = DEFAULT_LENGTH,
-                        steps: int = SearchConfig.steps,
+                        steps: int = SearchConfig.steps, seconds: float | None = SEARCH_SECONDS,
                         progress: Callable[[str], None] | None = None) -> ReadablePrompt:
-        """The run's readable prompt of `length` tokens after at most `steps` search steps,
-        kept per prefix file and settings; also written to the run folder."""
+        """The run's readable prompt of `length` tokens after at most `steps` search steps
+        and `seconds` of search (None: no budget), kept per prefix file and settings; also
+        written to the run folder."""
         run = self.open(run_id)
 
         def make() -> ReadablePrompt:
             nearest = self.inspection(run_id).nearest
-            found = readable_prompt(run, nearest, length, SearchConfig(steps=steps),
+            found = readable_prompt(run, nearest, length,
+                                    SearchConfig(steps=steps, seconds=seconds or None),
                                     progress=progress)
             write_readable(found, run.folder.path)
             return found
 
-        return self._kept("readable", run_id, make, length, steps)
+        return self._kept("readable", run_id, make, length, steps, seconds)
 
 
 __all__ = ["ReadableRoom", "readings_frame"]
