@@ -155,10 +155,10 @@ def build(workbench: Workbench, dataset: gr.State, name: gr.Textbox, settings: l
                                    variant="stop", visible=False)
         with gr.Row():
             test_csv = gr.File(label="Test CSV (optional): scored once, by each kept step",
-                               file_types=[".csv"], type="filepath", height=120,
+                               file_types=[".csv"], type="filepath",
                                elem_id="compare-test")
             shift_csv = gr.File(label="Shift CSV (optional): same labels, another source",
-                                file_types=[".csv"], type="filepath", height=120,
+                                file_types=[".csv"], type="filepath",
                                 elem_id="compare-shift")
         past = gr.Dropdown(label="Past comparisons (newest first)",
                            choices=workbench.comparison_ids(), value=None,
