@@ -234,11 +234,11 @@ def test_app_compares_with_test_and_shift_then_lists_and_offers_downloads(tmp_pa
     assert (frame["shift F1"] != "-").all() and chart["visible"] and "Verdict" in verdict
     names = sorted(Path(f).name for f in _value(files))
     assert names == sorted([f"{cid}-table.csv", f"{cid}-comparison.json",
-                            f"{cid}-prefix-prefix.zip", f"{cid}-lora.zip"])
+                            f"{cid}-prefix.zip", f"{cid}-lora.zip"])
     by_name = {Path(f).name: Path(f) for f in _value(files)}
     with zipfile.ZipFile(by_name[f"{cid}-lora.zip"]) as z:
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(z.namelist())
-    with zipfile.ZipFile(by_name[f"{cid}-prefix-prefix.zip"]) as z:
+    with zipfile.ZipFile(by_name[f"{cid}-prefix.zip"]) as z:
         assert "prefix.safetensors" in z.namelist()
     rows = list(csv.DictReader(by_name[f"{cid}-table.csv"].open()))
     assert [r["method"] for r in rows] == ["prefix", "lora", "probe"]

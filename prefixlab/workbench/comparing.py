@@ -171,7 +171,8 @@ class CompareRoom:
             if row["method"] == "prefix":
                 run_id = Path(folder).name
                 if (self.store.runs_dir / run_id).is_dir():  # unless deleted from Runs
-                    files.append(self.download(run_id, "prefix"))
+                    files.append(_once(target / f"{cid}-prefix.zip", lambda p, r=run_id:
+                                       shutil.copyfile(self.download(r, "prefix"), p)))
             elif (source / folder).is_dir():
                 files.append(_once(target / f"{cid}-{row['method']}.zip",
                                    lambda p, d=source / folder: _zip(d, p)))
