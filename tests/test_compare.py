@@ -4,7 +4,11 @@ method that cannot run is refused before anything trains."""
 
 from __future__ import annotations
 
+import csv
 import json
+import threading
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,12 @@ from prefixlab.errors import ConfigError
 from prefixlab.runs import compare as compare_module
 from prefixlab.runs.compare import CompareConfig, run_comparison
 from prefixlab.runs.config import RunConfig
-from tests.conftest import LABELS, TEXTS, make_tokenizer, tiny_model
+from prefixlab.runs.folder import RunFolder
+from prefixlab.runs.presets import PRESETS, SETTING_NAMES
+from prefixlab.ui import compare_tab
+from prefixlab.workbench import Workbench
+from prefixlab.workbench.comparing import ComparisonError
+from tests.conftest import LABELS, TEXTS, make_tokenizer, save_tiny_model, tiny_model
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),  # PEFT on GPT-2's Conv1D
               pytest.mark.filterwarnings("ignore:.*deprecated:FutureWarning")]
@@ -150,3 +159,143 @@ def test_cli_refuses_a_bad_method_name_in_one_line(tmp_path, csv_file, capsys):
     assert err == ["error: unknown method lorra; the methods are prefix, prompt, lora, ia3, "
                    "full, probe, tfidf"]
     assert not out.exists()
+
+
+def test_cancel_mid_training_writes_only_what_finished(tmp_path, csv_file, llama):
+    asked = []
+
+    def should_stop() -> bool:  # the between-methods checks, then a few prefix steps
+        asked.append(1)
+        return len(asked) > 4
+
+    out = tmp_path / "cancelled"
+    result = run_comparison(_config(csv_file), CompareConfig(methods=["tfidf", "prefix",
+                                                                      "lora"]),
+                            out, llama, should_stop=should_stop)
+    assert [r["method"] for r in result["rows"]] == ["tfidf"]
+    assert result["cancelled"] == "prefix" and result["not_run"] == ["prefix", "lora"]
+    assert "not run: prefix tuning, LoRA" in result["verdict"][-1]
+    assert json.loads((out / "comparison.json").read_text()) == json.loads(
+        json.dumps(result, default=str))
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.json", "prefix"]
+    # the stopped prefix is a normal cancelled run (as Cancel in Runs leaves one), no row
+    assert RunFolder(out / "prefix").status()["state"] == "cancelled"
+
+
+# --- the app: workbench/comparing.py and ui/compare_tab.py ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+def _settings() -> list:
+    return [{**PRESETS["Quick look"], "prefix_length": 4, "max_minutes": 0.5}[k]
+            for k in SETTING_NAMES]
+
+
+def _start(wb: Workbench, csv: Path, methods: list[str], test=None, shift=None) -> tuple:
+    state = {"path": str(csv), "name": csv.name, "text": "text", "label": "label"}
+    return compare_tab.on_compare(wb, state, methods, "", test, shift, *_settings())
+
+
+def _finished(wb: Workbench, cid: str, timeout: float = 120.0) -> dict:
+    end = time.monotonic() + timeout
+    while (status := wb.comparison(cid))["state"] == "running":
+        assert time.monotonic() < end, f"comparison {cid} still running: {status}"
+        time.sleep(0.2)
+    return status
+
+
+def _value(update):
+    return update["value"] if isinstance(update, dict) and "__type__" in update else update
+
+
+def test_app_compares_with_test_and_shift_then_lists_and_offers_downloads(tmp_path, tiny_dir,
+                                                                          csv_file):
+    wb = Workbench(tmp_path / "data", model=str(tiny_dir))
+    test = tmp_path / "upload" / "test.csv"
+    test.parent.mkdir()
+    test.write_text(csv_file.read_text())
+    shift = tmp_path / "upload" / "shift.csv"
+    shift.write_text("text,label\nsome film was great,positive\nsome film was bad,negative\n")
+    plain = _start(wb, csv_file, ["prefix", "lora"])[0]
+    time.sleep(1.1)  # ids carry the second they began
+    cid, past, *_ = _start(wb, csv_file, ["prefix", "lora", "probe"], str(test), str(shift))
+    assert _value(past) == cid
+    test.unlink()  # the upload's temporary file may go: the comparison kept its copy
+    shift.unlink()
+    assert _finished(wb, cid)["state"] == "completed" and _finished(wb, plain)
+    progress, table, chart, verdict, files, cancel, timer = compare_tab.on_tick(wb, cid)
+    assert "Comparison finished" in progress and not cancel["visible"]
+    frame = _value(table)
+    assert {"test F1", "shift F1"} <= set(frame.columns) and len(frame) == 3
+    assert (frame["shift F1"] != "-").all() and chart["visible"] and "Verdict" in verdict
+    names = sorted(Path(f).name for f in _value(files))
+    assert names == sorted([f"{cid}-table.csv", f"{cid}-comparison.json",
+                            f"{cid}-prefix.zip", f"{cid}-lora.zip"])
+    by_name = {Path(f).name: Path(f) for f in _value(files)}
+    with zipfile.ZipFile(by_name[f"{cid}-lora.zip"]) as z:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(z.namelist())
+    with zipfile.ZipFile(by_name[f"{cid}-prefix.zip"]) as z:
+        assert "prefix.safetensors" in z.namelist()
+    rows = list(csv.DictReader(by_name[f"{cid}-table.csv"].open()))
+    assert [r["method"] for r in rows] == ["prefix", "lora", "probe"]
+    assert all(float(r["shift_macro_f1"]) >= 0 and r["stored_bytes"] for r in rows)
+
+    # the app restarts: a new workbench lists both, newest first, and shows each again
+    again = Workbench(tmp_path / "data", model=str(tiny_dir))
+    assert compare_tab.past_choices(again)["choices"] == [cid, plain]
+    shown_cid, progress, table, *_ = compare_tab.on_pick(again, plain)
+    assert shown_cid == plain and "Comparison finished" in progress
+    assert "test F1" not in _value(table).columns  # no test or shift CSV: no such columns
+    assert compare_tab.on_pick(again, None)[0] is None
+
+
+def test_app_cancels_a_comparison_between_methods(tmp_path, tiny_dir, csv_file, monkeypatch):
+    wb = Workbench(tmp_path / "data", model=str(tiny_dir))
+    real_probe, cancelled = compare_module.train_probe, threading.Event()
+
+    def probe(*args, **kwargs):  # the probe ends only once Cancel was pressed
+        assert cancelled.wait(60)
+        return real_probe(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "train_probe", probe)
+    cid, *_ = _start(wb, csv_file, ["probe", "prefix", "tfidf"])
+    while wb.comparison(cid)["methods"]["probe"]["state"] != "training":
+        time.sleep(0.05)
+    progress, *_, cancel, timer = compare_tab.on_cancel(wb, cid)
+    assert progress.startswith("Cancelling") and not cancel["interactive"]
+    cancelled.set()
+    status = _finished(wb, cid)
+    assert status["state"] == "cancelled"
+    assert status["result"]["not_run"] == ["prefix", "tfidf"]
+    progress, table, _, verdict, files, cancel, timer = compare_tab.on_tick(wb, cid)
+    assert progress.startswith("Comparison cancelled: 1 of 3 methods finished (linear probe)")
+    assert progress.count("not run") == 2 and "not run: prefix tuning, TF-IDF" in verdict
+    assert list(_value(table)["method"]) == ["linear probe"] and not cancel["visible"]
+    assert sorted(Path(f).name for f in _value(files)) == [f"{cid}-comparison.json",
+                                                           f"{cid}-table.csv"]
+    assert not (wb.store.runs_dir / f"{cid}-prefix").exists()  # the prefix never began
+    with pytest.raises(ComparisonError, match="cancelled; only a running one"):
+        compare_tab.on_cancel(wb, cid)
+
+
+def test_a_comparison_left_running_by_another_process_reads_as_interrupted(tmp_path,
+                                                                            tiny_dir):
+    wb = Workbench(tmp_path / "data", model=str(tiny_dir))
+    folder = wb.comparisons_dir / "old-20240101-000000"
+    folder.mkdir(parents=True)
+    (folder / "progress.json").write_text(json.dumps({
+        "state": "running", "pid": -1, "started": 1.0,
+        "methods": {"prefix": {"state": "training", "step": 3, "total_steps": 9,
+                               "elapsed_s": 1.0}, "lora": {"state": "waiting"}}}))
+    progress, table, _, _, files, cancel, timer = compare_tab.on_pick(wb, folder.name)[1:]
+    assert progress.startswith("Comparison interrupted")
+    assert "prefix tuning**: interrupted" in progress and "LoRA**: not run" in progress
+    assert not table["visible"] and not files["visible"] and not cancel["visible"]
+    with pytest.raises(ComparisonError):
+        wb.cancel_comparison(folder.name)
+    with pytest.raises(FileNotFoundError):
+        wb.comparison("../runs")

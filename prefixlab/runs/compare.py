@@ -161,7 +161,9 @@ def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
     comparison.json's content. The prefix run goes to `prefix_folder` (the app's runs
     directory, so Runs lists it), else to `output`/prefix. `on_event` hears each method's
     progress: {"method", "state" (training | scoring | done | failed | cancelled), "step",
-    "total_steps", "elapsed_s"}."""
+    "total_steps", "elapsed_s"}. Once `should_stop` says so (checked while a method trains
+    and between methods) the methods finished so far are written with `cancelled` (the method
+    that was stopped or next) and `not_run` (it and those after it)."""
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose another output")
@@ -188,7 +190,14 @@ def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
                        "GPU peak on CUDA",
         "rows": [],
     }
-    for name in compare.methods:
+    for i, name in enumerate(compare.methods):
+        # probe, TF-IDF and scoring never look at should_stop: a cancel asked during them
+        # stops here, before the next method trains
+        if should_stop is not None and should_stop():
+            result["cancelled"] = name
+            result["not_run"] = compare.methods[i:]
+            break
+
         def on_step(info: StepInfo, name: str = name) -> None:
             tell({"method": name, "state": "training", "step": info.step,
                   "total_steps": info.total_steps, "elapsed_s": info.elapsed_s})
@@ -205,9 +214,10 @@ def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
                                    "error": str(e)})
             tell({"method": name, "state": "failed", "error": str(e)})
             continue
-        if contender is None:
+        if contender is None:  # stopped mid-training: that method keeps nothing
             tell({"method": name, "state": "cancelled"})
             result["cancelled"] = name
+            result["not_run"] = compare.methods[i:]
             break
         tell({"method": name, "state": "scoring"})
         row = _row(name, contender, loaded, test, shift, time.perf_counter() - began)
@@ -218,7 +228,14 @@ def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
         tell({"method": name, "state": "done", "macro_f1": row["validation"]["macro_f1"]})
     result["verdict"] = verdict(result["rows"], has_test=test is not None,
                                 has_shift=shift is not None)
-    (out / FILE).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if "not_run" in result:
+        result["verdict"].append(
+            "the comparison was cancelled, so these figures cover only the methods above; "
+            "not run: " + ", ".join(METHODS[m].title for m in result["not_run"]))
+    # whole or not at all: a reader (the app's poll) never sees half a file
+    tmp = out / f".{FILE}.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    tmp.replace(out / FILE)
     return result
 
 

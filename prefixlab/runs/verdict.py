@@ -92,6 +92,11 @@ def verdict(rows: Sequence[dict], *, has_test: bool, has_shift: bool) -> list[st
     return out
 
 
+def _signed(points: float) -> str:
+    """+1.5 / -2.0 / +0.0: a difference that rounds to nothing is not shown as "-0.0"."""
+    return f"{round(points, 1) + 0.0:+.1f}"
+
+
 def _shift_words(rows: Sequence[dict], key: str) -> list[str]:
     best = max(rows, key=lambda r: r["shift"]["macro_f1"])
     n = best["shift"]["rows"]
@@ -99,7 +104,7 @@ def _shift_words(rows: Sequence[dict], key: str) -> list[str]:
     steady = min(rows, key=lambda r: drops[r["method"]])
     words = [f"on the {n} shift rows {best['title']} scored best (macro-F1 "
              f"{best['shift']['macro_f1']:.3f}); {steady['title']} held up best against its "
-             f"{key} score (shift minus {key}: {-drops[steady['method']]:+.1f} points)"]
+             f"{key} score (shift minus {key}: {_signed(-drops[steady['method']])} points)"]
     prefix = next((r for r in rows if r["method"] == "prefix"), None)
     if prefix is not None and prefix is not best:
         gap = 100 * (best["shift"]["macro_f1"] - prefix["shift"]["macro_f1"])
