@@ -1,6 +1,7 @@
-"""Explain in a real browser: pick a trained run in the Playground, type a text, click
-Explain, read the three probability rows and the highlighted words with their legend; in
-the Inspect tab, ask the model to describe its prefix. Screenshots go to
+"""Inspect v3 in a real browser: open a trained run in the Inspect tab and read its summary,
+find a readable prompt, ask the model to describe its prefix; then pick the run in the
+Playground, type a text, click Explain, read the three probability rows and the highlighted
+words with their legend. Screenshots go to
 $PREFIXLAB_SCREENSHOTS (default: the test's tmp folder)."""
 
 from __future__ import annotations
@@ -61,8 +62,37 @@ def page(browser, trained, workdir):  # noqa: F811
             assert not errors, f"JavaScript errors in the page: {errors}"
 
 
-def test_explain_a_text_in_the_playground(page, screenshots):  # noqa: F811
+def test_summary_then_readable_prompt_then_explanation(page, screenshots):  # noqa: F811
+    """A user's walk through issue 28: what training changed (the summary), a readable prompt
+    beside its start and nearest-token texts, the model's descriptions, then one decision
+    explained in the Playground."""
     from playwright.sync_api import expect
+
+    open_tab(page, "Inspect")
+    page.get_by_role("combobox", name="Run", exact=True).click()
+    page.get_by_role("option", name=re.compile(r"^explained run · completed")).click()
+    page.locator("#inspect-open").click()
+    summary = page.locator("#inspect-summary")
+    expect(summary).to_contain_text("What training changed")
+    shoot(page, screenshots, "inspect-summary", summary)
+
+    page.locator("#inspect-readable-steps input[type=number]").fill("10")
+    page.locator("#inspect-readable").click()
+    note = page.locator("#inspect-readable-note")
+    expect(note).to_contain_text("Written to the run folder as readable_prompt.json")
+    expect(note).to_contain_text(re.compile(r"Searched \d+ steps on \d+ training rows"))
+    readings = page.locator("#inspect-readable-table")
+    for name in ("readable prompt", "start text", "nearest tokens", "agreement with the prefix"):
+        expect(readings).to_contain_text(name)
+    shoot(page, screenshots, "inspect-readable", page.locator("#inspect-readable-note"))
+    shoot(page, screenshots, "inspect-readable-table", readings)
+
+    page.locator("#inspect-describe").click()
+    expect(page.locator("#inspect-describe-note")).to_contain_text(
+        re.compile(r"\d+ of \d+ descriptions name"))
+    table = page.locator("#inspect-describe-table")
+    expect(table).to_contain_text("none (the start)")
+    shoot(page, screenshots, "explain-describe", table)
 
     open_tab(page, "Playground")
     page.get_by_role("combobox", name="Prefix (a classification run)").click()
@@ -87,15 +117,3 @@ def test_explain_a_text_in_the_playground(page, screenshots):  # noqa: F811
     assert legend["y"] >= last["y"] + last["height"] - 1, (last, legend)
     shoot(page, screenshots, "explain-playground", page.locator("#explain-words"))
     shoot(page, screenshots, "explain-probs", probs)
-
-    open_tab(page, "Inspect")
-    page.get_by_role("combobox", name="Run", exact=True).click()
-    page.get_by_role("option", name=re.compile(r"^explained run · completed")).click()
-    page.locator("#inspect-open").click()
-    expect(page.locator("#inspect-summary")).to_contain_text("What training changed")
-    page.locator("#inspect-describe").click()
-    expect(page.locator("#inspect-describe-note")).to_contain_text(
-        re.compile(r"\d+ of \d+ descriptions name"))
-    table = page.locator("#inspect-describe-table")
-    expect(table).to_contain_text("none (the start)")
-    shoot(page, screenshots, "explain-describe", table)
