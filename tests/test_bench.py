@@ -43,7 +43,8 @@ def test_both_contenders_run_and_score_the_same_prefix_alike(tokenizer):
     from prefixlab.engine.models import prepare_model
 
     cfg = task.BenchConfig(rows=16, eval_rows=12, epochs=2, batch_size=4, prefix_length=4,
-                           max_length=48, warmup_steps=2, score_batch_size=5)
+                           max_length=48, warmup_steps=2, score_batch_size=5, gen_rows=4,
+                           gen_tokens=6)
     data = _tiny_data()
     runs = {}
     for name in task.CONTENDERS:  # a fresh model each: PEFT wraps the one it gets
@@ -82,7 +83,22 @@ def test_both_contenders_run_and_score_the_same_prefix_alike(tokenizer):
     # generic and lean steps are the same maths: the same batches give the same losses
     assert abs(ablations["generic"]["train"]["final_loss"]
                - ours["train"]["final_loss"]) < 1e-4
+    # ours in bfloat16 beside float32: training, scoring and generation, with the ratio
+    assert ours["precision"] == "float32"
+    assert ours["generate"]["tokens"] == cfg.gen_rows * cfg.gen_tokens  # EOS ends no row
+    bf16 = prepare_model(tiny_model("llama"), tokenizer, "tiny-llama", torch.device("cpu"),
+                         torch.bfloat16)
+    ablations["precision bfloat16"] = speed.run_worker(
+        "ours", task.BenchConfig(**{**vars(cfg), "precision": "bfloat16"}), loaded=bf16,
+        data=data)
+    assert ablations["precision bfloat16"]["generate"]["tokens"] == cfg.gen_rows * cfg.gen_tokens
     report = format_report(cfg, runs, [100.0], ablations, [20.0, 5.5])
+    table = report[report.index("ours in each precision"):].splitlines()
+    assert "CPU bfloat16 instructions: " in table[0]
+    assert re.fullmatch(r" +float32 +bfloat16 +bfloat16/float32", table[1])
+    for row in ("training examples/s", "scoring examples/s", "generation tokens/s"):
+        assert any(re.fullmatch(rf"{row} +\d+\.\d+ +\d+\.\d+ +\d+\.\d\dx", line)
+                   for line in table[2:5]), row
     assert "without the lean Llama step" in report and "without length bucketing" in report
     assert "5.5 s (second start" in report and re.search(r"app_start_s +5\.500 +<= 8 +met",
                                                           report)
@@ -117,6 +133,8 @@ def test_peft_layout_round_trips():
 def test_config_refuses_impossible_sizes():
     with pytest.raises(ValueError, match="rows must be at least 1.*epochs must be at least 1"):
         task.BenchConfig(rows=0, epochs=0)
+    with pytest.raises(ValueError, match="gen_rows must be at least 0.*gen_tokens must be"):
+        task.BenchConfig(gen_rows=-1, gen_tokens=0)
 
 
 @pytest.mark.slow

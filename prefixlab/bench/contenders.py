@@ -115,8 +115,31 @@ def run_ours(loaded: LoadedModel, task: Task, cfg: BenchConfig) -> dict:
     report = classification_report(task.held_out.labels, preds, task.encoder.labels)
     result["eval"] = {"macro_f1": report["macro_f1"], "accuracy": report["accuracy"]}
     result["score"] = {"examples_per_s": [len(texts) / seconds], "seconds": [seconds]}
+    if cfg.gen_rows and cfg.variant == "full":  # a variant changes nothing generation runs
+        result["generate"] = time_generation(loaded, kv, task.encoder.prompts(texts),
+                                             cfg.gen_rows, cfg.gen_tokens)
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+def time_generation(loaded: LoadedModel, kv: torch.Tensor, prompts: Sequence[Sequence[int]],
+                    rows: int, tokens: int) -> dict:
+    """Greedy decoding (`decode.generate_ids`) of the first `rows` prompts in one batch after
+    the prefix, `tokens` new tokens each: tokens/s. No token id is EOS here (-1), so every
+    row runs to `tokens` whatever the model predicts: equal work in every precision. Warmed
+    up on one short run first (first-call costs: allocator, lazy imports)."""
+    from prefixlab.engine.decode import DecodeConfig, generate_ids
+
+    prompts = list(prompts[:rows])
+    pad = loaded.tokenizer.pad_token_id
+    generate_ids(loaded.model, kv, prompts[:1], -1, pad, DecodeConfig(max_new_tokens=2))
+    config = DecodeConfig(max_new_tokens=tokens, batch_size=max(len(prompts), 1))
+    start = time.perf_counter()
+    out = generate_ids(loaded.model, kv, prompts, -1, pad, config)
+    seconds = time.perf_counter() - start
+    made = sum(len(r) for r in out)
+    return {"rows": len(prompts), "tokens": made, "seconds": seconds,
+            "tokens_per_s": made / seconds if seconds else 0.0}
 
 
 def random_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,

@@ -155,6 +155,9 @@ def format_report(cfg: BenchConfig, runs: dict[str, list[dict]], peaks: list[flo
         f"{s['matmul_gflops']:.1f} GFLOP/s = {s['flop_utilization']:.2f} "
         f"(PEFT: {4 * runs['ours'][0]['non_embedding_parameters'] * med('peft', 'train', 'tokens_per_s') / (s['matmul_gflops'] * 1e9):.2f})",  # noqa: E501
     ]
+    precisions = {k: r for k, r in (ablations or {}).items() if k.startswith("precision ")}
+    if precisions:
+        lines += ["", *precision_table(runs["ours"][0], list(precisions.values()), isa)]
     if ablations:
         lines += ["", *_ablation_table(runs, ablations)]
     if app_starts:
@@ -208,6 +211,40 @@ def _ablation_table(runs: dict[str, list[dict]], ablations: dict[str, dict]) -> 
         lines.append(f"{label:<58}{r.get('precision', ''):>10}{eps:>7.2f}{score:>11.2f}"
                      f"{r['peak_rss_train_bytes'] / GB:>8.2f}"
                      f"{r['eval']['macro_f1']:>7.3f}{base / eps:>12.2f}x")
+    return lines
+
+
+PRECISION_ROWS = [
+    ("training examples/s", ("train", "examples_per_s"), "{:.2f}"),
+    ("scoring examples/s", ("score", "examples_per_s"), "{:.2f}"),
+    ("generation tokens/s", ("generate", "tokens_per_s"), "{:.1f}"),
+]
+
+
+def precision_table(base: dict, others: Sequence[dict], isa: str) -> list[str]:
+    """Ours in its own precision (`base`, the first seed) beside the same run in each other
+    precision (`--compare-precision`): the same rows and batches, so the ratios are the
+    precisions' speeds alone. `isa`: the CPU's bfloat16 instructions, without which bf16
+    runs emulated."""
+    cols = [base, *others]
+    names = [str(r.get("precision", "?")) for r in cols]
+    ratios = [f"{n}/{names[0]}" for n in names[1:]]
+    lines = [
+        f"ours in each precision (first seed; CPU bfloat16 instructions: {isa})",
+        f"{'':<28}" + "".join(f"{n:>12}" for n in names) + "".join(f"{r:>19}" for r in ratios),
+    ]
+    for label, path, fmt in PRECISION_ROWS:
+        vals = []
+        for r in cols:
+            try:
+                v = _dig(r, path)
+            except KeyError:  # e.g. a run without generation (gen_rows 0)
+                v = float("nan")
+            vals.append(_median(v) if isinstance(v, list) else float(v))
+        shown = "".join(f"{fmt.format(v):>12}" for v in vals)
+        shown += "".join(f"{v / vals[0]:>18.2f}x" if vals[0] else f"{'-':>19}"
+                         for v in vals[1:])
+        lines.append(f"{label:<28}{shown}")
     return lines
 
 

@@ -7,6 +7,10 @@ batches padded to their longest row in random order, labels -100 outside the lab
 Both get the same base model, data, prompt template, prefix length and initial prefix, batch
 size, max length, learning-rate schedule, gradient clipping, epochs and seed. Held-out texts are
 then scored both ways: `score_labels`, and every label's full sequence through PEFT's forward.
+Ours then continues a few held-out prompts greedily (generation tokens/s). With
+`--compare-precision bfloat16` ours runs again in that precision on the same rows, and a table
+puts training examples/s, scoring examples/s and generation tokens/s side by side with their
+ratio and the CPU's bfloat16 instructions (without them bf16 is emulated, and slower).
 
 Each contender runs in its own child process (`--worker ours|peft`, started without a shell,
 one JSON object on stdout), so its peak RSS is its own. The parent measures this machine's
@@ -137,10 +141,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
         else:
             runs[contender].append(result)
         t = result["train"]
-        log(f"[{name} seed {cfg.seed + r}] {time.perf_counter() - began:.0f}s: "
+        gen = result.get("generate")
+        log(f"[{name}{'@' + precision if precision else ''} seed {cfg.seed + r}] "
+            f"{time.perf_counter() - began:.0f}s: "
             f"{t['examples_per_s']:.2f} ex/s, {t['tokens_per_s']:.1f} tok/s, "
             f"loss {t['final_loss']:.4f}, F1 {result['eval']['macro_f1']:.3f}, "
-            f"peak RSS {result['peak_rss_train_bytes'] / GB:.2f} GB")
+            + (f"generation {gen['tokens_per_s']:.1f} tok/s, " if gen else "")
+            + f"peak RSS {result['peak_rss_train_bytes'] / GB:.2f} GB")
         peaks += matmul_gflops(repeats=3, device=cfg.device, dtype=dtypes[used])
     starts = app_starts(cfg.model) if app else None
     if starts:
@@ -183,8 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiplies it natively, else float32); PEFT loads float32")
     p.add_argument("--compare-precision", action="append", default=[],
                    choices=[p for p in PRECISIONS if p != "auto"],
-                   help="also train and score ours in this precision, side by side "
-                        "(repeatable)")
+                   help="also train, score and generate with ours in this precision, side by "
+                        "side with the ratio (repeatable)")
+    p.add_argument("--gen-rows", type=int, default=d.gen_rows,
+                   help="held-out prompts ours continues greedily for generation tokens/s "
+                        "(0: none)")
+    p.add_argument("--gen-tokens", type=int, default=d.gen_tokens,
+                   help="tokens generated per prompt (EOS does not end a row)")
     p.add_argument("--no-app", action="store_true",
                    help="skip timing two starts of app.py")
     p.add_argument("--quick", action="store_true",

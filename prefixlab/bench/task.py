@@ -47,6 +47,12 @@ class BenchConfig:
     warmup_steps: int = 10
     score_batch_size: int = 16
     """Texts per scoring batch (PEFT scores text x label rows, this many rows per batch)."""
+    gen_rows: int = 16
+    """Held-out prompts ours continues greedily after scoring, in one batch, for generation
+    tokens/s (0: none). PEFT does not generate here (bench.generation compares generators)."""
+    gen_tokens: int = 32
+    """Tokens generated per prompt: EOS does not end a row, so every precision and run does
+    the same work."""
     template: str = DEFAULT_TEMPLATE
     seed: int = 0
     """Seed of the data sample and of the first repeat's training (batch order)."""
@@ -78,6 +84,10 @@ class BenchConfig:
         problems.extend(check_precision(self.precision))
         if self.variant not in VARIANTS:
             problems.append(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.gen_rows < 0:
+            problems.append(f"gen_rows must be at least 0, got {self.gen_rows}")
+        if not 1 <= self.gen_tokens <= 4096:
+            problems.append(f"gen_tokens must be 1..4096, got {self.gen_tokens}")
         if self.rows + self.eval_rows < 6:
             problems.append("rows + eval_rows must be at least 6 for a stratified sample")
         if problems:

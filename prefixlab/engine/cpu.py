@@ -38,8 +38,10 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """x @ weight^T + bias through oneDNN where torch has it (any layout of `weight`: the
     backward passes weight^T as a view). MKL, torch's default, takes its AVX2 path on AMD
-    processors, where oneDNN uses AVX-512."""
-    if ONEDNN:
+    processors, where oneDNN uses AVX-512. Other dtypes (bfloat16) go through torch's own
+    matmul: oneDNN's fused linear refuses bf16 on a CPU without AVX-512, and where bf16 is
+    native torch's matmul reaches oneDNN by itself."""
+    if ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
     return F.linear(x, weight, bias)
 

@@ -13,7 +13,11 @@ All decoder layers are one autograd node (`_LlamaStack`) with a hand-written bac
   padding, no position the loss reads sees padding, and padded positions get no gradient;
 - the lead (a template's head, the same in every row) is computed once, not once per row;
 - the last layer's output projection and MLP run only at the positions the loss reads;
-- frozen weights get no gradient: each linear layer's backward is one matmul.
+- frozen weights get no gradient: each linear layer's backward is one matmul;
+- with bfloat16 weights the matmuls, attention and the residual stream run in bf16, as the
+  model's own modules do (`batch_loss`), while rms-norm statistics, attention's
+  log-sum-exp, the logits' softmax and loss, the gradient along the residual stream and the
+  prefix's gradient stay float32. The prefix is cast to bf16 once per call.
 
 Registered with the llama family in `prefixlab.engine.families` (`lean_training_loss`), which
 `train()` asks for its loss.
@@ -32,13 +36,17 @@ from prefixlab.engine.encode import weighted_mean
 
 
 def lean_supported(model: nn.Module) -> bool:
-    """Whether `lean_loss` computes exactly what batch_loss computes for this model: a model of
-    a family that registers this step (prefixlab.engine.families), frozen, float32, on CPU."""
+    """Whether `lean_loss` computes what batch_loss computes for this model: a model of a
+    family that registers this step (prefixlab.engine.families), frozen, on CPU, with its
+    weights all float32 (the same up to summation order) or all bfloat16 (the same up to
+    bf16 rounding, see the module docstring)."""
     if getattr(model.config, "hidden_act", None) != "silu":
         return False
     if next(model.parameters()).device.type != "cpu" or model.training:
         return False
-    if any(p.requires_grad or p.dtype != torch.float32 for p in model.parameters()):
+    if any(p.requires_grad for p in model.parameters()):
+        return False
+    if {p.dtype for p in model.parameters()} not in ({torch.float32}, {torch.bfloat16}):
         return False
     inner = getattr(model, "model", None)
     return all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
@@ -54,9 +62,9 @@ class Workspace:
         self.blocks: list[torch.Tensor] = []
         self.block = self.offset = 0
 
-    def take(self, *shape: int) -> torch.Tensor:
-        """An uninitialized float32 tensor of `shape` in the workspace."""
-        n = math.prod(shape) * 4
+    def take(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialized tensor of `shape` and `dtype` in the workspace."""
+        n = math.prod(shape) * dtype.itemsize
         start = -(-self.offset // 64) * 64  # 64-byte aligned
         if start + n > self.BLOCK:
             self.block, start = self.block + 1, 0
@@ -65,12 +73,12 @@ class Workspace:
         if start + n > self.blocks[self.block].numel():  # one tensor larger than a block
             self.blocks[self.block] = torch.empty(start + n, dtype=torch.uint8)
         self.offset = start + n
-        return self.blocks[self.block][start : start + n].view(torch.float32).view(shape)
+        return self.blocks[self.block][start : start + n].view(dtype).view(shape)
 
     def keep(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A copy of a float32 `tensor` in the workspace, for one computed outside it (the
-        heap) that the backward needs."""
-        return self.take(*tensor.shape).copy_(tensor)
+        """A copy of `tensor` in the workspace, for one computed outside it (the heap) that
+        the backward needs."""
+        return self.take(*tensor.shape, dtype=tensor.dtype).copy_(tensor)
 
     def reset(self) -> None:
         """Call when nothing refers to what `take` returned any more."""
@@ -104,10 +112,24 @@ def _rope_backward_into(out: torch.Tensor, grad: torch.Tensor, cos: torch.Tensor
     o2.addcmul_(g1, sin[..., :h], value=-1)
 
 
+def _rms_stat(x: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """rstd = 1/sqrt(mean(x^2) + eps) over the last dimension, in float32 whatever x's dtype
+    (a bf16 mean of squares loses the small ones), as the model's own norm computes it."""
+    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps, out=out)
+
+
+def _rms_apply(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """w * x * rstd in x's dtype: the product x * rstd is float32, rounded once to x's dtype
+    before the weight, in the model's own norm's order."""
+    return (x * rstd).to(x.dtype) * weight
+
+
 def _rms_backward(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor,
                   weight: torch.Tensor) -> torch.Tensor:
-    """Gradient of w * x * rstd, rstd = 1/sqrt(mean(x^2) + eps), with respect to x."""
-    gw = grad * weight
+    """Gradient of w * x * rstd, rstd = 1/sqrt(mean(x^2) + eps), with respect to x: float32
+    whatever the inputs' dtype (the mean over C is a sum of C products)."""
+    gw = grad.float() * weight
+    x = x.float()
     return rstd * (gw - x * (rstd * rstd * (gw * x).mean(-1, keepdim=True)))
 
 
@@ -123,6 +145,8 @@ class _LlamaStack(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kv, h, inner, keep, rope, rope_lead, bias, bias_lead, ws):
+        ctx.kv_dtype = kv.dtype
+        kv = kv.to(h.dtype)  # a float32 prefix, once for all layers: (L, 2, H_kv, P, D)
         B, T = keep.shape
         BT = B * T
         S = h.shape[0] - BT  # lead tokens
@@ -139,16 +163,17 @@ class _LlamaStack(torch.autograd.Function):
             Hk = attn.k_proj.out_features // D
             G = attn.q_proj.out_features // D // Hk  # query heads per key/value head
             norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-            rstd1 = ws.take(h.shape[0], 1)
-            torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm1.variance_epsilon, out=rstd1)
-            x = h * rstd1 * norm1.weight  # (N, C)
+            rstd1 = _rms_stat(h, norm1.variance_epsilon, out=ws.take(h.shape[0], 1))  # float32
+            x = _rms_apply(h, rstd1, norm1.weight)  # (N, C)
             q = linear(x, attn.q_proj.weight, attn.q_proj.bias)  # (N, Hk*G*D)
             k = linear(x, attn.k_proj.weight, attn.k_proj.bias)  # (N, Hk*D)
             v = linear(x, attn.v_proj.weight, attn.v_proj.bias)
-            qg = ws.take(B, Hk, G * T, D)  # queries grouped by their key/value head, RoPE'd
+            # queries grouped by their key/value head, RoPE'd
+            qg = ws.take(B, Hk, G * T, D, dtype=h.dtype)
             _rope_into(qg.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4),
                        q[:BT].view(B, T, Hk, G, D), cos.unsqueeze(2), sin.unsqueeze(2))
-            keys, values = ws.take(B, Hk, P + S + T, D), ws.take(B, Hk, P + S + T, D)
+            keys = ws.take(B, Hk, P + S + T, D, dtype=h.dtype)
+            values = ws.take(B, Hk, P + S + T, D, dtype=h.dtype)
             keys[:, :, :P], values[:, :, :P] = kv[i, 0], kv[i, 1]
             if S:  # row 0's copy, then the others
                 _rope_into(keys[0, :, P : P + S].transpose(0, 1), k[BT:].view(S, Hk, D),
@@ -167,10 +192,10 @@ class _LlamaStack(torch.autograd.Function):
                 h_res = h[:BT][keep_flat]  # (n, C)
             else:
                 h_res = h
-                o = torch.empty(h.shape[0], q.shape[-1])  # (N, H*D): rows, then the lead
+                o = h.new_empty(h.shape[0], q.shape[-1])  # (N, H*D): rows, then the lead
                 o[:BT].view(B, T, Hk, G, D).copy_(o_rows)
                 if S:  # the lead attends to the prefix and itself: row 0's copy of them
-                    qgl = ws.take(1, Hk, G * S, D)
+                    qgl = ws.take(1, Hk, G * S, D, dtype=h.dtype)
                     _rope_into(qgl.view(Hk, G, S, D).permute(2, 0, 1, 3),
                                q[BT:].view(S, Hk, G, D), cos_l.unsqueeze(2),
                                sin_l.unsqueeze(2))
@@ -180,17 +205,16 @@ class _LlamaStack(torch.autograd.Function):
                     lead = (qgl, ol, lse_l)
             del q, k, v, x, o_rows
             h_in = h if i else None  # the embeddings need no gradient: not kept
-            h2 = ws.take(*h_res.shape)
+            h2 = ws.take(*h_res.shape, dtype=h.dtype)
             torch.add(h_res, linear(o, attn.o_proj.weight, attn.o_proj.bias), out=h2)
-            rstd2 = ws.take(h2.shape[0], 1)
-            torch.rsqrt(h2.pow(2).mean(-1, keepdim=True) + norm2.variance_epsilon, out=rstd2)
-            x = h2 * rstd2 * norm2.weight
+            rstd2 = _rms_stat(h2, norm2.variance_epsilon, out=ws.take(h2.shape[0], 1))
+            x = _rms_apply(h2, rstd2, norm2.weight)
             # kept for the backward: in the workspace, not the heap (see Workspace)
-            gate = ws.take(h2.shape[0], mlp.gate_proj.out_features)
-            up = ws.take(h2.shape[0], mlp.up_proj.out_features)
+            gate = ws.take(h2.shape[0], mlp.gate_proj.out_features, dtype=h.dtype)
+            up = ws.take(h2.shape[0], mlp.up_proj.out_features, dtype=h.dtype)
             gate.copy_(linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias))
             up.copy_(linear(x, mlp.up_proj.weight, mlp.up_proj.bias))
-            out = ws.take(*h2.shape)
+            out = ws.take(*h2.shape, dtype=h.dtype)
             torch.add(h2, linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias),
                       out=out)
             saved.append((h_in, rstd1, qg, keys, values, o_att, lse, lead, h2, rstd2, gate, up))
@@ -210,32 +234,36 @@ class _LlamaStack(torch.autograd.Function):
         BT, N = B * T, B * T + S
         keep_flat = keep.reshape(-1)
         Hk, D = ctx.saved[0][3].shape[1], ctx.saved[0][3].shape[-1]
-        dkv = torch.zeros(len(layers), 2, Hk, P, D)  # (L, 2, H_kv, P, D)
-        dh = grad  # (n, C) at the last layer's output
+        dt = ctx.saved[0][3].dtype  # the weights' (compute) dtype
+        dkv = torch.zeros(len(layers), 2, Hk, P, D)  # (L, 2, H_kv, P, D), float32
+        # (n, C) at the last layer's output; float32 along the residual stream, cast to the
+        # compute dtype only where a matmul reads it (no copy when that is float32)
+        dh = grad.float()
         for i in range(last, -1, -1):
             h, rstd1, qg, keys, values, o_att, lse, lead, h2, rstd2, gate, up = ctx.saved[i]
             layer = layers[i]
             attn, mlp = layer.self_attn, layer.mlp
             G = qg.shape[2] // T
             # MLP: out = h2 + down(silu(gate) * up)
-            da = linear(dh, mlp.down_proj.weight.t())
+            da = linear(dh.to(dt), mlp.down_proj.weight.t())
             dgate = torch.ops.aten.silu_backward(da * up, gate)
             dup = da * F.silu(gate)
             dx = linear(dgate, mlp.gate_proj.weight.t()) + linear(dup, mlp.up_proj.weight.t())
             dh2 = dh + _rms_backward(dx, h2, rstd2, layer.post_attention_layernorm.weight)
             del da, dgate, dup, dx
             # attention output: h2 = h + o_proj(o)
-            do = linear(dh2, attn.o_proj.weight.t())  # (.., H*D)
+            do = linear(dh2.to(dt), attn.o_proj.weight.t())  # (.., H*D)
             if i == last:  # back from the scored positions to all, the lead's left at zero
                 do, dh2 = _scatter(do, keep_flat, N), _scatter(dh2, keep_flat, N)
             dog = do[:BT].view(B, T, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * T, D)
             dq, dkeys, dvalues = _attend_backward(dog, qg, keys, values, o_att, lse, ctx.bias,
                                                   attn.scaling)
-            dkv[i, 0] = dkeys[:, :, :P].sum(0)
-            dkv[i, 1] = dvalues[:, :, :P].sum(0)
+            # sums over rows in float32, whatever the compute dtype
+            dkv[i, 0] = dkeys[:, :, :P].sum(0, dtype=torch.float32)
+            dkv[i, 1] = dvalues[:, :, :P].sum(0, dtype=torch.float32)
             if S:
-                dkl = dkeys[:, :, P : P + S].sum(0)  # (Hk, S, D): from every row
-                dvl = dvalues[:, :, P : P + S].sum(0)
+                dkl = dkeys[:, :, P : P + S].sum(0, dtype=torch.float32)  # (Hk, S, D): all rows
+                dvl = dvalues[:, :, P : P + S].sum(0, dtype=torch.float32)
             dql = None
             if lead is not None:
                 qgl, ol, lse_l = lead
@@ -250,7 +278,8 @@ class _LlamaStack(torch.autograd.Function):
             if i == 0:  # the embeddings need no gradient
                 break
             # the projections' gradients, rows then lead, RoPE undone (its transpose)
-            dQ, dK, dV = torch.empty(N, Hk * G * D), torch.empty(N, Hk * D), torch.empty(N, Hk * D)
+            dQ = torch.empty(N, Hk * G * D, dtype=dt)
+            dK, dV = torch.empty(N, Hk * D, dtype=dt), torch.empty(N, Hk * D, dtype=dt)
             _rope_backward_into(dQ[:BT].view(B, T, Hk, G, D),
                                 dq.view(B, Hk, G, T, D).permute(0, 3, 1, 2, 4),
                                 cos.unsqueeze(2), sin.unsqueeze(2))
@@ -270,7 +299,7 @@ class _LlamaStack(torch.autograd.Function):
                   + linear(dV, attn.v_proj.weight.t()))
             dh = dh2 + _rms_backward(dx, h, rstd1, layer.input_layernorm.weight)
         ctx.saved = None
-        return dkv, None, None, None, None, None, None, None, None
+        return dkv.to(ctx.kv_dtype), None, None, None, None, None, None, None, None
 
 
 def _attend(qg, keys, values, bias, scaling: float):
@@ -354,7 +383,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 token_weights: torch.Tensor | None = None):
-        logits = (weight @ h.t()).t()  # (n, V)
+        # the matmul in the weights' dtype, the softmax and loss in float32, as batch_loss
+        logits = (weight @ h.t()).t().float()  # (n, V)
         lse = torch.logsumexp(logits, -1)  # (n,)
         rows = torch.arange(len(targets))
         loss = weighted_mean(lse - logits[rows, targets], token_weights)
@@ -373,23 +403,26 @@ class _HeadCrossEntropy(torch.autograd.Function):
         dlogits = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place: not needed again
         dlogits[torch.arange(n), targets] -= 1
         dlogits.mul_((grad * share).to(dlogits.dtype).unsqueeze(1))
+        # rounded to the weights' dtype for the matmul (no copy when that is float32): a
+        # float32 copy of a bf16 (V, C) weight would cost more than the whole step's memory
+        dlogits = dlogits.to(weight.dtype)
         k = _HeadCrossEntropy.SLICES
         if V % k:
             return dlogits @ weight, None, None, None
         parts = torch.bmm(dlogits.view(n, k, V // k).transpose(0, 1),
                           weight.view(k, V // k, -1))  # (k, n, C)
-        return parts.sum(0), None, None, None
+        return parts.sum(0, dtype=torch.float32), None, None, None
 
 
 class _RMSNorm(torch.autograd.Function):
-    """y = w * x / sqrt(mean(x^2) + eps), with w frozen; keeps x and 1/rms."""
+    """y = w * x / sqrt(mean(x^2) + eps), with w frozen; keeps x and 1/rms (float32)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        rstd = _rms_stat(x, eps)  # (..., 1), float32
         ctx.save_for_backward(x, rstd)
         ctx.weight = weight
-        return weight * (x * rstd)
+        return weight * (x * rstd).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
