@@ -438,11 +438,11 @@ def build(workbench: Workbench, dataset: gr.State, notice,
             prefix_dropout = gr.Slider(
                 0, 0.9, step=0.05, value=quick["prefix_dropout"], label="Prefix dropout",
                 elem_id="prefix-dropout",
-                info="Share of the prefix hidden at random in each training step, so no few "
-                     "slots carry the training topics; scoring reads it all (0 = off)")
+                info="Share of the prefix hidden at random in each training step; "
+                     "scoring reads it all (0 = off)")
         with gr.Row():
             shift_file = gr.File(label="Shift CSV (optional)", elem_id="shift-csv",
-                                 file_types=[".csv", ".tsv", ".txt"], height=120, scale=2)
+                                 file_types=[".csv", ".tsv", ".txt"], height=140, scale=2)
             gr.Markdown("A labeled CSV from other topics or sources, with the training file's "
                         "columns and labels. The final report scores the prefix on it beside "
                         "validation and warns when the two differ by more than 0.10; it "
