@@ -410,7 +410,7 @@ def test_a_file_without_a_text_column_is_refused_before_start(demo, workbench):
     *_, notice = handler(demo, "csv", "upload")(str(BAD_INPUTS / "no_text_column.csv"))
     check = next(f.fn for f in demo.fns.values() if f.name == "check")
     state = {"path": str(BAD_INPUTS / "no_text_column.csv"), "name": "no_text_column.csv"}
-    message, start, notice = check(state, *quick())
+    message, start, notice = check(state, None, *quick())
     assert "Cannot start with no_text_column.csv" in message
     assert "no column holds text" in message and start["interactive"] is False
 
@@ -421,10 +421,10 @@ def test_too_many_labels_for_the_prompt_are_refused_before_start(demo, tmp_path)
         f"the movie was great {i},label{i % 30}\n" for i in range(120)))
     check = next(f.fn for f in demo.fns.values() if f.name == "check")
     state = {"path": str(path), "name": "many.csv", "text": "text", "label": "label"}
-    message, start, _ = check(state, *quick(max_length=48))
+    message, start, _ = check(state, None, *quick(max_length=48))
     assert "Cannot start" in message and "lists the 30 label names" in message
     assert "raise the max tokens per example" in message and start["interactive"] is False
-    message, start, _ = check(state, *quick(max_length=512))
+    message, start, _ = check(state, None, *quick(max_length=512))
     assert message.startswith("Ready: many.csv") and start["interactive"] is True
 
 

@@ -1,5 +1,6 @@
 """Issue 32's levers against topic shift, each on a tiny model: the L2 pull toward the start,
-weight averaging of the last evaluations, and a topic-held-out validation slice."""
+weight averaging of the last evaluations, prefix dropout, and a topic-held-out validation
+slice."""
 
 from __future__ import annotations
 
@@ -7,25 +8,47 @@ import numpy as np
 import pytest
 import torch
 
-from prefixlab.engine.encode import Encoder, Template
-from prefixlab.engine.prefix import Prefix, PrefixConfig, average_prefixes, init_prefix
-from prefixlab.engine.train import TrainConfig, train
+from prefixlab.engine.encode import Encoder, Template, collate
+from prefixlab.engine.predict import score_log_likelihoods
+from prefixlab.engine.prefix import (
+    Prefix,
+    PrefixConfig,
+    average_prefixes,
+    init_prefix,
+    prefix_inputs,
+)
+from prefixlab.engine.train import TrainConfig, batch_loss, kept_slots, train
 from prefixlab.errors import ConfigError
 
+from .conftest import sentiment_batch
 from .test_topics import topical_texts
 from .test_train import toy_task
 
 
-def _trained(loaded, **settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """(start, end) of a prefix trained on the toy task with these TrainConfig settings."""
+def _trained(loaded, losses: list[float] | None = None, fast_path: bool = True,
+             **settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, end) of a prefix trained on the toy task with these TrainConfig settings;
+    each step's loss appended to `losses`."""
     texts, labels = toy_task(32)
     enc = Encoder(loaded.tokenizer, Template(), ["negative", "positive"], max_length=48)
     prefix = Prefix(loaded.shape, PrefixConfig(prefix_length=4))
     init_prefix(prefix, loaded.model, loaded.tokenizer, "Classify the text")
     start = prefix.folded()
     cfg = TrainConfig(learning_rate=1e-2, epochs=2, batch_size=8, **settings)
-    train(loaded.model, prefix, enc.examples(texts, labels), cfg, loaded.tokenizer.pad_token_id)
+    on_step = None if losses is None else (lambda info: losses.append(info.loss))
+    train(loaded.model, prefix, enc.examples(texts, labels), cfg, loaded.tokenizer.pad_token_id,
+          on_step=on_step, fast_path=fast_path)
     return start, prefix.folded()
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread, which switches the thread tuner off: two runs then sum in one order
+    and can be compared bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_start_pull_of_zero_is_todays_run_and_a_pull_stays_nearer_the_start(loaded):
@@ -37,6 +60,78 @@ def test_start_pull_of_zero_is_todays_run_and_a_pull_stays_nearer_the_start(load
     assert (pulled - start).norm() < 0.8 * (today - start).norm()
     with pytest.raises(ConfigError, match="start_pull"):
         TrainConfig(start_pull=-1.0)
+
+
+def test_prefix_dropout_of_zero_is_todays_run_bit_for_bit(loaded, one_thread):
+    today_losses, zero_losses = [], []
+    _, today = _trained(loaded, today_losses)
+    _, zero = _trained(loaded, zero_losses, prefix_dropout=0.0)
+    assert zero_losses == today_losses
+    assert torch.equal(zero, today)
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"prefix_dropout must be in \[0, 1\)"):
+            TrainConfig(prefix_dropout=bad)
+
+
+def _dropped_at_first_step(p: float, seed: int = 0) -> torch.Tensor:
+    keep = kept_slots(4, p, seed, 0)
+    assert keep.any() and not keep.all()  # the test needs both kinds of slot
+    return keep
+
+
+def test_prefix_dropout_hides_slots_from_the_loss_and_their_gradient(loaded):
+    examples, kv = sentiment_batch(loaded)
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    keep = _dropped_at_first_step(0.5)
+    kv = kv.detach().requires_grad_()
+    masked = batch_loss(loaded.model, kv, batch, keep)
+    (grad,) = torch.autograd.grad(masked, kv)
+    every_slot = batch_loss(loaded.model, kv.detach(), batch)
+    assert float(masked.detach()) != pytest.approx(float(every_slot))
+    assert torch.count_nonzero(grad[:, :, :, ~keep]) == 0  # (L, 2, H, dropped, D)
+    assert torch.count_nonzero(grad[:, :, :, keep]) > 0
+    # hidden slots still count for positions: the rows stay where the prefix expects them
+    hid, every = (prefix_inputs(loaded.model, kv, batch.attention_mask, m) for m in (keep, None))
+    assert torch.equal(hid["position_ids"], every["position_ids"])
+    assert torch.equal(hid["attention_mask"][:, :4], keep.long().expand(len(examples), 4))
+    # a training step leaves the dropped slots as they were (AdamW's first step moves by
+    # the gradient's sign, none where it is 0) and moves the others
+    start, one = _trained(loaded, max_steps=1, prefix_dropout=0.5)
+    assert torch.equal(one[:, :, :, ~keep], start[:, :, :, ~keep])
+    assert not torch.equal(one[:, :, :, keep], start[:, :, :, keep])
+    # and a run's losses are not the run without dropout's (both through autograd)
+    plain, dropped = [], []
+    _trained(loaded, plain, fast_path=False, max_steps=3)
+    _trained(loaded, dropped, max_steps=3, prefix_dropout=0.5)
+    assert dropped != pytest.approx(plain)
+
+
+def test_evaluation_during_prefix_dropout_reads_every_slot(loaded):
+    texts, labels = toy_task(32)
+    enc = Encoder(loaded.tokenizer, Template(), ["negative", "positive"], max_length=48)
+    examples = enc.examples(texts, labels)
+    prefix = Prefix(loaded.shape, PrefixConfig(prefix_length=4))
+    init_prefix(prefix, loaded.model, loaded.tokenizer, "Classify the text")
+    cfg = TrainConfig(learning_rate=1e-2, epochs=1, batch_size=8, eval_every=1,
+                      prefix_dropout=0.5)
+    gold = [enc.labels.index(y) for y in labels]
+    batch = collate(examples, loaded.tokenizer.pad_token_id)
+    seen = []
+
+    def evaluate(step: int) -> None:
+        kv = prefix.folded()
+        val_loss = -float(np.mean(score_log_likelihoods(loaded.model, kv, enc, texts)[
+            np.arange(len(texts)), gold]))
+        with torch.no_grad():
+            every = float(batch_loss(loaded.model, kv, batch))
+            hidden = float(batch_loss(loaded.model, kv, batch, kept_slots(4, 0.5, 0, step)))
+        seen.append((val_loss, every, hidden))
+
+    train(loaded.model, prefix, examples, cfg, loaded.tokenizer.pad_token_id, evaluate=evaluate)
+    assert len(seen) == 4
+    for val_loss, every, _ in seen:
+        assert val_loss == pytest.approx(every, abs=1e-4)
+    assert any(h != pytest.approx(v, abs=1e-3) for v, _, h in seen)
 
 
 def test_averaging_identical_snapshots_gives_the_snapshot():

@@ -115,7 +115,7 @@ def test_a_poll_answered_after_a_start_leaves_the_page_on_the_new_run(two_runs, 
                      "label": "label"}
             settings = [train_tab.PRESETS["Quick look"][k] for k in train_tab.SETTING_NAMES]
             started[0] = train_tab.on_start(workbench, followed, state, "second", "", 1,
-                                            *settings)
+                                            None, *settings)
             apply(page, started[0])
         return read(rid, offset)
 

@@ -5,6 +5,7 @@ outputs' values (plain, or gr.update dicts)."""
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import gradio as gr
@@ -155,17 +156,50 @@ def test_the_preview_shows_the_chosen_columns_first_each_with_its_share(bench, t
 
 def test_start_is_off_without_data_and_on_with_a_good_file(bench, tmp_path):
     workbench = bench[0]
-    message, start = train_tab.check(workbench, None, *quick())
+    message, start = train_tab.check(workbench, None, None, *quick())
     assert "Choose a CSV in the Data tab first" in message and start["interactive"] is False
     with pytest.raises(gr.Error, match="Choose a CSV"):
-        train_tab.on_start(workbench, None, "", "", 1, *quick())
+        train_tab.on_start(workbench, None, "", "", 1, None, *quick())
     csv = write_reviews_csv(tmp_path / "r.csv")
     state = {"path": str(csv), "name": "r.csv", "text": "text", "label": "label"}
-    message, start = train_tab.check(workbench, state, *quick())
+    message, start = train_tab.check(workbench, state, None, *quick())
     assert message.startswith("Ready: r.csv") and start["interactive"] is True
     bad = {"path": str(BAD_INPUTS / "no_text_column.csv"), "name": "x.csv"}
-    message, start = train_tab.check(workbench, bad, *quick())
+    message, start = train_tab.check(workbench, bad, None, *quick())
     assert "Cannot start with x.csv" in message and start["interactive"] is False
+
+
+def test_the_forms_shift_levers_and_file_reach_config_json_and_the_report(
+        model_dirs, tmp_path, monkeypatch):  # noqa: F811
+    """Issue 32's levers set in the Train form: in the run's config.json, the shift CSV kept in
+    the run folder (the upload's temp copy goes), and its scores in the report shown."""
+    from prefixlab.runs.experiment import execute_run
+
+    workbench = Workbench(tmp_path / "data", model=str(model_dirs["llama"]))
+    monkeypatch.setattr(workbench.store, "start", lambda run_id, resume=False: None)  # below
+    csv = write_reviews_csv(tmp_path / "r.csv")
+    (tmp_path / "upload").mkdir()
+    shift = write_reviews_csv(tmp_path / "upload" / "other.csv", rows=12)
+    state = {"path": str(csv), "name": "r.csv", "text": "text", "label": "label"}
+    levers = quick(validation_split="topics", start_pull=0.1, average_last=2,
+                   prefix_dropout=0.2)
+    message, start = train_tab.check(workbench, state, str(shift), *levers)
+    assert "the 12 rows of the shift CSV" in message and start["interactive"] is True
+    rid = train_tab.on_start(workbench, train_tab.Followed(), state, "levers", "", 1,
+                             str(shift), *levers)[0]["run_id"]
+    folder = workbench.folder(rid)
+    run = json.loads((folder.path / "config.json").read_text())["run"]
+    assert run["validation_split"] == "topics"
+    assert (run["training"]["start_pull"], run["training"]["average_last"],
+            run["training"]["prefix_dropout"]) == (0.1, 2, 0.2)
+    kept = Path(run["shift_csv"])
+    assert kept.parent == folder.path / "data" and kept.read_text() == shift.read_text()
+    shift.unlink()
+    # trained here rather than by a worker; the report reads the run's own copy
+    assert execute_run(folder, workbench.model()) is not None
+    assert workbench.refresh()[0].state == "completed"
+    report = train_tab.on_follow(workbench, train_tab.Followed(), rid)[6]
+    assert "| prefix on the shift set (12 rows) |" in report
 
 
 def test_presets_and_the_prefix_size_line(bench):

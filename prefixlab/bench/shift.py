@@ -2,7 +2,7 @@
 
     python -m prefixlab.bench.shift [--data-dir ../shared/data]
         [--sets davidson,disaster,tweets] [--cross polarity-tweets,tweets-polarity]
-        [--sizes 300] [--seeds 0,1,2] [--variants default,one-epoch,topics-val,pull,average]
+        [--sizes 300] [--seeds 0,1,2] [--variants default,one-epoch,topics-val,pull,average,dropout]
         [--preset quick|balanced|thorough] [--set KEY=VALUE ...] [--test-rows 300]
         [--output shift.json]
     python -m prefixlab.bench.shift --table shift.json [more.json ...]
@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict] = {
     "topics-val": {"validation_split": "topics"},
     "pull": {"training.start_pull": 0.1},
     "average": {"training.average_last": 3},
+    "dropout": {"training.prefix_dropout": 0.1},
 }
 """Each lever of issue 32 alone, as overrides of the recipe under test."""
 SHIFT_SHARE = 0.25  # of a set's rows, held out as whole topic clusters

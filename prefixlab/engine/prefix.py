@@ -143,13 +143,16 @@ def build_cache(kv: torch.Tensor, batch_size: int, model: nn.Module):
 
 
 def prefix_inputs(
-    model: nn.Module, kv: torch.Tensor | None, attention_mask: torch.Tensor
+    model: nn.Module, kv: torch.Tensor | None, attention_mask: torch.Tensor,
+    prefix_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | object]:
     """Keyword arguments that put `kv` in front of a batch: cache, extended mask, positions.
 
     The mask must cover prefix + input, (B, P + T): a mask of length T alone is padded with
     zeros at the end by transformers and silently hides the last input tokens. Positions start
     at P and skip left padding (generate's own rule).
+    `prefix_mask`: which prefix slots the input may attend to, (P,) or (B, P), true to keep;
+    None keeps all (training's prefix dropout, TrainConfig.prefix_dropout, hides some).
     """
     B = attention_mask.shape[0]
     if kv is None:
@@ -159,6 +162,11 @@ def prefix_inputs(
     ones = torch.ones(B, P, dtype=attention_mask.dtype, device=attention_mask.device)
     full_mask = torch.cat([ones, attention_mask], dim=1)  # (B, P+T)
     position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]  # (B, T)
+    if prefix_mask is not None:
+        # after the positions: a hidden slot still counts, so the input stays at P onward,
+        # where the prefix's keys were trained and RoPE-rotated to be read from
+        kept = prefix_mask.to(attention_mask.device, attention_mask.dtype).expand(B, P)
+        full_mask = torch.cat([kept, attention_mask], dim=1)  # (B, P+T)
     return {
         cache_keyword(model): build_cache(kv, B, model),
         "attention_mask": full_mask,
@@ -172,12 +180,14 @@ def forward(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     logits_to_keep: int | torch.Tensor = 0,
+    prefix_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits of `input_ids` read after the prefix (or with no prefix when kv is None).
 
     `logits_to_keep`: 0 for all positions, or a (B, T) bool mask, which returns (n_true, V).
+    `prefix_mask`: the prefix slots to attend to (prefix_inputs); None, all of them.
     """
-    kwargs = prefix_inputs(model, kv, attention_mask)
+    kwargs = prefix_inputs(model, kv, attention_mask, prefix_mask)
     out = model(input_ids=input_ids, logits_to_keep=logits_to_keep, use_cache=kv is not None,
                 **kwargs)
     return out.logits

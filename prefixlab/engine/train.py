@@ -145,6 +145,17 @@ class TrainConfig:
     """Keep the mean of the prefixes of the kept evaluation and the average_last - 1
     evaluations before it (weight averaging), rather than the kept one alone: a flatter
     point than any single evaluation's. 1 keeps the kept evaluation's prefix."""
+    prefix_dropout: float = 0.0
+    """Share of the prefix's slots hidden from each training step, so the prefix cannot lean
+    on a few slots that memorize training topics. Each slot is hidden with this probability,
+    drawn once per step (`kept_slots`: seeded by seed and step, so a resumed run draws the
+    same) for every row and layer of the batch: one draw per step does not depend on how the
+    batch is cut into chunks or shared among data-parallel ranks, so neither changes the
+    prefix trained. A hidden slot is masked out of attention (a zeroed key would still take
+    attention mass), the softmax spreads over what is left (so no 1/(1-p) rescaling), and it
+    gets no gradient that step. Training only: evaluation and scoring read every slot. Above
+    0 training takes autograd through the model, not the family's fast step (which cannot
+    mask slots). 0 is off (and leaves training exactly as without it)."""
     checkpoint_every: int = 25
     """Checkpoint (prefix + optimizer) every N steps, so a crash loses at most that much."""
     seed: int = 0
@@ -163,6 +174,9 @@ class TrainConfig:
             problems.append(f"start_pull must be 0 (off) or more, got {self.start_pull}")
         if self.average_last < 1:
             problems.append(f"average_last must be at least 1, got {self.average_last}")
+        if not 0 <= self.prefix_dropout < 1:  # also refuses NaN
+            problems.append(f"prefix_dropout must be in [0, 1) (the share of prefix slots "
+                            f"hidden per step; 0 is off), got {self.prefix_dropout}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "patience", "smoothing"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be 0 or more, got {getattr(self, name)}")
@@ -274,10 +288,20 @@ def learning_rate_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.learning_rate * max(0.0, 1 - (step - warmup) / span)
 
 
-def batch_loss(model: nn.Module, kv: torch.Tensor | None, batch) -> torch.Tensor:
+def kept_slots(length: int, share: float, seed: int, step: int) -> torch.Tensor:
+    """The prefix slots training step `step` (0-based) reads under a prefix dropout of
+    `share` (TrainConfig.prefix_dropout): (P,) bool, true to keep. A pure function of its
+    arguments, so a resumed run and every data-parallel rank draw the same."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.rand(length, generator=generator) >= share  # (P,)
+
+
+def batch_loss(model: nn.Module, kv: torch.Tensor | None, batch,
+               prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean (or weighted mean) cross-entropy over the label tokens; logits only where the loss
-    reads them."""
-    logits = forward(model, kv, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    reads them. `prefix_mask`: the prefix slots read, (P,) bool (`kept_slots`); None, all."""
+    logits = forward(model, kv, batch.input_ids, batch.attention_mask, batch.loss_mask,
+                     prefix_mask)
     if batch.weights is None:
         return F.cross_entropy(logits.float(), batch.targets)  # logits: (n_target_tokens, V)
     return weighted_mean(F.cross_entropy(logits.float(), batch.targets, reduction="none"),
@@ -302,7 +326,7 @@ def _chunks(examples: Sequence[Example], max_tokens: int) -> list[list[Example]]
 def _backward(
     model: nn.Module, kv: torch.Tensor | None, examples: Sequence[Example], pad_id: int,
     device: torch.device, max_tokens: int, fast_loss: TrainingLoss | None = None,
-    n_targets: float | None = None,
+    n_targets: float | None = None, prefix_mask: torch.Tensor | None = None,
 ) -> tuple[float, int, int]:
     """The batch's mean loss, its gradient accumulated through `kv`.
 
@@ -312,6 +336,8 @@ def _backward(
     is bounded whatever the rows' lengths. Each chunk's mean is weighted by its share of the
     batch's label tokens (of their summed loss weights, when weighted): the sum is the whole
     batch's mean loss, and so is the gradient.
+    `prefix_mask`: the prefix slots every chunk reads (prefix dropout); only without
+    `fast_loss`, which reads them all.
     `fast_loss`: the model family's fast step (e.g. the lean Llama step on CPU), or None for
     autograd through the model's own modules (`batch_loss`).
     `n_targets`: the label tokens (`target_mass`) of the whole batch when `examples` are one
@@ -333,7 +359,8 @@ def _backward(
     for chunk in _chunks(examples, max_tokens):
         batch = collate(chunk, pad_id).to(device)
         with _attention_backends(device):
-            loss = (fast_loss or batch_loss)(model, leaf, batch)
+            loss = (fast_loss(model, leaf, batch) if fast_loss is not None
+                    else batch_loss(model, leaf, batch, prefix_mask))
             loss = loss * (batch.mass / n_targets)
         loss.backward()
         if grad is not None and leaf.grad is not None:
@@ -399,7 +426,9 @@ def train(
     training (the run's final report), asked at each check of the budget.
     `fast_path=False` trains without the model family's fast step (same loss and gradient,
     through autograd), and `batch_order(lengths, batch_size, seed, epoch)` replaces length
-    bucketing: the benchmark's ablations, each showing what one speed-up buys.
+    bucketing: the benchmark's ablations, each showing what one speed-up buys. A run with
+    `cfg.prefix_dropout` above 0 trains without the fast step too: the lean Llama step
+    (llama_cpu.py) reads every prefix slot, and the dropout masks some out (batch_loss).
 
     In a process group (torchrun, see distributed.py) every rank calls this with the same
     arguments: each reads its share of every batch, gradients are summed across ranks, and
@@ -450,7 +479,9 @@ def train(
 
     epoch_batches: dict[int, list[list[Example]]] = {}
     tuner = ThreadTuner(device)
-    fast_loss = family_of(model.config).fast_training_loss(model) if fast_path else None
+    dropout = cfg.prefix_dropout
+    fast_loss = (family_of(model.config).fast_training_loss(model)
+                 if fast_path and not dropout else None)
     chunk_tokens = (cuda_chunk_tokens(model.config, torch.cuda.mem_get_info(device)[0],
                                       next(model.parameters()).element_size())
                     if device.type == "cuda" else CHUNK_TOKENS)
@@ -473,9 +504,12 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             tuner.start()
             try:  # forward and backward: the prefix and the optimizer are still step's
+                kv = prefix.key_values()  # a prompt's reads the model: inside, for its memory
+                keep = kept_slots(kv.shape[3], dropout, cfg.seed, step) if (
+                    dropout and kv is not None) else None  # (P,); kv None: no slots to hide
                 loss_value, real, padded = _backward(
-                    model, prefix.key_values(), distributed.share(rows), pad_id, device,
-                    chunk_tokens, fast_loss, target_mass(rows))  # the whole batch's
+                    model, kv, distributed.share(rows), pad_id, device, chunk_tokens,
+                    fast_loss, target_mass(rows), keep)  # the whole batch's
             except (torch.OutOfMemoryError, MemoryError) as e:
                 optimizer.zero_grad(set_to_none=True)  # the partial gradients' memory
                 if device.type == "cuda":

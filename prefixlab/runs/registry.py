@@ -180,6 +180,10 @@ class RunStore:
                 val_copy = data_dir / "validation.csv"
                 shutil.copyfile(cfg.validation_csv, val_copy)
                 cfg.validation_csv = str(val_copy)
+            if cfg.shift_csv:  # read again by the final report, maybe after a restart
+                shift_copy = data_dir / "shift.csv"
+                shutil.copyfile(cfg.shift_csv, shift_copy)
+                cfg.shift_csv = str(shift_copy)
             create_run(cfg, folder.path, prepared, loaded, name=label)
         except OSError as e:
             shutil.rmtree(folder.path, ignore_errors=True)

@@ -164,12 +164,15 @@ def report_outputs(report: dict | None):
             shown(charts.confusion_heatmap(report)), shown(charts.baseline_bars(report)))
 
 
-def readiness(workbench: Workbench, state: dict | None, settings: dict) -> tuple[str, bool]:
-    """Whether Start can go ahead with this data and these settings, in plain words."""
+def readiness(workbench: Workbench, state: dict | None, settings: dict,
+              shift_csv: str | None = None) -> tuple[str, bool]:
+    """Whether Start can go ahead with this data, these settings and this shift file (its
+    labels must be the data's), in plain words."""
     if not state:
         return "Choose a CSV in the Data tab first (or the bundled example).", False
     cfg = run_config(state["path"], state.get("text"), state.get("label"), settings,
-                     model=workbench.default_model, target_column=state.get("target"))
+                     model=workbench.default_model, target_column=state.get("target"),
+                     shift_csv=shift_csv)
     check = workbench.start_check(cfg)
     if check.data_problems:
         return (f"**Cannot start with {escape(state['name'])}:**\n\n"
@@ -181,8 +184,11 @@ def readiness(workbench: Workbench, state: dict | None, settings: dict) -> tuple
         return (f"Ready: {escape(state['name'])}, a generation task: {len(prepared.train)} "
                 f"training rows, {prepared.validation.distinct_inputs()} validation inputs "
                 f"({len(prepared.validation)} references)."), True
+    shift = (f" The final report also scores the {len(prepared.shift)} rows of the shift CSV."
+             if prepared.shift is not None else "")
     return (f"Ready: {escape(state['name'])}, {len(prepared.train)} training rows, "
-            f"{len(prepared.validation)} validation rows, {len(prepared.labels)} labels."), True
+            f"{len(prepared.validation)} validation rows, {len(prepared.labels)} labels."
+            f"{shift}"), True
 
 
 def as_settings(*values) -> dict:
@@ -206,9 +212,9 @@ def show_size(workbench: Workbench, *values) -> str:
             f"{s['file_bytes'] / 1024:,.0f} KB.")
 
 
-def check(workbench: Workbench, state: dict | None, *values):
+def check(workbench: Workbench, state: dict | None, shift_file: str | None, *values):
     """The line above Start, and whether Start is on."""
-    text, ok = readiness(workbench, state, as_settings(*values))
+    text, ok = readiness(workbench, state, as_settings(*values), shift_file)
     return text, gr.update(interactive=ok)
 
 
@@ -283,12 +289,15 @@ def render(workbench: Workbench, rid: str | None, view: dict | None = None, *,
 
 
 def on_start(workbench: Workbench, followed: Followed, state: dict | None, run_name: str,
-             task_text: str, n_processes, *values) -> list:
+             task_text: str, n_processes, shift_file: str | None, *values) -> list:
+    """Start a run on the Data tab's CSV with the form's settings; `shift_file`, an upload
+    the run folder keeps a copy of (RunStore.create), is scored beside validation."""
     if not state:
         raise gr.Error("Choose a CSV in the Data tab first (or the bundled example).")
     cfg = run_config(state["path"], state.get("text"), state.get("label"),
                      as_settings(*values), model=workbench.default_model, task=task_text,
-                     processes=n_processes, target_column=state.get("target"))
+                     processes=n_processes, target_column=state.get("target"),
+                     shift_csv=shift_file)
     rid = workbench.start_run(cfg, name=run_name or None, data_name=state["name"])
     followed.run_id = rid
     workbench.refresh()
@@ -408,11 +417,42 @@ def build(workbench: Workbench, dataset: gr.State, notice,
                 info="auto: bfloat16 where the processor multiplies it natively (a GPU; a CPU "
                      "with AMX or AVX512-BF16), else float32; float16 on CUDA only. The "
                      "prefix and its optimizer stay float32")
+        gr.Markdown("**Generalizing to other topics** (all off by default)",
+                    elem_id="shift-heading")
+        with gr.Row():
+            validation_split = gr.Radio(
+                ["random", "topics"], value=quick["validation_split"], label="Validation split",
+                elem_id="validation-split",
+                info="random: a share of the rows, by label; topics: whole groups of similar "
+                     "texts, so the step kept is the one best on topics training never read")
+            start_pull = gr.Number(
+                value=quick["start_pull"], minimum=0, label="Pull toward the start",
+                elem_id="start-pull",
+                info="How strongly each step pulls the prefix back toward its starting text, "
+                     "which names no training topic (0 = off; e.g. 0.1)")
+            average_last = gr.Number(
+                value=quick["average_last"], precision=0, minimum=1,
+                label="Average last evaluations", elem_id="average-last",
+                info="Keep the mean prefix of the last N evaluations up to the kept one, "
+                     "steadier than any one of them (1 = off)")
+            prefix_dropout = gr.Slider(
+                0, 0.9, step=0.05, value=quick["prefix_dropout"], label="Prefix dropout",
+                elem_id="prefix-dropout",
+                info="Share of the prefix hidden at random in each training step; "
+                     "scoring reads it all (0 = off)")
+        with gr.Row():
+            shift_file = gr.File(label="Shift CSV (optional)", elem_id="shift-csv",
+                                 file_types=[".csv", ".tsv", ".txt"], height=140, scale=2)
+            gr.Markdown("A labeled CSV from other topics or sources, with the training file's "
+                        "columns and labels. The final report scores the prefix on it beside "
+                        "validation and warns when the two differ by more than 0.10; it "
+                        "chooses nothing.", elem_id="shift-csv-note")
         task = gr.Textbox(label="Task description (optional, starts the prefix)", max_lines=1,
                           placeholder="e.g. Is this tweet hateful, offensive or neither")
     settings = [prefix_length, init, reparameterize, learning_rate, epochs, batch_size,
                 max_length, validation_share, seed, max_train, max_eval, patience, max_minutes,
-                class_balance, decision, precision]
+                class_balance, decision, precision, validation_split, start_pull, average_last,
+                prefix_dropout]  # SETTING_NAMES' order
     size = gr.Markdown(elem_id="prefix-size")
     ready = gr.Markdown(elem_id="start-check")
     with gr.Row():
@@ -445,14 +485,16 @@ def build(workbench: Workbench, dataset: gr.State, notice,
     for comp in (prefix_length, reparameterize):
         wire(comp.change, bind(show_size, workbench), settings, [size], notice, clears=False)
     for trigger in (dataset.change, max_length.change, validation_share.change,
-                    max_train.change, max_eval.change):
-        wire(trigger, bind(check, workbench), [dataset, *settings], [ready, start], notice,
-             clears=False)
+                    max_train.change, max_eval.change, validation_split.change,
+                    shift_file.change):
+        wire(trigger, bind(check, workbench), [dataset, shift_file, *settings], [ready, start],
+             notice, clears=False)
 
     poll_outputs = [view, follow, status, progress, loss_plot, eval_plot, report_md, per_class,
                     confusion, baselines, timer, cancel]
     wire(start.click, bind(on_start, workbench),
-         [followed, dataset, name, task, processes, *settings], poll_outputs, notice)
+         [followed, dataset, name, task, processes, shift_file, *settings], poll_outputs,
+         notice)
     wire(timer.tick, bind(on_tick, workbench), [followed, view], poll_outputs, notice,
          clears=False)
     wire(follow.input, bind(on_follow, workbench), [followed, follow], poll_outputs, notice)
@@ -463,4 +505,4 @@ def build(workbench: Workbench, dataset: gr.State, notice,
 
     return [LoadHook(bind(reattach, workbench), [followed, view], poll_outputs),
             LoadHook(bind(show_size, workbench), settings, [size]),
-            LoadHook(bind(check, workbench), [dataset, *settings], [ready, start])]
+            LoadHook(bind(check, workbench), [dataset, shift_file, *settings], [ready, start])]

@@ -52,9 +52,11 @@ def process_range() -> tuple[int, int]:
 
 def run_config(csv_path: str, text_column: str | None, label_column: str | None,
                settings: dict, model: str = DEFAULT_MODEL, task: str | None = None,
-               processes: int | None = None, target_column: str | None = None) -> RunConfig:
+               processes: int | None = None, target_column: str | None = None,
+               shift_csv: str | None = None) -> RunConfig:
     """A RunConfig from the app's flat settings (a preset, possibly edited); a target column
-    makes it a generation run (the label column is then ignored).
+    makes it a generation run (the label column is then ignored). `shift_csv`: labeled rows
+    from other topics that the final report scores beside validation (RunConfig.shift_csv).
 
     In a generation run "max tokens per example" bounds the prompt; the target gets the
     tokens it may generate (`DecodeConfig.max_new_tokens`) on top, so that inputs are not
@@ -71,7 +73,7 @@ def run_config(csv_path: str, text_column: str | None, label_column: str | None,
         nproc=int(processes) if processes else None,
         train_csv=csv_path, text_column=text_column or None,
         label_column=None if generating else label_column or None,
-        target_column=target_column or None, **extra, **run,
+        target_column=target_column or None, shift_csv=shift_csv or None, **extra, **run,
         model=model or DEFAULT_MODEL, task=task or None,
         prefix=parts["prefix"], training=parts["training"],
     )
