@@ -36,3 +36,30 @@ def test_table_has_a_line_per_run_and_the_summary_counts_sinks_and_names():
     line = summarize(rows)
     assert line.startswith("inspection: runs=2 ")
     assert "sink_share=0.50" in line and "named=4/20" in line and "above_start=1/2" in line
+
+
+def test_the_benchmark_trains_reads_and_tabulates_a_run_on_a_tiny_model(tmp_path, monkeypatch,
+                                                                         capsys):
+    from prefixlab.bench.inspection import main
+    from tests.conftest import save_tiny_model
+
+    monkeypatch.setenv("PREFIXLAB_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "polarity_sentences.csv").write_text("text,label\n" + "".join(
+        f"the film was {'great' if i % 2 else 'dull'} number {i},"
+        f"{'positive' if i % 2 else 'negative'}\n" for i in range(80)))
+    model = save_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "rows.json"
+    assert main(["--data-dir", str(data), "--sets", "polarity", "--sizes", "40",
+                 "--test-rows", "10", "--model", str(model), "--readable-tokens", "4",
+                 "--readable-steps", "2", "--knockout-rows", "4", "--set", "training.epochs=1",
+                 "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| polarity | 40 | 0 |" in printed
+    assert "readable above the start text's macro-F1 on polarity" in printed
+    assert printed.strip().splitlines()[-1].startswith("inspection: runs=1 ")
+    row = __import__("json").loads(out.read_text())["rows"][0]
+    assert row["readable"]["steps"] == 2 and len(row["readable"]["tokens"]) == 4
+    assert row["knockout_rows"] == 4 and row["described"]["total"] > 0
+    assert main(["--table", str(out)]) == 0  # the table again from the file

@@ -368,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown sets or cross cases: {', '.join(unknown)}")
     overrides = {**(preset_overrides(args.preset) if args.preset else {}),
                  **_parse_overrides(args.set)}
+    if args.model:  # the runs name the model they train on, as open_run checks
+        overrides["model"] = args.model
     cases = build_cases(args.data_dir, sets, [int(x) for x in args.sizes.split(",")],
                         [int(x) for x in args.seeds.split(",")], cross, args.test_rows)
     # one model for every case, in the precision an override asks (--set precision=bfloat16)

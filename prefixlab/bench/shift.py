@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown sets, cross pairs or variants: {', '.join(unknown)}")
     overrides = {**(preset_overrides(args.preset) if args.preset else {}),
                  **_parse_overrides(args.set)}
+    if args.model:  # the runs name the model they train on, as open_run checks
+        overrides["model"] = args.model
     cases = build_cases(args.data_dir, sets, cross, [int(x) for x in args.sizes.split(",")],
                         [int(x) for x in args.seeds.split(",")], args.test_rows)
     loaded = load_model(args.model or DEFAULT_MODEL, "cpu",
