@@ -8,7 +8,7 @@ from prefixlab.bench.inspection import goals, markdown_table, summarize
 def _row(case: str, agreement: float, f1: float, start_f1: float | None, sinks: int) -> dict:
     reading = {"text": "t", "agreement": agreement, "macro_f1": f1}
     return {"case": case, "n": 300, "seed": 0, "readable_s": 90.0,
-            "readable": {**reading, "prefix_macro_f1": 0.8, "baselines": {
+            "readable": {**reading, "prefix_macro_f1": 0.8, "steps": 15, "baselines": {
                 "start_text": None if start_f1 is None else
                 {"text": "s", "agreement": 0.5, "macro_f1": start_f1},
                 "nearest_tokens": {"text": "n", "agreement": 0.4, "macro_f1": 0.3}}},
@@ -54,6 +54,7 @@ def test_the_benchmark_trains_reads_and_tabulates_a_run_on_a_tiny_model(tmp_path
     assert main(["--data-dir", str(data), "--sets", "polarity", "--sizes", "40",
                  "--test-rows", "10", "--model", str(model), "--readable-tokens", "4",
                  "--readable-steps", "2", "--knockout-rows", "4", "--set", "training.epochs=1",
+                 "--readable-seconds", "0", "--keep", str(tmp_path / "runs"),
                  "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| polarity | 40 | 0 |" in printed
@@ -63,3 +64,12 @@ def test_the_benchmark_trains_reads_and_tabulates_a_run_on_a_tiny_model(tmp_path
     assert row["readable"]["steps"] == 2 and len(row["readable"]["tokens"]) == 4
     assert row["knockout_rows"] == 4 and row["described"]["total"] > 0
     assert main(["--table", str(out)]) == 0  # the table again from the file
+    # the kept run read again without training: the same run, its knockout reused
+    again = tmp_path / "again.json"
+    assert main(["--data-dir", str(data), "--sets", "polarity", "--sizes", "40",
+                 "--test-rows", "10", "--model", str(model), "--readable-tokens", "4",
+                 "--readable-steps", "2", "--knockout-rows", "4", "--readable-seconds", "0",
+                 "--reread", str(tmp_path / "runs"), "--output", str(again)]) == 0
+    reread = __import__("json").loads(again.read_text())["rows"][0]
+    assert reread["train_s"] is None and reread["val_macro_f1"] == row["val_macro_f1"]
+    assert reread["sinks"] == row["sinks"]

@@ -15,6 +15,8 @@ from prefixlab.engine.prefix import text_key_values
 from prefixlab.interpret.readable import (
     SearchConfig,
     agreement,
+    biased,
+    fit_bias,
     fit_length,
     score_prompt,
     search_prompt,
@@ -44,7 +46,7 @@ def test_a_prefix_that_is_a_text_is_matched_by_a_text_prompt(loaded):
                           SearchConfig(steps=30, batch_size=6, lr=0.3))
     assert found.steps == 30 and len(found.history) == 30
     assert found.best.agreement == 1.0
-    assert agreement(found.best.probs, target) == 1.0
+    assert agreement(biased(found.best.probs, found.best.bias), target) == 1.0
     assert len(found.best.ids) == len(ids)
 
 
@@ -66,7 +68,20 @@ def test_the_search_reads_the_prefix_only_on_the_rows_it_draws(loaded):
     full = search_prompt(loaded.model, enc, texts, decide(texts), ids, cfg)
     assert lazy.best.ids == full.best.ids
     # the targets were read in other batches: the same up to float noise
-    assert lazy.history == pytest.approx(full.history, rel=1e-4)
+    assert lazy.history == pytest.approx(full.history, rel=1e-3, abs=1e-6)
+
+
+def test_the_fitted_label_bias_recovers_a_known_offset():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 3))
+    offset = np.array([1.0, -0.5, -0.5])
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    target = biased(probs, offset)
+    np.testing.assert_allclose(fit_bias(probs, target), offset, atol=1e-4)
+    # a prompt that ranks the rows right but always picks one label agrees once offset
+    skewed = biased(target, np.array([5.0, 0.0, 0.0]))
+    assert agreement(skewed, target) < 0.8  # every row is label 0: the 73% that are
+    assert agreement(biased(skewed, fit_bias(skewed, target)), target) == 1.0
 
 
 def test_search_settings_are_checked():
@@ -107,7 +122,8 @@ def test_the_cli_writes_readable_prompt_json(tmp_path, model_dir, monkeypatch):
     assert len(found["tokens"]) == 4 and "".join(found["tokens"]) == found["text"]
     assert set(found["baselines"]) == {"start_text", "nearest_tokens"}
     for reading in found["baselines"].values():
-        assert set(reading) == {"text", "agreement", "macro_f1"}
+        assert set(reading) == {"text", "agreement", "macro_f1", "label_bias", "without_bias"}
+        assert set(reading["without_bias"]) == {"agreement", "macro_f1"}
         assert 0.0 <= reading["agreement"] <= 1.0 and 0.0 <= reading["macro_f1"] <= 1.0
     assert 0.0 <= found["agreement"] <= 1.0
 

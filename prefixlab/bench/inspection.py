@@ -3,8 +3,9 @@
     python -m prefixlab.bench.inspection [--data-dir ../shared/data]
         [--sets davidson,polarity,disaster,tweets] [--sizes 300] [--seeds 0]
         [--preset quick|balanced|thorough] [--set KEY=VALUE ...]
-        [--readable-tokens 16] [--readable-steps 60] [--knockout-rows 40]
-        [--output inspection.json]
+        [--readable-tokens 16] [--readable-steps 60] [--readable-seconds 60]
+        [--knockout-rows 40]
+        [--keep DIR | --reread DIR] [--output inspection.json]
     python -m prefixlab.bench.inspection --table inspection.json [more.json ...]
 
 Each case trains the recipe under test on a seeded, stratified sample of one shared set
@@ -17,6 +18,9 @@ Each case trains the recipe under test on a seeded, stratified sample of one sha
   training texts: is a slot flagged as an attention sink (interpret.ablation)?
 - the model's own descriptions of its prefix (interpret.describe): how many name the task
   or a label word, and how many name one the start's description does not.
+
+--keep DIR keeps the trained runs there; --reread DIR reads the runs an earlier --keep left
+(no training: the readouts again, e.g. after a change to one of them).
 
 The issue's goals are printed against the figures: agreement >= 0.8 on polarity and
 disaster, and the readable prompt above the start text's macro-F1 on every set. The last
@@ -45,14 +49,17 @@ from prefixlab.bench.quality import (
     preset_overrides,
 )
 from prefixlab.runs.presets import CLI_NAMES
+from prefixlab.runs.readable import SEARCH_SECONDS
 
 AGREEMENT_GOAL = 0.8
 AGREEMENT_SETS = ("polarity", "disaster")
 
 
 def run_case(case: Case, loaded, workdir: Path, overrides: dict, tokens: int, steps: int,
-             knockout_rows: int) -> dict:
-    """Train on the case's rows, then take every readout of the issue from the run."""
+             knockout_rows: int, trained: bool = False, seconds: float = 0.0) -> dict:
+    """Train on the case's rows (unless `trained`: its run is in workdir already), then take
+    every readout of the issue from the run. seconds: the readable search's budget (0: none);
+    a rerun keeps the knockout an earlier one of as many rows wrote."""
     from prefixlab.data.writing import csv_text
     from prefixlab.interpret.describe import beyond_start, naming_count
     from prefixlab.interpret.readable import SearchConfig
@@ -64,28 +71,38 @@ def run_case(case: Case, loaded, workdir: Path, overrides: dict, tokens: int, st
     from prefixlab.runs.readable import readable_prompt, run_nearest
 
     folder = workdir / f"{case.name}_{case.n}_{case.seed}"
-    csv = folder.with_suffix(".csv")
-    csv.write_text(csv_text(case.train[["text", "label"]]), encoding="utf-8")
-    cfg = RunConfig(train_csv=str(csv), text_column="text", label_column="label")
-    cfg.training.seed = case.seed
-    _apply(cfg, overrides)
-    prepared = prepare_data(cfg)
-    run_folder = create_run(cfg, folder, prepared, loaded)
     began = time.perf_counter()
-    report = execute_run(run_folder, loaded, prepared=prepared)
+    if trained:
+        report = json.loads((folder / "report.json").read_text())
+    else:
+        csv = folder.with_suffix(".csv")
+        csv.write_text(csv_text(case.train[["text", "label"]]), encoding="utf-8")
+        cfg = RunConfig(train_csv=str(csv), text_column="text", label_column="label")
+        cfg.training.seed = case.seed
+        _apply(cfg, overrides)
+        prepared = prepare_data(cfg)
+        report = execute_run(create_run(cfg, folder, prepared, loaded), loaded,
+                             prepared=prepared)
     row = {"case": case.name, "n": case.n, "seed": case.seed,
-           "train_s": time.perf_counter() - began, "val_macro_f1": report["macro_f1"]}
+           "train_s": None if trained else time.perf_counter() - began,
+           "val_macro_f1": report["macro_f1"]}
 
     run = open_run(folder, loaded)
     began = time.perf_counter()
-    found = readable_prompt(run, run_nearest(run), tokens, SearchConfig(steps=steps))
+    found = readable_prompt(run, run_nearest(run), tokens,
+                            SearchConfig(steps=steps, seconds=seconds or None))
     row["readable"] = found.to_json()
     row["readable_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    out = inspect_run(folder, workdir / f"{folder.name}-inspect", loaded,
-                      knockout_rows=knockout_rows, ablations=("hide",))
-    knockout = json.loads((out / "knockout.json").read_text()) if knockout_rows else {}
+    out = workdir / f"{folder.name}-inspect"
+    kept = json.loads((out / "knockout.json").read_text()) if (
+        trained and (out / "knockout.json").is_file()) else {}
+    if knockout_rows and kept.get("rows") == knockout_rows:
+        knockout = kept
+    else:
+        inspect_run(folder, out, loaded, knockout_rows=knockout_rows, ablations=("hide",))
+        knockout = json.loads((out / "knockout.json").read_text()) if knockout_rows else {}
     row["sinks"] = knockout.get("attention_sinks", [])
     row["knockout_rows"] = knockout_rows
     row["inspect_s"] = time.perf_counter() - began
@@ -106,19 +123,21 @@ def markdown_table(rows: list[dict]) -> str:
     on the run's validation rows), the prefix's own macro-F1 there, the sinks and the
     descriptions that name the task."""
     out = ["| set | rows | seed | prefix F1 | readable: agree / F1 | start text: agree / F1 | "
-           "nearest tokens: agree / F1 | readable s | sink slots | descriptions naming (beyond "
-           "start) |", "|" + "---|" * 10]
+           "nearest tokens: agree / F1 | readable, no label bias | start, no label bias | "
+           "readable s (steps) | sink slots | descriptions naming (beyond start) |",
+           "|" + "---|" * 12]
     for r in rows:
         rp = r["readable"]
         start, near = _baseline(r, "start_text"), _baseline(r, "nearest_tokens")
 
-        def pair(d: dict) -> str:
+        def pair(d: dict | None) -> str:
             return f"{d['agreement']:.2f} / {d['macro_f1']:.3f}" if d else "—"
 
         sinks = ", ".join(f"P{s['slot']}" for s in r["sinks"]) or "none"
         d = r["described"]
         out.append(f"| {r['case']} | {r['n']} | {r['seed']} | {rp['prefix_macro_f1']:.3f} | "
-                   f"{pair(rp)} | {pair(start)} | {pair(near)} | {r['readable_s']:.0f} | "
+                   f"{pair(rp)} | {pair(start)} | {pair(near)} | {pair(rp.get('without_bias'))} | "
+                   f"{pair(start.get('without_bias'))} | {r['readable_s']:.0f} ({rp['steps']}) | "
                    f"{sinks} | {d['named']} of {d['total']} ({d['beyond_start']}) |")
     return "\n".join(out)
 
@@ -180,8 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--readable-tokens", type=int, default=16)
     parser.add_argument("--readable-steps", type=int, default=60)
+    parser.add_argument("--readable-seconds", type=float, default=SEARCH_SECONDS,
+                        help="the search's time budget, as the app's default (0: none)")
     parser.add_argument("--knockout-rows", type=int, default=40)
     parser.add_argument("--model")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--keep", type=Path, metavar="DIR", help="keep the trained runs here")
+    where.add_argument("--reread", type=Path, metavar="DIR",
+                       help="read the runs an earlier --keep left here, without training")
     parser.add_argument("--output", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", metavar="ROWS_JSON")
     args = parser.parse_args(argv)
@@ -213,16 +238,19 @@ def measure(args: argparse.Namespace) -> list[dict]:
     print(f"{len(cases)} runs; overrides: {overrides or 'none'}", flush=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="prefixlab-inspection-") as tmp:
+        workdir = args.reread or args.keep or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for case in cases:
-            row = run_case(case, loaded, Path(tmp), overrides, args.readable_tokens,
-                           args.readable_steps, args.knockout_rows)
+            row = run_case(case, loaded, workdir, overrides, args.readable_tokens,
+                           args.readable_steps, args.knockout_rows, trained=bool(args.reread),
+                           seconds=args.readable_seconds)
             rows.append(row)
             rp = row["readable"]
             print(f"{row['case']:<9} {row['n']:>5} seed {row['seed']}  prefix "
                   f"{rp['prefix_macro_f1']:.3f}  readable {rp['agreement']:.2f}/"
                   f"{rp['macro_f1']:.3f}  {rp['text']!r}  sinks {len(row['sinks'])}  named "
                   f"{row['described']['named']}/{row['described']['total']}  train "
-                  f"{row['train_s']:.0f} s, readable {row['readable_s']:.0f} s", flush=True)
+                  f"{row['train_s'] or 0:.0f} s, readable {row['readable_s']:.0f} s", flush=True)
             if args.output:
                 args.output.write_text(json.dumps({"overrides": overrides, "rows": rows},
                                                   indent=1, default=float))

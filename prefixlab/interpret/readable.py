@@ -41,8 +41,16 @@ class SearchConfig:
     """Gradient steps at most; each reads `batch_size` rows forward and backward."""
     batch_size: int = 8
     """Rows per step: few, because on a CPU a step costs as much as a training step."""
-    lr: float = 0.1
-    """AdamW's rate on E: PEZ's; embeddings move a token's width in a few steps."""
+    lr: float | None = None
+    """AdamW's rate on E; None: a quarter of the vocabulary embeddings' per-dimension spread
+    (PEZ's 0.1 is 0.7 of it on the default model, where each step then moves E most of an
+    embedding's length and the projections flip at random rather than where the gradient
+    keeps pushing)."""
+    label_bias: bool = True
+    """Learn one bias per label beside the prompt (kept only for the search's objective) and
+    fit one per finalist: a text prompt to a small model is often miscalibrated (it picks
+    one label for every row) where the prefix is not, and a calibration offset is not what
+    the tokens should be spent on. The prompt is reported with and without its bias."""
     weight_decay: float = 0.1
     """PEZ's: keeps E near the embedding sphere, where projections are meaningful."""
     seconds: float | None = None
@@ -63,7 +71,7 @@ class SearchConfig:
             problems.append("batch_size, finalists and rescore_rows must be positive")
         if self.seconds is not None and self.seconds <= 0:
             problems.append(f"seconds must be positive or None, got {self.seconds}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             problems.append(f"lr must be positive, got {self.lr}")
         if problems:
             raise InterpretError("; ".join(problems))
@@ -75,9 +83,10 @@ class Prompt:
 
     ids: list[int]
     text: str
-    agreement: float  # share of rows whose argmax label matches the prefix's
+    agreement: float  # share of rows whose argmax label matches the prefix's, with the bias
     probs: np.ndarray = field(repr=False)  # (R, K) its label probabilities on those rows
     # (in a SearchResult: the rescored sample of the search rows, SearchConfig.rescore_rows)
+    bias: np.ndarray | None = None  # (K,) added to its label log-probabilities (fit_bias)
 
 
 @dataclass
@@ -87,6 +96,8 @@ class SearchResult:
     steps: int  # gradient steps taken
     seconds: float
     history: list[float]  # per step: the KL on its batch
+    rescored: list[int] = field(default_factory=list)  # the search rows finalists were read on
+    finalists: dict[str, Prompt] = field(default_factory=dict)  # by text, on those rows
 
 
 def fit_length(ids: Sequence[int], n: int) -> list[int]:
@@ -128,6 +139,36 @@ def score_prompt(model: nn.Module, encoder: Encoder, text: str, texts: Sequence[
     kv = prompt_key_values(model, encoder.tokenizer, text)
     return np.stack(mixed_score_labels(model, [ScoreItem(kv, encoder, t) for t in texts],
                                        batch_size))
+
+
+def fit_bias(probs: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The per-label offset b (K,), mean zero, that brings softmax(log probs + b) closest to
+    the target (R, K) in cross-entropy (so in KL): convex in b, solved by L-BFGS."""
+    logp = torch.tensor(np.log(np.clip(probs, 1e-12, None)), dtype=torch.float64)
+    goal = torch.tensor(target, dtype=torch.float64)
+    b = torch.zeros(logp.shape[1], dtype=torch.float64, requires_grad=True)
+    optim = torch.optim.LBFGS([b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optim.zero_grad()
+        loss = -(goal * (logp + b).log_softmax(-1)).sum(-1).mean()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optim.step(closure)
+    out = b.detach().numpy()
+    return out - out.mean()
+
+
+def biased(probs: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """Label probabilities (R, K) with a per-label log offset added (None: as they are)."""
+    if bias is None:
+        return probs
+    logits = np.log(np.clip(probs, 1e-12, None)) + bias
+    logits -= logits.max(1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(1, keepdims=True)
 
 
 def agreement(probs: np.ndarray, target: np.ndarray) -> float:
@@ -236,7 +277,7 @@ def search_prompt(model: nn.Module, encoder: Encoder, texts: Sequence[str],
     tok = encoder.tokenizer
     if not len(texts):
         raise InterpretError("the search needs rows to match the prefix on")
-    targets = Targets(texts, target)
+    targets = target if isinstance(target, Targets) else Targets(texts, target)
     embed = model.get_input_embeddings()
     weight = embed.weight.detach()  # (V_model, d)
     vocab = torch.tensor(list(vocabulary) if vocabulary is not None
@@ -247,7 +288,11 @@ def search_prompt(model: nn.Module, encoder: Encoder, texts: Sequence[str],
                                device=weight.device)].float()  # (h, d)
     rows = [encoder.prompt(t)[0][len(encoder.head_ids):] for t in texts]
     E = nn.Parameter(weight[torch.tensor(list(start_ids), device=weight.device)].float().clone())
-    optim = torch.optim.AdamW([E], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr = cfg.lr if cfg.lr is not None else 0.25 * float(table.std())
+    bias = nn.Parameter(torch.zeros(len(encoder.label_ids)))
+    optim = torch.optim.AdamW([{"params": [E]},
+                               {"params": [bias], "lr": 0.1, "weight_decay": 0.0}],
+                              lr=lr, weight_decay=cfg.weight_decay)
     generator = np.random.default_rng(cfg.seed)
     seen: dict[tuple[int, ...], list[float]] = {}  # ids -> [rows agreeing, rows read, KL sum]
     history: list[float] = []
@@ -265,6 +310,8 @@ def search_prompt(model: nn.Module, encoder: Encoder, texts: Sequence[str],
             ll = _label_log_likelihoods(model, kv, [rows[i] for i in batch], encoder.label_ids,
                                         tok.pad_token_id)
             logp = _rule_log_probs(encoder.rule, ll.float())  # (B, K)
+            if cfg.label_bias:
+                logp = (logp + bias).log_softmax(-1)
             p = torch.tensor(targets(batch.tolist()), dtype=torch.float32)  # (B, K)
             loss = (p * (p.clamp_min(1e-12).log() - logp)).sum(-1).mean()  # KL(prefix||prompt)
             optim.zero_grad()
@@ -287,16 +334,23 @@ def search_prompt(model: nn.Module, encoder: Encoder, texts: Sequence[str],
     if progress:
         progress(f"readable prompt: rescoring {len(finalists)} prompts on {len(held)} rows")
     best, best_kl = None, np.inf
+    read: dict[str, Prompt] = {}
     for ids in finalists:  # ties go to the lower KL on the rescored rows
         text = tok.decode(list(ids))
         probs = score_prompt(model, encoder, text, held)
-        found = Prompt(list(ids), text, agreement(probs, goal_rows), probs)
+        offset = fit_bias(probs, goal_rows) if cfg.label_bias else None
+        found = Prompt(list(ids), text, agreement(biased(probs, offset), goal_rows), probs,
+                       offset)
+        read[text] = found
         kl = float((goal_rows * (np.log(np.clip(goal_rows, 1e-12, None))
-                                 - np.log(np.clip(probs, 1e-12, None)))).sum(1).mean())
+                                 - np.log(np.clip(biased(probs, offset), 1e-12, None))))
+                   .sum(1).mean())
         if best is None or (found.agreement, -kl) > (best.agreement, -best_kl):
             best, best_kl = found, kl
-    return SearchResult(best, list(start_ids), steps, time.monotonic() - began, history)
+    return SearchResult(best, list(start_ids), steps, time.monotonic() - began, history,
+                        pick.tolist(), read)
 
 
-__all__ = ["Prompt", "SearchConfig", "SearchResult", "agreement", "fit_length", "nearest_ids",
-           "prompt_key_values", "readable_vocabulary", "score_prompt", "search_prompt"]
+__all__ = ["Prompt", "SearchConfig", "SearchResult", "Targets", "agreement", "biased", "fit_bias",
+           "fit_length", "nearest_ids", "prompt_key_values", "readable_vocabulary",
+           "score_prompt", "search_prompt"]

@@ -25,7 +25,10 @@ from prefixlab.interpret.bank import DEFAULT_BANK_SIZE, reference_bank
 from prefixlab.interpret.nearest import NearestTokens
 from prefixlab.interpret.readable import (
     SearchConfig,
+    Targets,
     agreement,
+    biased,
+    fit_bias,
     fit_length,
     nearest_ids,
     score_prompt,
@@ -49,15 +52,23 @@ runs all of its steps in that time."""
 
 @dataclass
 class Reading:
-    """One text prompt scored on the validation rows."""
+    """One text prompt scored on the validation rows: with its label bias (fitted on the
+    search rows to match the prefix there, interpret.readable.fit_bias), and without."""
 
     text: str
     agreement: float
     macro_f1: float
+    plain_agreement: float  # without the bias: the text alone, under the run's rule
+    plain_macro_f1: float
+    bias: dict[str, float] | None = None  # per label, added to its log-probability
 
     def to_json(self) -> dict:
         return {"text": self.text, "agreement": round(self.agreement, 4),
-                "macro_f1": round(self.macro_f1, 4)}
+                "macro_f1": round(self.macro_f1, 4),
+                "label_bias": ({k: round(v, 4) for k, v in self.bias.items()}
+                               if self.bias is not None else None),
+                "without_bias": {"agreement": round(self.plain_agreement, 4),
+                                 "macro_f1": round(self.plain_macro_f1, 4)}}
 
 
 @dataclass
@@ -86,8 +97,14 @@ class ReadablePrompt:
                f"{self.prefix_f1:.3f}):"]
         for name, r in [("readable prompt", self.prompt),
                         *((k.replace("_", " "), v) for k, v in self.baselines.items())]:
-            out.append(f"  {name}: agreement {r.agreement:.1%}, macro-F1 {r.macro_f1:.3f}"
+            out.append(f"  {name}: agreement {r.agreement:.1%}, macro-F1 {r.macro_f1:.3f} "
+                       f"(without its label bias {r.plain_agreement:.1%}, "
+                       f"{r.plain_macro_f1:.3f})"
                        if r else f"  {name}: none (the prefix did not start from text)")
+        if self.prompt.bias:
+            out.append("  label bias of the readable prompt (add to each label's log-"
+                       "probability): " + ", ".join(f"{k} {v:+.2f}"
+                                                     for k, v in self.prompt.bias.items()))
         return out
 
 
@@ -101,10 +118,16 @@ def run_nearest(run: Run, top_k: int = 10, bank_size: int = DEFAULT_BANK_SIZE,
 
 
 def _reading(run: Run, text: str, texts: Sequence[str], gold: Sequence[str],
-             prefix: np.ndarray) -> Reading:
+             prefix: np.ndarray, bias: np.ndarray | None) -> Reading:
     probs = score_prompt(run.loaded.model, run.encoder, text, texts)
-    predicted = [run.labels[i] for i in probs.argmax(1)]
-    return Reading(text, agreement(probs, prefix), macro_f1(gold, predicted, run.labels))
+
+    def f1(p: np.ndarray) -> float:
+        return macro_f1(gold, [run.labels[i] for i in p.argmax(1)], run.labels)
+
+    adjusted = biased(probs, bias)
+    return Reading(text, agreement(adjusted, prefix), f1(adjusted), agreement(probs, prefix),
+                   f1(probs), None if bias is None else
+                   {label: float(b) for label, b in zip(run.labels, bias, strict=True)})
 
 
 def readable_prompt(run: Run, nearest: NearestTokens, length: int = DEFAULT_LENGTH,
@@ -135,20 +158,28 @@ def readable_prompt(run: Run, nearest: NearestTokens, length: int = DEFAULT_LENG
                                                    for t in rows]))
 
     held = decide(texts)
+    targets = Targets(train, decide)
     start = start_text(run.config, run.labels)
     start_ids = (fit_length(tok(start, add_special_tokens=False)["input_ids"], length)
                  if start else None)
     near = fit_length(nearest_ids(nearest), length)
     config = config or SearchConfig(seconds=SEARCH_SECONDS)
-    found = search_prompt(model, run.encoder, train, decide, start_ids or near, config,
+    found = search_prompt(model, run.encoder, train, targets, start_ids or near, config,
                           progress=progress)
     if progress:
         progress(f"readable prompt: scoring it and both baselines on {len(texts)} rows")
     readings: dict[str, Reading] = {}  # a text read once, though two prompts may be it
+    sample = [train[i] for i in found.rescored]
 
     def reading(text: str) -> Reading:
         if text not in readings:
-            readings[text] = _reading(run, text, texts, gold, held)
+            bias = None
+            if config.label_bias:  # fitted where the readable prompt's was: the same rows
+                prompt = found.finalists.get(text)
+                bias = (prompt.bias if prompt is not None else
+                        fit_bias(score_prompt(model, run.encoder, text, sample),
+                                 targets(found.rescored)))
+            readings[text] = _reading(run, text, texts, gold, held, bias)
         return readings[text]
 
     best = reading(found.best.text)

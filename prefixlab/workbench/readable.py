@@ -21,13 +21,22 @@ from prefixlab.runs.readable import (
 
 
 def readings_frame(found: ReadablePrompt) -> pd.DataFrame:
-    """One row per text prompt: the readable prompt, the start text, the nearest tokens."""
+    """One row per text prompt: the readable prompt, the start text, the nearest tokens, each
+    with its label bias and without."""
     names = {"start_text": "start text", "nearest_tokens": "nearest tokens"}
     rows = [("readable prompt", found.prompt),
             *((names[k], v) for k, v in found.baselines.items())]
+
+    def bias(r) -> str | None:
+        return (", ".join(f"{k} {v:+.2f}" for k, v in r.bias.items())
+                if r and r.bias is not None else None)
+
     return pd.DataFrame([{"prompt": name, "text": r.text if r else "(no start text)",
                           "agreement with the prefix": round(r.agreement, 3) if r else None,
-                          "macro-F1": round(r.macro_f1, 3) if r else None}
+                          "macro-F1": round(r.macro_f1, 3) if r else None,
+                          "label bias": bias(r),
+                          "agreement, no bias": round(r.plain_agreement, 3) if r else None,
+                          "macro-F1, no bias": round(r.plain_macro_f1, 3) if r else None}
                          for name, r in rows])
 
 
