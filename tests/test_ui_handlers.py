@@ -4,6 +4,8 @@ outputs' values (plain, or gr.update dicts)."""
 
 from __future__ import annotations
 
+import re
+
 import inspect
 import json
 from pathlib import Path
@@ -304,7 +306,9 @@ def test_evaluating_a_test_csv_shows_progress_and_stops_between_chunks(bench, tm
     assert md.startswith("### trained on the test file: 12 rows") and table["visible"]
     assert "Evaluated in " in md
     descs = [d for _, d in seen]
-    assert "scoring held-out rows with the prefix: 4/12 · 0 s so far · about " in descs[1]
+    # the seconds depend on the machine's load: only the words around them are checked
+    assert re.search(r"scoring held-out rows with the prefix: 4/12 · \d+ s so far · about ",
+                     descs[1]), descs[1]
     assert any(d.startswith("scoring held-out rows without the prefix (zero-shot): 8/12 ")
                and d.endswith(" left for this part") for d in descs)
     assert [f for f, _ in seen].count(1.0) == 2  # both parts to the end
