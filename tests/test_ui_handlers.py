@@ -4,10 +4,9 @@ outputs' values (plain, or gr.update dicts)."""
 
 from __future__ import annotations
 
-import re
-
 import inspect
 import json
+import re
 from pathlib import Path
 
 import gradio as gr
