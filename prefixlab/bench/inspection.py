@@ -42,11 +42,11 @@ import numpy as np
 from prefixlab.bench.quality import (
     SETS,
     Case,
-    _apply,
     _default_data_dir,
     _parse_overrides,
     build_cases,
     preset_overrides,
+    train_rows,
 )
 from prefixlab.runs.presets import CLI_NAMES
 from prefixlab.runs.readable import SEARCH_SECONDS
@@ -60,31 +60,20 @@ def run_case(case: Case, loaded, workdir: Path, overrides: dict, tokens: int, st
     """Train on the case's rows (unless `trained`: its run is in workdir already), then take
     every readout of the issue from the run. seconds: the readable search's budget (0: none);
     a rerun keeps the knockout an earlier one of as many rows wrote."""
-    from prefixlab.data.writing import csv_text
     from prefixlab.interpret.describe import beyond_start, naming_count
     from prefixlab.interpret.readable import SearchConfig
-    from prefixlab.runs.config import RunConfig
-    from prefixlab.runs.experiment import create_run, execute_run, prepare_data
     from prefixlab.runs.explanation import describe_run
     from prefixlab.runs.finished import open_run
     from prefixlab.runs.inspection import inspect_run, run_start
     from prefixlab.runs.readable import readable_prompt, run_nearest
 
     folder = workdir / f"{case.name}_{case.n}_{case.seed}"
-    began = time.perf_counter()
     if trained:
-        report = json.loads((folder / "report.json").read_text())
+        report, train_s = json.loads((folder / "report.json").read_text()), None
     else:
-        csv = folder.with_suffix(".csv")
-        csv.write_text(csv_text(case.train[["text", "label"]]), encoding="utf-8")
-        cfg = RunConfig(train_csv=str(csv), text_column="text", label_column="label")
-        cfg.training.seed = case.seed
-        _apply(cfg, overrides)
-        prepared = prepare_data(cfg)
-        report = execute_run(create_run(cfg, folder, prepared, loaded), loaded,
-                             prepared=prepared)
-    row = {"case": case.name, "n": case.n, "seed": case.seed,
-           "train_s": None if trained else time.perf_counter() - began,
+        done = train_rows(case.train, folder, loaded, case.seed, overrides)
+        report, train_s = done.report, done.seconds
+    row = {"case": case.name, "n": case.n, "seed": case.seed, "train_s": train_s,
            "val_macro_f1": report["macro_f1"]}
 
     run = open_run(folder, loaded)

@@ -135,10 +135,38 @@ def _apply(config, overrides: dict) -> None:
         part.__post_init__()
 
 
+@dataclass
+class Trained:
+    report: dict  # the run's report.json
+    prepared: object  # runs.experiment.prepare_data's split of the rows
+    config: object  # the RunConfig trained
+    seconds: float  # training and its final report
+
+
+def train_rows(rows: pd.DataFrame, folder: Path, loaded, seed: int, overrides: dict) -> Trained:
+    """Train a run in `folder` on `rows` (text, label), written beside it as folder.csv, with
+    the recipe under test (`overrides` onto the defaults) and `seed`."""
+    from prefixlab.data.writing import csv_text
+    from prefixlab.runs.config import RunConfig
+    from prefixlab.runs.experiment import create_run, execute_run, prepare_data
+
+    csv = folder.with_suffix(".csv")
+    # csv_text quotes every cell holding a lone "\r" (sentiment_tweets has 415 such texts); pandas'
+    # to_csv writes one bare unless a comma or quote in it forces quotes, and the row breaks.
+    csv.write_text(csv_text(rows[["text", "label"]]), encoding="utf-8")
+    cfg = RunConfig(train_csv=str(csv), text_column="text", label_column="label")
+    cfg.training.seed = seed
+    _apply(cfg, overrides)
+    prepared = prepare_data(cfg)
+    run_folder = create_run(cfg, folder, prepared, loaded)
+    began = time.perf_counter()
+    report = execute_run(run_folder, loaded, prepared=prepared)
+    return Trained(report, prepared, cfg, time.perf_counter() - began)
+
+
 def run_case(case: Case, loaded, workdir: Path, overrides: dict, zero_cache: dict,
              scores_dir: Path | None = None) -> dict:
     """Train with the default recipe on the case's rows; score everything on its test rows."""
-    from prefixlab.data.writing import csv_text
     from prefixlab.engine.balance import (
         CONTENT_FREE,
         LabelRule,
@@ -149,24 +177,13 @@ def run_case(case: Case, loaded, workdir: Path, overrides: dict, zero_cache: dic
         prior_offset,
     )
     from prefixlab.engine.predict import score_log_likelihoods
-    from prefixlab.runs.config import RunConfig
     from prefixlab.runs.evaluate import majority_baseline, tfidf_baseline
-    from prefixlab.runs.experiment import create_run, execute_run, prepare_data
     from prefixlab.runs.finished import open_run
 
     folder = workdir / f"{case.name.replace('->', '_to_')}_{case.n}_{case.seed}"
-    csv = folder.with_suffix(".csv")
-    # csv_text quotes every cell holding a lone "\r" (sentiment_tweets has 415 such texts); pandas'
-    # to_csv writes one bare unless a comma or quote in it forces quotes, and the row breaks.
-    csv.write_text(csv_text(case.train[["text", "label"]]), encoding="utf-8")
-    cfg = RunConfig(train_csv=str(csv), text_column="text", label_column="label")
-    cfg.training.seed = case.seed
-    _apply(cfg, overrides)
-    prepared = prepare_data(cfg)
-    run_folder = create_run(cfg, folder, prepared, loaded)
-    began = time.perf_counter()
-    report = execute_run(run_folder, loaded, prepared=prepared)
-    train_s = time.perf_counter() - began
+    trained = train_rows(case.train, folder, loaded, case.seed, overrides)
+    report, prepared, cfg, train_s = (trained.report, trained.prepared, trained.config,
+                                      trained.seconds)
     run = open_run(folder, loaded)
     labels, texts, gold = run.labels, case.test["text"].tolist(), case.test["label"].tolist()
     ll = score_log_likelihoods(loaded.model, run.kv, run.encoder, texts)

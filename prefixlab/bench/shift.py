@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,6 @@ import pandas as pd
 from prefixlab.bench.quality import (
     CROSS,
     SETS,
-    _apply,
     _default_data_dir,
     _parse_overrides,
     _scores,
@@ -44,6 +42,7 @@ from prefixlab.bench.quality import (
     load_set,
     preset_overrides,
     sample_rows,
+    train_rows,
 )
 from prefixlab.data.topics import cluster_split
 from prefixlab.runs.presets import CLI_NAMES
@@ -111,24 +110,15 @@ def run_folder_of(workdir: Path, case: ShiftCase, variant: str) -> Path:
 
 def run_variant(case: ShiftCase, variant: str, loaded, workdir: Path, overrides: dict) -> dict:
     """Train the variant on the case's rows; score the prefix on both tests."""
-    from prefixlab.data.writing import csv_text
     from prefixlab.engine.balance import adapted_rule
     from prefixlab.engine.predict import score_log_likelihoods
-    from prefixlab.runs.config import RunConfig
-    from prefixlab.runs.experiment import create_run, execute_run, prepare_data
     from prefixlab.runs.finished import open_run
+    from prefixlab.runs.folder import RunFolder
 
     folder = run_folder_of(workdir, case, variant)
-    csv = folder.with_suffix(".csv")
-    csv.write_text(csv_text(case.train[["text", "label"]]), encoding="utf-8")
-    cfg = RunConfig(train_csv=str(csv), text_column="text", label_column="label")
-    cfg.training.seed = case.seed
-    _apply(cfg, {**overrides, **VARIANTS[variant]})
-    prepared = prepare_data(cfg)
-    run_folder = create_run(cfg, folder, prepared, loaded)
-    began = time.perf_counter()
-    report = execute_run(run_folder, loaded, prepared=prepared)
-    train_s = time.perf_counter() - began
+    trained = train_rows(case.train, folder, loaded, case.seed,
+                         {**overrides, **VARIANTS[variant]})
+    report, train_s, run_folder = trained.report, trained.seconds, RunFolder(folder)
     run = open_run(folder, loaded)
     labels = run.labels
     start = run_folder.load_snapshot(0)
