@@ -13,13 +13,25 @@ from prefixlab.cli.output import say
 
 
 def _config(args):
+    from dataclasses import fields
+
+    from prefixlab.cli.options import dotted_settings
+    from prefixlab.errors import ConfigError
     from prefixlab.runs.config import RunConfig
     from prefixlab.runs.presets import config_parts, preset
 
     parts = config_parts(preset(args.preset)) if args.preset else {
         "run": {}, "prefix": {}, "training": {}}
-    run = {**parts["run"], "text_column": args.text_column, "label_column": args.label_column,
-           "target_column": args.target_column}
+    typed = dotted_settings(args.set)  # --set wins over the preset, the named options over both
+    unknown = sorted(set(typed["run"]) - {f.name for f in fields(RunConfig)})
+    if unknown:
+        raise ConfigError(f"--set: no run setting named {', '.join(unknown)}")
+    for section in ("prefix", "training"):
+        parts[section] = {**parts[section], **typed[section]}
+    if typed["generation"]:
+        parts["generation"] = {**parts.get("generation", {}), **typed["generation"]}
+    run = {**parts["run"], **typed["run"], "text_column": args.text_column,
+           "label_column": args.label_column, "target_column": args.target_column}
     for name in ("model", "device", "precision", "max_train_examples", "validation_csv"):
         if getattr(args, name) is not None:
             run[name] = getattr(args, name)
@@ -30,6 +42,8 @@ def _config(args):
         training["seed"] = args.seed
     if args.epochs is not None:
         training["epochs"] = args.epochs
+    if "generation" in parts:
+        run["generation"] = parts["generation"]
     return RunConfig(train_csv=str(args.csv), prefix=parts["prefix"], training=training, **run)
 
 

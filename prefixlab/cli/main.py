@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the embedded one)")
     p.add_argument("--device")
     p.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run setting, as config.json names it (prefix.prefix_length=20, "
+                        "training.learning_rate=0.003, decision=argmax); repeatable. The "
+                        "prefix run takes them all; the other gradient methods share the "
+                        "training settings but keep their own learning rate")
     p.add_argument("--keep-weights", action="store_true",
                    help="keep full fine-tuning's weights (the size of the model)")
     p.add_argument("--json", action="store_true", help="print comparison.json's content")

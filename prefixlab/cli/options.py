@@ -87,3 +87,29 @@ def stop_strings(args) -> list[str] | None:
     """--stop values, with the escapes a shell makes hard to type ("\\n", "\\t") read."""
     stops = [x.replace("\\n", "\n").replace("\\t", "\t") for x in getattr(args, "stop", [])]
     return stops or None
+
+
+def dotted_settings(items: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """`--set KEY=VALUE` items as the parts of a RunConfig: {"run": ..., "prefix": ...,
+    "training": ..., "generation": ...}. KEY is a run setting (`decision`) or a section's
+    (`training.learning_rate`, `prefix.prefix_length`); VALUE is read as JSON where it parses
+    (numbers, true/false, null) and as text otherwise. Names are checked where the config is
+    built, which names the unknown ones."""
+    import json
+
+    from prefixlab.errors import ConfigError
+
+    parts: dict[str, dict[str, Any]] = {"run": {}, "prefix": {}, "training": {},
+                                         "generation": {}}
+    for item in items:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().rpartition(".")
+        if not sep or not name or (dot and section not in parts) or section == "run":
+            raise ConfigError(f"--set wants KEY=VALUE with KEY a setting or SECTION.SETTING "
+                              f"(sections: prefix, training, generation), got {item!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        parts[section or "run"][name] = value
+    return parts

@@ -1,0 +1,79 @@
+"""`compare --set KEY=VALUE`: the run settings every method shares (and the prefix's own),
+so a comparison can show which prefix settings close a gap; a bad key is refused in one line
+before the model loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prefixlab.cli.main import main
+from prefixlab.cli.options import dotted_settings
+from prefixlab.errors import ConfigError
+from tests.conftest import save_tiny_model
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture
+def csv_file(tmp_path) -> Path:
+    rows = ["text,label"] + [f"the movie was {'great' if i % 2 else 'bad'} {i},"
+                             f"{'positive' if i % 2 else 'negative'}" for i in range(40)]
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_dotted_settings_sort_keys_into_sections_and_read_json_values():
+    parts = dotted_settings(["prefix.prefix_length=20", "training.learning_rate=3e-3",
+                             "decision=argmax", "prefix.reparameterize=true",
+                             "prefix.init=the words, as text"])
+    assert parts == {"run": {"decision": "argmax"},
+                     "prefix": {"prefix_length": 20, "reparameterize": True,
+                                "init": "the words, as text"},
+                     "training": {"learning_rate": 0.003}, "generation": {}}
+    for bad in ["prefix_length", "model.layers=2", "prefix.=3", "run.decision=argmax"]:
+        with pytest.raises(ConfigError, match="--set wants KEY=VALUE"):
+            dotted_settings([bad])
+
+
+def test_compare_trains_the_prefix_with_the_settings_given(tmp_path, csv_file, tiny_dir):
+    out = tmp_path / "out"
+    assert main(["compare", str(csv_file), "--text-column", "text", "--label-column", "label",
+                 "--model", str(tiny_dir), "--device", "cpu", "--methods", "prefix,tfidf",
+                 "--epochs", "1", "--set", "prefix.prefix_length=3",
+                 "--set", "training.learning_rate=0.02", "--set", "training.batch_size=8",
+                 "--set", "max_length=40", "--output", str(out)]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["run"]["prefix"]["prefix_length"] == 3
+    assert result["run"]["training"]["learning_rate"] == 0.02
+    assert result["run"]["max_length"] == 40
+    prefix = next(r for r in result["rows"] if r["method"] == "prefix")
+    assert prefix["settings"]["prefix_length"] == 3
+    assert prefix["settings"]["learning_rate"] == 0.02
+    run = json.loads((out / "prefix" / "config.json").read_text())
+    assert run["run"]["prefix"]["prefix_length"] == 3
+    assert run["run"]["training"]["batch_size"] == 8
+
+
+@pytest.mark.parametrize("item, message", [
+    ("prefix.prefix_lenght=3", "prefix_lenght"),
+    ("colour=red", "no run setting named colour"),
+    ("training.learning_rate=-1", "learning_rate"),
+])
+def test_a_bad_setting_is_refused_in_one_line_before_anything_loads(tmp_path, csv_file, item,
+                                                                     message, capsys):
+    out = tmp_path / "out"
+    assert main(["compare", str(csv_file), "--text-column", "text", "--label-column", "label",
+                 "--model", str(tmp_path / "no-such-model"), "--set", item,
+                 "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
