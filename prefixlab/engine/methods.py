@@ -75,6 +75,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 DEFAULT_METHODS = ("prefix", "prompt", "lora", "ia3", "full", "probe", "tfidf")
 
 
+def default_methods(generation: bool) -> list[str]:
+    """What a comparison trains when no method is named: all of them, less those that need
+    labels on a generation run (named ones are refused there instead: method_problems)."""
+    return [m for m in DEFAULT_METHODS if not (generation and METHODS[m].labels_only)]
+
+
 def parse_methods(text: str | Sequence[str]) -> list[str]:
     """Method names from "prefix,lora" (or a list), in order, without repeats; unknown
     names are refused in one message naming the known ones."""
@@ -103,7 +109,8 @@ def method_problems(names: Sequence[str], model_type: str, dtype: torch.dtype,
     for name in names:
         m = METHODS[name]
         if m.labels_only and generation:
-            problems.append(f"{name} classifies and a generation run has no labels")
+            problems.append(f"{name} classifies and a generation run has no labels; leave it "
+                            "out (the default methods of a generation run do)")
         targets = {"lora": LORA_TARGETS, "ia3": IA3_TARGETS}.get(name)
         if targets is not None and model_type not in targets:
             problems.append(f"{name}: PEFT has no default target modules for the model family "
