@@ -49,12 +49,13 @@ def _figure(done: dict) -> str:
 
 def cmd_compare(args) -> int:
     from prefixlab.engine.models import load_model, pick_device
-    from prefixlab.runs.compare import CompareConfig, run_comparison
+    from prefixlab.runs.compare import CompareConfig, check_task, run_comparison
     from prefixlab.runs.verdict import format_table
 
     compare = CompareConfig(methods=args.methods, test_csv=args.test_csv,
                             shift_csv=args.shift_csv, keep_weights=args.keep_weights)
-    cfg = _config(args)  # both refuse bad settings and method names before the model loads
+    cfg = _config(args)  # these three refuse bad settings and methods before the model loads
+    check_task(cfg, compare)
     methods = compare.methods_for(cfg)
     output = Path(args.output)
     if output.exists() and any(output.iterdir()):

@@ -39,6 +39,7 @@ from prefixlab.engine.methods import (
     parse_methods,
     peft_settings,
     save_adapter,
+    task_problems,
 )
 from prefixlab.engine.models import LoadedModel
 from prefixlab.engine.prefix import load_prefix
@@ -63,8 +64,9 @@ FILE = "comparison.json"
 GENERATION_SCORES = ("bleu", "chrf", "rouge_l", "loss", "rows", "inputs")
 """A generation row's figures on one set (generation.pair_scores); a classification row's
 are macro_f1, accuracy and rows."""
-__all__ = ["DEFAULT_METHODS", "FILE", "FORMAT", "GENERATION_SCORES", "METHODS", "CompareConfig",
-           "check_comparison", "default_methods", "read_comparison", "run_comparison"]
+__all__ = ["DEFAULT_METHODS", "FILE", "FORMAT", "GENERATION_SCORES", "METHODS",
+           "CompareConfig", "check_comparison", "check_task", "default_methods",
+           "read_comparison", "run_comparison"]
 # the app takes the method table from here (the ui wing may not import engine)
 
 
@@ -98,7 +100,16 @@ class CompareConfig:
 def check_comparison(cfg: RunConfig, compare: CompareConfig, model_type: str,
                      dtype: torch.dtype) -> None:
     """Refuse, in one ConfigError, every method that cannot run on this model and task."""
-    problems = method_problems(compare.methods_for(cfg), model_type, dtype, cfg.is_generation)
+    _refuse(method_problems(compare.methods_for(cfg), model_type, dtype, cfg.is_generation))
+
+
+def check_task(cfg: RunConfig, compare: CompareConfig) -> None:
+    """Refuse, as check_comparison does, the methods that cannot run on the run's task: a
+    check for before the model loads (check_comparison adds the model's)."""
+    _refuse(task_problems(compare.methods_for(cfg), cfg.is_generation))
+
+
+def _refuse(problems: list[str]) -> None:
     if problems:  # one line: the whole comparison is refused before anything trains
         raise ConfigError("cannot compare these methods here: " + "; ".join(problems))
 
