@@ -116,7 +116,8 @@ def _refuse(problems: list[str]) -> None:
 
 def _extra_set(path: str | None, what: str,
                prepared: PreparedData) -> LabeledData | TextPairs | None:
-    """The test or shift rows in the training file's columns; their labels must be known."""
+    """The test or shift rows in the training file's columns: pairs in a generation run,
+    else labeled rows whose labels training sees."""
     if not path:
         return None
     train = prepared.train
