@@ -93,11 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
                                        "IA3, full, probe, TF-IDF) on the same rows; a table")
     p.add_argument("csv")
     columns(p)
-    p.add_argument("--target-column", help="generation runs (not supported by compare yet)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, in training order; of {', '.join(METHODS)}")
-    p.add_argument("--test-csv", help="labeled rows every method is scored on at the end")
-    p.add_argument("--shift-csv", help="a labeled set from another source, the same labels")
+    p.add_argument("--target-column",
+                   help="a generation comparison: the column of texts to generate from "
+                        "--text-column; every method is scored by BLEU, chrF, ROUGE-L and its "
+                        "target loss, beside the bare model")
+    p.add_argument("--methods",
+                   help=f"comma-separated, in training order; of {', '.join(METHODS)}. "
+                        f"Default: {','.join(DEFAULT_METHODS)}; with --target-column the "
+                        "methods that classify (probe, tfidf) are left out, and refused "
+                        "when named")
+    p.add_argument("--test-csv", help="rows every method is scored on at the end: labeled, "
+                                      "or input/target pairs in the same columns")
+    p.add_argument("--shift-csv", help="a set from another source: the same labels, or "
+                                       "input/target pairs in the same columns")
     p.add_argument("--validation-csv", help="held-out rows instead of a share of the CSV")
     p.add_argument("--max-minutes", type=float, help="time budget per method")
     p.add_argument("--epochs", type=int, help="epoch budget per method")
@@ -114,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "training settings but keep their own learning rate")
     p.add_argument("--keep-weights", action="store_true",
                    help="keep full fine-tuning's weights (the size of the model)")
+    decoding(p, "generation: most tokens generated per input (and trained on per target), "
+                "the same for every method")
     p.add_argument("--json", action="store_true", help="print comparison.json's content")
     p.add_argument("--output", required=True, help="comparison folder to create")
     p.set_defaults(func=cmd_compare)

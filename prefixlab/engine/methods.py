@@ -75,6 +75,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 DEFAULT_METHODS = ("prefix", "prompt", "lora", "ia3", "full", "probe", "tfidf")
 
 
+def default_methods(generation: bool) -> list[str]:
+    """What a comparison trains when no method is named: all of them, less those that need
+    labels on a generation run (named ones are refused there instead: method_problems)."""
+    return [m for m in DEFAULT_METHODS if not (generation and METHODS[m].labels_only)]
+
+
 def parse_methods(text: str | Sequence[str]) -> list[str]:
     """Method names from "prefix,lora" (or a list), in order, without repeats; unknown
     names are refused in one message naming the known ones."""
@@ -89,6 +95,13 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     return names
 
 
+def task_problems(names: Sequence[str], generation: bool) -> list[str]:
+    """Why each named method cannot run on this task, known before any model loads."""
+    return [f"{name} classifies and a generation run has no labels; leave it out (the default "
+            "methods of a generation run do)"
+            for name in names if generation and METHODS[name].labels_only]
+
+
 def method_problems(names: Sequence[str], model_type: str, dtype: torch.dtype,
                     generation: bool) -> list[str]:
     """Why each named method cannot run on this model and task (empty: all can)."""
@@ -99,11 +112,8 @@ def method_problems(names: Sequence[str], model_type: str, dtype: torch.dtype,
         TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as LORA_TARGETS,
     )
 
-    problems = []
+    problems = task_problems(names, generation)
     for name in names:
-        m = METHODS[name]
-        if m.labels_only and generation:
-            problems.append(f"{name} classifies and a generation run has no labels")
         targets = {"lora": LORA_TARGETS, "ia3": IA3_TARGETS}.get(name)
         if targets is not None and model_type not in targets:
             problems.append(f"{name}: PEFT has no default target modules for the model family "

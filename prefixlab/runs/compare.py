@@ -7,6 +7,12 @@ run fits one) and its stopping rule (the validation-chosen step, patience and th
 per method). The prefix row is a normal run folder (open, inspect, serve); PEFT methods keep
 their adapter; full fine-tuning keeps its weights only when asked.
 
+A generation run (a target column) compares the gradient methods alone (the probe and TF-IDF
+classify): each trains on the same input -> target pairs with the run's PairEncoder, keeps
+the step of lowest validation loss as the prefix run does, and decodes every held-out input
+with the run's decoding settings; rows carry BLEU, chrF, ROUGE-L and the target loss, and
+`bare_model` the untrained model's figures with the same template.
+
 The comparison folder holds `comparison.json` (settings, one row per method, the verdict) and
 one subfolder per method.
 """
@@ -17,68 +23,108 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from prefixlab.data.labeled import LabeledData, load_labeled_csv
+from prefixlab.data.pairs import TextPairs, load_pairs_csv
 from prefixlab.data.reading import DataError
 from prefixlab.engine.methods import (
     DEFAULT_METHODS,
     METHODS,
+    default_methods,
     method_problems,
     parse_methods,
     peft_settings,
     save_adapter,
+    task_problems,
 )
 from prefixlab.engine.models import LoadedModel
 from prefixlab.engine.prefix import load_prefix
 from prefixlab.engine.train import StepInfo
 from prefixlab.errors import ConfigError, PrefixLabError
 from prefixlab.runs.config import RunConfig
-from prefixlab.runs.contenders import Contender, train_gradient, train_probe, train_tfidf
+from prefixlab.runs.contenders import (
+    Contender,
+    train_generation,
+    train_gradient,
+    train_probe,
+    train_tfidf,
+)
 from prefixlab.runs.experiment import PreparedData, create_run, execute_run, prepare_data
+from prefixlab.runs.generation import pair_encoder, pair_scores
 from prefixlab.runs.scoring import report_from_scores, score_rows
 from prefixlab.runs.start import init_text
 from prefixlab.runs.verdict import verdict
 
 FORMAT = "prefixlab-comparison/1"
 FILE = "comparison.json"
+GENERATION_SCORES = ("bleu", "chrf", "rouge_l", "loss", "rows", "inputs")
+"""A generation row's figures on one set (generation.pair_scores); a classification row's
+are macro_f1, accuracy and rows."""
+__all__ = ["DEFAULT_METHODS", "FILE", "FORMAT", "GENERATION_SCORES", "METHODS",
+           "CompareConfig", "check_comparison", "check_task", "default_methods",
+           "read_comparison", "run_comparison"]
+# the app takes the method table from here (the ui wing may not import engine)
 
 
 @dataclass
 class CompareConfig:
     """What a comparison trains besides the run settings every method shares."""
 
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    """Methods in the order they train (engine.methods.METHODS)."""
+    methods: list[str] | None = None
+    """Methods in the order they train (engine.methods.METHODS); None: every method the
+    run's task allows (engine.methods.default_methods: a generation run leaves out the probe
+    and TF-IDF, which classify). Methods named here are trained or refused, never dropped."""
     test_csv: str | None = None
-    """Labeled rows scored once at the end, by every method's kept step."""
+    """Rows scored once at the end, by every method's kept step: labeled, or in a
+    generation run input/target pairs in the run's columns."""
     shift_csv: str | None = None
-    """A labeled set from another source with the same labels: how each method travels."""
+    """A set from another source (the same labels, or the same columns in a generation run):
+    how each method travels."""
     keep_weights: bool = False
     """Keep full fine-tuning's weights (the size of the model); otherwise only its figures."""
 
     def __post_init__(self) -> None:
-        self.methods = parse_methods(self.methods)
+        if self.methods is not None:
+            self.methods = parse_methods(self.methods)
+
+    def methods_for(self, cfg: RunConfig) -> list[str]:
+        """The methods this comparison trains on the run `cfg`."""
+        return (list(self.methods) if self.methods is not None
+                else default_methods(cfg.is_generation))
 
 
 def check_comparison(cfg: RunConfig, compare: CompareConfig, model_type: str,
                      dtype: torch.dtype) -> None:
     """Refuse, in one ConfigError, every method that cannot run on this model and task."""
-    problems = method_problems(compare.methods, model_type, dtype, cfg.is_generation)
-    if cfg.is_generation:
-        problems.append("comparing methods on a generation run is not supported yet; "
-                        "compare on a labeled column")
+    _refuse(method_problems(compare.methods_for(cfg), model_type, dtype, cfg.is_generation))
+
+
+def check_task(cfg: RunConfig, compare: CompareConfig) -> None:
+    """Refuse, as check_comparison does, the methods that cannot run on the run's task: a
+    check for before the model loads (check_comparison adds the model's)."""
+    _refuse(task_problems(compare.methods_for(cfg), cfg.is_generation))
+
+
+def _refuse(problems: list[str]) -> None:
     if problems:  # one line: the whole comparison is refused before anything trains
         raise ConfigError("cannot compare these methods here: " + "; ".join(problems))
 
 
-def _extra_set(path: str | None, what: str, prepared: PreparedData) -> LabeledData | None:
+def _extra_set(path: str | None, what: str,
+               prepared: PreparedData) -> LabeledData | TextPairs | None:
+    """The test or shift rows in the training file's columns: pairs in a generation run,
+    else labeled rows whose labels training sees."""
     if not path:
         return None
     train = prepared.train
+    if isinstance(train, TextPairs):
+        pairs = load_pairs_csv(path, train.input_column, train.target_column)
+        prepared.warnings.extend(f"{what} file: {w}" for w in pairs.warnings)
+        return pairs
     data = load_labeled_csv(path, train.text_column, train.label_column)
     unknown = sorted(set(data.label_names) - set(prepared.labels))
     if unknown:
@@ -129,28 +175,62 @@ def _prefix_contender(cfg: RunConfig, where: Path, name: str, loaded: LoadedMode
     if report is None:
         return None
     info = folder.read_config()
-    counts = prepared.train.label_counts()
-    encoder = cfg.label_encoder(loaded.tokenizer, prepared.labels, counts,
-                                info["data"].get("prior_scale"))
     kv = load_prefix(folder.prefix_path).kv
+    settings = {"learning_rate": cfg.training.learning_rate,
+                "prefix_length": cfg.prefix.prefix_length}
+    bare = None
+    if cfg.is_generation:
+        predict, validation, bare = _generation_prefix(cfg, loaded, prepared, kv, report)
+    else:
+        counts = prepared.train.label_counts()
+        encoder = cfg.label_encoder(loaded.tokenizer, prepared.labels, counts,
+                                    info["data"].get("prior_scale"))
 
-    def predict(data: LabeledData) -> dict:
-        return report_from_scores(encoder, data, score_rows(loaded, kv, encoder, data))
+        def predict(data: LabeledData) -> dict:
+            return report_from_scores(encoder, data, score_rows(loaded, kv, encoder, data))
 
+        validation = report
+        settings["prior_scale"] = info["data"].get("prior_scale")
     kept = report["kept_step"]
-    return Contender(predict, report, info["prefix"]["trainable_parameters"],
+    return Contender(predict, validation, info["prefix"]["trainable_parameters"],
                      folder.prefix_path.stat().st_size, kept, report["steps"],
                      elapsed.get(kept, last.elapsed_s), last.elapsed_s,
                      round(last.examples_per_s * last.elapsed_s), report["stop_reason"],
-                     {"learning_rate": cfg.training.learning_rate,
-                      "prefix_length": cfg.prefix.prefix_length,
-                      "prior_scale": info["data"].get("prior_scale"),
-                      **METHODS["prefix"].settings})
+                     {**settings, **METHODS["prefix"].settings}, bare=bare)
 
 
-def _metrics(report: dict | None) -> dict | None:
-    return None if report is None else {"macro_f1": report["macro_f1"],
-                                        "accuracy": report["accuracy"], "rows": report["n"]}
+def _generation_prefix(cfg: RunConfig, loaded: LoadedModel, prepared: PreparedData,
+                       kv: torch.Tensor, report: dict
+                       ) -> tuple[Callable[[TextPairs], dict], dict, dict | None]:
+    """A generation prefix's predict, its validation figures and the bare model's. Its run's
+    report decoded every validation input with the run's settings, beside the bare model,
+    unless the time budget cut the decoding short ("decoded"): then the prefix is decoded
+    again here (and the bare model later, as for a comparison without the prefix), so every
+    row of the comparison reads the same inputs."""
+    encoder = pair_encoder(loaded.tokenizer, cfg)
+
+    def predict(pairs: TextPairs) -> dict:
+        return pair_scores(loaded.model, encoder, kv, pairs, cfg.generation)
+
+    if "decoded" in report:
+        return predict, predict(prepared.validation), None
+    rows = len(prepared.validation)
+    return (predict, _from_report(report, rows),
+            _from_report(report["baselines"]["bare_model"], rows))
+
+
+def _from_report(scores: dict, rows: int) -> dict:
+    """A generation report's scores (or its bare model's) as a row's figures."""
+    return {"bleu": scores["bleu"], "chrf": scores["chrf"], "rouge_l": scores["rouge_l"],
+            "loss": scores.get("loss"), "rows": rows, "inputs": scores["n"]}
+
+
+def _metrics(report: dict | None, generation: bool = False) -> dict | None:
+    """One set's figures in a row: a generation contender gives them as they are kept."""
+    if report is None or generation:
+        return report
+    return {"macro_f1": report["macro_f1"], "accuracy": report["accuracy"],
+            "rows": report["n"]}
 
 
 def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
@@ -161,13 +241,17 @@ def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
     comparison.json's content. The prefix run goes to `prefix_folder` (the app's runs
     directory, so Runs lists it), else to `output`/prefix. `on_event` hears each method's
     progress: {"method", "state" (training | scoring | done | failed | cancelled), "step",
-    "total_steps", "elapsed_s"}. Once `should_stop` says so (checked while a method trains
-    and between methods) the methods finished so far are written with `cancelled` (the method
-    that was stopped or next) and `not_run` (it and those after it)."""
+    "total_steps", "elapsed_s"}; a "done" event names the validation figure it carries
+    ("metric": macro_f1 or bleu, "value"; a classification one also as "macro_f1"). Once
+    `should_stop` says so (checked while a method trains and between methods) the methods
+    finished so far are written with `cancelled` (the method that was stopped or next) and
+    `not_run` (it and those after it); a cancelled generation comparison decodes no bare
+    model ("bare_model": null)."""
     out = Path(output)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose another output")
     check_comparison(cfg, compare, loaded.model.config.model_type, loaded.dtype)
+    methods, generation = compare.methods_for(cfg), cfg.is_generation
     prepared = prepare_data(cfg)  # one split for every method, refused before training
     test = _extra_set(compare.test_csv, "test", prepared)
     shift = _extra_set(compare.shift_csv, "shift", prepared)
@@ -176,10 +260,11 @@ def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
     init_ids = loaded.tokenizer(init_text(cfg, prepared.labels),
                                 add_special_tokens=False)["input_ids"]
     result = {
-        "format": FORMAT, "created": time.time(), "model": loaded.name,
+        "format": FORMAT, "task": "generation" if generation else "classification",
+        "created": time.time(), "model": loaded.name,
         "precision": loaded.precision, "device": str(loaded.device),
         "model_parameters": loaded.num_parameters,
-        "run": cfg.to_dict(), "methods_asked": compare.methods,
+        "run": cfg.to_dict(), "methods_asked": methods,
         "data": {"train_rows": len(prepared.train), "validation_rows": len(prepared.validation),
                  "test_rows": len(test) if test else None,
                  "shift_rows": len(shift) if shift else None, "labels": prepared.labels,
@@ -190,12 +275,13 @@ def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
                        "GPU peak on CUDA",
         "rows": [],
     }
-    for i, name in enumerate(compare.methods):
+    bare_validation = None  # the bare model's validation figures, from the prefix's report
+    for i, name in enumerate(methods):
         # probe, TF-IDF and scoring never look at should_stop: a cancel asked during them
         # stops here, before the next method trains
         if should_stop is not None and should_stop():
             result["cancelled"] = name
-            result["not_run"] = compare.methods[i:]
+            result["not_run"] = methods[i:]
             break
 
         def on_step(info: StepInfo, name: str = name) -> None:
@@ -217,17 +303,26 @@ def run_comparison(cfg: RunConfig, compare: CompareConfig, output: str | Path,
         if contender is None:  # stopped mid-training: that method keeps nothing
             tell({"method": name, "state": "cancelled"})
             result["cancelled"] = name
-            result["not_run"] = compare.methods[i:]
+            result["not_run"] = methods[i:]
             break
         tell({"method": name, "state": "scoring"})
-        row = _row(name, contender, loaded, test, shift, time.perf_counter() - began)
+        row = _row(name, contender, loaded, test, shift, time.perf_counter() - began,
+                   generation)
+        bare_validation = contender.bare or bare_validation
         row.update(_keep(name, contender, loaded, out, compare.keep_weights))
         if name == "prefix":
             row["folder"] = str(Path(prefix_folder or out / "prefix"))
         result["rows"].append(row)
-        tell({"method": name, "state": "done", "macro_f1": row["validation"]["macro_f1"]})
+        metric = "bleu" if generation else "macro_f1"
+        done = {"method": name, "state": "done", "metric": metric,
+                "value": row["validation"][metric]}
+        tell(done if generation else {**done, "macro_f1": done["value"]})
+    if generation:  # a cancelled comparison stops now, without decoding more
+        result["bare_model"] = None if "not_run" in result else _bare_model(
+            cfg, loaded, prepared, test, shift, bare_validation)
     result["verdict"] = verdict(result["rows"], has_test=test is not None,
-                                has_shift=shift is not None)
+                                has_shift=shift is not None, task=result["task"],
+                                bare=result.get("bare_model"))
     if "not_run" in result:
         result["verdict"].append(
             "the comparison was cancelled, so these figures cover only the methods above; "
@@ -250,12 +345,31 @@ def _train(name: str, cfg: RunConfig, out: Path, loaded: LoadedModel, prepared: 
         return train_probe(cfg, loaded, prepared.train, prepared.validation, prepared.labels)
     if kind == "tfidf":
         return train_tfidf(cfg, prepared.train, prepared.validation, prepared.labels)
+    if cfg.is_generation:
+        return train_generation(name, cfg, loaded, prepared.train, prepared.validation,
+                                init_ids, on_step=on_step, should_stop=should_stop)
     return train_gradient(name, cfg, loaded, prepared.train, prepared.validation,
                           prepared.labels, init_ids, on_step=on_step, should_stop=should_stop)
 
 
-def _row(name: str, c: Contender, loaded: LoadedModel, test: LabeledData | None,
-         shift: LabeledData | None, seconds: float) -> dict:
+def _bare_model(cfg: RunConfig, loaded: LoadedModel, prepared: PreparedData,
+                test: TextPairs | None, shift: TextPairs | None,
+                validation: dict | None) -> dict:
+    """The untrained model's figures with the run's template and decoding settings, on the
+    sets the rows were scored on: what each method buys over no training. `validation`:
+    those already decoded by the prefix's run."""
+    encoder = pair_encoder(loaded.tokenizer, cfg)
+
+    def scores(pairs: TextPairs | None) -> dict | None:
+        return None if pairs is None else pair_scores(loaded.model, encoder, None, pairs,
+                                                      cfg.generation)
+
+    return {"validation": validation or scores(prepared.validation), "test": scores(test),
+            "shift": scores(shift)}
+
+
+def _row(name: str, c: Contender, loaded: LoadedModel, test: LabeledData | TextPairs | None,
+         shift: LabeledData | TextPairs | None, seconds: float, generation: bool) -> dict:
     """One method's figures (scores on the test and shift rows computed here)."""
     total = loaded.num_parameters
     settings = dict(c.settings)
@@ -263,9 +377,9 @@ def _row(name: str, c: Contender, loaded: LoadedModel, test: LabeledData | None,
         settings.update(peft_settings(c.trainable))
     return {
         "method": name, "title": METHODS[name].title, "settings": settings,
-        "validation": _metrics(c.validation),
-        "test": _metrics(c.predict(test)) if test is not None else None,
-        "shift": _metrics(c.predict(shift)) if shift is not None else None,
+        "validation": _metrics(c.validation, generation),
+        "test": _metrics(c.predict(test), generation) if test is not None else None,
+        "shift": _metrics(c.predict(shift), generation) if shift is not None else None,
         "trainable_parameters": c.trainable_parameters,
         "trainable_share": c.trainable_parameters / total if name not in ("tfidf",) else None,
         "stored_bytes": c.stored_bytes,

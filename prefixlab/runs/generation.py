@@ -59,7 +59,7 @@ def pair_encoder(tokenizer, cfg: RunConfig) -> PairEncoder:
                        cfg.generation.max_new_tokens + 1)
 
 
-def live_scores(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
+def live_scores(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor | None,
                 validation: TextPairs, cfg: RunConfig) -> dict:
     """What a training run logs at each evaluation: the validation loss on each held-out
     input's first reference, and greedy BLEU/chrF/ROUGE-L on the first `eval_generate_inputs`
@@ -217,6 +217,18 @@ def _decode_both(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor, group
         if progress:
             progress(what, len(ours) + len(bare), total)
     return ours, bare
+
+
+def pair_scores(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor | None,
+                pairs: TextPairs, config: DecodeConfig) -> dict:
+    """One method's figures on held-out pairs, as a comparison (compare.py) lists them:
+    bleu, chrf, rouge_l (0-100) of one output per distinct input decoded with `config`, loss
+    (target cross-entropy per token over every row), rows (pairs) and inputs (decoded)."""
+    grouped = group_references(pairs.inputs, pairs.targets)
+    scores = evaluate_generation(model, encoder, kv, grouped, config).scores
+    return {"bleu": scores["bleu"], "chrf": scores["chrf"], "rouge_l": scores["rouge_l"],
+            "loss": target_loss(model, kv, encoder, pairs), "rows": len(pairs),
+            "inputs": scores["n"]}
 
 
 def evaluate_pairs_csv(model: nn.Module, encoder: PairEncoder, kv: torch.Tensor,
