@@ -1,5 +1,6 @@
-"""The comparison's chart: each method's macro-F1 against its training time to the kept step,
-marker area growing with the bytes it stores per task (log scale: they span bytes to GB)."""
+"""The comparison's chart: each method's score (macro-F1; BLEU for generation) against its
+training time to the kept step, marker area growing with the bytes it stores per task (log
+scale: they span bytes to GB); a generation comparison's bare model as a dashed line."""
 
 from __future__ import annotations
 
@@ -17,25 +18,43 @@ def _ticks(seconds: Sequence[float]) -> list[float]:
     return [m * 10.0 ** e for e in range(low, high + 1) for m in (1, 2, 5)]
 
 
-def comparison_figure(rows: Sequence[dict], key: str = "validation") -> go.Figure:
-    """macro-F1 on `key` rows (validation or test) against seconds to the kept step."""
+def comparison_figure(rows: Sequence[dict], key: str = "validation", metric: str = "macro_f1",
+                      title: str = "macro-F1", bare: float | None = None) -> go.Figure:
+    """`metric` (named `title`) on the `key` rows (validation or test) against seconds to the
+    kept step. Scores on 0-1 (macro-F1) keep a fixed axis; 0-100 scores (BLEU) an axis to
+    just above the best. `bare`: the untrained model's score, drawn as a dashed line."""
     done = [r for r in rows if "error" not in r and r.get(key)]
     sizes = [r["stored_bytes"] or 1 for r in done]
     seconds = [max(r["train_s_to_kept"], 0.01) for r in done]
+    scores = [r[key][metric] for r in done]
     ticks = _ticks(seconds)
     fig = go.Figure(go.Scatter(
-        x=seconds,
-        y=[r[key]["macro_f1"] for r in done],
+        x=seconds, y=scores, name="methods", showlegend=False,
         mode="markers+text", text=[r["title"] for r in done], textposition="top center",
         marker={"size": [8 + 4 * math.log10(s) for s in sizes], "opacity": 0.7},
         customdata=[[r["stored_bytes"]] for r in done],
-        hovertemplate="%{text}<br>macro-F1 %{y:.3f}<br>%{x:.1f} s<br>"
+        hovertemplate=f"%{{text}}<br>{title} %{{y:{_format(metric)}}}<br>%{{x:.1f}} s<br>"
                       "%{customdata[0]:,} bytes stored<extra></extra>",
     ))
-    fig.update_layout(title=f"{key} macro-F1 against training time (marker: bytes stored)",
+    if metric == "macro_f1":  # room above 1.0: a best method's name sits over its marker
+        y_range, y_title = [-0.05, 1.12], title
+    else:
+        top = max([*scores, bare or 0.0, 1.0])
+        y_range, y_title = [0, min(105.0, top * 1.2 + 2)], f"{title} (0-100)"
+    note = ""
+    if bare is not None:
+        note = "; dashed: the bare model"
+        fig.add_hline(y=bare, line_dash="dash", line_color="#888",
+                      annotation_text=f"bare model {bare:{_format(metric)}}",
+                      annotation_position="bottom right", annotation_font_color="#555")
+    fig.update_layout(title=f"{key} {title} against training time (marker: bytes stored{note})",
                       xaxis={"title": "seconds of training to the kept step", "type": "log",
                              "tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]},
-                      # Room above 1.0: a best method's name sits over its marker, not cut.
-                      yaxis={"title": "macro-F1", "range": [-0.05, 1.12]}, height=380,
+                      yaxis={"title": y_title, "range": y_range}, height=380,
                       margin={"t": 50})
     return fig
+
+
+def _format(metric: str) -> str:
+    """How a score reads: three decimals on 0-1 and for a loss, one on a 0-100 scale."""
+    return ".3f" if metric in ("macro_f1", "accuracy", "loss") else ".1f"
