@@ -9,13 +9,33 @@ from collections.abc import Sequence
 
 import plotly.graph_objects as go
 
+STEPS = ((1, 2, 5), (1, 2, 3, 5, 7), tuple(range(1, 10)))
+"""Tick multipliers per decade, coarse to fine."""
+
 
 def _ticks(seconds: Sequence[float]) -> list[float]:
-    """1-2-5 steps around the data: plotly's own log ticks label minor steps with a bare
-    digit ("9 0.1 2 3 ... 1"), which reads as nonsense within one decade."""
-    low = math.floor(math.log10(min(seconds))) if seconds else -1
-    high = math.ceil(math.log10(max(seconds))) if seconds else 1
-    return [m * 10.0 ** e for e in range(low, high + 1) for m in (1, 2, 5)]
+    """Ticks around the data: 1-2-5 per decade where that puts three or more near it, finer
+    where the data spans little (34 to 80 s: 1-2-5 would label 50 alone), evenly spaced where
+    it spans less than a step of 1-9 (0.097 to 0.124 s). Plotly's own log ticks label minor
+    steps with a bare digit ("9 0.1 2 3 ... 1"), which reads as nonsense within one decade."""
+    if not seconds:
+        return [m * 10.0 ** e for e in range(-1, 2) for m in STEPS[0]]
+    low, high = min(seconds) / 1.1, max(seconds) * 1.1
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    for steps in STEPS:
+        ticks = [round(m * 10.0 ** e, 12) for e in decades for m in steps]
+        if sum(low <= t <= high for t in ticks) >= 3:
+            return ticks
+    step = _round_step((high - low) / 4)
+    return [round(k * step, 12) for k in range(math.ceil(low / step),
+                                               math.floor(high / step) + 1)]
+
+
+def _round_step(x: float) -> float:
+    """1, 2 or 5 times a power of ten, the nearest to x."""
+    e = math.floor(math.log10(x))
+    f = x / 10.0 ** e
+    return (1 if f < 1.5 else 2 if f < 3.5 else 5 if f < 7.5 else 10) * 10.0 ** e
 
 
 def comparison_figure(rows: Sequence[dict], key: str = "validation", metric: str = "macro_f1",
