@@ -71,7 +71,7 @@ def _scores(bleu: float, chrf: float, rouge_l: float, loss: float, rows: int) ->
 
 
 def write_generation_comparison(comparisons_dir: Path, cid: str = "gen-20250101-120000",
-                                with_test: bool = True) -> str:
+                                with_test: bool = True, with_shift: bool = False) -> str:
     """A finished generation comparison of prefix, prompt and LoRA (full fine-tuning failed)
     as run_comparison and the workbench would leave it: progress.json and result/comparison.json
     with task "generation", BLEU/chrF/ROUGE-L/loss per set and the bare model's scores."""
@@ -80,10 +80,11 @@ def write_generation_comparison(comparisons_dir: Path, cid: str = "gen-20250101-
     rows = []
     for r in GENERATION_ROWS:
         test = _scores(r["test_bleu"], r["chrf"] - 1, r["rouge_l"] - 1, r["loss"] + 0.1, 30)
+        shift = _scores(r["test_bleu"] / 2, r["chrf"] - 9, r["rouge_l"] - 9, r["loss"] + 1, 20)
         rows.append({
             "method": r["method"], "title": r["title"], "settings": {},
             "validation": _scores(r["bleu"], r["chrf"], r["rouge_l"], r["loss"], 40),
-            "test": test if with_test else None, "shift": None,
+            "test": test if with_test else None, "shift": shift if with_shift else None,
             "trainable_parameters": r["trainable"], "trainable_share": r["trainable"] / 4.6e6,
             "stored_bytes": r["stored"], "kept_step": 60, "steps": 80,
             "stop_reason": "patience", "train_s_to_kept": r["kept_s"],
@@ -97,9 +98,10 @@ def write_generation_comparison(comparisons_dir: Path, cid: str = "gen-20250101-
         "model": "tiny", "run": {"train_csv": str(folder / "pairs.csv")},
         "methods_asked": ["prefix", "prompt", "lora", "full"],
         "data": {"train_rows": 160, "validation_rows": 40, "test_rows": 30 if with_test else None,
-                 "shift_rows": None, "labels": None, "warnings": []},
+                 "shift_rows": 20 if with_shift else None, "labels": None, "warnings": []},
         "bare_model": {"validation": _scores(**BARE, rows=40),
-                       "test": bare_test if with_test else None, "shift": None},
+                       "test": bare_test if with_test else None,
+                       "shift": _scores(2.0, 15.0, 12.0, 4.5, 20) if with_shift else None},
         "rows": rows,
         "verdict": ["LoRA scored best on the 30 test inputs: BLEU 23.4"],
     }
@@ -111,7 +113,7 @@ def write_generation_comparison(comparisons_dir: Path, cid: str = "gen-20250101-
         "state": "completed", "pid": -1, "started": 2.0, "methods": methods,
         "asked": {"methods": result["methods_asked"], "task": "generation",
                   "data": "pairs.csv", "test": "pairs-test.csv" if with_test else None,
-                  "shift": None}}))
+                  "shift": "pairs-elsewhere.csv" if with_shift else None}}))
     return cid
 
 
@@ -127,17 +129,17 @@ def test_a_generation_comparison_reads_as_bleu_beside_the_bare_model(wb):
     assert "**full fine-tuning**: failed: out of memory" in progress
 
     frame = _value(table)
-    assert list(frame.columns[:6]) == ["method", "val BLEU", "val chrF", "val ROUGE-L",
-                                       "val loss", "test BLEU"]
+    assert list(frame.columns[:5]) == ["method", "val BLEU", "val chrF", "val ROUGE-L",
+                                       "test BLEU"]
     assert "shift BLEU" not in frame.columns and "val F1" not in frame.columns
     assert list(frame["method"]) == ["prefix tuning", "prompt tuning", "LoRA",
-                                     "full fine-tuning", "bare model (no training)"]
+                                     "full fine-tuning", "bare model"]
     by_method = frame.set_index("method")
     assert by_method.loc["LoRA", "val BLEU"] == "24.9"
-    assert by_method.loc["LoRA", "val loss"] == "1.872"
+    assert by_method.loc["LoRA", "peak RSS"] == "858.3 MB"
     assert by_method.loc["LoRA", "stored"] == "1.2 MB"
-    assert by_method.loc["bare model (no training)", "test BLEU"] == "3.9"
-    assert by_method.loc["bare model (no training)", "stored"] == "0 B"
+    assert by_method.loc["bare model", "test BLEU"] == "3.9"
+    assert by_method.loc["bare model", "stored"] == "0 B"
     assert by_method.loc["full fine-tuning", "val BLEU"] == "failed"
 
     fig = _value(chart)
@@ -232,6 +234,7 @@ def test_compare_reads_the_forms_shift_csv_keeps_copies_and_restores_on_pick(
 
     progress, table, *_ = compare_tab.on_tick(wb, cid)
     assert {"test F1", "shift F1"} <= set(_value(table).columns)
+    assert "s total" not in _value(table).columns  # in the CSV: the page has no room for it
     assert progress.startswith("Comparison finished: ")
     assert ("On **reviews.csv** (32 training, 8 validation rows) · test rows: **held-out.csv** "
             "(12 rows) · shift rows: **other-source.csv** (10 rows)") in progress
@@ -277,3 +280,39 @@ def test_compare_is_wired_to_the_forms_shift_csv(wb):
     [compare] = inputs_of("on_compare")
     assert compare[3:5] == ["compare-test", "shift-csv"]
     assert {tuple(n[1:]) for n in inputs_of("inputs_note")} == {("compare-test", "shift-csv")}
+
+
+@pytest.mark.parametrize("seconds", [[34.0, 80.2], [0.0967, 0.124], [0.1, 300.0], [5.0, 5.0]])
+def test_the_charts_time_axis_labels_three_or_more_ticks_near_the_data(seconds):
+    from prefixlab.figures.comparison import comparison_figure
+
+    rows = [{"title": f"m{i}", "stored_bytes": 1000, "train_s_to_kept": s,
+             "validation": {"macro_f1": 0.5}} for i, s in enumerate(seconds)]
+    ticks = comparison_figure(rows).layout.xaxis.tickvals
+    near = [t for t in ticks if min(seconds) / 1.1 <= t <= max(seconds) * 1.1]
+    assert len(near) >= 3, ticks
+    labels = comparison_figure(rows).layout.xaxis.ticktext
+    assert all(len(label) <= 6 for label in labels), labels  # 0.11, not 0.11000000000000001
+    if max(seconds) / min(seconds) > 100:
+        assert {0.1, 0.2, 0.5, 1.0, 2.0, 5.0} <= set(ticks)  # 1-2-5 where the data spans wide
+
+
+def test_compare_on_generation_data_asks_for_a_generation_comparison(wb, tmp_path,
+                                                                     monkeypatch):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("input,output\n" + "".join(f"say {i},{i}\n" for i in range(20)))
+    state = {"path": str(pairs), "name": "pairs.csv", "text": "input", "label": None,
+             "target": "output"}
+    asked = {}
+
+    def start(cfg, methods, **kwargs):  # the core's own check decides what it can compare
+        asked.update(cfg=cfg, methods=methods, **kwargs)
+        raise gr.Error("stop here")
+
+    monkeypatch.setattr(wb, "start_comparison", start)
+    with pytest.raises(gr.Error, match="stop here"):
+        compare_tab.on_compare(wb, state, ["prefix", "lora"], "", None, None, *_settings())
+    assert asked["cfg"].is_generation and asked["cfg"].target_column == "output"
+    assert asked["methods"] == ["prefix", "lora"] and asked["data_name"] == "pairs.csv"
+    with pytest.raises(gr.Error, match="Tick at least one method"):
+        compare_tab.on_compare(wb, state, [], "", None, None, *_settings())

@@ -47,7 +47,7 @@ COST_FIELDS = (
     "trainable_parameters", "trainable_share", "stored_bytes", "kept_step", "steps",
     "stop_reason", "train_s_to_kept", "train_s", "examples_per_s", "peak_rss_bytes",
     "peak_gpu_bytes", "error")
-BARE = {"method": "bare", "title": "bare model (no training)"}
+BARE = {"method": "bare", "title": "bare model"}
 """A generation comparison's reference row: the untrained model with the same prompt."""
 
 
