@@ -115,15 +115,15 @@ class CompareRoom:
                 kept.parent.mkdir(exist_ok=True)
                 shutil.copyfile(path, kept)
                 setattr(compare, f"{what}_csv", str(kept))
-        asked = {"methods": compare.methods,
-                 "task": "generation" if cfg.is_generation else "classification",
-                 "data": data_name or Path(cfg.train_csv).name,
-                 "test": Path(test_csv).name if test_csv else None,
-                 "shift": Path(shift_csv).name if shift_csv else None}
+        request = {"methods": compare.methods,
+                   "task": "generation" if cfg.is_generation else "classification",
+                   "data": data_name or Path(cfg.train_csv).name,
+                   "test": Path(test_csv).name if test_csv else None,
+                   "shift": Path(shift_csv).name if shift_csv else None}
         # pid: after a restart a "running" comparison of another process was interrupted
         progress = {"state": "running", "methods": {m: {"state": "waiting"} for m in
                                                      compare.methods}, "started": time.time(),
-                    "pid": os.getpid(), "asked": asked}
+                    "pid": os.getpid(), "asked": request}
         _write(folder / PROGRESS, progress)
         lock = threading.Lock()
 
