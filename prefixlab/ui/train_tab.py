@@ -459,7 +459,7 @@ def build(workbench: Workbench, dataset: gr.State, notice,
         start = gr.Button("Start training", variant="primary", elem_id="start",
                           interactive=False)
         cancel = gr.Button("Cancel", elem_id="cancel", interactive=False)
-    compare_tab.build(workbench, dataset, name, settings, notice)
+    compare_tab.build(workbench, dataset, name, settings, shift_file, notice)
     with gr.Row():
         follow = gr.Dropdown(label="Run shown (every queued or running run is listed)",
                              choices=[], elem_id="follow", scale=3)

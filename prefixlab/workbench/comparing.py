@@ -3,8 +3,9 @@ follow each method's progress, cancel it, list past comparisons and read them ba
 package what each kept (adapters, the prefix, the table) for download.
 
 A comparison trains in a background thread of the app (`Workbench.in_background`), its
-methods one after another; its folder is data_dir/comparisons/<id> (progress.json, the
-test and shift CSVs it was given under inputs/, the result under result/), and its prefix
+methods one after another; its folder is data_dir/comparisons/<id> (progress.json, which also
+names what was asked; copies of the test and shift CSVs it was given as data/test.csv and
+data/shift.csv, as a run keeps its shift CSV; the result under result/), and its prefix
 row is a normal run in the run store's folder, which the Runs tab lists (open, inspect,
 serve). Progress and a cancel request are files in that folder, so every browser (and the
 app after a restart) reads the same.
@@ -36,13 +37,40 @@ from prefixlab.runs.registry import RunStore
 
 PROGRESS = "progress.json"
 CANCEL = "cancel.request"  # its presence asks the comparison's thread to stop
-INPUTS = "inputs"
-TABLE_FIELDS = (
-    "method", "title", "validation_macro_f1", "validation_accuracy", "test_macro_f1",
-    "test_accuracy", "shift_macro_f1", "shift_accuracy", "trainable_parameters",
-    "trainable_share", "stored_bytes", "kept_step", "steps", "stop_reason", "train_s_to_kept",
-    "train_s", "examples_per_s", "peak_rss_bytes", "peak_gpu_bytes", "error")
-"""The downloaded CSV: raw numbers (bytes, seconds), not the app's rounded cells."""
+DATA = "data"  # the copies of the test and shift CSVs, named as in a run folder
+SETS = ("validation", "test", "shift")
+SCORES = {"classification": ("macro_f1", "accuracy"),
+          "generation": ("bleu", "chrf", "rouge_l", "loss")}
+"""Each task's figures per set of rows in comparison.json, the first the one a comparison
+ranks by (generation scores are on a 0-100 scale; loss is the target loss)."""
+COST_FIELDS = (
+    "trainable_parameters", "trainable_share", "stored_bytes", "kept_step", "steps",
+    "stop_reason", "train_s_to_kept", "train_s", "examples_per_s", "peak_rss_bytes",
+    "peak_gpu_bytes", "error")
+BARE = {"method": "bare", "title": "bare model"}
+"""A generation comparison's reference row: the untrained model with the same prompt."""
+
+
+def comparison_task(result: dict) -> str:
+    """The result's task, "generation" or "classification" (absent before generation)."""
+    return result.get("task") or "classification"
+
+
+def table_fields(task: str) -> tuple[str, ...]:
+    """The downloaded CSV's columns for a task's comparison: raw numbers (bytes, seconds),
+    not the app's rounded cells."""
+    return ("method", "title", *(f"{key}_{score}" for key in SETS for score in SCORES[task]),
+            *COST_FIELDS)
+
+
+TABLE_FIELDS = table_fields("classification")
+
+
+def bare_row(result: dict) -> dict | None:
+    """The bare model's scores as a comparison row (no cost figures), where the result has
+    them (a generation comparison)."""
+    bare = result.get("bare_model")
+    return {**BARE, **{key: bare.get(key) for key in SETS}} if bare else None
 
 
 class ComparisonError(PrefixLabError):
@@ -62,11 +90,14 @@ class CompareRoom:
         return self.store.data_dir / "comparisons"
 
     def start_comparison(self, cfg: RunConfig, methods: list[str], name: str | None = None,
-                         test_csv: str | None = None, shift_csv: str | None = None) -> str:
+                         test_csv: str | None = None, shift_csv: str | None = None,
+                         data_name: str | None = None) -> str:
         """Check, then start training every method in the background; returns the id.
         A bad method name or one that cannot run on the model is refused here, in one
         message, before anything trains. The test and shift CSVs are copied into the
-        comparison's folder: an upload's temporary file may be gone when it is read again."""
+        comparison's folder (data/test.csv, data/shift.csv): an upload's temporary file may be
+        gone when it is read again. progress.json keeps what was asked, with the files' own
+        names (`data_name`: the training file's, else its path's), for the app to show."""
         compare = CompareConfig(methods=list(methods))
         loaded = self.model(cfg.model)
         check_comparison(cfg, compare, loaded.model.config.model_type, loaded.dtype)
@@ -80,14 +111,19 @@ class CompareRoom:
         folder.mkdir(parents=True)
         for what, path in (("test", test_csv), ("shift", shift_csv)):
             if path:
-                kept = folder / INPUTS / f"{what}-{Path(path).name}"
+                kept = folder / DATA / f"{what}.csv"
                 kept.parent.mkdir(exist_ok=True)
                 shutil.copyfile(path, kept)
                 setattr(compare, f"{what}_csv", str(kept))
+        request = {"methods": compare.methods,
+                   "task": "generation" if cfg.is_generation else "classification",
+                   "data": data_name or Path(cfg.train_csv).name,
+                   "test": Path(test_csv).name if test_csv else None,
+                   "shift": Path(shift_csv).name if shift_csv else None}
         # pid: after a restart a "running" comparison of another process was interrupted
         progress = {"state": "running", "methods": {m: {"state": "waiting"} for m in
                                                      compare.methods}, "started": time.time(),
-                    "pid": os.getpid()}
+                    "pid": os.getpid(), "asked": request}
         _write(folder / PROGRESS, progress)
         lock = threading.Lock()
 
@@ -138,6 +174,10 @@ class CompareRoom:
             status["result"] = read_comparison(folder / "result")
         return status
 
+    def comparison_asked(self, cid: str) -> dict:
+        """What comparison `cid` was asked to do (`asked`)."""
+        return asked(self.comparison(cid))
+
     def comparison_ids(self) -> list[str]:
         """Every comparison, newest first (by when it started, whatever its name)."""
         if not self.comparisons_dir.is_dir():
@@ -161,7 +201,7 @@ class CompareRoom:
         source = self.comparisons_dir / cid / "result"
         target = self.exports_dir / "comparisons" / cid
         target.mkdir(parents=True, exist_ok=True)
-        files = [_once(target / f"{cid}-table.csv", lambda p: _write_table(result["rows"], p)),
+        files = [_once(target / f"{cid}-table.csv", lambda p: _write_table(result, p)),
                  _once(target / f"{cid}-{FILE}",
                        lambda p: shutil.copyfile(source / FILE, p))]
         for row in result["rows"]:
@@ -179,21 +219,46 @@ class CompareRoom:
         return files
 
 
-def flat_row(row: dict) -> dict:
-    """One comparison row as TABLE_FIELDS (missing figures left empty)."""
-    flat = {k: row.get(k) for k in TABLE_FIELDS if k in row}
-    for key in ("validation", "test", "shift"):
-        for metric in ("macro_f1", "accuracy"):
-            flat[f"{key}_{metric}"] = (row.get(key) or {}).get(metric)
+def asked(status: dict) -> dict:
+    """What a comparison (its status, `CompareRoom.comparison`) was asked to do, for the app
+    to show and to fill its form again: {"methods", "task", "data", "test", "shift"}, the
+    files by the names they were given (None where none was). The result's methods_asked is
+    the record; a comparison from before progress.json kept them reads the names from its
+    result's paths."""
+    out = dict(status.get("asked") or {})
+    result = status.get("result")
+    if result is not None:
+        out["methods"] = result["methods_asked"]
+        out.setdefault("task", comparison_task(result))
+        out.setdefault("data", Path(result["run"]["train_csv"]).name)
+        for what in ("test", "shift"):  # older copies were inputs/<what>-<name>
+            path = result["data"].get(f"{what}_csv")
+            out.setdefault(what, Path(path).name.removeprefix(f"{what}-") if path else None)
+    out.setdefault("methods", list(status["methods"]))
+    out.setdefault("task", "classification")
+    for what in ("data", "test", "shift"):
+        out.setdefault(what, None)
+    return out
+
+
+def flat_row(row: dict, task: str = "classification") -> dict:
+    """One comparison row as table_fields(task) (missing figures left empty)."""
+    flat = {k: row.get(k) for k in table_fields(task) if k in row}
+    for key in SETS:
+        for score in SCORES[task]:
+            flat[f"{key}_{score}"] = (row.get(key) or {}).get(score)
     return flat
 
 
-def _write_table(rows: list[dict], path: Path) -> None:
+def _write_table(result: dict, path: Path) -> None:
+    """The rows, then the bare model's where the result has them (its cost columns empty)."""
+    task = comparison_task(result)
+    bare = bare_row(result)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=table_fields(task))
         writer.writeheader()
-        for row in rows:
-            writer.writerow(flat_row(row))
+        for row in [*result["rows"], *([bare] if bare else [])]:
+            writer.writerow(flat_row(row, task))
 
 
 def _zip(folder: Path, path: Path) -> None:
