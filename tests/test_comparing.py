@@ -22,7 +22,9 @@ from prefixlab.workbench import comparing as comparing_module
 from tests.conftest import save_tiny_model
 from tests.test_app import write_reviews_csv
 
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              # PEFT reads transformers' deprecated is_gradient_checkpointing
+              pytest.mark.filterwarnings("ignore:.*deprecated:FutureWarning")]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +141,7 @@ def test_a_generation_comparison_reads_as_bleu_beside_the_bare_model(wb):
     assert by_method.loc["LoRA", "peak RSS"] == "858.3 MB"
     assert by_method.loc["LoRA", "stored"] == "1.2 MB"
     assert by_method.loc["bare model", "test BLEU"] == "3.9"
-    assert by_method.loc["bare model", "stored"] == "0 B"
+    assert by_method.loc["bare model", "stored"] == "-"
     assert by_method.loc["full fine-tuning", "val BLEU"] == "failed"
 
     fig = _value(chart)
@@ -316,3 +318,39 @@ def test_compare_on_generation_data_asks_for_a_generation_comparison(wb, tmp_pat
     assert asked["methods"] == ["prefix", "lora"] and asked["data_name"] == "pairs.csv"
     with pytest.raises(gr.Error, match="Tick at least one method"):
         compare_tab.on_compare(wb, state, [], "", None, None, *_settings())
+
+
+def test_the_app_trains_a_generation_comparison_and_reads_it_as_bleu(wb, tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("input,output\n" + "".join(f"say {i % 12} now,{i % 12} it is\n"
+                                                 for i in range(48)))
+    state = {"path": str(pairs), "name": "pairs.csv", "text": "input", "label": None,
+             "target": "output"}
+    settings = [{**PRESETS["Quick look"], "prefix_length": 4, "max_minutes": 0.5,
+                 "epochs": 1}[k] for k in SETTING_NAMES]
+    cid = compare_tab.on_compare(wb, state, ["prefix", "lora"], "", None, None, *settings)[0]
+    status = _finished(wb, cid, timeout=240)
+    assert status["state"] == "completed", status
+    result = status["result"]
+    assert result["task"] == "generation"
+    assert [r["method"] for r in result["rows"]] == ["prefix", "lora"]
+    assert all("bleu" in r["validation"] for r in result["rows"])
+    shown, progress, table, chart, *_ = compare_tab.on_pick(wb, cid)
+    frame = _value(table)
+    assert list(frame["method"]) == ["prefix tuning", "LoRA", "bare model"]
+    assert "val BLEU" in frame.columns and "val F1" not in frame.columns
+    assert "validation BLEU" in progress
+    assert _value(chart).layout.yaxis.title.text == "BLEU (0-100)"
+
+
+def test_a_surprise_in_the_worker_ends_the_comparison_as_failed(wb, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("something nobody expected")
+
+    monkeypatch.setattr(comparing_module, "run_comparison", broken)
+    cid = compare_tab.on_compare(wb, {"path": str(write_reviews_csv(tmp_path / "r.csv")),
+                                      "name": "r.csv", "text": "text", "label": "label"},
+                                 ["prefix"], "", None, None, *_settings())[0]
+    status = _finished(wb, cid, timeout=30)
+    assert status["state"] == "failed"
+    assert status["error"] == "RuntimeError: something nobody expected"

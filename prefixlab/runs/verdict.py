@@ -218,7 +218,7 @@ COLUMNS = ("method", "val F1", "val acc", "test F1", "shift F1", *COSTS)
 GENERATION_COLUMNS = ("method", "val BLEU", "val chrF", "val ROUGE-L", "val loss",
                       "test BLEU", "test chrF", "test ROUGE-L",
                       "shift BLEU", "shift chrF", "shift ROUGE-L", *COSTS)
-BARE_TITLE = "bare model (no training)"
+BARE_TITLE = "bare model"
 
 
 def table_columns(task: str = "classification") -> tuple[str, ...]:

@@ -20,10 +20,10 @@ import pandas as pd
 from prefixlab.figures.comparison import comparison_figure
 from prefixlab.runs.compare import DEFAULT_METHODS, METHODS
 from prefixlab.runs.presets import SETTING_NAMES
-from prefixlab.runs.verdict import COLUMNS, table_rows
+from prefixlab.runs.verdict import COLUMNS, table_columns, table_rows
 from prefixlab.ui.common import bind, escape, shown, wire
 from prefixlab.workbench import Workbench
-from prefixlab.workbench.comparing import SCORES, asked, bare_row, comparison_task
+from prefixlab.workbench.comparing import SCORES, asked, comparison_task
 from prefixlab.workbench.runs import run_config
 
 POLL_SECONDS = 2.0
@@ -185,49 +185,17 @@ def _best_words(result: dict) -> str:
 
 
 def comparison_table(result: dict) -> pd.DataFrame:
-    """The table's cells (the seconds in total only in the CSV), with the test and shift
-    columns only where those CSVs were given; a generation comparison's scores are BLEU, chrF
-    and ROUGE-L, with the bare model as the last row."""
-    if comparison_task(result) == "generation":
-        bare = bare_row(result)
-        cells = [_generation_cells(r) for r in [*result["rows"], *([bare] if bare else [])]]
-        table = pd.DataFrame(cells, columns=list(GENERATION_COLUMNS))
-        optional = GENERATION_OPTIONAL
-    else:
-        table = pd.DataFrame(table_rows(result["rows"]), columns=list(COLUMNS))
-        table = table.drop(columns=list(LEFT_OUT))
-        optional = OPTIONAL_COLUMNS
-    absent = [col for key, col in optional.items() if not _has(result, key)]
-    return table.drop(columns=absent)
-
-
-def _generation_cells(r: dict) -> list[str]:
-    """One row of GENERATION_COLUMNS (the bare model: nothing trained, nothing stored)."""
-    if "error" in r:
-        return [r["title"], "failed", *["-"] * (len(GENERATION_COLUMNS) - 2)]
-    val = r.get("validation") or {}
-    scores = [score_text(m, val.get(m)) for m in ("bleu", "chrf", "rouge_l")]
-    scores += [score_text("bleu", (r.get(key) or {}).get("bleu")) for key in ("test", "shift")]
-    if r["method"] == "bare":
-        return [r["title"], *scores, "0", "0 B", *["-"] * 4]
-    per_s = r.get("examples_per_s")
-    return [
-        r["title"], *scores, f"{r['trainable_parameters']:,}", _bytes(r["stored_bytes"]),
-        f"{r['train_s_to_kept']:.1f}", "-" if per_s is None else f"{per_s:.1f}",
-        _bytes(r.get("peak_rss_bytes")),
-        "-" if r.get("kept_step") is None else str(r["kept_step"]),
-    ]
-
-
-def _bytes(n: float | None) -> str:
-    """1023 B, 2.3 KB, 625.7 MB: the classification table's units (runs.verdict)."""
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
+    """The table's cells (runs.verdict's, as the CLI prints them) less the columns only the CSV
+    holds, with the test and shift columns only where those CSVs were given; a generation
+    comparison's scores are BLEU, chrF and ROUGE-L, with the bare model as the last row."""
+    task = comparison_task(result)
+    cells = table_rows(result["rows"], task, result.get("bare_model"))
+    table = pd.DataFrame(cells, columns=list(table_columns(task)))
+    shown_columns, optional = ((GENERATION_COLUMNS, GENERATION_OPTIONAL)
+                               if task == "generation" else
+                               ([c for c in COLUMNS if c not in LEFT_OUT], OPTIONAL_COLUMNS))
+    absent = {col for key, col in optional.items() if not _has(result, key)}
+    return table[[c for c in shown_columns if c not in absent]]
 
 
 def comparison_outputs(workbench: Workbench, status: dict) -> list:

@@ -34,6 +34,7 @@ from prefixlab.runs.compare import (
 )
 from prefixlab.runs.config import RunConfig
 from prefixlab.runs.registry import RunStore
+from prefixlab.runs.verdict import BARE_TITLE
 
 PROGRESS = "progress.json"
 CANCEL = "cancel.request"  # its presence asks the comparison's thread to stop
@@ -47,7 +48,7 @@ COST_FIELDS = (
     "trainable_parameters", "trainable_share", "stored_bytes", "kept_step", "steps",
     "stop_reason", "train_s_to_kept", "train_s", "examples_per_s", "peak_rss_bytes",
     "peak_gpu_bytes", "error")
-BARE = {"method": "bare", "title": "bare model"}
+BARE = {"method": "bare", "title": BARE_TITLE}
 """A generation comparison's reference row: the untrained model with the same prompt."""
 
 
@@ -141,6 +142,8 @@ class CompareRoom:
                 progress["state"] = "cancelled" if "not_run" in result else "completed"
             except (PrefixLabError, OSError, MemoryError) as e:
                 progress.update(state="failed", error=str(e))
+            except Exception as e:  # noqa: BLE001 - the thread's end: never leave "running"
+                progress.update(state="failed", error=f"{type(e).__name__}: {e}")
             with lock:
                 _write(folder / PROGRESS, progress)
 
