@@ -13,6 +13,7 @@ from prefixlab.cli.main import main
 from prefixlab.cli.options import dotted_settings
 from prefixlab.errors import ConfigError
 from tests.conftest import save_tiny_model
+from tests.test_compare import csv_file  # noqa: F401 - a fixture, shared
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -20,15 +21,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
-
-
-@pytest.fixture
-def csv_file(tmp_path) -> Path:
-    rows = ["text,label"] + [f"the movie was {'great' if i % 2 else 'bad'} {i},"
-                             f"{'positive' if i % 2 else 'negative'}" for i in range(40)]
-    path = tmp_path / "data.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
 
 
 def test_dotted_settings_sort_keys_into_sections_and_read_json_values():
@@ -44,7 +36,8 @@ def test_dotted_settings_sort_keys_into_sections_and_read_json_values():
             dotted_settings([bad])
 
 
-def test_compare_trains_the_prefix_with_the_settings_given(tmp_path, csv_file, tiny_dir):
+def test_compare_trains_the_prefix_with_the_settings_given(tmp_path, csv_file,  # noqa: F811
+                                                          tiny_dir):
     out = tmp_path / "out"
     assert main(["compare", str(csv_file), "--text-column", "text", "--label-column", "label",
                  "--model", str(tiny_dir), "--device", "cpu", "--methods", "prefix,tfidf",
@@ -68,8 +61,9 @@ def test_compare_trains_the_prefix_with_the_settings_given(tmp_path, csv_file, t
     ("colour=red", "no run setting named colour"),
     ("training.learning_rate=-1", "learning_rate"),
 ])
-def test_a_bad_setting_is_refused_in_one_line_before_anything_loads(tmp_path, csv_file, item,
-                                                                     message, capsys):
+def test_a_bad_setting_is_refused_in_one_line_before_anything_loads(tmp_path, item,
+                                                                     message, capsys,
+                                                                     csv_file):  # noqa: F811
     out = tmp_path / "out"
     assert main(["compare", str(csv_file), "--text-column", "text", "--label-column", "label",
                  "--model", str(tmp_path / "no-such-model"), "--set", item,

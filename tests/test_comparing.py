@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import gradio as gr
@@ -21,6 +20,7 @@ from prefixlab.workbench import Workbench
 from prefixlab.workbench import comparing as comparing_module
 from tests.conftest import save_tiny_model
 from tests.test_app import write_reviews_csv
+from tests.test_compare import _finished
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               # PEFT reads transformers' deprecated is_gradient_checkpointing
@@ -44,14 +44,6 @@ def _settings() -> list:
 
 def _value(update):
     return update["value"] if isinstance(update, dict) and "__type__" in update else update
-
-
-def _finished(wb: Workbench, cid: str, timeout: float = 120.0) -> dict:
-    end = time.monotonic() + timeout
-    while (status := wb.comparison(cid))["state"] == "running":
-        assert time.monotonic() < end, f"comparison {cid} still running: {status}"
-        time.sleep(0.2)
-    return status
 
 
 # --- a generation comparison, written by hand ----------------------------------------------
