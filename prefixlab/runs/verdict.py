@@ -97,11 +97,17 @@ def _costs(prefix: dict, other: dict) -> str:
     return (f"stores {_size(prefix['stored_bytes'])} per task against "
             f"{_size(other['stored_bytes'])} "
             f"({_ratio(prefix['stored_bytes'], other['stored_bytes'])}); it trained "
-            f"{prefix['train_s_to_kept']:.1f} s to its kept step against "
-            f"{other['train_s_to_kept']:.1f} s "
+            f"{_seconds(prefix['train_s_to_kept'])} to its kept step against "
+            f"{_seconds(other['train_s_to_kept'])} "
             f"({_ratio(prefix['train_s_to_kept'], other['train_s_to_kept'])}) and peaked at "
             f"{_size(prefix['peak_rss_bytes'])} of memory against "
             f"{_size(other['peak_rss_bytes'])}")
+
+
+def _seconds(s: float) -> str:
+    """12.3 s, 0.042 s: two significant figures at least, so that a ratio beside two times
+    never reads "0.1 s against 0.1 s (1.8x less)"."""
+    return f"{s:.1f} s" if s >= 1 else f"{s:.2g} s"
 
 
 def _failed(rows: Sequence[dict]) -> list[str]:
