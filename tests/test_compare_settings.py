@@ -71,3 +71,39 @@ def test_a_bad_setting_is_refused_in_one_line_before_anything_loads(tmp_path, it
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_the_prefix_trains_the_whole_budget_as_every_method_does(tmp_path, csv_file,  # noqa: F811
+                                                                 monkeypatch):
+    """A run keeps a share of its time budget for its final report; in a comparison the
+    prefix trains the whole budget and is scored after it, as the other methods are."""
+    import torch
+
+    from prefixlab.engine.models import prepare_model
+    from prefixlab.runs import experiment
+    from prefixlab.runs.compare import CompareConfig, run_comparison
+    from prefixlab.runs.config import RunConfig
+    from tests.conftest import make_tokenizer, tiny_model
+
+    reserves = []
+    real_train = experiment.train
+
+    def spy(*args, reserve_s=None, **kwargs):
+        reserves.append(reserve_s)
+        return real_train(*args, reserve_s=reserve_s, **kwargs)
+
+    monkeypatch.setattr(experiment, "train", spy)
+    loaded = prepare_model(tiny_model("llama"), make_tokenizer(), "tiny-llama",
+                           torch.device("cpu"))
+    cfg = RunConfig(train_csv=str(csv_file), text_column="text", label_column="label",
+                    model="tiny-llama", max_length=48, device="cpu",
+                    prefix={"prefix_length": 4},
+                    training={"epochs": 1, "batch_size": 8, "max_minutes": 5.0})
+    run_comparison(cfg, CompareConfig(methods=["prefix"]), tmp_path / "cmp", loaded)
+    assert reserves == [None]
+
+    from prefixlab.runs.experiment import create_run, execute_run, prepare_data
+
+    prepared = prepare_data(cfg)  # a run of its own keeps the report's share
+    execute_run(create_run(cfg, tmp_path / "run", prepared, loaded), loaded, prepared=prepared)
+    assert reserves[1] is not None and reserves[1]() >= 0

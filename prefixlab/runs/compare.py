@@ -170,8 +170,9 @@ def _prefix_contender(cfg: RunConfig, where: Path, name: str, loaded: LoadedMode
         elapsed[info.step], last = info.elapsed_s, info
         on_step(info)
 
+    # the whole budget trains, as it does for every other method, whose scoring follows it
     report = execute_run(folder, loaded, prepared=prepared, on_step=heard,
-                         should_stop=should_stop)
+                         should_stop=should_stop, report_in_budget=False)
     if report is None:
         return None
     info = folder.read_config()

@@ -181,12 +181,16 @@ def execute_run(
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
     on_progress: Callable[[dict], None] | None = None,
+    report_in_budget: bool = True,
 ) -> dict | None:
     """Train (or resume) the run in `folder` and write its prefix and report.
 
     Returns the report, or None when stopped early (the last checkpoint is kept).
     `on_step` hears every training step, `on_progress` every progress record of the final
     report (budget.PhaseProgress), as the run folder's metrics log gets them.
+    `report_in_budget`: the final report fits in the time budget (training leaves it its
+    estimated share, decoding stops at the budget's end); False trains the whole budget and
+    reports after it, as a comparison times every method.
 
     In a process group (distributed.py) every rank calls this: all of them train and score,
     and rank 0 alone writes the run's files.
@@ -213,13 +217,14 @@ def execute_run(
         loaded.model, prefix, examples, cfg.training, loaded.tokenizer.pad_token_id,
         on_step=log_step, should_stop=should_stop, evaluate=evaluations,
         on_checkpoint=lambda ckpt: out.checkpoint(ckpt, prefix, loaded.name),
-        resume=checkpoint, reserve_s=reserve,
+        resume=checkpoint, reserve_s=reserve if report_in_budget else None,
     )
     if result.stopped:
         out.status("cancelled", step=result.steps)
         out.note({"type": "event", "message": "cancelled", "step": result.steps})
         return None
-    deadline = reserve.deadline(result.elapsed_s)  # what the time budget leaves the report
+    # what the time budget leaves the report
+    deadline = reserve.deadline(result.elapsed_s) if report_in_budget else None
     kept, kv, done = _kept_prefix(folder, prefix, evaluations, cfg.training, result)
     out.prefix(kv, loaded.name, kept)
     out.status("running", phase="evaluating", step=result.steps)
