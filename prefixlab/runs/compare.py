@@ -203,18 +203,14 @@ def _prefix_contender(cfg: RunConfig, where: Path, name: str, loaded: LoadedMode
 def _generation_prefix(cfg: RunConfig, loaded: LoadedModel, prepared: PreparedData,
                        kv: torch.Tensor, report: dict
                        ) -> tuple[Callable[[TextPairs], dict], dict, dict | None]:
-    """A generation prefix's predict, its validation figures and the bare model's. Its run's
-    report decoded every validation input with the run's settings, beside the bare model,
-    unless the time budget cut the decoding short ("decoded"): then the prefix is decoded
-    again here (and the bare model later, as for a comparison without the prefix), so every
-    row of the comparison reads the same inputs."""
+    """A generation prefix's predict, its validation figures and the bare model's, read from
+    its run's report: with the report outside the time budget (report_in_budget=False) it
+    decoded every validation input with the run's settings, beside the bare model."""
     encoder = pair_encoder(loaded.tokenizer, cfg)
 
     def predict(pairs: TextPairs) -> dict:
         return pair_scores(loaded.model, encoder, kv, pairs, cfg.generation)
 
-    if "decoded" in report:
-        return predict, predict(prepared.validation), None
     rows = len(prepared.validation)
     return (predict, _from_report(report, rows),
             _from_report(report["baselines"]["bare_model"], rows))
