@@ -127,6 +127,20 @@ def test_max_steps_zero_saves_the_initialized_prefix(tmp_path, csv_file, model_d
     assert kv.shape[3] == 4 and (kv == init).all()
 
 
+def test_train_trying_a_second_learning_rate_says_which_it_kept(tmp_path, csv_file,
+                                                                  model_dir, capsys):
+    run = tmp_path / "run"
+    assert _train(csv_file, model_dir, run, "--try-learning-rates", "0.05") == 0
+    out = capsys.readouterr().out
+    config = json.loads((run / "config.json").read_text())
+    chosen = config["run"]["training"]["learning_rate"]
+    assert chosen in (0.005, 0.05) and config["learning_rate_choice"]["tried"] == [0.005, 0.05]
+    assert f"Learning rate {chosen:g}, chosen on the validation rows: macro-F1" in out
+    assert (run / "trials" / "lr-0.05" / "prefix.safetensors").is_file()
+    # the run reads as one trained at the chosen rate
+    assert main(["evaluate", str(run), str(csv_file), "--json"]) == 0
+
+
 def test_bad_csv_is_refused_before_a_run_exists(tmp_path, model_dir, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("sentence,category\nhello,a\nworld,b\n")

@@ -46,7 +46,7 @@ def test_options_reach_every_part_of_the_config():
         "--device", "cpu", "--trust-remote-code", "--prefix-length", "4", "--init", "zero",
         "--reparameterize", "--reparam-hidden", "32", "--learning-rate", "0.01",
         "--epochs", "3", "--max-steps", "0", "--weight-decay", "0.1", "--seed", "5",
-        "--prefix-dropout", "0.2",
+        "--prefix-dropout", "0.2", "--try-learning-rates", "0.02, 0.05",
     ))
     assert (cfg.text_column, cfg.validation_share, cfg.max_eval_examples, cfg.device,
             cfg.trust_remote_code) == ("t", 0.3, 7, "cpu", True)
@@ -55,6 +55,7 @@ def test_options_reach_every_part_of_the_config():
     assert (cfg.training.learning_rate, cfg.training.epochs, cfg.training.max_steps,
             cfg.training.weight_decay, cfg.training.seed, cfg.training.prefix_dropout
             ) == (0.01, 3, 0, 0.1, 5, 0.2)
+    assert cfg.training.learning_rates() == [0.01, 0.02, 0.05]
     assert cfg.training.batch_size == TrainConfig().batch_size  # not given: the default
 
 

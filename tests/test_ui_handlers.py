@@ -183,7 +183,7 @@ def test_the_forms_shift_levers_and_file_reach_config_json_and_the_report(
     shift = write_reviews_csv(tmp_path / "upload" / "other.csv", rows=12)
     state = {"path": str(csv), "name": "r.csv", "text": "text", "label": "label"}
     levers = quick(validation_split="topics", start_pull=0.1, average_last=2,
-                   prefix_dropout=0.2)
+                   prefix_dropout=0.2, try_learning_rates="0.02")
     message, start = train_tab.check(workbench, state, str(shift), *levers)
     assert "the 12 rows of the shift CSV" in message and start["interactive"] is True
     rid = train_tab.on_start(workbench, train_tab.Followed(), state, "levers", "", 1,
@@ -193,14 +193,22 @@ def test_the_forms_shift_levers_and_file_reach_config_json_and_the_report(
     assert run["validation_split"] == "topics"
     assert (run["training"]["start_pull"], run["training"]["average_last"],
             run["training"]["prefix_dropout"]) == (0.1, 2, 0.2)
+    assert run["training"]["try_learning_rates"] == [0.02]
     kept = Path(run["shift_csv"])
     assert kept.parent == folder.path / "data" and kept.read_text() == shift.read_text()
     shift.unlink()
     # trained here rather than by a worker; the report reads the run's own copy
     assert execute_run(folder, workbench.model()) is not None
     assert workbench.refresh()[0].state == "completed"
-    report = train_tab.on_follow(workbench, train_tab.Followed(), rid)[6]
+    shown = train_tab.on_follow(workbench, train_tab.Followed(), rid)
+    report, loss = shown[6], shown[4]
     assert "| prefix on the shift set (12 rows) |" in report
+    # two learning rates tried: each one's curves, and which was kept and why
+    rate = json.loads((folder.path / "config.json").read_text())["run"]["training"][
+        "learning_rate"]
+    assert f"Learning rate {rate:g}, chosen on the validation rows" in report
+    names = [t.name for t in loss["value"].data]
+    assert "train loss, lr 0.02" in names and "train loss, lr 0.005" in names
 
 
 def test_presets_and_the_prefix_size_line(bench):

@@ -37,7 +37,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def _argument(cls: type, f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     """argparse keywords for one field: its type (or choices, or a switch) and its help."""
     help_text = field_docs(cls).get(f.name, "").replace("%", "%%")
-    if not any(f.default is x for x in (dataclasses.MISSING, None, False)):  # unset/off: unsaid
+    if not any(f.default is x for x in (dataclasses.MISSING, None, False, ())):  # off: unsaid
         help_text = f"{help_text} (default: {f.default})".strip()
     kwargs: dict[str, Any] = {"help": help_text or None, "default": argparse.SUPPRESS}
     args = typing.get_args(hint)
@@ -53,6 +53,8 @@ def _argument(cls: type, f: dataclasses.Field, hint: Any) -> dict[str, Any]:
         return {**kwargs, "choices": choices, "type": type(choices[0])}
     if hint in (int, float, str):
         return {**kwargs, "type": hint}
+    if hint == tuple[float, ...]:  # typed as a comma list; the dataclass reads the text
+        return {**kwargs, "type": str, "metavar": "X[,X...]"}
     raise TypeError(
         f"{cls.__name__}.{f.name}: the CLI cannot read a {hint!r} from the command line; give "
         f"the field a plain type (bool, int, float, str, a Literal, or one of them | None), "

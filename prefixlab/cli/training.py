@@ -159,6 +159,7 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True,
     from prefixlab.runs.extension import ended_on_budget
     from prefixlab.runs.folder import CANCEL_FILE
     from prefixlab.runs.locks import RunLock
+    from prefixlab.runs.trials import choice_sentence
 
     writer = distributed.is_writer()
     # The run lock makes this process the run's only writer (an app's worker on the same
@@ -190,6 +191,8 @@ def _execute(folder, loaded, prepared, resume: bool, claim: bool = True,
     print(f"run saved to {folder.path}")
     print(f"kept step {report['kept_step']} of {report['steps']} ({report['selection']}); "
           f"training ended: {report['stop_reason']}")
+    if choice := choice_sentence(report):
+        print(choice)
     if decision := describe_decision(report):
         print(decision)
     print(results_header(report))

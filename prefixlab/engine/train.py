@@ -94,6 +94,12 @@ class TrainConfig:
 
     learning_rate: float = 5e-3
     """AdamW step size for the prefix; prefixes tolerate far larger steps than full weights."""
+    try_learning_rates: tuple[float, ...] = ()
+    """More learning rates to train at besides `learning_rate`: the run trains once at each,
+    from the same start on the same rows, the time budget shared among them, and keeps the
+    one whose kept step scores best on the validation rows (`monitor`; runs/trials.py).
+    Empty is off. The rate that held up best on topics training never saw differed between
+    data sets, and validation picked it (docs/quality.md)."""
     epochs: int = 8
     """The budget in epochs; with patience the run usually stops before (the learning rate
     decays over this budget, so it also sets the schedule)."""
@@ -164,6 +170,15 @@ class TrainConfig:
         problems = []
         if not 0 < self.learning_rate < 10:
             problems.append(f"learning_rate must be in (0, 10), got {self.learning_rate}")
+        try:  # from config.json a list, from --set a number or "0.01,0.02"
+            self.try_learning_rates = _rates(self.try_learning_rates)
+        except (TypeError, ValueError):
+            problems.append(f"try_learning_rates must be learning rates, e.g. 0.01,0.02, got "
+                            f"{self.try_learning_rates!r}")
+        else:
+            if bad := [r for r in self.try_learning_rates if not 0 < r < 10]:
+                problems.append(f"try_learning_rates must each be in (0, 10), got "
+                                f"{', '.join(f'{r:g}' for r in bad)}")
         if self.epochs < 1:
             problems.append(f"epochs must be at least 1, got {self.epochs}")
         if not 1 <= self.batch_size <= 1024:
@@ -197,6 +212,10 @@ class TrainConfig:
         if problems:
             raise ConfigError(problems)
 
+    def learning_rates(self) -> list[float]:
+        """The rates the run trains at: `learning_rate`, then each other one tried."""
+        return list(dict.fromkeys((self.learning_rate, *self.try_learning_rates)))
+
     def total_steps(self, num_examples: int) -> int:
         per_epoch = math.ceil(num_examples / self.batch_size)
         total = per_epoch * self.epochs
@@ -209,6 +228,18 @@ class TrainConfig:
     def evaluation_interval(self, per_epoch: int) -> int:
         """Steps between evaluations (besides the end of each epoch)."""
         return self.eval_every or max(1, math.ceil(per_epoch / 2))
+
+
+def _rates(value) -> tuple[float, ...]:
+    """Learning rates from a sequence, one number, or text such as "0.01, 0.02"."""
+    if isinstance(value, str):
+        value = [x for x in value.replace(" ", "").split(",") if x]
+    elif isinstance(value, int | float):
+        value = [value]
+    rates = tuple(float(x) for x in value)
+    if not all(math.isfinite(r) for r in rates):
+        raise ValueError("not a finite number")
+    return rates
 
 
 @dataclass

@@ -66,8 +66,54 @@ def _total_steps(records: Sequence[dict]) -> int | None:
     return int(steps[-1]["total_steps"]) if steps else None
 
 
+def trials_of(records: Sequence[dict]) -> dict[float, list[dict]]:
+    """A run choosing its learning rate (runs/trials.py): each rate's own records, in the
+    order tried; empty for a run trained at one rate."""
+    out: dict[float, list[dict]] = {}
+    for r in records:
+        if r.get("type") == "trial":
+            out.setdefault(float(r["learning_rate"]), []).append(r["record"])
+    return out
+
+
+_TRIAL_COLORS = ("rgb(31,119,180)", "rgb(255,127,14)", "rgb(44,160,44)", "rgb(148,103,189)",
+                 "rgb(140,86,75)", "rgb(227,119,194)")
+
+
+def _trial_figure(trials: Mapping[float, Sequence[dict]], title: str, kind: str) -> go.Figure:
+    """Each learning rate's curves in its own color: smoothed training loss and validation
+    loss (`kind` "loss"), or the validation score the run keeps its step by ("eval")."""
+    fig, xs = go.Figure(), []
+    for i, (rate, rs) in enumerate(trials.items()):
+        color = _TRIAL_COLORS[i % len(_TRIAL_COLORS)]
+        steps = [r for r in rs if r.get("type") == "step"]
+        evals = [r for r in rs if r.get("type") == "eval"]
+        if kind == "loss":
+            fig.add_trace(go.Scatter(x=[r["step"] for r in steps],
+                                     y=smooth([r["loss"] for r in steps]), mode="lines",
+                                     name=f"train loss, lr {rate:g}", line={"color": color}))
+            points, key = evals, "val_loss"
+            name = f"validation loss, lr {rate:g}"
+        else:
+            key = "bleu" if any("bleu" in r for r in evals) else "macro_f1"
+            points = [r for r in evals if key in r]
+            name = f"{'BLEU' if key == 'bleu' else 'macro-F1'}, lr {rate:g}"
+        fig.add_trace(go.Scatter(x=[r["step"] for r in points], y=[r[key] for r in points],
+                                 mode="lines+markers", name=name, marker={"size": 7},
+                                 line={"color": color, "dash": "dot" if kind == "loss"
+                                       else "solid"}))
+        xs += [r["step"] for r in steps + evals]
+    layout = ({"yaxis_title": "cross-entropy"} if kind == "loss" else
+              {"yaxis": {"title": "score", "rangemode": "tozero"}})
+    return _titled(fig, title, xaxis=_step_axis(xs, _total_steps(
+        [r for rs in trials.values() for r in rs])), **layout)
+
+
 def loss_curves(records: Sequence[dict], title: str = "Loss") -> go.Figure:
-    """Training loss (raw and smoothed) and validation loss against the step."""
+    """Training loss (raw and smoothed) and validation loss against the step; for a run
+    choosing its learning rate, each rate's in its own color."""
+    if trials := trials_of(records):
+        return _trial_figure(trials, f"{title} at each learning rate", "loss")
     steps = [r for r in records if r.get("type") == "step"]
     evals = [r for r in records if r.get("type") == "eval"]
     if not steps and not evals:
@@ -90,7 +136,10 @@ def loss_curves(records: Sequence[dict], title: str = "Loss") -> go.Figure:
 
 def eval_curves(records: Sequence[dict], title: str = "Validation metrics") -> go.Figure:
     """Macro-F1 and accuracy on the validation rows at each evaluation (0 to 1); for a
-    generation run BLEU, ROUGE-L and chrF (0 to 100) on its sample of held-out inputs."""
+    generation run BLEU, ROUGE-L and chrF (0 to 100) on its sample of held-out inputs; for a
+    run choosing its learning rate, macro-F1 (or BLEU) at each rate."""
+    if trials := trials_of(records):
+        return _trial_figure(trials, f"{title}: the learning rates tried", "eval")
     evals = [r for r in records if r.get("type") == "eval"]
     if not evals:
         return empty_figure(title, "The prefix is scored on the validation rows every half "

@@ -182,6 +182,7 @@ def execute_run(
     resume: bool = False,
     on_progress: Callable[[dict], None] | None = None,
     report_in_budget: bool = True,
+    mirror: Callable[[dict], None] | None = None,
 ) -> dict | None:
     """Train (or resume) the run in `folder` and write its prefix and report.
 
@@ -194,12 +195,21 @@ def execute_run(
 
     In a process group (distributed.py) every rank calls this: all of them train and score,
     and rank 0 alone writes the run's files.
+
+    A run with `training.try_learning_rates` trains once per rate (trials.py), each a run
+    of its own inside this one; `mirror` hears every record such a trial writes to its log.
     """
-    out = _Recorder(folder)
     info = folder.read_config()
     cfg = RunConfig.from_dict(info["run"])
     if prepared is None:
         prepared = prepare_data(cfg)
+    if len(cfg.training.learning_rates()) > 1:
+        from prefixlab.runs.trials import choose_learning_rate
+
+        return choose_learning_rate(folder, loaded, prepared, on_step=on_step,
+                                    should_stop=should_stop, resume=resume,
+                                    on_progress=on_progress, report_in_budget=report_in_budget)
+    out = _Recorder(folder, mirror)
     torch.manual_seed(cfg.training.seed)
     encoder, examples = _training_examples(cfg, loaded, prepared, info["labels"])
     prefix = Prefix(loaded.shape, cfg.prefix).to(loaded.device)
@@ -262,15 +272,18 @@ class _Recorder:
     the other ranks of a process group run the same steps and write nothing, so the run
     has one writer and every rank's code path is the same."""
 
-    def __init__(self, folder: RunFolder) -> None:
+    def __init__(self, folder: RunFolder, mirror: Callable[[dict], None] | None = None) -> None:
         self.folder = folder
         self.writer = distributed.is_writer()
         self.processes = distributed.world_size()
+        self.mirror = mirror if self.writer else None
 
     def note(self, record: dict) -> None:
         """One step, evaluation or event, appended to metrics.jsonl."""
         if self.writer:
             self.folder.append_metrics(record)
+        if self.mirror:
+            self.mirror(record)
 
     def status(self, state: str, **extra) -> None:
         """status.json, saying how many processes train the run."""
@@ -280,6 +293,8 @@ class _Recorder:
     def progress(self, record: dict, step: int) -> None:
         """How far the final report is (budget.PhaseProgress's record): in the metrics log,
         for the page's progress line, and in words in the status."""
+        if self.mirror:
+            self.mirror(record)
         if self.writer:
             self.folder.append_metrics(record)
             self.folder.set_status("running", step=step, processes=self.processes,

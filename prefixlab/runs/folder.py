@@ -212,6 +212,8 @@ class RunFolder:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if record.get("type") == "trial":  # a learning-rate trial's (trials.py)
+                record = record["record"]
             if record.get("type") == "step":
                 return int(record["step"]), int(record["total_steps"])
         return 0, 0

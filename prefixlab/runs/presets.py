@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 SHIFT_LEVERS_OFF: dict = {"validation_split": "random", "start_pull": 0.0, "average_last": 1,
-                          "prefix_dropout": 0.0}
+                          "prefix_dropout": 0.0, "try_learning_rates": ""}
 """Issue 32's levers against topic shift, off in every preset until they are measured to
 help (docs/quality.md): each one's value that trains as without it."""
 
@@ -80,5 +80,6 @@ def config_parts(settings: Mapping) -> dict[str, dict]:
                      "patience": int(s["patience"]), "max_minutes": float(s["max_minutes"]),
                      "class_balance": s["class_balance"], "start_pull": float(s["start_pull"]),
                      "average_last": int(s["average_last"]),
-                     "prefix_dropout": float(s["prefix_dropout"])},
+                     "prefix_dropout": float(s["prefix_dropout"]),
+                     "try_learning_rates": s["try_learning_rates"] or ()},
     }

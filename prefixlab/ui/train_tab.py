@@ -13,6 +13,7 @@ from prefixlab.figures import charts
 from prefixlab.runs.folder import RunError
 from prefixlab.runs.presets import PRESETS, SETTING_NAMES
 from prefixlab.runs.registry import ACTIVE
+from prefixlab.runs.trials import choice_sentence
 from prefixlab.ui import compare_tab
 from prefixlab.ui.common import LoadHook, bind, bullet_list, escape, run_choices, shown, wire
 from prefixlab.workbench import Workbench
@@ -25,6 +26,12 @@ PER_CLASS_WIDTHS = ["28%", "19%", "17%", "17%", "19%"]  # label, precision, reca
 def progress_html(records: list[dict], state: str, phase: str | None = None) -> str:
     """The bar and the last step's numbers; before the first step, what the run is doing;
     after the last, how far its final report is (rows done of total, time spent and left)."""
+    trial = current_trial(records) if state in ACTIVE else None
+    if trial is not None:  # a learning-rate trial's own records (runs/trials.py)
+        records = [r["record"] for r in records if r.get("type") == "trial"
+                   and r["learning_rate"] == trial["learning_rate"]]
+        phase = (f"learning rate {trial['learning_rate']:g} ({trial['index'] + 1} of "
+                 f"{trial['count']})")
     steps = [r for r in records if r.get("type") == "step"]
     if not steps:
         return f"<div>{escape(phase or state)}…</div>" if state in ACTIVE else ""
@@ -36,13 +43,24 @@ def progress_html(records: list[dict], state: str, phase: str | None = None) -> 
             f"loss {s['loss']:.3f}</div>") + last_evaluation_html(records)
     share = s["step"] / max(1, s["total_steps"])
     eta = (f" · at most {s['eta_s']:.0f} s of training left"
-           if phase == "training" and s["eta_s"] else "")
+           if (phase == "training" or trial) and s["eta_s"] else "")
     after = f" · {escape(phase)}…" if phase and phase != "training" else ""
     html = _bar(share) + (
         f"<div>step {s['step']}/{s['total_steps']} · epoch {s['epoch']:.2f} · "
         f"{s['examples_per_s']:.1f} examples/s · loss {s['loss']:.3f}{eta}{after}</div>"
     )
     return html + last_evaluation_html(records)
+
+
+def current_trial(records: list[dict]) -> dict | None:
+    """The learning-rate trial a run is in (its latest trial record), unless the run's own
+    steps came after it (a chosen run, or one trained longer)."""
+    for r in reversed(records):
+        if r.get("type") == "trial":
+            return r
+        if r.get("type") == "step":
+            return None
+    return None
 
 
 def _bar(share: float) -> str:
@@ -151,6 +169,8 @@ def report_outputs(report: dict | None):
     if "kept_step" in report:
         lines.append(f"\nKept the prefix of step {report['kept_step']} of {report['steps']} "
                      f"({report['selection']}); training ended: {report['stop_reason']}.")
+    if text := choice_sentence(report):
+        lines.append(escape(text))
     if text := decision_sentence(report):
         lines.append(escape(text))
     if precision := report.get("precision"):
@@ -441,6 +461,11 @@ def build(workbench: Workbench, dataset: gr.State, notice,
                 info="Share of the prefix hidden at random in each training step; "
                      "scoring reads it all (0 = off)")
         with gr.Row():
+            try_learning_rates = gr.Textbox(
+                value=quick["try_learning_rates"], label="Also try learning rates",
+                elem_id="try-learning-rates", placeholder="e.g. 0.01", max_lines=1, scale=1,
+                info="Train once more at each (comma-separated), sharing the time budget, "
+                     "and keep the rate that scores best on validation (empty = off)")
             shift_file = gr.File(label="Shift CSV (optional)", elem_id="shift-csv",
                                  file_types=[".csv", ".tsv", ".txt"], height=140, scale=2)
             gr.Markdown("A labeled CSV from other topics or sources, with the training file's "
@@ -452,7 +477,7 @@ def build(workbench: Workbench, dataset: gr.State, notice,
     settings = [prefix_length, init, reparameterize, learning_rate, epochs, batch_size,
                 max_length, validation_share, seed, max_train, max_eval, patience, max_minutes,
                 class_balance, decision, precision, validation_split, start_pull, average_last,
-                prefix_dropout]  # SETTING_NAMES' order
+                prefix_dropout, try_learning_rates]  # SETTING_NAMES' order
     size = gr.Markdown(elem_id="prefix-size")
     ready = gr.Markdown(elem_id="start-check")
     with gr.Row():
