@@ -126,3 +126,25 @@ def test_validation_loss_chooses_the_lower_and_ties_keep_the_first():
               {"learning_rate": 3.0, "score": 0.5}]
     assert best_trial(trials, "macro_f1")["learning_rate"] == 1.0
     assert best_trial(trials, "val_loss")["learning_rate"] == 2.0
+
+
+def test_the_progress_line_follows_the_trial_in_course():
+    from prefixlab.ui.train_tab import progress_html
+
+    def step(n: int) -> dict:
+        return {"type": "step", "step": n, "total_steps": 10, "epoch": n / 5, "loss": 1.0,
+                "learning_rate": 0.01, "examples_per_s": 3.0, "tokens_per_s": 9.0,
+                "elapsed_s": n, "eta_s": 10 - n}
+
+    def trial(rate: float, index: int, record: dict) -> dict:
+        return {"type": "trial", "learning_rate": rate, "index": index, "count": 2,
+                "record": record}
+
+    records = [trial(0.005, 0, step(n)) for n in (1, 2, 10)]
+    records += [trial(0.01, 1, step(n)) for n in (1, 2, 3)]
+    line = progress_html(records, "running", "training at learning rate 0.01 (2 of 2)")
+    assert "step 3/10" in line and "learning rate 0.01 (2 of 2)" in line
+    assert "at most 7 s of training left" in line
+    # once chosen, the run's own records: the winner's last step, no trial named
+    done = progress_html([*records, step(10)], "completed")
+    assert "step 10/10" in done and "learning rate" not in done
