@@ -273,6 +273,33 @@ def test_two_gloo_processes_train_the_prefix_one_process_trains(tmp_path, csv_fi
     assert ours.read_report()["accuracy"] == reference.read_report()["accuracy"]
 
 
+@pytest.mark.slow
+def test_two_gloo_processes_choose_the_learning_rate_as_one_process_does(tmp_path, csv_file,
+                                                                         model_dir, tiny):
+    """Each trial trains on both ranks, rank 0 alone writes it, and the run is the winner's."""
+    out = tmp_path / "two"
+    args = [str(csv_file), "--output", str(out), "--model", str(model_dir), "--device", "cpu",
+            "--prefix-length", "4", "--batch-size", "5", "--epochs", "2", "--max-length", "48",
+            "--learning-rate", "0.01", "--try-learning-rates", "0.05", "--seed", "3"]
+    proc = subprocess.run([sys.executable, "-m", "prefixlab", "train", *args, "--nproc", "2"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = RunFolder(out)
+    info = ours.read_config()
+    assert info["learning_rate_choice"]["tried"] == [0.01, 0.05]
+    chosen = info["run"]["training"]["learning_rate"]
+    assert "chosen on the validation rows" in proc.stdout
+    for rate in (0.01, 0.05):
+        trial = RunFolder(out / "trials" / f"lr-{rate:g}")
+        steps = [r["step"] for r in _records(trial) if r["type"] == "step"]
+        assert steps == list(range(1, 13))  # written once, by rank 0
+        reference = _reference(tiny, trial.run_config(), tmp_path / f"one-{rate:g}")
+        _assert_same_training(trial, reference)
+    won = RunFolder(out / "trials" / f"lr-{chosen:g}")
+    assert ours.prefix_path.read_bytes() == won.prefix_path.read_bytes()
+    assert ours.status()["state"] == "completed"
+
+
 def _rank_process(worker_pid: int, rank: int, timeout: float = 120.0) -> psutil.Process:
     end = time.time() + timeout
     while time.time() < end:

@@ -70,6 +70,7 @@ def choose_learning_rate(folder: RunFolder, loaded: LoadedModel, prepared: Prepa
     writer = distributed.is_writer()
     trials = []
     for index, rate in enumerate(rates):
+        distributed.barrier()  # every rank reads the trial's state before rank 0 writes it
         sub = trial_folder(folder, rate)
         done = sub.read_report() if sub.exists() and sub.status().get("state") == "completed" \
             else None
