@@ -56,6 +56,24 @@ def test_compare_trains_the_prefix_with_the_settings_given(tmp_path, csv_file,  
     assert run["run"]["training"]["batch_size"] == 8
 
 
+def test_a_prefix_choosing_its_learning_rate_is_timed_for_every_rate_it_tried(
+        tmp_path, csv_file, tiny_dir):  # noqa: F811
+    out = tmp_path / "out"
+    assert main(["compare", str(csv_file), "--text-column", "text", "--label-column", "label",
+                 "--model", str(tiny_dir), "--device", "cpu", "--methods", "prefix",
+                 "--epochs", "1", "--set", "training.try_learning_rates=0.05",
+                 "--output", str(out)]) == 0
+    prefix = json.loads((out / "comparison.json").read_text())["rows"][0]
+    report = json.loads((out / "prefix" / "report.json").read_text())
+    assert prefix["settings"]["learning_rate"] == report["learning_rate"]
+    steps = [[json.loads(line) for line in (out / "prefix" / "trials" / f"lr-{rate:g}" /
+                                            "metrics.jsonl").read_text().splitlines()
+              if '"type": "step"' in line] for rate in (0.005, 0.05)]
+    assert prefix["train_s"] == pytest.approx(  # both trials' training time
+        steps[0][-1]["elapsed_s"] + steps[1][-1]["elapsed_s"], rel=1e-6)
+    assert prefix["train_s_to_kept"] <= prefix["train_s"]
+
+
 @pytest.mark.parametrize("item, message", [
     ("prefix.prefix_lenght=3", "prefix_lenght"),
     ("colour=red", "no run setting named colour"),

@@ -162,12 +162,19 @@ def _prefix_contender(cfg: RunConfig, where: Path, name: str, loaded: LoadedMode
                       should_stop: Callable[[], bool] | None) -> Contender | None:
     """The prefix, trained as a normal run in the folder `where`."""
     folder = create_run(cfg, where, prepared, loaded, name=name)
-    elapsed: dict[int, float] = {0: 0.0}
     last = StepInfo(0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    # by learning rate tried (runs/trials.py; one for most runs): each step's time, the time
+    # and rows of the trials before, so a choice among rates is timed for all it trained
+    elapsed: list[dict[int, float]] = [{0: 0.0}]
+    before, seen = [0.0], 0
 
     def heard(info: StepInfo) -> None:
-        nonlocal last
-        elapsed[info.step], last = info.elapsed_s, info
+        nonlocal last, seen
+        if info.step <= last.step:  # the next trial began
+            seen += round(last.examples_per_s * last.elapsed_s)
+            before.append(before[-1] + last.elapsed_s)
+            elapsed.append({0: 0.0})
+        elapsed[-1][info.step], last = info.elapsed_s, info
         on_step(info)
 
     # the whole budget trains, as it does for every other method, whose scoring follows it
@@ -177,7 +184,7 @@ def _prefix_contender(cfg: RunConfig, where: Path, name: str, loaded: LoadedMode
         return None
     info = folder.read_config()
     kv = load_prefix(folder.prefix_path).kv
-    settings = {"learning_rate": cfg.training.learning_rate,
+    settings = {"learning_rate": report.get("learning_rate", cfg.training.learning_rate),
                 "prefix_length": cfg.prefix.prefix_length}
     bare = None
     if cfg.is_generation:
@@ -193,10 +200,16 @@ def _prefix_contender(cfg: RunConfig, where: Path, name: str, loaded: LoadedMode
         validation = report
         settings["prior_scale"] = info["data"].get("prior_scale")
     kept = report["kept_step"]
+    rates = [t["learning_rate"] for t in report.get("learning_rate_trials", [])]
+    won = rates.index(report["learning_rate"]) if rates else 0
+    if won < len(elapsed) - 1:  # an earlier trial won: its time is in `before`
+        to_kept = before[won] + elapsed[won].get(kept, before[won + 1] - before[won])
+    else:
+        to_kept = before[won] + elapsed[won].get(kept, last.elapsed_s)
     return Contender(predict, validation, info["prefix"]["trainable_parameters"],
-                     folder.prefix_path.stat().st_size, kept, report["steps"],
-                     elapsed.get(kept, last.elapsed_s), last.elapsed_s,
-                     round(last.examples_per_s * last.elapsed_s), report["stop_reason"],
+                     folder.prefix_path.stat().st_size, kept, report["steps"], to_kept,
+                     before[-1] + last.elapsed_s,
+                     seen + round(last.examples_per_s * last.elapsed_s), report["stop_reason"],
                      {**settings, **METHODS["prefix"].settings}, bare=bare)
 
 
