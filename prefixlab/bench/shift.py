@@ -129,6 +129,7 @@ def run_variant(case: ShiftCase, variant: str, loaded, workdir: Path, overrides:
            "train_s": train_s, "kept_step": report["kept_step"], "steps": report["steps"],
            "stop_reason": report["stop_reason"], "val_macro_f1": report["macro_f1"],
            "prior_scale": (report.get("decision_fit") or {}).get("prior_scale"),
+           "learning_rate": report.get("learning_rate"),  # the one kept, when several tried
            "drift": float((run.kv - start).norm() / start.norm())}
     for side, test in (("in", case.in_test), ("shift", case.shift_test)):
         texts, gold = test["text"].tolist(), test["label"].tolist()
@@ -173,6 +174,8 @@ def markdown_table(rows: list[dict]) -> str:
            "|" + "---|" * 12]
     for (case, variant), rs in groups.items():
         kept = ", ".join(f"{r['kept_step']}/{r['steps']}" for r in rs)
+        if chosen := [f"{r['learning_rate']:g}" for r in rs if r.get("learning_rate")]:
+            variant = f"{variant} (kept lr {', '.join(chosen)})"
         out.append(
             f"| {case} | {variant} | {len(rs)} | {np.mean([r['val_macro_f1'] for r in rs]):.3f} "
             f"| {cell(rs, 'in_none')} | {cell(rs, 'shift_none')} | {cell(rs, 'shift_em')} | "
