@@ -12,7 +12,7 @@ import pytest
 from prefixlab.runs.experiment import execute_run
 from prefixlab.ui import build_ui
 from prefixlab.ui.data_tab import describe
-from prefixlab.ui.train_tab import report_outputs
+from prefixlab.ui.run_view import report_outputs
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.runs import run_config
 from tests.test_app import handler, model_dirs  # noqa: F401  (a module-scoped fixture)

@@ -129,7 +129,7 @@ def test_validation_loss_chooses_the_lower_and_ties_keep_the_first():
 
 
 def test_the_progress_line_follows_the_trial_in_course():
-    from prefixlab.ui.train_tab import progress_html
+    from prefixlab.ui.run_view import progress_html
 
     def step(n: int) -> dict:
         return {"type": "step", "step": n, "total_steps": 10, "epoch": n / 5, "loss": 1.0,

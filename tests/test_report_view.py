@@ -26,7 +26,7 @@ def test_baseline_bars_show_the_majority_class():
 
 
 def test_train_tab_report_shows_majority_kept_step_and_warnings():
-    from prefixlab.ui.train_tab import report_outputs
+    from prefixlab.ui.run_view import report_outputs
 
     markdown = report_outputs(_report())[0]
     assert "| majority class (always the most frequent label) | 0.296 | 0.800 |" in markdown
@@ -38,7 +38,7 @@ def test_train_tab_report_shows_majority_kept_step_and_warnings():
 
 
 def test_live_view_shows_the_predicted_labels_and_warnings_of_the_last_evaluation():
-    from prefixlab.ui.train_tab import progress_html
+    from prefixlab.ui.run_view import progress_html
 
     records = [
         {"type": "step", "step": 20, "total_steps": 80, "epoch": 1.0, "examples_per_s": 3.0,
@@ -54,7 +54,7 @@ def test_live_view_shows_the_predicted_labels_and_warnings_of_the_last_evaluatio
 
 def test_the_progress_line_follows_the_final_report_with_rows_and_an_estimate():
     """The final decoding of a generation run took 4 of its 6 minutes with nothing shown."""
-    from prefixlab.ui.train_tab import progress_html
+    from prefixlab.ui.run_view import progress_html
 
     records = [
         {"type": "step", "step": 164, "total_steps": 164, "epoch": 3.2, "examples_per_s": 3.0,
@@ -77,7 +77,7 @@ def test_the_progress_line_follows_the_final_report_with_rows_and_an_estimate():
 
 def test_a_report_cut_by_the_time_budget_says_what_its_scores_read():
     from prefixlab.cli.output import results_header
-    from prefixlab.ui.train_tab import report_outputs
+    from prefixlab.ui.run_view import report_outputs
 
     bare = {"bleu": 1.0, "rouge_l": 2.0, "chrf": 3.0, "loss": 4.0, "n": 12}
     report = {"task": "generation", "n": 12, "rows": 120, "bleu": 10.0, "rouge_l": 20.0,

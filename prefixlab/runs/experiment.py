@@ -48,6 +48,7 @@ from prefixlab.runs.scoring import (
     shift_report,
 )
 from prefixlab.runs.start import init_text
+from prefixlab.runs.trials import choose_learning_rate
 
 
 @dataclass
@@ -204,9 +205,7 @@ def execute_run(
     if prepared is None:
         prepared = prepare_data(cfg)
     if len(cfg.training.learning_rates()) > 1:
-        from prefixlab.runs.trials import choose_learning_rate
-
-        return choose_learning_rate(folder, loaded, prepared, on_step=on_step,
+        return choose_learning_rate(folder, loaded, prepared, execute_run, on_step=on_step,
                                     should_stop=should_stop, resume=resume,
                                     on_progress=on_progress, report_in_budget=report_in_budget)
     out = _Recorder(folder, mirror)

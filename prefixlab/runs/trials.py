@@ -21,7 +21,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prefixlab.engine import distributed
 from prefixlab.engine.train import StepInfo
@@ -30,7 +30,6 @@ from prefixlab.runs.folder import RunFolder
 
 if TYPE_CHECKING:
     from prefixlab.engine.models import LoadedModel
-    from prefixlab.runs.experiment import PreparedData
 
 TRIALS_DIR = "trials"
 WINNER_FILES = ("prefix.safetensors", "prefix_params.safetensors", "checkpoint.safetensors")
@@ -53,17 +52,18 @@ def best_trial(trials: list[dict], monitor: str) -> dict:
     return max(trials, key=lambda t: sign * t["score"])
 
 
-def choose_learning_rate(folder: RunFolder, loaded: LoadedModel, prepared: PreparedData, *,
+def choose_learning_rate(folder: RunFolder, loaded: LoadedModel, prepared: Any,
+                         execute: Callable[..., dict | None], *,
                          on_step: Callable[[StepInfo], None] | None = None,
                          should_stop: Callable[[], bool] | None = None,
                          resume: bool = False,
                          on_progress: Callable[[dict], None] | None = None,
                          report_in_budget: bool = True) -> dict | None:
     """Train the run in `folder` at each of its learning rates and keep the best on
-    validation (module docstring). Returns the run's report, or None when stopped during a
-    trial (a resume continues that trial and reuses the ones completed)."""
-    from prefixlab.runs.experiment import execute_run
-
+    validation (module docstring). `prepared` is the run's data (experiment.PreparedData)
+    and `execute` experiment.execute_run, which trains each trial as a run of its own.
+    Returns the run's report, or None when stopped during a trial (a resume continues that
+    trial and reuses the ones completed)."""
     info = folder.read_config()
     cfg = RunConfig.from_dict(info["run"])
     rates = cfg.training.learning_rates()
@@ -87,10 +87,10 @@ def choose_learning_rate(folder: RunFolder, loaded: LoadedModel, prepared: Prepa
                 folder.append_metrics({"type": "trial", "learning_rate": rate, "index": index,
                                        "count": len(rates), "record": record})
 
-            done = execute_run(sub, loaded, prepared=prepared, on_step=on_step,
-                               should_stop=should_stop, resume=resume and begun,
-                               on_progress=on_progress, report_in_budget=report_in_budget,
-                               mirror=mirror)
+            done = execute(sub, loaded, prepared=prepared, on_step=on_step,
+                           should_stop=should_stop, resume=resume and begun,
+                           on_progress=on_progress, report_in_budget=report_in_budget,
+                           mirror=mirror)
             if done is None:
                 return None
         key, score, _ = trial_score(done, cfg.training.monitor)

@@ -24,7 +24,7 @@ from prefixlab.ui.common import (
     stop_action,
     wire,
 )
-from prefixlab.ui.train_tab import PER_CLASS_WIDTHS, report_outputs
+from prefixlab.ui.run_view import PER_CLASS_WIDTHS, report_outputs
 from prefixlab.workbench import Workbench
 from prefixlab.workbench.runs import ADAPT_CHOICES, RUNS_COLUMNS
 
