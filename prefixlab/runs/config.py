@@ -1,9 +1,9 @@
 """Run settings: what to train on, which model, and how. Saved as config.json in a run folder.
 
-The prefix and optimizer settings are `PrefixConfig` (prefix.py) and `TrainConfig` (train.py),
-next to the code they configure; `RunConfig` ties them to data, model and template. Each
-raises ConfigError with the list of its problems; RunConfig built from dicts (config.json, the
-CLI, the app) gathers the problems of every part and raises once.
+The prefix and optimizer settings are `PrefixConfig` (prefix.py) and `TrainConfig`
+(train_config.py, beside the loop that reads it); `RunConfig` ties them to data, model and
+template. Each raises ConfigError with the list of its problems; RunConfig built from dicts
+(config.json, the CLI, the app) gathers the problems of every part and raises once.
 """
 
 from __future__ import annotations
