@@ -38,7 +38,7 @@ def test_every_variant_overrides_known_settings_and_the_table_has_a_row_per_vari
                             for how in ("none", "em", "batch")},
            **{f"{who}_{side}": score for who in ("tfidf", "bare") for side in ("in", "shift")}}
     table = markdown_table([{**row, "variant": v,
-                             "learning_rate": 0.01 if v == "choose-lr" else None}
+                             "learning_rate": 0.01 if v == "default" else None}
                             for v in VARIANTS])
     assert len(table.splitlines()) == 2 + len(VARIANTS)
-    assert "| c | choose-lr (kept lr 0.01) | 1 |" in table
+    assert "| c | default (kept lr 0.01) | 1 |" in table

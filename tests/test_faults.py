@@ -14,6 +14,7 @@ from prefixlab.engine.models import describe_model, prepare_model
 from prefixlab.engine.prefix import PrefixFileError, load_prefix, save_prefix
 from prefixlab.runs.folder import RunError, RunFolder
 from prefixlab.runs.registry import RunStore
+from prefixlab.runs.trials import trial_folder
 from tests.test_runs import _config, _wait
 
 TINY_KIND = "gpt2"  # model_dir (conftest) saves a tiny GPT-2
@@ -156,7 +157,9 @@ def test_out_of_memory_says_what_to_lower_and_the_run_resumes(tmp_path, csv_file
     folder = RunFolder(run)
     status = folder.status()
     assert status["state"] == "failed" and "lower the batch size" in status["error"]
-    assert folder.load_checkpoint().step == 2
+    # a classification run tries two learning rates; the first, 0.005, ran out of memory
+    assert folder.load_checkpoint() is None
+    assert trial_folder(folder, 0.005).load_checkpoint().step == 2
     assert main(["resume", str(run)]) == 0
     assert folder.status()["state"] == "completed"
     assert main(["train", *args, "--output", str(tmp_path / "whole")]) == 0

@@ -52,7 +52,8 @@ def _run(loaded, tmp_path, name: str, should_stop=None, resume_from=None, **trai
 
 
 def test_two_rates_keep_the_better_run_on_validation(loaded, tmp_path, one_thread):
-    alone = {rate: _run(loaded, tmp_path, f"alone-{rate:g}", learning_rate=rate)
+    alone = {rate: _run(loaded, tmp_path, f"alone-{rate:g}", learning_rate=rate,
+                        try_learning_rates=())
              for rate in (SLOW, FAST)}
     scores = {rate: report["macro_f1"] for rate, (report, _) in alone.items()}
     assert scores[FAST] != scores[SLOW]  # else the choice below shows nothing
@@ -148,3 +149,31 @@ def test_the_progress_line_follows_the_trial_in_course():
     # once chosen, the run's own records: the winner's last step, no trial named
     done = progress_html([*records, step(10)], "completed")
     assert "step 10/10" in done and "learning rate" not in done
+
+
+def test_a_classification_run_tries_0_01_unless_told_and_others_train_once():
+    from prefixlab.runs.config import RunConfig
+
+    assert RunConfig(train_csv="x.csv").training.learning_rates() == [0.005, 0.01]
+    told = RunConfig(train_csv="x.csv", training={"try_learning_rates": ""})
+    assert told.training.learning_rates() == [0.005]
+    generation = RunConfig(train_csv="x.csv", target_column="target")
+    assert generation.training.learning_rates() == [0.005]
+    # a run folder written before learning rates were tried resumes at its one rate
+    old = RunConfig(train_csv="x.csv").to_dict()
+    del old["training"]["try_learning_rates"]
+    assert RunConfig.from_dict(old).training.learning_rates() == [0.005]
+    # what is stored is what ran: the choice is written out, not left to a default
+    assert RunConfig.from_dict(RunConfig(train_csv="x.csv").to_dict()
+                               ).training.try_learning_rates == (0.01,)
+
+
+def test_a_run_cancelled_before_its_choice_says_to_resume_rather_than_keep(loaded, tmp_path):
+    from prefixlab.runs.folder import RunError
+
+    stopped, folder = _run(loaded, tmp_path, "early", should_stop=lambda: True,
+                           learning_rate=SLOW, try_learning_rates=(FAST,))
+    assert stopped is None
+    folder.set_status("cancelled")
+    with pytest.raises(RunError, match="before it chose one: resume it"):
+        folder.keep_prefix()

@@ -162,7 +162,7 @@ def _records(folder: RunFolder) -> list[dict]:
 
 
 def test_run_keeps_the_best_step_and_resume_mid_patience_ends_equal(tmp_path, csv_file, loaded):
-    cfg = _run_config(csv_file, loaded, epochs=12, patience=3)
+    cfg = _run_config(csv_file, loaded, epochs=12, patience=3, try_learning_rates=())
     prepared = prepare_data(cfg)
     whole = create_run(cfg, tmp_path / "whole", prepared, loaded)
     report = execute_run(whole, loaded, prepared=prepared)

@@ -3,7 +3,7 @@
     python -m prefixlab.bench.shift [--data-dir ../shared/data]
         [--sets davidson,disaster,tweets] [--cross polarity-tweets,tweets-polarity]
         [--sizes 300] [--seeds 0,1,2]
-        [--variants default,one-epoch,topics-val,pull,average,dropout,lr-0.01,choose-lr]
+        [--variants default,one-rate,one-epoch,topics-val,pull,average,dropout,lr-0.01]
         [--preset quick|balanced|thorough] [--set KEY=VALUE ...] [--test-rows 300]
         [--output shift.json]
     python -m prefixlab.bench.shift --table shift.json [more.json ...]
@@ -50,13 +50,13 @@ from prefixlab.runs.presets import CLI_NAMES
 
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "one-epoch": {"training.epochs": 1},
+    "one-rate": {"training.try_learning_rates": ()},  # the default before the rate was chosen
+    "one-epoch": {"training.epochs": 1, "training.try_learning_rates": ()},
     "topics-val": {"validation_split": "topics"},
     "pull": {"training.start_pull": 0.1},
     "average": {"training.average_last": 3},
     "dropout": {"training.prefix_dropout": 0.1},
-    "lr-0.01": {"training.learning_rate": 0.01},
-    "choose-lr": {"training.try_learning_rates": (0.01,)},
+    "lr-0.01": {"training.learning_rate": 0.01, "training.try_learning_rates": ()},
 }
 """Each lever of issue 32 alone, as overrides of the recipe under test."""
 SHIFT_SHARE = 0.25  # of a set's rows, held out as whole topic clusters

@@ -27,12 +27,13 @@ class TrainConfig:
 
     learning_rate: float = 5e-3
     """AdamW step size for the prefix; prefixes tolerate far larger steps than full weights."""
-    try_learning_rates: tuple[float, ...] = ()
+    try_learning_rates: tuple[float, ...] | None = None
     """More learning rates to train at besides `learning_rate`: the run trains once at each,
     from the same start on the same rows, the time budget shared among them, and keeps the
     one whose kept step scores best on the validation rows (`monitor`; runs/trials.py).
-    Empty is off. The rate that held up best on topics training never saw differed between
-    data sets, and validation picked it (docs/quality.md)."""
+    Empty is off. Unset, the run's task decides (RunConfig): 0.01 for a classification run,
+    none for a generation run. The rate that held up best on topics training never saw
+    differed between data sets, and validation picked it (docs/quality.md)."""
     epochs: int = 8
     """The budget in epochs; with patience the run usually stops before (the learning rate
     decays over this budget, so it also sets the schedule)."""
@@ -104,12 +105,13 @@ class TrainConfig:
         if not 0 < self.learning_rate < 10:
             problems.append(f"learning_rate must be in (0, 10), got {self.learning_rate}")
         try:  # from config.json a list, from --set a number or "0.01,0.02"
-            self.try_learning_rates = _rates(self.try_learning_rates)
+            if self.try_learning_rates is not None:
+                self.try_learning_rates = _rates(self.try_learning_rates)
         except (TypeError, ValueError):
             problems.append(f"try_learning_rates must be learning rates, e.g. 0.01,0.02, got "
                             f"{self.try_learning_rates!r}")
         else:
-            if bad := [r for r in self.try_learning_rates if not 0 < r < 10]:
+            if bad := [r for r in self.try_learning_rates or () if not 0 < r < 10]:
                 problems.append(f"try_learning_rates must each be in (0, 10), got "
                                 f"{', '.join(f'{r:g}' for r in bad)}")
         if self.epochs < 1:
@@ -147,7 +149,7 @@ class TrainConfig:
 
     def learning_rates(self) -> list[float]:
         """The rates the run trains at: `learning_rate`, then each other one tried."""
-        return list(dict.fromkeys((self.learning_rate, *self.try_learning_rates)))
+        return list(dict.fromkeys((self.learning_rate, *(self.try_learning_rates or ()))))
 
     def total_steps(self, num_examples: int) -> int:
         per_epoch = math.ceil(num_examples / self.batch_size)

@@ -112,6 +112,9 @@ class RunFolder:
             raise RunError(f"run {self.path.name} is {state}: only a cancelled run's prefix is "
                            "kept (a completed run's is used as it is)")
         if not self.prefix_path.is_file():
+            if (self.path / "trials").is_dir():  # runs/trials.py: no rate chosen yet
+                raise RunError(f"run {self.path.name} was cancelled while it tried learning "
+                               "rates, before it chose one: resume it to finish the choice")
             raise RunError(f"run {self.path.name} was cancelled before its first checkpoint: "
                            "it has no prefix to keep")
         atomic_write_json(self.path / KEPT_FILE, {

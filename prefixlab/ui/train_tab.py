@@ -272,7 +272,7 @@ def build(workbench: Workbench, dataset: gr.State, notice,
                 info="auto: bfloat16 where the processor multiplies it natively (a GPU; a CPU "
                      "with AMX or AVX512-BF16), else float32; float16 on CUDA only. The "
                      "prefix and its optimizer stay float32")
-        gr.Markdown("**Generalizing to other topics** (all off by default)",
+        gr.Markdown("**Generalizing to other topics** (off in Quick look and Balanced)",
                     elem_id="shift-heading")
         with gr.Row():
             validation_split = gr.Radio(
