@@ -58,7 +58,7 @@ def test_two_rates_keep_the_better_run_on_validation(loaded, tmp_path, one_threa
     scores = {rate: report["macro_f1"] for rate, (report, _) in alone.items()}
     assert scores[FAST] != scores[SLOW]  # else the choice below shows nothing
     report, folder = _run(loaded, tmp_path, "chosen", learning_rate=SLOW,
-                          try_learning_rates=(FAST,))
+                          try_learning_rates=(FAST,), max_minutes=60.0)
     best = max(scores, key=lambda r: (scores[r], r == SLOW))  # ties: the first rate tried
     assert report["learning_rate"] == best
     assert [(t["learning_rate"], t["macro_f1"]) for t in report["learning_rate_trials"]] == [
@@ -74,11 +74,14 @@ def test_two_rates_keep_the_better_run_on_validation(loaded, tmp_path, one_threa
     assert info["run"]["training"]["try_learning_rates"] == []
     assert info["learning_rate_choice"]["tried"] == [SLOW, FAST]
     assert folder.status()["state"] == "completed" and folder.read_report() == report
-    # each trial trained in its own folder with half the (absent) time budget
+    # each trial trained in its own folder with its share of the time budget, which the
+    # run's config now says too, as "train longer" continues from it
     for rate in (SLOW, FAST):
         sub = trial_folder(folder, rate)
         assert sub.run_config().training.learning_rate == rate
+        assert sub.run_config().training.max_minutes == 30.0
         assert sub.status()["state"] == "completed"
+    assert info["run"]["training"]["max_minutes"] == 30.0
 
     # the log: every trial's records wrapped, then the winner's own
     records, _ = folder.read_metrics()

@@ -139,9 +139,9 @@ def _adopt(folder: RunFolder, winner: RunFolder, info: dict, report: dict,
     won = winner.read_config()
     if "prior_scale" in won["data"]:
         info["data"]["prior_scale"] = won["data"]["prior_scale"]
-    info["run"]["training"] = {**info["run"]["training"],
-                               "learning_rate": report["learning_rate"],
-                               "try_learning_rates": []}
+    # the winner's settings (its rate, nothing more to try, its share of the time budget),
+    # so a resume or "train longer" continues it as it trained
+    info["run"]["training"] = won["run"]["training"]
     info["learning_rate_choice"] = {"tried": rates, "chosen": report["learning_rate"],
                                     "trials": report["learning_rate_trials"]}
     folder.write_config(info)
