@@ -72,8 +72,8 @@ def choose_learning_rate(folder: RunFolder, loaded: LoadedModel, prepared: Any,
     for index, rate in enumerate(rates):
         distributed.barrier()  # every rank reads the trial's state before rank 0 writes it
         sub = trial_folder(folder, rate)
-        done = sub.read_report() if sub.exists() and sub.status().get("state") == "completed" \
-            else None
+        completed = sub.exists() and sub.status().get("state") == "completed"
+        done = sub.read_report() if completed else None
         if done is None:
             begun = sub.exists()
             if writer:
