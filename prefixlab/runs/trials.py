@@ -39,11 +39,11 @@ def trial_folder(folder: RunFolder, rate: float) -> RunFolder:
     return RunFolder(folder.path / TRIALS_DIR / f"lr-{rate:g}")
 
 
-def trial_score(report: dict, monitor: str) -> tuple[str, float, bool]:
-    """(the report's key, its value, whether higher is better) for the run's monitor."""
+def trial_score(report: dict, monitor: str) -> tuple[str, float]:
+    """(the report's key, its value) for the run's monitor."""
     if monitor == "val_loss":
-        return "loss", float(report["loss"]), False
-    return monitor, float(report[monitor]), True
+        return "loss", float(report["loss"])
+    return monitor, float(report[monitor])
 
 
 def best_trial(trials: list[dict], monitor: str) -> dict:
@@ -93,7 +93,7 @@ def choose_learning_rate(folder: RunFolder, loaded: LoadedModel, prepared: Any,
                            mirror=mirror)
             if done is None:
                 return None
-        key, score, _ = trial_score(done, cfg.training.monitor)
+        key, score = trial_score(done, cfg.training.monitor)
         trials.append({"learning_rate": rate, "folder": sub, "report": done, "key": key,
                        "score": score})
     winner = best_trial(trials, cfg.training.monitor)
